@@ -1,0 +1,405 @@
+//! Configuration: one [`Config`] built from four layers.
+//!
+//! The layers, weakest first: the built-in defaults (`default.toml`, compiled
+//! into the binary so that `regcache serve` needs no file), a TOML file given
+//! with `--config`, `REGCACHE_*` environment variables, and command-line flags.
+//! Every option has the same name in all of them: `ca_dir` in TOML is
+//! `REGCACHE_CA_DIR` in the environment and `--ca-dir` on the command line.
+//! Clap merges flags over the environment; [`Settings::merged_over`] lays that
+//! result over the file and the defaults, and [`Config::from_settings`]
+//! validates the outcome into typed values with messages for the user.
+
+mod resolve;
+
+pub use resolve::{ResolveEntry, ResolveMap};
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::ValueEnum;
+use serde::Deserialize;
+
+use crate::registry::hosts::{HostPattern, InterceptList};
+
+/// The built-in configuration, also printed by `regcache config`.
+pub const DEFAULT_TOML: &str = include_str!("default.toml");
+
+/// A configuration problem, written for the person at the terminal.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has unknown keys.
+    #[error("invalid config file {path}: {message}")]
+    Parse {
+        /// The file named by `--config`.
+        path: PathBuf,
+        /// The TOML parser's explanation, on one line.
+        message: String,
+    },
+    /// A value is present but not acceptable.
+    #[error("invalid value for {key}: {message}")]
+    Value {
+        /// The option's name as written in TOML.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// What to do with a CONNECT to a host that is not on the intercept list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OtherHosts {
+    /// Relay the bytes untouched; the client sees the host's own certificate.
+    Tunnel,
+    /// Answer 403 Forbidden.
+    Refuse,
+}
+
+/// The format of log lines on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable, one line per event.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every option of `regcache serve`, each optional so that layers can be merged.
+///
+/// The same struct is read from TOML (serde) and from flags and environment
+/// (clap), which keeps the names identical in all three places.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address of the forward proxy [default: 127.0.0.1:3128]
+    #[arg(long, env = "REGCACHE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Directory holding the regcache CA (ca.crt, ca.key), created on first start [default: certs]
+    #[arg(long, env = "REGCACHE_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+
+    /// Use this PEM CA certificate instead of the one in ca_dir (needs --ca-key)
+    #[arg(
+        long,
+        env = "REGCACHE_CA_CERT",
+        value_name = "FILE",
+        requires = "ca_key"
+    )]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --ca-cert; must not be readable by other users
+    #[arg(
+        long,
+        env = "REGCACHE_CA_KEY",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
+    pub ca_key: Option<PathBuf>,
+
+    /// Extra PEM file of CA certificates trusted for upstream TLS (repeatable)
+    #[arg(
+        long,
+        env = "REGCACHE_UPSTREAM_CA",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub upstream_ca: Vec<PathBuf>,
+
+    /// Send upstream connections for HOST to ADDR[:PORT] (repeatable)
+    #[arg(
+        long,
+        env = "REGCACHE_RESOLVE",
+        value_name = "HOST=ADDR[:PORT]",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub resolve: Vec<String>,
+
+    /// Also intercept this host; "*.corp.example" matches every name under it (repeatable)
+    #[arg(
+        long,
+        env = "REGCACHE_INTERCEPT",
+        value_name = "HOST",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub intercept: Vec<String>,
+
+    /// CONNECT to hosts that are not intercepted: tunnel them untouched, or refuse with 403 [default: tunnel]
+    #[arg(long, env = "REGCACHE_OTHER_HOSTS", value_name = "POLICY")]
+    pub other_hosts: Option<OtherHosts>,
+
+    /// Allow CONNECT to this port besides 443 (repeatable)
+    #[arg(
+        long,
+        env = "REGCACHE_CONNECT_PORTS",
+        value_name = "PORT",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub connect_ports: Vec<u16>,
+
+    /// Log format on stderr [default: text]
+    #[arg(long, env = "REGCACHE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT [default: 30]
+    #[arg(long, env = "REGCACHE_SHUTDOWN_GRACE", value_name = "SECS")]
+    pub shutdown_grace: Option<u64>,
+
+    /// Number of minted leaf certificates kept in memory [default: 1000]
+    #[arg(long, env = "REGCACHE_CERT_CACHE", value_name = "N")]
+    pub cert_cache: Option<usize>,
+}
+
+impl Settings {
+    /// Parses settings from TOML text; `origin` names the text in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: one_line(&e.to_string()),
+        })
+    }
+
+    /// Reads settings from a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path)
+    }
+
+    /// The built-in defaults.
+    pub fn defaults() -> Self {
+        // The embedded file is part of the binary and covered by a unit test.
+        Self::from_toml(DEFAULT_TOML, Path::new("<built-in defaults>")).unwrap_or_default()
+    }
+
+    /// Lays `self` over `base`: every option set in `self` wins; lists set in
+    /// `self` replace those of `base`.
+    pub fn merged_over(self, base: Settings) -> Settings {
+        fn list<T>(top: Vec<T>, base: Vec<T>) -> Vec<T> {
+            if top.is_empty() {
+                base
+            } else {
+                top
+            }
+        }
+        Settings {
+            listen: self.listen.or(base.listen),
+            ca_dir: self.ca_dir.or(base.ca_dir),
+            ca_cert: self.ca_cert.or(base.ca_cert),
+            ca_key: self.ca_key.or(base.ca_key),
+            upstream_ca: list(self.upstream_ca, base.upstream_ca),
+            resolve: list(self.resolve, base.resolve),
+            intercept: list(self.intercept, base.intercept),
+            other_hosts: self.other_hosts.or(base.other_hosts),
+            connect_ports: list(self.connect_ports, base.connect_ports),
+            log_format: self.log_format.or(base.log_format),
+            shutdown_grace: self.shutdown_grace.or(base.shutdown_grace),
+            cert_cache: self.cert_cache.or(base.cert_cache),
+        }
+    }
+
+    /// Builds the effective settings: `self` (flags and environment) over the
+    /// file named by `config_file`, if any, over the built-in defaults.
+    pub fn layered(self, config_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let file = match config_file {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        Ok(self.merged_over(file.merged_over(Settings::defaults())))
+    }
+}
+
+/// Where the CA comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// regcache's own CA in this directory, created if missing.
+    Dir(PathBuf),
+    /// An organisation's CA, never written by regcache.
+    Files {
+        /// PEM certificate.
+        cert: PathBuf,
+        /// PEM private key.
+        key: PathBuf,
+    },
+}
+
+/// The validated configuration of a running regcache.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listen address.
+    pub listen: SocketAddr,
+    /// Where the CA lives.
+    pub ca: CaSource,
+    /// Extra upstream trust anchors.
+    pub upstream_ca: Vec<PathBuf>,
+    /// Upstream address overrides.
+    pub resolve: ResolveMap,
+    /// Hosts whose CONNECT is intercepted.
+    pub intercept: InterceptList,
+    /// Policy for the other hosts.
+    pub other_hosts: OtherHosts,
+    /// Ports CONNECT may reach (443 always included).
+    pub connect_ports: Vec<u16>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Drain time on shutdown.
+    pub shutdown_grace: Duration,
+    /// Leaf certificate cache capacity.
+    pub cert_cache: usize,
+}
+
+impl Config {
+    /// Validates merged settings. Missing values take the built-in defaults.
+    pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
+        let s = s.merged_over(Settings::defaults());
+        let ca = match (s.ca_cert, s.ca_key) {
+            (Some(cert), Some(key)) => CaSource::Files { cert, key },
+            (None, None) => CaSource::Dir(s.ca_dir.unwrap_or_else(|| PathBuf::from("certs"))),
+            _ => {
+                return Err(ConfigError::Value {
+                    key: "ca_cert",
+                    message: "ca_cert and ca_key must be given together".into(),
+                })
+            }
+        };
+        let resolve = s
+            .resolve
+            .iter()
+            .map(|e| e.parse::<ResolveEntry>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| ConfigError::Value {
+                key: "resolve",
+                message,
+            })?;
+        let extra = s
+            .intercept
+            .iter()
+            .map(|p| p.parse::<HostPattern>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| ConfigError::Value {
+                key: "intercept",
+                message,
+            })?;
+        let mut connect_ports = vec![443];
+        for port in s.connect_ports {
+            if port == 0 {
+                return Err(ConfigError::Value {
+                    key: "connect_ports",
+                    message: "port 0 is not a port".into(),
+                });
+            }
+            if !connect_ports.contains(&port) {
+                connect_ports.push(port);
+            }
+        }
+        let cert_cache = s.cert_cache.unwrap_or(1000);
+        if cert_cache == 0 {
+            return Err(ConfigError::Value {
+                key: "cert_cache",
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(Config {
+            listen: s
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3128))),
+            ca,
+            upstream_ca: s.upstream_ca,
+            resolve: ResolveMap::new(resolve),
+            intercept: InterceptList::with_defaults(extra),
+            other_hosts: s.other_hosts.unwrap_or(OtherHosts::Tunnel),
+            connect_ports,
+            log_format: s.log_format.unwrap_or(LogFormat::Text),
+            shutdown_grace: Duration::from_secs(s.shutdown_grace.unwrap_or(30)),
+            cert_cache,
+        })
+    }
+}
+
+/// Folds a multi-line message (TOML errors draw carets) into one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c == ' '))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_in_defaults_parse_and_validate() {
+        let parsed = Settings::from_toml(DEFAULT_TOML, Path::new("default.toml"))
+            .expect("default.toml must parse");
+        let config = Config::from_settings(parsed).expect("defaults must validate");
+        assert_eq!(config.listen, "127.0.0.1:3128".parse().unwrap());
+        assert_eq!(config.ca, CaSource::Dir(PathBuf::from("certs")));
+        assert_eq!(config.connect_ports, vec![443]);
+        assert_eq!(config.other_hosts, OtherHosts::Tunnel);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_naming_it() {
+        let err = Settings::from_toml("lisen = \"x\"", Path::new("f.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("lisen"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn flags_win_over_file_and_lists_replace() {
+        let file = Settings::from_toml(
+            "listen = \"127.0.0.1:1\"\nconnect_ports = [8443]\nintercept = [\"a.test\"]",
+            Path::new("f"),
+        )
+        .unwrap();
+        let flags = Settings {
+            listen: Some("127.0.0.1:2".parse().unwrap()),
+            intercept: vec!["b.test".into()],
+            ..Settings::default()
+        };
+        let config = Config::from_settings(flags.merged_over(file)).unwrap();
+        assert_eq!(config.listen.port(), 2);
+        assert_eq!(config.connect_ports, vec![443, 8443]);
+        assert!(config.intercept.matches("b.test"));
+        assert!(!config.intercept.matches("a.test"));
+    }
+
+    #[test]
+    fn half_a_ca_is_refused() {
+        let s = Settings {
+            ca_cert: Some("x.crt".into()),
+            ..Settings::default()
+        };
+        assert!(Config::from_settings(s).is_err());
+    }
+
+    #[test]
+    fn bad_resolve_entry_names_the_option() {
+        let s = Settings {
+            resolve: vec!["nohost".into()],
+            ..Settings::default()
+        };
+        let msg = Config::from_settings(s).unwrap_err().to_string();
+        assert!(msg.starts_with("invalid value for resolve"), "{msg}");
+    }
+}

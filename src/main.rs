@@ -1,0 +1,272 @@
+//! The `regcache` command: `serve`, `ca init|show|path`, `config`.
+//!
+//! Errors in what the user typed or configured print one line and exit with
+//! code 2; failures while running exit with code 1.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use regcache::app::App;
+use regcache::config::{CaSource, Config, LogFormat, Settings, DEFAULT_TOML};
+use regcache::proxy::Proxy;
+use regcache::tls::ca::{CERT_FILE, KEY_FILE};
+use regcache::tls::CertificateAuthority;
+use sha2::{Digest, Sha256};
+
+/// A forward, TLS-intercepting caching proxy for container registries.
+///
+/// Point clients at it with HTTPS_PROXY=http://HOST:3128 and make them trust
+/// its CA (curl http://HOST:3128/ca.crt).
+#[derive(Parser)]
+#[command(name = "regcache", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (with no options: 127.0.0.1:3128, CA in ./certs)
+    Serve(ServeArgs),
+    /// Manage regcache's certificate authority
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Print the built-in configuration, a starting point for --config
+    Config,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file; flags and REGCACHE_* variables override it
+    #[arg(long, env = "REGCACHE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create the CA in ca_dir if there is none (with --force: replace it)
+    Init {
+        #[command(flatten)]
+        ca: CaArgs,
+        /// Replace an existing CA; clients must trust the new one
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the CA certificate (PEM) and its details
+    Show {
+        #[command(flatten)]
+        ca: CaArgs,
+    },
+    /// Print the path of the CA certificate
+    Path {
+        #[command(flatten)]
+        ca: CaArgs,
+    },
+}
+
+#[derive(Args)]
+struct CaArgs {
+    /// TOML configuration file to take ca_dir/ca_cert/ca_key from
+    #[arg(long, env = "REGCACHE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory holding the regcache CA [default: certs]
+    #[arg(long, env = "REGCACHE_CA_DIR", value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
+    /// An organisation's CA certificate (PEM), instead of ca_dir
+    #[arg(
+        long,
+        env = "REGCACHE_CA_CERT",
+        value_name = "FILE",
+        requires = "ca_key"
+    )]
+    ca_cert: Option<PathBuf>,
+    /// Private key of --ca-cert (PEM, PKCS#8)
+    #[arg(
+        long,
+        env = "REGCACHE_CA_KEY",
+        value_name = "FILE",
+        requires = "ca_cert"
+    )]
+    ca_key: Option<PathBuf>,
+}
+
+/// A failure and the exit code it deserves.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl std::fmt::Display) -> Self {
+        Self {
+            code: 2,
+            message: message.to_string(),
+        }
+    }
+    fn runtime(message: impl std::fmt::Display) -> Self {
+        Self {
+            code: 1,
+            message: message.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Ca(cmd) => ca(cmd),
+        Command::Config => {
+            print!("{DEFAULT_TOML}");
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("regcache: error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let settings = args
+        .settings
+        .layered(args.config.as_deref())
+        .map_err(Failure::usage)?;
+    let config = Config::from_settings(settings).map_err(Failure::usage)?;
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    runtime.block_on(async move {
+        let app = App::new(config).map_err(Failure::usage)?;
+        let proxy = Proxy::bind(app.clone()).await.map_err(|e| {
+            Failure::runtime(format!("cannot listen on {}: {e}", app.config.listen))
+        })?;
+        let addr = proxy.local_addr().map_err(Failure::runtime)?;
+        tracing::info!(
+            %addr,
+            ca = %app.ca.cert_path().display(),
+            "listening; clients use HTTPS_PROXY=http://{addr} and trust http://{addr}/ca.crt"
+        );
+        proxy.run(shutdown_signal()).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops regcache");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("REGCACHE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn ca_source(ca: CaArgs) -> Result<CaSource, Failure> {
+    let settings = Settings {
+        ca_dir: ca.ca_dir,
+        ca_cert: ca.ca_cert,
+        ca_key: ca.ca_key,
+        ..Settings::default()
+    }
+    .layered(ca.config.as_deref())
+    .map_err(Failure::usage)?;
+    Ok(Config::from_settings(settings).map_err(Failure::usage)?.ca)
+}
+
+fn ca(cmd: CaCommand) -> Result<(), Failure> {
+    match cmd {
+        CaCommand::Init { ca, force } => {
+            let CaSource::Dir(dir) = ca_source(ca)? else {
+                return Err(Failure::usage(
+                    "ca init manages regcache's own CA in ca_dir; ca_cert/ca_key name a CA regcache does not write",
+                ));
+            };
+            let exists = dir.join(CERT_FILE).exists() || dir.join(KEY_FILE).exists();
+            if exists && !force {
+                let ca = CertificateAuthority::load_or_create(&CaSource::Dir(dir))
+                    .map_err(Failure::runtime)?;
+                println!(
+                    "{} (already exists; --force replaces it)",
+                    ca.cert_path().display()
+                );
+                return Ok(());
+            }
+            let ca = CertificateAuthority::create(&dir).map_err(Failure::runtime)?;
+            println!("{}", ca.cert_path().display());
+            Ok(())
+        }
+        CaCommand::Show { ca } => {
+            let ca = load_existing(ca_source(ca)?)?;
+            print!("{}", describe(&ca));
+            print!("{}", ca.cert_pem());
+            Ok(())
+        }
+        CaCommand::Path { ca } => {
+            let path = match ca_source(ca)? {
+                CaSource::Dir(dir) => dir.join(CERT_FILE),
+                CaSource::Files { cert, .. } => cert,
+            };
+            let path = std::path::absolute(&path).unwrap_or(path);
+            println!("{}", path.display());
+            Ok(())
+        }
+    }
+}
+
+fn load_existing(source: CaSource) -> Result<CertificateAuthority, Failure> {
+    if let CaSource::Dir(dir) = &source {
+        if !dir.join(CERT_FILE).exists() && !dir.join(KEY_FILE).exists() {
+            return Err(Failure::runtime(format!(
+                "no CA in {} yet; create one with `regcache ca init` (or start `regcache serve`)",
+                dir.display()
+            )));
+        }
+    }
+    CertificateAuthority::load_or_create(&source).map_err(Failure::runtime)
+}
+
+/// Subject, validity and SHA-256 fingerprint, one per line.
+fn describe(ca: &CertificateAuthority) -> String {
+    let der = ca.cert_der().as_ref();
+    let fingerprint = Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":");
+    let mut out = format!("File:        {}\n", ca.cert_path().display());
+    if let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) {
+        out += &format!("Subject:     {}\n", cert.subject());
+        out += &format!("Not before:  {}\n", cert.validity().not_before);
+        out += &format!("Not after:   {}\n", cert.validity().not_after);
+    }
+    out += &format!("SHA-256:     {fingerprint}\n");
+    out
+}

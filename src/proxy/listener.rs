@@ -1,0 +1,194 @@
+//! The proxy port: one HTTP/1.1 connection per client, whose requests are
+//! CONNECT (intercepted or tunnelled), absolute-form (`GET http://host/...`,
+//! forwarded), or origin-form (regcache's own pages, see [`crate::admin`]).
+//!
+//! hyper answers unparsable requests itself: 400 for a bad request line or
+//! header, 431 when the head exceeds [`super::MAX_HEADER_BYTES`]; the
+//! connection then closes and the proxy goes on serving others.
+
+use std::convert::Infallible;
+
+use http::uri::Scheme;
+use http::{Method, Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::policy::{decide_connect, decide_host, Decision};
+use super::{intercept, tunnel, ConnContext};
+use crate::body::{self, Body};
+use crate::registry::hosts::normalize_host;
+use crate::serve::log::{LoggedBody, RequestLog};
+use crate::serve::{self, error_response, Origin};
+use crate::upstream::connect_tcp;
+
+/// Serves one client connection on the proxy port.
+#[tracing::instrument(name = "conn", skip_all, fields(client = %ctx.peer))]
+pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
+    let shutdown = ctx.shutdown.clone();
+    let service = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(route(ctx, req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(super::HEADER_READ_TIMEOUT)
+        .max_buf_size(super::MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
+    if req.method() == Method::CONNECT {
+        return connect(ctx, req).await;
+    }
+    if req.uri().scheme().is_some() {
+        return absolute_form(ctx, req).await;
+    }
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let log = RequestLog::start(
+        ctx.peer,
+        host,
+        req.method().clone(),
+        req.uri().path().into(),
+    );
+    let resp =
+        if req.version() == Version::HTTP_11 && !req.headers().contains_key(http::header::HOST) {
+            error_response(StatusCode::BAD_REQUEST, "missing Host header")
+        } else {
+            crate::admin::handle(&ctx.app, &req)
+        };
+    logged(resp, log)
+}
+
+/// `CONNECT host:port`: intercept, tunnel or refuse.
+async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
+    let target = req
+        .uri()
+        .authority()
+        .map(|a| (a.host().to_string(), a.port_u16()));
+    let mut log = RequestLog::start(
+        ctx.peer,
+        target.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
+        Method::CONNECT,
+        req.uri().to_string(),
+    );
+    let (host, port) = match target {
+        Some((host, Some(port))) if !host.is_empty() => (host, port),
+        _ => {
+            return logged(
+                error_response(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target"),
+                log,
+            )
+        }
+    };
+    match decide_connect(&ctx.app.config, &host, port) {
+        Decision::Refuse(reason) => {
+            tracing::warn!(host, port, reason, "CONNECT refused");
+            logged(error_response(StatusCode::FORBIDDEN, reason), log)
+        }
+        Decision::Intercept => {
+            log.cache = "INTERCEPT";
+            let tasks = ctx.tasks.clone();
+            tasks.spawn(async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => intercept::serve_tunnel(ctx, upgraded, host, port).await,
+                    Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                }
+            });
+            logged(body_response(StatusCode::OK), log)
+        }
+        Decision::PassThrough => {
+            let name = normalize_host(&host);
+            let upstream = match connect_tcp(ctx.app.upstream.resolve(), &name, port).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    tracing::warn!(host, port, error = %e, "tunnel target unreachable");
+                    return logged(
+                        error_response(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("cannot reach {host}:{port}: {e}"),
+                        ),
+                        log,
+                    );
+                }
+            };
+            // The tunnel writes its own line when it closes.
+            log.discard();
+            let peer = ctx.peer;
+            ctx.tasks.spawn(async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(upgraded) => {
+                        tunnel::relay(peer, format!("{host}:{port}"), upgraded, upstream).await
+                    }
+                    Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
+                }
+            });
+            body_response(StatusCode::OK)
+        }
+    }
+}
+
+/// `GET http://host/path`: forward registries served over plain HTTP.
+async fn absolute_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
+    let authority = req.uri().authority().cloned();
+    let scheme_ok = req.uri().scheme() == Some(&Scheme::HTTP);
+    let (Some(authority), true) = (authority, scheme_ok) else {
+        let log = RequestLog::start(
+            ctx.peer,
+            String::new(),
+            req.method().clone(),
+            req.uri().path().into(),
+        );
+        return logged(
+            error_response(
+                StatusCode::BAD_REQUEST,
+                "absolute-form requests must be http://host/...; use CONNECT for https",
+            ),
+            log,
+        );
+    };
+    if let Decision::Refuse(reason) = decide_host(&ctx.app.config, authority.host()) {
+        let log = RequestLog::start(
+            ctx.peer,
+            authority.to_string(),
+            req.method().clone(),
+            req.uri().path().into(),
+        );
+        return logged(error_response(StatusCode::FORBIDDEN, reason), log);
+    }
+    let origin = Origin {
+        scheme: Scheme::HTTP,
+        authority,
+    };
+    serve::handle(&ctx.app.upstream, &origin, ctx.peer, req).await
+}
+
+fn body_response(status: StatusCode) -> Response<Body> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = status;
+    resp
+}
+
+fn logged(resp: Response<Body>, mut log: RequestLog) -> Response<Body> {
+    log.status = resp.status();
+    resp.map(|b| http_body_util::BodyExt::boxed(LoggedBody::new(b, log)))
+}

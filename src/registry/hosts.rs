@@ -1,0 +1,161 @@
+//! Registry host names: which hosts regcache intercepts.
+//!
+//! The built-in list names the public registries that container clients talk
+//! to. Operators add their own hosts; a pattern `*.example.com` matches every
+//! name below `example.com` (at any depth) but not `example.com` itself.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Registry hosts intercepted out of the box.
+pub const DEFAULT_REGISTRY_HOSTS: &[&str] = &[
+    "docker.io",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "quay.io",
+    "ghcr.io",
+    "gcr.io",
+    "*.gcr.io",
+    "registry.k8s.io",
+    "*.pkg.dev",
+    "public.ecr.aws",
+    "mcr.microsoft.com",
+    "nvcr.io",
+    "registry.gitlab.com",
+];
+
+/// Lower-cases a host name and drops a trailing dot and IPv6 brackets.
+pub fn normalize_host(host: &str) -> String {
+    host.trim()
+        .trim_end_matches('.')
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase()
+}
+
+/// One host name, or a `*.suffix` wildcard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Matches this name only.
+    Exact(String),
+    /// Matches any name ending in `.suffix`.
+    Subdomains(String),
+}
+
+impl FromStr for HostPattern {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let name = normalize_host(s);
+        let (wild, rest) = match name.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_string()),
+            None => (false, name.clone()),
+        };
+        let valid = !rest.is_empty()
+            && rest.len() <= 253
+            && rest.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            return Err(format!("{s:?} is not a host name or *.domain pattern"));
+        }
+        Ok(if wild {
+            HostPattern::Subdomains(rest)
+        } else {
+            HostPattern::Exact(rest)
+        })
+    }
+}
+
+impl HostPattern {
+    /// Whether `host` (already normalized) matches.
+    fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(name) => host == name,
+            HostPattern::Subdomains(suffix) => host
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(name) => f.write_str(name),
+            HostPattern::Subdomains(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// The hosts whose CONNECT regcache answers itself.
+#[derive(Debug, Clone)]
+pub struct InterceptList {
+    patterns: Vec<HostPattern>,
+}
+
+impl InterceptList {
+    /// The built-in registry hosts plus `extra`.
+    pub fn with_defaults(extra: Vec<HostPattern>) -> Self {
+        let mut patterns: Vec<HostPattern> = DEFAULT_REGISTRY_HOSTS
+            .iter()
+            .filter_map(|h| h.parse().ok())
+            .collect();
+        patterns.extend(extra);
+        Self { patterns }
+    }
+
+    /// Whether CONNECT to `host` is intercepted.
+    pub fn matches(&self, host: &str) -> bool {
+        let host = normalize_host(host);
+        self.patterns.iter().any(|p| p.matches(&host))
+    }
+
+    /// The patterns, for display.
+    pub fn patterns(&self) -> &[HostPattern] {
+        &self.patterns
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_ins_match_the_public_registries() {
+        let list = InterceptList::with_defaults(vec![]);
+        for host in [
+            "registry-1.docker.io",
+            "Quay.IO",
+            "ghcr.io.",
+            "us-docker.pkg.dev",
+            "eu.gcr.io",
+            "registry.k8s.io",
+        ] {
+            assert!(list.matches(host), "{host}");
+        }
+        for host in ["pkg.dev", "example.com", "evilghcr.io", "ghcr.io.evil.com"] {
+            assert!(!list.matches(host), "{host}");
+        }
+    }
+
+    #[test]
+    fn wildcards_match_any_depth_below_the_suffix_only() {
+        let p: HostPattern = "*.corp.example".parse().unwrap();
+        assert!(p.matches("reg.corp.example"));
+        assert!(p.matches("a.b.corp.example"));
+        assert!(!p.matches("corp.example"));
+        assert!(!p.matches("xcorp.example"));
+    }
+
+    #[test]
+    fn bad_patterns_are_refused() {
+        for bad in ["", "*.", "a..b", "a b", "*.*.x", "a/b", "x:443"] {
+            assert!(bad.parse::<HostPattern>().is_err(), "{bad:?}");
+        }
+    }
+}

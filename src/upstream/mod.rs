@@ -1,0 +1,63 @@
+//! The client side: regcache's connections to upstream registries.
+//!
+//! One pooled hyper client speaks HTTP/1.1 or HTTP/2 (chosen by ALPN) over
+//! verified TLS, or plain HTTP for `http://` registries. Connections go where
+//! `--resolve` says, else where DNS says.
+
+mod connector;
+
+pub use connector::{connect_tcp, ResolvingConnector, CONNECT_TIMEOUT};
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::Body;
+use crate::config::{Config, ResolveMap};
+use crate::tls::{client::upstream_config, TlsError};
+
+/// An upstream request failed before a response arrived.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream request failed: {0}")]
+pub struct UpstreamError(#[from] hyper_util::client::legacy::Error);
+
+/// The shared upstream client. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpsConnector<ResolvingConnector>, Body>,
+    resolve: Arc<ResolveMap>,
+}
+
+impl Upstream {
+    /// Builds the client from the configuration's trust and resolve settings.
+    pub fn new(config: &Config) -> Result<Self, TlsError> {
+        let resolve = Arc::new(config.resolve.clone());
+        let tls = upstream_config(&config.upstream_ca)?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(ResolvingConnector::new(resolve.clone()));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Self { client, resolve })
+    }
+
+    /// Sends a request whose URI is absolute (`https://host/path`).
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        Ok(self.client.request(req).await?)
+    }
+
+    /// The resolve overrides, for tunnels.
+    pub fn resolve(&self) -> &ResolveMap {
+        &self.resolve
+    }
+}

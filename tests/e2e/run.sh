@@ -1,0 +1,819 @@
+#!/usr/bin/env bash
+# End-to-end test of regcache with real parts.
+#
+#   upstream  Debian's docker-registry (distribution 2.8) serving TLS for
+#             registry-1.docker.io with a throw-away test CA, on 127.0.0.1:<port>
+#   proxy     regcache serve, --resolve registry-1.docker.io=127.0.0.1:<port>,
+#             trusting the test CA for the upstream
+#   clients   skopeo, containerd's ctr (against a private containerd) and a
+#             private dockerd, all with HTTPS_PROXY=http://127.0.0.1:<proxy port>
+#             and trusting only regcache's CA
+#
+# registry-1.docker.io is never made resolvable for the clients (no /etc/hosts
+# change): they send CONNECT to the proxy and only regcache maps the name to
+# loopback. Nothing leaves the machine.
+#
+# Usage:  tests/e2e/run.sh
+# Environment:
+#   REGCACHE_BIN        regcache binary (default: <repo>/target/debug/regcache,
+#                       built with `cargo build` when REGCACHE_BIN is unset)
+#   REGCACHE_ARGS       extra arguments for `regcache serve`
+#   E2E_PROXY=tunnel    self-test the harness with tunnel_proxy.py (a plain
+#                       CONNECT relay) instead of regcache
+#   E2E_SKIP_DOCKERD=1  skip the dockerd part
+#   E2E_REQUIRE_DOCKERD=1  a dockerd that does not start is a failure, not a skip
+#   E2E_KEEP=1          keep the work directory (its path is printed)
+#
+# Prints PASS/FAIL/SKIP per check and ends with the line "N passed, M failed";
+# the exit status is non-zero when anything failed.
+
+set -uo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+E2E_PROXY=${E2E_PROXY:-regcache}
+HUB=registry-1.docker.io
+
+# Nothing in the environment may route our loopback traffic elsewhere.
+unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
+
+PASSED=0
+FAILED=0
+SKIPPED=0
+STEP=0
+LAST_LOG=/dev/null
+pass() { PASSED=$((PASSED + 1)); echo "PASS: $*"; }
+fail() { FAILED=$((FAILED + 1)); echo "FAIL: $*"; }
+skip() { SKIPPED=$((SKIPPED + 1)); echo "SKIP: $*"; }
+note() { echo "---- $*"; }
+indent() { sed 's/^/    | /'; }
+show_last() { tail -n 15 "$LAST_LOG" | indent; }
+
+# run NAME SECONDS CMD...: run CMD under a timeout, stdout+stderr to a step log.
+run() {
+    local name=$1 secs=$2
+    shift 2
+    STEP=$((STEP + 1))
+    LAST_LOG=$W/logs/$(printf '%02d' "$STEP")-$name.log
+    printf '+ %q ' "$@" >"$LAST_LOG"
+    echo >>"$LAST_LOG"
+    timeout --kill-after=5 "$secs" "$@" >>"$LAST_LOG" 2>&1
+}
+
+# capture NAME SECONDS OUTFILE CMD...: like run, but stdout goes to OUTFILE.
+capture() {
+    local name=$1 secs=$2 out=$3
+    shift 3
+    STEP=$((STEP + 1))
+    LAST_LOG=$W/logs/$(printf '%02d' "$STEP")-$name.log
+    printf '+ %q ' "$@" >"$LAST_LOG"
+    echo >>"$LAST_LOG"
+    timeout --kill-after=5 "$secs" "$@" >"$out" 2>>"$LAST_LOG"
+}
+
+# check_digest WHAT EXPECTED ACTUAL
+check_digest() {
+    if [ -n "$3" ] && [ "$2" = "$3" ]; then
+        pass "$1 ($3)"
+    else
+        fail "$1: expected $2, got '${3}'"
+        show_last
+    fi
+}
+
+# wait_until SECONDS PID CMD...: poll CMD until it succeeds; give up after
+# SECONDS or as soon as process PID (when not empty) has exited.
+wait_until() {
+    local secs=$1 pid=$2
+    shift 2
+    local deadline=$((SECONDS + secs))
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        if [ -n "$pid" ] && ! alive "$pid"; then return 1; fi
+        sleep 0.3
+    done
+    return 1
+}
+
+alive() { # running and not a zombie (read from /proc: procps may be absent)
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }
+    [ -n "$stat" ] && [ "${stat:0:1}" != Z ] && [ "${stat:0:1}" != X ]
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+sha256_of() { echo "sha256:$(sha256sum | cut -d' ' -f1)"; }
+
+layout_digest() { # first manifest digest in an OCI layout's index.json
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]+"/index.json"))["manifests"][0]["digest"])' "$1" 2>/dev/null
+}
+
+# ---------------------------------------------------------------- processes
+# Every daemon runs in its own session (setsid) so that stopping it also
+# stops its children (dockerd's containerd). Stopped newest first.
+PIDS=()
+NAMES=()
+declare -A PID_OF=()
+start_bg() { # start_bg NAME LOGFILE CMD...
+    local name=$1 logf=$2
+    shift 2
+    setsid "$@" >"$logf" 2>&1 </dev/null &
+    local pid=$!
+    PIDS+=("$pid")
+    NAMES+=("$name")
+    PID_OF[$name]=$pid
+}
+
+stop_pid() {
+    local pid=$1 i
+    alive "$pid" || { wait "$pid" 2>/dev/null; return 0; }
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
+    for i in $(seq 1 50); do
+        alive "$pid" || break
+        sleep 0.2
+    done
+    if alive "$pid"; then
+        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
+    fi
+    wait "$pid" 2>/dev/null
+    # Reap anything left in the process group (e.g. dockerd's containerd).
+    kill -KILL -- "-$pid" 2>/dev/null
+    return 0
+}
+
+stop_named() { # stop_named NAME: stop one daemon started with start_bg
+    local i
+    for i in "${!NAMES[@]}"; do
+        if [ "${NAMES[$i]}" = "$1" ] && [ -n "${PIDS[$i]}" ]; then
+            stop_pid "${PIDS[$i]}"
+            PIDS[i]=""
+        fi
+    done
+}
+
+cleanup() {
+    local rc=$? i
+    trap - EXIT INT TERM
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        [ -n "${PIDS[$i]}" ] && stop_pid "${PIDS[$i]}"
+    done
+    if [ -n "${W:-}" ] && [ -d "$W" ]; then
+        # dockerd or containerd may leave mounts behind if they were killed.
+        grep -F " $W/" /proc/mounts 2>/dev/null | awk '{print $2}' | sort -r | while read -r m; do
+            umount -l "$m" 2>/dev/null
+        done
+        if [ "${E2E_KEEP:-0}" = 1 ]; then
+            echo "work directory kept: $W"
+        else
+            rm -rf "$W"
+        fi
+    fi
+    exit "$rc"
+}
+# shellcheck disable=SC2317  # invoked by the trap
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# ------------------------------------------------------------------- set-up
+bash "$HERE/install-deps.sh" || { echo "FAIL: install-deps.sh"; echo "0 passed, 1 failed"; exit 1; }
+PATH=$PATH:/usr/sbin:/sbin
+
+W=$(mktemp -d /tmp/regcache-e2e.XXXXXX)
+mkdir -p "$W/logs" "$W/tmp" "$W/out" "$W/empty-certs" "$W/client-certs" "$W/docker-cli" "$W/home" \
+    "$W/xdg-data" "$W/xdg-config" "$W/xdg-run"
+chmod 700 "$W/xdg-run"
+: >"$W/empty.pem"
+: >"$W/registries.conf"
+echo '{"auths":{}}' >"$W/auth.json"
+echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$W/policy.json"
+note "work directory $W"
+
+summary() {
+    if [ "$FAILED" -gt 0 ]; then
+        for f in "$W/regcache.log" "$W/regcache.restart.log" "$W/registry.log"; do
+            [ -s "$f" ] || continue
+            echo "==== last lines of $(basename "$f")"
+            sed 's/\x1b\[[0-9;]*m//g' "$f" | grep -v 'msg="response completed"' | tail -n 40 | cut -c1-400 | indent
+        done
+    fi
+    [ "$SKIPPED" -gt 0 ] && echo "$SKIPPED skipped"
+    echo "elapsed ${SECONDS}s"
+    echo "$PASSED passed, $FAILED failed"
+    [ "$FAILED" -eq 0 ]
+    exit
+}
+
+# The host name must not resolve to loopback for the clients, or dockerd would
+# treat the registry as insecure and skip verification (see DESIGN.md).
+if getent hosts "$HUB" | grep -qE '^(127\.|::1)'; then
+    fail "$HUB resolves to loopback on this machine (/etc/hosts?); the dockerd check would prove nothing"
+fi
+
+# ----------------------------------------------------------------- the seed
+SEED=$W/seed
+if capture make-seed 60 "$W/seed.env" python3 "$HERE/make_seed.py" "$SEED" &&
+    capture make-seed-again 60 "$W/seed2.env" python3 "$HERE/make_seed.py" "$W/seed2"; then
+    # shellcheck disable=SC1091
+    . "$W/seed.env"
+    if cmp -s "$W/seed.env" "$W/seed2.env" && diff -r "$SEED" "$W/seed2" >/dev/null; then
+        pass "seed image layout is reproducible (small $SMALL_DIGEST, multi $MULTI_DIGEST)"
+    else
+        fail "seed image layout differs between two runs"
+        diff "$W/seed.env" "$W/seed2.env" | indent
+    fi
+    rm -rf "$W/seed2"
+else
+    fail "make_seed.py"
+    show_last
+    summary
+fi
+
+# ---------------------------------------------------------------- test PKI
+note "creating the test CA and the $HUB server certificate"
+PKI=$W/pki
+mkdir -p "$PKI"
+cat >"$PKI/server.ext" <<EOF
+basicConstraints=critical,CA:FALSE
+keyUsage=critical,digitalSignature,keyEncipherment
+extendedKeyUsage=serverAuth
+subjectAltName=DNS:$HUB
+EOF
+if run pki 60 sh -c "
+    set -e
+    cd '$PKI'
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout ca.key -out ca.pem -days 2 -subj '/CN=regcache e2e upstream test CA' \
+        -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign'
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+        -keyout server.key -out server.csr -subj '/CN=$HUB'
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+        -out server.pem -days 2 -extfile server.ext
+    openssl verify -CAfile ca.pem server.pem
+"; then
+    pass "test CA and $HUB server certificate created"
+else
+    fail "openssl could not create the test PKI"
+    show_last
+    summary
+fi
+
+# ---------------------------------------------------------------- upstream
+REGPORT=$(free_port)
+mkdir -p "$W/registry/data"
+cat >"$W/registry/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $W/registry/data
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:$REGPORT
+  secret: regcache-e2e-not-a-secret
+  tls:
+    certificate: $PKI/server.pem
+    key: $PKI/server.key
+  headers:
+    X-Content-Type-Options: [nosniff]
+EOF
+note "starting docker-registry on 127.0.0.1:$REGPORT"
+start_bg registry "$W/registry.log" docker-registry serve "$W/registry/config.yml"
+registry_up() {
+    curl -fsS --noproxy '*' --max-time 3 --cacert "$PKI/ca.pem" \
+        --resolve "$HUB:$REGPORT:127.0.0.1" "https://$HUB:$REGPORT/v2/"
+}
+if wait_until 30 "${PID_OF[registry]}" registry_up; then
+    pass "docker-registry serves TLS for $HUB on 127.0.0.1:$REGPORT"
+else
+    fail "docker-registry did not come up"
+    summary
+fi
+
+note "seeding the upstream (directly, not through the proxy)"
+UP=docker://127.0.0.1:$REGPORT/library
+# containers/image keeps a blob-info cache in /var/lib/containers/cache for
+# root; the rootless code path (chosen by _CONTAINERS_ROOTLESS_UID) keeps it
+# under XDG_DATA_HOME instead, so every run starts clean and leaves no trace.
+ISOLATE_ENV=(HOME="$W/home" XDG_DATA_HOME="$W/xdg-data" XDG_CONFIG_HOME="$W/xdg-config"
+    XDG_RUNTIME_DIR="$W/xdg-run" _CONTAINERS_ROOTLESS_UID=4242
+    CONTAINERS_REGISTRIES_CONF="$W/registries.conf" REGISTRY_AUTH_FILE="$W/auth.json"
+    DOCKER_CONFIG="$W/docker-cli" TMPDIR="$W/tmp")
+SKOPEO_DIRECT=(env "${ISOLATE_ENV[@]}" skopeo --policy "$W/policy.json")
+seed_ok=1
+for pair in "$SMALL_REF:e2e-small:1:$SMALL_DIGEST" "$MULTI_REF:e2e-multi:1:$MULTI_DIGEST" \
+    "$CONCURRENT_REF:e2e-concurrent:1:$CONCURRENT_DIGEST"; do
+    IFS=: read -r ref repo tag digest <<<"$pair"
+    if run "seed-$repo" 120 "${SKOPEO_DIRECT[@]}" copy --all --preserve-digests --dest-tls-verify=false \
+        "oci:$SEED:$ref" "$UP/$repo:$tag" &&
+        capture "seed-check-$repo" 30 "$W/tmp/raw" "${SKOPEO_DIRECT[@]}" inspect --raw --tls-verify=false "$UP/$repo:$tag" &&
+        [ "$(sha256_of <"$W/tmp/raw")" = "$digest" ]; then
+        pass "upstream seeded with library/$repo:$tag ($digest)"
+    else
+        fail "seeding library/$repo:$tag"
+        show_last
+        seed_ok=0
+    fi
+done
+[ "$seed_ok" = 1 ] || summary
+
+# ------------------------------------------------------------------- proxy
+PROXYPORT=$(free_port)
+PROXY=http://127.0.0.1:$PROXYPORT
+mkdir -p "$W/regcache/certs"
+REGCACHE_LOG=$W/regcache.log
+if [ "$E2E_PROXY" = tunnel ]; then
+    note "E2E_PROXY=tunnel: self-test with a plain CONNECT relay instead of regcache"
+    start_bg regcache "$REGCACHE_LOG" python3 "$HERE/tunnel_proxy.py" --listen "127.0.0.1:$PROXYPORT" \
+        --resolve "$HUB=127.0.0.1:$REGPORT" --ca-file "$PKI/ca.pem"
+else
+    if [ -z "${REGCACHE_BIN:-}" ]; then
+        note "building regcache (cargo build)"
+        if ! (cd "$REPO" && cargo build >"$W/logs/cargo-build.log" 2>&1); then
+            fail "cargo build"
+            tail -n 30 "$W/logs/cargo-build.log" | indent
+            summary
+        fi
+        REGCACHE_BIN=$REPO/target/debug/regcache
+    fi
+    if ! run regcache-help 30 "$REGCACHE_BIN" serve --help; then
+        fail "$REGCACHE_BIN serve --help"
+        show_last
+        summary
+    fi
+    serve_args=(--listen "127.0.0.1:$PROXYPORT" --ca-dir "$W/regcache/certs"
+        --upstream-ca "$PKI/ca.pem" --resolve "$HUB=127.0.0.1:$REGPORT")
+    # Keep the cache inside the work directory when the binary has such a flag.
+    if grep -q -- '--cache-dir' "$LAST_LOG"; then
+        serve_args+=(--cache-dir "$W/regcache/cache")
+    fi
+    # shellcheck disable=SC2206
+    serve_args+=(${REGCACHE_ARGS:-})
+    # Run it from inside the work directory, with HOME and XDG dirs there, so
+    # that whatever it writes by default stays in the work directory.
+    start_regcache() { # start_regcache LOGFILE
+        start_bg regcache "$1" env -C "$W/regcache" HOME="$W/regcache" \
+            XDG_CACHE_HOME="$W/regcache/xdg-cache" XDG_CONFIG_HOME="$W/regcache/xdg-config" \
+            XDG_DATA_HOME="$W/regcache/xdg-data" RUST_LOG="${RUST_LOG:-info,regcache=debug}" \
+            "$REGCACHE_BIN" serve "${serve_args[@]}"
+    }
+    note "starting regcache on 127.0.0.1:$PROXYPORT: $REGCACHE_BIN serve ${serve_args[*]}"
+    start_regcache "$REGCACHE_LOG"
+fi
+proxy_up() { curl -fsS --noproxy '*' --max-time 3 "$PROXY/healthz"; }
+if wait_until 30 "${PID_OF[regcache]}" proxy_up; then
+    pass "$E2E_PROXY answers /healthz on 127.0.0.1:$PROXYPORT"
+else
+    fail "$E2E_PROXY did not answer /healthz within 30s"
+    summary
+fi
+
+# The CA the clients trust: regcache's own, fetched over HTTP like a user would.
+CLIENT_CA=$W/client-certs/ca.crt
+if curl -fsS --noproxy '*' --max-time 10 -o "$CLIENT_CA" "$PROXY/ca.crt" &&
+    openssl x509 -in "$CLIENT_CA" -noout 2>/dev/null; then
+    if [ "$E2E_PROXY" = tunnel ]; then
+        pass "GET /ca.crt serves a certificate"
+    elif ! cmp -s "$CLIENT_CA" "$W/regcache/certs/ca.crt"; then
+        fail "GET /ca.crt differs from --ca-dir/ca.crt"
+    elif ! openssl x509 -in "$CLIENT_CA" -noout -text | grep -q 'CA:TRUE'; then
+        fail "GET /ca.crt is not a CA certificate (no basicConstraints CA:TRUE)"
+    else
+        pass "GET /ca.crt serves the CA written to --ca-dir ($(openssl x509 -in "$CLIENT_CA" -noout -subject))"
+    fi
+else
+    fail "GET /ca.crt did not return a PEM certificate"
+    summary
+fi
+if [ "$E2E_PROXY" != tunnel ]; then
+    perms=$(stat -c %a "$W/regcache/certs/ca.key" 2>/dev/null)
+    if [ -z "$perms" ]; then
+        fail "--ca-dir has no ca.key"
+    elif [ $((8#$perms & 8#077)) -ne 0 ]; then
+        fail "ca.key is readable by group/others (mode $perms)"
+    else
+        pass "ca.key exists with mode $perms"
+    fi
+fi
+
+# Interception: through the proxy, $HUB must present a leaf signed by the
+# regcache CA, not the upstream's certificate.
+if [ "$E2E_PROXY" = tunnel ]; then
+    skip "interception checks (tunnel self-test)"
+else
+    if run curl-intercept 30 curl -fsS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" "https://$HUB/v2/"; then
+        pass "CONNECT $HUB:443 is intercepted with a leaf signed by the regcache CA"
+    else
+        fail "curl through the proxy with the regcache CA: https://$HUB/v2/"
+        show_last
+    fi
+    run curl-no-tunnel 30 curl -sS --max-time 20 --proxy "$PROXY" --cacert "$PKI/ca.pem" "https://$HUB/v2/"
+    case $? in
+    0) fail "the proxy relayed the upstream's own certificate (tunnel, not interception)" ;;
+    60) pass "a client trusting only the upstream's CA is refused: the upstream's certificate is not relayed" ;;
+    *)
+        fail "curl trusting only the upstream CA failed, but not with a certificate error"
+        show_last
+        ;;
+    esac
+    if run openssl-leaf 30 sh -c "openssl s_client -proxy 127.0.0.1:$PROXYPORT -connect $HUB:443 \
+            -servername $HUB -CAfile '$CLIENT_CA' -verify_return_error </dev/null 2>&1 |
+            sed -n '/BEGIN CERT/,/END CERT/p' | openssl x509 -noout -ext subjectAltName" &&
+        grep -q "DNS:$HUB" "$LAST_LOG"; then
+        pass "leaf certificate names DNS:$HUB"
+    else
+        fail "leaf certificate for $HUB (SAN) via openssl s_client"
+        show_last
+    fi
+    # A manifest by tag through the proxy carries the seed digest.
+    if run curl-manifest 30 curl -fsS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/m.json" \
+        -D "$W/tmp/m.headers" -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+        "https://$HUB/v2/library/e2e-small/manifests/1"; then
+        hdr=$(tr -d '\r' <"$W/tmp/m.headers" | sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: *//p' | tail -n1)
+        body=$(sha256_of <"$W/tmp/m.json")
+        if [ "$body" = "$SMALL_DIGEST" ] && { [ -z "$hdr" ] || [ "$hdr" = "$SMALL_DIGEST" ]; }; then
+            pass "GET manifest by tag through the proxy: body digest ${hdr:+and Docker-Content-Digest }match the seed"
+        else
+            fail "GET manifest by tag: body $body, Docker-Content-Digest '$hdr', seed $SMALL_DIGEST"
+        fi
+    else
+        fail "GET /v2/library/e2e-small/manifests/1 through the proxy"
+        show_last
+    fi
+
+    # A 3 MiB blob, over HTTP/1.1 and over HTTP/2 (ALPN), then a range of it.
+    blob_url=https://$HUB/v2/library/e2e-small/blobs/$PAYLOAD_DIGEST
+    seed_blob=$SEED/blobs/sha256/${PAYLOAD_DIGEST#sha256:}
+    for proto in http1.1 http2; do
+        if [ "$proto" = http2 ] && ! curl -V | grep -qw HTTP2; then
+            skip "blob over HTTP/2: this curl has no HTTP/2"
+            continue
+        fi
+        if capture "curl-blob-$proto" 60 "$W/tmp/curl.out" curl -fsS --max-time 50 --proxy "$PROXY" \
+            --cacert "$CLIENT_CA" "--$proto" -o "$W/tmp/blob" -w '%{http_version}' "$blob_url"; then
+            got=$(sha256_of <"$W/tmp/blob")
+            ver=$(cat "$W/tmp/curl.out")
+            if [ "$got" != "$PAYLOAD_DIGEST" ]; then
+                fail "GET blob over $proto: content digest $got, expected $PAYLOAD_DIGEST"
+            elif [ "$proto" = http2 ] && [ "$ver" != 2 ]; then
+                fail "GET blob over HTTP/2: ALPN did not select h2 (HTTP/$ver)"
+            else
+                pass "GET 3 MiB blob through the proxy over HTTP/$ver: content matches its digest"
+            fi
+        else
+            fail "GET blob over $proto through the proxy"
+            show_last
+        fi
+    done
+    if capture curl-range 60 "$W/tmp/curl.out" curl -sS --max-time 50 --proxy "$PROXY" --cacert "$CLIENT_CA" \
+        -r 100-1123 -o "$W/tmp/range" -w '%{http_code}' "$blob_url"; then
+        code=$(cat "$W/tmp/curl.out")
+        if [ "$code" = 206 ] && cmp -s "$W/tmp/range" <(tail -c +101 "$seed_blob" | head -c 1024); then
+            pass "Range: bytes=100-1123 of a cached blob answers 206 with the right bytes"
+        else
+            fail "Range: bytes=100-1123 answered $code with $(wc -c <"$W/tmp/range") bytes"
+        fi
+    else
+        fail "GET blob with Range through the proxy"
+        show_last
+    fi
+
+    # Errors: an unknown tag is the upstream's 404; a malformed digest is
+    # answered 400 with an OCI error body (DESIGN.md), whatever the upstream does.
+    code=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/err" -w '%{http_code}' \
+        "https://$HUB/v2/library/e2e-small/manifests/no-such-tag")
+    if [ "$code" = 404 ]; then
+        pass "unknown tag answers 404"
+    else
+        fail "unknown tag answered $code: $(head -c 300 "$W/tmp/err")"
+    fi
+    bad=""
+    for path in manifests/sha256:0123 blobs/sha256:0123 blobs/sha256:XYZ; do
+        code=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/err" -w '%{http_code}' \
+            "https://$HUB/v2/library/e2e-small/$path")
+        if [ "$code" != 400 ] || ! grep -q '"errors"' "$W/tmp/err"; then
+            bad="$bad $path=$code($(head -c 120 "$W/tmp/err"))"
+        fi
+    done
+    if [ -z "$bad" ]; then
+        pass "malformed digests answer 400 with an OCI error body"
+    else
+        fail "malformed digests:$bad"
+    fi
+fi
+
+# ------------------------------------------------------------------ skopeo
+# Clients: proxy in their environment, an empty system trust store, and only
+# the proxy's CA in their certificate directory.
+CLIENT_ENV=(env HTTPS_PROXY="$PROXY" https_proxy="$PROXY" HTTP_PROXY="$PROXY" http_proxy="$PROXY"
+    SSL_CERT_FILE="$W/empty.pem" SSL_CERT_DIR="$W/empty-certs" "${ISOLATE_ENV[@]}")
+SKOPEO=("${CLIENT_ENV[@]}" skopeo --policy "$W/policy.json")
+HUBLIB=docker://$HUB/library
+
+if run skopeo-untrusted 60 "${SKOPEO[@]}" inspect --raw --cert-dir "$W/empty-certs" "$HUBLIB/e2e-small:1"; then
+    :
+fi
+if grep -qiE 'x509|certificate' "$LAST_LOG" && ! grep -q '"schemaVersion"' "$LAST_LOG"; then
+    pass "skopeo without the proxy CA is refused (certificate error): the system trust store is not used"
+else
+    fail "skopeo without the proxy CA did not fail with a certificate error"
+    show_last
+fi
+
+skopeo_src=(--src-cert-dir "$W/client-certs")
+if capture skopeo-inspect-small 60 "$W/tmp/raw" "${SKOPEO[@]}" inspect --raw --cert-dir "$W/client-certs" "$HUBLIB/e2e-small:1"; then
+    check_digest "skopeo inspect --raw e2e-small:1 via proxy" "$SMALL_DIGEST" "$(sha256_of <"$W/tmp/raw")"
+else
+    fail "skopeo inspect --raw e2e-small:1 via proxy"
+    show_last
+fi
+if run skopeo-copy-small 120 "${SKOPEO[@]}" copy "${skopeo_src[@]}" "$HUBLIB/e2e-small:1" "oci:$W/out/skopeo-small:x"; then
+    check_digest "skopeo copy e2e-small:1 via proxy" "$SMALL_DIGEST" "$(layout_digest "$W/out/skopeo-small")"
+else
+    fail "skopeo copy e2e-small:1 via proxy"
+    show_last
+fi
+if run skopeo-copy-multi 180 "${SKOPEO[@]}" copy --all "${skopeo_src[@]}" "$HUBLIB/e2e-multi:1" "oci:$W/out/skopeo-multi:x"; then
+    check_digest "skopeo copy --all e2e-multi:1 via proxy (index)" "$MULTI_DIGEST" "$(layout_digest "$W/out/skopeo-multi")"
+    # Every blob the seed index references, recursively, must be in the copy.
+    missing=$(python3 - "$SEED" "$W/out/skopeo-multi" "$MULTI_DIGEST" <<'PY'
+import json, os, sys
+seed, out, top = sys.argv[1:4]
+def blob(root, d): return os.path.join(root, "blobs", *d.split(":", 1))
+need, todo = set(), [top]
+while todo:
+    d = todo.pop(); need.add(d)
+    doc = json.load(open(blob(seed, d)))
+    for m in doc.get("manifests", []): todo.append(m["digest"])
+    if "config" in doc: need.add(doc["config"]["digest"])
+    for l in doc.get("layers", []): need.add(l["digest"])
+print(" ".join(sorted(d for d in need if not os.path.exists(blob(out, d)))))
+PY
+    )
+    if [ -z "$missing" ]; then
+        pass "skopeo copy --all fetched every platform's manifest, config and layers"
+    else
+        fail "skopeo copy --all is missing blobs: $missing"
+    fi
+else
+    fail "skopeo copy --all e2e-multi:1 via proxy"
+    show_last
+fi
+
+# ------------------------------------------------- concurrent first pulls
+# Three clients pull an image nobody pulled before, at the same time.
+note "three concurrent skopeo pulls of e2e-concurrent:1"
+cpids=()
+for i in 1 2 3; do
+    timeout --kill-after=5 180 "${SKOPEO[@]}" copy "${skopeo_src[@]}" "$HUBLIB/e2e-concurrent:1" \
+        "oci:$W/out/concurrent-$i:x" >"$W/logs/concurrent-$i.log" 2>&1 &
+    cpids+=($!)
+done
+cfail=""
+for i in 1 2 3; do
+    wait "${cpids[$((i - 1))]}" || cfail="$cfail client$i(rc=$?)"
+    got=$(layout_digest "$W/out/concurrent-$i")
+    [ "$got" = "$CONCURRENT_DIGEST" ] || cfail="$cfail client$i(digest '$got')"
+done
+if [ -z "$cfail" ]; then
+    pass "3 concurrent skopeo pulls of e2e-concurrent:1 all got $CONCURRENT_DIGEST"
+else
+    fail "concurrent pulls:$cfail"
+    tail -n 5 "$W"/logs/concurrent-*.log | indent
+fi
+if [ "$E2E_PROXY" != tunnel ]; then
+    n=$(grep -cE "\"GET /v2/[^ ]*/blobs/$CONCURRENT_LAYER_DIGEST HTTP/[0-9.]+\" 20[06]" "$W/registry.log")
+    if [ "$n" = 1 ]; then
+        pass "the concurrent pulls made one upstream fetch of the 8 MiB layer (single flight)"
+    else
+        fail "the concurrent pulls made $n upstream fetches of the 8 MiB layer (expected 1)"
+    fi
+fi
+
+# -------------------------------------------------------------- containerd
+note "starting a private containerd"
+CTRD=$W/containerd
+mkdir -p "$CTRD"
+cat >"$CTRD/config.toml" <<EOF
+version = 2
+root = "$CTRD/root"
+state = "$CTRD/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.overlayfs"]
+[grpc]
+  address = "$CTRD/c.sock"
+[ttrpc]
+  address = "$CTRD/c.sock.ttrpc"
+[debug]
+  address = "$CTRD/debug.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$CTRD/opt"
+EOF
+start_bg containerd "$W/containerd.log" containerd --config "$CTRD/config.toml"
+CTR=(ctr -a "$CTRD/c.sock" -n e2e)
+ctr_digest() { # ctr_digest REF: the digest containerd recorded for REF
+    "${CTR[@]}" images ls 2>/dev/null | awk -v r="$1" '$1 == r {print $3}'
+}
+if wait_until 30 "${PID_OF[containerd]}" "${CTR[@]}" version; then
+    pass "private containerd is up ($CTRD/c.sock)"
+    if run ctr-untrusted 60 "${CLIENT_ENV[@]}" "${CTR[@]}" images pull --snapshotter native \
+        docker.io/library/e2e-small:1; then
+        fail "ctr pull without --tlscacert succeeded (should not trust the proxy)"
+    elif grep -qiE 'x509|certificate' "$LAST_LOG"; then
+        pass "ctr without the proxy CA is refused (certificate error)"
+    else
+        fail "ctr without the proxy CA failed, but not with a certificate error"
+        show_last
+    fi
+    for pair in "e2e-small:$SMALL_DIGEST" "e2e-multi:$MULTI_DIGEST"; do
+        repo=${pair%%:*}
+        digest=${pair#*:}
+        ref=docker.io/library/$repo:1
+        if run "ctr-pull-$repo" 180 "${CLIENT_ENV[@]}" "${CTR[@]}" images pull --snapshotter native \
+            --tlscacert "$CLIENT_CA" "$ref"; then
+            check_digest "ctr pull $ref via proxy" "$digest" "$(ctr_digest "$ref")"
+        else
+            fail "ctr pull $ref via proxy"
+            show_last
+        fi
+    done
+    if "${CTR[@]}" content ls 2>/dev/null | grep -q "$MULTI_HOST_DIGEST"; then
+        pass "ctr fetched the $SEED_ARCH manifest of the index ($MULTI_HOST_DIGEST)"
+    else
+        fail "ctr content store lacks the $SEED_ARCH manifest $MULTI_HOST_DIGEST"
+    fi
+else
+    fail "private containerd did not start"
+    tail -n 20 "$W/containerd.log" | indent
+fi
+stop_named containerd
+
+# ------------------------------------------------------------------ dockerd
+DOCKER_BIN=$(command -v /usr/bin/docker || command -v docker)
+DK=$W/docker
+DOCKER=(env DOCKER_CONFIG="$W/docker-cli" "$DOCKER_BIN" -H "unix://$DK/d.sock")
+docker_repo_digest() {
+    "${DOCKER[@]}" image inspect --format '{{index .RepoDigests 0}}' "$1" 2>/dev/null | sed 's/.*@//'
+}
+dockerd_skip_reason=""
+if [ "${E2E_SKIP_DOCKERD:-0}" = 1 ]; then
+    dockerd_skip_reason="E2E_SKIP_DOCKERD=1"
+elif [ "$(id -u)" -ne 0 ]; then
+    dockerd_skip_reason="not root; dockerd needs root"
+elif ! command -v dockerd >/dev/null; then
+    dockerd_skip_reason="no dockerd"
+fi
+if [ -n "$dockerd_skip_reason" ]; then
+    skip "dockerd checks: $dockerd_skip_reason"
+else
+    note "starting a private dockerd"
+    mkdir -p "$DK/data" "$DK/exec"
+    # deprecated-key-path keeps dockerd 20.10 from creating /etc/docker/key.json.
+    printf '{"deprecated-key-path": "%s"}\n' "$DK/key.json" >"$DK/daemon.json"
+    # dockerd reads HTTPS_PROXY from its own environment. For docker.io it
+    # verifies with the system pool only (/etc/docker/certs.d is not consulted
+    # for the default registry), so the proxy CA goes in through SSL_CERT_FILE,
+    # which Go reads as the system pool.
+    start_bg dockerd "$W/dockerd.log" env HTTPS_PROXY="$PROXY" HTTP_PROXY="$PROXY" \
+        SSL_CERT_FILE="$CLIENT_CA" SSL_CERT_DIR="$W/empty-certs" \
+        dockerd --config-file "$DK/daemon.json" --data-root "$DK/data" --exec-root "$DK/exec" \
+        --pidfile "$DK/docker.pid" -H "unix://$DK/d.sock" --iptables=false --ip6tables=false \
+        --bridge=none --storage-driver=vfs
+    if wait_until 60 "${PID_OF[dockerd]}" "${DOCKER[@]}" version; then
+        pass "private dockerd is up ($DK/d.sock)"
+        for pair in "e2e-small:$SMALL_DIGEST" "e2e-multi:$MULTI_DIGEST"; do
+            repo=${pair%%:*}
+            digest=${pair#*:}
+            if run "docker-pull-$repo" 180 "${DOCKER[@]}" pull "$repo:1"; then
+                check_digest "docker pull $repo:1 via proxy" "$digest" "$(docker_repo_digest "$repo:1")"
+            else
+                fail "docker pull $repo:1 via proxy"
+                show_last
+                tail -n 15 "$W/dockerd.log" | indent
+            fi
+        done
+    else
+        reason=$(grep -m1 -iE 'level=(fatal|error)|failed to start' "$W/dockerd.log")
+        if [ "${E2E_REQUIRE_DOCKERD:-0}" = 1 ]; then
+            fail "dockerd did not start: $reason"
+        else
+            skip "dockerd could not start on this machine: ${reason:-see log}"
+        fi
+        tail -n 20 "$W/dockerd.log" | indent
+    fi
+fi
+
+# ------------------------------------------------------------ cache checks
+if [ "$E2E_PROXY" = tunnel ]; then
+    skip "cache checks (tunnel self-test)"
+else
+    # Every client above pulled the same blobs; the upstream should have been
+    # asked for each blob at most once.
+    twice=""
+    for b in $BLOB_DIGESTS; do
+        n=$(grep -cE "\"GET /v2/[^ ]*/blobs/$b HTTP/[0-9.]+\" 20[06]" "$W/registry.log")
+        [ "$n" -gt 1 ] && twice="$twice ${b:7:12}=${n}x"
+    done
+    if [ -z "$twice" ]; then
+        pass "upstream served each blob at most once across skopeo, ctr and dockerd"
+    else
+        fail "upstream served some blobs more than once:$twice"
+    fi
+
+    note "stopping the upstream; pulls must now be served from the cache"
+    stop_named registry
+    if run offline-skopeo-small 120 "${SKOPEO[@]}" copy "${skopeo_src[@]}" "$HUBLIB/e2e-small:1" "oci:$W/out/offline-small:x"; then
+        check_digest "skopeo copy e2e-small:1 with the upstream down" "$SMALL_DIGEST" "$(layout_digest "$W/out/offline-small")"
+    else
+        fail "skopeo copy e2e-small:1 with the upstream down"
+        show_last
+    fi
+    if run offline-skopeo-multi 120 "${SKOPEO[@]}" copy --all "${skopeo_src[@]}" "$HUBLIB/e2e-multi@$MULTI_DIGEST" "oci:$W/out/offline-multi:x"; then
+        check_digest "skopeo copy --all e2e-multi@digest with the upstream down" "$MULTI_DIGEST" "$(layout_digest "$W/out/offline-multi")"
+    else
+        fail "skopeo copy --all e2e-multi@digest with the upstream down"
+        show_last
+    fi
+    if [ -n "${PID_OF[dockerd]:-}" ] && alive "${PID_OF[dockerd]}"; then
+        if run docker-rmi 60 "${DOCKER[@]}" rmi e2e-small:1 &&
+            run offline-docker-pull 120 "${DOCKER[@]}" pull e2e-small:1; then
+            check_digest "docker pull e2e-small:1 with the upstream down" "$SMALL_DIGEST" "$(docker_repo_digest e2e-small:1)"
+        else
+            fail "docker pull e2e-small:1 with the upstream down"
+            show_last
+        fi
+    fi
+
+    # SIGTERM stops regcache gracefully; a restart keeps the CA and the cache.
+    idx=""
+    for i in "${!NAMES[@]}"; do [ "${NAMES[$i]}" = regcache ] && idx=$i; done
+    pid=${PIDS[$idx]}
+    kill -TERM "$pid"
+    deadline=$((SECONDS + 15))
+    while alive "$pid" && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.2; done
+    if alive "$pid"; then
+        fail "regcache still running 15s after SIGTERM"
+        stop_pid "$pid"
+    else
+        wait "$pid"
+        rc=$?
+        if [ "$rc" = 0 ]; then
+            pass "regcache exits with status 0 on SIGTERM"
+        else
+            fail "regcache exited with status $rc on SIGTERM (expected a graceful exit, 0)"
+        fi
+    fi
+    PIDS[idx]=""
+
+    note "restarting regcache with the same directories (upstream still down)"
+    REGCACHE_LOG=$W/regcache.restart.log
+    start_regcache "$REGCACHE_LOG"
+    if wait_until 30 "${PID_OF[regcache]}" proxy_up; then
+        if curl -fsS --noproxy '*' --max-time 10 "$PROXY/ca.crt" | cmp -s - "$CLIENT_CA"; then
+            pass "after a restart regcache serves the same CA"
+        else
+            fail "after a restart /ca.crt changed (the CA in --ca-dir was not reused)"
+        fi
+        if run restart-skopeo-small 120 "${SKOPEO[@]}" copy "${skopeo_src[@]}" "$HUBLIB/e2e-small@$SMALL_DIGEST" \
+            "oci:$W/out/restart-small:x"; then
+            check_digest "after a restart, e2e-small@digest comes from the cache (upstream down)" "$SMALL_DIGEST" \
+                "$(layout_digest "$W/out/restart-small")"
+        else
+            fail "after a restart, skopeo copy e2e-small@digest with the upstream down"
+            show_last
+        fi
+        if run restart-skopeo-multi 120 "${SKOPEO[@]}" copy --all "${skopeo_src[@]}" "$HUBLIB/e2e-multi:1" \
+            "oci:$W/out/restart-multi:x"; then
+            check_digest "after a restart, e2e-multi:1 (tag) comes from the cache (upstream down)" "$MULTI_DIGEST" \
+                "$(layout_digest "$W/out/restart-multi")"
+        else
+            fail "after a restart, skopeo copy --all e2e-multi:1 with the upstream down"
+            show_last
+        fi
+    else
+        fail "regcache did not come back after a restart"
+        tail -n 20 "$REGCACHE_LOG" | indent
+    fi
+
+    if grep -hE 'panicked at|stack backtrace' "$W"/regcache*.log >"$W/tmp/panics"; then
+        fail "regcache logged a panic"
+        head -n 5 "$W/tmp/panics" | indent
+    else
+        pass "no panic in the regcache logs"
+    fi
+fi
+
+summary
