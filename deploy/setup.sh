@@ -57,7 +57,8 @@ options (each also settable as the environment variable in brackets):
                        Restarting dockerd stops its containers unless
                        "live-restore" is on in /etc/docker/daemon.json.
   --ca-sha256 HEX      refuse the CA unless its SHA-256 fingerprint matches
-                       (as printed by: openssl x509 -noout -fingerprint -sha256)
+                       (the SHA-256 line of 'regcache ca show', or
+                       openssl x509 -noout -fingerprint -sha256)
                        [REGCACHE_CA_SHA256]
   -h, --help           show this help
 EOF
@@ -141,6 +142,9 @@ changed=0
 # Copies $1 to $2 (mode $3) unless $2 already has the same content.
 # Returns 0 when it wrote the file, 1 when it was already up to date.
 put_file() {
+    if [ -d "$2" ]; then
+        die "$2 is a directory, not a file (Docker creates one when a bind-mounted file is missing). Remove it and run this again: rmdir $2"
+    fi
     if [ -f "$2" ] && cmp -s "$1" "$2" 2>/dev/null; then
         return 1
     fi

@@ -2,9 +2,24 @@
 
 use std::sync::Arc;
 
+use std::path::Path;
+use std::time::Duration;
+
+use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::tls::{CertificateAuthority, LeafMinter, TlsError};
 use crate::upstream::Upstream;
+
+/// Why regcache could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The CA or upstream trust could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The cache could not be opened.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
 
 /// Everything connection tasks share. Held in an `Arc`.
 pub struct App {
@@ -16,19 +31,66 @@ pub struct App {
     pub minter: LeafMinter,
     /// The upstream client.
     pub upstream: Upstream,
+    /// The disk cache.
+    pub cache: Arc<Cache>,
 }
 
 impl App {
-    /// Loads (or creates) the CA and builds the upstream client.
-    pub fn new(config: Config) -> Result<Arc<Self>, TlsError> {
+    /// Loads (or creates) the CA, opens the cache and builds the upstream
+    /// client. Blocking: call before serving.
+    pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let ca = Arc::new(CertificateAuthority::load_or_create(&config.ca)?);
         let minter = LeafMinter::new(ca.clone(), config.cert_cache)?;
         let upstream = Upstream::new(&config)?;
+        let cap = config
+            .cache_size
+            .unwrap_or_else(|| default_cache_size(&config.cache_dir));
+        let cache = Cache::open(&config.cache_dir, cap)?;
+        let stats = cache.stats();
+        tracing::info!(
+            dir = %config.cache_dir.display(),
+            entries = stats.entries,
+            bytes = stats.bytes,
+            cap,
+            "cache opened"
+        );
         Ok(Arc::new(Self {
             config,
             ca,
             minter,
             upstream,
+            cache,
         }))
+    }
+
+    /// Background upkeep: writes access times and counters every 30 s.
+    pub async fn maintain(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.cache.flush().await {
+                tracing::warn!(error = %e, "cannot write cache access times");
+            }
+        }
+    }
+}
+
+/// Half the size of the filesystem holding `dir` (10 GiB if unknown).
+fn default_cache_size(dir: &Path) -> u64 {
+    const FALLBACK: u64 = 10 * 1024 * 1024 * 1024;
+    let probe = if dir.exists() {
+        dir
+    } else {
+        dir.parent().unwrap_or(Path::new("."))
+    };
+    let probe = if probe.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        probe
+    };
+    match rustix::fs::statvfs(probe) {
+        Ok(st) => (st.f_blocks.saturating_mul(st.f_frsize) / 2).max(1),
+        Err(_) => FALLBACK,
     }
 }

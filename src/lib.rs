@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod cache;
 pub mod config;
 pub mod proxy;
 pub mod registry;

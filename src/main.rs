@@ -152,7 +152,12 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             ca = %app.ca.cert_path().display(),
             "listening; clients use HTTPS_PROXY=http://{addr} and trust http://{addr}/ca.crt"
         );
+        let upkeep = tokio::spawn(app.clone().maintain());
         proxy.run(shutdown_signal()).await;
+        upkeep.abort();
+        if let Err(e) = app.cache.flush().await {
+            tracing::warn!(error = %e, "cannot write cache access times");
+        }
         tracing::info!("stopped");
         Ok(())
     })

@@ -13,6 +13,7 @@ mod resolve;
 
 pub use resolve::{ResolveEntry, ResolveMap};
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -20,7 +21,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::Deserialize;
 
-use crate::registry::hosts::{HostPattern, InterceptList};
+use crate::registry::hosts::{canonical_registry, HostPattern, InterceptList};
 
 /// The built-in configuration, also printed by `regcache config`.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -162,6 +163,31 @@ pub struct Settings {
     /// Number of minted leaf certificates kept in memory [default: 1000]
     #[arg(long, env = "REGCACHE_CERT_CACHE", value_name = "N")]
     pub cert_cache: Option<usize>,
+
+    /// Directory of the disk cache [default: cache]
+    #[arg(long, env = "REGCACHE_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Largest total size of the cache, e.g. 50GiB [default: half the disk holding cache_dir]
+    #[arg(long, env = "REGCACHE_CACHE_SIZE", value_name = "SIZE")]
+    pub cache_size: Option<String>,
+
+    /// Seconds a cached tag is served before it is revalidated with a HEAD [default: 60]
+    #[arg(long, env = "REGCACHE_TAG_TTL", value_name = "SECS")]
+    pub tag_ttl: Option<u64>,
+
+    /// Per-registry settings (TOML only): [registries."ghcr.io"] tag_ttl = 300
+    #[arg(skip)]
+    #[serde(default)]
+    pub registries: HashMap<String, RegistrySettings>,
+}
+
+/// Settings for one registry host, in the `[registries."HOST"]` TOML table.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Overrides `tag_ttl` for this registry.
+    pub tag_ttl: Option<u64>,
 }
 
 impl Settings {
@@ -211,6 +237,14 @@ impl Settings {
             log_format: self.log_format.or(base.log_format),
             shutdown_grace: self.shutdown_grace.or(base.shutdown_grace),
             cert_cache: self.cert_cache.or(base.cert_cache),
+            cache_dir: self.cache_dir.or(base.cache_dir),
+            cache_size: self.cache_size.or(base.cache_size),
+            tag_ttl: self.tag_ttl.or(base.tag_ttl),
+            registries: if self.registries.is_empty() {
+                base.registries
+            } else {
+                self.registries
+            },
         }
     }
 
@@ -262,6 +296,24 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Leaf certificate cache capacity.
     pub cert_cache: usize,
+    /// Where the disk cache lives.
+    pub cache_dir: PathBuf,
+    /// The cache's size cap in bytes (None: half the disk, decided at start).
+    pub cache_size: Option<u64>,
+    /// Default freshness of a cached tag.
+    pub tag_ttl: Duration,
+    /// Per-registry tag freshness, by canonical registry name.
+    pub registry_tag_ttl: HashMap<String, Duration>,
+}
+
+impl Config {
+    /// The tag freshness for `registry` (a canonical registry name).
+    pub fn tag_ttl_for(&self, registry: &str) -> Duration {
+        self.registry_tag_ttl
+            .get(registry)
+            .copied()
+            .unwrap_or(self.tag_ttl)
+    }
 }
 
 impl Config {
@@ -315,7 +367,31 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        let cache_size = match &s.cache_size {
+            None => None,
+            Some(text) => Some(
+                text.trim()
+                    .parse::<bytesize::ByteSize>()
+                    .map_err(|e| ConfigError::Value {
+                        key: "cache_size",
+                        message: format!("{text:?} is not a size like 50GiB ({e})"),
+                    })?
+                    .as_u64(),
+            ),
+        };
+        let registry_tag_ttl = s
+            .registries
+            .iter()
+            .filter_map(|(host, r)| {
+                r.tag_ttl
+                    .map(|t| (canonical_registry(host), Duration::from_secs(t)))
+            })
+            .collect();
         Ok(Config {
+            cache_dir: s.cache_dir.unwrap_or_else(|| PathBuf::from("cache")),
+            cache_size,
+            tag_ttl: Duration::from_secs(s.tag_ttl.unwrap_or(60)),
+            registry_tag_ttl,
             listen: s
                 .listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3128))),
@@ -382,6 +458,25 @@ mod tests {
         assert_eq!(config.connect_ports, vec![443, 8443]);
         assert!(config.intercept.matches("b.test"));
         assert!(!config.intercept.matches("a.test"));
+    }
+
+    #[test]
+    fn cache_size_and_per_registry_ttl() {
+        let file = Settings::from_toml(
+            "cache_size = \"2GiB\"\ntag_ttl = 5\n[registries.\"index.docker.io\"]\ntag_ttl = 300",
+            Path::new("f"),
+        )
+        .unwrap();
+        let config = Config::from_settings(file).unwrap();
+        assert_eq!(config.cache_size, Some(2 * 1024 * 1024 * 1024));
+        assert_eq!(config.tag_ttl_for("docker.io"), Duration::from_secs(300));
+        assert_eq!(config.tag_ttl_for("ghcr.io"), Duration::from_secs(5));
+        let bad = Settings {
+            cache_size: Some("lots".into()),
+            ..Settings::default()
+        };
+        let msg = Config::from_settings(bad).unwrap_err().to_string();
+        assert!(msg.contains("cache_size"), "{msg}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use rustls::server::Acceptor;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::ConnContext;
-use crate::serve::{self, Origin};
+use crate::serve::{self, Origin, Target};
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -71,10 +71,10 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
 
     let app = ctx.app.clone();
     let peer = ctx.peer;
-    let origin = Arc::new(origin);
+    let target = Arc::new(Target::new(origin));
     let service = service_fn(move |req| {
-        let (app, origin) = (app.clone(), origin.clone());
-        async move { Ok::<_, Infallible>(serve::handle(&app.upstream, &origin, peer, req).await) }
+        let (app, target) = (app.clone(), target.clone());
+        async move { Ok::<_, Infallible>(serve::handle(&app, &target, peer, req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -21,7 +21,7 @@ use super::{intercept, tunnel, ConnContext};
 use crate::body::{self, Body};
 use crate::registry::hosts::normalize_host;
 use crate::serve::log::{LoggedBody, RequestLog};
-use crate::serve::{self, error_response, Origin};
+use crate::serve::{self, error_response, Origin, Target};
 use crate::upstream::connect_tcp;
 
 /// Serves one client connection on the proxy port.
@@ -179,7 +179,7 @@ async fn absolute_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Bod
         scheme: Scheme::HTTP,
         authority,
     };
-    serve::handle(&ctx.app.upstream, &origin, ctx.peer, req).await
+    serve::handle(&ctx.app, &Target::new(origin), ctx.peer, req).await
 }
 
 fn body_response(status: StatusCode) -> Response<Body> {

@@ -33,6 +33,58 @@ pub fn normalize_host(host: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Host names that all serve Docker Hub's content.
+const DOCKER_HUB_ALIASES: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
+
+/// The cache identity of a registry host: lower-case, port kept if not 443;
+/// docker.io, index.docker.io and registry-1.docker.io all become "docker.io".
+///
+/// `authority` is `host[:port]` as in a CONNECT target or `Host` header; a
+/// trailing dot and `user@` are dropped, and an IPv6 address keeps its
+/// brackets (`[::1]:5000`) so the port stays unambiguous.
+pub fn canonical_registry(authority: &str) -> String {
+    let authority = authority.trim();
+    let authority = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let (host, port) = split_authority(authority);
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let port = match port.map(str::trim) {
+        None | Some("") => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(443) => None,
+            Ok(n) => Some(n.to_string()),
+            Err(_) => Some(p.to_ascii_lowercase()),
+        },
+    };
+    let host = if port.is_none() && DOCKER_HUB_ALIASES.contains(&host.as_str()) {
+        "docker.io".to_string()
+    } else if host.contains(':') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    match port {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    }
+}
+
+/// Splits `host[:port]`, `[v6]` or `[v6]:port`; the host comes back without
+/// brackets. A bare IPv6 address (several colons, no brackets) is all host.
+fn split_authority(authority: &str) -> (&str, Option<&str>) {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((host, tail)) => (host, tail.strip_prefix(':')),
+            None => (rest, None),
+        };
+    }
+    match authority.split_once(':') {
+        Some((host, port)) if !port.contains(':') => (host, Some(port)),
+        _ => (authority, None),
+    }
+}
+
 /// One host name, or a `*.suffix` wildcard.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostPattern {
@@ -150,6 +202,32 @@ mod tests {
         assert!(p.matches("a.b.corp.example"));
         assert!(!p.matches("corp.example"));
         assert!(!p.matches("xcorp.example"));
+    }
+
+    #[test]
+    fn canonical_registry_folds_docker_hub_and_default_port() {
+        for (authority, want) in [
+            ("docker.io", "docker.io"),
+            ("index.docker.io", "docker.io"),
+            ("registry-1.docker.io:443", "docker.io"),
+            ("Registry-1.Docker.IO.", "docker.io"),
+            ("ghcr.io:443", "ghcr.io"),
+            ("GHCR.io", "ghcr.io"),
+            ("registry.local:5000", "registry.local:5000"),
+            ("registry.local:05000", "registry.local:5000"),
+            ("registry.local:", "registry.local"),
+            ("user@quay.io", "quay.io"),
+            ("[::1]:5000", "[::1]:5000"),
+            ("[::1]:443", "[::1]"),
+            ("[::1]", "[::1]"),
+            ("::1", "[::1]"),
+            ("127.0.0.1:8443", "127.0.0.1:8443"),
+            ("docker.io:5000", "docker.io:5000"),
+            ("registry-1.docker.io:5000", "registry-1.docker.io:5000"),
+            ("", ""),
+        ] {
+            assert_eq!(canonical_registry(authority), want, "{authority:?}");
+        }
     }
 
     #[test]

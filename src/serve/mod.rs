@@ -1,17 +1,33 @@
 //! Serving registry requests that arrive inside an intercepted connection (or
-//! in absolute form): today every request is forwarded to its upstream with
-//! bodies streamed both ways; the cache decisions will live here too.
+//! in absolute form): the policy brain.
+//!
+//! [`handle`] parses the path ([`crate::registry::route`]): manifest and blob
+//! reads go to [`manifests`] and [`blobs`], which decide between the cache
+//! and upstream; a hostile or malformed name or digest gets a 400 in the
+//! registry's JSON error format without reaching upstream or the disk;
+//! everything else (`/v2/`, tags/list, pushes, ...) is forwarded untouched
+//! with bodies streamed both ways.
 
+pub mod blobs;
 pub mod headers;
 pub mod log;
+pub mod manifests;
+pub mod range;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
+use http::header::{HeaderValue, CONTENT_TYPE};
+use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
+use crate::app::App;
 use crate::body::{self, Body};
+use crate::registry::error::{error_body, ErrorCode};
+use crate::registry::hosts::canonical_registry;
+use crate::registry::route::{self, Route};
 use crate::upstream::Upstream;
 use headers::{add_via, strip_hop_by_hop};
 use log::{LoggedBody, RequestLog};
@@ -40,22 +56,197 @@ impl Origin {
     }
 }
 
-/// Answers one request for `origin` from `client`, and logs it.
+/// How a response was served, for `X-Cache` and the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// From the cache, no upstream contact (or only an access check).
+    Hit,
+    /// From upstream (and stored, when cacheable).
+    Miss,
+    /// A stale cached copy, upstream being unavailable.
+    Stale,
+    /// A cached tag that upstream confirmed unchanged.
+    Revalidated,
+    /// Following another request's download of the same digest.
+    Coalesced,
+    /// Not a cacheable request: forwarded untouched.
+    Pass,
+}
+
+impl CacheStatus {
+    /// The `X-Cache` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Revalidated => "REVALIDATED",
+            CacheStatus::Coalesced => "COALESCED",
+            CacheStatus::Pass => "-",
+        }
+    }
+}
+
+/// A response and how it was served.
+pub struct Served {
+    /// The response.
+    pub resp: Response<Body>,
+    /// How.
+    pub cache: CacheStatus,
+}
+
+impl Served {
+    /// Pairs a response with its cache status.
+    pub fn new(resp: Response<Body>, cache: CacheStatus) -> Self {
+        Self { resp, cache }
+    }
+}
+
+/// The registry a request is for: where to send it upstream, and the
+/// canonical name that keys the cache (docker.io for all its aliases).
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Upstream scheme and authority.
+    pub origin: Origin,
+    /// Canonical registry name.
+    pub registry: String,
+}
+
+impl Target {
+    /// The target for `origin`.
+    pub fn new(origin: Origin) -> Self {
+        let registry = canonical_registry(origin.authority.as_str());
+        Self { origin, registry }
+    }
+}
+
+/// Answers one request for `target` from `client`, and logs it.
 pub async fn handle(
-    upstream: &Upstream,
-    origin: &Origin,
+    app: &Arc<App>,
+    target: &Target,
     client: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let mut log = RequestLog::start(
         client,
-        origin.authority.to_string(),
+        target.origin.authority.to_string(),
         req.method().clone(),
         req.uri().path().to_string(),
     );
-    let response = forward(upstream, origin, req).await;
-    log.status = response.status();
-    response.map(|b| http_body_util::BodyExt::boxed(LoggedBody::new(b, log)))
+    let served = dispatch(app, target, req).await;
+    let mut resp = served.resp;
+    if served.cache != CacheStatus::Pass {
+        resp.headers_mut()
+            .insert("x-cache", HeaderValue::from_static(served.cache.as_str()));
+    }
+    log.status = resp.status();
+    log.cache = served.cache.as_str();
+    resp.map(|b| http_body_util::BodyExt::boxed(LoggedBody::new(b, log)))
+}
+
+async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return Served::new(
+            forward(&app.upstream, &target.origin, req).await,
+            CacheStatus::Pass,
+        );
+    }
+    match route::parse(req.uri().path()) {
+        Err(e) => {
+            tracing::info!(path = %req.uri().path(), error = %e.message, "refused a malformed registry request");
+            Served::new(
+                error_json(e.code.status(), e.code, &e.message),
+                CacheStatus::Pass,
+            )
+        }
+        Ok(Route::Manifest { name, reference }) => {
+            let (parts, _) = req.into_parts();
+            manifests::serve(app, target, &name, &reference, &parts).await
+        }
+        Ok(Route::Blob { name, digest }) => {
+            let (parts, _) = req.into_parts();
+            blobs::serve(app, target, &name, &digest, &parts).await
+        }
+        Ok(_) => Served::new(
+            forward(&app.upstream, &target.origin, req).await,
+            CacheStatus::Pass,
+        ),
+    }
+}
+
+/// The upstream URL for a request's path and query.
+pub fn upstream_uri(target: &Target, parts: &Parts) -> Result<Uri, Box<Response<Body>>> {
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder()
+        .scheme(target.origin.scheme.clone())
+        .authority(target.origin.authority.clone())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| {
+            Box::new(error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {e}"),
+            ))
+        })
+}
+
+/// The client's headers as sent upstream by regcache's own requests: end to
+/// end headers (Authorization, Accept, User-Agent) kept; hop-by-hop, Host,
+/// conditionals, Range and Accept-Encoding dropped (regcache fetches whole,
+/// unencoded content to hash it).
+pub fn upstream_headers(parts: &Parts) -> HeaderMap {
+    let mut headers = parts.headers.clone();
+    strip_hop_by_hop(&mut headers);
+    for name in [
+        http::header::HOST,
+        http::header::RANGE,
+        http::header::IF_RANGE,
+        http::header::IF_NONE_MATCH,
+        http::header::IF_MATCH,
+        http::header::IF_MODIFIED_SINCE,
+        http::header::IF_UNMODIFIED_SINCE,
+        http::header::ACCEPT_ENCODING,
+        http::header::CONTENT_LENGTH,
+    ] {
+        headers.remove(name);
+    }
+    add_via(&mut headers);
+    headers
+}
+
+/// Upstream's answer, passed on with hop-by-hop headers removed.
+pub fn passthrough(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, incoming) = resp.into_parts();
+    parts.version = Version::HTTP_11;
+    strip_hop_by_hop(&mut parts.headers);
+    add_via(&mut parts.headers);
+    Response::from_parts(parts, body::stream(incoming))
+}
+
+/// An error answer in the registry's JSON format.
+pub fn error_json(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
+    let mut resp = Response::new(body::full(error_body(code, message)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// 502 for an upstream that could not be reached.
+pub fn bad_gateway(target: &Target, err: &dyn std::error::Error) -> Response<Body> {
+    tracing::warn!(upstream = %target.origin.authority, error = %error_chain(err), "upstream request failed");
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        &format!(
+            "regcache: cannot reach {}: {}",
+            target.origin.authority,
+            error_chain(err)
+        ),
+    )
 }
 
 /// Sends the request on to `origin` and streams its answer back.
@@ -89,13 +280,7 @@ pub async fn forward(
     let req = Request::from_parts(parts, body::stream(incoming));
 
     match upstream.send(req).await {
-        Ok(resp) => {
-            let (mut parts, incoming) = resp.into_parts();
-            parts.version = Version::HTTP_11;
-            strip_hop_by_hop(&mut parts.headers);
-            add_via(&mut parts.headers);
-            Response::from_parts(parts, body::stream(incoming))
-        }
+        Ok(resp) => passthrough(resp),
         Err(e) => {
             tracing::warn!(upstream = %origin.authority, error = %error_chain(&e), "upstream request failed");
             error_response(

@@ -5,6 +5,7 @@
 //! `--resolve` says, else where DNS says.
 
 mod connector;
+pub mod redirect;
 
 pub use connector::{connect_tcp, ResolvingConnector, CONNECT_TIMEOUT};
 

@@ -1,0 +1,371 @@
+//! Single-flight downloads: one upstream GET per missing digest, however many
+//! clients ask at once, each client streaming from the growing file.
+//!
+//! The first request for a missing digest becomes the [`Leader`]; it asks
+//! upstream and, on a 200, hands the body to [`Leader::start`], which spawns
+//! a detached writer task (a client that hangs up does not cancel the
+//! download for the others). The writer appends to a temporary file, hashes
+//! as it goes and publishes its progress on a watch channel. Everyone,
+//! leader's client included, reads the file at its own pace up to what has
+//! been written. When the body ends, digest and length are checked: on a
+//! match the file is renamed into the cache, otherwise it is deleted and every
+//! reader's response fails instead of completing.
+
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::Body as HttpBody;
+use http_body_util::BodyExt;
+use tokio::sync::watch;
+
+use super::{blocking, Cache, CacheError};
+use crate::body::BoxError;
+use crate::registry::digest::{Digest, DigestHasher};
+
+/// Bytes gathered before a write to the temporary file.
+const WRITE_CHUNK: usize = 256 * 1024;
+/// A partial chunk is written if no more bytes arrive for this long.
+const WRITE_IDLE: Duration = Duration::from_millis(20);
+/// How long the upstream body may stall before the download is abandoned.
+const BODY_STALL: Duration = Duration::from_secs(60);
+
+/// Where a download stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    /// The leader is waiting for upstream's answer.
+    Connecting,
+    /// Bytes are arriving.
+    Streaming,
+    /// Verified and committed.
+    Done,
+    /// Failed; the reason, for logs and client errors.
+    Failed(Arc<str>),
+    /// The leader gave up before streaming (upstream answered non-200).
+    Abandoned,
+}
+
+/// Progress of one download.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The phase.
+    pub phase: Phase,
+    /// Bytes written to the file so far.
+    pub written: u64,
+    /// The announced length, if upstream sent one.
+    pub total: Option<u64>,
+}
+
+/// One download in flight.
+pub struct Fill {
+    /// The digest being downloaded.
+    pub digest: Digest,
+    progress: watch::Sender<Progress>,
+    file: OnceLock<Arc<std::fs::File>>,
+}
+
+impl Fill {
+    /// Subscribes to progress updates.
+    pub fn watch(&self) -> watch::Receiver<Progress> {
+        self.progress.subscribe()
+    }
+
+    /// The file being written (present once streaming started).
+    pub fn file(&self) -> Option<Arc<std::fs::File>> {
+        self.file.get().cloned()
+    }
+
+    /// Waits until the leader started streaming (true) or gave up (false).
+    pub async fn started(&self) -> bool {
+        let mut rx = self.watch();
+        let started = match rx.wait_for(|p| p.phase != Phase::Connecting).await {
+            Ok(p) => p.phase != Phase::Abandoned,
+            Err(_) => false,
+        };
+        started
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        self.progress.send_modify(f);
+    }
+}
+
+/// The downloads in flight, by digest.
+#[derive(Default)]
+pub struct SingleFlight {
+    fills: Mutex<HashMap<Digest, Arc<Fill>>>,
+}
+
+impl SingleFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Fill>>> {
+        self.fills.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Number of downloads in flight.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no download is in flight.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn remove(&self, fill: &Arc<Fill>) {
+        let mut fills = self.lock();
+        if fills
+            .get(&fill.digest)
+            .is_some_and(|f| Arc::ptr_eq(f, fill))
+        {
+            fills.remove(&fill.digest);
+        }
+    }
+}
+
+/// What a request for a missing digest becomes.
+pub enum Role {
+    /// Nobody is fetching it: this request asks upstream.
+    Leader(Leader),
+    /// A download is under way: follow it.
+    Follower(Arc<Fill>),
+}
+
+/// The right (and duty) to fetch a digest; dropping it unstarted lets the
+/// followers retry.
+pub struct Leader {
+    cache: Arc<Cache>,
+    fill: Arc<Fill>,
+    started: bool,
+}
+
+impl Cache {
+    /// Joins the download of `digest`, or becomes its leader.
+    pub fn join_fill(self: &Arc<Self>, digest: &Digest) -> Role {
+        let mut fills = self.fills.lock();
+        if let Some(fill) = fills.get(digest) {
+            return Role::Follower(fill.clone());
+        }
+        let (progress, _) = watch::channel(Progress {
+            phase: Phase::Connecting,
+            written: 0,
+            total: None,
+        });
+        let fill = Arc::new(Fill {
+            digest: digest.clone(),
+            progress,
+            file: OnceLock::new(),
+        });
+        fills.insert(digest.clone(), fill.clone());
+        Role::Leader(Leader {
+            cache: self.clone(),
+            fill,
+            started: false,
+        })
+    }
+}
+
+impl Leader {
+    /// Starts storing `body` (upstream's 200 answer) as `digest`.
+    ///
+    /// `total` is the announced Content-Length; `media_type` is stored with
+    /// the entry (empty for blobs). Returns the fill to read from.
+    pub async fn start<B>(
+        mut self,
+        body: B,
+        total: Option<u64>,
+        media_type: String,
+    ) -> Result<Arc<Fill>, CacheError>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError> + Send,
+    {
+        let temp = self.cache.temp_path(&self.fill.digest);
+        let path = temp.clone();
+        let file = blocking(move || {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(super::io_err(&path))
+        })
+        .await?;
+        let file = Arc::new(file);
+        let _ = self.fill.file.set(file.clone());
+        self.fill.update(|p| {
+            p.phase = Phase::Streaming;
+            p.total = total;
+        });
+        self.started = true;
+        let fill = self.fill.clone();
+        let cache = self.cache.clone();
+        tokio::spawn(write_fill(
+            cache,
+            fill.clone(),
+            file,
+            temp,
+            body,
+            total,
+            media_type,
+        ));
+        Ok(fill)
+    }
+
+    /// Gives up without streaming: followers retry on their own.
+    pub fn abandon(self) {
+        // Drop does the work.
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if !self.started {
+            self.fill.update(|p| p.phase = Phase::Abandoned);
+            self.cache.fills.remove(&self.fill);
+        }
+    }
+}
+
+/// The detached writer: body → temp file → verify → commit.
+async fn write_fill<B>(
+    cache: Arc<Cache>,
+    fill: Arc<Fill>,
+    file: Arc<std::fs::File>,
+    temp: PathBuf,
+    body: B,
+    total: Option<u64>,
+    media_type: String,
+) where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    let outcome = copy_and_verify(&fill, file, body, total).await;
+    let outcome = match outcome {
+        Ok(size) => cache
+            .commit(&temp, &fill.digest, size, &media_type)
+            .await
+            .map(|_| size),
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(size) => {
+            tracing::debug!(digest = %fill.digest, size, "download verified and stored");
+            fill.update(|p| p.phase = Phase::Done);
+        }
+        Err(e) => {
+            tracing::warn!(digest = %fill.digest, error = %e, "download failed; nothing stored");
+            let _ = tokio::fs::remove_file(&temp).await;
+            fill.update(|p| p.phase = Phase::Failed(Arc::from(e.to_string())));
+        }
+    }
+    cache.fills.remove(&fill);
+}
+
+/// Copies the body into `file`, hashing it; checks digest and length.
+async fn copy_and_verify<B>(
+    fill: &Fill,
+    file: Arc<std::fs::File>,
+    mut body: B,
+    total: Option<u64>,
+) -> Result<u64, CacheError>
+where
+    B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<BoxError> + Send,
+{
+    let mut hasher = Some(DigestHasher::new(fill.digest.algorithm()));
+    let mut written = 0u64;
+    let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+    let mismatch = |actual: String| CacheError::Mismatch {
+        expected: fill.digest.to_string(),
+        actual,
+    };
+    loop {
+        let wait = if buf.is_empty() {
+            BODY_STALL
+        } else {
+            WRITE_IDLE
+        };
+        let frame = match tokio::time::timeout(wait, body.frame()).await {
+            Ok(Some(Ok(frame))) => Some(frame),
+            Ok(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                return Err(mismatch(format!(
+                    "upstream body failed after {} bytes: {e}",
+                    written + buf.len() as u64
+                )));
+            }
+            Ok(None) => None,
+            Err(_) if buf.is_empty() => {
+                return Err(mismatch(format!("upstream stalled after {written} bytes")))
+            }
+            Err(_) => {
+                // Idle: write what we have so readers can go on.
+                let chunk = buf.split().freeze();
+                written = write_chunk(&file, &mut hasher, chunk, written).await?;
+                fill.update(|p| p.written = written);
+                continue;
+            }
+        };
+        let end = frame.is_none();
+        if let Some(data) = frame.and_then(|f| f.into_data().ok()) {
+            buf.extend_from_slice(&data);
+            if total.is_some_and(|t| written + buf.len() as u64 > t) {
+                return Err(mismatch(format!(
+                    "upstream sent more than the announced {} bytes",
+                    total.unwrap_or(0)
+                )));
+            }
+        }
+        if buf.len() >= WRITE_CHUNK || (end && !buf.is_empty()) {
+            let chunk = buf.split().freeze();
+            written = write_chunk(&file, &mut hasher, chunk, written).await?;
+            fill.update(|p| p.written = written);
+        }
+        if end {
+            break;
+        }
+    }
+    if let Some(t) = total {
+        if written != t {
+            return Err(mismatch(format!(
+                "{written} bytes instead of the announced {t}"
+            )));
+        }
+    }
+    let actual = hasher
+        .take()
+        .map(DigestHasher::finish)
+        .ok_or_else(|| CacheError::Task("hasher lost".into()))?;
+    if actual != fill.digest {
+        return Err(mismatch(format!("the bytes hash to {actual}")));
+    }
+    Ok(written)
+}
+
+/// Writes `chunk` at `offset` and hashes it, off the async threads.
+async fn write_chunk(
+    file: &Arc<std::fs::File>,
+    hasher: &mut Option<DigestHasher>,
+    chunk: Bytes,
+    offset: u64,
+) -> Result<u64, CacheError> {
+    let file = file.clone();
+    let mut h = hasher
+        .take()
+        .ok_or_else(|| CacheError::Task("hasher lost".into()))?;
+    let (h, len) = blocking(move || {
+        file.write_all_at(&chunk, offset)
+            .map_err(|source| CacheError::Io {
+                path: PathBuf::from("<download>"),
+                source,
+            })?;
+        h.update(&chunk);
+        Ok((h, chunk.len() as u64))
+    })
+    .await?;
+    *hasher = Some(h);
+    Ok(offset + len)
+}

@@ -1,0 +1,547 @@
+//! The content-addressed disk cache.
+//!
+//! Layout under `cache_dir`:
+//! ```text
+//! blobs/sha256/ab/abcd…   content (blobs and manifests), named by digest
+//! tmp/                    files being downloaded; wiped at start-up
+//! index.redb              metadata: entries, links, tags (see index.rs)
+//! ```
+//! Content is stored once per digest, whatever repository it came through; a
+//! *link* (registry, repository, digest) says which repositories may see it.
+//! A file enters `blobs/` only by an atomic rename after its digest and
+//! length matched ([`fill`]), so nothing partial or wrong is ever served.
+//!
+//! While running, the metadata lives in memory (an LRU ordered by access)
+//! and every change is written through to the index. Eviction removes the
+//! least recently used entries that nobody is reading until the total fits
+//! `cache_size`.
+
+pub mod fill;
+pub mod freshness;
+pub mod index;
+pub mod read;
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use lru::LruCache;
+
+use crate::registry::digest::Digest;
+use freshness::TagRecord;
+use index::{Change, ContentRow, Index, TagRow};
+
+pub use fill::SingleFlight;
+
+/// A cache problem.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// A file or directory operation failed.
+    #[error("cache file {path}: {source}")]
+    Io {
+        /// The path concerned.
+        path: PathBuf,
+        /// The operating system's reason.
+        source: io::Error,
+    },
+    /// The index database failed.
+    #[error("cache index: {0}")]
+    Index(#[from] index::IndexError),
+    /// Bytes did not match their digest or announced length.
+    #[error("content does not match {expected}: {actual}")]
+    Mismatch {
+        /// The digest that was asked for.
+        expected: String,
+        /// What arrived instead.
+        actual: String,
+    },
+    /// A background task failed to run.
+    #[error("cache task failed: {0}")]
+    Task(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// A cached content entry in memory.
+struct Entry {
+    size: u64,
+    media_type: Arc<str>,
+    /// Held by every reader; an entry with readers is never evicted.
+    lease: Arc<()>,
+}
+
+/// A verified content file, ready to be served.
+#[derive(Debug, Clone)]
+pub struct Cached {
+    /// Its digest.
+    pub digest: Digest,
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The manifest media type, empty for blobs.
+    pub media_type: Arc<str>,
+    /// Keeps the entry from eviction while this handle lives.
+    pub lease: Arc<()>,
+}
+
+/// Numbers for `regcache cache stats` and `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Content entries.
+    pub entries: u64,
+    /// Their total size in bytes.
+    pub bytes: u64,
+    /// Tags known.
+    pub tags: u64,
+    /// Repository links.
+    pub links: u64,
+    /// Requests served from the cache (persisted).
+    pub hits: u64,
+    /// Requests that went upstream (persisted).
+    pub misses: u64,
+}
+
+struct State {
+    content: LruCache<Digest, Entry>,
+    total: u64,
+    links: HashSet<String>,
+    tags: HashMap<String, TagRecord>,
+    touched: HashSet<Digest>,
+    hits: u64,
+    misses: u64,
+    flushed_hits: u64,
+    flushed_misses: u64,
+}
+
+/// The cache. Shared as `Arc<Cache>`.
+pub struct Cache {
+    dir: PathBuf,
+    cap: u64,
+    index: Arc<Index>,
+    state: Mutex<State>,
+    /// Downloads in progress, one per digest.
+    pub fills: SingleFlight,
+}
+
+/// The link key for (registry, repository, digest).
+pub fn link_key(registry: &str, repo: &str, digest: &Digest) -> String {
+    format!("{registry}/{repo}@{digest}")
+}
+
+/// The tag key for (registry, repository, tag).
+pub fn tag_key(registry: &str, repo: &str, tag: &str) -> String {
+    format!("{registry}/{repo}:{tag}")
+}
+
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Cache {
+    /// Opens the cache in `dir` (creating it), keeping at most `cap` bytes.
+    ///
+    /// Blocking: loads the whole index into memory and wipes `tmp/`.
+    pub fn open(dir: &Path, cap: u64) -> Result<Arc<Self>, CacheError> {
+        std::fs::create_dir_all(dir.join("blobs")).map_err(io_err(dir))?;
+        let tmp = dir.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let index = Index::open(&dir.join("index.redb"))?;
+        let snap = index.load()?;
+
+        let mut rows = snap.content;
+        rows.sort_by_key(|r| r.last_access);
+        let mut content = LruCache::unbounded();
+        let mut total = 0u64;
+        for row in rows {
+            let Ok(digest) = row.digest.parse::<Digest>() else {
+                continue;
+            };
+            total += row.size;
+            content.put(
+                digest,
+                Entry {
+                    size: row.size,
+                    media_type: Arc::from(row.media_type.as_str()),
+                    lease: Arc::new(()),
+                },
+            );
+        }
+        let tags = snap
+            .tags
+            .into_iter()
+            .map(|t| {
+                (
+                    t.key,
+                    TagRecord {
+                        digest: t.digest,
+                        fetched_at_ms: t.fetched_at_ms,
+                    },
+                )
+            })
+            .collect();
+        let counter = |name: &str| {
+            snap.counters
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| *v)
+                .unwrap_or(0)
+        };
+        let state = State {
+            content,
+            total,
+            links: snap.links.into_iter().collect(),
+            tags,
+            touched: HashSet::new(),
+            hits: counter("hits"),
+            misses: counter("misses"),
+            flushed_hits: counter("hits"),
+            flushed_misses: counter("misses"),
+        };
+        Ok(Arc::new(Self {
+            dir: dir.to_path_buf(),
+            cap,
+            index: Arc::new(index),
+            state: Mutex::new(state),
+            fills: SingleFlight::default(),
+        }))
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The size cap in bytes.
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+
+    /// Where the content of `digest` lives (whether or not it is cached).
+    pub fn content_path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.dir
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    /// A fresh temporary path for downloading `digest`.
+    pub fn temp_path(&self, digest: &Digest) -> PathBuf {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.dir
+            .join("tmp")
+            .join(format!("{}.{}.{n}", digest.hex(), std::process::id()))
+    }
+
+    /// The cached content for `digest`, marking it recently used.
+    pub fn get(&self, digest: &Digest) -> Option<Cached> {
+        let mut state = self.lock();
+        let entry = state.content.get(digest)?;
+        let cached = Cached {
+            digest: digest.clone(),
+            path: self.content_path(digest),
+            size: entry.size,
+            media_type: entry.media_type.clone(),
+            lease: entry.lease.clone(),
+        };
+        state.touched.insert(digest.clone());
+        Some(cached)
+    }
+
+    /// Whether `digest` is cached (without touching it).
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.lock().content.contains(digest)
+    }
+
+    /// Whether `repo` on `registry` may see `digest`.
+    pub fn is_linked(&self, registry: &str, repo: &str, digest: &Digest) -> bool {
+        self.lock()
+            .links
+            .contains(&link_key(registry, repo, digest))
+    }
+
+    /// Lets `repo` on `registry` see `digests`, persistently.
+    pub async fn link(
+        &self,
+        registry: &str,
+        repo: &str,
+        digests: &[Digest],
+    ) -> Result<(), CacheError> {
+        let changes: Vec<Change> = {
+            let mut state = self.lock();
+            digests
+                .iter()
+                .map(|d| link_key(registry, repo, d))
+                .filter(|k| state.links.insert(k.clone()))
+                .map(Change::PutLink)
+                .collect()
+        };
+        self.persist(changes).await
+    }
+
+    /// What `registry/repo:tag` pointed to when last learnt.
+    pub fn tag(&self, registry: &str, repo: &str, tag: &str) -> Option<TagRecord> {
+        self.lock().tags.get(&tag_key(registry, repo, tag)).cloned()
+    }
+
+    /// Records that `registry/repo:tag` points to `record.digest`.
+    pub async fn set_tag(
+        &self,
+        registry: &str,
+        repo: &str,
+        tag: &str,
+        record: TagRecord,
+    ) -> Result<(), CacheError> {
+        let key = tag_key(registry, repo, tag);
+        let row = TagRow {
+            key: key.clone(),
+            digest: record.digest.clone(),
+            fetched_at_ms: record.fetched_at_ms,
+        };
+        self.lock().tags.insert(key, record);
+        self.persist(vec![Change::PutTag(row)]).await
+    }
+
+    /// Forgets `registry/repo:tag`.
+    pub async fn remove_tag(
+        &self,
+        registry: &str,
+        repo: &str,
+        tag: &str,
+    ) -> Result<(), CacheError> {
+        let key = tag_key(registry, repo, tag);
+        self.lock().tags.remove(&key);
+        self.persist(vec![Change::RemoveTag(key)]).await
+    }
+
+    /// Counts a request served from the cache or from upstream.
+    pub fn count(&self, hit: bool) {
+        let mut state = self.lock();
+        if hit {
+            state.hits += 1;
+        } else {
+            state.misses += 1;
+        }
+    }
+
+    /// Drops an entry whose file vanished (deleted behind regcache's back).
+    pub async fn forget(&self, digest: &Digest) -> Result<(), CacheError> {
+        let removed = {
+            let mut state = self.lock();
+            match state.content.pop(digest) {
+                Some(e) => {
+                    state.total -= e.size;
+                    true
+                }
+                None => false,
+            }
+        };
+        if removed {
+            tracing::warn!(%digest, "cached file is missing; dropped from the index");
+            self.persist(vec![Change::RemoveContent(digest.to_string())])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Moves a verified temporary file into the cache as `digest`.
+    ///
+    /// The caller has checked digest and size. Older entries are evicted first
+    /// if needed; content larger than the whole cap is not kept (Ok(None)).
+    pub async fn commit(
+        &self,
+        temp: &Path,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+    ) -> Result<Option<Cached>, CacheError> {
+        if let Some(cached) = self.get(digest) {
+            let _ = tokio::fs::remove_file(temp).await;
+            return Ok(Some(cached));
+        }
+        if size > self.cap {
+            tracing::info!(%digest, size, cap = self.cap, "not cached: larger than cache_size");
+            let _ = tokio::fs::remove_file(temp).await;
+            return Ok(None);
+        }
+        let dest = self.content_path(digest);
+        let (from, to) = (temp.to_path_buf(), dest.clone());
+        blocking(move || {
+            let file = std::fs::File::open(&from).map_err(io_err(&from))?;
+            file.sync_all().map_err(io_err(&from))?;
+            if let Some(parent) = to.parent() {
+                std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            std::fs::rename(&from, &to).map_err(io_err(&to))
+        })
+        .await?;
+
+        let (victims, cached) = {
+            let mut state = self.lock();
+            let victims = evict(&mut state, self.cap.saturating_sub(size));
+            let entry = Entry {
+                size,
+                media_type: Arc::from(media_type),
+                lease: Arc::new(()),
+            };
+            let cached = Cached {
+                digest: digest.clone(),
+                path: dest,
+                size,
+                media_type: entry.media_type.clone(),
+                lease: entry.lease.clone(),
+            };
+            state.total += size;
+            state.content.put(digest.clone(), entry);
+            (victims, cached)
+        };
+        let mut changes: Vec<Change> = victims
+            .iter()
+            .map(|d| Change::RemoveContent(d.to_string()))
+            .collect();
+        changes.push(Change::PutContent(ContentRow {
+            digest: digest.to_string(),
+            size,
+            last_access: unix_secs(),
+            media_type: media_type.to_string(),
+        }));
+        self.persist(changes).await?;
+        self.unlink(victims).await;
+        Ok(Some(cached))
+    }
+
+    /// Stores small verified content (a manifest) held in memory.
+    pub async fn store_bytes(
+        &self,
+        digest: &Digest,
+        bytes: bytes::Bytes,
+        media_type: &str,
+    ) -> Result<Option<Cached>, CacheError> {
+        if let Some(cached) = self.get(digest) {
+            return Ok(Some(cached));
+        }
+        let temp = self.temp_path(digest);
+        let path = temp.clone();
+        let size = bytes.len() as u64;
+        blocking(move || std::fs::write(&path, &bytes).map_err(io_err(&path))).await?;
+        self.commit(&temp, digest, size, media_type).await
+    }
+
+    async fn unlink(&self, victims: Vec<Digest>) {
+        if victims.is_empty() {
+            return;
+        }
+        let paths: Vec<PathBuf> = victims.iter().map(|d| self.content_path(d)).collect();
+        tracing::info!(
+            evicted = victims.len(),
+            "evicted least recently used entries"
+        );
+        let _ = blocking(move || {
+            for p in paths {
+                if let Err(e) = std::fs::remove_file(&p) {
+                    tracing::warn!(path = %p.display(), error = %e, "cannot remove evicted file");
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
+    /// Writes access times and counters gathered since the last call.
+    pub async fn flush(&self) -> Result<(), CacheError> {
+        let changes = {
+            let mut state = self.lock();
+            let now = unix_secs();
+            let mut changes: Vec<Change> = state
+                .touched
+                .drain()
+                .map(|d| Change::Touch(d.to_string(), now))
+                .collect();
+            let hits = state.hits - state.flushed_hits;
+            let misses = state.misses - state.flushed_misses;
+            state.flushed_hits = state.hits;
+            state.flushed_misses = state.misses;
+            if hits > 0 {
+                changes.push(Change::Count("hits", hits));
+            }
+            if misses > 0 {
+                changes.push(Change::Count("misses", misses));
+            }
+            changes
+        };
+        self.persist(changes).await
+    }
+
+    /// Current numbers (hits and misses as persisted plus pending).
+    pub fn stats(&self) -> Stats {
+        let state = self.lock();
+        Stats {
+            entries: state.content.len() as u64,
+            bytes: state.total,
+            tags: state.tags.len() as u64,
+            links: state.links.len() as u64,
+            hits: state.hits,
+            misses: state.misses,
+        }
+    }
+
+    async fn persist(&self, changes: Vec<Change>) -> Result<(), CacheError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let index = self.index.clone();
+        blocking(move || index.apply(&changes).map_err(CacheError::from)).await
+    }
+}
+
+/// Removes least recently used entries without readers until `total <= budget`.
+fn evict(state: &mut State, budget: u64) -> Vec<Digest> {
+    let mut victims = Vec::new();
+    if state.total <= budget {
+        return victims;
+    }
+    let mut need = state.total - budget;
+    let candidates: Vec<(Digest, u64)> = state
+        .content
+        .iter()
+        .rev()
+        .filter(|(_, e)| Arc::strong_count(&e.lease) == 1)
+        .map(|(d, e)| (d.clone(), e.size))
+        .take_while(|(_, size)| {
+            let go = need > 0;
+            need = need.saturating_sub(*size);
+            go
+        })
+        .collect();
+    for (digest, size) in candidates {
+        state.content.pop(&digest);
+        state.total -= size;
+        state.touched.remove(&digest);
+        victims.push(digest);
+    }
+    victims
+}
+
+/// Runs blocking file or index work off the async threads.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CacheError> + Send + 'static,
+) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| CacheError::Task(e.to_string()))?
+}

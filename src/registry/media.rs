@@ -1,0 +1,427 @@
+//! Manifest media types, `Accept` negotiation, and the digests a manifest
+//! refers to.
+//!
+//! A registry may hold several manifests for one tag (a Docker v2 manifest, an
+//! OCI index, …) and chooses by the request's `Accept` header, so a cached
+//! manifest is served only to a client that accepts its type. A manifest also
+//! names the blobs and child manifests it is made of; regcache links those to
+//! the repository the manifest came from, so a client that could read the
+//! manifest can read its parts.
+//!
+//! Everything here reads untrusted bytes and never panics: bad input gives
+//! "no", an empty list, or the default type.
+
+use http::header::{HeaderMap, ACCEPT};
+use serde_json::Value;
+
+use super::digest::Digest;
+
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// OCI image index (a list of manifests, one per platform).
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker image manifest, schema 2.
+pub const DOCKER_MANIFEST_V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker manifest list (schema 2 multi-platform).
+pub const DOCKER_MANIFEST_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Docker image manifest, schema 1, signed.
+pub const DOCKER_MANIFEST_V1_SIGNED: &str =
+    "application/vnd.docker.distribution.manifest.v1+prettyjws";
+/// Docker image manifest, schema 1, unsigned.
+pub const DOCKER_MANIFEST_V1: &str = "application/vnd.docker.distribution.manifest.v1+json";
+
+/// The media type without parameters, trimmed and lower-cased.
+fn essence(media_type: &str) -> String {
+    media_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Whether a request's `Accept` headers allow `media_type`.
+///
+/// Every `Accept` header of the request counts, each possibly a
+/// comma-separated list with `;q=` weights. No `Accept` header at all (or
+/// only empty ones) allows everything. `*/*` and `type/*` match as wildcards;
+/// when several ranges match, the most specific one decides, so
+/// `*/*, application/vnd.oci.image.index.v1+json;q=0` allows everything but
+/// OCI indexes. A weight of 0 excludes.
+pub fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let wanted = essence(media_type);
+    let (wanted_type, _) = wanted.split_once('/').unwrap_or((wanted.as_str(), ""));
+    let mut any_range = false;
+    // (specificity, weight) of the best match so far.
+    let mut best: Option<(u8, f32)> = None;
+    for value in headers.get_all(ACCEPT) {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        for item in value.split(',') {
+            let mut parts = item.split(';');
+            let range = parts.next().unwrap_or_default().trim().to_ascii_lowercase();
+            if range.is_empty() {
+                continue;
+            }
+            any_range = true;
+            let specificity = if range == wanted {
+                3
+            } else if range.strip_suffix("/*") == Some(wanted_type) {
+                2
+            } else if range == "*/*" || range == "*" {
+                1
+            } else {
+                continue;
+            };
+            let weight = parts.find_map(quality).unwrap_or(1.0);
+            best = match best {
+                Some((s, w)) if s > specificity || (s == specificity && w >= weight) => {
+                    Some((s, w))
+                }
+                _ => Some((specificity, weight)),
+            };
+        }
+    }
+    if !any_range {
+        return true;
+    }
+    best.is_some_and(|(_, weight)| weight > 0.0)
+}
+
+/// The weight of a `q=` media-range parameter; other parameters give `None`.
+/// An unreadable weight counts as 1, as if absent.
+fn quality(param: &str) -> Option<f32> {
+    let (key, value) = param.split_once('=')?;
+    if !key.trim().eq_ignore_ascii_case("q") {
+        return None;
+    }
+    let q = value.trim().trim_matches('"').parse::<f32>().unwrap_or(1.0);
+    Some(if q.is_nan() { 1.0 } else { q })
+}
+
+/// The media type of a manifest.
+///
+/// The response `Content-Type` if there is one (parameters stripped,
+/// lower-cased); otherwise the body's `mediaType` field; otherwise a guess
+/// from the shape: `manifests` means an OCI index, a schema-1 body (with
+/// `schemaVersion: 1`) the Docker v1 type (signed if it has `signatures`),
+/// anything else an OCI manifest.
+pub fn manifest_media_type(content_type: Option<&str>, body: &[u8]) -> String {
+    if let Some(ct) = content_type.map(essence).filter(|ct| !ct.is_empty()) {
+        return ct;
+    }
+    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
+        return OCI_MANIFEST.to_string();
+    };
+    if let Some(mt) = doc.get("mediaType").and_then(Value::as_str) {
+        let mt = essence(mt);
+        if !mt.is_empty() {
+            return mt;
+        }
+    }
+    if doc.contains_key("manifests") {
+        return OCI_INDEX.to_string();
+    }
+    if doc.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
+        return if doc.contains_key("signatures") {
+            DOCKER_MANIFEST_V1_SIGNED
+        } else {
+            DOCKER_MANIFEST_V1
+        }
+        .to_string();
+    }
+    OCI_MANIFEST.to_string()
+}
+
+/// Every digest a manifest refers to, in document order without repeats:
+/// `config`, `layers`, `manifests` (of an index), `subject`, `blobs` (OCI
+/// artifact manifests) and `fsLayers[].blobSum` (Docker schema 1).
+///
+/// Entries whose digest does not parse are skipped; a body that is not a
+/// JSON object gives an empty list.
+pub fn referenced_digests(body: &[u8]) -> Vec<Digest> {
+    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    let single = |key: &str| doc.get(key).into_iter();
+    let list = |key: &str| doc.get(key).and_then(Value::as_array).into_iter().flatten();
+    let descriptors = single("config")
+        .chain(list("layers"))
+        .chain(list("manifests"))
+        .chain(single("subject"))
+        .chain(list("blobs"))
+        .filter_map(|d| d.get("digest"));
+    let schema1 = list("fsLayers").filter_map(|l| l.get("blobSum"));
+    let mut out: Vec<Digest> = Vec::new();
+    for digest in descriptors
+        .chain(schema1)
+        .filter_map(Value::as_str)
+        .filter_map(|s| s.parse::<Digest>().ok())
+    {
+        if !out.contains(&digest) {
+            out.push(digest);
+        }
+    }
+    out
+}
+
+/// Whether `media_type` is a list of manifests: an OCI index or a Docker
+/// manifest list. Parameters and case are ignored.
+pub fn is_index(media_type: &str) -> bool {
+    let mt = essence(media_type);
+    mt == OCI_INDEX || mt == DOCKER_MANIFEST_LIST
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn headers(values: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(ACCEPT, HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn no_accept_header_accepts_everything() {
+        assert!(accepts(&HeaderMap::new(), OCI_INDEX));
+        assert!(accepts(&headers(&[""]), OCI_INDEX));
+        assert!(accepts(&headers(&[" , "]), DOCKER_MANIFEST_V2));
+    }
+
+    #[test]
+    fn exact_types_across_several_headers() {
+        let h = headers(&[
+            DOCKER_MANIFEST_V2,
+            &format!("{DOCKER_MANIFEST_LIST}, {OCI_MANIFEST}"),
+        ]);
+        assert!(accepts(&h, DOCKER_MANIFEST_V2));
+        assert!(accepts(&h, DOCKER_MANIFEST_LIST));
+        assert!(accepts(&h, OCI_MANIFEST));
+        assert!(!accepts(&h, OCI_INDEX));
+        assert!(!accepts(&h, DOCKER_MANIFEST_V1_SIGNED));
+    }
+
+    #[test]
+    fn wildcards_match() {
+        assert!(accepts(&headers(&["*/*"]), OCI_INDEX));
+        assert!(accepts(&headers(&["text/html, application/*"]), OCI_INDEX));
+        assert!(!accepts(&headers(&["text/*"]), OCI_INDEX));
+        assert!(!accepts(&headers(&["application/json"]), OCI_INDEX));
+    }
+
+    #[test]
+    fn zero_weight_excludes_and_the_most_specific_range_wins() {
+        assert!(!accepts(
+            &headers(&[&format!("{OCI_INDEX};q=0")]),
+            OCI_INDEX
+        ));
+        assert!(!accepts(
+            &headers(&[&format!("{OCI_INDEX}; Q=0.0")]),
+            OCI_INDEX
+        ));
+        assert!(accepts(
+            &headers(&[&format!("{OCI_INDEX};q=0.1")]),
+            OCI_INDEX
+        ));
+        let h = headers(&["*/*", &format!("{OCI_INDEX};q=0")]);
+        assert!(!accepts(&h, OCI_INDEX));
+        assert!(accepts(&h, OCI_MANIFEST));
+        let h = headers(&["*/*;q=0", &format!("{OCI_INDEX};q=0.5")]);
+        assert!(accepts(&h, OCI_INDEX));
+        assert!(!accepts(&h, OCI_MANIFEST));
+        let h = headers(&["application/*;q=0, */*"]);
+        assert!(!accepts(&h, OCI_MANIFEST));
+        assert!(accepts(&h, "text/plain"));
+    }
+
+    #[test]
+    fn parameters_and_case_are_ignored() {
+        let h = headers(&[&format!(
+            "{}; charset=utf-8; q=0.9",
+            OCI_MANIFEST.to_uppercase()
+        )]);
+        assert!(accepts(&h, OCI_MANIFEST));
+        assert!(accepts(&h, &format!("{OCI_MANIFEST}; charset=utf-8")));
+        assert!(accepts(
+            &headers(&[&format!("{OCI_MANIFEST};q=bogus")]),
+            OCI_MANIFEST
+        ));
+    }
+
+    #[test]
+    fn real_client_accept_lists() {
+        // containerd sends one comma-separated list ending in */*.
+        let h = headers(&[&format!(
+            "{DOCKER_MANIFEST_V2}, {DOCKER_MANIFEST_LIST}, {OCI_MANIFEST}, {OCI_INDEX}, */*"
+        )]);
+        assert!(accepts(&h, OCI_INDEX));
+        assert!(accepts(&h, DOCKER_MANIFEST_V1_SIGNED));
+        // docker sends one header per type.
+        let h = headers(&[OCI_MANIFEST, DOCKER_MANIFEST_V2, DOCKER_MANIFEST_V1_SIGNED]);
+        assert!(accepts(&h, DOCKER_MANIFEST_V1_SIGNED));
+        assert!(!accepts(&h, DOCKER_MANIFEST_LIST));
+    }
+
+    const OCI_IMAGE: &str = r#"{
+      "schemaVersion": 2,
+      "mediaType": "application/vnd.oci.image.manifest.v1+json",
+      "config": {
+        "mediaType": "application/vnd.oci.image.config.v1+json",
+        "digest": "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7",
+        "size": 7023
+      },
+      "layers": [
+        {
+          "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+          "digest": "sha256:9834876dcfb05cb167a5c24953eba58c4ac89b1adf57f28f2f9d09af107ee8f0",
+          "size": 32654
+        },
+        {
+          "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+          "digest": "sha256:3c3a4604a545cdc127456d94e421cd355bca5b528f4a9c1905b15da2eb4a4c6b",
+          "size": 16724
+        },
+        {
+          "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+          "digest": "SHA256:NOT-A-DIGEST",
+          "size": 1
+        }
+      ],
+      "subject": {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": "sha256:5b0bcabd1ed22e9fb1310cf6c2dec7cdef19f0ad69efa1f392e94a4333501270",
+        "size": 7682
+      },
+      "annotations": { "com.example.key1": "value1" }
+    }"#;
+
+    const DOCKER_LIST: &str = r#"{
+      "schemaVersion": 2,
+      "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
+      "manifests": [
+        {
+          "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+          "digest": "sha256:e692418e4cbaf90ca69d05a66403747baa33ee08806650b51fab815ad7fc331f",
+          "size": 7143,
+          "platform": { "architecture": "ppc64le", "os": "linux" }
+        },
+        {
+          "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+          "digest": "sha256:5b0bcabd1ed22e9fb1310cf6c2dec7cdef19f0ad69efa1f392e94a4333501270",
+          "size": 7682,
+          "platform": { "architecture": "amd64", "os": "linux", "features": ["sse4"] }
+        },
+        {
+          "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+          "digest": "sha256:e692418e4cbaf90ca69d05a66403747baa33ee08806650b51fab815ad7fc331f",
+          "size": 7143
+        }
+      ]
+    }"#;
+
+    fn strings(ds: Vec<Digest>) -> Vec<String> {
+        ds.iter().map(|d| d.hex()[..8].to_string()).collect()
+    }
+
+    #[test]
+    fn digests_of_an_oci_manifest() {
+        assert_eq!(
+            strings(referenced_digests(OCI_IMAGE.as_bytes())),
+            ["b5b2b2c5", "9834876d", "3c3a4604", "5b0bcabd"]
+        );
+    }
+
+    #[test]
+    fn digests_of_a_docker_manifest_list_without_repeats() {
+        assert_eq!(
+            strings(referenced_digests(DOCKER_LIST.as_bytes())),
+            ["e692418e", "5b0bcabd"]
+        );
+    }
+
+    #[test]
+    fn digests_of_schema1_and_artifact_manifests() {
+        let d = Digest::of(b"layer").to_string();
+        let schema1 = format!(r#"{{"schemaVersion":1,"fsLayers":[{{"blobSum":"{d}"}}]}}"#);
+        assert_eq!(
+            referenced_digests(schema1.as_bytes()),
+            [Digest::of(b"layer")]
+        );
+        let artifact = format!(r#"{{"blobs":[{{"digest":"{d}"}}, 7, null]}}"#);
+        assert_eq!(
+            referenced_digests(artifact.as_bytes()),
+            [Digest::of(b"layer")]
+        );
+    }
+
+    #[test]
+    fn garbage_gives_no_digests() {
+        let deep = "[".repeat(100_000);
+        for body in [
+            &b""[..],
+            b"null",
+            b"[1,2,3]",
+            b"\"sha256:e3b0\"",
+            b"{\"layers\": 5, \"config\": [], \"manifests\": {\"digest\": 1}}",
+            b"{\"config\": {\"digest\": 42}}",
+            b"\xff\xfe{",
+            b"{\"layers\":[",
+            deep.as_bytes(),
+        ] {
+            assert!(referenced_digests(body).is_empty(), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn media_type_from_header_then_body_then_shape() {
+        assert_eq!(
+            manifest_media_type(
+                Some("Application/VND.oci.image.index.v1+json; charset=x"),
+                b""
+            ),
+            OCI_INDEX
+        );
+        assert_eq!(
+            manifest_media_type(Some(" "), DOCKER_LIST.as_bytes()),
+            DOCKER_MANIFEST_LIST
+        );
+        assert_eq!(
+            manifest_media_type(None, OCI_IMAGE.as_bytes()),
+            OCI_MANIFEST
+        );
+        assert_eq!(
+            manifest_media_type(None, br#"{"schemaVersion":2,"manifests":[]}"#),
+            OCI_INDEX
+        );
+        assert_eq!(
+            manifest_media_type(None, br#"{"schemaVersion":2}"#),
+            OCI_MANIFEST
+        );
+        assert_eq!(
+            manifest_media_type(None, br#"{"schemaVersion":1,"signatures":[]}"#),
+            DOCKER_MANIFEST_V1_SIGNED
+        );
+        assert_eq!(
+            manifest_media_type(None, br#"{"schemaVersion":1}"#),
+            DOCKER_MANIFEST_V1
+        );
+        assert_eq!(
+            manifest_media_type(None, br#"{"mediaType":7}"#),
+            OCI_MANIFEST
+        );
+        assert_eq!(manifest_media_type(None, b"not json"), OCI_MANIFEST);
+    }
+
+    #[test]
+    fn index_types() {
+        assert!(is_index(OCI_INDEX));
+        assert!(is_index(DOCKER_MANIFEST_LIST));
+        assert!(is_index("application/vnd.oci.image.index.v1+json; x=y"));
+        assert!(!is_index(OCI_MANIFEST));
+        assert!(!is_index(DOCKER_MANIFEST_V2));
+        assert!(!is_index(""));
+    }
+}

@@ -1,0 +1,298 @@
+//! `GET`/`HEAD /v2/<name>/blobs/<digest>`: from the cache, or from one shared
+//! upstream download.
+//!
+//! - Cached and linked to this repository: streamed from disk (206 for a
+//!   `Range`), no upstream contact.
+//! - Cached but not linked (or being downloaded through another repository):
+//!   a `HEAD` upstream for *this* repository decides; on 200 the digest is
+//!   linked and served from the cache, otherwise upstream's answer is passed on.
+//! - Missing: `HEAD` is passed upstream; `GET` joins or leads the single
+//!   download of the digest ([`crate::cache::fill`]).
+
+use std::sync::Arc;
+
+use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, ETAG};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+
+use super::range::{span, Span};
+use super::{passthrough, upstream_headers, upstream_uri, CacheStatus, Served};
+use crate::app::App;
+use crate::body::{self, Body};
+use crate::cache::fill::{Fill, Role};
+use crate::cache::{read, Cached};
+use crate::registry::digest::Digest;
+use crate::registry::error::ErrorCode;
+use crate::registry::name::RepoName;
+
+/// How often a request retries after a leader it followed gave up.
+const MAX_JOIN_ATTEMPTS: usize = 3;
+
+/// Serves a blob request.
+pub async fn serve(
+    app: &Arc<App>,
+    target: &super::Target,
+    name: &RepoName,
+    digest: &Digest,
+    parts: &Parts,
+) -> Served {
+    let cache = &app.cache;
+    let repo = name.as_str();
+    if let Some(cached) = cache.get(digest) {
+        if !cache.is_linked(&target.registry, repo, digest) {
+            if let Err(refused) = confirm_upstream(app, target, parts).await {
+                return refused;
+            }
+            if let Err(e) = cache
+                .link(&target.registry, repo, std::slice::from_ref(digest))
+                .await
+            {
+                tracing::warn!(error = %e, "cannot record link");
+            }
+        }
+        match open(&cached).await {
+            Some(file) => {
+                cache.count(true);
+                return Served::new(from_file(parts, &cached, file), CacheStatus::Hit);
+            }
+            None => {
+                let _ = cache.forget(digest).await;
+            }
+        }
+    }
+    if parts.method == Method::HEAD {
+        cache.count(false);
+        return forward_head(app, target, parts).await;
+    }
+    for _ in 0..MAX_JOIN_ATTEMPTS {
+        match cache.join_fill(digest) {
+            Role::Leader(leader) => {
+                let uri = match upstream_uri(target, parts) {
+                    Ok(uri) => uri,
+                    Err(resp) => return Served::new(*resp, CacheStatus::Pass),
+                };
+                let resp = match app
+                    .upstream
+                    .fetch(Method::GET, uri, upstream_headers(parts))
+                    .await
+                {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss)
+                    }
+                };
+                cache.count(false);
+                if resp.status() != StatusCode::OK {
+                    leader.abandon();
+                    return Served::new(passthrough(resp), CacheStatus::Miss);
+                }
+                let total = content_length(resp.headers());
+                let fill = match leader.start(resp.into_body(), total, String::new()).await {
+                    Ok(fill) => fill,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start download");
+                        return Served::new(
+                            super::error_json(
+                                StatusCode::INTERNAL_SERVER_ERROR,
+                                ErrorCode::Unsupported,
+                                "cache write failed",
+                            ),
+                            CacheStatus::Miss,
+                        );
+                    }
+                };
+                if let Err(e) = cache
+                    .link(&target.registry, repo, std::slice::from_ref(digest))
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot record link");
+                }
+                return Served::new(from_fill(parts, digest, &fill), CacheStatus::Miss);
+            }
+            Role::Follower(fill) => {
+                if !fill.started().await {
+                    continue;
+                }
+                if !cache.is_linked(&target.registry, repo, digest) {
+                    if let Err(refused) = confirm_upstream(app, target, parts).await {
+                        return refused;
+                    }
+                    if let Err(e) = cache
+                        .link(&target.registry, repo, std::slice::from_ref(digest))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot record link");
+                    }
+                }
+                cache.count(true);
+                return Served::new(from_fill(parts, digest, &fill), CacheStatus::Coalesced);
+            }
+        }
+    }
+    // Upstream keeps refusing the leaders: answer as it does.
+    forward_get(app, target, parts).await
+}
+
+/// Asks upstream whether this repository has the blob (HEAD, client's own
+/// credentials). Ok on 200; otherwise upstream's answer to pass on.
+async fn confirm_upstream(app: &App, target: &super::Target, parts: &Parts) -> Result<(), Served> {
+    let uri = upstream_uri(target, parts).map_err(|resp| Served::new(*resp, CacheStatus::Pass))?;
+    match app
+        .upstream
+        .fetch(Method::HEAD, uri, upstream_headers(parts))
+        .await
+    {
+        Ok(resp) if resp.status() == StatusCode::OK => Ok(()),
+        Ok(resp) => Err(Served::new(passthrough(resp), CacheStatus::Miss)),
+        Err(e) => Err(Served::new(
+            super::bad_gateway(target, &e),
+            CacheStatus::Miss,
+        )),
+    }
+}
+
+async fn forward_head(app: &App, target: &super::Target, parts: &Parts) -> Served {
+    forward_method(app, target, parts, Method::HEAD).await
+}
+
+async fn forward_get(app: &App, target: &super::Target, parts: &Parts) -> Served {
+    forward_method(app, target, parts, Method::GET).await
+}
+
+async fn forward_method(
+    app: &App,
+    target: &super::Target,
+    parts: &Parts,
+    method: Method,
+) -> Served {
+    let uri = match upstream_uri(target, parts) {
+        Ok(uri) => uri,
+        Err(resp) => return Served::new(*resp, CacheStatus::Pass),
+    };
+    match app
+        .upstream
+        .fetch(method, uri, upstream_headers(parts))
+        .await
+    {
+        Ok(resp) => Served::new(passthrough(resp), CacheStatus::Miss),
+        Err(e) => Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
+    }
+}
+
+/// Opens a cached file; None if it vanished.
+async fn open(cached: &Cached) -> Option<Arc<std::fs::File>> {
+    let path = cached.path.clone();
+    match tokio::task::spawn_blocking(move || std::fs::File::open(path)).await {
+        Ok(Ok(file)) => Some(Arc::new(file)),
+        _ => None,
+    }
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The blob headers every answer carries.
+fn blob_response(
+    status: StatusCode,
+    digest: &Digest,
+    length: Option<u64>,
+    body: Body,
+) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    h.insert(ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+        h.insert("docker-content-digest", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(ETAG, v);
+    }
+    if let Some(len) = length {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    resp
+}
+
+fn with_range(mut resp: Response<Body>, start: u64, end: u64, size: u64) -> Response<Body> {
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes {}-{}/{size}", start, end - 1)) {
+        resp.headers_mut().insert(CONTENT_RANGE, v);
+    }
+    resp
+}
+
+fn unsatisfiable(digest: &Digest, size: u64) -> Response<Body> {
+    let mut resp = blob_response(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        digest,
+        Some(0),
+        body::empty(),
+    );
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+        resp.headers_mut().insert(CONTENT_RANGE, v);
+    }
+    resp
+}
+
+/// A cached blob, whole or in part.
+fn from_file(parts: &Parts, cached: &Cached, file: Arc<std::fs::File>) -> Response<Body> {
+    let size = cached.size;
+    let head = parts.method == Method::HEAD;
+    match span(&parts.headers, size) {
+        Span::Whole => {
+            let body = if head {
+                body::empty()
+            } else {
+                read::complete(file, 0, size, cached.lease.clone())
+            };
+            blob_response(StatusCode::OK, &cached.digest, Some(size), body)
+        }
+        Span::Part { start, end } => {
+            let body = if head {
+                body::empty()
+            } else {
+                read::complete(file, start, end, cached.lease.clone())
+            };
+            let resp = blob_response(
+                StatusCode::PARTIAL_CONTENT,
+                &cached.digest,
+                Some(end - start),
+                body,
+            );
+            with_range(resp, start, end, size)
+        }
+        Span::Unsatisfiable => unsatisfiable(&cached.digest, size),
+    }
+}
+
+/// A blob being downloaded, whole or in part (a range needs a known length).
+fn from_fill(parts: &Parts, digest: &Digest, fill: &Arc<Fill>) -> Response<Body> {
+    let Some(file) = fill.file() else {
+        return super::error_json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unsupported,
+            "download has no file",
+        );
+    };
+    let total = fill.watch().borrow().total;
+    match (total, total.map(|t| span(&parts.headers, t))) {
+        (Some(size), Some(Span::Part { start, end })) => {
+            let body = read::growing(fill.clone(), file, start, end);
+            let resp = blob_response(StatusCode::PARTIAL_CONTENT, digest, Some(end - start), body);
+            with_range(resp, start, end, size)
+        }
+        (Some(size), Some(Span::Unsatisfiable)) => unsatisfiable(digest, size),
+        (total, _) => {
+            let body = read::growing(fill.clone(), file, 0, total.unwrap_or(u64::MAX));
+            blob_response(StatusCode::OK, digest, total, body)
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! `GET`/`HEAD /v2/<name>/manifests/<reference>`.
+//!
+//! - By digest: immutable. Served from the cache when linked to this
+//!   repository and allowed by the request's `Accept`; no upstream contact.
+//! - By tag: served from the cache while fresh (`tag_ttl`); then revalidated
+//!   with a `HEAD` upstream (never a GET, which Docker Hub counts as a pull):
+//!   same digest, served cached (REVALIDATED); changed, fetched and stored;
+//!   upstream unreachable, 5xx or 429, served stale with `Warning: 110`;
+//!   404, answered 404 and the tag forgotten.
+//! - A fetched manifest is verified against its digest, stored with its media
+//!   type, and every digest it references is linked to the repository.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
+use http::request::Parts;
+use http::{Method, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+
+use super::{error_json, passthrough, upstream_headers, upstream_uri, CacheStatus, Served, Target};
+use crate::app::App;
+use crate::body::{self, Body};
+use crate::cache::freshness::{
+    after_revalidation, classify, now_ms, Revalidation, TagAction, TagRecord,
+};
+use crate::cache::Cached;
+use crate::registry::digest::{Digest, DigestHasher};
+use crate::registry::error::ErrorCode;
+use crate::registry::media::{accepts, manifest_media_type, referenced_digests};
+use crate::registry::name::RepoName;
+use crate::registry::route::Reference;
+
+/// The largest manifest regcache accepts (distribution's limit too).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+
+/// Serves a manifest request.
+pub async fn serve(
+    app: &Arc<App>,
+    target: &Target,
+    name: &RepoName,
+    reference: &Reference,
+    parts: &Parts,
+) -> Served {
+    match reference {
+        Reference::Digest(digest) => by_digest(app, target, name, digest, parts).await,
+        Reference::Tag(tag) => by_tag(app, target, name, tag, parts).await,
+    }
+}
+
+async fn by_digest(
+    app: &Arc<App>,
+    target: &Target,
+    name: &RepoName,
+    digest: &Digest,
+    parts: &Parts,
+) -> Served {
+    let cache = &app.cache;
+    let repo = name.as_str();
+    if let Some(cached) = usable(app, digest, parts) {
+        if cache.is_linked(&target.registry, repo, digest) {
+            if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
+                return served;
+            }
+        }
+    }
+    fetch(app, target, name, None, Some(digest), parts).await
+}
+
+async fn by_tag(
+    app: &Arc<App>,
+    target: &Target,
+    name: &RepoName,
+    tag: &str,
+    parts: &Parts,
+) -> Served {
+    let cache = &app.cache;
+    let repo = name.as_str();
+    let record = cache.tag(&target.registry, repo, tag);
+    let cached = record
+        .as_ref()
+        .and_then(|r| r.digest.parse::<Digest>().ok())
+        .and_then(|d| usable(app, &d, parts));
+    let (Some(record), Some(cached)) = (record, cached) else {
+        return fetch(app, target, name, Some(tag), None, parts).await;
+    };
+    let ttl = app.config.tag_ttl_for(&target.registry);
+    if record.is_fresh(now_ms(), ttl) {
+        if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
+            return served;
+        }
+        return fetch(app, target, name, Some(tag), None, parts).await;
+    }
+
+    let (outcome, upstream_resp) = match upstream_uri(target, parts) {
+        Ok(uri) => match app
+            .upstream
+            .fetch(Method::HEAD, uri, upstream_headers(parts))
+            .await
+        {
+            Ok(resp) => {
+                let digest = resp
+                    .headers()
+                    .get("docker-content-digest")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                (classify(resp.status(), digest), Some(resp))
+            }
+            Err(e) => {
+                tracing::info!(registry = %target.registry, repo, tag, error = %super::error_chain(&e), "tag revalidation failed");
+                (Revalidation::Unavailable, None)
+            }
+        },
+        Err(resp) => return Served::new(*resp, CacheStatus::Pass),
+    };
+    match after_revalidation(&record, &outcome) {
+        TagAction::ServeCached => {
+            let fresh = TagRecord {
+                digest: record.digest.clone(),
+                fetched_at_ms: now_ms(),
+            };
+            if let Err(e) = cache.set_tag(&target.registry, repo, tag, fresh).await {
+                tracing::warn!(error = %e, "cannot record tag");
+            }
+            match from_cache(app, &cached, parts, CacheStatus::Revalidated).await {
+                Some(served) => served,
+                None => fetch(app, target, name, Some(tag), None, parts).await,
+            }
+        }
+        TagAction::Refetch => fetch(app, target, name, Some(tag), None, parts).await,
+        TagAction::ServeStale => match from_cache(app, &cached, parts, CacheStatus::Stale).await {
+            Some(mut served) => {
+                served.resp.headers_mut().insert(
+                    http::header::WARNING,
+                    HeaderValue::from_static("110 regcache \"Response is Stale\""),
+                );
+                served
+            }
+            None => fetch(app, target, name, Some(tag), None, parts).await,
+        },
+        TagAction::PassUpstream { forget } => {
+            if forget {
+                if let Err(e) = cache.remove_tag(&target.registry, repo, tag).await {
+                    tracing::warn!(error = %e, "cannot forget tag");
+                }
+            }
+            let status = upstream_resp
+                .as_ref()
+                .map(|r| r.status())
+                .unwrap_or(StatusCode::BAD_GATEWAY);
+            match (parts.method == Method::HEAD, upstream_resp) {
+                (true, Some(resp)) => Served::new(passthrough(resp), CacheStatus::Miss),
+                (_, resp) => {
+                    // A GET answered from a HEAD: give the body a HEAD lacks.
+                    let code = match status {
+                        StatusCode::NOT_FOUND => ErrorCode::ManifestUnknown,
+                        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+                        StatusCode::FORBIDDEN => ErrorCode::Denied,
+                        _ => ErrorCode::Unsupported,
+                    };
+                    let mut answer = error_json(
+                        status,
+                        code,
+                        &format!("manifest {tag}: upstream answered {status}"),
+                    );
+                    if let Some(challenge) = resp
+                        .as_ref()
+                        .and_then(|r| r.headers().get(http::header::WWW_AUTHENTICATE))
+                    {
+                        answer
+                            .headers_mut()
+                            .insert(http::header::WWW_AUTHENTICATE, challenge.clone());
+                    }
+                    Served::new(answer, CacheStatus::Miss)
+                }
+            }
+        }
+    }
+}
+
+/// The cached manifest for `digest` if the request's Accept allows its type.
+fn usable(app: &App, digest: &Digest, parts: &Parts) -> Option<Cached> {
+    let cached = app.cache.get(digest)?;
+    accepts(&parts.headers, &cached.media_type).then_some(cached)
+}
+
+/// Serves a cached manifest; None if its file vanished.
+async fn from_cache(
+    app: &App,
+    cached: &Cached,
+    parts: &Parts,
+    status: CacheStatus,
+) -> Option<Served> {
+    let bytes = match tokio::fs::read(&cached.path).await {
+        Ok(bytes) => Bytes::from(bytes),
+        Err(_) => {
+            let _ = app.cache.forget(&cached.digest).await;
+            return None;
+        }
+    };
+    app.cache.count(true);
+    Some(Served::new(
+        manifest_response(parts, &cached.digest, &cached.media_type, bytes),
+        status,
+    ))
+}
+
+fn manifest_response(
+    parts: &Parts,
+    digest: &Digest,
+    media_type: &str,
+    bytes: Bytes,
+) -> Response<Body> {
+    let len = bytes.len() as u64;
+    let body = if parts.method == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(bytes)
+    };
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(media_type) {
+        h.insert(CONTENT_TYPE, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+        h.insert("docker-content-digest", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+        h.insert(ETAG, v);
+    }
+    h.insert(CONTENT_LENGTH, HeaderValue::from(len));
+    resp
+}
+
+/// Fetches a manifest upstream (GET; HEAD requests on a miss are passed on as
+/// HEAD), verifies, stores, links and serves it.
+async fn fetch(
+    app: &Arc<App>,
+    target: &Target,
+    name: &RepoName,
+    tag: Option<&str>,
+    expected: Option<&Digest>,
+    parts: &Parts,
+) -> Served {
+    let uri = match upstream_uri(target, parts) {
+        Ok(uri) => uri,
+        Err(resp) => return Served::new(*resp, CacheStatus::Pass),
+    };
+    app.cache.count(false);
+    if parts.method == Method::HEAD {
+        return match app
+            .upstream
+            .fetch(Method::HEAD, uri, upstream_headers(parts))
+            .await
+        {
+            Ok(resp) => Served::new(passthrough(resp), CacheStatus::Miss),
+            Err(e) => Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
+        };
+    }
+    let resp = match app
+        .upstream
+        .fetch(Method::GET, uri, upstream_headers(parts))
+        .await
+    {
+        Ok(resp) => resp,
+        Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
+    };
+    if resp.status() != StatusCode::OK {
+        if resp.status() == StatusCode::NOT_FOUND {
+            if let Some(tag) = tag {
+                let _ = app
+                    .cache
+                    .remove_tag(&target.registry, name.as_str(), tag)
+                    .await;
+            }
+        }
+        return Served::new(passthrough(resp), CacheStatus::Miss);
+    }
+    let (head, incoming) = resp.into_parts();
+    let bytes = match Limited::new(incoming, MAX_MANIFEST_BYTES).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) => {
+            tracing::warn!(error = %e, "manifest body failed or exceeded 4 MiB");
+            return Served::new(
+                error_json(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::ManifestInvalid,
+                    "upstream manifest unreadable or larger than 4 MiB",
+                ),
+                CacheStatus::Miss,
+            );
+        }
+    };
+    let announced = head
+        .headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<Digest>().ok());
+    let algorithm = expected.or(announced.as_ref()).map(|d| d.algorithm());
+    let digest = match algorithm {
+        Some(alg) => {
+            let mut h = DigestHasher::new(alg);
+            h.update(&bytes);
+            h.finish()
+        }
+        None => Digest::of(&bytes),
+    };
+    let wrong = expected
+        .filter(|e| **e != digest)
+        .or(announced.as_ref().filter(|a| **a != digest));
+    if let Some(wrong) = wrong {
+        tracing::warn!(expected = %wrong, actual = %digest, "upstream manifest does not match its digest; not cached");
+        return Served::new(
+            error_json(
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::ManifestInvalid,
+                &format!("upstream manifest does not match {wrong}"),
+            ),
+            CacheStatus::Miss,
+        );
+    }
+    let content_type = head.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let media_type = manifest_media_type(content_type, &bytes);
+    if let Err(e) = store(app, target, name, tag, &digest, &media_type, &bytes).await {
+        tracing::warn!(%digest, error = %e, "cannot cache manifest");
+    }
+    Served::new(
+        manifest_response(parts, &digest, &media_type, bytes),
+        CacheStatus::Miss,
+    )
+}
+
+async fn store(
+    app: &Arc<App>,
+    target: &Target,
+    name: &RepoName,
+    tag: Option<&str>,
+    digest: &Digest,
+    media_type: &str,
+    bytes: &Bytes,
+) -> Result<(), crate::cache::CacheError> {
+    let cache = &app.cache;
+    cache.store_bytes(digest, bytes.clone(), media_type).await?;
+    let mut linked = referenced_digests(bytes);
+    linked.push(digest.clone());
+    cache.link(&target.registry, name.as_str(), &linked).await?;
+    if let Some(tag) = tag {
+        let record = TagRecord {
+            digest: digest.to_string(),
+            fetched_at_ms: now_ms(),
+        };
+        cache
+            .set_tag(&target.registry, name.as_str(), tag, record)
+            .await?;
+    }
+    Ok(())
+}

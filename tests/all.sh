@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every test of regcache on this machine, installing what the tests need:
+#   1. Debian packages for the end-to-end test (docker-registry, skopeo,
+#      containerd, docker.io, ...) via tests/e2e/install-deps.sh;
+#   2. formatting and lint (cargo fmt --check, cargo clippy -D warnings);
+#   3. unit and integration tests (cargo test);
+#   4. the end-to-end test with the real registry and real clients.
+# Needs root (or sudo) for apt-get and for the private dockerd/containerd.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s ===\n' "$*"; }
+
+if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then
+  SUDO=sudo
+else
+  SUDO=
+fi
+
+step "installing test dependencies"
+$SUDO tests/e2e/install-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+
+step "cargo build"
+cargo build --locked
+
+step "cargo test"
+cargo test --locked
+
+step "end-to-end test (real registry, skopeo, ctr, dockerd)"
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/run.sh
