@@ -32,8 +32,47 @@ enum Command {
     /// Manage regcache's certificate authority
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Inspect or clear the disk cache (while regcache is stopped)
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Print the built-in configuration, a starting point for --config
     Config,
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Entries, bytes, tags and the hit ratio
+    Stats {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Every cached tag (with its digest), then every entry, newest first
+    Ls {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+    /// Remove a digest (sha256:...) or an image tag (alpine:3.20, ghcr.io/org/tool:1)
+    Rm {
+        #[command(flatten)]
+        cache: CacheArgs,
+        /// Digest or image reference
+        target: String,
+    },
+    /// Remove everything in the cache
+    Purge {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
+}
+
+#[derive(Args)]
+struct CacheArgs {
+    /// TOML configuration file to take cache_dir from
+    #[arg(long, env = "REGCACHE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory of the disk cache [default: cache]
+    #[arg(long, env = "REGCACHE_CACHE_DIR", value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -119,6 +158,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Ca(cmd) => ca(cmd),
+        Command::Cache(cmd) => cache(cmd),
         Command::Config => {
             print!("{DEFAULT_TOML}");
             Ok(())
@@ -192,6 +232,48 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+fn cache_dir(args: CacheArgs) -> Result<PathBuf, Failure> {
+    let settings = Settings {
+        cache_dir: args.cache_dir,
+        ..Settings::default()
+    }
+    .layered(args.config.as_deref())
+    .map_err(Failure::usage)?;
+    Ok(Config::from_settings(settings)
+        .map_err(Failure::usage)?
+        .cache_dir)
+}
+
+fn cache(cmd: CacheCommand) -> Result<(), Failure> {
+    use regcache::cache::offline;
+    match cmd {
+        CacheCommand::Stats { cache } => {
+            let index = offline::open(&cache_dir(cache)?).map_err(Failure::runtime)?;
+            let snap = index.load().map_err(Failure::runtime)?;
+            print!("{}", offline::stats(&snap));
+        }
+        CacheCommand::Ls { cache } => {
+            let index = offline::open(&cache_dir(cache)?).map_err(Failure::runtime)?;
+            let snap = index.load().map_err(Failure::runtime)?;
+            print!("{}", offline::list(&snap));
+        }
+        CacheCommand::Rm { cache, target } => {
+            let dir = cache_dir(cache)?;
+            let index = offline::open(&dir).map_err(Failure::runtime)?;
+            let snap = index.load().map_err(Failure::runtime)?;
+            let removed =
+                offline::remove(&dir, &index, &snap, &target).map_err(Failure::runtime)?;
+            print!("removed:\n{removed}");
+        }
+        CacheCommand::Purge { cache } => {
+            let dir = cache_dir(cache)?;
+            offline::purge(&dir).map_err(Failure::runtime)?;
+            println!("purged {}", dir.display());
+        }
+    }
+    Ok(())
 }
 
 fn ca_source(ca: CaArgs) -> Result<CaSource, Failure> {

@@ -19,6 +19,7 @@
 pub mod fill;
 pub mod freshness;
 pub mod index;
+pub mod offline;
 pub mod read;
 
 use std::collections::{HashMap, HashSet};
@@ -131,6 +132,15 @@ pub struct Cache {
     pub fills: SingleFlight,
 }
 
+/// The file of `digest` in the cache at `dir`: `blobs/<alg>/<2 hex>/<hex>`.
+pub fn content_file(dir: &Path, digest: &Digest) -> PathBuf {
+    let hex = digest.hex();
+    dir.join("blobs")
+        .join(digest.algorithm().as_str())
+        .join(&hex[..2])
+        .join(hex)
+}
+
 /// The link key for (registry, repository, digest).
 pub fn link_key(registry: &str, repo: &str, digest: &Digest) -> String {
     format!("{registry}/{repo}@{digest}")
@@ -231,12 +241,7 @@ impl Cache {
 
     /// Where the content of `digest` lives (whether or not it is cached).
     pub fn content_path(&self, digest: &Digest) -> PathBuf {
-        let hex = digest.hex();
-        self.dir
-            .join("blobs")
-            .join(digest.algorithm().as_str())
-            .join(&hex[..2])
-            .join(hex)
+        content_file(&self.dir, digest)
     }
 
     /// A fresh temporary path for downloading `digest`.

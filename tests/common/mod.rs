@@ -738,6 +738,9 @@ impl ProxyBuilder {
         let stderr_path = tmp.path().join("stderr.log");
         let stdout_path = tmp.path().join("stdout.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_regcache"));
+        // Defaults relative to the working directory (cache/, certs/) land in
+        // the temp dir, never in the source tree.
+        cmd.current_dir(tmp.path());
         cmd.arg("serve");
         if !self.no_listen_flag {
             cmd.arg("--listen")

@@ -359,6 +359,13 @@ else
     if grep -q -- '--cache-dir' "$LAST_LOG"; then
         serve_args+=(--cache-dir "$W/regcache/cache")
     fi
+    # A short tag TTL makes the later pulls revalidate tags with the live
+    # upstream, and lets the test see a deleted tag and a stale tag.
+    TAG_TTL=""
+    if grep -q -- '--tag-ttl' "$LAST_LOG"; then
+        TAG_TTL=2
+        serve_args+=(--tag-ttl "$TAG_TTL")
+    fi
     # shellcheck disable=SC2206
     serve_args+=(${REGCACHE_ARGS:-})
     # Run it from inside the work directory, with HOME and XDG dirs there, so
@@ -733,8 +740,42 @@ else
         fail "upstream served some blobs more than once:$twice"
     fi
 
+    # A tag deleted upstream is gone through the proxy once its TTL is over.
+    if [ -n "$TAG_TTL" ]; then
+        code=$(curl -sS --noproxy '*' --max-time 10 --cacert "$PKI/ca.pem" --resolve "$HUB:$REGPORT:127.0.0.1" \
+            -o /dev/null -w '%{http_code}' -X DELETE \
+            "https://$HUB:$REGPORT/v2/library/e2e-concurrent/manifests/$CONCURRENT_DIGEST")
+        sleep $((TAG_TTL + 1))
+        got=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/err" -w '%{http_code}' \
+            -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+            "https://$HUB/v2/library/e2e-concurrent/manifests/1")
+        if [ "$code" != 202 ]; then
+            fail "could not delete e2e-concurrent upstream (DELETE answered $code)"
+        elif [ "$got" = 404 ]; then
+            pass "a tag deleted upstream answers 404 through the proxy after its TTL (${TAG_TTL}s)"
+        else
+            fail "a tag deleted upstream still answers $got through the proxy after its TTL (${TAG_TTL}s)"
+        fi
+    fi
+
     note "stopping the upstream; pulls must now be served from the cache"
     stop_named registry
+    if [ -n "$TAG_TTL" ]; then
+        sleep $((TAG_TTL + 1))
+        if curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/m.json" -D "$W/tmp/m.headers" \
+            -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+            "https://$HUB/v2/library/e2e-small/manifests/1" >/dev/null 2>&1 &&
+            head -n1 "$W/tmp/m.headers" | grep -q ' 200' &&
+            [ "$(sha256_of <"$W/tmp/m.json")" = "$SMALL_DIGEST" ]; then
+            if grep -qi '^warning:' "$W/tmp/m.headers"; then
+                pass "a stale tag is served from the cache with a Warning header when the upstream is down"
+            else
+                fail "a stale tag is served with the upstream down, but without a Warning header"
+            fi
+        else
+            fail "a stale tag with the upstream down: $(head -n1 "$W/tmp/m.headers" 2>/dev/null | tr -d '\r')"
+        fi
+    fi
     if run offline-skopeo-small 120 "${SKOPEO[@]}" copy "${skopeo_src[@]}" "$HUBLIB/e2e-small:1" "oci:$W/out/offline-small:x"; then
         check_digest "skopeo copy e2e-small:1 with the upstream down" "$SMALL_DIGEST" "$(layout_digest "$W/out/offline-small")"
     else
