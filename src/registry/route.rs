@@ -444,10 +444,15 @@ mod tests {
                 }
             }
             let path = String::from_utf8_lossy(&bytes);
-            if let Ok(Route::Manifest { name, .. } | Route::Blob { name, .. }) = parse(&path) {
-                assert!(!name.as_str().contains(".."), "{path:?}");
-                assert!(!name.as_str().contains('%'), "{path:?}");
-            }
+            let (name, tail) = match parse(&path) {
+                Ok(Route::Manifest { name, reference }) => (name, format!("manifests/{reference}")),
+                Ok(Route::Blob { name, digest }) => (name, format!("blobs/{digest}")),
+                _ => continue,
+            };
+            let name = name.as_str();
+            assert!(!name.contains("..") && !name.contains('%'), "{path:?}");
+            let without_query = path.split(['?', '#']).next().unwrap_or_default();
+            assert_eq!(format!("/v2/{name}/{tail}"), without_query);
         }
     }
 }

@@ -828,6 +828,25 @@ else
         else
             fail "after a restart /ca.crt changed (the CA in --ca-dir was not reused)"
         fi
+        # Straight HTTP first, so a failure below can be told apart from a
+        # client-side step (like the /v2/ ping) failing.
+        if curl -fsS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/m.json" \
+            -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+            "https://$HUB/v2/library/e2e-small/manifests/$SMALL_DIGEST" 2>"$W/tmp/curl.err" &&
+            curl -fsS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/blob" \
+                "https://$HUB/v2/library/e2e-small/blobs/$PAYLOAD_DIGEST" 2>>"$W/tmp/curl.err" &&
+            [ "$(sha256_of <"$W/tmp/m.json")" = "$SMALL_DIGEST" ] &&
+            [ "$(sha256_of <"$W/tmp/blob")" = "$PAYLOAD_DIGEST" ]; then
+            pass "after a restart, a manifest by digest and a blob are served from the cache (upstream down)"
+        else
+            fail "after a restart, GET manifest by digest / blob with the upstream down: $(head -c 300 "$W/tmp/curl.err")"
+        fi
+        code=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o /dev/null -w '%{http_code}' "https://$HUB/v2/")
+        if [ "$code" = 200 ] || [ "$code" = 401 ]; then
+            pass "GET /v2/ (the clients' API check) answers $code with the upstream down"
+        else
+            fail "GET /v2/ (the clients' API check) answers $code with the upstream down; skopeo, podman and buildah give up on it"
+        fi
         if run restart-skopeo-small 120 "${SKOPEO[@]}" copy "${skopeo_src[@]}" "$HUBLIB/e2e-small@$SMALL_DIGEST" \
             "oci:$W/out/restart-small:x"; then
             check_digest "after a restart, e2e-small@digest comes from the cache (upstream down)" "$SMALL_DIGEST" \
