@@ -163,6 +163,7 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
             let (parts, _) = req.into_parts();
             manifests::serve(app, target, &name, &reference, &parts).await
         }
+        Ok(Route::Base) => base(app, target, req).await,
         Ok(Route::Blob { name, digest }) => {
             let (parts, _) = req.into_parts();
             blobs::serve(app, target, &name, &digest, &parts).await
@@ -176,22 +177,12 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
 
 /// The upstream URL for a request's path and query.
 pub fn upstream_uri(target: &Target, parts: &Parts) -> Result<Uri, Box<Response<Body>>> {
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    Uri::builder()
-        .scheme(target.origin.scheme.clone())
-        .authority(target.origin.authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|e| {
-            Box::new(error_response(
-                StatusCode::BAD_REQUEST,
-                &format!("bad request target: {e}"),
-            ))
-        })
+    origin_uri(&target.origin, &parts.uri).map_err(|e| {
+        Box::new(error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("bad request target: {e}"),
+        ))
+    })
 }
 
 /// The client's headers as sent upstream by regcache's own requests: end to
@@ -249,50 +240,91 @@ pub fn bad_gateway(target: &Target, err: &dyn std::error::Error) -> Response<Bod
     )
 }
 
-/// Sends the request on to `origin` and streams its answer back.
+/// Sends the request on to `origin` and streams its answer back; 502 if
+/// upstream cannot be reached.
 pub async fn forward(
     upstream: &Upstream,
     origin: &Origin,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    match try_forward(upstream, origin, req).await {
+        Ok(resp) => resp,
+        Err(e) => unreachable_upstream(&origin.authority, &e),
+    }
+}
+
+/// Like [`forward`], but hands back the failure to reach upstream.
+pub async fn try_forward(
+    upstream: &Upstream,
+    origin: &Origin,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, crate::upstream::UpstreamError> {
     let (mut parts, incoming) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let uri = match Uri::builder()
-        .scheme(origin.scheme.clone())
-        .authority(origin.authority.clone())
-        .path_and_query(path)
-        .build()
-    {
+    parts.uri = match origin_uri(origin, &parts.uri) {
         Ok(uri) => uri,
         Err(e) => {
-            return error_response(StatusCode::BAD_REQUEST, &format!("bad request target: {e}"))
+            return Ok(error_response(
+                StatusCode::BAD_REQUEST,
+                &format!("bad request target: {e}"),
+            ))
         }
     };
-    parts.uri = uri;
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     add_via(&mut parts.headers);
     let req = Request::from_parts(parts, body::stream(incoming));
+    Ok(passthrough(upstream.send(req).await?))
+}
 
-    match upstream.send(req).await {
-        Ok(resp) => passthrough(resp),
-        Err(e) => {
-            tracing::warn!(upstream = %origin.authority, error = %error_chain(&e), "upstream request failed");
-            error_response(
-                StatusCode::BAD_GATEWAY,
-                &format!(
-                    "regcache: cannot reach {}: {}",
-                    origin.authority,
-                    error_chain(&e)
-                ),
-            )
+/// `origin` with the path and query of `uri`.
+fn origin_uri(origin: &Origin, uri: &Uri) -> Result<Uri, http::Error> {
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    Uri::builder()
+        .scheme(origin.scheme.clone())
+        .authority(origin.authority.clone())
+        .path_and_query(path)
+        .build()
+}
+
+/// `GET /v2/`: upstream's answer (an auth challenge, typically) when it
+/// answers; when it is down or failing, regcache's own 200 so that clients go
+/// on to pull what is cached.
+async fn base(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
+    match try_forward(&app.upstream, &target.origin, req).await {
+        Ok(resp) if !resp.status().is_server_error() => Served::new(resp, CacheStatus::Pass),
+        outcome => {
+            let why = match &outcome {
+                Ok(resp) => format!("upstream answered {}", resp.status()),
+                Err(e) => error_chain(e),
+            };
+            tracing::info!(registry = %target.registry, reason = %why, "upstream unavailable; answering /v2/ from the cache");
+            let mut resp = Response::new(body::full("{}"));
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            h.insert(
+                "docker-distribution-api-version",
+                HeaderValue::from_static("registry/2.0"),
+            );
+            h.insert(
+                http::header::WARNING,
+                HeaderValue::from_static("110 regcache \"Response is Stale\""),
+            );
+            Served::new(resp, CacheStatus::Stale)
         }
     }
+}
+
+/// 502 naming the upstream that could not be reached.
+fn unreachable_upstream(authority: &Authority, err: &dyn std::error::Error) -> Response<Body> {
+    tracing::warn!(upstream = %authority, error = %error_chain(err), "upstream request failed");
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        &format!("regcache: cannot reach {authority}: {}", error_chain(err)),
+    )
 }
 
 /// A short plain-text error answer.

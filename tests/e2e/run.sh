@@ -334,6 +334,7 @@ PROXYPORT=$(free_port)
 PROXY=http://127.0.0.1:$PROXYPORT
 mkdir -p "$W/regcache/certs"
 REGCACHE_LOG=$W/regcache.log
+TAG_TTL=""
 if [ "$E2E_PROXY" = tunnel ]; then
     note "E2E_PROXY=tunnel: self-test with a plain CONNECT relay instead of regcache"
     start_bg regcache "$REGCACHE_LOG" python3 "$HERE/tunnel_proxy.py" --listen "127.0.0.1:$PROXYPORT" \
@@ -361,7 +362,6 @@ else
     fi
     # A short tag TTL makes the later pulls revalidate tags with the live
     # upstream, and lets the test see a deleted tag and a stale tag.
-    TAG_TTL=""
     if grep -q -- '--tag-ttl' "$LAST_LOG"; then
         TAG_TTL=2
         serve_args+=(--tag-ttl "$TAG_TTL")
