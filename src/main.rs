@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (with no options: 127.0.0.1:3128, CA in ./certs)
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage regcache's certificate authority
     #[command(subcommand)]
     Ca(CaCommand),
@@ -156,7 +156,7 @@ impl Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Ca(cmd) => ca(cmd),
         Command::Cache(cmd) => cache(cmd),
         Command::Config => {

@@ -70,7 +70,7 @@ pub fn list(snap: &Snapshot) -> String {
         out += &format!("{}\t{}\n", t.key, t.digest);
     }
     let mut content: Vec<_> = snap.content.iter().collect();
-    content.sort_by(|a, b| b.last_access.cmp(&a.last_access));
+    content.sort_by_key(|r| std::cmp::Reverse(r.last_access));
     for r in content {
         let kind = if r.media_type.is_empty() {
             "blob"
