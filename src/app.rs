@@ -63,8 +63,17 @@ impl App {
         }))
     }
 
-    /// Background upkeep: writes access times and counters every 30 s.
-    pub async fn maintain(self: Arc<Self>) {
+    /// Background upkeep: removes orphaned files once, then writes access
+    /// times and counters every 30 s.
+    pub async fn maintain(self: Arc<Self>, started: std::time::SystemTime) {
+        match self.cache.sweep_orphans(started).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                removed = n,
+                "removed cache files left by an interrupted run"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot sweep the cache for orphaned files"),
+        }
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {

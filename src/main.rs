@@ -181,8 +181,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = Config::from_settings(settings).map_err(Failure::usage)?;
     init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    let started = std::time::SystemTime::now();
+    let app = App::new(config).map_err(Failure::usage)?;
     runtime.block_on(async move {
-        let app = App::new(config).map_err(Failure::usage)?;
         let proxy = Proxy::bind(app.clone()).await.map_err(|e| {
             Failure::runtime(format!("cannot listen on {}: {e}", app.config.listen))
         })?;
@@ -192,7 +193,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             ca = %app.ca.cert_path().display(),
             "listening; clients use HTTPS_PROXY=http://{addr} and trust http://{addr}/ca.crt"
         );
-        let upkeep = tokio::spawn(app.clone().maintain());
+        let upkeep = tokio::spawn(app.clone().maintain(started));
         proxy.run(shutdown_signal()).await;
         upkeep.abort();
         if let Err(e) = app.cache.flush().await {

@@ -467,6 +467,37 @@ impl Cache {
         .await;
     }
 
+    /// Deletes content files that no index entry names: left behind by a
+    /// crash between a file's rename and its entry's commit (or by an entry's
+    /// removal and its file's). Files written since `started` are left alone,
+    /// as they may belong to a commit in progress.
+    pub async fn sweep_orphans(self: &Arc<Self>, started: SystemTime) -> Result<usize, CacheError> {
+        let cache = self.clone();
+        blocking(move || {
+            let mut removed = 0;
+            let root = cache.dir.join("blobs");
+            for alg in read_dir(&root)? {
+                for shard in read_dir(&alg)? {
+                    for file in read_dir(&shard)? {
+                        let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                        let alg_name = alg.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                        let known = format!("{alg_name}:{name}")
+                            .parse::<Digest>()
+                            .is_ok_and(|d| cache.contains(&d));
+                        let recent = std::fs::metadata(&file)
+                            .and_then(|m| m.modified())
+                            .is_ok_and(|t| t >= started);
+                        if !known && !recent && std::fs::remove_file(&file).is_ok() {
+                            removed += 1;
+                        }
+                    }
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     /// Writes access times and counters gathered since the last call.
     pub async fn flush(&self) -> Result<(), CacheError> {
         let changes = {
@@ -514,6 +545,18 @@ impl Cache {
     }
 }
 
+/// The entries of a directory (none if it does not exist).
+fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => Ok(entries.filter_map(|e| e.ok().map(|e| e.path())).collect()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(CacheError::Io {
+            path: dir.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// Removes least recently used entries without readers until `total <= budget`.
 fn evict(state: &mut State, budget: u64) -> Vec<Digest> {
     let mut victims = Vec::new();
@@ -549,4 +592,71 @@ pub async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| CacheError::Task(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn put(cache: &Cache, content: &[u8]) -> Digest {
+        let digest = Digest::of(content);
+        cache
+            .store_bytes(&digest, bytes::Bytes::copy_from_slice(content), "")
+            .await
+            .unwrap();
+        digest
+    }
+
+    #[tokio::test]
+    async fn evicts_least_recently_used_but_never_a_held_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 3000).unwrap();
+        let a = put(&cache, &[1; 1000]).await;
+        let b = put(&cache, &[2; 1000]).await;
+        let c = put(&cache, &[3; 1000]).await;
+        let held_a = cache.get(&a).unwrap(); // a: most recent, and in use
+        let d = put(&cache, &[4; 1000]).await;
+        assert!(cache.contains(&a) && cache.contains(&c) && cache.contains(&d));
+        assert!(!cache.contains(&b), "b was least recently used");
+        assert!(!cache.content_path(&b).exists(), "its file is gone");
+        // Now a is least recently used, but held: c goes instead.
+        put(&cache, &[5; 1000]).await;
+        assert!(cache.contains(&a), "a held entry survives eviction");
+        assert!(!cache.contains(&c));
+        drop(held_a);
+        assert!(cache.stats().bytes <= 3000);
+    }
+
+    #[tokio::test]
+    async fn survives_reopening_and_sweeps_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = {
+            let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+            let a = put(&cache, b"kept").await;
+            cache
+                .link("docker.io", "library/x", &[a.clone()])
+                .await
+                .unwrap();
+            a
+        };
+        // A file no entry names, as a crash after its rename would leave.
+        let orphan = Digest::of(b"orphan");
+        let path = content_file(dir.path(), &orphan);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, b"orphan").unwrap();
+        std::fs::write(dir.path().join("tmp").join("partial"), b"half").unwrap();
+
+        let started = SystemTime::now() + std::time::Duration::from_secs(1);
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        assert!(cache.get(&a).is_some());
+        assert!(cache.is_linked("docker.io", "library/x", &a));
+        assert!(!cache.is_linked("docker.io", "library/y", &a));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert_eq!(cache.sweep_orphans(started).await.unwrap(), 1);
+        assert!(!path.exists());
+        assert!(cache.content_path(&a).exists());
+    }
 }
