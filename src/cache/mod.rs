@@ -634,7 +634,7 @@ mod tests {
             let cache = Cache::open(dir.path(), 1 << 20).unwrap();
             let a = put(&cache, b"kept").await;
             cache
-                .link("docker.io", "library/x", &[a.clone()])
+                .link("docker.io", "library/x", std::slice::from_ref(&a))
                 .await
                 .unwrap();
             a
