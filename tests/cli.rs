@@ -177,26 +177,43 @@ fn ca_init_path_and_show() {
 // Bad invocations: exit code 2, one line on stderr
 // ---------------------------------------------------------------------------
 
-fn assert_usage_error(args: &[&str], mention: &str) {
+/// Checks one bad invocation; returns what is wrong with regcache's answer.
+fn usage_error_problems(args: &[&str], mention: &str) -> Vec<String> {
     let out = run_regcache(args);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "regcache {args:?} should exit 2; got {}; stderr:\n{stderr}",
-        out.status
-    );
+    let mut problems = vec![];
+    if out.status.code() != Some(2) {
+        problems.push(format!(
+            "regcache {args:?} should exit 2; got {}; stderr:\n{stderr}",
+            out.status
+        ));
+    }
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "regcache {args:?} should print a one-line error; stderr was:\n{stderr}"
-    );
-    assert!(
-        lines[0].contains(mention),
-        "the error for {args:?} should mention {mention:?}: {}",
-        lines[0]
-    );
+    if lines.len() != 1 {
+        problems.push(format!(
+            "regcache {args:?} should print a one-line error; stderr has {} lines:\n{stderr}",
+            lines.len()
+        ));
+    }
+    if !lines.first().is_some_and(|l| l.contains(mention)) {
+        problems.push(format!(
+            "the error for {args:?} should mention {mention:?} on its first line; stderr:\n{stderr}"
+        ));
+    }
+    problems
+}
+
+/// Check every case, then fail once listing all the problems.
+fn assert_usage_errors(cases: &[(Vec<&str>, &str)]) {
+    let problems: Vec<String> = cases
+        .iter()
+        .flat_map(|(args, mention)| usage_error_problems(args, mention))
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n----\n"));
+}
+
+fn assert_usage_error(args: &[&str], mention: &str) {
+    assert_usage_errors(&[(args.to_vec(), mention)]);
 }
 
 fn serve_args<'a>(port: &'a str, dir: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -218,13 +235,15 @@ fn bad_option_values_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let port = format!("127.0.0.1:{}", free_port());
     let d = dir.path().to_str().unwrap();
-    assert_usage_error(&serve_args(&port, d, &["--other-hosts", "maybe"]), "maybe");
-    assert_usage_error(&serve_args(&port, d, &["--log-format", "xml"]), "xml");
-    assert_usage_error(
-        &serve_args(&port, d, &["--resolve", "no-equals-sign"]),
-        "no-equals-sign",
-    );
-    assert_usage_error(&serve_args("not-an-address", d, &[]), "not-an-address");
+    assert_usage_errors(&[
+        (serve_args(&port, d, &["--other-hosts", "maybe"]), "maybe"),
+        (serve_args(&port, d, &["--log-format", "xml"]), "xml"),
+        (
+            serve_args(&port, d, &["--resolve", "no-equals-sign"]),
+            "no-equals-sign",
+        ),
+        (serve_args("not-an-address", d, &[]), "not-an-address"),
+    ]);
 }
 
 #[test]
@@ -270,8 +289,8 @@ async fn config_file_sets_every_foundation_option() {
         r#"listen = "127.0.0.1:{port}"
 ca_dir = "{ca}"
 upstream_ca = ["{upca}"]
-resolve = ["cfg.test=127.0.0.1:{up}", "other.test=127.0.0.1:{up}"]
-intercept = ["cfg.test"]
+resolve = ["upstream.test=127.0.0.1:{up}", "other.test=127.0.0.1:{up}"]
+intercept = ["upstream.test"]
 other_hosts = "refuse"
 connect_ports = [{up}]
 "#,
@@ -289,7 +308,7 @@ connect_ports = [{up}]
         .await;
 
     // intercept + resolve + upstream_ca
-    let mut client = proxy.intercepted("cfg.test", Alpn::Http11).await;
+    let mut client = proxy.intercepted("upstream.test", Alpn::Http11).await;
     let req = client
         .builder(Method::GET, "/from-config")
         .body(empty())
@@ -304,12 +323,12 @@ connect_ports = [{up}]
         "other_hosts = \"refuse\" from the config file"
     );
     // connect_ports: the upstream's port is allowed for CONNECT; 25 is not.
-    let tcp = connect_tunnel(proxy.addr, &format!("cfg.test:{up}"))
+    let tcp = connect_tunnel(proxy.addr, &format!("upstream.test:{up}"))
         .await
-        .unwrap_or_else(|s| panic!("CONNECT cfg.test:{up} (in connect_ports) answered {s}"));
+        .unwrap_or_else(|s| panic!("CONNECT upstream.test:{up} (in connect_ports) answered {s}"));
     drop(tcp);
     assert_eq!(
-        connect_tunnel(proxy.addr, "cfg.test:25").await.err(),
+        connect_tunnel(proxy.addr, "upstream.test:25").await.err(),
         Some(403)
     );
 }

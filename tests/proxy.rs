@@ -53,7 +53,7 @@ async fn intercepted_host_gets_leaf_for_its_name_signed_by_regcache_ca() {
 
     let mut client = HttpClient::over_tls(tls, "upstream.test").await;
     let req = client
-        .builder(Method::POST, "/v2/library/alpine/echo?x=1")
+        .builder(Method::POST, "/library/alpine/echo?x=1")
         .header("accept", "application/vnd.oci.image.index.v1+json")
         .body(full("hello upstream"))
         .unwrap();
@@ -61,12 +61,12 @@ async fn intercepted_host_gets_leaf_for_its_name_signed_by_regcache_ca() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(
         body_string(resp.into_body()).await,
-        "POST /v2/library/alpine/echo?x=1\nhello upstream"
+        "POST /library/alpine/echo?x=1\nhello upstream"
     );
 
-    let seen = fx.upstream.wait_for("/v2/library/alpine/echo").await;
+    let seen = fx.upstream.wait_for("/library/alpine/echo").await;
     assert_eq!(seen.method, Method::POST);
-    assert_eq!(seen.path, "/v2/library/alpine/echo?x=1");
+    assert_eq!(seen.path, "/library/alpine/echo?x=1");
     assert_eq!(seen.body_len, "hello upstream".len() as u64);
     assert_eq!(
         seen.headers.get("accept").map(|v| v.to_str().unwrap()),
@@ -153,7 +153,7 @@ async fn intercepted_ip_host_gets_ip_san() {
     let proxy = fx
         .proxy()
         .intercept("127.0.0.1")
-        .arg("--connect-port")
+        .arg("--connect-ports")
         .arg(port.to_string())
         .start()
         .await;
@@ -177,6 +177,63 @@ async fn intercepted_ip_host_gets_ip_san() {
     let resp = client.get("/ip-host").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(body_string(resp.into_body()).await, "GET /ip-host\n");
+}
+
+#[tokio::test]
+async fn leaf_is_reused_across_connections() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx.proxy().start().await;
+    let a = proxy.intercepted("upstream.test", Alpn::Http11).await;
+    let b = proxy.intercepted("upstream.test", Alpn::H2).await;
+    assert_eq!(
+        a.peer_leaf, b.peer_leaf,
+        "a second connection to the same host should get the cached leaf"
+    );
+}
+
+/// Without --upstream-ca the test CA is not trusted: regcache must refuse to
+/// talk to the upstream rather than skip verification.
+#[tokio::test]
+async fn untrusted_upstream_certificate_is_refused() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = ProxyBuilder::new()
+        .intercept("upstream.test")
+        .resolve("upstream.test", fx.upstream.port())
+        .start()
+        .await;
+    let mut client = proxy.intercepted("upstream.test", Alpn::Http11).await;
+    let resp = client.get("/untrusted").await;
+    assert!(
+        resp.status().is_server_error(),
+        "an upstream with an untrusted certificate should give a 5xx, got {}",
+        resp.status()
+    );
+    body_bytes(resp.into_body()).await;
+    assert!(
+        fx.upstream.seen().is_empty(),
+        "no request may reach an upstream whose certificate failed verification"
+    );
+}
+
+/// The upstream's certificate does not name mismatch.test.
+#[tokio::test]
+async fn upstream_certificate_for_another_name_is_refused() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .intercept("mismatch.test")
+        .resolve("mismatch.test", fx.upstream.port())
+        .start()
+        .await;
+    let mut client = proxy.intercepted("mismatch.test", Alpn::Http11).await;
+    let resp = client.get("/mismatch").await;
+    assert!(
+        resp.status().is_server_error(),
+        "an upstream certificate without the host's name should give a 5xx, got {}",
+        resp.status()
+    );
+    body_bytes(resp.into_body()).await;
+    assert!(fx.upstream.seen().is_empty());
 }
 
 // ---------------------------------------------------------------------------
@@ -393,7 +450,7 @@ async fn connect_port_flag_allows_extra_port() {
     let port = fx.upstream.port();
     let proxy = fx
         .proxy()
-        .args(["--connect-port", &port.to_string()])
+        .args(["--connect-ports", &port.to_string()])
         .start()
         .await;
     let tcp = proxy.tunnel(&format!("127.0.0.1:{port}")).await;
@@ -488,10 +545,16 @@ async fn origin_form_without_host_is_400() {
 #[tokio::test]
 async fn oversized_headers_are_431() {
     let proxy = ProxyBuilder::new().start().await;
-    let mut req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: ".to_vec();
-    req.extend(std::iter::repeat_n(b'a', 100 * 1024));
-    req.extend_from_slice(b"\r\n\r\n");
-    expect_status(&proxy, &req, 431).await;
+    let one_header = |size: usize| {
+        let mut req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: ".to_vec();
+        req.extend(std::iter::repeat_n(b'a', size));
+        req.extend_from_slice(b"\r\n\r\n");
+        req
+    };
+    // Far over any limit.
+    expect_status(&proxy, &one_header(1024 * 1024), 431).await;
+    // Over the 64 KiB limit, sent in one write (so it arrives in one burst).
+    expect_status(&proxy, &one_header(100 * 1024), 431).await;
 
     // Many headers that add up to more than 64 KiB.
     let mut req = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n".to_vec();
@@ -751,7 +814,7 @@ fn assert_no_secrets(log: &str) {
 async fn authorization_never_logged_and_requests_are_logged() {
     let fx = Fixture::new(UpstreamKind::Https).await;
     let proxy = fx.proxy().start().await;
-    let path = "/v2/logcheck/manifests/latest";
+    let path = "/logcheck/manifests/latest";
     make_secret_requests(&fx, &proxy, path).await;
     let log = wait_for_log(&proxy, path).await;
     // Give a late line (e.g. the 401) a moment to land, then look again.
@@ -780,7 +843,7 @@ async fn authorization_never_logged_and_requests_are_logged() {
 async fn json_log_format_writes_json_lines_without_secrets() {
     let fx = Fixture::new(UpstreamKind::Https).await;
     let proxy = fx.proxy().args(["--log-format", "json"]).start().await;
-    let path = "/v2/jsonlog/blobs/sha256:abc";
+    let path = "/jsonlog/blobs/x";
     make_secret_requests(&fx, &proxy, path).await;
     let log = wait_for_log(&proxy, "jsonlog").await;
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -14,9 +14,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let (name, tail) = match parse(path) {
-        Ok(Route::Manifest { name, reference }) => {
-            (name, format!("/manifests/{reference}"))
-        }
+        Ok(Route::Manifest { name, reference }) => (name, format!("/manifests/{reference}")),
         Ok(Route::Blob { name, digest }) => (name, format!("/blobs/{digest}")),
         _ => return,
     };
@@ -25,7 +23,9 @@ fuzz_target!(|data: &[u8]| {
     assert!(name
         .bytes()
         .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-/".contains(&b)));
-    assert!(!name.split('/').any(|c| c.is_empty() || c == "." || c == ".."));
+    assert!(!name
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == ".."));
     let rebuilt = format!("/v2/{name}{tail}");
     let without_query = path.split(['?', '#']).next().unwrap_or_default();
     assert_eq!(rebuilt, without_query);

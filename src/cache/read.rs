@@ -4,8 +4,8 @@
 //! Reads are positioned (`pread`) in chunks, off the async threads, so any
 //! number of readers share one file without sharing an offset. While a
 //! download is under way with a known length, its last byte is held back until
-//! the digest has matched: a client can never complete a response whose bytes
-//! turn out wrong. If the download fails, the body ends with an error and
+//! the digest has matched (and the last byte of a range being read): a client
+//! can never complete a response whose bytes turn out wrong. If the download fails, the body ends with an error and
 //! hyper aborts the response.
 
 use std::os::unix::fs::FileExt;
@@ -96,12 +96,13 @@ fn readable(r: &mut Reader) -> Result<Option<u64>, BoxError> {
             reason: "abandoned".into(),
         })),
         Phase::Connecting | Phase::Streaming => {
-            // Hold back the final byte of a known length until verified.
+            // Hold back the final byte of a known length, and of the range
+            // being read, until the whole download is verified.
             let limit = match p.total {
                 Some(total) => p.written.min(total.saturating_sub(1)),
                 None => p.written,
             };
-            Ok(Some(r.end.min(limit)))
+            Ok(Some(r.end.saturating_sub(1).min(limit)))
         }
     }
 }

@@ -118,7 +118,7 @@ pub struct Settings {
     #[serde(default)]
     pub upstream_ca: Vec<PathBuf>,
 
-    /// Send upstream connections for HOST to ADDR[:PORT] (repeatable)
+    /// Send upstream connections for HOST to ADDR, or ADDR:PORT (repeatable)
     #[arg(
         long,
         env = "REGCACHE_RESOLVE",

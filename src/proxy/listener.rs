@@ -20,7 +20,7 @@ use super::policy::{decide_connect, decide_host, Decision};
 use super::{intercept, tunnel, ConnContext};
 use crate::body::{self, Body};
 use crate::registry::hosts::normalize_host;
-use crate::serve::log::{LoggedBody, RequestLog};
+use crate::serve::log::{logged, RequestLog};
 use crate::serve::{self, error_response, Origin, Target};
 use crate::upstream::connect_tcp;
 
@@ -186,9 +186,4 @@ fn body_response(status: StatusCode) -> Response<Body> {
     let mut resp = Response::new(body::empty());
     *resp.status_mut() = status;
     resp
-}
-
-fn logged(resp: Response<Body>, mut log: RequestLog) -> Response<Body> {
-    log.status = resp.status();
-    resp.map(|b| http_body_util::BodyExt::boxed(LoggedBody::new(b, log)))
 }

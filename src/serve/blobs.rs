@@ -19,7 +19,7 @@ use super::range::{span, Span};
 use super::{passthrough, upstream_headers, upstream_uri, CacheStatus, Served};
 use crate::app::App;
 use crate::body::{self, Body};
-use crate::cache::fill::{Fill, Role};
+use crate::cache::fill::{Fill, Leader, Role};
 use crate::cache::{read, Cached};
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
@@ -39,16 +39,8 @@ pub async fn serve(
     let cache = &app.cache;
     let repo = name.as_str();
     if let Some(cached) = cache.get(digest) {
-        if !cache.is_linked(&target.registry, repo, digest) {
-            if let Err(refused) = confirm_upstream(app, target, parts).await {
-                return refused;
-            }
-            if let Err(e) = cache
-                .link(&target.registry, repo, std::slice::from_ref(digest))
-                .await
-            {
-                tracing::warn!(error = %e, "cannot record link");
-            }
+        if let Err(refused) = ensure_linked(app, target, repo, digest, parts).await {
+            return refused;
         }
         match open(&cached).await {
             Some(file) => {
@@ -66,63 +58,13 @@ pub async fn serve(
     }
     for _ in 0..MAX_JOIN_ATTEMPTS {
         match cache.join_fill(digest) {
-            Role::Leader(leader) => {
-                let uri = match upstream_uri(target, parts) {
-                    Ok(uri) => uri,
-                    Err(resp) => return Served::new(*resp, CacheStatus::Pass),
-                };
-                let resp = match app
-                    .upstream
-                    .fetch(Method::GET, uri, upstream_headers(parts))
-                    .await
-                {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss)
-                    }
-                };
-                cache.count(false);
-                if resp.status() != StatusCode::OK {
-                    leader.abandon();
-                    return Served::new(passthrough(resp), CacheStatus::Miss);
-                }
-                let total = content_length(resp.headers());
-                let fill = match leader.start(resp.into_body(), total, String::new()).await {
-                    Ok(fill) => fill,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot start download");
-                        return Served::new(
-                            super::error_json(
-                                StatusCode::INTERNAL_SERVER_ERROR,
-                                ErrorCode::Unsupported,
-                                "cache write failed",
-                            ),
-                            CacheStatus::Miss,
-                        );
-                    }
-                };
-                if let Err(e) = cache
-                    .link(&target.registry, repo, std::slice::from_ref(digest))
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot record link");
-                }
-                return Served::new(from_fill(parts, digest, &fill), CacheStatus::Miss);
-            }
+            Role::Leader(leader) => return lead(app, target, repo, digest, parts, leader).await,
             Role::Follower(fill) => {
                 if !fill.started().await {
                     continue;
                 }
-                if !cache.is_linked(&target.registry, repo, digest) {
-                    if let Err(refused) = confirm_upstream(app, target, parts).await {
-                        return refused;
-                    }
-                    if let Err(e) = cache
-                        .link(&target.registry, repo, std::slice::from_ref(digest))
-                        .await
-                    {
-                        tracing::warn!(error = %e, "cannot record link");
-                    }
+                if let Err(refused) = ensure_linked(app, target, repo, digest, parts).await {
+                    return refused;
                 }
                 cache.count(true);
                 return Served::new(from_fill(parts, digest, &fill), CacheStatus::Coalesced);
@@ -133,21 +75,95 @@ pub async fn serve(
     forward_get(app, target, parts).await
 }
 
-/// Asks upstream whether this repository has the blob (HEAD, client's own
-/// credentials). Ok on 200; otherwise upstream's answer to pass on.
-async fn confirm_upstream(app: &App, target: &super::Target, parts: &Parts) -> Result<(), Served> {
+/// Fetches a missing blob for everyone: one upstream GET, stored as it
+/// streams to this client and to any that join.
+async fn lead(
+    app: &Arc<App>,
+    target: &super::Target,
+    repo: &str,
+    digest: &Digest,
+    parts: &Parts,
+    leader: Leader,
+) -> Served {
+    let uri = match upstream_uri(target, parts) {
+        Ok(uri) => uri,
+        Err(resp) => return Served::new(*resp, CacheStatus::Pass),
+    };
+    let resp = match app
+        .upstream
+        .fetch(Method::GET, uri, upstream_headers(parts))
+        .await
+    {
+        Ok(resp) => resp,
+        Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
+    };
+    app.cache.count(false);
+    if resp.status() != StatusCode::OK {
+        leader.abandon();
+        return Served::new(passthrough(resp), CacheStatus::Miss);
+    }
+    // Linked before the download starts, so that followers from the same
+    // repository need no upstream check.
+    link(app, target, repo, digest).await;
+    let total = content_length(resp.headers());
+    match leader.start(resp.into_body(), total, String::new()).await {
+        Ok(fill) => Served::new(from_fill(parts, digest, &fill), CacheStatus::Miss),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start download");
+            Served::new(
+                super::error_json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Unsupported,
+                    "cache write failed",
+                ),
+                CacheStatus::Miss,
+            )
+        }
+    }
+}
+
+/// Makes sure `repo` may see `digest`: already linked, or upstream confirms
+/// with a HEAD (client's own credentials) that this repository has it. On a
+/// refusal, the answer to give the client.
+async fn ensure_linked(
+    app: &App,
+    target: &super::Target,
+    repo: &str,
+    digest: &Digest,
+    parts: &Parts,
+) -> Result<(), Served> {
+    if app.cache.is_linked(&target.registry, repo, digest) {
+        return Ok(());
+    }
     let uri = upstream_uri(target, parts).map_err(|resp| Served::new(*resp, CacheStatus::Pass))?;
     match app
         .upstream
         .fetch(Method::HEAD, uri, upstream_headers(parts))
         .await
     {
-        Ok(resp) if resp.status() == StatusCode::OK => Ok(()),
-        Ok(resp) => Err(Served::new(passthrough(resp), CacheStatus::Miss)),
+        Ok(resp) if resp.status() == StatusCode::OK => {
+            link(app, target, repo, digest).await;
+            Ok(())
+        }
+        Ok(resp) => Err(Served::new(
+            super::refusal(&parts.method, resp, ErrorCode::BlobUnknown, "blob"),
+            CacheStatus::Miss,
+        )),
         Err(e) => Err(Served::new(
             super::bad_gateway(target, &e),
             CacheStatus::Miss,
         )),
+    }
+}
+
+/// Records that `repo` may see `digest` (a failure is logged, not fatal).
+async fn link(app: &App, target: &super::Target, repo: &str, digest: &Digest) {
+    if let Err(e) = app
+        .cache
+        .link(&target.registry, repo, std::slice::from_ref(digest))
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record link");
     }
 }
 

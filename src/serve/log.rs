@@ -12,8 +12,10 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::header::CONTENT_LENGTH;
+use http::{Method, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::BodyExt;
 
 use crate::body::{Body, BoxError};
 
@@ -82,17 +84,30 @@ impl Drop for RequestLog {
     }
 }
 
+/// Attaches `log` to `resp`: its status now, its line when the body ends.
+pub fn logged(resp: Response<Body>, mut log: RequestLog) -> Response<Body> {
+    log.status = resp.status();
+    let length = resp
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    resp.map(|body| LoggedBody::new(body, log, length).boxed())
+}
+
 /// A response body that writes its request's log line when it ends.
 pub struct LoggedBody {
     inner: Body,
     log: RequestLog,
+    /// The announced length: hyper stops polling once it is sent.
+    length: Option<u64>,
 }
 
 impl LoggedBody {
     /// Wraps `inner`; the line is written when the result ends or is dropped.
-    pub fn new(inner: Body, mut log: RequestLog) -> Self {
+    pub fn new(inner: Body, mut log: RequestLog, length: Option<u64>) -> Self {
         log.complete = inner.is_end_stream();
-        Self { inner, log }
+        Self { inner, log, length }
     }
 }
 
@@ -111,7 +126,7 @@ impl HttpBody for LoggedBody {
                 if let Some(data) = frame.data_ref() {
                     this.log.bytes += data.len() as u64;
                 }
-                if this.inner.is_end_stream() {
+                if this.inner.is_end_stream() || this.length == Some(this.log.bytes) {
                     this.log.complete = true;
                 }
             }

@@ -144,35 +144,24 @@ async fn by_tag(
                     tracing::warn!(error = %e, "cannot forget tag");
                 }
             }
-            let status = upstream_resp
-                .as_ref()
-                .map(|r| r.status())
-                .unwrap_or(StatusCode::BAD_GATEWAY);
-            match (parts.method == Method::HEAD, upstream_resp) {
-                (true, Some(resp)) => Served::new(passthrough(resp), CacheStatus::Miss),
-                (_, resp) => {
-                    // A GET answered from a HEAD: give the body a HEAD lacks.
-                    let code = match status {
-                        StatusCode::NOT_FOUND => ErrorCode::ManifestUnknown,
-                        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
-                        StatusCode::FORBIDDEN => ErrorCode::Denied,
-                        _ => ErrorCode::Unsupported,
-                    };
-                    let mut answer = error_json(
-                        status,
-                        code,
-                        &format!("manifest {tag}: upstream answered {status}"),
-                    );
-                    if let Some(challenge) = resp
-                        .as_ref()
-                        .and_then(|r| r.headers().get(http::header::WWW_AUTHENTICATE))
-                    {
-                        answer
-                            .headers_mut()
-                            .insert(http::header::WWW_AUTHENTICATE, challenge.clone());
-                    }
-                    Served::new(answer, CacheStatus::Miss)
-                }
+            match upstream_resp {
+                Some(resp) => Served::new(
+                    super::refusal(
+                        &parts.method,
+                        resp,
+                        ErrorCode::ManifestUnknown,
+                        &format!("manifest {tag}"),
+                    ),
+                    CacheStatus::Miss,
+                ),
+                None => Served::new(
+                    error_json(
+                        StatusCode::BAD_GATEWAY,
+                        ErrorCode::Unsupported,
+                        "upstream unavailable",
+                    ),
+                    CacheStatus::Miss,
+                ),
             }
         }
     }

@@ -30,7 +30,7 @@ use crate::registry::hosts::canonical_registry;
 use crate::registry::route::{self, Route};
 use crate::upstream::Upstream;
 use headers::{add_via, strip_hop_by_hop};
-use log::{LoggedBody, RequestLog};
+use log::{logged, RequestLog};
 
 /// Where requests on one connection go: the host the client asked for.
 #[derive(Debug, Clone)]
@@ -139,9 +139,8 @@ pub async fn handle(
         resp.headers_mut()
             .insert("x-cache", HeaderValue::from_static(served.cache.as_str()));
     }
-    log.status = resp.status();
     log.cache = served.cache.as_str();
-    resp.map(|b| http_body_util::BodyExt::boxed(LoggedBody::new(b, log)))
+    logged(resp, log)
 }
 
 async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
@@ -216,6 +215,36 @@ pub fn passthrough(resp: Response<Incoming>) -> Response<Body> {
     strip_hop_by_hop(&mut parts.headers);
     add_via(&mut parts.headers);
     Response::from_parts(parts, body::stream(incoming))
+}
+
+/// Upstream's refusal of a `HEAD` made on behalf of a client's request: passed
+/// on as is for a `HEAD`; for a `GET`, the same status and challenge with the
+/// registry's JSON error body (a HEAD answer has none, and its Content-Length
+/// describes a body that is not there).
+pub fn refusal(
+    method: &Method,
+    head: Response<Incoming>,
+    not_found: ErrorCode,
+    what: &str,
+) -> Response<Body> {
+    if *method == Method::HEAD {
+        return passthrough(head);
+    }
+    let status = head.status();
+    let code = match status {
+        StatusCode::NOT_FOUND => not_found,
+        StatusCode::UNAUTHORIZED => ErrorCode::Unauthorized,
+        StatusCode::FORBIDDEN => ErrorCode::Denied,
+        StatusCode::TOO_MANY_REQUESTS => ErrorCode::TooManyRequests,
+        _ => ErrorCode::Unsupported,
+    };
+    let mut answer = error_json(status, code, &format!("{what}: upstream answered {status}"));
+    if let Some(challenge) = head.headers().get(http::header::WWW_AUTHENTICATE) {
+        answer
+            .headers_mut()
+            .insert(http::header::WWW_AUTHENTICATE, challenge.clone());
+    }
+    answer
 }
 
 /// An error answer in the registry's JSON format.

@@ -648,12 +648,14 @@ async fn handle(
     let mut out = format!("{} {}\n", parts.method, path).into_bytes();
     out.extend_from_slice(&data);
     let len = out.len();
-    let mut r = resp(StatusCode::OK, full(out));
+    let head = parts.method == Method::HEAD;
+    // HEAD: no body (hyper's HTTP/2 server would send one), but the length
+    // the GET would have.
+    let mut r = resp(StatusCode::OK, if head { empty() } else { full(out) });
     let h = r.headers_mut();
     h.insert("x-upstream-proto", proto);
     h.insert("x-end-to-end", HeaderValue::from_static("kept"));
-    if parts.method == Method::HEAD {
-        // Announce the length the GET would have.
+    if head {
         h.insert("content-length", HeaderValue::from(len));
     }
     if path.starts_with("/hop") {

@@ -27,6 +27,8 @@
 # Prints PASS/FAIL/SKIP per check and ends with the line "N passed, M failed";
 # the exit status is non-zero when anything failed.
 
+# Functions called only through traps or wait_until look unreachable to it.
+# shellcheck disable=SC2317
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -57,7 +59,7 @@ run() {
     LAST_LOG=$W/logs/$(printf '%02d' "$STEP")-$name.log
     printf '+ %q ' "$@" >"$LAST_LOG"
     echo >>"$LAST_LOG"
-    timeout --kill-after=5 "$secs" "$@" >>"$LAST_LOG" 2>&1
+    timeout --foreground --kill-after=5 "$secs" "$@" >>"$LAST_LOG" 2>&1
 }
 
 # capture NAME SECONDS OUTFILE CMD...: like run, but stdout goes to OUTFILE.
@@ -68,7 +70,7 @@ capture() {
     LAST_LOG=$W/logs/$(printf '%02d' "$STEP")-$name.log
     printf '+ %q ' "$@" >"$LAST_LOG"
     echo >>"$LAST_LOG"
-    timeout --kill-after=5 "$secs" "$@" >"$out" 2>>"$LAST_LOG"
+    timeout --foreground --kill-after=5 "$secs" "$@" >"$out" 2>>"$LAST_LOG"
 }
 
 # check_digest WHAT EXPECTED ACTUAL
@@ -130,7 +132,11 @@ start_bg() { # start_bg NAME LOGFILE CMD...
 
 stop_pid() {
     local pid=$1 i
-    alive "$pid" || { wait "$pid" 2>/dev/null; return 0; }
+    if ! alive "$pid"; then
+        kill -KILL -- "-$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
+        return 0
+    fi
     kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
     for i in $(seq 1 50); do
         alive "$pid" || break
@@ -139,9 +145,10 @@ stop_pid() {
     if alive "$pid"; then
         kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
     fi
-    wait "$pid" 2>/dev/null
-    # Reap anything left in the process group (e.g. dockerd's containerd).
+    # Anything left in its process group goes too; the leader is not reaped
+    # yet, so the group id cannot have been reused.
     kill -KILL -- "-$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
     return 0
 }
 
@@ -158,6 +165,12 @@ stop_named() { # stop_named NAME: stop one daemon started with start_bg
 cleanup() {
     local rc=$? i
     trap - EXIT INT TERM
+    # Clients still running in the background (the concurrent pulls) first:
+    # timeout passes the TERM on to its command.
+    local daemons=" ${PIDS[*]} " job
+    for job in $(jobs -p); do
+        [[ $daemons == *" $job "* ]] || kill -TERM "$job" 2>/dev/null
+    done
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
         [ -n "${PIDS[$i]}" ] && stop_pid "${PIDS[$i]}"
     done
@@ -174,7 +187,6 @@ cleanup() {
     fi
     exit "$rc"
 }
-# shellcheck disable=SC2317  # invoked by the trap
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -207,6 +219,17 @@ summary() {
     [ "$FAILED" -eq 0 ]
     exit
 }
+
+# Build first, so that the clock of every later wait starts with a binary.
+if [ "$E2E_PROXY" != tunnel ] && [ -z "${REGCACHE_BIN:-}" ]; then
+    note "building regcache (cargo build)"
+    if ! (cd "$REPO" && cargo build >"$W/logs/cargo-build.log" 2>&1); then
+        fail "cargo build"
+        tail -n 30 "$W/logs/cargo-build.log" | indent
+        summary
+    fi
+    REGCACHE_BIN=$REPO/target/debug/regcache
+fi
 
 # The host name must not resolve to loopback for the clients, or dockerd would
 # treat the registry as insecure and skip verification (see DESIGN.md).
@@ -340,15 +363,6 @@ if [ "$E2E_PROXY" = tunnel ]; then
     start_bg regcache "$REGCACHE_LOG" python3 "$HERE/tunnel_proxy.py" --listen "127.0.0.1:$PROXYPORT" \
         --resolve "$HUB=127.0.0.1:$REGPORT" --ca-file "$PKI/ca.pem"
 else
-    if [ -z "${REGCACHE_BIN:-}" ]; then
-        note "building regcache (cargo build)"
-        if ! (cd "$REPO" && cargo build >"$W/logs/cargo-build.log" 2>&1); then
-            fail "cargo build"
-            tail -n 30 "$W/logs/cargo-build.log" | indent
-            summary
-        fi
-        REGCACHE_BIN=$REPO/target/debug/regcache
-    fi
     if ! run regcache-help 30 "$REGCACHE_BIN" serve --help; then
         fail "$REGCACHE_BIN serve --help"
         show_last
@@ -529,9 +543,7 @@ CLIENT_ENV=(env HTTPS_PROXY="$PROXY" https_proxy="$PROXY" HTTP_PROXY="$PROXY" ht
 SKOPEO=("${CLIENT_ENV[@]}" skopeo --policy "$W/policy.json")
 HUBLIB=docker://$HUB/library
 
-if run skopeo-untrusted 60 "${SKOPEO[@]}" inspect --raw --cert-dir "$W/empty-certs" "$HUBLIB/e2e-small:1"; then
-    :
-fi
+run skopeo-untrusted 60 "${SKOPEO[@]}" inspect --raw --cert-dir "$W/empty-certs" "$HUBLIB/e2e-small:1" || true
 if grep -qiE 'x509|certificate' "$LAST_LOG" && ! grep -q '"schemaVersion"' "$LAST_LOG"; then
     pass "skopeo without the proxy CA is refused (certificate error): the system trust store is not used"
 else

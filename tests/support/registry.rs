@@ -414,6 +414,10 @@ async fn next_frame(mut s: Streamer) -> Option<(Result<Frame<Bytes>, BoxError>, 
         return None;
     }
     if s.cut_after.is_some_and(|cut| s.pos >= cut) {
+        // Let the head and the bytes so far reach the wire first: an HTTP/2
+        // reset drops frames still queued, which would make this a failure
+        // before the response rather than a cut in the middle of the body.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         s.failed = true;
         return Some((Err("fake registry cut the body".into()), s));
     }
@@ -451,17 +455,13 @@ async fn handle(
 ) -> Result<Response<RespBody>, Infallible> {
     let (parts, _body) = req.into_parts();
     let path = parts.uri.path().to_owned();
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.to_string())
-        .or_else(|| {
-            parts
-                .headers
-                .get("host")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned)
-        });
+    let host = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+        parts
+            .headers
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    });
     let (resource, fault) = {
         let mut st = state.lock().unwrap();
         st.seen.push(Req {
@@ -537,10 +537,7 @@ async fn handle(
     }
     if let Some(d) = &res.digest {
         h.insert("docker-content-digest", HeaderValue::from_str(d).unwrap());
-        h.insert(
-            "etag",
-            HeaderValue::from_str(&format!("\"{d}\"")).unwrap(),
-        );
+        h.insert("etag", HeaderValue::from_str(&format!("\"{d}\"")).unwrap());
     }
     h.insert(
         "docker-distribution-api-version",

@@ -1,0 +1,76 @@
+//! Micro-benchmarks: opening a cache of 100,000 entries (start-up time), and
+//! the hot pure parts (route parsing, digest hashing, leaf minting).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use regcache::cache::index::{Change, ContentRow, Index};
+use regcache::cache::Cache;
+use regcache::registry::digest::Digest;
+use regcache::registry::route;
+
+/// A cache directory whose index holds `n` entries, each linked once.
+fn populated(n: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let index = Index::open(&dir.path().join("index.redb")).expect("index");
+    let mut changes = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let digest = Digest::of(&i.to_le_bytes()).to_string();
+        changes.push(Change::PutLink(format!(
+            "docker.io/library/img{}@{digest}",
+            i % 100
+        )));
+        changes.push(Change::PutContent(ContentRow {
+            digest,
+            size: 1000 + i as u64,
+            last_access: i as u64,
+            media_type: String::new(),
+        }));
+    }
+    index.apply(&changes).expect("populate");
+    dir
+}
+
+fn startup(c: &mut Criterion) {
+    let dir = populated(100_000);
+    let mut group = c.benchmark_group("startup");
+    group.sample_size(10);
+    group.bench_function("open cache with 100k entries", |b| {
+        b.iter(|| {
+            let cache = Cache::open(dir.path(), u64::MAX).expect("open");
+            assert_eq!(cache.stats().entries, 100_000);
+            black_box(cache)
+        })
+    });
+    group.finish();
+}
+
+fn hot_paths(c: &mut Criterion) {
+    let path = "/v2/library/alpine/blobs/sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+    c.bench_function("route::parse blob path", |b| {
+        b.iter(|| route::parse(black_box(path)))
+    });
+
+    let data = vec![7u8; 1 << 20];
+    let mut group = c.benchmark_group("digest");
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    group.bench_function("sha256 1 MiB", |b| b.iter(|| Digest::of(black_box(&data))));
+    group.finish();
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ca = Arc::new(regcache::tls::CertificateAuthority::create(dir.path()).expect("ca"));
+    let minter = regcache::tls::LeafMinter::new(ca, 1).expect("minter");
+    let mut n = 0u64;
+    c.bench_function("mint a leaf certificate", |b| {
+        b.iter(|| {
+            n += 1;
+            minter
+                .server_config(&format!("host{n}.test"))
+                .expect("mint")
+        })
+    });
+}
+
+criterion_group!(benches, startup, hot_paths);
+criterion_main!(benches);

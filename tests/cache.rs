@@ -1,0 +1,1765 @@
+//! The disk cache, seen from a client and from the upstream: blobs (hits,
+//! misses, ranges, single-flight downloads, wrong or cut bytes, CDN
+//! redirects, repository links), manifests (by digest, tags and their
+//! revalidation, media types), hostile names, eviction, restarts and crashes.
+//!
+//! Every test spawns the real `regcache` binary with its own cache dir and
+//! an in-process registry ([`registry::Registry`]) behind
+//! `--resolve registry-1.docker.io=127.0.0.1:PORT`, and checks both what the
+//! client got and what the registry saw.
+
+mod common;
+#[path = "support/registry.rs"]
+mod registry;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{
+    empty, negotiated_alpn, send_signal, tls_connect, within, Alpn, HttpClient, Proxy,
+    ProxyBuilder, TestCa, STEP_TIMEOUT,
+};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::HeaderMap;
+use hyper::{Method, Request, Response, StatusCode, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use registry::{blob_bytes, sha256, Fault, Registry};
+
+const HUB: &str = "registry-1.docker.io";
+const MIB: usize = 1024 * 1024;
+
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// What docker and containerd send when pulling by tag.
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+// ---------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------
+
+/// A registry, the test CA that signed it, and the dirs regcache keeps
+/// between restarts (cache and CA).
+struct Env {
+    _ca: TestCa,
+    dir: tempfile::TempDir,
+    ca_file: PathBuf,
+    reg: Registry,
+}
+
+impl Env {
+    async fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let ca_file = ca.write_pem(dir.path());
+        let reg = Registry::start(&ca).await;
+        Env {
+            _ca: ca,
+            dir,
+            ca_file,
+            reg,
+        }
+    }
+
+    fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// A registry on a second port with the same CA (a CDN, say).
+    async fn second_registry(&self) -> Registry {
+        Registry::start(&self._ca).await
+    }
+
+    /// regcache with this env's cache dir and CA dir, trusting the test CA,
+    /// sending registry-1.docker.io to the fake registry.
+    fn proxy(&self) -> ProxyBuilder {
+        ProxyBuilder::new()
+            .upstream_ca(&self.ca_file)
+            .ca_dir(&self.dir.path().join("ca"))
+            .resolve(HUB, self.reg.port())
+            .arg("--cache-dir")
+            .arg(self.cache_dir().to_str().unwrap())
+    }
+
+    /// Files left in `cache/tmp`.
+    fn tmp_files(&self) -> Vec<String> {
+        list_dir(&self.cache_dir().join("tmp"))
+    }
+
+    /// Where a cached digest's file lives.
+    fn content_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        self.cache_dir()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+    }
+}
+
+fn list_dir(dir: &Path) -> Vec<String> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => vec![],
+    }
+}
+
+/// A response read to its end (or to its error).
+#[derive(Debug)]
+struct Got {
+    status: StatusCode,
+    headers: HeaderMap,
+    /// The bytes that arrived.
+    body: Bytes,
+    /// Why the body ended early, if it did.
+    error: Option<String>,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    }
+
+    fn x_cache(&self) -> String {
+        self.header("x-cache").unwrap_or_else(|| "<none>".into())
+    }
+
+    fn content_length(&self) -> Option<usize> {
+        self.header("content-length").and_then(|v| v.parse().ok())
+    }
+
+    /// 200, complete, exactly `want`, X-Cache `cache`.
+    fn assert_served(&self, want: &[u8], cache: &str, what: &str) {
+        assert_eq!(
+            self.status,
+            StatusCode::OK,
+            "{what}: status; headers {:?}, body {:?}",
+            self.headers,
+            String::from_utf8_lossy(&self.body[..self.body.len().min(300)])
+        );
+        assert!(
+            self.error.is_none(),
+            "{what}: body failed after {} bytes: {:?}",
+            self.body.len(),
+            self.error
+        );
+        assert!(
+            self.body.len() == want.len() && self.body[..] == want[..],
+            "{what}: wrong bytes ({} bytes, want {})",
+            self.body.len(),
+            want.len()
+        );
+        assert_eq!(self.x_cache(), cache, "{what}: X-Cache");
+    }
+
+    /// The body never completed: an error, or fewer bytes than announced.
+    fn assert_aborted(&self, full: &[u8], what: &str) {
+        let completed_whole =
+            self.error.is_none() && self.content_length().is_none_or(|l| self.body.len() >= l);
+        assert!(
+            !completed_whole,
+            "{what}: the response completed ({} bytes, status {}, X-Cache {}) although the \
+             upstream bytes were wrong; it must end with an error instead",
+            self.body.len(),
+            self.status,
+            self.x_cache()
+        );
+        assert!(
+            self.body.len() < full.len() || self.body[..] != full[..],
+            "{what}: sanity"
+        );
+    }
+
+    /// Parses the JSON error body's first code.
+    fn error_code(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        });
+        v["errors"][0]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no errors[0].code in {v}"))
+            .to_owned()
+    }
+}
+
+/// Reads a response's body to its end, keeping an error rather than panicking.
+async fn read_response(resp: Response<Incoming>) -> Got {
+    let (parts, mut body) = resp.into_parts();
+    let mut data = Vec::new();
+    let mut error = None;
+    let read = async {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(d) = f.into_data() {
+                        data.extend_from_slice(&d);
+                    }
+                }
+                Err(e) => {
+                    error = Some(format!("{e:?}"));
+                    break;
+                }
+            }
+        }
+    };
+    within("reading a response body", STEP_TIMEOUT, read).await;
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: Bytes::from(data),
+        error,
+    }
+}
+
+/// A fresh CONNECT + TLS connection to `host` through the proxy.
+async fn connect(proxy: &Proxy, host: &str, alpn: Alpn) -> HttpClient {
+    proxy.intercepted(host, alpn).await
+}
+
+/// Sends one request on a fresh connection and returns the response head;
+/// the body is left to the caller.
+async fn send_on(
+    proxy: &Proxy,
+    host: &str,
+    alpn: Alpn,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Response<Incoming> {
+    let mut client = connect(proxy, host, alpn).await;
+    let mut b = client.builder(method, path);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    client.send(b.body(empty()).unwrap()).await
+}
+
+/// One request on a fresh connection to `host`, read to the end; Err if no
+/// response head arrived (connection or stream reset).
+async fn try_request_to(
+    proxy: &Proxy,
+    host: &str,
+    alpn: Alpn,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Got, String> {
+    let tcp = proxy.tunnel(&format!("{host}:443")).await;
+    let tls = tls_connect(tcp, host, vec![proxy.ca_der()], alpn, true)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let h2 = negotiated_alpn(&tls).as_deref() == Some("h2");
+    let io = TokioIo::new(tls);
+    let mut b = Request::builder().method(method);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let exchange = async {
+        if h2 {
+            let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| format!("h2 handshake: {e:?}"))?;
+            tokio::spawn(conn);
+            let req = b
+                .version(Version::HTTP_2)
+                .uri(format!("https://{host}{path}"))
+                .body(empty())
+                .unwrap();
+            s.send_request(req)
+                .await
+                .map_err(|e| format!("no response over h2: {e:?}"))
+        } else {
+            let (mut s, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| format!("http1 handshake: {e:?}"))?;
+            tokio::spawn(conn);
+            let req = b.uri(path).header("host", host).body(empty()).unwrap();
+            s.send_request(req)
+                .await
+                .map_err(|e| format!("no response over HTTP/1.1: {e:?}"))
+        }
+    };
+    let resp = within("a response head", STEP_TIMEOUT, exchange).await?;
+    Ok(read_response(resp).await)
+}
+
+async fn try_request(
+    proxy: &Proxy,
+    alpn: Alpn,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Got, String> {
+    try_request_to(proxy, HUB, alpn, method, path, headers).await
+}
+
+/// One request on a fresh connection, read to the end.
+async fn request(
+    proxy: &Proxy,
+    alpn: Alpn,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Got {
+    let what = format!("{method} {path} over {alpn:?}");
+    try_request(proxy, alpn, method, path, headers)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}; stderr:\n{}", proxy.stderr()))
+}
+
+async fn get(proxy: &Proxy, path: &str) -> Got {
+    request(proxy, Alpn::Both, Method::GET, path, &[]).await
+}
+
+async fn get_h1(proxy: &Proxy, path: &str) -> Got {
+    request(proxy, Alpn::Http11, Method::GET, path, &[]).await
+}
+
+async fn head(proxy: &Proxy, path: &str) -> Got {
+    request(proxy, Alpn::Both, Method::HEAD, path, &[]).await
+}
+
+async fn get_manifest(proxy: &Proxy, path: &str) -> Got {
+    request(
+        proxy,
+        Alpn::Both,
+        Method::GET,
+        path,
+        &[("accept", ACCEPT_ALL)],
+    )
+    .await
+}
+
+async fn head_manifest(proxy: &Proxy, path: &str) -> Got {
+    request(
+        proxy,
+        Alpn::Both,
+        Method::HEAD,
+        path,
+        &[("accept", ACCEPT_ALL)],
+    )
+    .await
+}
+
+fn blob_path(repo: &str, digest: &str) -> String {
+    format!("/v2/{repo}/blobs/{digest}")
+}
+
+fn manifest_path(repo: &str, reference: &str) -> String {
+    format!("/v2/{repo}/manifests/{reference}")
+}
+
+/// An image manifest naming `config` and `layers` (digest, size).
+fn image_manifest(media_type: &str, config: (&str, usize), layers: &[(&str, usize)]) -> Bytes {
+    let docker = media_type == DOCKER_MANIFEST;
+    let layer_type = if docker {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    } else {
+        OCI_LAYER
+    };
+    let config_type = if docker {
+        "application/vnd.docker.container.image.v1+json"
+    } else {
+        OCI_CONFIG
+    };
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|(d, s)| serde_json::json!({"mediaType": layer_type, "digest": d, "size": s}))
+        .collect();
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": {"mediaType": config_type, "digest": config.0, "size": config.1},
+            "layers": layers,
+        })
+        .to_string(),
+    )
+}
+
+/// A manifest with made-up config/layer digests, distinct per `seed`.
+fn simple_manifest(seed: u64) -> Bytes {
+    let config = sha256(&blob_bytes(seed, 100));
+    let layer = sha256(&blob_bytes(seed + 1000, 100));
+    image_manifest(OCI_MANIFEST, (&config, 100), &[(&layer, 100)])
+}
+
+/// The regcache access log line for `method path`, waiting for it a little
+/// (it is written when the response body ends).
+async fn access_line(proxy: &Proxy, method: &str, path: &str, nth: usize) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = proxy.stderr();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                l.contains("regcache::access")
+                    && l.contains(&format!("path={path}"))
+                    && l.contains(&format!("method={method}"))
+            })
+            .collect();
+        if let Some(l) = lines.get(nth) {
+            return l.to_string();
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("no access log line #{nth} for {method} {path}; stderr:\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_cache_field(line: &str, status: &str) {
+    assert!(
+        line.contains(&format!("cache={status}")) || line.contains(&format!("cache=\"{status}\"")),
+        "access log line should say cache={status}: {line}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 1. Blobs: miss, hit, headers, ranges, HEAD
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn blob_miss_is_stored_then_hit_with_headers_and_log() {
+    let env = Env::new().await;
+    let data = blob_bytes(1, 300_000);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    let proxy = env.proxy().start().await;
+
+    // First GET over HTTP/1.1: from upstream, stored on the way.
+    let miss = get_h1(&proxy, &path).await;
+    miss.assert_served(&data, "MISS", "first GET");
+    assert_eq!(miss.header("docker-content-digest"), Some(digest.clone()));
+    assert_eq!(miss.content_length(), Some(data.len()));
+    assert_eq!(env.reg.count(Method::GET, &path), 1);
+    assert!(
+        env.content_file(&digest).exists(),
+        "the verified blob should be in cache/blobs"
+    );
+
+    // Second GET over HTTP/2: from disk.
+    let hit = get(&proxy, &path).await;
+    hit.assert_served(&data, "HIT", "second GET");
+    assert_eq!(hit.content_length(), Some(data.len()));
+    assert_eq!(hit.header("docker-content-digest"), Some(digest.clone()));
+    assert_eq!(
+        hit.header("content-type").as_deref(),
+        Some("application/octet-stream")
+    );
+    assert_eq!(hit.header("etag"), Some(format!("\"{digest}\"")));
+    assert_eq!(hit.header("accept-ranges").as_deref(), Some("bytes"));
+
+    // HEAD of a cached blob: headers from the cache, no body.
+    let h = head(&proxy, &path).await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.x_cache(), "HIT");
+    assert_eq!(h.content_length(), Some(data.len()));
+    assert_eq!(h.header("docker-content-digest"), Some(digest.clone()));
+    assert!(h.body.is_empty());
+
+    assert_eq!(
+        env.reg.summary(),
+        vec![format!("GET {path}")],
+        "upstream should have seen exactly one GET"
+    );
+    assert!(env.tmp_files().is_empty(), "tmp: {:?}", env.tmp_files());
+
+    assert_cache_field(&access_line(&proxy, "GET", &path, 0).await, "MISS");
+    assert_cache_field(&access_line(&proxy, "GET", &path, 1).await, "HIT");
+    assert_cache_field(&access_line(&proxy, "HEAD", &path, 0).await, "HIT");
+}
+
+#[tokio::test]
+async fn blob_ranges_are_answered_from_the_cache() {
+    let env = Env::new().await;
+    let data = blob_bytes(2, 200_000);
+    let size = data.len();
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    let proxy = env.proxy().start().await;
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "MISS", "fill");
+
+    let r = request(
+        &proxy,
+        Alpn::Both,
+        Method::GET,
+        &path,
+        &[("range", "bytes=100-1099")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{r:?}");
+    assert_eq!(r.x_cache(), "HIT");
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes 100-1099/{size}"))
+    );
+    assert_eq!(r.content_length(), Some(1000));
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(&r.body[..], &data[100..1100]);
+
+    let r = request(
+        &proxy,
+        Alpn::Http11,
+        Method::GET,
+        &path,
+        &[("range", "bytes=-10")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&r.body[..], &data[size - 10..]);
+    assert_eq!(
+        r.header("content-range"),
+        Some(format!("bytes {}-{}/{size}", size - 10, size - 1))
+    );
+
+    let r = request(
+        &proxy,
+        Alpn::Both,
+        Method::GET,
+        &path,
+        &[("range", &format!("bytes={size}-"))],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{r:?}");
+    assert_eq!(r.header("content-range"), Some(format!("bytes */{size}")));
+
+    assert_eq!(env.reg.summary(), vec![format!("GET {path}")]);
+    assert!(
+        env.reg.requests(&path)[0].header("range").is_none(),
+        "regcache must fetch whole blobs"
+    );
+}
+
+#[tokio::test]
+async fn blob_range_on_a_miss_fetches_the_whole_blob() {
+    let env = Env::new().await;
+    let data = blob_bytes(3, 400_000);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    let proxy = env.proxy().start().await;
+
+    let r = request(
+        &proxy,
+        Alpn::Both,
+        Method::GET,
+        &path,
+        &[("range", "bytes=1000-1999")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{r:?}");
+    assert_eq!(r.x_cache(), "MISS");
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(&r.body[..], &data[1000..2000]);
+    let up = env.reg.requests(&path);
+    assert_eq!(up.len(), 1);
+    assert_eq!(up[0].method, Method::GET);
+    assert!(up[0].header("range").is_none(), "Range was sent upstream");
+
+    // The whole blob was stored meanwhile.
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    while !env.content_file(&digest).exists() {
+        assert!(std::time::Instant::now() < deadline, "blob never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "after a ranged miss");
+    assert_eq!(env.reg.count(Method::GET, &path), 1);
+}
+
+#[tokio::test]
+async fn blob_head_on_a_miss_is_forwarded_as_head() {
+    let env = Env::new().await;
+    let data = blob_bytes(4, 50_000);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    let proxy = env.proxy().start().await;
+
+    let h = head(&proxy, &path).await;
+    assert_eq!(h.status, StatusCode::OK, "{h:?}");
+    assert_eq!(h.x_cache(), "MISS");
+    assert_eq!(h.content_length(), Some(data.len()));
+    assert_eq!(h.header("docker-content-digest"), Some(digest.clone()));
+    assert_eq!(env.reg.methods(&path), vec!["HEAD"]);
+    assert!(!env.content_file(&digest).exists(), "a HEAD stores nothing");
+
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "MISS", "GET after HEAD");
+    let h = head(&proxy, &path).await;
+    assert_eq!(h.x_cache(), "HIT");
+    assert_eq!(h.content_length(), Some(data.len()));
+    assert_eq!(env.reg.methods(&path), vec!["HEAD", "GET"]);
+}
+
+#[tokio::test]
+async fn blob_unknown_upstream_is_404_and_not_cached() {
+    let env = Env::new().await;
+    let digest = sha256(b"nobody has this");
+    let path = blob_path("library/alpine", &digest);
+    let proxy = env.proxy().start().await;
+    for _ in 0..2 {
+        let r = get(&proxy, &path).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
+        assert!(r.error.is_none(), "404 body failed: {:?}", r.error);
+        assert_eq!(r.error_code(), "BLOB_UNKNOWN");
+    }
+    assert_eq!(env.reg.methods(&path), vec!["GET", "GET"]);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Single flight
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn concurrent_gets_follow_one_upstream_download() {
+    let env = Env::new().await;
+    let data = blob_bytes(5, 2 * MIB);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    // The body stops after 512 KiB until the test opens the gate.
+    env.reg.set_fault(
+        &path,
+        Fault {
+            gate_after: Some(512 * 1024),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+
+    let leader = send_on(&proxy, HUB, Alpn::Both, Method::GET, &path, &[]).await;
+    assert_eq!(leader.status(), StatusCode::OK);
+    assert_eq!(
+        leader.headers().get("x-cache").unwrap(),
+        "MISS",
+        "the first request leads the download"
+    );
+    env.reg.wait_count(Method::GET, &path, 1).await;
+
+    // Four more while the download is held: they follow it.
+    let mut followers = Vec::new();
+    for i in 0..4 {
+        let alpn = if i % 2 == 0 { Alpn::Http11 } else { Alpn::H2 };
+        let resp = send_on(&proxy, HUB, alpn, Method::GET, &path, &[]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers().get("x-cache").map(|v| v.to_str().unwrap()),
+            Some("COALESCED"),
+            "follower {i}"
+        );
+        assert_eq!(
+            resp.headers()
+                .get("content-length")
+                .map(|v| v.to_str().unwrap()),
+            Some(data.len().to_string().as_str()),
+            "follower {i} Content-Length"
+        );
+        followers.push(resp);
+    }
+    env.reg.open_gate();
+
+    let mut reads = vec![tokio::spawn(read_response(leader))];
+    reads.extend(
+        followers
+            .into_iter()
+            .map(|r| tokio::spawn(read_response(r))),
+    );
+    for (i, t) in reads.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        let want = if i == 0 { "MISS" } else { "COALESCED" };
+        got.assert_served(&data, want, &format!("request {i}"));
+    }
+    assert_eq!(
+        env.reg.summary(),
+        vec![format!("GET {path}")],
+        "five clients, one upstream request"
+    );
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "afterwards");
+    assert_eq!(env.reg.count(Method::GET, &path), 1);
+}
+
+#[tokio::test]
+async fn concurrent_gets_waiting_for_upstream_answer_share_one_fetch() {
+    let env = Env::new().await;
+    let data = blob_bytes(6, MIB);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    // Upstream takes a while to answer at all: every request arrives while
+    // the first is still waiting for the response head.
+    env.reg.set_fault(
+        &path,
+        Fault {
+            head_delay: Some(Duration::from_millis(700)),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+    // Warm the leaf certificate and connection pool so the requests overlap.
+    let _ = get(&proxy, "/v2/").await;
+
+    let mut tasks = Vec::new();
+    for i in 0..5 {
+        let alpn = if i % 2 == 0 { Alpn::H2 } else { Alpn::Http11 };
+        let client = connect(&proxy, HUB, alpn).await;
+        let path = path.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut client = client;
+            let req = client.builder(Method::GET, &path).body(empty()).unwrap();
+            read_response(client.send(req).await).await
+        }));
+    }
+    let mut statuses = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        let xc = got.x_cache();
+        got.assert_served(&data, &xc, &format!("request {i}"));
+        statuses.push(xc);
+    }
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        vec!["COALESCED", "COALESCED", "COALESCED", "COALESCED", "MISS"],
+        "one leader, four followers"
+    );
+    assert_eq!(
+        env.reg.count(Method::GET, &path),
+        1,
+        "upstream saw {:?}",
+        env.reg.summary()
+    );
+    assert_eq!(
+        env.reg.count(Method::HEAD, &path),
+        0,
+        "followers in the same repository need no access check upstream; saw {:?}",
+        env.reg.summary()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Wrong and cut bytes
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn corrupt_blob_aborts_every_reader_and_is_not_cached() {
+    let env = Env::new().await;
+    let data = blob_bytes(7, MIB);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    env.reg.set_fault(
+        &path,
+        Fault {
+            corrupt_at: Some(700_000),
+            gate_after: Some(300_000),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+
+    let leader = send_on(&proxy, HUB, Alpn::Http11, Method::GET, &path, &[]).await;
+    assert_eq!(leader.status(), StatusCode::OK);
+    env.reg.wait_count(Method::GET, &path, 1).await;
+    let follower = send_on(&proxy, HUB, Alpn::H2, Method::GET, &path, &[]).await;
+    assert_eq!(
+        follower
+            .headers()
+            .get("x-cache")
+            .map(|v| v.to_str().unwrap()),
+        Some("COALESCED")
+    );
+    env.reg.open_gate();
+    let leader = read_response(leader).await;
+    let follower = read_response(follower).await;
+    leader.assert_aborted(&data, "leader (HTTP/1.1) of a corrupt download");
+    follower.assert_aborted(&data, "follower (h2) of a corrupt download");
+
+    assert!(!env.content_file(&digest).exists(), "corrupt blob stored");
+    // The failed download is cleaned up.
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    while !env.tmp_files().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tmp keeps {:?}",
+            env.tmp_files()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Upstream fixed: the next request goes upstream again and is stored.
+    env.reg.clear_fault(&path);
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "MISS", "retry");
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "after retry");
+    assert_eq!(env.reg.methods(&path), vec!["GET", "GET"]);
+}
+
+#[tokio::test]
+async fn corrupt_blob_without_length_is_never_completed() {
+    let env = Env::new().await;
+    let data = blob_bytes(8, 600_000);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    env.reg.set_fault(
+        &path,
+        Fault {
+            corrupt_at: Some(599_999),
+            no_length: true,
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+
+    for alpn in [Alpn::Http11, Alpn::H2] {
+        let r = request(&proxy, alpn, Method::GET, &path, &[]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        r.assert_aborted(&data, &format!("chunked corrupt download over {alpn:?}"));
+    }
+    assert!(!env.content_file(&digest).exists());
+    env.reg.clear_fault(&path);
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "MISS", "retry");
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "after retry");
+    assert_eq!(env.reg.methods(&path), vec!["GET", "GET", "GET"]);
+}
+
+#[tokio::test]
+async fn cut_blob_download_is_not_cached_and_retry_succeeds() {
+    let env = Env::new().await;
+    let data = blob_bytes(9, MIB);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    env.reg.set_fault(
+        &path,
+        Fault {
+            cut_after: Some(400_000),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+
+    for alpn in [Alpn::Http11, Alpn::H2] {
+        let r = request(&proxy, alpn, Method::GET, &path, &[]).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "cut download over {alpn:?}: {r:?}; upstream saw {:?}; stderr:\n{}",
+            env.reg.summary(),
+            proxy.stderr()
+        );
+        r.assert_aborted(&data, &format!("cut download over {alpn:?}"));
+        assert!(
+            r.body.len() <= 400_000,
+            "more bytes than upstream sent: {}",
+            r.body.len()
+        );
+        assert_eq!(
+            &r.body[..],
+            &data[..r.body.len()],
+            "the bytes that came are right"
+        );
+    }
+    assert!(!env.content_file(&digest).exists());
+    env.reg.clear_fault(&path);
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "MISS", "retry");
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "after retry");
+    assert_eq!(env.reg.methods(&path), vec!["GET", "GET", "GET"]);
+}
+
+#[tokio::test]
+async fn range_on_a_miss_never_completes_with_unverified_wrong_bytes() {
+    let env = Env::new().await;
+    let data = blob_bytes(10, MIB);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    // Byte 50 is wrong; the download then pauses at 300 KB, long before the
+    // digest can be checked.
+    env.reg.set_fault(
+        &path,
+        Fault {
+            corrupt_at: Some(50),
+            gate_after: Some(300_000),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+    let resp = send_on(
+        &proxy,
+        HUB,
+        Alpn::Both,
+        Method::GET,
+        &path,
+        &[("range", "bytes=0-99")],
+    )
+    .await;
+    let reading = tokio::spawn(read_response(resp));
+    // Give regcache time to pass on the first bytes, then let the download
+    // finish (and fail verification).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.reg.open_gate();
+    let got = reading.await.unwrap();
+    let delivered_wrong = got.error.is_none()
+        && got.status == StatusCode::PARTIAL_CONTENT
+        && got.body.len() == 100
+        && got.body[..] != data[..100];
+    assert!(
+        !delivered_wrong,
+        "a 206 for bytes 0-99 completed with bytes that do not match the blob \
+         (byte 50 was corrupted upstream; the digest was not verified yet)"
+    );
+    assert!(!env.content_file(&digest).exists());
+}
+
+// ---------------------------------------------------------------------------
+// 4. Redirects
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn redirect_to_cdn_is_followed_without_the_registry_credentials() {
+    let env = Env::new().await;
+    let cdn = env.second_registry().await;
+    let data = blob_bytes(11, 500_000);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let cdn_path = format!("/store/{hex}");
+    cdn.put_raw(&cdn_path, "application/octet-stream", data.clone());
+    env.reg.set_fault(
+        &path,
+        Fault {
+            redirect: Some((307, format!("https://cdn.test{cdn_path}?sig=s3cr3t&exp=9"))),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().resolve("cdn.test", cdn.port()).start().await;
+
+    let got = request(
+        &proxy,
+        Alpn::Both,
+        Method::GET,
+        &path,
+        &[
+            ("authorization", "Bearer client-token"),
+            ("cookie", "session=registry-only"),
+        ],
+    )
+    .await;
+    got.assert_served(&data, "MISS", "redirected GET");
+    assert!(got.header("location").is_none());
+    assert_eq!(got.header("docker-content-digest"), Some(digest.clone()));
+
+    let at_registry = env.reg.requests(&path);
+    assert_eq!(at_registry.len(), 1, "{:?}", env.reg.summary());
+    assert_eq!(
+        at_registry[0].header("authorization").as_deref(),
+        Some("Bearer client-token"),
+        "the registry gets the client's credentials"
+    );
+    let at_cdn = cdn.seen();
+    assert_eq!(at_cdn.len(), 1, "{:?}", cdn.summary());
+    assert_eq!(at_cdn[0].method, Method::GET);
+    assert_eq!(at_cdn[0].path, cdn_path);
+    assert_eq!(at_cdn[0].query.as_deref(), Some("sig=s3cr3t&exp=9"));
+    assert_eq!(at_cdn[0].sni.as_deref(), Some("cdn.test"));
+    assert!(
+        at_cdn[0].header("authorization").is_none(),
+        "the CDN got the registry Authorization: {:?}",
+        at_cdn[0].header("authorization")
+    );
+    assert!(
+        at_cdn[0].header("cookie").is_none(),
+        "the CDN got the Cookie"
+    );
+
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "second GET");
+    assert_eq!(env.reg.seen().len(), 1);
+    assert_eq!(cdn.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn relative_redirect_is_followed_on_the_same_registry() {
+    let env = Env::new().await;
+    let data = blob_bytes(12, 100_000);
+    let digest = env.reg.put_blob("library/alpine", data.clone());
+    let path = blob_path("library/alpine", &digest);
+    let hex = digest.strip_prefix("sha256:").unwrap();
+    let storage = format!("/storage/{hex}");
+    env.reg
+        .put_raw(&storage, "application/octet-stream", data.clone());
+    env.reg.set_fault(
+        &path,
+        Fault {
+            redirect: Some((302, storage.clone())),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+    get_h1(&proxy, &path)
+        .await
+        .assert_served(&data, "MISS", "relative redirect");
+    assert_eq!(
+        env.reg.summary(),
+        vec![format!("GET {path}"), format!("GET {storage}")]
+    );
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "second GET");
+    assert_eq!(env.reg.seen().len(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Links between repositories
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
+    let env = Env::new().await;
+    let data = blob_bytes(13, 200_000);
+    let digest = env.reg.put_blob("team/a", data.clone());
+    env.reg.put_blob("team/b", data.clone()); // b has it too; c does not.
+    let (pa, pb, pc) = (
+        blob_path("team/a", &digest),
+        blob_path("team/b", &digest),
+        blob_path("team/c", &digest),
+    );
+    let proxy = env.proxy().start().await;
+    get(&proxy, &pa).await.assert_served(&data, "MISS", "via a");
+
+    // b: upstream confirms with a HEAD, bytes come from the cache.
+    get(&proxy, &pb).await.assert_served(&data, "HIT", "via b");
+    assert_eq!(env.reg.methods(&pb), vec!["HEAD"], "b needs a HEAD, no GET");
+
+    // c: upstream says 404 to the HEAD (with the Content-Length its GET
+    // error body would have, as Go registries do): so does regcache, with a
+    // well-formed 404 for the GET.
+    for (i, alpn) in [Alpn::Http11, Alpn::H2].into_iter().enumerate() {
+        let r = try_request(&proxy, alpn, Method::GET, &pc, &[])
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "GET via c over {alpn:?}: no well-formed response: {e} (upstream answered \
+                     the access-check HEAD with 404 and the Content-Length of its GET body)"
+                )
+            });
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
+        assert!(
+            r.error.is_none(),
+            "GET via c over {alpn:?}: the 404 should be a complete response; the body failed \
+             after {} bytes: {:?} (headers {:?})",
+            r.body.len(),
+            r.error,
+            r.headers
+        );
+        assert_ne!(&r.body[..], &data[..], "c must not get the bytes");
+        assert_eq!(
+            env.reg.methods(&pc),
+            vec!["HEAD"; i + 1],
+            "c: a HEAD per request, no GET"
+        );
+    }
+
+    // A HEAD for c is refused as well, and b is linked now.
+    let h = head(&proxy, &pc).await;
+    assert_eq!(h.status, StatusCode::NOT_FOUND);
+    get(&proxy, &pb)
+        .await
+        .assert_served(&data, "HIT", "via b again");
+    assert_eq!(
+        env.reg.methods(&pb),
+        vec!["HEAD"],
+        "b was linked by the HEAD"
+    );
+    assert_eq!(env.reg.methods(&pa), vec!["GET"]);
+    assert_eq!(env.reg.methods(&pc), vec!["HEAD", "HEAD", "HEAD"]);
+}
+
+// ---------------------------------------------------------------------------
+// 6. Manifests
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn manifest_by_digest_is_served_without_upstream_contact() {
+    let env = Env::new().await;
+    let m = simple_manifest(20);
+    let digest = env
+        .reg
+        .put_manifest("library/alpine", None, OCI_MANIFEST, m.clone());
+    let path = manifest_path("library/alpine", &digest);
+    let proxy = env.proxy().start().await;
+
+    let first = get_manifest(&proxy, &path).await;
+    first.assert_served(&m, "MISS", "first GET by digest");
+    assert_eq!(first.header("content-type").as_deref(), Some(OCI_MANIFEST));
+    assert_eq!(first.header("docker-content-digest"), Some(digest.clone()));
+
+    for _ in 0..2 {
+        let hit = get_manifest(&proxy, &path).await;
+        hit.assert_served(&m, "HIT", "GET by digest");
+        assert_eq!(hit.header("content-type").as_deref(), Some(OCI_MANIFEST));
+        assert_eq!(hit.header("docker-content-digest"), Some(digest.clone()));
+        assert_eq!(hit.content_length(), Some(m.len()));
+    }
+    let h = head_manifest(&proxy, &path).await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.x_cache(), "HIT");
+    assert_eq!(h.header("docker-content-digest"), Some(digest.clone()));
+    assert_eq!(h.content_length(), Some(m.len()));
+    assert!(h.body.is_empty());
+    assert_eq!(env.reg.summary(), vec![format!("GET {path}")]);
+}
+
+#[tokio::test]
+async fn tag_is_fresh_for_its_ttl_then_revalidated_with_head() {
+    let env = Env::new().await;
+    let m = simple_manifest(21);
+    let digest = env
+        .reg
+        .put_manifest("library/alpine", Some("3.20"), OCI_MANIFEST, m.clone());
+    let path = manifest_path("library/alpine", "3.20");
+    let proxy = env.proxy().args(["--tag-ttl", "1"]).start().await;
+
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "MISS", "first");
+    let fresh = get_manifest(&proxy, &path).await;
+    fresh.assert_served(&m, "HIT", "within the TTL");
+    assert_eq!(fresh.header("docker-content-digest"), Some(digest.clone()));
+    assert_eq!(
+        env.reg.methods(&path),
+        vec!["GET"],
+        "no contact while fresh"
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = get_manifest(&proxy, &path).await;
+    r.assert_served(&m, "REVALIDATED", "after the TTL");
+    assert_eq!(r.header("docker-content-digest"), Some(digest.clone()));
+    assert_eq!(
+        env.reg.methods(&path),
+        vec!["GET", "HEAD"],
+        "revalidation must be a HEAD, never a second GET"
+    );
+    // Revalidation restarted the TTL.
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "HIT", "fresh again");
+    assert_eq!(env.reg.methods(&path), vec!["GET", "HEAD"]);
+    assert_cache_field(&access_line(&proxy, "GET", &path, 2).await, "REVALIDATED");
+}
+
+#[tokio::test]
+async fn changed_tag_is_fetched_anew() {
+    let env = Env::new().await;
+    let old = simple_manifest(22);
+    let new = simple_manifest(23);
+    let path = manifest_path("library/nginx", "latest");
+    let old_digest =
+        env.reg
+            .put_manifest("library/nginx", Some("latest"), OCI_MANIFEST, old.clone());
+    let proxy = env.proxy().args(["--tag-ttl", "0"]).start().await;
+
+    let r = get_manifest(&proxy, &path).await;
+    r.assert_served(&old, "MISS", "first");
+    assert_eq!(r.header("docker-content-digest"), Some(old_digest.clone()));
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&old, "REVALIDATED", "unchanged");
+
+    let new_digest =
+        env.reg
+            .put_manifest("library/nginx", Some("latest"), OCI_MANIFEST, new.clone());
+    let r = get_manifest(&proxy, &path).await;
+    r.assert_served(&new, "MISS", "after the tag moved");
+    assert_eq!(r.header("docker-content-digest"), Some(new_digest.clone()));
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&new, "REVALIDATED", "new one unchanged");
+    assert_eq!(
+        env.reg.methods(&path),
+        vec!["GET", "HEAD", "HEAD", "GET", "HEAD"]
+    );
+    // The old manifest is still there by digest.
+    get_manifest(&proxy, &manifest_path("library/nginx", &old_digest))
+        .await
+        .assert_served(&old, "HIT", "old by digest");
+}
+
+#[tokio::test]
+async fn tag_revalidation_429_or_503_serves_stale_with_warning() {
+    let env = Env::new().await;
+    let m = simple_manifest(24);
+    let path = manifest_path("library/redis", "7");
+    env.reg
+        .put_manifest("library/redis", Some("7"), OCI_MANIFEST, m.clone());
+    let proxy = env.proxy().args(["--tag-ttl", "0"]).start().await;
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "MISS", "first");
+
+    for status in [429, 503] {
+        env.reg.set_fault(
+            &path,
+            Fault {
+                head_status: Some(status),
+                get_status: Some(status),
+                ..Fault::default()
+            },
+        );
+        let r = get_manifest(&proxy, &path).await;
+        r.assert_served(&m, "STALE", &format!("upstream HEAD {status}"));
+        let warning = r.header("warning").unwrap_or_default();
+        assert!(
+            warning.contains("110"),
+            "upstream {status}: Warning should carry 110, got {warning:?}"
+        );
+        let h = head_manifest(&proxy, &path).await;
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.x_cache(), "STALE");
+        assert_eq!(h.content_length(), Some(m.len()));
+    }
+    assert_eq!(
+        env.reg.methods(&path),
+        vec!["GET", "HEAD", "HEAD", "HEAD", "HEAD"],
+        "only HEADs after the first GET"
+    );
+    env.reg.clear_fault(&path);
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "REVALIDATED", "upstream back");
+}
+
+#[tokio::test]
+async fn tag_revalidation_with_upstream_down_serves_stale() {
+    let env = Env::new().await;
+    let m = simple_manifest(25);
+    let path = manifest_path("library/redis", "8");
+    env.reg
+        .put_manifest("library/redis", Some("8"), OCI_MANIFEST, m.clone());
+    let proxy = env.proxy().args(["--tag-ttl", "0"]).start().await;
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "MISS", "first");
+    env.reg.stop().await;
+    let r = get_manifest(&proxy, &path).await;
+    r.assert_served(&m, "STALE", "upstream unreachable");
+    assert!(r.header("warning").unwrap_or_default().contains("110"));
+}
+
+#[tokio::test]
+async fn tag_gone_upstream_is_404_and_forgotten() {
+    let env = Env::new().await;
+    let m = simple_manifest(26);
+    let path = manifest_path("library/busybox", "old");
+    env.reg
+        .put_manifest("library/busybox", Some("old"), OCI_MANIFEST, m.clone());
+    let proxy = env.proxy().args(["--tag-ttl", "0"]).start().await;
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "MISS", "first");
+
+    env.reg.set_fault(
+        &path,
+        Fault {
+            head_status: Some(404),
+            get_status: Some(404),
+            ..Fault::default()
+        },
+    );
+    let r = get_manifest(&proxy, &path).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
+    assert_eq!(env.reg.methods(&path), vec!["GET", "HEAD"]);
+
+    // Forgotten: the next request is a plain GET upstream, not a revalidation.
+    env.reg.clear_fault(&path);
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "MISS", "after the tag came back");
+    assert_eq!(env.reg.methods(&path), vec!["GET", "HEAD", "GET"]);
+}
+
+#[tokio::test]
+async fn manifest_head_answers_carry_digest_and_length() {
+    let env = Env::new().await;
+    let m = simple_manifest(27);
+    let path = manifest_path("library/alpine", "edge");
+    let digest = env
+        .reg
+        .put_manifest("library/alpine", Some("edge"), OCI_MANIFEST, m.clone());
+    let proxy = env.proxy().start().await;
+
+    // HEAD on a miss: forwarded as a HEAD.
+    let h = head_manifest(&proxy, &path).await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.x_cache(), "MISS");
+    assert_eq!(h.header("docker-content-digest"), Some(digest.clone()));
+    assert_eq!(h.content_length(), Some(m.len()));
+    assert_eq!(env.reg.methods(&path), vec!["HEAD"]);
+
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "MISS", "GET");
+    for p in [path.clone(), manifest_path("library/alpine", &digest)] {
+        let h = head_manifest(&proxy, &p).await;
+        assert_eq!(h.status, StatusCode::OK, "HEAD {p}");
+        assert_eq!(h.x_cache(), "HIT", "HEAD {p}");
+        assert_eq!(h.header("docker-content-digest"), Some(digest.clone()));
+        assert_eq!(h.content_length(), Some(m.len()), "HEAD {p}");
+        assert_eq!(h.header("content-type").as_deref(), Some(OCI_MANIFEST));
+        assert!(h.body.is_empty());
+    }
+    assert_eq!(env.reg.methods(&path), vec!["HEAD", "GET"]);
+    assert_eq!(env.reg.seen().len(), 2);
+}
+
+#[tokio::test]
+async fn cached_manifest_is_not_served_to_a_request_that_does_not_accept_its_type() {
+    let env = Env::new().await;
+    let config = sha256(b"config");
+    let layer = sha256(b"layer");
+    let m = image_manifest(DOCKER_MANIFEST, (&config, 6), &[(&layer, 5)]);
+    let digest = env
+        .reg
+        .put_manifest("library/debian", Some("12"), DOCKER_MANIFEST, m.clone());
+    let by_tag = manifest_path("library/debian", "12");
+    let by_digest = manifest_path("library/debian", &digest);
+    let proxy = env.proxy().start().await;
+
+    let docker_only = [("accept", DOCKER_MANIFEST)];
+    let oci_only = [(
+        "accept",
+        "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
+    )];
+    let r = request(&proxy, Alpn::Both, Method::GET, &by_tag, &docker_only).await;
+    r.assert_served(&m, "MISS", "docker Accept");
+    assert_eq!(r.header("content-type").as_deref(), Some(DOCKER_MANIFEST));
+    request(&proxy, Alpn::Both, Method::GET, &by_tag, &docker_only)
+        .await
+        .assert_served(&m, "HIT", "docker Accept again");
+    request(&proxy, Alpn::Both, Method::GET, &by_digest, &docker_only)
+        .await
+        .assert_served(&m, "HIT", "by digest, docker Accept");
+    assert_eq!(env.reg.seen().len(), 1);
+
+    // An OCI-only client is not handed the cached Docker manifest.
+    let r = request(&proxy, Alpn::Both, Method::GET, &by_tag, &oci_only).await;
+    assert_ne!(r.x_cache(), "HIT", "tag: served a type the client refused");
+    assert_eq!(
+        env.reg.count(Method::GET, &by_tag),
+        2,
+        "{:?}",
+        env.reg.summary()
+    );
+    let r = request(&proxy, Alpn::Both, Method::GET, &by_digest, &oci_only).await;
+    assert_ne!(
+        r.x_cache(),
+        "HIT",
+        "digest: served a type the client refused"
+    );
+    assert_eq!(
+        env.reg.count(Method::GET, &by_digest),
+        1,
+        "{:?}",
+        env.reg.summary()
+    );
+}
+
+#[tokio::test]
+async fn index_and_platform_manifests_are_cached_alike() {
+    let env = Env::new().await;
+    let repo = "library/python";
+    let amd = simple_manifest(30);
+    let arm = simple_manifest(31);
+    let amd_d = env.reg.put_manifest(repo, None, OCI_MANIFEST, amd.clone());
+    let arm_d = env.reg.put_manifest(repo, None, OCI_MANIFEST, arm.clone());
+    let index = Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": amd_d, "size": amd.len(),
+                 "platform": {"architecture": "amd64", "os": "linux"}},
+                {"mediaType": OCI_MANIFEST, "digest": arm_d, "size": arm.len(),
+                 "platform": {"architecture": "arm64", "os": "linux"}},
+            ]
+        })
+        .to_string(),
+    );
+    let index_d = env
+        .reg
+        .put_manifest(repo, Some("3.12"), OCI_INDEX, index.clone());
+    let proxy = env.proxy().start().await;
+
+    let paths = [
+        (manifest_path(repo, "3.12"), index.clone(), OCI_INDEX),
+        (manifest_path(repo, &index_d), index.clone(), OCI_INDEX),
+        (manifest_path(repo, &amd_d), amd.clone(), OCI_MANIFEST),
+        (manifest_path(repo, &arm_d), arm.clone(), OCI_MANIFEST),
+    ];
+    let first = get_manifest(&proxy, &paths[0].0).await;
+    first.assert_served(&index, "MISS", "index by tag");
+    assert_eq!(first.header("content-type").as_deref(), Some(OCI_INDEX));
+    get_manifest(&proxy, &paths[2].0)
+        .await
+        .assert_served(&amd, "MISS", "amd64 manifest");
+    get_manifest(&proxy, &paths[3].0)
+        .await
+        .assert_served(&arm, "MISS", "arm64 manifest");
+    let before = env.reg.seen().len();
+    assert_eq!(before, 3);
+    for (p, body, ct) in &paths {
+        let r = get_manifest(&proxy, p).await;
+        r.assert_served(body, "HIT", p);
+        assert_eq!(r.header("content-type").as_deref(), Some(*ct), "{p}");
+    }
+    assert_eq!(env.reg.seen().len(), 3, "{:?}", env.reg.summary());
+}
+
+#[tokio::test]
+async fn corrupt_manifest_is_refused_and_not_cached() {
+    let env = Env::new().await;
+    let m = simple_manifest(32);
+    let digest = env
+        .reg
+        .put_manifest("library/alpine", None, OCI_MANIFEST, m.clone());
+    let path = manifest_path("library/alpine", &digest);
+    env.reg.set_fault(
+        &path,
+        Fault {
+            corrupt_at: Some(10),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+    let r = get_manifest(&proxy, &path).await;
+    assert_ne!(
+        r.status,
+        StatusCode::OK,
+        "a manifest not matching its digest was served: {r:?}"
+    );
+    assert!(r.body[..] != m[..]);
+    env.reg.clear_fault(&path);
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "MISS", "retry");
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "HIT", "after retry");
+    assert_eq!(env.reg.methods(&path), vec!["GET", "GET"]);
+}
+
+#[tokio::test]
+async fn per_registry_tag_ttl_from_config_file() {
+    let env = Env::new().await;
+    let m = simple_manifest(33);
+    let path = manifest_path("library/alpine", "latest");
+    env.reg
+        .put_manifest("library/alpine", Some("latest"), OCI_MANIFEST, m.clone());
+    let config = env.dir.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        "tag_ttl = 3600\n[registries.\"registry-1.docker.io\"]\ntag_ttl = 0\n",
+    )
+    .unwrap();
+    let proxy = env
+        .proxy()
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .intercept("other.test")
+        .resolve("other.test", env.reg.port())
+        .start()
+        .await;
+
+    // Docker Hub: ttl 0, every request is revalidated.
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "MISS", "hub 1");
+    get_manifest(&proxy, &path)
+        .await
+        .assert_served(&m, "REVALIDATED", "hub 2");
+
+    // other.test: the global 3600 s.
+    let other = |p: String| {
+        let proxy = &proxy;
+        async move {
+            try_request_to(
+                proxy,
+                "other.test",
+                Alpn::Both,
+                Method::GET,
+                &p,
+                &[("accept", ACCEPT_ALL)],
+            )
+            .await
+            .unwrap()
+        }
+    };
+    other(path.clone())
+        .await
+        .assert_served(&m, "MISS", "other 1");
+    other(path.clone())
+        .await
+        .assert_served(&m, "HIT", "other 2");
+
+    let seen: Vec<(String, String)> = env
+        .reg
+        .requests(&path)
+        .iter()
+        .map(|r| (r.sni.clone().unwrap_or_default(), r.method.to_string()))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (HUB.to_string(), "GET".to_string()),
+            (HUB.to_string(), "HEAD".to_string()),
+            ("other.test".to_string(), "GET".to_string()),
+        ]
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 7. Hostile names
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn hostile_names_are_refused_without_asking_upstream() {
+    let env = Env::new().await;
+    let proxy = env.proxy().start().await;
+    let hex = "a".repeat(64);
+    let long = "a".repeat(300);
+    let cases = [
+        ("/v2/../x/manifests/latest".to_string(), "NAME_INVALID"),
+        (format!("/v2/a%2fb/blobs/sha256:{hex}"), "NAME_INVALID"),
+        (format!("/v2/{long}/manifests/latest"), "NAME_INVALID"),
+        (format!("/v2/{long}/blobs/sha256:{hex}"), "NAME_INVALID"),
+        ("/v2/a/blobs/sha256:XYZ".to_string(), "DIGEST_INVALID"),
+        ("/v2/a/manifests/sha256:XYZ".to_string(), "DIGEST_INVALID"),
+    ];
+    for (path, code) in &cases {
+        for alpn in [Alpn::Http11, Alpn::H2] {
+            let r = request(&proxy, alpn, Method::GET, path, &[]).await;
+            assert_eq!(
+                r.status,
+                StatusCode::BAD_REQUEST,
+                "{path} over {alpn:?}: {r:?}"
+            );
+            assert_eq!(r.error_code(), *code, "{path}");
+            assert!(
+                r.header("content-type")
+                    .unwrap_or_default()
+                    .contains("json"),
+                "{path}: content-type"
+            );
+        }
+        let h = request(&proxy, Alpn::Both, Method::HEAD, path, &[]).await;
+        assert_eq!(h.status, StatusCode::BAD_REQUEST, "HEAD {path}");
+    }
+    assert!(
+        env.reg.seen().is_empty(),
+        "upstream saw {:?}",
+        env.reg.summary()
+    );
+    assert!(list_dir(&env.cache_dir().join("blobs")).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// 8. Eviction, restart, crash
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn eviction_removes_the_least_recently_used_blob() {
+    let env = Env::new().await;
+    let repo = "library/big";
+    let blobs: Vec<(Bytes, String)> = (0..4)
+        .map(|i| {
+            let data = blob_bytes(40 + i, MIB);
+            let d = env.reg.put_blob(repo, data.clone());
+            (data, d)
+        })
+        .collect();
+    let p = |i: usize| blob_path(repo, &blobs[i].1);
+    let proxy = env.proxy().args(["--cache-size", "3MiB"]).start().await;
+
+    for (data, digest) in &blobs[..3] {
+        get(&proxy, &blob_path(repo, digest))
+            .await
+            .assert_served(data, "MISS", "fill A/B/C");
+    }
+    // Touch A: now B is the least recently used.
+    get(&proxy, &p(0))
+        .await
+        .assert_served(&blobs[0].0, "HIT", "touch A");
+    get(&proxy, &p(3))
+        .await
+        .assert_served(&blobs[3].0, "MISS", "D");
+
+    assert!(
+        !env.content_file(&blobs[1].1).exists(),
+        "B's file should be gone"
+    );
+    for i in [0, 2, 3] {
+        assert!(env.content_file(&blobs[i].1).exists(), "blob {i} evicted");
+    }
+    get(&proxy, &p(0))
+        .await
+        .assert_served(&blobs[0].0, "HIT", "A stays");
+    get(&proxy, &p(3))
+        .await
+        .assert_served(&blobs[3].0, "HIT", "D stays");
+    get(&proxy, &p(1))
+        .await
+        .assert_served(&blobs[1].0, "MISS", "B was evicted");
+    for (i, want) in [1, 2, 1, 1].iter().enumerate() {
+        assert_eq!(
+            env.reg.count(Method::GET, &p(i)),
+            *want,
+            "upstream GETs for blob {i}: {:?}",
+            env.reg.summary()
+        );
+    }
+}
+
+#[tokio::test]
+async fn restart_keeps_everything_cached() {
+    let env = Env::new().await;
+    let repo = "library/alpine";
+    let layer = blob_bytes(50, 700_000);
+    let layer_d = env.reg.put_blob(repo, layer.clone());
+    let config = blob_bytes(51, 1_000);
+    let config_d = env.reg.put_blob(repo, config.clone());
+    let m = image_manifest(
+        OCI_MANIFEST,
+        (&config_d, config.len()),
+        &[(&layer_d, layer.len())],
+    );
+    let m_d = env
+        .reg
+        .put_manifest(repo, Some("3"), OCI_MANIFEST, m.clone());
+    let paths = [
+        (manifest_path(repo, "3"), m.clone()),
+        (manifest_path(repo, &m_d), m.clone()),
+        (blob_path(repo, &config_d), config.clone()),
+        (blob_path(repo, &layer_d), layer.clone()),
+    ];
+
+    let mut proxy = env.proxy().args(["--shutdown-grace", "2"]).start().await;
+    for (p, body) in &paths {
+        let r = get_manifest(&proxy, p).await;
+        assert_eq!(r.status, StatusCode::OK, "{p}");
+        assert_eq!(&r.body[..], &body[..], "{p}");
+    }
+    let upstream_before = env.reg.seen().len();
+    proxy.sigterm();
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("regcache should exit after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+    drop(proxy);
+
+    // The registry is gone: anything not served from disk would fail.
+    env.reg.stop().await;
+    let proxy = env.proxy().start().await;
+    for (p, body) in &paths {
+        get_manifest(&proxy, p)
+            .await
+            .assert_served(body, "HIT", &format!("after restart: {p}"));
+    }
+    let h = head(&proxy, &paths[3].0).await;
+    assert_eq!(h.x_cache(), "HIT");
+    assert_eq!(h.content_length(), Some(layer.len()));
+    assert_eq!(
+        env.reg.seen().len(),
+        upstream_before,
+        "{:?}",
+        env.reg.summary()
+    );
+}
+
+#[tokio::test]
+async fn kill_9_mid_download_leaves_no_partial_entry() {
+    let env = Env::new().await;
+    let data = blob_bytes(60, 2 * MIB);
+    let digest = env.reg.put_blob("library/slow", data.clone());
+    let path = blob_path("library/slow", &digest);
+    env.reg.set_fault(
+        &path,
+        Fault {
+            chunk: Some(64 * 1024),
+            delay: Some(Duration::from_millis(40)),
+            ..Fault::default()
+        },
+    );
+    let mut proxy = env.proxy().start().await;
+
+    let resp = send_on(&proxy, HUB, Alpn::Http11, Method::GET, &path, &[]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut received = 0usize;
+    within("half of the slow blob", STEP_TIMEOUT, async {
+        while received < MIB {
+            match body.frame().await {
+                Some(Ok(f)) => received += f.into_data().map(|d| d.len()).unwrap_or(0),
+                other => panic!("body ended early after {received}: {other:?}"),
+            }
+        }
+    })
+    .await;
+    let partial = env.tmp_files();
+    assert_eq!(partial.len(), 1, "one download in cache/tmp: {partial:?}");
+
+    send_signal(proxy.pid(), libc::SIGKILL);
+    proxy
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("regcache should die on SIGKILL");
+    drop(body);
+    drop(proxy);
+
+    env.reg.clear_fault(&path);
+    let proxy = env.proxy().start().await;
+    assert!(
+        env.tmp_files().is_empty(),
+        "cache/tmp after restart: {:?}",
+        env.tmp_files()
+    );
+    assert!(!env.content_file(&digest).exists());
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "MISS", "after the crash");
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "then cached");
+    assert_eq!(env.reg.methods(&path), vec!["GET", "GET"]);
+    assert!(env.tmp_files().is_empty(), "{:?}", env.tmp_files());
+}
