@@ -154,7 +154,10 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Ca(cmd) => ca(cmd),
@@ -169,6 +172,32 @@ fn main() -> ExitCode {
         Err(f) => {
             eprintln!("regcache: error: {}", f.message);
             ExitCode::from(f.code)
+        }
+    }
+}
+
+/// Help and version go to stdout as clap writes them; a usage error is one
+/// line on stderr and exit code 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => {
+            let _ = e.print();
+            ExitCode::SUCCESS
+        }
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            ExitCode::from(2)
+        }
+        _ => {
+            let text = e.render().to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            eprintln!("regcache: error: {first} (see --help)");
+            ExitCode::from(2)
         }
     }
 }

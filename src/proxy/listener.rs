@@ -20,8 +20,9 @@ use super::policy::{decide_connect, decide_host, Decision};
 use super::{intercept, tunnel, ConnContext};
 use crate::body::{self, Body};
 use crate::registry::hosts::normalize_host;
+use crate::serve::headers::head_too_large;
 use crate::serve::log::{logged, RequestLog};
-use crate::serve::{self, error_response, Origin, Target};
+use crate::serve::{self, error_response, too_large, Origin, Target};
 use crate::upstream::connect_tcp;
 
 /// Serves one client connection on the proxy port.
@@ -52,6 +53,10 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
 }
 
 async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
+    if head_too_large(&req) {
+        let log = RequestLog::start(ctx.peer, String::new(), req.method().clone(), String::new());
+        return logged(too_large(), log);
+    }
     if req.method() == Method::CONNECT {
         return connect(ctx, req).await;
     }

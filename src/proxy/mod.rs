@@ -23,8 +23,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 
-/// The largest request head (request line plus headers) accepted, in bytes.
-pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The read buffer limit given to hyper; heads are also measured against
+/// [`crate::serve::headers::MAX_HEAD_BYTES`].
+pub const MAX_HEADER_BYTES: usize = crate::serve::headers::MAX_HEAD_BYTES;
 /// How long a client may take to send a request head.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -20,6 +20,23 @@ const HOP_BY_HOP: &[&str] = &[
     "proxy-authenticate",
 ];
 
+/// The largest request head (request line and headers) regcache accepts.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// Whether a request's head exceeds [`MAX_HEAD_BYTES`] (431 territory).
+///
+/// hyper's own limit is a read-buffer size that a head arriving in one read
+/// can exceed, so the head is measured here too.
+pub fn head_too_large<B>(req: &http::Request<B>) -> bool {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    line + headers > MAX_HEAD_BYTES
+}
+
 /// The `Via` value regcache adds to what it forwards.
 pub const VIA: &str = "1.1 regcache";
 
@@ -48,6 +65,17 @@ pub fn add_via(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_size_limit() {
+        let small = http::Request::get("/").header("x", "y").body(()).unwrap();
+        assert!(!head_too_large(&small));
+        let big = http::Request::get("/")
+            .header("x", "a".repeat(MAX_HEAD_BYTES))
+            .body(())
+            .unwrap();
+        assert!(head_too_large(&big));
+    }
 
     #[test]
     fn removes_fixed_and_connection_named_headers_only() {

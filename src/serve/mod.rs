@@ -133,7 +133,11 @@ pub async fn handle(
         req.method().clone(),
         req.uri().path().to_string(),
     );
-    let served = dispatch(app, target, req).await;
+    let served = if headers::head_too_large(&req) {
+        Served::new(too_large(), CacheStatus::Pass)
+    } else {
+        dispatch(app, target, req).await
+    };
     let mut resp = served.resp;
     if served.cache != CacheStatus::Pass {
         resp.headers_mut()
@@ -354,6 +358,17 @@ fn unreachable_upstream(authority: &Authority, err: &dyn std::error::Error) -> R
         StatusCode::BAD_GATEWAY,
         &format!("regcache: cannot reach {authority}: {}", error_chain(err)),
     )
+}
+
+/// 431 for a request head over [`headers::MAX_HEAD_BYTES`].
+pub fn too_large() -> Response<Body> {
+    let mut resp = error_response(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "request headers larger than 64 KiB",
+    );
+    resp.headers_mut()
+        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// A short plain-text error answer.
