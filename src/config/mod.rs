@@ -176,6 +176,42 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_TAG_TTL", value_name = "SECS")]
     pub tag_ttl: Option<u64>,
 
+    /// Client networks allowed to use the proxy, as CIDRs (repeatable) [default: loopback, plus the private ranges when listening beyond loopback]
+    #[arg(
+        long,
+        env = "REGCACHE_ALLOW",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub allow: Vec<String>,
+
+    /// File of proxy users (htpasswd format, bcrypt: htpasswd -nbB USER PASS); clients must then send Proxy-Authorization
+    #[arg(long, env = "REGCACHE_PROXY_USERS", value_name = "FILE")]
+    pub proxy_users: Option<PathBuf>,
+
+    /// Parent proxy for regcache's own upstream traffic, http://[user:pass@]host:port, or "env" to use HTTPS_PROXY/NO_PROXY
+    #[arg(long, env = "REGCACHE_UPSTREAM_PROXY", value_name = "URL")]
+    pub upstream_proxy: Option<String>,
+
+    /// Hosts reached directly, not through upstream_proxy; "*.corp.example" for a domain (repeatable)
+    #[arg(
+        long,
+        env = "REGCACHE_UPSTREAM_NO_PROXY",
+        value_name = "HOST",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub upstream_no_proxy: Vec<String>,
+
+    /// Seconds a repository found public (anonymous pull accepted upstream) stays shared with every client [default: 600]
+    #[arg(long, env = "REGCACHE_PUBLIC_TTL", value_name = "SECS")]
+    pub public_ttl: Option<u64>,
+
+    /// Seconds a client credential accepted upstream for a private repository is trusted for cached content [default: 300]
+    #[arg(long, env = "REGCACHE_AUTH_TTL", value_name = "SECS")]
+    pub auth_ttl: Option<u64>,
+
     /// Per-registry settings (TOML only): [registries."ghcr.io"] tag_ttl = 300
     #[arg(skip)]
     #[serde(default)]
@@ -188,6 +224,26 @@ pub struct Settings {
 pub struct RegistrySettings {
     /// Overrides `tag_ttl` for this registry.
     pub tag_ttl: Option<u64>,
+    /// User name of regcache's own account at this registry.
+    pub username: Option<String>,
+    /// File holding that account's password or access token.
+    pub password_file: Option<PathBuf>,
+    /// File holding a bearer token to present as is.
+    pub token_file: Option<PathBuf>,
+}
+
+/// regcache's own account at one registry, used only for public content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamCredential {
+    /// User name and the file holding the password (read at start).
+    Basic {
+        /// User name.
+        username: String,
+        /// Password file.
+        password_file: PathBuf,
+    },
+    /// A file holding a bearer token.
+    Token(PathBuf),
 }
 
 impl Settings {
@@ -240,6 +296,12 @@ impl Settings {
             cache_dir: self.cache_dir.or(base.cache_dir),
             cache_size: self.cache_size.or(base.cache_size),
             tag_ttl: self.tag_ttl.or(base.tag_ttl),
+            allow: list(self.allow, base.allow),
+            proxy_users: self.proxy_users.or(base.proxy_users),
+            upstream_proxy: self.upstream_proxy.or(base.upstream_proxy),
+            upstream_no_proxy: list(self.upstream_no_proxy, base.upstream_no_proxy),
+            public_ttl: self.public_ttl.or(base.public_ttl),
+            auth_ttl: self.auth_ttl.or(base.auth_ttl),
             registries: if self.registries.is_empty() {
                 base.registries
             } else {
@@ -304,6 +366,20 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// Per-registry tag freshness, by canonical registry name.
     pub registry_tag_ttl: HashMap<String, Duration>,
+    /// Client networks allowed to use the proxy.
+    pub allow: Vec<ipnet::IpNet>,
+    /// htpasswd file of proxy users; None: no Proxy-Authorization needed.
+    pub proxy_users: Option<PathBuf>,
+    /// Parent proxy for upstream traffic: `http://[user:pass@]host:port`.
+    pub upstream_proxy: Option<http::Uri>,
+    /// Hosts reached directly despite `upstream_proxy`.
+    pub upstream_no_proxy: Vec<HostPattern>,
+    /// How long a repository found public stays shared.
+    pub public_ttl: Duration,
+    /// How long an accepted client credential is trusted.
+    pub auth_ttl: Duration,
+    /// regcache's own accounts, by canonical registry name.
+    pub credentials: HashMap<String, UpstreamCredential>,
 }
 
 impl Config {
@@ -387,14 +463,45 @@ impl Config {
                     .map(|t| (canonical_registry(host), Duration::from_secs(t)))
             })
             .collect();
+        let listen = s
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3128)));
+        let allow = allow_list(&s.allow, listen)?;
+        let (upstream_proxy, upstream_no_proxy) =
+            parent_proxy(s.upstream_proxy.as_deref(), &s.upstream_no_proxy)?;
+        let mut credentials = HashMap::new();
+        for (host, r) in &s.registries {
+            let cred = match (&r.username, &r.password_file, &r.token_file) {
+                (None, None, None) => continue,
+                (Some(username), Some(password_file), None) => UpstreamCredential::Basic {
+                    username: username.clone(),
+                    password_file: password_file.clone(),
+                },
+                (None, None, Some(token_file)) => UpstreamCredential::Token(token_file.clone()),
+                _ => {
+                    return Err(ConfigError::Value {
+                        key: "registries",
+                        message: format!(
+                            "[registries.{host:?}] needs username with password_file, or token_file alone"
+                        ),
+                    })
+                }
+            };
+            credentials.insert(canonical_registry(host), cred);
+        }
         Ok(Config {
+            allow,
+            proxy_users: s.proxy_users,
+            upstream_proxy,
+            upstream_no_proxy,
+            public_ttl: Duration::from_secs(s.public_ttl.unwrap_or(600)),
+            auth_ttl: Duration::from_secs(s.auth_ttl.unwrap_or(300)),
+            credentials,
             cache_dir: s.cache_dir.unwrap_or_else(|| PathBuf::from("cache")),
             cache_size,
             tag_ttl: Duration::from_secs(s.tag_ttl.unwrap_or(60)),
             registry_tag_ttl,
-            listen: s
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3128))),
+            listen,
             ca,
             upstream_ca: s.upstream_ca,
             resolve: ResolveMap::new(resolve),
@@ -406,6 +513,93 @@ impl Config {
             cert_cache,
         })
     }
+}
+
+/// The client networks allowed: as configured, or by default loopback plus,
+/// when listening beyond loopback, the private ranges (RFC 1918, RFC 4193).
+fn allow_list(entries: &[String], listen: SocketAddr) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    if !entries.is_empty() {
+        return entries
+            .iter()
+            .map(|e| {
+                e.parse::<ipnet::IpNet>()
+                    .or_else(|_| e.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| ConfigError::Value {
+                        key: "allow",
+                        message: format!("{e:?} is not a CIDR like 10.0.0.0/8 or an IP address"),
+                    })
+            })
+            .collect();
+    }
+    let mut nets = vec!["127.0.0.0/8", "::1/128"];
+    if !listen.ip().is_loopback() {
+        nets.extend([
+            "10.0.0.0/8",
+            "172.16.0.0/12",
+            "192.168.0.0/16",
+            "fc00::/7",
+            "fe80::/10",
+        ]);
+    }
+    Ok(nets.into_iter().filter_map(|n| n.parse().ok()).collect())
+}
+
+/// The parent proxy and its exceptions; `env` takes them from HTTPS_PROXY
+/// and NO_PROXY (either case).
+fn parent_proxy(
+    setting: Option<&str>,
+    no_proxy: &[String],
+) -> Result<(Option<http::Uri>, Vec<HostPattern>), ConfigError> {
+    let env = |names: [&str; 2]| {
+        names
+            .iter()
+            .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+    };
+    let mut exceptions: Vec<String> = no_proxy.to_vec();
+    let url = match setting {
+        None | Some("") => return Ok((None, Vec::new())),
+        Some("env") => {
+            if let Some(list) = env(["NO_PROXY", "no_proxy"]) {
+                exceptions.extend(
+                    list.split(',')
+                        .map(|h| h.trim().trim_start_matches('.').to_string())
+                        .filter(|h| !h.is_empty()),
+                );
+            }
+            match env(["HTTPS_PROXY", "https_proxy"]) {
+                Some(url) => url,
+                None => return Ok((None, Vec::new())),
+            }
+        }
+        Some(url) => url.to_string(),
+    };
+    let uri: http::Uri = url.parse().map_err(|e| ConfigError::Value {
+        key: "upstream_proxy",
+        message: format!("{url:?} is not a URL ({e})"),
+    })?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() {
+        return Err(ConfigError::Value {
+            key: "upstream_proxy",
+            message: format!("{url:?} must look like http://host:port"),
+        });
+    }
+    let mut patterns = Vec::new();
+    for e in exceptions {
+        let pattern = if e.starts_with("*.") || e.parse::<std::net::IpAddr>().is_ok() {
+            e.clone()
+        } else {
+            e.split(':').next().unwrap_or_default().to_string()
+        };
+        if let Ok(p) = pattern.parse::<HostPattern>() {
+            patterns.push(p);
+        }
+        if !pattern.starts_with("*.") {
+            if let Ok(p) = format!("*.{pattern}").parse::<HostPattern>() {
+                patterns.push(p);
+            }
+        }
+    }
+    Ok((Some(uri), patterns))
 }
 
 /// Folds a multi-line message (TOML errors draw carets) into one line.
