@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
+use crate::proxy::access::{Access, AccessError};
+use crate::serve::sharing::Sharing;
 use crate::tls::{CertificateAuthority, LeafMinter, TlsError};
 use crate::upstream::Upstream;
 
@@ -19,6 +21,9 @@ pub enum StartError {
     /// The cache could not be opened.
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// The proxy users file could not be loaded.
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 /// Everything connection tasks share. Held in an `Arc`.
@@ -33,15 +38,21 @@ pub struct App {
     pub upstream: Upstream,
     /// The disk cache.
     pub cache: Arc<Cache>,
+    /// Who may use the proxy: client networks and proxy users.
+    pub access: Access,
+    /// What regcache learnt about who may see which repository.
+    pub sharing: Sharing,
 }
 
 impl App {
     /// Loads (or creates) the CA, opens the cache and builds the upstream
     /// client. Blocking: call before serving.
     pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
+        let access = Access::from_config(&config)?;
         let ca = Arc::new(CertificateAuthority::load_or_create(&config.ca)?);
         let minter = LeafMinter::new(ca.clone(), config.cert_cache)?;
         let upstream = Upstream::new(&config)?;
+        let sharing = Sharing::new(&config)?;
         let cap = config
             .cache_size
             .unwrap_or_else(|| default_cache_size(&config.cache_dir));
@@ -60,6 +71,8 @@ impl App {
             minter,
             upstream,
             cache,
+            access,
+            sharing,
         }))
     }
 

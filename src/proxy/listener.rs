@@ -5,8 +5,13 @@
 //! hyper answers unparsable requests itself: 400 for a bad request line or
 //! header, 431 when the head exceeds [`super::MAX_HEADER_BYTES`]; the
 //! connection then closes and the proxy goes on serving others.
+//!
+//! [`super::access`] is asked first: a client outside `allow` gets 403 and a
+//! closed connection, and with `proxy_users` a request without valid proxy
+//! credentials gets 407.
 
 use std::convert::Infallible;
+use std::time::Duration;
 
 use http::uri::Scheme;
 use http::{Method, Request, Response, StatusCode, Version};
@@ -16,6 +21,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::access;
 use super::policy::{decide_connect, decide_host, Decision};
 use super::{intercept, tunnel, ConnContext};
 use crate::body::{self, Body};
@@ -25,10 +31,18 @@ use crate::serve::log::{logged, RequestLog};
 use crate::serve::{self, error_response, too_large, Origin, Target};
 use crate::upstream::connect_tcp;
 
+/// How long a refused client may take to send its request head.
+const REFUSED_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serves one client connection on the proxy port.
 #[tracing::instrument(name = "conn", skip_all, fields(client = %ctx.peer))]
 pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
     let shutdown = ctx.shutdown.clone();
+    let client_ip = ctx.peer.ip().to_canonical();
+    if !ctx.app.access.nets.allows(client_ip) {
+        tracing::warn!(%client_ip, "client address not in allow; answering 403 and closing");
+        return refuse_client(stream, shutdown).await;
+    }
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(route(ctx, req).await) }
@@ -52,10 +66,29 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
     }
 }
 
+/// Answers one request of a client outside `allow` with 403, then closes.
+/// The head is read (briefly) so that the client hears the answer.
+async fn refuse_client(stream: TcpStream, shutdown: tokio_util::sync::CancellationToken) {
+    let service = service_fn(|_req| async { Ok::<_, Infallible>(access::client_refused()) });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REFUSED_READ_TIMEOUT)
+        .keep_alive(false)
+        .max_buf_size(super::MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::select! {
+        _ = tokio::time::timeout(REFUSED_READ_TIMEOUT * 2, conn) => {}
+        _ = shutdown.cancelled() => {}
+    }
+}
+
 async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
     if head_too_large(&req) {
         let log = RequestLog::start(ctx.peer, String::new(), req.method().clone(), String::new());
         return logged(too_large(), log);
+    }
+    if let Some(refusal) = authenticate(&ctx, &req).await {
+        return refusal;
     }
     if req.method() == Method::CONNECT {
         return connect(ctx, req).await;
@@ -82,6 +115,34 @@ async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
             crate::admin::handle(&ctx.app, &req)
         };
     logged(resp, log)
+}
+
+/// With `proxy_users`, checks the request's `Proxy-Authorization`; returns
+/// the 407 answer when it is missing or wrong. The log line names the reason
+/// and the request, never the credential.
+async fn authenticate(ctx: &ConnContext, req: &Request<Incoming>) -> Option<Response<Body>> {
+    let users = ctx.app.access.users_for(req)?;
+    let failure = users
+        .check(req.headers().get(http::header::PROXY_AUTHORIZATION))
+        .await
+        .err()?;
+    let (host, path) = match req.uri().authority() {
+        Some(authority) if req.method() == Method::CONNECT => {
+            (authority.host().to_string(), authority.to_string())
+        }
+        Some(authority) => (authority.to_string(), req.uri().path().to_string()),
+        None => (
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            req.uri().path().to_string(),
+        ),
+    };
+    tracing::warn!(reason = %failure, method = %req.method(), host, "proxy authentication refused (407)");
+    let log = RequestLog::start(ctx.peer, host, req.method().clone(), path);
+    Some(logged(access::auth_required(), log))
 }
 
 /// `CONNECT host:port`: intercept, tunnel or refuse.
@@ -123,7 +184,7 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
         }
         Decision::PassThrough => {
             let name = normalize_host(&host);
-            let upstream = match connect_tcp(ctx.app.upstream.resolve(), &name, port).await {
+            let upstream = match connect_tcp(ctx.app.upstream.dialer(), &name, port).await {
                 Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!(host, port, error = %e, "tunnel target unreachable");

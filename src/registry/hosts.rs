@@ -125,7 +125,7 @@ impl FromStr for HostPattern {
 
 impl HostPattern {
     /// Whether `host` (already normalized) matches.
-    fn matches(&self, host: &str) -> bool {
+    pub fn matches(&self, host: &str) -> bool {
         match self {
             HostPattern::Exact(name) => host == name,
             HostPattern::Subdomains(suffix) => host

@@ -3,6 +3,7 @@
 //! Nothing here does I/O: it parses, names and matches, so that every part of
 //! it can be tested with plain values.
 
+pub mod auth;
 pub mod digest;
 pub mod error;
 pub mod hosts;

@@ -16,7 +16,8 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 
 use super::range::{span, Span};
-use super::{passthrough, upstream_headers, upstream_uri, CacheStatus, Served};
+use super::sharing::{self, learn, upstream_request_headers};
+use super::{passthrough, upstream_uri, CacheStatus, Served};
 use crate::app::App;
 use crate::body::{self, Body};
 use crate::cache::fill::{Fill, Leader, Role};
@@ -42,6 +43,9 @@ pub async fn serve(
         if let Err(refused) = ensure_linked(app, target, repo, digest, parts).await {
             return refused;
         }
+        if let Err(refused) = sharing::check(app, target, repo, parts).await {
+            return *refused;
+        }
         match open(&cached).await {
             Some(file) => {
                 cache.count(true);
@@ -54,7 +58,7 @@ pub async fn serve(
     }
     if parts.method == Method::HEAD {
         cache.count(false);
-        return forward_head(app, target, parts).await;
+        return forward_method(app, target, repo, parts, Method::HEAD).await;
     }
     for _ in 0..MAX_JOIN_ATTEMPTS {
         match cache.join_fill(digest) {
@@ -66,13 +70,16 @@ pub async fn serve(
                 if let Err(refused) = ensure_linked(app, target, repo, digest, parts).await {
                     return refused;
                 }
+                if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                    return *refused;
+                }
                 cache.count(true);
                 return Served::new(from_fill(parts, digest, &fill), CacheStatus::Coalesced);
             }
         }
     }
     // Upstream keeps refusing the leaders: answer as it does.
-    forward_get(app, target, parts).await
+    forward_method(app, target, repo, parts, Method::GET).await
 }
 
 /// Fetches a missing blob for everyone: one upstream GET, stored as it
@@ -89,14 +96,12 @@ async fn lead(
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
-    let resp = match app
-        .upstream
-        .fetch(Method::GET, uri, upstream_headers(parts))
-        .await
-    {
+    let headers = upstream_request_headers(app, target, repo, parts).await;
+    let resp = match app.upstream.fetch(Method::GET, uri, headers).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
+    learn(app, target, repo, parts, resp.status());
     app.cache.count(false);
     if resp.status() != StatusCode::OK {
         leader.abandon();
@@ -136,12 +141,10 @@ async fn ensure_linked(
         return Ok(());
     }
     let uri = upstream_uri(target, parts).map_err(|resp| Served::new(*resp, CacheStatus::Pass))?;
-    match app
-        .upstream
-        .fetch(Method::HEAD, uri, upstream_headers(parts))
-        .await
-    {
+    let headers = upstream_request_headers(app, target, repo, parts).await;
+    match app.upstream.fetch(Method::HEAD, uri, headers).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
+            learn(app, target, repo, parts, StatusCode::OK);
             link(app, target, repo, digest).await;
             Ok(())
         }
@@ -167,17 +170,12 @@ async fn link(app: &App, target: &super::Target, repo: &str, digest: &Digest) {
     }
 }
 
-async fn forward_head(app: &App, target: &super::Target, parts: &Parts) -> Served {
-    forward_method(app, target, parts, Method::HEAD).await
-}
-
-async fn forward_get(app: &App, target: &super::Target, parts: &Parts) -> Served {
-    forward_method(app, target, parts, Method::GET).await
-}
-
+/// Passes a request upstream (a HEAD on a miss, or a GET when the leaders
+/// keep failing) and returns upstream's answer as is.
 async fn forward_method(
     app: &App,
     target: &super::Target,
+    repo: &str,
     parts: &Parts,
     method: Method,
 ) -> Served {
@@ -185,12 +183,12 @@ async fn forward_method(
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
-    match app
-        .upstream
-        .fetch(method, uri, upstream_headers(parts))
-        .await
-    {
-        Ok(resp) => Served::new(passthrough(resp), CacheStatus::Miss),
+    let headers = upstream_request_headers(app, target, repo, parts).await;
+    match app.upstream.fetch(method, uri, headers).await {
+        Ok(resp) => {
+            learn(app, target, repo, parts, resp.status());
+            Served::new(passthrough(resp), CacheStatus::Miss)
+        }
         Err(e) => Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     }
 }

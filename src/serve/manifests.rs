@@ -18,7 +18,8 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
-use super::{error_json, passthrough, upstream_headers, upstream_uri, CacheStatus, Served, Target};
+use super::sharing::{self, learn, upstream_request_headers};
+use super::{error_json, passthrough, upstream_uri, CacheStatus, Served, Target};
 use crate::app::App;
 use crate::body::{self, Body};
 use crate::cache::freshness::{
@@ -59,6 +60,9 @@ async fn by_digest(
     let repo = name.as_str();
     if let Some(cached) = usable(app, digest, parts) {
         if cache.is_linked(&target.registry, repo, digest) {
+            if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                return *refused;
+            }
             if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
                 return served;
             }
@@ -86,19 +90,20 @@ async fn by_tag(
     };
     let ttl = app.config.tag_ttl_for(&target.registry);
     if record.is_fresh(now_ms(), ttl) {
+        if let Err(refused) = sharing::check(app, target, repo, parts).await {
+            return *refused;
+        }
         if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
             return served;
         }
         return fetch(app, target, name, Some(tag), None, parts).await;
     }
 
+    let headers = upstream_request_headers(app, target, repo, parts).await;
     let (outcome, upstream_resp) = match upstream_uri(target, parts) {
-        Ok(uri) => match app
-            .upstream
-            .fetch(Method::HEAD, uri, upstream_headers(parts))
-            .await
-        {
+        Ok(uri) => match app.upstream.fetch(Method::HEAD, uri, headers).await {
             Ok(resp) => {
+                learn(app, target, repo, parts, resp.status());
                 let digest = resp
                     .headers()
                     .get("docker-content-digest")
@@ -128,16 +133,12 @@ async fn by_tag(
             }
         }
         TagAction::Refetch => fetch(app, target, name, Some(tag), None, parts).await,
-        TagAction::ServeStale => match from_cache(app, &cached, parts, CacheStatus::Stale).await {
-            Some(mut served) => {
-                served.resp.headers_mut().insert(
-                    http::header::WARNING,
-                    HeaderValue::from_static("110 regcache \"Response is Stale\""),
-                );
-                served
+        TagAction::ServeStale => {
+            if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                return *refused;
             }
-            None => fetch(app, target, name, Some(tag), None, parts).await,
-        },
+            serve_stale(app, target, name, tag, &cached, parts).await
+        }
         TagAction::PassUpstream { forget } => {
             if forget {
                 if let Err(e) = cache.remove_tag(&target.registry, repo, tag).await {
@@ -164,6 +165,27 @@ async fn by_tag(
                 ),
             }
         }
+    }
+}
+
+/// Serves a stale cached tag with `Warning: 110` (upstream unavailable).
+async fn serve_stale(
+    app: &Arc<App>,
+    target: &Target,
+    name: &RepoName,
+    tag: &str,
+    cached: &Cached,
+    parts: &Parts,
+) -> Served {
+    match from_cache(app, cached, parts, CacheStatus::Stale).await {
+        Some(mut served) => {
+            served.resp.headers_mut().insert(
+                http::header::WARNING,
+                HeaderValue::from_static("110 regcache \"Response is Stale\""),
+            );
+            served
+        }
+        None => fetch(app, target, name, Some(tag), None, parts).await,
     }
 }
 
@@ -236,24 +258,17 @@ async fn fetch(
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
     app.cache.count(false);
-    if parts.method == Method::HEAD {
-        return match app
-            .upstream
-            .fetch(Method::HEAD, uri, upstream_headers(parts))
-            .await
-        {
-            Ok(resp) => Served::new(passthrough(resp), CacheStatus::Miss),
-            Err(e) => Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
-        };
-    }
-    let resp = match app
-        .upstream
-        .fetch(Method::GET, uri, upstream_headers(parts))
-        .await
-    {
+    let repo = name.as_str();
+    let headers = upstream_request_headers(app, target, repo, parts).await;
+    let method = parts.method.clone();
+    let resp = match app.upstream.fetch(method, uri, headers).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
+    learn(app, target, repo, parts, resp.status());
+    if parts.method == Method::HEAD {
+        return Served::new(passthrough(resp), CacheStatus::Miss);
+    }
     if resp.status() != StatusCode::OK {
         if resp.status() == StatusCode::NOT_FOUND {
             if let Some(tag) = tag {

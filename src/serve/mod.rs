@@ -13,6 +13,7 @@ pub mod headers;
 pub mod log;
 pub mod manifests;
 pub mod range;
+pub mod sharing;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

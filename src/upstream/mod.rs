@@ -2,12 +2,17 @@
 //!
 //! One pooled hyper client speaks HTTP/1.1 or HTTP/2 (chosen by ALPN) over
 //! verified TLS, or plain HTTP for `http://` registries. Connections go where
-//! `--resolve` says, else where DNS says.
+//! `--resolve` says, else through the parent proxy (`upstream_proxy`) unless
+//! the host is in `upstream_no_proxy`, else where DNS says: see [`Dialer`].
 
 mod connector;
 pub mod redirect;
+pub mod token;
 
-pub use connector::{connect_tcp, ResolvingConnector, CONNECT_TIMEOUT};
+pub use connector::{
+    connect_tcp, Dialer, HandshakeError, ParentProxy, ParentProxyError, ResolvingConnector,
+    CONNECT_TIMEOUT, MAX_PROXY_REPLY_BYTES,
+};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,25 +36,38 @@ pub struct UpstreamError(#[from] hyper_util::client::legacy::Error);
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpsConnector<ResolvingConnector>, Body>,
-    resolve: Arc<ResolveMap>,
+    dialer: Dialer,
+    tokens: Arc<token::TokenCache>,
 }
 
 impl Upstream {
-    /// Builds the client from the configuration's trust and resolve settings.
+    /// Builds the client from the configuration's trust, resolve and parent
+    /// proxy settings.
     pub fn new(config: &Config) -> Result<Self, TlsError> {
-        let resolve = Arc::new(config.resolve.clone());
+        let dialer = Dialer::from_config(config);
+        if let Some(parent) = dialer.parent() {
+            tracing::info!(
+                proxy = %parent.redacted(),
+                no_proxy = config.upstream_no_proxy.len(),
+                "upstream connections go through a parent proxy"
+            );
+        }
         let tls = upstream_config(&config.upstream_ca)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*tls).clone())
             .https_or_http()
             .enable_all_versions()
-            .wrap_connector(ResolvingConnector::new(resolve.clone()));
+            .wrap_connector(ResolvingConnector::new(dialer.clone()));
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(https);
-        Ok(Self { client, resolve })
+        Ok(Self {
+            client,
+            dialer,
+            tokens: Arc::default(),
+        })
     }
 
     /// Sends a request whose URI is absolute (`https://host/path`).
@@ -59,6 +77,11 @@ impl Upstream {
 
     /// The resolve overrides, for tunnels.
     pub fn resolve(&self) -> &ResolveMap {
-        &self.resolve
+        self.dialer.resolve()
+    }
+
+    /// How upstream connections are made, for tunnels.
+    pub fn dialer(&self) -> &Dialer {
+        &self.dialer
     }
 }

@@ -676,6 +676,7 @@ pub struct ProxyBuilder {
     ca_dir: Option<PathBuf>,
     env: Vec<(String, String)>,
     no_listen_flag: bool,
+    ready_status: u16,
 }
 
 impl Default for ProxyBuilder {
@@ -691,6 +692,7 @@ impl ProxyBuilder {
             ca_dir: None,
             env: vec![],
             no_listen_flag: false,
+            ready_status: 200,
         }
     }
     pub fn arg(mut self, a: impl Into<String>) -> Self {
@@ -777,7 +779,7 @@ impl ProxyBuilder {
             stdout_path,
             _tmp: tmp,
         };
-        proxy.wait_ready().await;
+        proxy.wait_ready(self.ready_status).await;
         proxy
     }
 }
@@ -821,7 +823,7 @@ impl Proxy {
             .expect("ca.crt holds a certificate")
     }
 
-    async fn wait_ready(&mut self) {
+    async fn wait_ready(&mut self, ready_status: u16) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -839,7 +841,7 @@ impl Proxy {
             )
             .await
             {
-                if r.status == 200 {
+                if r.status == ready_status {
                     return;
                 }
             }
@@ -1413,4 +1415,17 @@ pub fn header_names(h: &HeaderMap) -> Vec<String> {
     h.keys()
         .map(|k: &HeaderName| k.as_str().to_owned())
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Helpers for the access tests
+// ---------------------------------------------------------------------------
+
+impl ProxyBuilder {
+    /// Consider regcache ready when `GET /healthz` answers `status` (default
+    /// 200), e.g. 403 for a proxy that refuses the test's own address.
+    pub fn ready_status(mut self, status: u16) -> Self {
+        self.ready_status = status;
+        self
+    }
 }

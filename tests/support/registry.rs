@@ -16,6 +16,9 @@
 //!   body without `Content-Length`.
 //! * Record: every request, with method, path, query, headers and the SNI
 //!   it came with ([`Req`]), to assert what regcache asked upstream.
+//! * Hook ([`Registry::set_hook`]): a function that sees every request first
+//!   and may answer it itself ([`Answer`]): an auth layer, a token endpoint
+//!   (see `support/auth.rs`). Content and knobs apply when it answers None.
 
 #![allow(dead_code)]
 
@@ -127,11 +130,43 @@ struct Resource {
     body: Bytes,
 }
 
+/// A whole answer given by a hook instead of the registry's content.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    /// The body of a GET; a HEAD gets none, with this body's length.
+    pub body: Bytes,
+}
+
+impl Answer {
+    /// `status` with `headers` and a JSON `body`.
+    pub fn json(status: u16, headers: Vec<(String, String)>, body: impl Into<Bytes>) -> Answer {
+        let mut headers = headers;
+        headers.push(("content-type".into(), "application/json".into()));
+        Answer {
+            status,
+            headers,
+            body: body.into(),
+        }
+    }
+
+    /// `status` with a distribution error body (`UNAUTHORIZED`, `DENIED`...)
+    /// for the request's path, plus `headers`.
+    pub fn error(status: u16, path: &str, headers: Vec<(String, String)>) -> Answer {
+        Answer::json(status, headers, error_json(status_code_name(status, path)))
+    }
+}
+
+/// Sees each request first (after it is recorded); Some answers it.
+pub type Hook = Arc<dyn Fn(&Req) -> Option<Answer> + Send + Sync>;
+
 #[derive(Default)]
 struct State {
     resources: HashMap<String, Resource>,
     faults: HashMap<String, Fault>,
     seen: Vec<Req>,
+    hook: Option<Hook>,
 }
 
 /// The fake registry. Stops serving when dropped (or on [`Registry::stop`]).
@@ -154,9 +189,15 @@ impl Registry {
     /// Starts a registry whose certificate (from `ca`) is valid for
     /// [`REGISTRY_NAMES`].
     pub async fn start(ca: &TestCa) -> Registry {
+        Registry::start_with_names(ca, REGISTRY_NAMES).await
+    }
+
+    /// Starts a registry whose certificate (from `ca`) is valid for `names`
+    /// (a token service on its own host, say).
+    pub async fn start_with_names(ca: &TestCa, names: &[&str]) -> Registry {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let leaf = ca.issue(REGISTRY_NAMES);
+        let leaf = ca.issue(names);
         let mut cfg = rustls::ServerConfig::builder_with_provider(ring())
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -298,6 +339,16 @@ impl Registry {
         self.lock().faults.remove(path);
     }
 
+    /// Lets `hook` see every request first and answer it (Some) or leave it
+    /// to the registry's content and knobs (None).
+    pub fn set_hook(&self, hook: impl Fn(&Req) -> Option<Answer> + Send + Sync + 'static) {
+        self.lock().hook = Some(Arc::new(hook));
+    }
+
+    pub fn clear_hook(&self) {
+        self.lock().hook = None;
+    }
+
     /// Lets every body held by a `gate_after` knob go on.
     pub fn open_gate(&self) {
         let _ = self.gate.send(true);
@@ -399,6 +450,30 @@ fn status_only(method: &Method, status: u16, path: &str) -> Response<RespBody> {
     r
 }
 
+/// A hook's answer as a response: a HEAD gets no body but its length.
+fn hooked(method: &Method, answer: Answer) -> Response<RespBody> {
+    let len = answer.body.len();
+    let mut r = Response::new(if *method == Method::HEAD {
+        full_body(Bytes::new())
+    } else {
+        full_body(answer.body)
+    });
+    *r.status_mut() = StatusCode::from_u16(answer.status).unwrap();
+    let h = r.headers_mut();
+    for (k, v) in &answer.headers {
+        h.append(
+            hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    h.insert("content-length", HeaderValue::from(len));
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    r
+}
+
 struct Streamer {
     data: Bytes,
     pos: usize,
@@ -462,21 +537,27 @@ async fn handle(
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     });
-    let (resource, fault) = {
+    let record = Req {
+        method: parts.method.clone(),
+        path: path.clone(),
+        query: parts.uri.query().map(str::to_owned),
+        headers: parts.headers.clone(),
+        sni,
+        host,
+    };
+    let (resource, fault, hook) = {
         let mut st = state.lock().unwrap();
-        st.seen.push(Req {
-            method: parts.method.clone(),
-            path: path.clone(),
-            query: parts.uri.query().map(str::to_owned),
-            headers: parts.headers.clone(),
-            sni,
-            host,
-        });
+        st.seen.push(record.clone());
         (
             st.resources.get(&path).cloned(),
             st.faults.get(&path).cloned().unwrap_or_default(),
+            st.hook.clone(),
         )
     };
+    // Called without the lock: a hook may look at other shared state.
+    if let Some(answer) = hook.and_then(|h| h(&record)) {
+        return Ok(hooked(&parts.method, answer));
+    }
     let method = parts.method;
     if method != Method::GET && method != Method::HEAD {
         return Ok(status_only(&method, 405, &path));

@@ -1,0 +1,372 @@
+//! Who may see cached content: public repositories are shared, everything
+//! else is guarded by the upstream's own judgement of each client.
+//!
+//! - A repository is **public** when the upstream accepts an anonymous pull.
+//!   regcache checks that itself (an anonymous `HEAD`, following a Bearer
+//!   challenge with an anonymous token) and remembers it for `public_ttl`.
+//!   Cached content of a public repository is served to every client.
+//! - Content of any other repository is served from the cache only to a
+//!   client whose credential (its exact `Authorization` value) the upstream
+//!   accepted for that repository within `auth_ttl`: one `HEAD` with the
+//!   client's own credential, remembered under a SHA-256 of registry,
+//!   repository and credential, never the credential itself. Anyone else gets
+//!   what the upstream answers (401 with its challenge, 403, 404).
+//! - While the upstream is unreachable, what was learnt before still counts.
+//! - regcache's own account at a registry (`[registries."HOST"]`) is used for
+//!   requests that carry no credential, for public repositories only: it
+//!   raises rate limits and never opens what the client could not open.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use base64::Engine as _;
+use http::header::{HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
+use http::request::Parts;
+use http::{HeaderMap, Method, StatusCode};
+use sha2::{Digest as _, Sha256};
+
+use super::{error_json, refusal, upstream_headers, upstream_uri, CacheStatus, Served, Target};
+use crate::app::App;
+use crate::config::{Config, UpstreamCredential};
+use crate::registry::auth::{parse_challenge, pull_scope, Challenge};
+use crate::registry::error::ErrorCode;
+use crate::tls::ca::check_private;
+use crate::tls::TlsError;
+
+/// What regcache learnt about a repository's openness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Openness {
+    Public,
+    Guarded,
+}
+
+struct Learnt {
+    openness: Openness,
+    at: Instant,
+    /// The Bearer challenge the registry uses, for regcache's own account.
+    challenge: Option<Challenge>,
+}
+
+/// What a running regcache learnt about who may see which repository.
+pub struct Sharing {
+    repos: Mutex<HashMap<String, Learnt>>,
+    verified: Mutex<HashMap<[u8; 32], Instant>>,
+    accounts: HashMap<String, HeaderValue>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Sharing {
+    /// Reads regcache's own registry accounts (files must not be readable by
+    /// other users).
+    pub fn new(config: &Config) -> Result<Self, TlsError> {
+        let mut accounts = HashMap::new();
+        for (registry, credential) in &config.credentials {
+            let value = match credential {
+                UpstreamCredential::Basic {
+                    username,
+                    password_file,
+                } => {
+                    let password = read_secret(password_file)?;
+                    let encoded = base64::engine::general_purpose::STANDARD
+                        .encode(format!("{username}:{password}"));
+                    format!("Basic {encoded}")
+                }
+                UpstreamCredential::Token(file) => format!("Bearer {}", read_secret(file)?),
+            };
+            let mut value = HeaderValue::from_str(&value).map_err(|_| TlsError::Pem {
+                path: registry.into(),
+                message: "credential contains characters not allowed in a header".into(),
+            })?;
+            value.set_sensitive(true);
+            accounts.insert(registry.clone(), value);
+        }
+        Ok(Self {
+            repos: Mutex::default(),
+            verified: Mutex::default(),
+            accounts,
+        })
+    }
+
+    fn openness(
+        &self,
+        registry: &str,
+        repo: &str,
+        ttl: std::time::Duration,
+    ) -> Option<(Openness, bool)> {
+        let repos = lock(&self.repos);
+        let learnt = repos.get(&format!("{registry}/{repo}"))?;
+        Some((learnt.openness, learnt.at.elapsed() < ttl))
+    }
+
+    fn learn_openness(
+        &self,
+        registry: &str,
+        repo: &str,
+        openness: Openness,
+        challenge: Option<Challenge>,
+    ) {
+        let key = format!("{registry}/{repo}");
+        let mut repos = lock(&self.repos);
+        let challenge = challenge.or_else(|| repos.get(&key).and_then(|l| l.challenge.clone()));
+        repos.insert(
+            key,
+            Learnt {
+                openness,
+                at: Instant::now(),
+                challenge,
+            },
+        );
+    }
+
+    fn verified_at(&self, key: &[u8; 32]) -> Option<Instant> {
+        lock(&self.verified).get(key).copied()
+    }
+}
+
+fn read_secret(path: &std::path::Path) -> Result<String, TlsError> {
+    check_private(path)?;
+    let text = std::fs::read_to_string(path).map_err(|source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(text.trim().to_string())
+}
+
+fn credential_key(registry: &str, repo: &str, credential: &HeaderValue) -> [u8; 32] {
+    let mut h = Sha256::new();
+    for part in [registry.as_bytes(), repo.as_bytes(), credential.as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize().into()
+}
+
+/// Remembers what an upstream answer to a request made for this client
+/// proves: a 200 to the client's own credential verifies it; a 200 to no
+/// credential at all makes the repository public.
+pub fn learn(app: &App, target: &Target, repo: &str, parts: &Parts, status: StatusCode) {
+    if status != StatusCode::OK {
+        return;
+    }
+    match parts.headers.get(AUTHORIZATION) {
+        Some(credential) => {
+            let key = credential_key(&target.registry, repo, credential);
+            lock(&app.sharing.verified).insert(key, Instant::now());
+        }
+        None => {
+            if !app.sharing.accounts.contains_key(&target.registry) {
+                app.sharing
+                    .learn_openness(&target.registry, repo, Openness::Public, None);
+            }
+        }
+    }
+}
+
+/// The headers for regcache's own upstream request on behalf of this client:
+/// the client's, plus regcache's account for a public repository when the
+/// client sent no credential.
+pub async fn upstream_request_headers(
+    app: &App,
+    target: &Target,
+    repo: &str,
+    parts: &Parts,
+) -> HeaderMap {
+    let mut headers = upstream_headers(parts);
+    if headers.contains_key(AUTHORIZATION) || !app.sharing.accounts.contains_key(&target.registry) {
+        return headers;
+    }
+    if public(app, target, repo, parts).await != Some(Openness::Public) {
+        return headers;
+    }
+    if let Some(value) = account_authorization(app, target, repo).await {
+        headers.insert(AUTHORIZATION, value);
+    }
+    headers
+}
+
+/// regcache's `Authorization` for `repo`: a token from the registry's realm
+/// got with the account, or the account's own value.
+async fn account_authorization(app: &App, target: &Target, repo: &str) -> Option<HeaderValue> {
+    let account = app.sharing.accounts.get(&target.registry)?;
+    let challenge = lock(&app.sharing.repos)
+        .get(&format!("{}/{repo}", target.registry))
+        .and_then(|l| l.challenge.clone());
+    match challenge {
+        Some(Challenge::Bearer(bearer)) if account.as_bytes().starts_with(b"Basic ") => {
+            match app
+                .upstream
+                .bearer_token(&bearer, &pull_scope(repo), Some(account))
+                .await
+            {
+                Ok(token) => bearer_value(&token),
+                Err(e) => {
+                    tracing::warn!(registry = %target.registry, error = %e, "regcache's registry account got no token; asking anonymously");
+                    None
+                }
+            }
+        }
+        _ => Some(account.clone()),
+    }
+}
+
+fn bearer_value(token: &str) -> Option<HeaderValue> {
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).ok()?;
+    value.set_sensitive(true);
+    Some(value)
+}
+
+/// Whether `repo` is public: learnt within `public_ttl`, else asked anonymously.
+/// None when unknown (upstream unreachable and nothing learnt before).
+async fn public(app: &App, target: &Target, repo: &str, parts: &Parts) -> Option<Openness> {
+    let ttl = app.config.public_ttl;
+    let known = app.sharing.openness(&target.registry, repo, ttl);
+    if let Some((openness, true)) = known {
+        return Some(openness);
+    }
+    match probe_anonymously(app, target, repo, parts).await {
+        Some((openness, challenge)) => {
+            app.sharing
+                .learn_openness(&target.registry, repo, openness, challenge);
+            Some(openness)
+        }
+        None => known.map(|(openness, _)| openness),
+    }
+}
+
+/// Asks upstream for this request's path with no credential (following a
+/// Bearer challenge with an anonymous token). None if upstream gave no answer
+/// that settles it.
+async fn probe_anonymously(
+    app: &App,
+    target: &Target,
+    repo: &str,
+    parts: &Parts,
+) -> Option<(Openness, Option<Challenge>)> {
+    let uri = upstream_uri(target, parts).ok()?;
+    let mut headers = upstream_headers(parts);
+    headers.remove(AUTHORIZATION);
+    let resp = app
+        .upstream
+        .fetch(Method::HEAD, uri.clone(), headers.clone())
+        .await
+        .ok()?;
+    let status = resp.status();
+    let challenge = resp
+        .headers()
+        .get(WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_challenge);
+    match status {
+        StatusCode::OK => Some((Openness::Public, challenge)),
+        StatusCode::UNAUTHORIZED => match &challenge {
+            Some(Challenge::Bearer(bearer)) => {
+                let token = match app
+                    .upstream
+                    .bearer_token(bearer, &pull_scope(repo), None)
+                    .await
+                {
+                    Ok(token) => token,
+                    Err(crate::upstream::token::TokenError::Refused(_)) => {
+                        return Some((Openness::Guarded, challenge))
+                    }
+                    Err(_) => return None,
+                };
+                headers.insert(AUTHORIZATION, bearer_value(&token)?);
+                let retry = app.upstream.fetch(Method::HEAD, uri, headers).await.ok()?;
+                match retry.status() {
+                    StatusCode::OK => Some((Openness::Public, challenge)),
+                    s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => None,
+                    _ => Some((Openness::Guarded, challenge)),
+                }
+            }
+            _ => Some((Openness::Guarded, challenge)),
+        },
+        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => None,
+        _ => Some((Openness::Guarded, challenge)),
+    }
+}
+
+/// Decides whether this client may be served cached content of `repo`.
+/// Err holds the answer to give instead (upstream's own refusal).
+pub async fn check(
+    app: &App,
+    target: &Target,
+    repo: &str,
+    parts: &Parts,
+) -> Result<(), Box<Served>> {
+    let credential = parts.headers.get(AUTHORIZATION);
+    let key = credential.map(|c| credential_key(&target.registry, repo, c));
+    let verified = key.and_then(|k| app.sharing.verified_at(&k));
+    if verified.is_some_and(|at| at.elapsed() < app.config.auth_ttl) {
+        return Ok(());
+    }
+    if public(app, target, repo, parts).await == Some(Openness::Public) {
+        return Ok(());
+    }
+    // Guarded (or unknown): ask upstream with the client's own headers.
+    let uri = upstream_uri(target, parts)
+        .map_err(|resp| Box::new(Served::new(*resp, CacheStatus::Pass)))?;
+    match app
+        .upstream
+        .fetch(Method::HEAD, uri, upstream_headers(parts))
+        .await
+    {
+        Ok(resp) if resp.status() == StatusCode::OK => {
+            learn(app, target, repo, parts, StatusCode::OK);
+            Ok(())
+        }
+        Ok(resp)
+            if resp.status().is_server_error()
+                || resp.status() == StatusCode::TOO_MANY_REQUESTS =>
+        {
+            offline_decision(verified, target, repo)
+        }
+        Ok(resp) => {
+            tracing::info!(registry = %target.registry, repo, status = resp.status().as_u16(), "cached content refused to a client upstream does not accept");
+            Err(Box::new(Served::new(
+                refusal(&parts.method, resp, ErrorCode::NameUnknown, repo),
+                CacheStatus::Miss,
+            )))
+        }
+        Err(_) => offline_decision(verified, target, repo),
+    }
+}
+
+/// Upstream gives no verdict: serve only to a credential verified before.
+fn offline_decision(
+    verified: Option<Instant>,
+    target: &Target,
+    repo: &str,
+) -> Result<(), Box<Served>> {
+    if verified.is_some() {
+        return Ok(());
+    }
+    tracing::info!(registry = %target.registry, repo, "upstream unavailable; guarded content withheld from an unverified client");
+    Err(Box::new(Served::new(
+        error_json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unauthorized,
+            "upstream unavailable and this client was not verified for this repository",
+        ),
+        CacheStatus::Miss,
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_keys_separate_repositories_and_values() {
+        let a = HeaderValue::from_static("Bearer a");
+        let b = HeaderValue::from_static("Bearer b");
+        assert_ne!(credential_key("r", "x", &a), credential_key("r", "y", &a));
+        assert_ne!(credential_key("r", "x", &a), credential_key("r", "x", &b));
+        assert_ne!(credential_key("r", "xy", &a), credential_key("rx", "y", &a));
+        assert_eq!(credential_key("r", "x", &a), credential_key("r", "x", &a));
+    }
+}
