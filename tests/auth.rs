@@ -823,6 +823,37 @@ async fn public_pull_is_shared_with_every_client_without_upstream_gets() {
     env.assert_no_secrets(&proxy);
 }
 
+#[tokio::test]
+async fn public_status_is_checked_again_after_public_ttl() {
+    let env = Env::new().await;
+    let proxy = env
+        .proxy(Realm::Intercepted)
+        .args(["--public-ttl", "1"])
+        .start()
+        .await;
+    Client::anonymous(&env, &proxy, Realm::Intercepted)
+        .pull(&env.open)
+        .await;
+    // Known public: served to a client with no credential at all.
+    Client::bare(&env, &proxy).fetch_all_cached(&env.open).await;
+
+    // The owner makes the repository private.
+    env.auth.make_private(OPEN);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut bare = Client::bare(&env, &proxy);
+    for path in all_paths(&env.open, OPEN, true) {
+        let got = bare.request(Method::GET, &path).await;
+        assert_eq!(
+            got.status,
+            StatusCode::UNAUTHORIZED,
+            "GET {path} with no credential, the repository private now and public_ttl over: {}",
+            got.brief()
+        );
+        assert!(!env.open.leaked_in(&got.body), "GET {path}: content leaked");
+    }
+    env.assert_no_secrets(&proxy);
+}
+
 // ---------------------------------------------------------------------------
 // 2. Private repositories: only to credentials the upstream accepted
 // ---------------------------------------------------------------------------
@@ -1083,6 +1114,65 @@ async fn configured_credentials_serve_public_content_and_never_open_a_private_re
 }
 
 #[tokio::test]
+async fn configured_token_file_is_presented_for_public_content_only() {
+    let env = Env::new().await;
+    let pat = env.auth.mint("regcache", &[OPEN, SECRET]);
+    let file = write_secret_file(env.dir.path(), "hub.token", &format!("{pat}\n"), 0o600);
+    let config = env.dir.path().join("regcache.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[registries.\"{HUB}\"]\ntoken_file = \"{}\"\n",
+            file.display()
+        ),
+    )
+    .unwrap();
+    let proxy = env
+        .proxy(Realm::Intercepted)
+        .arg("--config")
+        .arg(config.to_str().unwrap())
+        .start()
+        .await;
+    Client::bare(&env, &proxy).pull(&env.open).await;
+    let open_reqs = env.repo_requests(OPEN);
+    let fetches: Vec<_> = open_reqs
+        .iter()
+        .filter(|r| r.method == Method::GET)
+        .collect();
+    assert!(!fetches.is_empty(), "sanity: the pull went upstream");
+    for r in &fetches {
+        assert_eq!(
+            r.header("authorization"),
+            Some(format!("Bearer {pat}")),
+            "upstream GET {} should carry the token file's token; upstream saw {:?}",
+            r.path,
+            env.describe(&open_reqs)
+        );
+    }
+    let mut bare = Client::bare(&env, &proxy);
+    for path in all_paths(&env.secret, SECRET, true) {
+        let got = bare.request(Method::GET, &path).await;
+        assert_eq!(
+            got.status,
+            StatusCode::UNAUTHORIZED,
+            "anonymous GET {path}: regcache's token must not open a private repository: {}",
+            got.brief()
+        );
+        assert!(!env.secret.leaked_in(&got.body));
+    }
+    for r in env.repo_requests(SECRET) {
+        assert_ne!(
+            r.header("authorization"),
+            Some(format!("Bearer {pat}")),
+            "{} {} went upstream with regcache's token",
+            r.method,
+            r.path
+        );
+    }
+    env.assert_no_secrets(&proxy);
+}
+
+#[tokio::test]
 async fn world_readable_password_file_is_refused_at_start() {
     let env = Env::new().await;
     let pw = write_secret_file(env.dir.path(), "hub.pw", REGCACHE_PW, 0o644);
@@ -1326,5 +1416,40 @@ async fn basic_auth_registry_content_is_served_only_to_accepted_credentials() {
         "alice again: no GET, at most one HEAD; saw {:?}",
         env.describe(again)
     );
+
+    // The registry goes down. skopeo, podman and docker send a credential
+    // only when their `/v2/` ping was challenged (containers/image
+    // setupRequestAuth: no challenges, no Authorization), so alice's
+    // verified password only helps if the ping still asks for it.
+    let ping = c.send(Method::GET, "/v2/", None).await;
+    assert_eq!(
+        ping.status,
+        StatusCode::UNAUTHORIZED,
+        "/v2/ with the registry up: {}",
+        ping.brief()
+    );
+    env.reg.stop().await;
+    let ping = c.send(Method::GET, "/v2/", None).await;
+    let sent = (ping.status == StatusCode::UNAUTHORIZED).then_some(alice.as_str());
+    for path in &paths {
+        let got = c.send(Method::GET, path, sent).await;
+        got.assert_content(
+            &Method::GET,
+            want_of(&env.secret, path),
+            &format!(
+                "registry down: alice as skopeo does it (the /v2/ ping answered {}, so she sent {}) GET {path}",
+                ping.status,
+                if sent.is_some() { "her password" } else { "no credential" }
+            ),
+        );
+        for (who, authz) in [("bob", Some(bob.as_str())), ("anonymous", None)] {
+            let got = c.send(Method::GET, path, authz).await;
+            assert!(
+                !got.status.is_success() && !env.secret.leaked_in(&got.body),
+                "registry down: {who} GET {path} must be refused: {}",
+                got.brief()
+            );
+        }
+    }
     env.assert_no_secrets(&proxy);
 }

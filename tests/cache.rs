@@ -998,11 +998,22 @@ async fn redirect_to_cdn_is_followed_without_the_registry_credentials() {
         "the CDN got the Cookie"
     );
 
+    // A second client without credentials: regcache first learns whether the
+    // repository is public (one anonymous HEAD, which follows the redirect),
+    // then serves the cached bytes; nobody sees a second GET.
     get(&proxy, &path)
         .await
         .assert_served(&data, "HIT", "second GET");
-    assert_eq!(env.reg.seen().len(), 1);
-    assert_eq!(cdn.seen().len(), 1);
+    let gets = |seen: Vec<registry::Req>| seen.iter().filter(|r| r.method == Method::GET).count();
+    assert_eq!(gets(env.reg.seen()), 1, "{:?}", env.reg.summary());
+    assert_eq!(gets(cdn.seen()), 1, "{:?}", cdn.summary());
+    assert!(
+        env.reg
+            .seen()
+            .iter()
+            .all(|r| r.method != Method::HEAD || r.header("authorization").is_none()),
+        "the openness check is anonymous"
+    );
 }
 
 #[tokio::test]

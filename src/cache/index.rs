@@ -20,6 +20,8 @@ const CONTENT: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("c
 const LINKS: TableDefinition<&str, ()> = TableDefinition::new("links");
 /// "registry/repository:tag" → (digest, fetched at in Unix milliseconds).
 const TAGS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("tags");
+/// "registry/repository" → (public?, learnt at in Unix milliseconds).
+const OPENNESS: TableDefinition<&str, (bool, u64)> = TableDefinition::new("openness");
 /// Counter name → value.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
 
@@ -61,6 +63,8 @@ pub struct Snapshot {
     pub tags: Vec<TagRow>,
     /// Counters (hits, misses).
     pub counters: Vec<(String, u64)>,
+    /// Whether repositories were found public, and when.
+    pub openness: Vec<(String, bool, u64)>,
 }
 
 /// A change to apply in one transaction.
@@ -82,6 +86,8 @@ pub enum Change {
     RemoveTag(String),
     /// Add to a counter.
     Count(&'static str, u64),
+    /// Record whether a repository is public, and when that was learnt.
+    PutOpenness(String, bool, u64),
 }
 
 /// The open database.
@@ -99,6 +105,7 @@ impl Index {
             txn.open_table(LINKS)?;
             txn.open_table(TAGS)?;
             txn.open_table(COUNTERS)?;
+            txn.open_table(OPENNESS)?;
         }
         txn.commit()?;
         Ok(Self { db })
@@ -135,6 +142,11 @@ impl Index {
             let (k, v) = row?;
             snap.counters.push((k.value().to_string(), v.value()));
         }
+        for row in txn.open_table(OPENNESS)?.iter()? {
+            let (k, v) = row?;
+            let (public, at) = v.value();
+            snap.openness.push((k.value().to_string(), public, at));
+        }
         Ok(snap)
     }
 
@@ -149,6 +161,7 @@ impl Index {
             let mut links = txn.open_table(LINKS)?;
             let mut tags = txn.open_table(TAGS)?;
             let mut counters = txn.open_table(COUNTERS)?;
+            let mut openness = txn.open_table(OPENNESS)?;
             for change in changes {
                 match change {
                     Change::PutContent(r) => {
@@ -180,6 +193,9 @@ impl Index {
                     }
                     Change::RemoveTag(k) => {
                         tags.remove(k.as_str())?;
+                    }
+                    Change::PutOpenness(key, public, at) => {
+                        openness.insert(key.as_str(), (*public, *at))?;
                     }
                     Change::Count(name, n) => {
                         let now = counters.get(*name)?.map(|v| v.value()).unwrap_or(0);

@@ -120,6 +120,7 @@ struct State {
     misses: u64,
     flushed_hits: u64,
     flushed_misses: u64,
+    openness: HashMap<String, (bool, u64)>,
 }
 
 /// The cache. Shared as `Arc<Cache>`.
@@ -220,6 +221,11 @@ impl Cache {
             misses: counter("misses"),
             flushed_hits: counter("hits"),
             flushed_misses: counter("misses"),
+            openness: snap
+                .openness
+                .into_iter()
+                .map(|(k, public, at)| (k, (public, at)))
+                .collect(),
         };
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
@@ -332,6 +338,33 @@ impl Cache {
         let key = tag_key(registry, repo, tag);
         self.lock().tags.remove(&key);
         self.persist(vec![Change::RemoveTag(key)]).await
+    }
+
+    /// Whether `registry/repo` was found public, and when (Unix ms).
+    pub fn openness(&self, registry: &str, repo: &str) -> Option<(bool, u64)> {
+        self.lock()
+            .openness
+            .get(&format!("{registry}/{repo}"))
+            .copied()
+    }
+
+    /// Records whether `registry/repo` is public, persistently, so that a
+    /// restarted regcache can still share public content while upstream is down.
+    pub async fn set_openness(
+        &self,
+        registry: &str,
+        repo: &str,
+        public: bool,
+        at_ms: u64,
+    ) -> Result<(), CacheError> {
+        let key = format!("{registry}/{repo}");
+        let changed =
+            self.lock().openness.insert(key.clone(), (public, at_ms)) != Some((public, at_ms));
+        if !changed {
+            return Ok(());
+        }
+        self.persist(vec![Change::PutOpenness(key, public, at_ms)])
+            .await
     }
 
     /// Counts a request served from the cache or from upstream.

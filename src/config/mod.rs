@@ -573,14 +573,22 @@ fn parent_proxy(
         }
         Some(url) => url.to_string(),
     };
+    // The URL may hold a password: errors show it redacted.
+    let shown = match url
+        .split_once("://")
+        .and_then(|(scheme, rest)| rest.split_once('@').map(|(_, host)| (scheme, host)))
+    {
+        Some((scheme, host)) => format!("{scheme}://***@{host}"),
+        None => url.clone(),
+    };
     let uri: http::Uri = url.parse().map_err(|e| ConfigError::Value {
         key: "upstream_proxy",
-        message: format!("{url:?} is not a URL ({e})"),
+        message: format!("{shown:?} is not a URL ({e})"),
     })?;
     if uri.scheme_str() != Some("http") || uri.host().is_none() {
         return Err(ConfigError::Value {
             key: "upstream_proxy",
-            message: format!("{url:?} must look like http://host:port"),
+            message: format!("{shown:?} must look like http://host:port"),
         });
     }
     let mut patterns = Vec::new();
@@ -671,6 +679,19 @@ mod tests {
         };
         let msg = Config::from_settings(bad).unwrap_err().to_string();
         assert!(msg.contains("cache_size"), "{msg}");
+    }
+
+    #[test]
+    fn upstream_proxy_errors_hide_the_password() {
+        let s = Settings {
+            upstream_proxy: Some("https://user:hunter2@proxy:8080".into()),
+            ..Settings::default()
+        };
+        let msg = Config::from_settings(s).unwrap_err().to_string();
+        assert!(
+            msg.contains("upstream_proxy") && !msg.contains("hunter2"),
+            "{msg}"
+        );
     }
 
     #[test]

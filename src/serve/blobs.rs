@@ -101,7 +101,7 @@ async fn lead(
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
-    learn(app, target, repo, parts, resp.status());
+    learn(app, target, repo, parts, resp.status()).await;
     app.cache.count(false);
     if resp.status() != StatusCode::OK {
         leader.abandon();
@@ -144,7 +144,7 @@ async fn ensure_linked(
     let headers = upstream_request_headers(app, target, repo, parts).await;
     match app.upstream.fetch(Method::HEAD, uri, headers).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
-            learn(app, target, repo, parts, StatusCode::OK);
+            learn(app, target, repo, parts, StatusCode::OK).await;
             link(app, target, repo, digest).await;
             Ok(())
         }
@@ -186,7 +186,7 @@ async fn forward_method(
     let headers = upstream_request_headers(app, target, repo, parts).await;
     match app.upstream.fetch(method, uri, headers).await {
         Ok(resp) => {
-            learn(app, target, repo, parts, resp.status());
+            learn(app, target, repo, parts, resp.status()).await;
             Served::new(passthrough(resp), CacheStatus::Miss)
         }
         Err(e) => Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),

@@ -103,7 +103,7 @@ async fn by_tag(
     let (outcome, upstream_resp) = match upstream_uri(target, parts) {
         Ok(uri) => match app.upstream.fetch(Method::HEAD, uri, headers).await {
             Ok(resp) => {
-                learn(app, target, repo, parts, resp.status());
+                learn(app, target, repo, parts, resp.status()).await;
                 let digest = resp
                     .headers()
                     .get("docker-content-digest")
@@ -265,7 +265,7 @@ async fn fetch(
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
-    learn(app, target, repo, parts, resp.status());
+    learn(app, target, repo, parts, resp.status()).await;
     if parts.method == Method::HEAD {
         return Served::new(passthrough(resp), CacheStatus::Miss);
     }

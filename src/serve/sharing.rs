@@ -28,6 +28,7 @@ use sha2::{Digest as _, Sha256};
 
 use super::{error_json, refusal, upstream_headers, upstream_uri, CacheStatus, Served, Target};
 use crate::app::App;
+use crate::cache::freshness::now_ms;
 use crate::config::{Config, UpstreamCredential};
 use crate::registry::auth::{parse_challenge, pull_scope, Challenge};
 use crate::registry::error::ErrorCode;
@@ -41,16 +42,13 @@ enum Openness {
     Guarded,
 }
 
-struct Learnt {
-    openness: Openness,
-    at: Instant,
-    /// The Bearer challenge the registry uses, for regcache's own account.
-    challenge: Option<Challenge>,
-}
-
 /// What a running regcache learnt about who may see which repository.
+///
+/// Openness is kept in the cache index (it survives restarts, so public
+/// content stays shared while upstream is down); verified credentials and
+/// registries' challenges only in memory.
 pub struct Sharing {
-    repos: Mutex<HashMap<String, Learnt>>,
+    challenges: Mutex<HashMap<String, Challenge>>,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     accounts: HashMap<String, HeaderValue>,
 }
@@ -85,41 +83,10 @@ impl Sharing {
             accounts.insert(registry.clone(), value);
         }
         Ok(Self {
-            repos: Mutex::default(),
+            challenges: Mutex::default(),
             verified: Mutex::default(),
             accounts,
         })
-    }
-
-    fn openness(
-        &self,
-        registry: &str,
-        repo: &str,
-        ttl: std::time::Duration,
-    ) -> Option<(Openness, bool)> {
-        let repos = lock(&self.repos);
-        let learnt = repos.get(&format!("{registry}/{repo}"))?;
-        Some((learnt.openness, learnt.at.elapsed() < ttl))
-    }
-
-    fn learn_openness(
-        &self,
-        registry: &str,
-        repo: &str,
-        openness: Openness,
-        challenge: Option<Challenge>,
-    ) {
-        let key = format!("{registry}/{repo}");
-        let mut repos = lock(&self.repos);
-        let challenge = challenge.or_else(|| repos.get(&key).and_then(|l| l.challenge.clone()));
-        repos.insert(
-            key,
-            Learnt {
-                openness,
-                at: Instant::now(),
-                challenge,
-            },
-        );
     }
 
     fn verified_at(&self, key: &[u8; 32]) -> Option<Instant> {
@@ -136,6 +103,39 @@ fn read_secret(path: &std::path::Path) -> Result<String, TlsError> {
     Ok(text.trim().to_string())
 }
 
+/// What is known of `repo`'s openness, and whether it is still fresh.
+fn openness(app: &App, target: &Target, repo: &str) -> Option<(Openness, bool)> {
+    let (public, at) = app.cache.openness(&target.registry, repo)?;
+    let fresh = now_ms().saturating_sub(at) < app.config.public_ttl.as_millis() as u64;
+    let openness = if public {
+        Openness::Public
+    } else {
+        Openness::Guarded
+    };
+    Some((openness, fresh))
+}
+
+/// Records `repo`'s openness (and the registry's challenge, if seen).
+async fn learn_openness(
+    app: &App,
+    target: &Target,
+    repo: &str,
+    openness: Openness,
+    challenge: Option<Challenge>,
+) {
+    if let Some(challenge) = challenge {
+        lock(&app.sharing.challenges).insert(format!("{}/{repo}", target.registry), challenge);
+    }
+    let public = openness == Openness::Public;
+    if let Err(e) = app
+        .cache
+        .set_openness(&target.registry, repo, public, now_ms())
+        .await
+    {
+        tracing::warn!(error = %e, "cannot record whether a repository is public");
+    }
+}
+
 fn credential_key(registry: &str, repo: &str, credential: &HeaderValue) -> [u8; 32] {
     let mut h = Sha256::new();
     for part in [registry.as_bytes(), repo.as_bytes(), credential.as_bytes()] {
@@ -148,7 +148,7 @@ fn credential_key(registry: &str, repo: &str, credential: &HeaderValue) -> [u8; 
 /// Remembers what an upstream answer to a request made for this client
 /// proves: a 200 to the client's own credential verifies it; a 200 to no
 /// credential at all makes the repository public.
-pub fn learn(app: &App, target: &Target, repo: &str, parts: &Parts, status: StatusCode) {
+pub async fn learn(app: &App, target: &Target, repo: &str, parts: &Parts, status: StatusCode) {
     if status != StatusCode::OK {
         return;
     }
@@ -159,8 +159,7 @@ pub fn learn(app: &App, target: &Target, repo: &str, parts: &Parts, status: Stat
         }
         None => {
             if !app.sharing.accounts.contains_key(&target.registry) {
-                app.sharing
-                    .learn_openness(&target.registry, repo, Openness::Public, None);
+                learn_openness(app, target, repo, Openness::Public, None).await;
             }
         }
     }
@@ -192,9 +191,9 @@ pub async fn upstream_request_headers(
 /// got with the account, or the account's own value.
 async fn account_authorization(app: &App, target: &Target, repo: &str) -> Option<HeaderValue> {
     let account = app.sharing.accounts.get(&target.registry)?;
-    let challenge = lock(&app.sharing.repos)
+    let challenge = lock(&app.sharing.challenges)
         .get(&format!("{}/{repo}", target.registry))
-        .and_then(|l| l.challenge.clone());
+        .cloned();
     match challenge {
         Some(Challenge::Bearer(bearer)) if account.as_bytes().starts_with(b"Basic ") => {
             match app
@@ -222,15 +221,13 @@ fn bearer_value(token: &str) -> Option<HeaderValue> {
 /// Whether `repo` is public: learnt within `public_ttl`, else asked anonymously.
 /// None when unknown (upstream unreachable and nothing learnt before).
 async fn public(app: &App, target: &Target, repo: &str, parts: &Parts) -> Option<Openness> {
-    let ttl = app.config.public_ttl;
-    let known = app.sharing.openness(&target.registry, repo, ttl);
+    let known = openness(app, target, repo);
     if let Some((openness, true)) = known {
         return Some(openness);
     }
     match probe_anonymously(app, target, repo, parts).await {
         Some((openness, challenge)) => {
-            app.sharing
-                .learn_openness(&target.registry, repo, openness, challenge);
+            learn_openness(app, target, repo, openness, challenge).await;
             Some(openness)
         }
         None => known.map(|(openness, _)| openness),
@@ -316,7 +313,7 @@ pub async fn check(
         .await
     {
         Ok(resp) if resp.status() == StatusCode::OK => {
-            learn(app, target, repo, parts, StatusCode::OK);
+            learn(app, target, repo, parts, StatusCode::OK).await;
             Ok(())
         }
         Ok(resp)

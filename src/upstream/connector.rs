@@ -32,9 +32,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use percent_encoding::percent_decode_str;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_service::Service;
@@ -68,10 +71,10 @@ impl ParentProxy {
         let authority = url.authority().map(|a| a.as_str()).unwrap_or_default();
         let authorization = authority.rsplit_once('@').map(|(userinfo, _)| {
             let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-            let mut credentials = percent_decode(user);
+            let mut credentials: Vec<u8> = percent_decode_str(user).collect();
             credentials.push(b':');
-            credentials.extend(percent_decode(password));
-            format!("Basic {}", base64(&credentials))
+            credentials.extend(percent_decode_str(password));
+            format!("Basic {}", STANDARD.encode(&credentials))
         });
         Self {
             host: normalize_host(url.host().unwrap_or_default()),
@@ -388,44 +391,6 @@ fn authority(host: &str, port: u16) -> String {
     }
 }
 
-/// `%XX` escapes decoded; a `%` not followed by two hex digits is kept.
-fn percent_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let hex = |b: u8| (b as char).to_digit(16);
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if let (b'%', Some(&[hi, lo])) = (bytes[i], bytes.get(i + 1..i + 3)) {
-            if let (Some(hi), Some(lo)) = (hex(hi), hex(lo)) {
-                out.push((hi * 16 + lo) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
-}
-
-/// Standard base64 with padding (RFC 4648), for Basic credentials.
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let bits = byte(0) << 16 | byte(1) << 8 | byte(2);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(bits >> (18 - 6 * i)) as usize & 63] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 /// An [`HttpConnector`] that routes each connection with a [`Dialer`].
 #[derive(Clone)]
 pub struct ResolvingConnector {
@@ -662,7 +627,7 @@ mod tests {
         let parent = ParentProxy::new(&url, vec![]);
         assert_eq!(
             parent.authorization.as_deref(),
-            Some(format!("Basic {}", base64(b"user:p@ss:w%rd")).as_str())
+            Some(format!("Basic {}", STANDARD.encode(b"user:p@ss:w%rd")).as_str())
         );
         assert_eq!(parent.redacted(), "http://proxy.test:3128");
         let debug = format!("{parent:?}");
@@ -676,22 +641,6 @@ mod tests {
         assert_eq!(bare.redacted(), "http://[::1]:80");
         let user_only = ParentProxy::new(&"http://bob@p.test:8080".parse().unwrap(), vec![]);
         assert_eq!(user_only.authorization.as_deref(), Some("Basic Ym9iOg=="));
-    }
-
-    #[test]
-    fn base64_matches_rfc_4648() {
-        for (plain, encoded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(plain.as_bytes()), encoded, "{plain:?}");
-        }
-        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
     }
 
     #[test]

@@ -13,6 +13,7 @@ declare -A PROVIDER=(
     [dockerd]=docker.io
     [docker]=docker.io
     [openssl]=openssl
+    [htpasswd]=apache2-utils
     [curl]=curl
     [python3]=python3
     [setsid]=util-linux

@@ -22,6 +22,7 @@
 //!   pull; the registry then refuses that token for those repositories.
 //!
 //! Knobs: [`Auth::revoke`] (every token of a user stops working),
+//! [`Auth::make_private`], [`Auth::mint`] (a token issued out of band),
 //! [`Auth::set_password`]. Records: [`Auth::token_requests`] and
 //! [`Auth::subject_of`] (whose token an `Authorization` value carries), to
 //! assert what regcache sent where.
@@ -123,6 +124,41 @@ impl Auth {
     pub fn public(&self, repo: &str) -> &Self {
         self.lock().public.insert(repo.into());
         self
+    }
+
+    /// Makes `repo` private again: anonymous tokens stop granting it, those
+    /// issued before included (as a registry that checks access on every
+    /// request; a JWT would keep its grant until it expires); Basic mode:
+    /// anonymous requests are refused.
+    pub fn make_private(&self, repo: &str) {
+        let mut st = self.lock();
+        st.public.remove(repo);
+        for t in st.tokens.values_mut() {
+            if t.subject.is_none() {
+                t.repos.remove(repo);
+            }
+        }
+    }
+
+    /// A token for `subject` granting `repos`, as if issued earlier (a
+    /// personal access token put in a file, say).
+    pub fn mint(&self, subject: &str, repos: &[&str]) -> String {
+        let mut st = self.lock();
+        st.issued += 1;
+        let token = format!(
+            "pat.{subject}.{}.{:016x}",
+            st.issued,
+            0x2545_F491_4F6C_DD1Du64.wrapping_mul(st.issued * 2 + 1)
+        );
+        st.tokens.insert(
+            token.clone(),
+            Issued {
+                subject: Some(subject.into()),
+                repos: repos.iter().map(|r| r.to_string()).collect(),
+                revoked: false,
+            },
+        );
+        token
     }
 
     pub fn set_password(&self, name: &str, password: &str) {
