@@ -831,9 +831,18 @@ async fn corrupt_blob_without_length_is_never_completed() {
     let proxy = env.proxy().start().await;
 
     for alpn in [Alpn::Http11, Alpn::H2] {
-        let r = request(&proxy, alpn, Method::GET, &path, &[]).await;
-        assert_eq!(r.status, StatusCode::OK);
-        r.assert_aborted(&data, &format!("chunked corrupt download over {alpn:?}"));
+        // The stream may be reset before the client has read the response
+        // head (h2 sends both in quick succession): that too is an abort.
+        match try_request(&proxy, alpn, Method::GET, &path, &[]).await {
+            Ok(r) => {
+                assert_eq!(r.status, StatusCode::OK);
+                r.assert_aborted(&data, &format!("chunked corrupt download over {alpn:?}"));
+            }
+            Err(e) => assert!(
+                e.contains("Reset") || e.contains("closed") || e.contains("Incomplete"),
+                "chunked corrupt download over {alpn:?}: {e}"
+            ),
+        }
     }
     assert!(!env.content_file(&digest).exists());
     env.reg.clear_fault(&path);

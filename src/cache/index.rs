@@ -67,6 +67,17 @@ pub struct Snapshot {
     pub openness: Vec<(String, bool, u64)>,
 }
 
+impl Snapshot {
+    /// The value of a counter (0 if never counted).
+    pub fn counter(&self, name: &str) -> u64 {
+        self.counters
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| *v)
+            .unwrap_or(0)
+    }
+}
+
 /// A change to apply in one transaction.
 #[derive(Debug, Clone)]
 pub enum Change {

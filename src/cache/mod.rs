@@ -172,6 +172,7 @@ impl Cache {
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         let index = Index::open(&dir.join("index.redb"))?;
         let snap = index.load()?;
+        let (hits, misses) = (snap.counter("hits"), snap.counter("misses"));
 
         let mut rows = snap.content;
         rows.sort_by_key(|r| r.last_access);
@@ -204,23 +205,16 @@ impl Cache {
                 )
             })
             .collect();
-        let counter = |name: &str| {
-            snap.counters
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| *v)
-                .unwrap_or(0)
-        };
         let state = State {
             content,
             total,
             links: snap.links.into_iter().collect(),
             tags,
             touched: HashSet::new(),
-            hits: counter("hits"),
-            misses: counter("misses"),
-            flushed_hits: counter("hits"),
-            flushed_misses: counter("misses"),
+            hits,
+            misses,
+            flushed_hits: hits,
+            flushed_misses: misses,
             openness: snap
                 .openness
                 .into_iter()

@@ -38,14 +38,7 @@ pub fn open(dir: &Path) -> Result<Index, CacheError> {
 /// `cache stats`: one `name: value` line each.
 pub fn stats(snap: &Snapshot) -> String {
     let bytes: u64 = snap.content.iter().map(|r| r.size).sum();
-    let counter = |name: &str| {
-        snap.counters
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| *v)
-            .unwrap_or(0)
-    };
-    let (hits, misses) = (counter("hits"), counter("misses"));
+    let (hits, misses) = (snap.counter("hits"), snap.counter("misses"));
     let ratio = if hits + misses > 0 {
         format!("{:.1}%", 100.0 * hits as f64 / (hits + misses) as f64)
     } else {

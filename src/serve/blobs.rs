@@ -131,7 +131,7 @@ async fn lead(
 /// with a HEAD (client's own credentials) that this repository has it. On a
 /// refusal, the answer to give the client.
 async fn ensure_linked(
-    app: &App,
+    app: &Arc<App>,
     target: &super::Target,
     repo: &str,
     digest: &Digest,
@@ -173,7 +173,7 @@ async fn link(app: &App, target: &super::Target, repo: &str, digest: &Digest) {
 /// Passes a request upstream (a HEAD on a miss, or a GET when the leaders
 /// keep failing) and returns upstream's answer as is.
 async fn forward_method(
-    app: &App,
+    app: &Arc<App>,
     target: &super::Target,
     repo: &str,
     parts: &Parts,

@@ -329,13 +329,32 @@ fn origin_uri(origin: &Origin, uri: &Uri) -> Result<Uri, http::Error> {
 /// on to pull what is cached.
 async fn base(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
     match try_forward(&app.upstream, &target.origin, req).await {
-        Ok(resp) if !resp.status().is_server_error() => Served::new(resp, CacheStatus::Pass),
+        Ok(resp) if !resp.status().is_server_error() => {
+            if resp.status() == StatusCode::UNAUTHORIZED {
+                if let Some(challenge) = resp.headers().get(http::header::WWW_AUTHENTICATE) {
+                    app.sharing
+                        .remember_base_challenge(&target.registry, challenge);
+                }
+            }
+            Served::new(resp, CacheStatus::Pass)
+        }
         outcome => {
             let why = match &outcome {
                 Ok(resp) => format!("upstream answered {}", resp.status()),
                 Err(e) => error_chain(e),
             };
             tracing::info!(registry = %target.registry, reason = %why, "upstream unavailable; answering /v2/ from the cache");
+            if let Some(challenge) = app.sharing.offline_base_challenge(&target.registry) {
+                // Clients only send credentials when challenged.
+                let mut resp = error_json(
+                    StatusCode::UNAUTHORIZED,
+                    ErrorCode::Unauthorized,
+                    "authentication required",
+                );
+                resp.headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, challenge);
+                return Served::new(resp, CacheStatus::Stale);
+            }
             let mut resp = Response::new(body::full("{}"));
             let h = resp.headers_mut();
             h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

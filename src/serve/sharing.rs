@@ -17,7 +17,7 @@
 //!   raises rate limits and never opens what the client could not open.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use base64::Engine as _;
@@ -51,6 +51,10 @@ pub struct Sharing {
     challenges: Mutex<HashMap<String, Challenge>>,
     verified: Mutex<HashMap<[u8; 32], Instant>>,
     accounts: HashMap<String, HeaderValue>,
+    /// Each registry's last `/v2/` challenge, to repeat while it is down.
+    base_challenges: Mutex<HashMap<String, HeaderValue>>,
+    /// Repositories whose openness is being probed in the background.
+    probing: Mutex<std::collections::HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -86,7 +90,28 @@ impl Sharing {
             challenges: Mutex::default(),
             verified: Mutex::default(),
             accounts,
+            base_challenges: Mutex::default(),
+            probing: Mutex::default(),
         })
+    }
+
+    /// Remembers the challenge a registry's `/v2/` answered with.
+    pub fn remember_base_challenge(&self, registry: &str, challenge: &HeaderValue) {
+        lock(&self.base_challenges).insert(registry.to_string(), challenge.clone());
+    }
+
+    /// The `/v2/` challenge to repeat while the registry is down: only a
+    /// Basic one, which clients can answer without reaching anything else
+    /// (a Bearer challenge would send them to a token realm that is likely
+    /// down too, and would keep them from pulling public content).
+    pub fn offline_base_challenge(&self, registry: &str) -> Option<HeaderValue> {
+        let value = lock(&self.base_challenges).get(registry)?.clone();
+        let basic = value
+            .to_str()
+            .ok()
+            .and_then(parse_challenge)
+            .is_some_and(|c| c == Challenge::Basic);
+        basic.then_some(value)
     }
 
     fn verified_at(&self, key: &[u8; 32]) -> Option<Instant> {
@@ -148,7 +173,7 @@ fn credential_key(registry: &str, repo: &str, credential: &HeaderValue) -> [u8; 
 /// Remembers what an upstream answer to a request made for this client
 /// proves: a 200 to the client's own credential verifies it; a 200 to no
 /// credential at all makes the repository public.
-pub async fn learn(app: &App, target: &Target, repo: &str, parts: &Parts, status: StatusCode) {
+pub async fn learn(app: &Arc<App>, target: &Target, repo: &str, parts: &Parts, status: StatusCode) {
     if status != StatusCode::OK {
         return;
     }
@@ -156,6 +181,11 @@ pub async fn learn(app: &App, target: &Target, repo: &str, parts: &Parts, status
         Some(credential) => {
             let key = credential_key(&target.registry, repo, credential);
             lock(&app.sharing.verified).insert(key, Instant::now());
+            // Learn soon whether everyone may see this repository, so that
+            // its content is shared (and stays shared while upstream is down).
+            if !matches!(openness(app, target, repo), Some((_, true))) {
+                probe_in_background(app, target, repo, parts);
+            }
         }
         None => {
             if !app.sharing.accounts.contains_key(&target.registry) {
@@ -234,6 +264,26 @@ async fn public(app: &App, target: &Target, repo: &str, parts: &Parts) -> Option
     }
 }
 
+/// Starts an anonymous openness probe of `repo`, unless one is running.
+fn probe_in_background(app: &Arc<App>, target: &Target, repo: &str, parts: &Parts) {
+    let key = format!("{}/{repo}", target.registry);
+    if !lock(&app.sharing.probing).insert(key.clone()) {
+        return;
+    }
+    let (mut probe, ()) = http::Request::new(()).into_parts();
+    probe.method = Method::HEAD;
+    probe.uri = parts.uri.clone();
+    probe.headers = parts.headers.clone();
+    probe.headers.remove(AUTHORIZATION);
+    let (app, target, repo) = (app.clone(), target.clone(), repo.to_string());
+    tokio::spawn(async move {
+        if let Some((found, challenge)) = probe_anonymously(&app, &target, &repo, &probe).await {
+            learn_openness(&app, &target, &repo, found, challenge).await;
+        }
+        lock(&app.sharing.probing).remove(&key);
+    });
+}
+
 /// Asks upstream for this request's path with no credential (following a
 /// Bearer challenge with an anonymous token). None if upstream gave no answer
 /// that settles it.
@@ -290,7 +340,7 @@ async fn probe_anonymously(
 /// Decides whether this client may be served cached content of `repo`.
 /// Err holds the answer to give instead (upstream's own refusal).
 pub async fn check(
-    app: &App,
+    app: &Arc<App>,
     target: &Target,
     repo: &str,
     parts: &Parts,
