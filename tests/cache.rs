@@ -984,14 +984,25 @@ async fn redirect_to_cdn_is_followed_without_the_registry_credentials() {
     assert!(got.header("location").is_none());
     assert_eq!(got.header("docker-content-digest"), Some(digest.clone()));
 
-    let at_registry = env.reg.requests(&path);
+    // Besides the GET, the registry may see regcache's own anonymous openness
+    // check (a HEAD), started in the background after a credentialed pull.
+    let at_registry: Vec<_> = env
+        .reg
+        .requests(&path)
+        .into_iter()
+        .filter(|r| r.method == Method::GET)
+        .collect();
     assert_eq!(at_registry.len(), 1, "{:?}", env.reg.summary());
     assert_eq!(
         at_registry[0].header("authorization").as_deref(),
         Some("Bearer client-token"),
         "the registry gets the client's credentials"
     );
-    let at_cdn = cdn.seen();
+    let at_cdn: Vec<_> = cdn
+        .seen()
+        .into_iter()
+        .filter(|r| r.method == Method::GET)
+        .collect();
     assert_eq!(at_cdn.len(), 1, "{:?}", cdn.summary());
     assert_eq!(at_cdn[0].method, Method::GET);
     assert_eq!(at_cdn[0].path, cdn_path);
@@ -1782,4 +1793,92 @@ async fn kill_9_mid_download_leaves_no_partial_entry() {
         .assert_served(&data, "HIT", "then cached");
     assert_eq!(env.reg.methods(&path), vec!["GET", "GET"]);
     assert!(env.tmp_files().is_empty(), "{:?}", env.tmp_files());
+}
+
+/// Runs `regcache cache ARGS --cache-dir DIR` and returns (exit code, stdout, stderr).
+fn cache_cli(dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .arg("cache")
+        .args(args)
+        .arg("--cache-dir")
+        .arg(dir)
+        .env_remove("REGCACHE_CACHE_DIR")
+        .output()
+        .expect("run regcache cache");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn cache_commands_show_and_remove_what_was_pulled() {
+    let env = Env::new().await;
+    let repo = "library/alpine";
+    let layer = blob_bytes(60, 300_000);
+    let layer_d = env.reg.put_blob(repo, layer.clone());
+    let config = blob_bytes(61, 500);
+    let config_d = env.reg.put_blob(repo, config.clone());
+    let m = image_manifest(
+        OCI_MANIFEST,
+        (&config_d, config.len()),
+        &[(&layer_d, layer.len())],
+    );
+    let m_d = env
+        .reg
+        .put_manifest(repo, Some("3.20"), OCI_MANIFEST, m.clone());
+
+    let mut proxy = env.proxy().args(["--shutdown-grace", "2"]).start().await;
+    for p in [
+        manifest_path(repo, "3.20"),
+        blob_path(repo, &config_d),
+        blob_path(repo, &layer_d),
+    ] {
+        let r = get_manifest(&proxy, &p).await;
+        assert_eq!(r.status, StatusCode::OK, "{p}");
+    }
+    // A running regcache holds the index: the commands say so and change nothing.
+    let (code, _, err) = cache_cli(&env.cache_dir(), &["stats"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("stop it first"), "{err}");
+    proxy.sigterm();
+    proxy
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("regcache should exit after SIGTERM");
+    drop(proxy);
+
+    let (code, out, err) = cache_cli(&env.cache_dir(), &["stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("entries:    3"), "{out}");
+    assert!(out.contains("tags:       1"), "{out}");
+    let (code, out, _) = cache_cli(&env.cache_dir(), &["ls"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains(&format!("docker.io/library/alpine:3.20\t{m_d}")),
+        "{out}"
+    );
+    assert!(out.contains(&layer_d), "{out}");
+
+    // rm by short image reference drops the tag and its manifest; by digest, a blob.
+    let (code, out, err) = cache_cli(&env.cache_dir(), &["rm", "alpine:3.20"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&m_d), "{out}");
+    let (code, _, err) = cache_cli(&env.cache_dir(), &["rm", &layer_d]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!env.content_file(&layer_d).exists());
+    let (code, _, err) = cache_cli(&env.cache_dir(), &["rm", &layer_d]);
+    assert_ne!(code, 0, "removing twice is an error");
+    assert!(err.contains("not cached"), "{err}");
+    let (_, out, _) = cache_cli(&env.cache_dir(), &["stats"]);
+    assert!(out.contains("entries:    1"), "{out}");
+    assert!(out.contains("tags:       0"), "{out}");
+
+    let (code, _, err) = cache_cli(&env.cache_dir(), &["purge"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!env.content_file(&config_d).exists());
+    let (code, _, err) = cache_cli(&env.cache_dir(), &["stats"]);
+    assert_ne!(code, 0, "nothing left to show");
+    assert!(err.contains("no cache here"), "{err}");
 }
