@@ -1882,3 +1882,117 @@ async fn cache_commands_show_and_remove_what_was_pulled() {
     assert_ne!(code, 0, "nothing left to show");
     assert!(err.contains("no cache here"), "{err}");
 }
+
+/// An origin-form request to regcache's own listener (mirror and prefix modes).
+async fn mirror_get(proxy: &Proxy, path: &str) -> Got {
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", proxy.addr.to_string())
+        .body(empty())
+        .unwrap();
+    let resp = within("a mirror response", STEP_TIMEOUT, s.send_request(req))
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} from the mirror: {e}"));
+    read_response(resp).await
+}
+
+#[tokio::test]
+async fn one_cache_for_interception_mirror_and_prefix_modes() {
+    let env = Env::new().await;
+    let repo = "library/alpine";
+    let layer = blob_bytes(70, 400_000);
+    let layer_d = env.reg.put_blob(repo, layer.clone());
+    let config = blob_bytes(71, 700);
+    let config_d = env.reg.put_blob(repo, config.clone());
+    let m = image_manifest(
+        OCI_MANIFEST,
+        (&config_d, config.len()),
+        &[(&layer_d, layer.len())],
+    );
+    let m_d = env
+        .reg
+        .put_manifest(repo, Some("3.20"), OCI_MANIFEST, m.clone());
+    let proxy = env.proxy().start().await;
+
+    // Interception fills the cache.
+    get_manifest(&proxy, &manifest_path(repo, "3.20"))
+        .await
+        .assert_served(&m, "MISS", "intercepted manifest");
+    for (d, data) in [(&config_d, &config), (&layer_d, &layer)] {
+        get(&proxy, &blob_path(repo, d))
+            .await
+            .assert_served(data, "MISS", "intercepted blob");
+    }
+    let gets_before = env
+        .reg
+        .seen()
+        .iter()
+        .filter(|r| r.method == Method::GET)
+        .count();
+
+    // The same content through the three other doors: mirror with ?ns=,
+    // mirror without ns (Docker's registry-mirrors, short name), path prefix.
+    let doors = [
+        ("/v2/library/alpine", "?ns=docker.io"),
+        ("/v2/alpine", ""),
+        ("/v2/docker.io/library/alpine", ""),
+        ("/v2/index.docker.io/library/alpine", ""),
+    ];
+    for (prefix, query) in doors {
+        let got = mirror_get(&proxy, &format!("{prefix}/manifests/{m_d}{query}")).await;
+        got.assert_served(&m, "HIT", &format!("manifest via {prefix}{query}"));
+        for (d, data) in [(&config_d, &config), (&layer_d, &layer)] {
+            mirror_get(&proxy, &format!("{prefix}/blobs/{d}{query}"))
+                .await
+                .assert_served(data, "HIT", &format!("blob via {prefix}{query}"));
+        }
+    }
+    let gets_after = env
+        .reg
+        .seen()
+        .iter()
+        .filter(|r| r.method == Method::GET)
+        .count();
+    assert_eq!(
+        gets_before,
+        gets_after,
+        "no upstream GET after the first pull: {:?}",
+        env.reg.summary()
+    );
+
+    // regcache answers /v2/ itself; hostile or unknown prefixes are refused.
+    let base = mirror_get(&proxy, "/v2/").await;
+    assert_eq!(base.status, StatusCode::OK);
+    for hostile in [
+        "/v2/../etc/manifests/latest",
+        "/v2/a..b/x/manifests/1",
+        &format!("/v2/alpine/blobs/{layer_d}?ns=a%2Fb"),
+        "/v2/library/a%2fb/manifests/1",
+    ] {
+        let got = mirror_get(&proxy, hostile).await;
+        assert_eq!(
+            got.status,
+            StatusCode::BAD_REQUEST,
+            "{hostile}: {}",
+            String::from_utf8_lossy(&got.body)
+        );
+    }
+    let got = mirror_get(&proxy, "/v2/evil.example/x/manifests/1").await;
+    assert_eq!(
+        got.status,
+        StatusCode::FORBIDDEN,
+        "a registry not on the intercept list"
+    );
+    assert!(
+        env.reg
+            .seen()
+            .iter()
+            .all(|r| !r.path.contains("etc") && !r.path.contains("/x/")),
+        "refused requests never reach upstream: {:?}",
+        env.reg.summary()
+    );
+}

@@ -28,6 +28,7 @@ use crate::body::{self, Body};
 use crate::registry::hosts::normalize_host;
 use crate::serve::headers::head_too_large;
 use crate::serve::log::{logged, RequestLog};
+use crate::serve::mirror::{self, MirrorRequest};
 use crate::serve::{self, error_response, too_large, Origin, Target};
 use crate::upstream::connect_tcp;
 
@@ -96,6 +97,9 @@ async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
     if req.uri().scheme().is_some() {
         return absolute_form(ctx, req).await;
     }
+    if mirror::is_registry_path(req.uri().path()) {
+        return mirror_mode(ctx, req).await;
+    }
     let host = req
         .headers()
         .get(http::header::HOST)
@@ -115,6 +119,39 @@ async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
             crate::admin::handle(&ctx.app, &req)
         };
     logged(resp, log)
+}
+
+/// Origin-form `/v2/…`: the registry-mirror and path-prefix endpoints.
+async fn mirror_mode(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
+    match mirror::resolve(&ctx.app.config, req.uri()) {
+        Ok(MirrorRequest::Upstream { target, path }) => {
+            let (mut parts, body) = req.into_parts();
+            let mut uri = parts.uri.into_parts();
+            uri.path_and_query = Some(path);
+            parts.uri = match http::Uri::from_parts(uri) {
+                Ok(uri) => uri,
+                Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
+            };
+            let req = Request::from_parts(parts, body);
+            serve::handle(&ctx.app, &target, ctx.peer, req).await
+        }
+        outcome => {
+            let log = RequestLog::start(
+                ctx.peer,
+                "mirror".into(),
+                req.method().clone(),
+                req.uri().path().into(),
+            );
+            let resp = match outcome {
+                Ok(_) => mirror::base_response(),
+                Err(e) => {
+                    tracing::info!(path = %req.uri().path(), error = %e.message, "refused a mirror request");
+                    mirror::refusal(&e)
+                }
+            };
+            logged(resp, log)
+        }
+    }
 }
 
 /// With `proxy_users`, checks the request's `Proxy-Authorization`; returns

@@ -16,7 +16,7 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 
 use super::range::{span, Span};
-use super::sharing::{self, learn, upstream_request_headers};
+use super::sharing;
 use super::{passthrough, upstream_uri, CacheStatus, Served};
 use crate::app::App;
 use crate::body::{self, Body};
@@ -96,12 +96,10 @@ async fn lead(
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
-    let headers = upstream_request_headers(app, target, repo, parts).await;
-    let resp = match app.upstream.fetch(Method::GET, uri, headers).await {
+    let resp = match sharing::fetch_for(app, target, repo, parts, Method::GET, uri).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
-    learn(app, target, repo, parts, resp.status()).await;
     app.cache.count(false);
     if resp.status() != StatusCode::OK {
         leader.abandon();
@@ -141,10 +139,8 @@ async fn ensure_linked(
         return Ok(());
     }
     let uri = upstream_uri(target, parts).map_err(|resp| Served::new(*resp, CacheStatus::Pass))?;
-    let headers = upstream_request_headers(app, target, repo, parts).await;
-    match app.upstream.fetch(Method::HEAD, uri, headers).await {
+    match sharing::fetch_for(app, target, repo, parts, Method::HEAD, uri).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
-            learn(app, target, repo, parts, StatusCode::OK).await;
             link(app, target, repo, digest).await;
             Ok(())
         }
@@ -183,12 +179,8 @@ async fn forward_method(
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
-    let headers = upstream_request_headers(app, target, repo, parts).await;
-    match app.upstream.fetch(method, uri, headers).await {
-        Ok(resp) => {
-            learn(app, target, repo, parts, resp.status()).await;
-            Served::new(passthrough(resp), CacheStatus::Miss)
-        }
+    match sharing::fetch_for(app, target, repo, parts, method, uri).await {
+        Ok(resp) => Served::new(passthrough(resp), CacheStatus::Miss),
         Err(e) => Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     }
 }

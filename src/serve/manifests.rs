@@ -18,7 +18,7 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
-use super::sharing::{self, learn, upstream_request_headers};
+use super::sharing;
 use super::{error_json, passthrough, upstream_uri, CacheStatus, Served, Target};
 use crate::app::App;
 use crate::body::{self, Body};
@@ -99,11 +99,9 @@ async fn by_tag(
         return fetch(app, target, name, Some(tag), None, parts).await;
     }
 
-    let headers = upstream_request_headers(app, target, repo, parts).await;
     let (outcome, upstream_resp) = match upstream_uri(target, parts) {
-        Ok(uri) => match app.upstream.fetch(Method::HEAD, uri, headers).await {
+        Ok(uri) => match sharing::fetch_for(app, target, repo, parts, Method::HEAD, uri).await {
             Ok(resp) => {
-                learn(app, target, repo, parts, resp.status()).await;
                 let digest = resp
                     .headers()
                     .get("docker-content-digest")
@@ -259,13 +257,11 @@ async fn fetch(
     };
     app.cache.count(false);
     let repo = name.as_str();
-    let headers = upstream_request_headers(app, target, repo, parts).await;
     let method = parts.method.clone();
-    let resp = match app.upstream.fetch(method, uri, headers).await {
+    let resp = match sharing::fetch_for(app, target, repo, parts, method, uri).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
-    learn(app, target, repo, parts, resp.status()).await;
     if parts.method == Method::HEAD {
         return Served::new(passthrough(resp), CacheStatus::Miss);
     }

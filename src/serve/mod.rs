@@ -12,6 +12,7 @@ pub mod blobs;
 pub mod headers;
 pub mod log;
 pub mod manifests;
+pub mod mirror;
 pub mod range;
 pub mod sharing;
 

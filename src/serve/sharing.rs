@@ -34,6 +34,7 @@ use crate::registry::auth::{parse_challenge, pull_scope, Challenge};
 use crate::registry::error::ErrorCode;
 use crate::tls::ca::check_private;
 use crate::tls::TlsError;
+use crate::upstream::redirect::FetchError;
 
 /// What regcache learnt about a repository's openness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,7 +199,7 @@ pub async fn learn(app: &Arc<App>, target: &Target, repo: &str, parts: &Parts, s
 /// The headers for regcache's own upstream request on behalf of this client:
 /// the client's, plus regcache's account for a public repository when the
 /// client sent no credential.
-pub async fn upstream_request_headers(
+async fn upstream_request_headers(
     app: &App,
     target: &Target,
     repo: &str,
@@ -215,6 +216,55 @@ pub async fn upstream_request_headers(
         headers.insert(AUTHORIZATION, value);
     }
     headers
+}
+
+/// Sends regcache's upstream request on behalf of this client, and learns
+/// from the answer. A client without credentials is treated as docker treats
+/// an anonymous pull: on a Bearer challenge, regcache gets a token for it
+/// (with its own account when configured, else anonymously) and asks again,
+/// so mirror clients and anonymous clients get public content.
+pub async fn fetch_for(
+    app: &Arc<App>,
+    target: &Target,
+    repo: &str,
+    parts: &Parts,
+    method: Method,
+    uri: http::Uri,
+) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
+    let headers = upstream_request_headers(app, target, repo, parts).await;
+    let anonymous = !headers.contains_key(AUTHORIZATION);
+    let mut resp = app
+        .upstream
+        .fetch(method.clone(), uri.clone(), headers.clone())
+        .await?;
+    if anonymous && resp.status() == StatusCode::UNAUTHORIZED {
+        let challenge = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_challenge);
+        if let Some(Challenge::Bearer(bearer)) = challenge {
+            let account = app.sharing.accounts.get(&target.registry);
+            let basic = account.filter(|a| a.as_bytes().starts_with(b"Basic "));
+            if let Ok(token) = app
+                .upstream
+                .bearer_token(&bearer, &pull_scope(repo), basic)
+                .await
+            {
+                if let Some(value) = bearer_value(&token) {
+                    let mut headers = headers;
+                    headers.insert(AUTHORIZATION, value);
+                    resp = app.upstream.fetch(method, uri, headers).await?;
+                }
+            }
+            lock(&app.sharing.challenges).insert(
+                format!("{}/{repo}", target.registry),
+                Challenge::Bearer(bearer),
+            );
+        }
+    }
+    learn(app, target, repo, parts, resp.status()).await;
+    Ok(resp)
 }
 
 /// regcache's `Authorization` for `repo`: a token from the registry's realm
