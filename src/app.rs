@@ -98,8 +98,9 @@ impl App {
     }
 }
 
-/// Half the size of the filesystem holding `dir` (10 GiB if unknown).
-fn default_cache_size(dir: &Path) -> u64 {
+/// Half the size of the filesystem holding `dir` (10 GiB if unknown): the
+/// cache cap when `cache_size` is not set.
+pub fn default_cache_size(dir: &Path) -> u64 {
     const FALLBACK: u64 = 10 * 1024 * 1024 * 1024;
     let probe = if dir.exists() {
         dir

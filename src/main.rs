@@ -35,8 +35,28 @@ enum Command {
     /// Inspect or clear the disk cache (while regcache is stopped)
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Write cached images to one tar file (an OCI image layout) for an air-gapped regcache
+    Export(ExportArgs),
+    /// Load a bundle from `regcache export` into the cache (while regcache is stopped)
+    Import(ImportArgs),
+    /// Fill the cache with images from upstream, as pulls would (all platforms unless --platform)
+    Prefetch(Box<PrefetchArgs>),
     /// Print the built-in configuration, a starting point for --config
     Config,
+}
+
+#[derive(Args)]
+struct PrefetchArgs {
+    /// Images: alpine:3.20, ghcr.io/org/tool:1, registry.k8s.io/pause@sha256:…
+    images: Vec<String>,
+    /// A file with one image per line (# comments and blank lines ignored)
+    #[arg(long, value_name = "FILE")]
+    file: Option<PathBuf>,
+    /// Only this platform of multi-platform images, e.g. linux/amd64 (repeatable)
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Vec<String>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +83,28 @@ enum CacheCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// The bundle to write (written as FILE.partial, renamed when complete)
+    #[arg(long, short, value_name = "FILE")]
+    output: PathBuf,
+    /// Images to export (alpine:3.20, ghcr.io/org/tool:1, name@sha256:...) [default: every cached tag]
+    #[arg(value_name = "IMAGE")]
+    images: Vec<String>,
+}
+
+#[derive(Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    cache: CacheArgs,
+    /// A bundle written by `regcache export` (or any OCI image layout tar
+    /// whose images carry an io.regcache.ref annotation)
+    #[arg(value_name = "BUNDLE")]
+    bundle: PathBuf,
 }
 
 #[derive(Args)]
@@ -162,6 +204,9 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Ca(cmd) => ca(cmd),
         Command::Cache(cmd) => cache(cmd),
+        Command::Export(args) => export(args),
+        Command::Import(args) => import(args),
+        Command::Prefetch(args) => prefetch(*args),
         Command::Config => {
             print!("{DEFAULT_TOML}");
             Ok(())
@@ -274,6 +319,117 @@ fn cache_dir(args: CacheArgs) -> Result<PathBuf, Failure> {
     Ok(Config::from_settings(settings)
         .map_err(Failure::usage)?
         .cache_dir)
+}
+
+fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let mut images = args.images;
+    if let Some(file) = &args.file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| Failure::usage(format!("cannot read {}: {e}", file.display())))?;
+        images.extend(
+            text.lines()
+                .map(|l| l.split('#').next().unwrap_or("").trim())
+                .filter(|l| !l.is_empty())
+                .map(str::to_string),
+        );
+    }
+    if images.is_empty() {
+        return Err(Failure::usage("name at least one image, or --file"));
+    }
+    let settings = args
+        .serve
+        .settings
+        .layered(args.serve.config.as_deref())
+        .map_err(Failure::usage)?;
+    let config = Config::from_settings(settings).map_err(Failure::usage)?;
+    init_logging(config.log_format);
+    let app = App::new(config).map_err(Failure::usage)?;
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    let bars = MultiProgress::new();
+    let style =
+        ProgressStyle::with_template("{prefix:30!} {bytes:>10} {binary_bytes_per_sec:>12} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let mut failed = Vec::new();
+    runtime.block_on(async {
+        for image in &images {
+            let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
+            bar.set_prefix(image.clone());
+            match regcache::prefetch::prefetch(&app, image, &args.platform, |n| bar.inc(n)).await {
+                Ok(done) => {
+                    bar.finish_with_message(format!(
+                        "ok: {} manifests, {} blobs ({} already cached)",
+                        done.manifests, done.blobs, done.already_cached
+                    ));
+                    eprintln!(
+                        "prefetched {image}: {} manifests, {} blobs, {} bytes",
+                        done.manifests, done.blobs, done.bytes
+                    );
+                }
+                Err(e) => {
+                    bar.abandon_with_message("failed");
+                    eprintln!("regcache: cannot prefetch {image}: {e}");
+                    failed.push(image.clone());
+                }
+            }
+        }
+        if let Err(e) = app.cache.flush().await {
+            tracing::warn!(error = %e, "cannot write cache access times");
+        }
+    });
+    let ok = images.len() - failed.len();
+    eprintln!("{ok} of {} images prefetched", images.len());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Failure::runtime(format!("failed: {}", failed.join(", "))))
+    }
+}
+
+/// The cache dir and size cap that `serve` would use with these flags.
+fn cache_location(args: CacheArgs) -> Result<(PathBuf, u64), Failure> {
+    let settings = Settings {
+        cache_dir: args.cache_dir,
+        ..Settings::default()
+    }
+    .layered(args.config.as_deref())
+    .map_err(Failure::usage)?;
+    let config = Config::from_settings(settings).map_err(Failure::usage)?;
+    let cap = config
+        .cache_size
+        .unwrap_or_else(|| regcache::app::default_cache_size(&config.cache_dir));
+    Ok((config.cache_dir, cap))
+}
+
+fn bundle_failure(e: regcache::cache::bundle::BundleError) -> Failure {
+    use regcache::cache::bundle::BundleError;
+    match e {
+        BundleError::Reference(_) => Failure::usage(e),
+        _ => Failure::runtime(e),
+    }
+}
+
+fn export(args: ExportArgs) -> Result<(), Failure> {
+    let dir = cache_dir(args.cache)?;
+    let summary = regcache::cache::bundle::export::export(&dir, &args.images, &args.output)
+        .map_err(bundle_failure)?;
+    print!("{summary}");
+    Ok(())
+}
+
+fn import(args: ImportArgs) -> Result<(), Failure> {
+    use regcache::cache::bundle::import;
+    let (dir, cap) = cache_location(args.cache)?;
+    // Before the cache is opened (and created): a typo makes no cache dir.
+    std::fs::File::open(&args.bundle)
+        .map_err(|e| Failure::runtime(format!("{}: {e}", args.bundle.display())))?;
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    let cache = import::open_cache(&dir, cap).map_err(bundle_failure)?;
+    let summary = runtime
+        .block_on(import::import(&cache, &args.bundle))
+        .map_err(bundle_failure)?;
+    print!("{summary}");
+    Ok(())
 }
 
 fn cache(cmd: CacheCommand) -> Result<(), Failure> {

@@ -34,3 +34,6 @@ cargo test --locked
 
 step "end-to-end test (real registry, skopeo, ctr, dockerd)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/run.sh
+
+step "end-to-end test of private images (real registry with htpasswd, skopeo, curl)"
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/auth.sh

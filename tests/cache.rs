@@ -1996,3 +1996,121 @@ async fn one_cache_for_interception_mirror_and_prefix_modes() {
         env.reg.summary()
     );
 }
+
+/// Runs `regcache prefetch` against the fake registry (which lives on this
+/// test's runtime, hence the async child); returns (exit code, stderr).
+async fn prefetch_cli(env: &Env, images: &[&str], extra: &[&str]) -> (i32, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .arg("prefetch")
+        .args(images)
+        .args(extra)
+        .arg("--cache-dir")
+        .arg(env.cache_dir())
+        .arg("--ca-dir")
+        .arg(env.dir.path().join("ca"))
+        .arg("--resolve")
+        .arg(format!("{HUB}=127.0.0.1:{}", env.reg.port()))
+        .arg("--upstream-ca")
+        .arg(&env.ca_file)
+        .env_remove("REGCACHE_CACHE_DIR")
+        .env_remove("HTTPS_PROXY")
+        .output()
+        .await
+        .expect("run regcache prefetch");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn prefetch_fills_the_cache_and_offline_serves_it_without_upstream() {
+    let env = Env::new().await;
+    // A multi-platform image whose platforms have blobs of their own.
+    let repo = "library/python";
+    let mut platform_manifests = Vec::new();
+    let mut blobs = Vec::new();
+    for (seed, arch) in [(80u64, "amd64"), (82, "arm64")] {
+        let layer = blob_bytes(seed, 200_000);
+        let layer_d = env.reg.put_blob(repo, layer.clone());
+        let config = blob_bytes(seed + 1, 300);
+        let config_d = env.reg.put_blob(repo, config.clone());
+        let m = image_manifest(
+            OCI_MANIFEST,
+            (&config_d, config.len()),
+            &[(&layer_d, layer.len())],
+        );
+        let m_d = env.reg.put_manifest(repo, None, OCI_MANIFEST, m.clone());
+        blobs.push((layer_d, layer));
+        blobs.push((config_d, config));
+        platform_manifests.push((m_d, m, arch));
+    }
+    let index = Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": platform_manifests.iter().map(|(d, m, arch)| serde_json::json!({
+                "mediaType": OCI_MANIFEST, "digest": d, "size": m.len(),
+                "platform": {"architecture": arch, "os": "linux"}
+            })).collect::<Vec<_>>()
+        })
+        .to_string(),
+    );
+    let index_d = env
+        .reg
+        .put_manifest(repo, Some("3.12"), OCI_INDEX, index.clone());
+
+    let (code, err) = prefetch_cli(&env, &["python:3.12"], &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("1 of 1 images prefetched"), "{err}");
+    let (code, err) = prefetch_cli(&env, &["python:3.12", "library/nothere:1"], &[]).await;
+    assert_ne!(code, 0, "a missing image fails the run");
+    assert!(
+        err.contains("library/nothere:1"),
+        "the failure names the image: {err}"
+    );
+    let gets = env
+        .reg
+        .seen()
+        .iter()
+        .filter(|r| r.method == Method::GET)
+        .count();
+    assert_eq!(
+        gets,
+        3 + blobs.len() + 1,
+        "the second run fetched nothing again: {:?}",
+        env.reg.summary()
+    );
+
+    // The registry is gone; an offline regcache serves all of it.
+    env.reg.stop().await;
+    let proxy = env.proxy().arg("--offline").start().await;
+    get_manifest(&proxy, &manifest_path(repo, "3.12"))
+        .await
+        .assert_served(&index, "HIT", "index by tag, offline");
+    get_manifest(&proxy, &manifest_path(repo, &index_d))
+        .await
+        .assert_served(&index, "HIT", "index by digest, offline");
+    for (d, m, _) in &platform_manifests {
+        get_manifest(&proxy, &manifest_path(repo, d))
+            .await
+            .assert_served(m, "HIT", "platform manifest, offline");
+    }
+    for (d, data) in &blobs {
+        get(&proxy, &blob_path(repo, d))
+            .await
+            .assert_served(data, "HIT", "blob, offline");
+    }
+    // Misses answer 404 at once, without waiting for a network.
+    let started = std::time::Instant::now();
+    let miss = get_manifest(&proxy, &manifest_path(repo, "3.13")).await;
+    assert_eq!(miss.status, StatusCode::NOT_FOUND);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let miss = get(&proxy, &blob_path("library/other", &blobs[0].0)).await;
+    assert_eq!(
+        miss.status,
+        StatusCode::NOT_FOUND,
+        "not linked to that repository"
+    );
+    assert!(proxy.stderr().contains("offline: not in the cache"));
+}

@@ -16,6 +16,7 @@
 //! least recently used entries that nobody is reading until the total fits
 //! `cache_size`.
 
+pub mod bundle;
 pub mod fill;
 pub mod freshness;
 pub mod index;
@@ -162,15 +163,17 @@ fn unix_secs() -> u64 {
 impl Cache {
     /// Opens the cache in `dir` (creating it), keeping at most `cap` bytes.
     ///
-    /// Blocking: loads the whole index into memory and wipes `tmp/`.
+    /// Blocking: loads the whole index into memory and wipes `tmp/`. The
+    /// index is opened first: it cannot be opened twice, so a cache that a
+    /// running regcache holds fails here with its downloads left alone.
     pub fn open(dir: &Path, cap: u64) -> Result<Arc<Self>, CacheError> {
         std::fs::create_dir_all(dir.join("blobs")).map_err(io_err(dir))?;
+        let index = Index::open(&dir.join("index.redb"))?;
         let tmp = dir.join("tmp");
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let index = Index::open(&dir.join("index.redb"))?;
         let snap = index.load()?;
         let (hits, misses) = (snap.counter("hits"), snap.counter("misses"));
 

@@ -10,6 +10,8 @@ use super::index::{Change, Index, Snapshot};
 use super::{content_file, CacheError};
 use crate::registry::digest::Digest;
 use crate::registry::hosts::canonical_registry;
+use crate::registry::name::RepoName;
+use crate::registry::route::Reference;
 
 /// The file name of the index inside the cache directory.
 pub const INDEX_FILE: &str = "index.redb";
@@ -80,27 +82,91 @@ pub fn list(snap: &Snapshot) -> String {
     out
 }
 
-/// Expands a short image reference the way docker does: `alpine:3` is
-/// `docker.io/library/alpine:3`. Returns (registry, repository, tag).
-pub fn parse_image_ref(reference: &str) -> Option<(String, String, String)> {
-    let (name, tag) = match reference.rsplit_once(':') {
-        Some((n, t)) if !t.contains('/') => (n, t),
-        _ => (reference, "latest"),
-    };
-    let (registry, repo) = match name.split_once('/') {
-        Some((first, rest))
-            if first.contains('.') || first.contains(':') || first == "localhost" =>
-        {
-            (canonical_registry(first), rest.to_string())
+/// An image in a registry, as the command line names it and as a bundle's
+/// `io.regcache.ref` annotation records it: registry, repository, and a tag
+/// or a digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef {
+    /// The canonical registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
+    pub registry: String,
+    /// The repository (`library/alpine`).
+    pub repository: String,
+    /// The tag or digest within the repository.
+    pub reference: Reference,
+}
+
+impl ImageRef {
+    /// Expands an image reference the way docker does: `alpine:3` is
+    /// `docker.io/library/alpine:3`, no tag means `latest`, and
+    /// `name@sha256:…` (or `name:tag@sha256:…`) names a digest. The
+    /// repository, tag and digest must be valid; the error says why not.
+    pub fn parse(reference: &str) -> Result<Self, String> {
+        let (name, digest) = match reference.split_once('@') {
+            Some((name, digest)) => (name, Some(digest)),
+            None => (reference, None),
+        };
+        let (name, tag) = match name.rsplit_once(':') {
+            Some((n, t)) if !t.contains('/') => (n, t),
+            _ => (name, "latest"),
+        };
+        let (registry, repo) = match name.split_once('/') {
+            Some((first, rest))
+                if first.contains('.') || first.contains(':') || first == "localhost" =>
+            {
+                (canonical_registry(first), rest.to_string())
+            }
+            _ => ("docker.io".to_string(), name.to_string()),
+        };
+        let registry_ok = !registry.is_empty()
+            && registry
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+        if !registry_ok {
+            return Err(format!(
+                "{reference:?}: {registry:?} is not a registry host name"
+            ));
         }
-        _ => ("docker.io".to_string(), name.to_string()),
-    };
-    let repo = if registry == "docker.io" && !repo.contains('/') {
-        format!("library/{repo}")
-    } else {
-        repo
-    };
-    (!repo.is_empty() && !tag.is_empty()).then_some((registry, repo, tag.to_string()))
+        let repo = if registry == "docker.io" && !repo.contains('/') {
+            format!("library/{repo}")
+        } else {
+            repo
+        };
+        let repository = RepoName::parse(&repo).map_err(|e| e.to_string())?;
+        let reference = match digest {
+            Some(d) => Reference::Digest(d.parse::<Digest>().map_err(|e| e.to_string())?),
+            None => Reference::parse(tag).map_err(|e| e.to_string())?,
+        };
+        Ok(Self {
+            registry,
+            repository: repository.as_str().to_string(),
+            reference,
+        })
+    }
+
+    /// The tag, if the reference names one.
+    pub fn tag(&self) -> Option<&str> {
+        self.reference.as_tag()
+    }
+}
+
+impl std::fmt::Display for ImageRef {
+    /// `docker.io/library/alpine:3.20` or `ghcr.io/org/tool@sha256:…`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (registry, repo) = (&self.registry, &self.repository);
+        match &self.reference {
+            Reference::Tag(tag) => write!(f, "{registry}/{repo}:{tag}"),
+            Reference::Digest(digest) => write!(f, "{registry}/{repo}@{digest}"),
+        }
+    }
+}
+
+/// Expands a short image reference the way docker does: `alpine:3` is
+/// `docker.io/library/alpine:3`. Returns (registry, repository, tag); None
+/// for an invalid reference or one naming a digest (see [`ImageRef::parse`]).
+pub fn parse_image_ref(reference: &str) -> Option<(String, String, String)> {
+    let image = ImageRef::parse(reference).ok()?;
+    let tag = image.tag()?.to_string();
+    Some((image.registry, image.repository, tag))
 }
 
 /// `cache rm`: removes a digest (content and links) or an image tag (the tag
@@ -205,5 +271,37 @@ mod tests {
             p("localhost:5000/a:b"),
             ("localhost:5000".into(), "a".into(), "b".into())
         );
+        assert_eq!(parse_image_ref("alpine@sha256:abc"), None);
+        assert_eq!(parse_image_ref("Alpine:3"), None);
+    }
+
+    #[test]
+    fn image_references_with_digests_and_their_full_names() {
+        let digest = Digest::of(b"x");
+        let image = ImageRef::parse(&format!("registry-1.docker.io/library/x@{digest}")).unwrap();
+        assert_eq!(image.registry, "docker.io");
+        assert_eq!(image.repository, "library/x");
+        assert_eq!(image.reference, Reference::Digest(digest.clone()));
+        assert_eq!(image.to_string(), format!("docker.io/library/x@{digest}"));
+        let image = ImageRef::parse(&format!("ghcr.io/org/tool:1@{digest}")).unwrap();
+        assert_eq!(image.tag(), None, "the digest wins over the tag");
+        let image = ImageRef::parse("alpine:3.20").unwrap();
+        assert_eq!(image.to_string(), "docker.io/library/alpine:3.20");
+        assert_eq!(ImageRef::parse(&image.to_string()).unwrap(), image);
+        let image = ImageRef::parse("localhost:5000/a/b").unwrap();
+        assert_eq!(image.to_string(), "localhost:5000/a/b:latest");
+        for bad in [
+            "",
+            "x@sha256:abc",
+            "x@latest",
+            "../x:1",
+            "a//b",
+            "x:bad tag",
+            "x:",
+            "bad host.io/x:1",
+            "UPPER",
+        ] {
+            assert!(ImageRef::parse(bad).is_err(), "{bad:?}");
+        }
     }
 }

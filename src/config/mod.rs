@@ -212,6 +212,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_AUTH_TTL", value_name = "SECS")]
     pub auth_ttl: Option<u64>,
 
+    /// Never contact upstream: serve only what is cached (tags as cached, misses 404)
+    #[arg(long, env = "REGCACHE_OFFLINE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub offline: Option<bool>,
+
     /// Per-registry settings (TOML only): [registries."ghcr.io"] tag_ttl = 300
     #[arg(skip)]
     #[serde(default)]
@@ -230,6 +234,8 @@ pub struct RegistrySettings {
     pub password_file: Option<PathBuf>,
     /// File holding a bearer token to present as is.
     pub token_file: Option<PathBuf>,
+    /// Never contact this registry (see `offline`).
+    pub offline: Option<bool>,
 }
 
 /// regcache's own account at one registry, used only for public content.
@@ -302,6 +308,7 @@ impl Settings {
             upstream_no_proxy: list(self.upstream_no_proxy, base.upstream_no_proxy),
             public_ttl: self.public_ttl.or(base.public_ttl),
             auth_ttl: self.auth_ttl.or(base.auth_ttl),
+            offline: self.offline.or(base.offline),
             registries: if self.registries.is_empty() {
                 base.registries
             } else {
@@ -380,9 +387,22 @@ pub struct Config {
     pub auth_ttl: Duration,
     /// regcache's own accounts, by canonical registry name.
     pub credentials: HashMap<String, UpstreamCredential>,
+    /// Never contact any upstream.
+    pub offline: bool,
+    /// Per-registry `offline`, by canonical registry name.
+    pub registry_offline: HashMap<String, bool>,
 }
 
 impl Config {
+    /// Whether `registry` (a canonical registry name) is served from the
+    /// cache only, never asked.
+    pub fn is_offline(&self, registry: &str) -> bool {
+        self.registry_offline
+            .get(registry)
+            .copied()
+            .unwrap_or(self.offline)
+    }
+
     /// The tag freshness for `registry` (a canonical registry name).
     pub fn tag_ttl_for(&self, registry: &str) -> Duration {
         self.registry_tag_ttl
@@ -489,7 +509,14 @@ impl Config {
             };
             credentials.insert(canonical_registry(host), cred);
         }
+        let registry_offline = s
+            .registries
+            .iter()
+            .filter_map(|(host, r)| r.offline.map(|o| (canonical_registry(host), o)))
+            .collect();
         Ok(Config {
+            offline: s.offline.unwrap_or(false),
+            registry_offline,
             allow,
             proxy_users: s.proxy_users,
             upstream_proxy,
@@ -692,6 +719,21 @@ mod tests {
             msg.contains("upstream_proxy") && !msg.contains("hunter2"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn offline_globally_or_per_registry() {
+        let file = Settings::from_toml(
+            "offline = true\n[registries.\"ghcr.io\"]\noffline = false",
+            Path::new("f"),
+        )
+        .unwrap();
+        let config = Config::from_settings(file).unwrap();
+        assert!(config.is_offline("docker.io"));
+        assert!(!config.is_offline("ghcr.io"));
+        assert!(!Config::from_settings(Settings::default())
+            .unwrap()
+            .is_offline("docker.io"));
     }
 
     #[test]

@@ -39,21 +39,15 @@ pub async fn serve(
 ) -> Served {
     let cache = &app.cache;
     let repo = name.as_str();
-    if let Some(cached) = cache.get(digest) {
+    if cache.contains(digest) {
         if let Err(refused) = ensure_linked(app, target, repo, digest, parts).await {
             return refused;
         }
         if let Err(refused) = sharing::check(app, target, repo, parts).await {
             return *refused;
         }
-        match open(&cached).await {
-            Some(file) => {
-                cache.count(true);
-                return Served::new(from_file(parts, &cached, file), CacheStatus::Hit);
-            }
-            None => {
-                let _ = cache.forget(digest).await;
-            }
+        if let Some(served) = from_cache(app, parts, digest).await {
+            return served;
         }
     }
     if parts.method == Method::HEAD {
@@ -182,6 +176,25 @@ async fn forward_method(
     match sharing::fetch_for(app, target, repo, parts, method, uri).await {
         Ok(resp) => Served::new(passthrough(resp), CacheStatus::Miss),
         Err(e) => Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
+    }
+}
+
+/// A cached blob answered with no upstream contact (offline registries);
+/// None if it is not cached or its file vanished.
+pub(crate) async fn from_cache(app: &App, parts: &Parts, digest: &Digest) -> Option<Served> {
+    let cached = app.cache.get(digest)?;
+    match open(&cached).await {
+        Some(file) => {
+            app.cache.count(true);
+            Some(Served::new(
+                from_file(parts, &cached, file),
+                CacheStatus::Hit,
+            ))
+        }
+        None => {
+            let _ = app.cache.forget(digest).await;
+            None
+        }
     }
 }
 

@@ -188,13 +188,13 @@ async fn serve_stale(
 }
 
 /// The cached manifest for `digest` if the request's Accept allows its type.
-fn usable(app: &App, digest: &Digest, parts: &Parts) -> Option<Cached> {
+pub(crate) fn usable(app: &App, digest: &Digest, parts: &Parts) -> Option<Cached> {
     let cached = app.cache.get(digest)?;
     accepts(&parts.headers, &cached.media_type).then_some(cached)
 }
 
 /// Serves a cached manifest; None if its file vanished.
-async fn from_cache(
+pub(crate) async fn from_cache(
     app: &App,
     cached: &Cached,
     parts: &Parts,

@@ -13,6 +13,7 @@ pub mod headers;
 pub mod log;
 pub mod manifests;
 pub mod mirror;
+pub mod offline;
 pub mod range;
 pub mod sharing;
 
@@ -150,6 +151,18 @@ pub async fn handle(
 }
 
 async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
+    if app.config.is_offline(&target.registry) {
+        return match route::parse(req.uri().path()) {
+            Err(e) => Served::new(
+                error_json(e.code.status(), e.code, &e.message),
+                CacheStatus::Pass,
+            ),
+            Ok(route) => {
+                let (parts, _) = req.into_parts();
+                offline::serve(app, target, route, &parts).await
+            }
+        };
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Served::new(
             forward(&app.upstream, &target.origin, req).await,

@@ -244,7 +244,15 @@ pub async fn fetch_for(
             .and_then(|v| v.to_str().ok())
             .and_then(parse_challenge);
         if let Some(Challenge::Bearer(bearer)) = challenge {
-            let account = app.sharing.accounts.get(&target.registry);
+            // regcache's own account only for a repository known to be
+            // public; anything else gets an anonymous token, so that the
+            // answer is what an anonymous client would get.
+            let public = matches!(openness(app, target, repo), Some((Openness::Public, true)));
+            let account = app
+                .sharing
+                .accounts
+                .get(&target.registry)
+                .filter(|_| public);
             let basic = account.filter(|a| a.as_bytes().starts_with(b"Basic "));
             if let Ok(token) = app
                 .upstream

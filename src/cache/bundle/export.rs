@@ -1,0 +1,427 @@
+//! `regcache export`: cached images into one bundle (see [`super`]).
+//!
+//! Works on a stopped regcache's cache: the index is opened (which keeps a
+//! regcache from starting on it meanwhile) and read once; then every
+//! image's manifests and blobs are streamed from their cache files into the
+//! tar, hashed on the way so a damaged file is found before the bundle
+//! travels. The tar is written as `<output>.partial` and renamed when
+//! complete, so an interrupted export leaves no bundle that looks whole.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use indicatif::ProgressBar;
+
+use super::{
+    blob_name, children, human, io_err, progress_bar, read_limited, warn, BundleError, Descriptor,
+    HashingReader, LayoutIndex, CONTAINERD_NAME, INDEX_FILE, LAYOUT_FILE, LAYOUT_JSON,
+    MAX_MANIFEST, REF_NAME, REGCACHE_PUBLIC, REGCACHE_REF,
+};
+use crate::cache::index::Snapshot;
+use crate::cache::offline::{self, ImageRef};
+use crate::cache::{content_file, link_key, tag_key};
+use crate::registry::digest::Digest;
+use crate::registry::media::{manifest_media_type, OCI_INDEX};
+use crate::registry::route::Reference;
+
+/// What an export wrote.
+#[derive(Debug, Default)]
+pub struct ExportSummary {
+    /// The images, with their top manifest's digest.
+    pub images: Vec<(ImageRef, Digest)>,
+    /// Manifests written (tops and children).
+    pub manifests: usize,
+    /// Other blobs written.
+    pub blobs: usize,
+    /// Bytes of content written.
+    pub bytes: u64,
+    /// Content the images refer to that the cache did not have.
+    pub missing: Vec<Digest>,
+    /// The bundle.
+    pub output: PathBuf,
+}
+
+impl fmt::Display for ExportSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (image, digest) in &self.images {
+            writeln!(f, "{image}\t{digest}")?;
+        }
+        write!(
+            f,
+            "exported {} image{} ({} manifests, {} blobs, {}) to {}",
+            self.images.len(),
+            if self.images.len() == 1 { "" } else { "s" },
+            self.manifests,
+            self.blobs,
+            human(self.bytes),
+            self.output.display()
+        )?;
+        match self.missing.len() {
+            0 => {}
+            1 => write!(f, "; 1 item not in the cache was left out")?,
+            n => write!(f, "; {n} items not in the cache were left out")?,
+        }
+        writeln!(f)
+    }
+}
+
+/// What the index says about cached content.
+struct Catalog {
+    dir: PathBuf,
+    /// digest → (size, media type; empty for blobs).
+    content: HashMap<Digest, (u64, String)>,
+    snap: Snapshot,
+}
+
+impl Catalog {
+    fn new(dir: &Path, snap: Snapshot) -> Self {
+        let content = snap
+            .content
+            .iter()
+            .filter_map(|r| {
+                let digest = r.digest.parse::<Digest>().ok()?;
+                Some((digest, (r.size, r.media_type.clone())))
+            })
+            .collect();
+        Self {
+            dir: dir.to_path_buf(),
+            content,
+            snap,
+        }
+    }
+
+    /// The cached size of `digest`, if its entry and file exist.
+    fn cached(&self, digest: &Digest) -> Option<u64> {
+        let (size, _) = self.content.get(digest)?;
+        content_file(&self.dir, digest).is_file().then_some(*size)
+    }
+
+    fn public(&self, image: &ImageRef) -> Option<bool> {
+        let key = format!("{}/{}", image.registry, image.repository);
+        self.snap
+            .openness
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, public, _)| *public)
+    }
+}
+
+/// Writes the images named by `requested` (every tagged image when empty)
+/// from the cache in `dir` to the bundle `output`.
+pub fn export(
+    dir: &Path,
+    requested: &[String],
+    output: &Path,
+) -> Result<ExportSummary, BundleError> {
+    let index = offline::open(dir)?;
+    let catalog = Catalog::new(dir, index.load().map_err(crate::cache::CacheError::from)?);
+    let images = select(&catalog, requested)?;
+    let summary = write_bundle(&catalog, &images, output)?;
+    drop(index);
+    Ok(summary)
+}
+
+/// The images to export, with their top manifests.
+fn select(catalog: &Catalog, requested: &[String]) -> Result<Vec<(ImageRef, Digest)>, BundleError> {
+    if requested.is_empty() {
+        return every_tag(catalog);
+    }
+    let mut images = Vec::new();
+    for text in requested {
+        let image = ImageRef::parse(text).map_err(BundleError::Reference)?;
+        let digest = match &image.reference {
+            Reference::Tag(tag) => {
+                let key = tag_key(&image.registry, &image.repository, tag);
+                catalog
+                    .snap
+                    .tags
+                    .iter()
+                    .find(|t| t.key == key)
+                    .and_then(|t| t.digest.parse::<Digest>().ok())
+                    .ok_or_else(|| BundleError::NotCached(image.to_string()))?
+            }
+            Reference::Digest(d) => {
+                let link = link_key(&image.registry, &image.repository, d);
+                if !catalog.snap.links.contains(&link) {
+                    return Err(BundleError::NotCached(image.to_string()));
+                }
+                d.clone()
+            }
+        };
+        if catalog.cached(&digest).is_none() {
+            return Err(BundleError::NotCached(format!(
+                "{image} (its manifest {digest})"
+            )));
+        }
+        images.push((image, digest));
+    }
+    Ok(images)
+}
+
+/// Every tag whose manifest is still cached, in name order.
+fn every_tag(catalog: &Catalog) -> Result<Vec<(ImageRef, Digest)>, BundleError> {
+    let mut tags: Vec<_> = catalog.snap.tags.iter().collect();
+    tags.sort_by(|a, b| a.key.cmp(&b.key));
+    let mut images = Vec::new();
+    for tag in tags {
+        let (Some(image), Ok(digest)) = (image_of_tag_key(&tag.key), tag.digest.parse::<Digest>())
+        else {
+            eprintln!(
+                "regcache: warning: skipping {}: not expressible as an image reference",
+                tag.key
+            );
+            continue;
+        };
+        if catalog.cached(&digest).is_none() {
+            eprintln!(
+                "regcache: warning: skipping {image}: its manifest {digest} is no longer cached"
+            );
+            continue;
+        }
+        images.push((image, digest));
+    }
+    if images.is_empty() {
+        return Err(BundleError::Empty);
+    }
+    Ok(images)
+}
+
+/// Reads a tag key (`registry/repository:tag`) back into its parts.
+fn image_of_tag_key(key: &str) -> Option<ImageRef> {
+    let (name, tag) = key.rsplit_once(':')?;
+    let (registry, repository) = name.split_once('/')?;
+    let image = ImageRef {
+        registry: registry.to_string(),
+        repository: repository.to_string(),
+        reference: Reference::parse(tag).ok()?,
+    };
+    // Only what round-trips through the bundle's annotation is exported.
+    (ImageRef::parse(&image.to_string()).ok()? == image).then_some(image)
+}
+
+/// The content of one image not yet written: (digest, size, is a manifest),
+/// top manifest first. Children the cache lacks go to `missing`.
+fn plan(
+    catalog: &Catalog,
+    root: &Digest,
+    written: &HashSet<Digest>,
+    missing: &mut Vec<Digest>,
+    bar: &ProgressBar,
+) -> Result<Vec<(Digest, u64, bool)>, BundleError> {
+    let mut items = Vec::new();
+    let mut seen = HashSet::new();
+    let mut stack = vec![(root.clone(), true)];
+    while let Some((digest, manifest)) = stack.pop() {
+        if written.contains(&digest) || !seen.insert(digest.clone()) {
+            continue;
+        }
+        let Some(size) = catalog.cached(&digest) else {
+            if !missing.contains(&digest) {
+                warn(bar, &format!("{digest} is not in the cache; left out"));
+                missing.push(digest);
+            }
+            continue;
+        };
+        items.push((digest.clone(), size, manifest));
+        if manifest {
+            let path = content_file(&catalog.dir, &digest);
+            let file = File::open(&path).map_err(io_err(&path))?;
+            let body = read_limited(file, MAX_MANIFEST, &format!("manifest {digest}"))?;
+            for child in children(&body).into_iter().rev() {
+                stack.push((child.digest, child.manifest));
+            }
+        }
+    }
+    Ok(items)
+}
+
+/// Deletes a file when dropped, unless disarmed.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+fn write_bundle(
+    catalog: &Catalog,
+    images: &[(ImageRef, Digest)],
+    output: &Path,
+) -> Result<ExportSummary, BundleError> {
+    let mut name = output.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    let partial = output.with_file_name(name);
+    let file = File::create(&partial).map_err(io_err(&partial))?;
+    let mut guard = RemoveOnDrop(Some(partial.clone()));
+    let mut tar = tar::Builder::new(BufWriter::with_capacity(1 << 20, file));
+    let werr = |e| BundleError::Io {
+        path: partial.clone(),
+        source: e,
+    };
+
+    append_bytes(&mut tar, LAYOUT_FILE, LAYOUT_JSON.as_bytes()).map_err(werr)?;
+    append_dir(&mut tar, "blobs/").map_err(werr)?;
+    let mut dirs = HashSet::new();
+    let mut summary = ExportSummary {
+        output: output.to_path_buf(),
+        ..ExportSummary::default()
+    };
+    let mut written = HashSet::new();
+    let mut descriptors = Vec::new();
+    for (image, root) in images {
+        let bar = progress_bar(0, image.to_string());
+        let items = plan(catalog, root, &written, &mut summary.missing, &bar)?;
+        bar.set_length(items.iter().map(|(_, size, _)| size).sum());
+        for (digest, size, manifest) in items {
+            let alg = digest.algorithm();
+            if dirs.insert(alg) {
+                append_dir(&mut tar, &format!("blobs/{alg}/")).map_err(werr)?;
+            }
+            append_content(&mut tar, catalog, &digest, size, &bar, &partial)?;
+            summary.bytes += size;
+            if manifest {
+                summary.manifests += 1;
+            } else {
+                summary.blobs += 1;
+            }
+            written.insert(digest);
+        }
+        bar.finish();
+        descriptors.push(descriptor(catalog, image, root)?);
+        summary.images.push((image.clone(), root.clone()));
+    }
+
+    let index = LayoutIndex {
+        schema_version: 2,
+        media_type: OCI_INDEX.to_string(),
+        manifests: descriptors,
+    };
+    let json = serde_json::to_vec(&index).map_err(|e| werr(e.into()))?;
+    append_bytes(&mut tar, INDEX_FILE, &json).map_err(werr)?;
+    let file = tar
+        .into_inner()
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .map_err(werr)?;
+    file.sync_all().map_err(werr)?;
+    drop(file);
+    std::fs::rename(&partial, output).map_err(io_err(output))?;
+    guard.0 = None;
+    Ok(summary)
+}
+
+/// The `index.json` entry of one image.
+fn descriptor(
+    catalog: &Catalog,
+    image: &ImageRef,
+    root: &Digest,
+) -> Result<Descriptor, BundleError> {
+    let (size, cached_type) = catalog
+        .content
+        .get(root)
+        .cloned()
+        .ok_or_else(|| BundleError::NotCached(image.to_string()))?;
+    let media_type = if cached_type.is_empty() {
+        let path = content_file(&catalog.dir, root);
+        let body = read_limited(
+            File::open(&path).map_err(io_err(&path))?,
+            MAX_MANIFEST,
+            &format!("manifest {root}"),
+        )?;
+        manifest_media_type(None, &body)
+    } else {
+        cached_type
+    };
+    let name = image.to_string();
+    let mut annotations = BTreeMap::new();
+    if let Some(tag) = image.tag() {
+        annotations.insert(REF_NAME.to_string(), tag.to_string());
+    }
+    annotations.insert(REGCACHE_REF.to_string(), name.clone());
+    annotations.insert(CONTAINERD_NAME.to_string(), name);
+    if let Some(public) = catalog.public(image) {
+        annotations.insert(REGCACHE_PUBLIC.to_string(), public.to_string());
+    }
+    Ok(Descriptor {
+        media_type,
+        digest: root.to_string(),
+        size,
+        annotations,
+    })
+}
+
+fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_size(size);
+    header.set_mode(mode);
+    header.set_mtime(0);
+    header
+}
+
+fn append_bytes<W: Write>(
+    tar: &mut tar::Builder<W>,
+    name: &str,
+    data: &[u8],
+) -> std::io::Result<()> {
+    let mut h = header(tar::EntryType::Regular, data.len() as u64, 0o644);
+    tar.append_data(&mut h, name, data)
+}
+
+fn append_dir<W: Write>(tar: &mut tar::Builder<W>, name: &str) -> std::io::Result<()> {
+    let mut h = header(tar::EntryType::Directory, 0, 0o755);
+    tar.append_data(&mut h, name, std::io::empty())
+}
+
+/// Streams one cache file into the tar, checking its length and digest.
+fn append_content<W: Write>(
+    tar: &mut tar::Builder<W>,
+    catalog: &Catalog,
+    digest: &Digest,
+    size: u64,
+    bar: &ProgressBar,
+    partial: &Path,
+) -> Result<(), BundleError> {
+    let path = content_file(&catalog.dir, digest);
+    let file = File::open(&path).map_err(io_err(&path))?;
+    let actual = file.metadata().map_err(io_err(&path))?.len();
+    if actual != size {
+        return Err(BundleError::Damaged {
+            digest: digest.clone(),
+            why: format!("{actual} bytes, the index says {size}"),
+        });
+    }
+    let mut reader = HashingReader::new(bar.wrap_read(file).take(size), digest.algorithm());
+    let mut h = header(tar::EntryType::Regular, size, 0o644);
+    tar.append_data(&mut h, blob_name(digest), &mut reader)
+        .map_err(io_err(partial))?;
+    let (got, count) = reader.finish();
+    if count != size || got != *digest {
+        return Err(BundleError::Damaged {
+            digest: digest.clone(),
+            why: format!("its {count} bytes hash to {got}"),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_keys_read_back_into_references() {
+        let image = image_of_tag_key("docker.io/library/alpine:3.20").unwrap();
+        assert_eq!(image.to_string(), "docker.io/library/alpine:3.20");
+        let image = image_of_tag_key("localhost:5000/team/app:v1").unwrap();
+        assert_eq!(image.registry, "localhost:5000");
+        assert_eq!(image.repository, "team/app");
+        assert!(image_of_tag_key("no-tag").is_none());
+        assert!(image_of_tag_key("docker.io/UPPER:1").is_none());
+    }
+}

@@ -1,0 +1,302 @@
+//! `regcache prefetch`: fills the cache from upstream through the same code
+//! path as a pull, so that an image is there before anyone asks (and can be
+//! exported to an air-gapped site).
+//!
+//! For each image: the manifest is fetched as a client would fetch it; an
+//! image index brings every platform's manifest (or those chosen with
+//! `--platform`); then every blob those manifests reference. Requests carry
+//! no client credential, so only what the registry serves anonymously (or to
+//! regcache's own account, for public repositories) is fetched.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::ACCEPT;
+use http::request::Parts;
+use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+
+use crate::app::App;
+use crate::cache::offline::parse_image_ref;
+use crate::registry::digest::Digest;
+use crate::registry::media::{is_index, manifest_media_type, referenced_digests};
+use crate::registry::name::RepoName;
+use crate::registry::route::Reference;
+use crate::serve::{blobs, manifests, Origin, Served, Target};
+
+/// Every manifest type regcache understands, for the `Accept` header.
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// Why an image could not be prefetched.
+#[derive(Debug, thiserror::Error)]
+pub enum PrefetchError {
+    /// The reference is not an image reference.
+    #[error("{0:?} is not an image reference like alpine:3.20 or ghcr.io/org/tool@sha256:…")]
+    BadReference(String),
+    /// Upstream (or regcache) refused a part of the image.
+    #[error("{what}: {status} {detail}")]
+    Refused {
+        /// The manifest or blob.
+        what: String,
+        /// The answer's status.
+        status: StatusCode,
+        /// Its body, shortened.
+        detail: String,
+    },
+    /// A body broke off.
+    #[error("{what}: {reason}")]
+    Body {
+        /// The manifest or blob.
+        what: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What one image's prefetch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Fetched {
+    /// Manifests (index included) fetched or found.
+    pub manifests: usize,
+    /// Blobs fetched or found.
+    pub blobs: usize,
+    /// Bytes of blobs.
+    pub bytes: u64,
+    /// Of those blobs, how many were already cached.
+    pub already_cached: usize,
+}
+
+#[derive(Deserialize)]
+struct IndexDoc {
+    #[serde(default)]
+    manifests: Vec<IndexEntry>,
+}
+
+#[derive(Deserialize)]
+struct IndexEntry {
+    digest: String,
+    platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct Platform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+impl Platform {
+    /// Whether `wanted` (`os/arch` or `os/arch/variant`) names this platform.
+    fn matches(&self, wanted: &str) -> bool {
+        let mut parts = wanted.split('/');
+        let os = parts.next().unwrap_or("");
+        let arch = parts.next().unwrap_or("");
+        let variant = parts.next();
+        self.os == os
+            && self.architecture == arch
+            && variant.is_none_or(|v| self.variant.as_deref() == Some(v))
+    }
+}
+
+/// A parsed image reference: where it lives and what it names.
+struct ImageRef {
+    target: Target,
+    name: RepoName,
+    reference: Reference,
+}
+
+fn parse(reference: &str) -> Result<ImageRef, PrefetchError> {
+    let bad = || PrefetchError::BadReference(reference.to_string());
+    let (name_part, digest) = match reference.split_once('@') {
+        Some((n, d)) => (n, Some(d.parse::<Digest>().map_err(|_| bad())?)),
+        None => (reference, None),
+    };
+    let with_tag = if digest.is_some() && !name_part.rsplit('/').next().unwrap_or("").contains(':')
+    {
+        format!("{name_part}:latest")
+    } else {
+        name_part.to_string()
+    };
+    let (registry, repo, tag) = parse_image_ref(&with_tag).ok_or_else(bad)?;
+    let name = RepoName::parse(&repo).map_err(|_| bad())?;
+    let reference = match digest {
+        Some(d) => Reference::Digest(d),
+        None => Reference::parse(&tag).map_err(|_| bad())?,
+    };
+    let upstream = if registry == "docker.io" {
+        "registry-1.docker.io".to_string()
+    } else {
+        registry
+    };
+    let (host, port) = match upstream.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(port) => (h.to_string(), port),
+            Err(_) => (upstream.clone(), 443),
+        },
+        _ => (upstream.clone(), 443),
+    };
+    let origin = Origin::https(&host, port).map_err(|_| bad())?;
+    Ok(ImageRef {
+        target: Target::new(origin),
+        name,
+        reference,
+    })
+}
+
+fn request_parts(path: &str) -> Result<Parts, PrefetchError> {
+    let req = Request::builder()
+        .method(Method::GET)
+        .uri(path)
+        .header(ACCEPT, ACCEPT_ALL)
+        .body(())
+        .map_err(|e| PrefetchError::Body {
+            what: path.to_string(),
+            reason: e.to_string(),
+        })?;
+    Ok(req.into_parts().0)
+}
+
+/// Reads a served answer to the end; Err on a refusal or a broken body.
+/// `on_bytes` sees each chunk's length (for progress).
+async fn drain(
+    served: Served,
+    what: &str,
+    mut on_bytes: impl FnMut(u64),
+) -> Result<(Bytes, bool, Option<String>), PrefetchError> {
+    let hit = served
+        .resp
+        .headers()
+        .get("x-cache")
+        .is_some_and(|v| v.as_bytes() == b"HIT");
+    let content_type = served
+        .resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let status = served.resp.status();
+    let mut body = served.resp.into_body();
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| PrefetchError::Body {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })?;
+        if let Ok(data) = frame.into_data() {
+            on_bytes(data.len() as u64);
+            // Keep manifests (small) and error bodies; blobs are only counted.
+            if status != StatusCode::OK || kept.len() < 4 * 1024 * 1024 {
+                kept.extend_from_slice(&data);
+            }
+        }
+    }
+    if status != StatusCode::OK {
+        let detail: String = String::from_utf8_lossy(&kept).chars().take(200).collect();
+        return Err(PrefetchError::Refused {
+            what: what.to_string(),
+            status,
+            detail: detail.trim().to_string(),
+        });
+    }
+    Ok((Bytes::from(kept), hit, content_type))
+}
+
+/// Prefetches one image; `platforms` (`linux/amd64`, …) limits an index to
+/// those platforms (all when empty). `on_bytes` sees blob bytes as they come.
+pub async fn prefetch(
+    app: &Arc<App>,
+    reference: &str,
+    platforms: &[String],
+    mut on_bytes: impl FnMut(u64),
+) -> Result<Fetched, PrefetchError> {
+    let image = parse(reference)?;
+    let mut fetched = Fetched::default();
+    let mut manifests_todo = vec![image.reference.clone()];
+    let mut blobs_todo: Vec<Digest> = Vec::new();
+    while let Some(reference) = manifests_todo.pop() {
+        let path = format!("/v2/{}/manifests/{reference}", image.name);
+        let parts = request_parts(&path)?;
+        let served = manifests::serve(app, &image.target, &image.name, &reference, &parts).await;
+        let what = format!("{}/{}:{reference}", image.target.registry, image.name);
+        let (body, _, content_type) = drain(served, &what, |_| {}).await?;
+        fetched.manifests += 1;
+        let media_type = manifest_media_type(content_type.as_deref(), &body);
+        if is_index(&media_type) {
+            let doc: IndexDoc = serde_json::from_slice(&body).map_err(|e| PrefetchError::Body {
+                what: what.clone(),
+                reason: format!("unreadable index ({e})"),
+            })?;
+            for entry in doc.manifests {
+                let wanted = platforms.is_empty()
+                    || entry
+                        .platform
+                        .as_ref()
+                        .is_some_and(|p| platforms.iter().any(|w| p.matches(w)));
+                if let (true, Ok(d)) = (wanted, entry.digest.parse::<Digest>()) {
+                    manifests_todo.push(Reference::Digest(d));
+                }
+            }
+        } else {
+            for d in referenced_digests(&body) {
+                if !blobs_todo.contains(&d) {
+                    blobs_todo.push(d);
+                }
+            }
+        }
+    }
+    for digest in blobs_todo {
+        let path = format!("/v2/{}/blobs/{digest}", image.name);
+        let parts = request_parts(&path)?;
+        let served = blobs::serve(app, &image.target, &image.name, &digest, &parts).await;
+        let what = format!("{}/{}@{digest}", image.target.registry, image.name);
+        let mut bytes = 0;
+        let (_, hit, _) = drain(served, &what, |n| {
+            bytes += n;
+            on_bytes(n);
+        })
+        .await?;
+        fetched.blobs += 1;
+        fetched.bytes += bytes;
+        fetched.already_cached += usize::from(hit);
+    }
+    Ok(fetched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_name_registry_repository_and_reference() {
+        let r = parse("alpine:3.20").unwrap();
+        assert_eq!(r.target.origin.authority.as_str(), "registry-1.docker.io");
+        assert_eq!(r.target.registry, "docker.io");
+        assert_eq!(r.name.as_str(), "library/alpine");
+        assert_eq!(r.reference.to_string(), "3.20");
+        let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        let r = parse(&format!("ghcr.io/org/tool@{d}")).unwrap();
+        assert_eq!(r.target.origin.authority.as_str(), "ghcr.io");
+        assert_eq!(r.reference.to_string(), d);
+        let r = parse("localhost:5000/team/app:1").unwrap();
+        assert_eq!(r.target.origin.authority.as_str(), "localhost:5000");
+        assert!(parse("UPPER/case:1").is_err());
+        assert!(parse("x@sha256:short").is_err());
+    }
+
+    #[test]
+    fn platform_filter() {
+        let p = Platform {
+            os: "linux".into(),
+            architecture: "arm64".into(),
+            variant: Some("v8".into()),
+        };
+        assert!(p.matches("linux/arm64"));
+        assert!(p.matches("linux/arm64/v8"));
+        assert!(!p.matches("linux/arm64/v7"));
+        assert!(!p.matches("linux/amd64"));
+    }
+}

@@ -1,0 +1,501 @@
+//! Air gap: `regcache export` and `regcache import`, end to end.
+//!
+//! Images are pulled through a real regcache from the in-process registry
+//! ([`registry::Registry`]), regcache is stopped, the cache is exported to a
+//! bundle, and the bundle is imported into a fresh cache. A regcache started
+//! on that cache, with the registry gone, must then serve every manifest and
+//! blob as a HIT with the same bytes. A bundle with one flipped byte must be
+//! rejected, naming the blob, with nothing imported.
+
+mod common;
+#[path = "support/registry.rs"]
+mod registry;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{empty, within, Alpn, Proxy, ProxyBuilder, TestCa, STEP_TIMEOUT};
+use http_body_util::BodyExt;
+use hyper::{Method, StatusCode};
+use registry::{blob_bytes, sha256, Registry};
+
+const HUB: &str = "registry-1.docker.io";
+const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// A registry, the test CA that signed it, and a temp dir for caches and
+/// bundles (as in tests/cache.rs).
+struct Env {
+    _ca: TestCa,
+    dir: tempfile::TempDir,
+    ca_file: PathBuf,
+    reg: Registry,
+}
+
+impl Env {
+    async fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let ca_file = ca.write_pem(dir.path());
+        let reg = Registry::start(&ca).await;
+        Env {
+            _ca: ca,
+            dir,
+            ca_file,
+            reg,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// regcache on `cache`, sending registry-1.docker.io to the registry.
+    fn proxy(&self, cache: &Path) -> ProxyBuilder {
+        ProxyBuilder::new()
+            .upstream_ca(&self.ca_file)
+            .ca_dir(&self.path("ca"))
+            .resolve(HUB, self.reg.port())
+            .args(["--shutdown-grace", "2", "--cache-dir"])
+            .arg(cache.to_str().unwrap())
+    }
+}
+
+/// Runs `regcache ARGS`; returns (exit code, stdout, stderr).
+fn regcache(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
+        .args(args)
+        .env_remove("REGCACHE_CACHE_DIR")
+        .env_remove("REGCACHE_CONFIG")
+        .output()
+        .expect("run regcache");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A response read to its end.
+struct Got {
+    status: StatusCode,
+    x_cache: String,
+    body: Bytes,
+}
+
+/// GET `path` from the registry host through the proxy, on a fresh connection.
+async fn get(proxy: &Proxy, path: &str) -> Got {
+    let mut client = proxy.intercepted(HUB, Alpn::Both).await;
+    let req = client
+        .builder(Method::GET, path)
+        .header("accept", ACCEPT_ALL)
+        .body(empty())
+        .unwrap();
+    let resp = client.send(req).await;
+    let status = resp.status();
+    let x_cache = resp
+        .headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap_or("?").to_string())
+        .unwrap_or_else(|| "<none>".into());
+    let body = within("a response body", STEP_TIMEOUT, resp.into_body().collect())
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: body failed: {e}"))
+        .to_bytes();
+    Got {
+        status,
+        x_cache,
+        body,
+    }
+}
+
+/// An image manifest naming `config` and `layers`.
+fn image_manifest(config: &Bytes, layers: &[&Bytes]) -> Bytes {
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|l| serde_json::json!({"mediaType": OCI_LAYER, "digest": sha256(l), "size": l.len()}))
+        .collect();
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": config.len()},
+            "layers": layers,
+        })
+        .to_string(),
+    )
+}
+
+/// What was pulled: (request path, bytes) of every manifest and blob.
+type Pulled = Vec<(String, Bytes)>;
+
+/// Puts two images in the registry and pulls them through `proxy`:
+/// `alpine:3.20` (one platform) and `org/tool:1` (an index of two
+/// platforms, of which one layer is never pulled). Returns what was pulled
+/// and the layer left out.
+async fn pull_two_images(env: &Env, proxy: &Proxy) -> (Pulled, String) {
+    let mut pulled: Pulled = Vec::new();
+    let blob = |pulled: &mut Pulled, repo: &str, data: Bytes| {
+        let d = env.reg.put_blob(repo, data.clone());
+        pulled.push((format!("/v2/{repo}/blobs/{d}"), data));
+    };
+
+    let alpine = "library/alpine";
+    let (config, layer1, layer2) = (
+        blob_bytes(1, 700),
+        blob_bytes(2, 600_000),
+        blob_bytes(3, 90_000),
+    );
+    let m = image_manifest(&config, &[&layer1, &layer2]);
+    for data in [&config, &layer1, &layer2] {
+        blob(&mut pulled, alpine, data.clone());
+    }
+    let m_d = env
+        .reg
+        .put_manifest(alpine, Some("3.20"), OCI_MANIFEST, m.clone());
+    pulled.push((format!("/v2/{alpine}/manifests/3.20"), m.clone()));
+    pulled.push((format!("/v2/{alpine}/manifests/{m_d}"), m));
+
+    let tool = "org/tool";
+    let (amd_c, amd_l) = (blob_bytes(10, 500), blob_bytes(11, 300_000));
+    let (arm_c, arm_l) = (blob_bytes(20, 500), blob_bytes(21, 200_000));
+    let amd = image_manifest(&amd_c, &[&amd_l]);
+    let arm = image_manifest(&arm_c, &[&arm_l]);
+    for data in [&amd_c, &amd_l, &arm_c] {
+        blob(&mut pulled, tool, data.clone());
+    }
+    let arm_l_d = env.reg.put_blob(tool, arm_l.clone());
+    let amd_d = env.reg.put_manifest(tool, None, OCI_MANIFEST, amd.clone());
+    let arm_d = env.reg.put_manifest(tool, None, OCI_MANIFEST, arm.clone());
+    let index = Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {"mediaType": OCI_MANIFEST, "digest": amd_d, "size": amd.len(),
+                 "platform": {"architecture": "amd64", "os": "linux"}},
+                {"mediaType": OCI_MANIFEST, "digest": arm_d, "size": arm.len(),
+                 "platform": {"architecture": "arm64", "os": "linux"}},
+            ]
+        })
+        .to_string(),
+    );
+    let index_d = env
+        .reg
+        .put_manifest(tool, Some("1"), OCI_INDEX, index.clone());
+    pulled.push((format!("/v2/{tool}/manifests/1"), index.clone()));
+    pulled.push((format!("/v2/{tool}/manifests/{index_d}"), index));
+    pulled.push((format!("/v2/{tool}/manifests/{amd_d}"), amd));
+    pulled.push((format!("/v2/{tool}/manifests/{arm_d}"), arm));
+
+    for (path, body) in &pulled {
+        let got = get(proxy, path).await;
+        assert_eq!(got.status, StatusCode::OK, "pull {path}");
+        assert_eq!(got.body, *body, "pull {path}");
+    }
+    (pulled, arm_l_d)
+}
+
+async fn stop(mut proxy: Proxy) {
+    proxy.sigterm();
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("regcache should exit after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+}
+
+/// The bundle's entries: name → bytes (small test bundles only).
+fn entries(bundle: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut archive = tar::Archive::new(std::fs::File::open(bundle).unwrap());
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let name = e.path().unwrap().to_string_lossy().into_owned();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            (name, data)
+        })
+        .collect()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return vec![];
+    };
+    rd.filter_map(|e| e.ok())
+        .flat_map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                files_under(&p)
+            } else {
+                vec![p]
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn exported_images_are_served_offline_from_a_fresh_cache() {
+    let env = Env::new().await;
+    let cache = env.path("cache");
+    let proxy = env.proxy(&cache).start().await;
+    let (pulled, left_out) = pull_two_images(&env, &proxy).await;
+
+    // A running regcache holds the cache: export says so.
+    let bundle = env.path("bundle.tar");
+    let (code, _, err) = regcache(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
+    assert_ne!(code, 0);
+    assert!(err.contains("stop it first"), "{err}");
+    stop(proxy).await;
+
+    let (code, out, err) = regcache(&["export", "--output", s(&bundle), "--cache-dir", s(&cache)]);
+    assert_eq!(code, 0, "export failed: {err}");
+    assert!(
+        out.contains("exported 2 images (4 manifests, 6 blobs"),
+        "{out}"
+    );
+    assert!(
+        out.contains("1 item not in the cache was left out"),
+        "{out}"
+    );
+    assert!(err.contains(&left_out), "the missing layer is named: {err}");
+    assert!(
+        !err.contains('\r') && !err.contains('\u{1b}'),
+        "no progress bar in a log: {err:?}"
+    );
+    assert!(!env.path("bundle.tar.partial").exists());
+
+    // The bundle is an OCI image layout naming both images.
+    let files = entries(&bundle);
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names.first(), Some(&"oci-layout"));
+    assert!(names.contains(&"index.json"));
+    assert!(names
+        .iter()
+        .all(
+            |n| ["oci-layout", "index.json", "blobs/", "blobs/sha256/"].contains(n)
+                || n.starts_with("blobs/sha256/")
+        ));
+    let index = &files.iter().find(|(n, _)| n == "index.json").unwrap().1;
+    let index: serde_json::Value = serde_json::from_slice(index).unwrap();
+    let refs: Vec<(&str, &str)> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let a = &d["annotations"];
+            (
+                a["io.regcache.ref"].as_str().unwrap(),
+                a["org.opencontainers.image.ref.name"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["annotations"]["io.regcache.public"] == "true"),
+        "both repositories were pulled anonymously, so public: {index}"
+    );
+    assert_eq!(
+        refs,
+        [
+            ("docker.io/library/alpine:3.20", "3.20"),
+            ("docker.io/org/tool:1", "1")
+        ]
+    );
+    // Every blob's bytes match its name.
+    for (name, data) in &files {
+        if let Some(hex) = name.strip_prefix("blobs/sha256/").filter(|h| !h.is_empty()) {
+            assert_eq!(sha256(data), format!("sha256:{hex}"), "{name}");
+        }
+    }
+
+    // Exporting by name: one image, by tag or by digest.
+    let one = env.path("one.tar");
+    let (code, out, err) = regcache(&[
+        "export",
+        "-o",
+        s(&one),
+        "--cache-dir",
+        s(&cache),
+        "alpine:3.20",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("exported 1 image (1 manifests, 3 blobs"),
+        "{out}"
+    );
+    let tool_index = pulled
+        .iter()
+        .find_map(|(p, _)| p.strip_prefix("/v2/org/tool/manifests/sha256:"))
+        .map(|hex| format!("sha256:{hex}"))
+        .unwrap();
+    let by_digest = format!("registry-1.docker.io/org/tool@{tool_index}");
+    let (code, out, err) = regcache(&[
+        "export",
+        "-o",
+        s(&one),
+        "--cache-dir",
+        s(&cache),
+        &by_digest,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!("docker.io/org/tool@{tool_index}")),
+        "{out}"
+    );
+    let (code, _, err) = regcache(&[
+        "export",
+        "-o",
+        s(&one),
+        "--cache-dir",
+        s(&cache),
+        "alpine:9",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("docker.io/library/alpine:9 is not cached"),
+        "{err}"
+    );
+    let (code, _, err) = regcache(&[
+        "export",
+        "-o",
+        s(&one),
+        "--cache-dir",
+        s(&cache),
+        "Bad//Name",
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    // Other tools read the bundle (where skopeo is installed).
+    if std::process::Command::new("skopeo")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let raw = std::process::Command::new("skopeo")
+            .args([
+                "inspect",
+                "--raw",
+                &format!("oci-archive:{}:3.20", s(&bundle)),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            raw.status.success(),
+            "{}",
+            String::from_utf8_lossy(&raw.stderr)
+        );
+        assert_eq!(raw.stdout, alpine_manifest(&pulled));
+    }
+
+    // Import into a fresh cache, then serve it with the registry gone.
+    let fresh = env.path("fresh");
+    let (code, out, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    assert_eq!(code, 0, "import failed: {err}");
+    assert!(
+        out.contains("imported 2 images (4 manifests, 6 blobs"),
+        "{out}"
+    );
+    assert!(out.contains("1 item was not in the bundle"), "{out}");
+    env.reg.stop().await;
+    let upstream_seen = env.reg.seen().len();
+    let proxy = env.proxy(&fresh).start().await;
+    for (path, body) in &pulled {
+        let got = get(&proxy, path).await;
+        assert_eq!(
+            got.status,
+            StatusCode::OK,
+            "offline {path}; stderr:\n{}",
+            proxy.stderr()
+        );
+        assert_eq!(got.x_cache, "HIT", "offline {path}");
+        assert_eq!(got.body, *body, "offline {path}");
+    }
+    // The serving regcache holds the cache: import says so.
+    let (code, _, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("stop it first"), "{err}");
+    let missing = get(&proxy, &format!("/v2/org/tool/blobs/{left_out}")).await;
+    assert_ne!(
+        missing.status,
+        StatusCode::OK,
+        "the layer never pulled is not there"
+    );
+    assert_eq!(env.reg.seen().len(), upstream_seen);
+}
+
+/// The manifest of alpine:3.20 as pulled.
+fn alpine_manifest(pulled: &Pulled) -> Vec<u8> {
+    pulled
+        .iter()
+        .find(|(p, _)| p.ends_with("/manifests/3.20"))
+        .unwrap()
+        .1
+        .to_vec()
+}
+
+#[tokio::test]
+async fn a_bundle_with_one_flipped_byte_is_rejected_whole() {
+    let env = Env::new().await;
+    let cache = env.path("cache");
+    let proxy = env.proxy(&cache).start().await;
+    let (pulled, _) = pull_two_images(&env, &proxy).await;
+    stop(proxy).await;
+    let bundle = env.path("bundle.tar");
+    let (code, _, err) = regcache(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
+    assert_eq!(code, 0, "{err}");
+
+    // Flip one byte in the middle of alpine's big layer.
+    let layer = &pulled[1];
+    let layer_d = layer.0.rsplit('/').next().unwrap().to_string();
+    let name = format!("blobs/sha256/{}", layer_d.strip_prefix("sha256:").unwrap());
+    let mut archive = tar::Archive::new(std::fs::File::open(&bundle).unwrap());
+    let offset = archive
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap())
+        .find(|e| e.path().unwrap().to_str() == Some(name.as_str()))
+        .expect("the layer is in the bundle")
+        .raw_file_position();
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    bytes[offset as usize + 300_000] ^= 0x20;
+    std::fs::write(&bundle, &bytes).unwrap();
+
+    let fresh = env.path("fresh");
+    let (code, out, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    assert_eq!(code, 1, "a corrupt bundle must fail: {out}");
+    assert!(err.contains(&layer_d), "the message names the blob: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let (code, stats, err) = regcache(&["cache", "stats", "--cache-dir", s(&fresh)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stats.contains("entries:    0"), "{stats}");
+    assert!(stats.contains("tags:       0"), "{stats}");
+    assert!(files_under(&fresh.join("blobs")).is_empty());
+    assert!(files_under(&fresh.join("tmp")).is_empty());
+
+    // The bundle as exported imports fine into the same cache afterwards.
+    bytes[offset as usize + 300_000] ^= 0x20;
+    std::fs::write(&bundle, &bytes).unwrap();
+    let (code, _, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    assert_eq!(code, 0, "{err}");
+}
