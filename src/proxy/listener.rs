@@ -97,7 +97,9 @@ async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
     if req.uri().scheme().is_some() {
         return absolute_form(ctx, req).await;
     }
-    if mirror::is_registry_path(req.uri().path()) {
+    let missing_host =
+        req.version() == Version::HTTP_11 && !req.headers().contains_key(http::header::HOST);
+    if mirror::is_registry_path(req.uri().path()) && !missing_host {
         return mirror_mode(ctx, req).await;
     }
     let host = req
@@ -112,12 +114,11 @@ async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
         req.method().clone(),
         req.uri().path().into(),
     );
-    let resp =
-        if req.version() == Version::HTTP_11 && !req.headers().contains_key(http::header::HOST) {
-            error_response(StatusCode::BAD_REQUEST, "missing Host header")
-        } else {
-            crate::admin::handle(&ctx.app, &req)
-        };
+    let resp = if missing_host {
+        error_response(StatusCode::BAD_REQUEST, "missing Host header")
+    } else {
+        crate::admin::handle(&ctx.app, &req)
+    };
     logged(resp, log)
 }
 

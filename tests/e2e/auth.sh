@@ -34,189 +34,20 @@
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
 PRIV=private.registry.test
 NAME=team/secret
 ALICE=alice
 ALICE_PW=alice-e2e-Pw-4711
 REALM_NAME=regcache-e2e-private
 
-# Nothing in the environment may route our loopback traffic elsewhere.
-unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
-
-PASSED=0
-FAILED=0
-STEP=0
-LAST_LOG=/dev/null
-pass() { PASSED=$((PASSED + 1)); echo "PASS: $*"; }
-fail() { FAILED=$((FAILED + 1)); echo "FAIL: $*"; }
-note() { echo "---- $*"; }
-indent() { sed 's/^/    | /'; }
-show_last() { tail -n 15 "$LAST_LOG" | indent; }
-
-# run NAME SECONDS CMD...: run CMD under a timeout, stdout+stderr to a step log.
-run() {
-    local name=$1 secs=$2
-    shift 2
-    STEP=$((STEP + 1))
-    LAST_LOG=$W/logs/$(printf '%02d' "$STEP")-$name.log
-    printf '+ %q ' "$@" >"$LAST_LOG"
-    echo >>"$LAST_LOG"
-    timeout --foreground --kill-after=5 "$secs" "$@" >>"$LAST_LOG" 2>&1
-}
-
-# capture NAME SECONDS OUTFILE CMD...: like run, but stdout goes to OUTFILE.
-capture() {
-    local name=$1 secs=$2 out=$3
-    shift 3
-    STEP=$((STEP + 1))
-    LAST_LOG=$W/logs/$(printf '%02d' "$STEP")-$name.log
-    printf '+ %q ' "$@" >"$LAST_LOG"
-    echo >>"$LAST_LOG"
-    timeout --foreground --kill-after=5 "$secs" "$@" >"$out" 2>>"$LAST_LOG"
-}
-
-# check_digest WHAT EXPECTED ACTUAL
-check_digest() {
-    if [ -n "$3" ] && [ "$2" = "$3" ]; then
-        pass "$1 ($3)"
-    else
-        fail "$1: expected $2, got '${3}'"
-        show_last
-    fi
-}
-
-# wait_until SECONDS PID CMD...: poll CMD until it succeeds; give up after
-# SECONDS or as soon as process PID (when not empty) has exited.
-wait_until() {
-    local secs=$1 pid=$2
-    shift 2
-    local deadline=$((SECONDS + secs))
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        if [ -n "$pid" ] && ! alive "$pid"; then return 1; fi
-        sleep 0.3
-    done
-    return 1
-}
-
-alive() { # running and not a zombie (read from /proc: procps may be absent)
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [ -n "$stat" ] && [ "${stat:0:1}" != Z ] && [ "${stat:0:1}" != X ]
-}
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-sha256_of() { echo "sha256:$(sha256sum | cut -d' ' -f1)"; }
-
-layout_digest() { # first manifest digest in an OCI layout's index.json
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]+"/index.json"))["manifests"][0]["digest"])' "$1" 2>/dev/null
-}
-
-# ---------------------------------------------------------------- processes
-PIDS=()
-NAMES=()
-declare -A PID_OF=()
-start_bg() { # start_bg NAME LOGFILE CMD...
-    local name=$1 logf=$2
-    shift 2
-    setsid "$@" >"$logf" 2>&1 </dev/null &
-    local pid=$!
-    PIDS+=("$pid")
-    NAMES+=("$name")
-    PID_OF[$name]=$pid
-}
-
-stop_pid() {
-    local pid=$1 i
-    if ! alive "$pid"; then
-        kill -KILL -- "-$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-        return 0
-    fi
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-    for i in $(seq 1 50); do
-        alive "$pid" || break
-        sleep 0.2
-    done
-    if alive "$pid"; then
-        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
-    fi
-    kill -KILL -- "-$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-    return 0
-}
-
-stop_named() { # stop_named NAME: stop one daemon started with start_bg
-    local i
-    for i in "${!NAMES[@]}"; do
-        if [ "${NAMES[$i]}" = "$1" ] && [ -n "${PIDS[$i]}" ]; then
-            stop_pid "${PIDS[$i]}"
-            PIDS[i]=""
-        fi
-    done
-}
-
-cleanup() {
-    local rc=$? i
-    trap - EXIT INT TERM
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        [ -n "${PIDS[$i]}" ] && stop_pid "${PIDS[$i]}"
-    done
-    if [ -n "${W:-}" ] && [ -d "$W" ]; then
-        if [ "${E2E_KEEP:-0}" = 1 ]; then
-            echo "work directory kept: $W"
-        else
-            rm -rf "$W"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/lib.sh"
 
 # ------------------------------------------------------------------- set-up
-bash "$HERE/install-deps.sh" || { echo "FAIL: install-deps.sh"; echo "0 passed, 1 failed"; exit 1; }
-PATH=$PATH:/usr/sbin:/sbin
+setup_workdir regcache-e2e-auth
+SUMMARY_LOGS=("$W/regcache.log" "$W/registry.log")
 
-W=$(mktemp -d /tmp/regcache-e2e-auth.XXXXXX)
-mkdir -p "$W/logs" "$W/tmp" "$W/out" "$W/empty-certs" "$W/client-certs" "$W/home" \
-    "$W/xdg-data" "$W/xdg-config" "$W/xdg-run" "$W/docker-cli"
-chmod 700 "$W/xdg-run"
-: >"$W/empty.pem"
-: >"$W/registries.conf"
-echo '{"auths":{}}' >"$W/auth.json"
-echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$W/policy.json"
-note "work directory $W"
-
-summary() {
-    if [ "$FAILED" -gt 0 ]; then
-        for f in "$W/regcache.log" "$W/registry.log"; do
-            [ -s "$f" ] || continue
-            echo "==== last lines of $(basename "$f")"
-            sed 's/\x1b\[[0-9;]*m//g' "$f" | tail -n 30 | cut -c1-400 | indent
-        done
-    fi
-    echo "elapsed ${SECONDS}s"
-    echo "$PASSED passed, $FAILED failed"
-    [ "$FAILED" -eq 0 ]
-    exit
-}
-
-if [ -z "${REGCACHE_BIN:-}" ]; then
-    note "building regcache (cargo build)"
-    if ! (cd "$REPO" && cargo build >"$W/logs/cargo-build.log" 2>&1); then
-        fail "cargo build"
-        tail -n 30 "$W/logs/cargo-build.log" | indent
-        summary
-    fi
-    REGCACHE_BIN=$REPO/target/debug/regcache
-fi
+build_regcache
 
 if getent hosts "$PRIV" >/dev/null; then
     fail "$PRIV resolves on this machine; the clients must reach it only through the proxy"
@@ -244,25 +75,7 @@ note "team/secret:1 is $SMALL_DIGEST with blobs $SMALL_BLOBS"
 
 # ---------------------------------------------------------------- test PKI
 PKI=$W/pki
-mkdir -p "$PKI"
-cat >"$PKI/server.ext" <<EOF
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=DNS:$PRIV
-EOF
-if run pki 60 sh -c "
-    set -e
-    cd '$PKI'
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout ca.key -out ca.pem -days 2 -subj '/CN=regcache e2e private upstream test CA' \
-        -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign'
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout server.key -out server.csr -subj '/CN=$PRIV'
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out server.pem -days 2 -extfile server.ext
-    openssl verify -CAfile ca.pem server.pem
-"; then
+if make_pki "$PKI" "$PRIV" "DNS:$PRIV" "regcache e2e private upstream test CA"; then
     pass "test CA and $PRIV server certificate created"
 else
     fail "openssl could not create the test PKI"
@@ -327,11 +140,6 @@ else
 fi
 
 note "seeding $NAME:1 (directly, with $ALICE's password)"
-ISOLATE_ENV=(HOME="$W/home" XDG_DATA_HOME="$W/xdg-data" XDG_CONFIG_HOME="$W/xdg-config"
-    XDG_RUNTIME_DIR="$W/xdg-run" _CONTAINERS_ROOTLESS_UID=4242
-    CONTAINERS_REGISTRIES_CONF="$W/registries.conf" REGISTRY_AUTH_FILE="$W/auth.json"
-    DOCKER_CONFIG="$W/docker-cli" TMPDIR="$W/tmp")
-SKOPEO_DIRECT=(env "${ISOLATE_ENV[@]}" skopeo --policy "$W/policy.json")
 if run seed 120 "${SKOPEO_DIRECT[@]}" copy --preserve-digests --dest-tls-verify=false \
     --dest-creds "$ALICE:$ALICE_PW" "oci:$SEED:$SMALL_REF" "docker://127.0.0.1:$REGPORT/$NAME:1" &&
     capture seed-check 30 "$W/tmp/raw" "${SKOPEO_DIRECT[@]}" inspect --raw --tls-verify=false \
@@ -377,10 +185,6 @@ SRC=docker://$PRIV/$NAME
 # through NAME CURL_ARGS...: curl through the proxy, trusting only regcache's CA.
 through() { curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" "$@"; }
 BASE=https://$PRIV/v2
-
-# Marks in the logs, to look only at what a step added.
-mark() { wc -l <"$1"; }
-since() { tail -n +"$(($2 + 1))" "$1" | sed 's/\x1b\[[0-9;]*m//g'; }
 
 # ------------------------------------------------- A: alice's first pull
 reg_mark=$(mark "$W/registry.log")

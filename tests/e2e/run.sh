@@ -32,204 +32,18 @@
 set -uo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-REPO=$(cd "$HERE/../.." && pwd)
 E2E_PROXY=${E2E_PROXY:-regcache}
 HUB=registry-1.docker.io
 
-# Nothing in the environment may route our loopback traffic elsewhere.
-unset http_proxy HTTP_PROXY https_proxy HTTPS_PROXY all_proxy ALL_PROXY no_proxy NO_PROXY
-
-PASSED=0
-FAILED=0
-SKIPPED=0
-STEP=0
-LAST_LOG=/dev/null
-pass() { PASSED=$((PASSED + 1)); echo "PASS: $*"; }
-fail() { FAILED=$((FAILED + 1)); echo "FAIL: $*"; }
-skip() { SKIPPED=$((SKIPPED + 1)); echo "SKIP: $*"; }
-note() { echo "---- $*"; }
-indent() { sed 's/^/    | /'; }
-show_last() { tail -n 15 "$LAST_LOG" | indent; }
-
-# run NAME SECONDS CMD...: run CMD under a timeout, stdout+stderr to a step log.
-run() {
-    local name=$1 secs=$2
-    shift 2
-    STEP=$((STEP + 1))
-    LAST_LOG=$W/logs/$(printf '%02d' "$STEP")-$name.log
-    printf '+ %q ' "$@" >"$LAST_LOG"
-    echo >>"$LAST_LOG"
-    timeout --foreground --kill-after=5 "$secs" "$@" >>"$LAST_LOG" 2>&1
-}
-
-# capture NAME SECONDS OUTFILE CMD...: like run, but stdout goes to OUTFILE.
-capture() {
-    local name=$1 secs=$2 out=$3
-    shift 3
-    STEP=$((STEP + 1))
-    LAST_LOG=$W/logs/$(printf '%02d' "$STEP")-$name.log
-    printf '+ %q ' "$@" >"$LAST_LOG"
-    echo >>"$LAST_LOG"
-    timeout --foreground --kill-after=5 "$secs" "$@" >"$out" 2>>"$LAST_LOG"
-}
-
-# check_digest WHAT EXPECTED ACTUAL
-check_digest() {
-    if [ -n "$3" ] && [ "$2" = "$3" ]; then
-        pass "$1 ($3)"
-    else
-        fail "$1: expected $2, got '${3}'"
-        show_last
-    fi
-}
-
-# wait_until SECONDS PID CMD...: poll CMD until it succeeds; give up after
-# SECONDS or as soon as process PID (when not empty) has exited.
-wait_until() {
-    local secs=$1 pid=$2
-    shift 2
-    local deadline=$((SECONDS + secs))
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        if [ -n "$pid" ] && ! alive "$pid"; then return 1; fi
-        sleep 0.3
-    done
-    return 1
-}
-
-alive() { # running and not a zombie (read from /proc: procps may be absent)
-    local stat
-    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-    stat=${stat##*) }
-    [ -n "$stat" ] && [ "${stat:0:1}" != Z ] && [ "${stat:0:1}" != X ]
-}
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-sha256_of() { echo "sha256:$(sha256sum | cut -d' ' -f1)"; }
-
-layout_digest() { # first manifest digest in an OCI layout's index.json
-    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]+"/index.json"))["manifests"][0]["digest"])' "$1" 2>/dev/null
-}
-
-# ---------------------------------------------------------------- processes
-# Every daemon runs in its own session (setsid) so that stopping it also
-# stops its children (dockerd's containerd). Stopped newest first.
-PIDS=()
-NAMES=()
-declare -A PID_OF=()
-start_bg() { # start_bg NAME LOGFILE CMD...
-    local name=$1 logf=$2
-    shift 2
-    setsid "$@" >"$logf" 2>&1 </dev/null &
-    local pid=$!
-    PIDS+=("$pid")
-    NAMES+=("$name")
-    PID_OF[$name]=$pid
-}
-
-stop_pid() {
-    local pid=$1 i
-    if ! alive "$pid"; then
-        kill -KILL -- "-$pid" 2>/dev/null
-        wait "$pid" 2>/dev/null
-        return 0
-    fi
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null
-    for i in $(seq 1 50); do
-        alive "$pid" || break
-        sleep 0.2
-    done
-    if alive "$pid"; then
-        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null
-    fi
-    # Anything left in its process group goes too; the leader is not reaped
-    # yet, so the group id cannot have been reused.
-    kill -KILL -- "-$pid" 2>/dev/null
-    wait "$pid" 2>/dev/null
-    return 0
-}
-
-stop_named() { # stop_named NAME: stop one daemon started with start_bg
-    local i
-    for i in "${!NAMES[@]}"; do
-        if [ "${NAMES[$i]}" = "$1" ] && [ -n "${PIDS[$i]}" ]; then
-            stop_pid "${PIDS[$i]}"
-            PIDS[i]=""
-        fi
-    done
-}
-
-cleanup() {
-    local rc=$? i
-    trap - EXIT INT TERM
-    # Clients still running in the background (the concurrent pulls) first:
-    # timeout passes the TERM on to its command.
-    local daemons=" ${PIDS[*]} " job
-    for job in $(jobs -p); do
-        [[ $daemons == *" $job "* ]] || kill -TERM "$job" 2>/dev/null
-    done
-    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-        [ -n "${PIDS[$i]}" ] && stop_pid "${PIDS[$i]}"
-    done
-    if [ -n "${W:-}" ] && [ -d "$W" ]; then
-        # dockerd or containerd may leave mounts behind if they were killed.
-        grep -F " $W/" /proc/mounts 2>/dev/null | awk '{print $2}' | sort -r | while read -r m; do
-            umount -l "$m" 2>/dev/null
-        done
-        if [ "${E2E_KEEP:-0}" = 1 ]; then
-            echo "work directory kept: $W"
-        else
-            rm -rf "$W"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$HERE/lib.sh"
 
 # ------------------------------------------------------------------- set-up
-bash "$HERE/install-deps.sh" || { echo "FAIL: install-deps.sh"; echo "0 passed, 1 failed"; exit 1; }
-PATH=$PATH:/usr/sbin:/sbin
-
-W=$(mktemp -d /tmp/regcache-e2e.XXXXXX)
-mkdir -p "$W/logs" "$W/tmp" "$W/out" "$W/empty-certs" "$W/client-certs" "$W/docker-cli" "$W/home" \
-    "$W/xdg-data" "$W/xdg-config" "$W/xdg-run"
-chmod 700 "$W/xdg-run"
-: >"$W/empty.pem"
-: >"$W/registries.conf"
-echo '{"auths":{}}' >"$W/auth.json"
-echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$W/policy.json"
-note "work directory $W"
-
-summary() {
-    if [ "$FAILED" -gt 0 ]; then
-        for f in "$W/regcache.log" "$W/regcache.restart.log" "$W/registry.log"; do
-            [ -s "$f" ] || continue
-            echo "==== last lines of $(basename "$f")"
-            sed 's/\x1b\[[0-9;]*m//g' "$f" | grep -v 'msg="response completed"' | tail -n 40 | cut -c1-400 | indent
-        done
-    fi
-    [ "$SKIPPED" -gt 0 ] && echo "$SKIPPED skipped"
-    echo "elapsed ${SECONDS}s"
-    echo "$PASSED passed, $FAILED failed"
-    [ "$FAILED" -eq 0 ]
-    exit
-}
+setup_workdir regcache-e2e
+SUMMARY_LOGS=("$W/regcache.log" "$W/regcache.restart.log" "$W/registry.log")
 
 # Build first, so that the clock of every later wait starts with a binary.
-if [ "$E2E_PROXY" != tunnel ] && [ -z "${REGCACHE_BIN:-}" ]; then
-    note "building regcache (cargo build)"
-    if ! (cd "$REPO" && cargo build >"$W/logs/cargo-build.log" 2>&1); then
-        fail "cargo build"
-        tail -n 30 "$W/logs/cargo-build.log" | indent
-        summary
-    fi
-    REGCACHE_BIN=$REPO/target/debug/regcache
-fi
+[ "$E2E_PROXY" = tunnel ] || build_regcache
 
 # The host name must not resolve to loopback for the clients, or dockerd would
 # treat the registry as insecure and skip verification (see DESIGN.md).
@@ -259,25 +73,7 @@ fi
 # ---------------------------------------------------------------- test PKI
 note "creating the test CA and the $HUB server certificate"
 PKI=$W/pki
-mkdir -p "$PKI"
-cat >"$PKI/server.ext" <<EOF
-basicConstraints=critical,CA:FALSE
-keyUsage=critical,digitalSignature,keyEncipherment
-extendedKeyUsage=serverAuth
-subjectAltName=DNS:$HUB
-EOF
-if run pki 60 sh -c "
-    set -e
-    cd '$PKI'
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout ca.key -out ca.pem -days 2 -subj '/CN=regcache e2e upstream test CA' \
-        -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign'
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
-        -keyout server.key -out server.csr -subj '/CN=$HUB'
-    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
-        -out server.pem -days 2 -extfile server.ext
-    openssl verify -CAfile ca.pem server.pem
-"; then
+if make_pki "$PKI" "$HUB" "DNS:$HUB"; then
     pass "test CA and $HUB server certificate created"
 else
     fail "openssl could not create the test PKI"
@@ -327,14 +123,6 @@ fi
 
 note "seeding the upstream (directly, not through the proxy)"
 UP=docker://127.0.0.1:$REGPORT/library
-# containers/image keeps a blob-info cache in /var/lib/containers/cache for
-# root; the rootless code path (chosen by _CONTAINERS_ROOTLESS_UID) keeps it
-# under XDG_DATA_HOME instead, so every run starts clean and leaves no trace.
-ISOLATE_ENV=(HOME="$W/home" XDG_DATA_HOME="$W/xdg-data" XDG_CONFIG_HOME="$W/xdg-config"
-    XDG_RUNTIME_DIR="$W/xdg-run" _CONTAINERS_ROOTLESS_UID=4242
-    CONTAINERS_REGISTRIES_CONF="$W/registries.conf" REGISTRY_AUTH_FILE="$W/auth.json"
-    DOCKER_CONFIG="$W/docker-cli" TMPDIR="$W/tmp")
-SKOPEO_DIRECT=(env "${ISOLATE_ENV[@]}" skopeo --policy "$W/policy.json")
 seed_ok=1
 for pair in "$SMALL_REF:e2e-small:1:$SMALL_DIGEST" "$MULTI_REF:e2e-multi:1:$MULTI_DIGEST" \
     "$CONCURRENT_REF:e2e-concurrent:1:$CONCURRENT_DIGEST"; do
@@ -624,23 +412,7 @@ fi
 # -------------------------------------------------------------- containerd
 note "starting a private containerd"
 CTRD=$W/containerd
-mkdir -p "$CTRD"
-cat >"$CTRD/config.toml" <<EOF
-version = 2
-root = "$CTRD/root"
-state = "$CTRD/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.overlayfs"]
-[grpc]
-  address = "$CTRD/c.sock"
-[ttrpc]
-  address = "$CTRD/c.sock.ttrpc"
-[debug]
-  address = "$CTRD/debug.sock"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$CTRD/opt"
-EOF
+containerd_config "$CTRD" "$CTRD/root"
 start_bg containerd "$W/containerd.log" containerd --config "$CTRD/config.toml"
 CTR=(ctr -a "$CTRD/c.sock" -n e2e)
 ctr_digest() { # ctr_digest REF: the digest containerd recorded for REF
