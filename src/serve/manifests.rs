@@ -179,7 +179,7 @@ async fn serve_stale(
         Some(mut served) => {
             served.resp.headers_mut().insert(
                 http::header::WARNING,
-                HeaderValue::from_static("110 regcache \"Response is Stale\""),
+                HeaderValue::from_static(super::STALE_WARNING),
             );
             served
         }

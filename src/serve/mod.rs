@@ -59,6 +59,9 @@ impl Origin {
     }
 }
 
+/// The `Warning` value on answers served stale (RFC 7234's code 110).
+pub const STALE_WARNING: &str = "110 regcache \"Response is Stale\"";
+
 /// How a response was served, for `X-Cache` and the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
@@ -369,16 +372,10 @@ async fn base(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served
                     .insert(http::header::WWW_AUTHENTICATE, challenge);
                 return Served::new(resp, CacheStatus::Stale);
             }
-            let mut resp = Response::new(body::full("{}"));
-            let h = resp.headers_mut();
-            h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            h.insert(
-                "docker-distribution-api-version",
-                HeaderValue::from_static("registry/2.0"),
-            );
-            h.insert(
+            let mut resp = mirror::base_response();
+            resp.headers_mut().insert(
                 http::header::WARNING,
-                HeaderValue::from_static("110 regcache \"Response is Stale\""),
+                HeaderValue::from_static(STALE_WARNING),
             );
             Served::new(resp, CacheStatus::Stale)
         }
