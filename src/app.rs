@@ -42,6 +42,8 @@ pub struct App {
     pub access: Access,
     /// What regcache learnt about who may see which repository.
     pub sharing: Sharing,
+    /// The operator's certificate for `mirror_tls` (None: minted per name).
+    pub mirror_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl App {
@@ -53,6 +55,10 @@ impl App {
         let minter = LeafMinter::new(ca.clone(), config.cert_cache)?;
         let upstream = Upstream::new(&config)?;
         let sharing = Sharing::new(&config)?;
+        let mirror_tls = match &config.mirror_cert {
+            Some((cert, key)) => Some(crate::tls::server_config_from_files(cert, key)?),
+            None => None,
+        };
         let cap = config
             .cache_size
             .unwrap_or_else(|| default_cache_size(&config.cache_dir));
@@ -73,6 +79,7 @@ impl App {
             cache,
             access,
             sharing,
+            mirror_tls,
         }))
     }
 

@@ -262,6 +262,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             Failure::runtime(format!("cannot listen on {}: {e}", app.config.listen))
         })?;
         let addr = proxy.local_addr().map_err(Failure::runtime)?;
+        if let Some(mirror) = proxy.mirror_addr() {
+            tracing::info!(%mirror, "registry mirror over HTTPS: https://{mirror}/v2/");
+        }
         tracing::info!(
             %addr,
             ca = %app.ca.cert_path().display(),

@@ -2114,3 +2114,60 @@ async fn prefetch_fills_the_cache_and_offline_serves_it_without_upstream() {
     );
     assert!(proxy.stderr().contains("offline: not in the cache"));
 }
+
+#[tokio::test]
+async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
+    let env = Env::new().await;
+    let repo = "library/alpine";
+    let data = blob_bytes(90, 250_000);
+    let digest = env.reg.put_blob(repo, data.clone());
+    let mirror_port = common::free_port();
+    let proxy = env
+        .proxy()
+        .arg("--mirror-tls")
+        .arg(format!("127.0.0.1:{mirror_port}"))
+        .start()
+        .await;
+    // Interception fills the cache; the HTTPS mirror then serves it.
+    get(&proxy, &blob_path(repo, &digest))
+        .await
+        .assert_served(&data, "MISS", "intercepted blob");
+    for alpn in [Alpn::H2, Alpn::Http11] {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", mirror_port))
+            .await
+            .unwrap();
+        // The mirror presents a leaf from the regcache CA for the name asked.
+        let tls = tls_connect(tcp, "regcache.test", vec![proxy.ca_der()], alpn, true)
+            .await
+            .expect("the mirror's certificate chains to the regcache CA");
+        let h2 = negotiated_alpn(&tls).as_deref() == Some("h2");
+        assert_eq!(h2, alpn == Alpn::H2);
+        let io = TokioIo::new(tls);
+        let path = format!("/v2/alpine/blobs/{digest}?ns=docker.io");
+        let resp = if h2 {
+            let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let req = Request::get(format!("https://regcache.test{path}"))
+                .version(Version::HTTP_2)
+                .body(empty())
+                .unwrap();
+            s.send_request(req).await.unwrap()
+        } else {
+            let (mut s, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            let req = Request::get(&path)
+                .header("host", "regcache.test")
+                .body(empty())
+                .unwrap();
+            s.send_request(req).await.unwrap()
+        };
+        read_response(resp).await.assert_served(
+            &data,
+            "HIT",
+            &format!("mirror over TLS, {alpn:?}"),
+        );
+    }
+    assert_eq!(env.reg.count(Method::GET, &blob_path(repo, &digest)), 1);
+}

@@ -212,6 +212,28 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_AUTH_TTL", value_name = "SECS")]
     pub auth_ttl: Option<u64>,
 
+    /// Also answer the registry API (mirror and path-prefix forms) over HTTPS on this address
+    #[arg(long, env = "REGCACHE_MIRROR_TLS", value_name = "ADDR")]
+    pub mirror_tls: Option<SocketAddr>,
+
+    /// Certificate (PEM) for mirror_tls instead of one minted by the regcache CA (needs --mirror-key)
+    #[arg(
+        long,
+        env = "REGCACHE_MIRROR_CERT",
+        value_name = "FILE",
+        requires = "mirror_key"
+    )]
+    pub mirror_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --mirror-cert; must not be readable by other users
+    #[arg(
+        long,
+        env = "REGCACHE_MIRROR_KEY",
+        value_name = "FILE",
+        requires = "mirror_cert"
+    )]
+    pub mirror_key: Option<PathBuf>,
+
     /// Never contact upstream: serve only what is cached (tags as cached, misses 404)
     #[arg(long, env = "REGCACHE_OFFLINE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub offline: Option<bool>,
@@ -309,6 +331,9 @@ impl Settings {
             public_ttl: self.public_ttl.or(base.public_ttl),
             auth_ttl: self.auth_ttl.or(base.auth_ttl),
             offline: self.offline.or(base.offline),
+            mirror_tls: self.mirror_tls.or(base.mirror_tls),
+            mirror_cert: self.mirror_cert.or(base.mirror_cert),
+            mirror_key: self.mirror_key.or(base.mirror_key),
             registries: if self.registries.is_empty() {
                 base.registries
             } else {
@@ -389,6 +414,10 @@ pub struct Config {
     pub credentials: HashMap<String, UpstreamCredential>,
     /// Never contact any upstream.
     pub offline: bool,
+    /// HTTPS listener for the mirror endpoints.
+    pub mirror_tls: Option<SocketAddr>,
+    /// Its certificate and key, if not minted by the regcache CA.
+    pub mirror_cert: Option<(PathBuf, PathBuf)>,
     /// Per-registry `offline`, by canonical registry name.
     pub registry_offline: HashMap<String, bool>,
 }
@@ -514,7 +543,19 @@ impl Config {
             .iter()
             .filter_map(|(host, r)| r.offline.map(|o| (canonical_registry(host), o)))
             .collect();
+        let mirror_cert = match (s.mirror_cert, s.mirror_key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(ConfigError::Value {
+                    key: "mirror_cert",
+                    message: "mirror_cert and mirror_key must be given together".into(),
+                })
+            }
+        };
         Ok(Config {
+            mirror_tls: s.mirror_tls,
+            mirror_cert,
             offline: s.offline.unwrap_or(false),
             registry_offline,
             allow,

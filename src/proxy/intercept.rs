@@ -15,6 +15,8 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::Acceptor;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::ConnContext;
@@ -33,42 +35,9 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
             return;
         }
     };
-    let acceptor = LazyConfigAcceptor::new(Acceptor::default(), TokioIo::new(upgraded));
-    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
-        Ok(Ok(start)) => start,
-        Ok(Err(e)) => {
-            tracing::info!(host, error = %e, "client did not start TLS");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(host, "client did not start TLS in time");
-            return;
-        }
+    let Some(tls) = accept_tls(&ctx, TokioIo::new(upgraded), &host, None).await else {
+        return;
     };
-    let name = start
-        .client_hello()
-        .server_name()
-        .map(str::to_owned)
-        .unwrap_or_else(|| host.clone());
-    let config = match ctx.app.minter.server_config(&name) {
-        Ok(config) => config,
-        Err(e) => {
-            tracing::warn!(host = %name, error = %e, "cannot mint a certificate");
-            return;
-        }
-    };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            tracing::info!(host = %name, error = %e, "TLS handshake failed{}", trust_hint(&e));
-            return;
-        }
-        Err(_) => {
-            tracing::info!(host = %name, "TLS handshake timed out");
-            return;
-        }
-    };
-
     let app = ctx.app.clone();
     let peer = ctx.peer;
     let target = Arc::new(Target::new(origin));
@@ -76,6 +45,75 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
         let (app, target) = (app.clone(), target.clone());
         async move { Ok::<_, Infallible>(serve::handle(&app, &target, peer, req).await) }
     });
+    serve_http(&ctx, tls, service).await;
+}
+
+/// Answers a client's TLS handshake with a certificate for its SNI name
+/// (else `fallback`): `fixed` if given, else one minted by the regcache CA.
+/// None if the handshake failed (logged).
+pub async fn accept_tls<IO>(
+    ctx: &ConnContext,
+    io: IO,
+    fallback: &str,
+    fixed: Option<Arc<rustls::ServerConfig>>,
+) -> Option<TlsStream<IO>>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let acceptor = LazyConfigAcceptor::new(Acceptor::default(), io);
+    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            tracing::info!(host = fallback, error = %e, "client did not start TLS");
+            return None;
+        }
+        Err(_) => {
+            tracing::info!(host = fallback, "client did not start TLS in time");
+            return None;
+        }
+    };
+    let name = start
+        .client_hello()
+        .server_name()
+        .map(str::to_owned)
+        .unwrap_or_else(|| fallback.to_string());
+    let config = match fixed {
+        Some(config) => config,
+        None => match ctx.app.minter.server_config(&name) {
+            Ok(config) => config,
+            Err(e) => {
+                tracing::warn!(host = %name, error = %e, "cannot mint a certificate");
+                return None;
+            }
+        },
+    };
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::info!(host = %name, error = %e, "TLS handshake failed{}", trust_hint(&e));
+            None
+        }
+        Err(_) => {
+            tracing::info!(host = %name, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// Serves HTTP/2 or HTTP/1.1 (as ALPN chose) on `io` until the client
+/// closes or regcache shuts down.
+pub async fn serve_http<IO, S>(ctx: &ConnContext, io: IO, service: S)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<crate::body::Body>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -83,7 +121,7 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
         .header_read_timeout(super::HEADER_READ_TIMEOUT)
         .max_buf_size(super::MAX_HEADER_BYTES);
     builder.http2().timer(TokioTimer::new());
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         result = conn.as_mut() => result,
@@ -93,7 +131,7 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
         }
     };
     if let Err(e) = result {
-        tracing::debug!(host = %name, error = %e, "intercepted connection ended with an error");
+        tracing::debug!(error = %e, "TLS connection ended with an error");
     }
 }
 

@@ -67,6 +67,34 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
     }
 }
 
+/// Serves one client connection on the `mirror_tls` port: TLS, then the
+/// registry API (mirror and path-prefix forms) and regcache's own pages.
+#[tracing::instrument(name = "mirror", skip_all, fields(client = %ctx.peer))]
+pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: String) {
+    let client_ip = ctx.peer.ip().to_canonical();
+    if !ctx.app.access.nets.allows(client_ip) {
+        tracing::warn!(%client_ip, "client address not in allow; closing");
+        return;
+    }
+    let fixed = ctx.app.mirror_tls.clone();
+    let Some(tls) = intercept::accept_tls(&ctx, stream, &local_name, fixed).await else {
+        return;
+    };
+    let service_ctx = ctx.clone();
+    let service = service_fn(move |req: Request<Incoming>| {
+        let ctx = service_ctx.clone();
+        async move {
+            if head_too_large(&req) {
+                let log =
+                    RequestLog::start(ctx.peer, String::new(), req.method().clone(), String::new());
+                return Ok::<_, Infallible>(logged(too_large(), log));
+            }
+            Ok(origin_form(ctx, req).await)
+        }
+    });
+    intercept::serve_http(&ctx, tls, service).await;
+}
+
 /// Answers one request of a client outside `allow` with 403, then closes.
 /// The head is read (briefly) so that the client hears the answer.
 async fn refuse_client(stream: TcpStream, shutdown: tokio_util::sync::CancellationToken) {
@@ -97,6 +125,12 @@ async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
     if req.uri().scheme().is_some() {
         return absolute_form(ctx, req).await;
     }
+    origin_form(ctx, req).await
+}
+
+/// Origin-form requests: the registry API (mirror and prefix forms) or
+/// regcache's own pages.
+async fn origin_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
     let missing_host =
         req.version() == Version::HTTP_11 && !req.headers().contains_key(http::header::HOST);
     if mirror::is_registry_path(req.uri().path()) && !missing_host {

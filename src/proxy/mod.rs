@@ -43,17 +43,41 @@ pub struct ConnContext {
     pub shutdown: CancellationToken,
 }
 
+/// Accepts on `listener`, or waits forever when there is none.
+async fn accept_optional(
+    listener: Option<&TcpListener>,
+) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A bound proxy, ready to run.
 pub struct Proxy {
     app: Arc<App>,
     listener: TcpListener,
+    mirror_tls: Option<TcpListener>,
 }
 
 impl Proxy {
     /// Binds the configured listen address.
     pub async fn bind(app: Arc<App>) -> io::Result<Self> {
         let listener = TcpListener::bind(app.config.listen).await?;
-        Ok(Self { app, listener })
+        let mirror_tls = match app.config.mirror_tls {
+            Some(addr) => Some(TcpListener::bind(addr).await?),
+            None => None,
+        };
+        Ok(Self {
+            app,
+            listener,
+            mirror_tls,
+        })
+    }
+
+    /// The address of the `mirror_tls` listener, if any.
+    pub fn mirror_addr(&self) -> Option<SocketAddr> {
+        self.mirror_tls.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The address actually bound (useful with port 0).
@@ -85,10 +109,28 @@ impl Proxy {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
+                accepted = accept_optional(self.mirror_tls.as_ref()) => match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let local = stream.local_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+                        let ctx = ConnContext {
+                            app: self.app.clone(),
+                            peer,
+                            tasks: tasks.clone(),
+                            shutdown: shutdown.clone(),
+                        };
+                        tasks.spawn(listener::serve_mirror_tls(ctx, stream, local));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed on mirror_tls");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
                 _ = &mut signal => break,
             }
         }
         drop(self.listener);
+        drop(self.mirror_tls);
         let grace = self.app.config.shutdown_grace;
         tracing::info!(
             connections = tasks.len(),
