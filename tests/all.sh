@@ -4,7 +4,8 @@
 #      containerd, docker.io, ...) via tests/e2e/install-deps.sh;
 #   2. formatting and lint (cargo fmt --check, cargo clippy -D warnings);
 #   3. unit and integration tests (cargo test);
-#   4. the end-to-end test with the real registry and real clients.
+#   4. the end-to-end tests with the real registry and real clients
+#      (run.sh, auth.sh, mirror.sh).
 # Needs root (or sudo) for apt-get and for the private dockerd/containerd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,3 +38,6 @@ $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/run.sh
 
 step "end-to-end test of private images (real registry with htpasswd, skopeo, curl)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/auth.sh
+
+step "end-to-end test of mirror and path-prefix modes, fallback, air gap (ctr hosts.toml, skopeo, export/import)"
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/mirror.sh

@@ -1349,17 +1349,19 @@ async fn manifest_head_answers_carry_digest_and_length() {
         .put_manifest("library/alpine", Some("edge"), OCI_MANIFEST, m.clone());
     let proxy = env.proxy().start().await;
 
-    // HEAD on a miss: forwarded as a HEAD.
+    // HEAD of a tag on a miss: fetched upstream with a GET (so the tag is
+    // recorded), answered without a body.
     let h = head_manifest(&proxy, &path).await;
     assert_eq!(h.status, StatusCode::OK);
     assert_eq!(h.x_cache(), "MISS");
     assert_eq!(h.header("docker-content-digest"), Some(digest.clone()));
     assert_eq!(h.content_length(), Some(m.len()));
-    assert_eq!(env.reg.methods(&path), vec!["HEAD"]);
+    assert!(h.body.is_empty());
+    assert_eq!(env.reg.methods(&path), vec!["GET"]);
 
     get_manifest(&proxy, &path)
         .await
-        .assert_served(&m, "MISS", "GET");
+        .assert_served(&m, "HIT", "GET after the HEAD");
     for p in [path.clone(), manifest_path("library/alpine", &digest)] {
         let h = head_manifest(&proxy, &p).await;
         assert_eq!(h.status, StatusCode::OK, "HEAD {p}");
@@ -1369,8 +1371,8 @@ async fn manifest_head_answers_carry_digest_and_length() {
         assert_eq!(h.header("content-type").as_deref(), Some(OCI_MANIFEST));
         assert!(h.body.is_empty());
     }
-    assert_eq!(env.reg.methods(&path), vec!["HEAD", "GET"]);
-    assert_eq!(env.reg.seen().len(), 2);
+    assert_eq!(env.reg.methods(&path), vec!["GET"]);
+    assert_eq!(env.reg.seen().len(), 1);
 }
 
 #[tokio::test]
@@ -2170,4 +2172,44 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
         );
     }
     assert_eq!(env.reg.count(Method::GET, &blob_path(repo, &digest)), 1);
+}
+
+#[tokio::test]
+async fn head_of_an_uncached_tag_records_it_as_containerd_resolves() {
+    let env = Env::new().await;
+    let repo = "library/alpine";
+    let m = simple_manifest(95);
+    let m_d = env
+        .reg
+        .put_manifest(repo, Some("edge"), OCI_MANIFEST, m.clone());
+    let proxy = env.proxy().start().await;
+    // containerd: HEAD the tag, then GET by digest.
+    let h = request(
+        &proxy,
+        Alpn::Both,
+        Method::HEAD,
+        &manifest_path(repo, "edge"),
+        &[("accept", OCI_MANIFEST)],
+    )
+    .await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert_eq!(h.header("docker-content-digest"), Some(m_d.clone()));
+    assert_eq!(h.header("content-length"), Some(m.len().to_string()));
+    assert!(h.body.is_empty());
+    get_manifest(&proxy, &manifest_path(repo, &m_d))
+        .await
+        .assert_served(&m, "HIT", "GET by digest after the HEAD");
+    // One upstream GET for both; with the registry gone, the tag still resolves.
+    assert_eq!(env.reg.methods(&manifest_path(repo, "edge")), vec!["GET"]);
+    env.reg.stop().await;
+    let h = request(
+        &proxy,
+        Alpn::Both,
+        Method::HEAD,
+        &manifest_path(repo, "edge"),
+        &[("accept", OCI_MANIFEST)],
+    )
+    .await;
+    assert_eq!(h.status, StatusCode::OK, "the tag resolves from the cache");
+    assert_eq!(h.header("docker-content-digest"), Some(m_d));
 }

@@ -257,13 +257,28 @@ async fn fetch(
     };
     app.cache.count(false);
     let repo = name.as_str();
-    let method = parts.method.clone();
+    // A HEAD by digest is passed on as a HEAD. A HEAD by tag (containerd
+    // resolves tags that way, then GETs by digest) fetches the manifest with
+    // a GET, so that the tag is recorded: this costs no extra pull, as the
+    // client's GET by digest that follows is served from the cache.
+    let method = if parts.method == Method::HEAD && tag.is_none() {
+        Method::HEAD
+    } else {
+        Method::GET
+    };
+    let head_only = method == Method::HEAD;
     let resp = match sharing::fetch_for(app, target, repo, parts, method, uri).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
-    if parts.method == Method::HEAD {
+    if head_only {
         return Served::new(passthrough(resp), CacheStatus::Miss);
+    }
+    if resp.status() != StatusCode::OK && parts.method == Method::HEAD {
+        return Served::new(
+            super::refusal(&parts.method, resp, ErrorCode::ManifestUnknown, repo),
+            CacheStatus::Miss,
+        );
     }
     if resp.status() != StatusCode::OK {
         if resp.status() == StatusCode::NOT_FOUND {
@@ -274,7 +289,12 @@ async fn fetch(
                     .await;
             }
         }
-        return Served::new(passthrough(resp), CacheStatus::Miss);
+        let mut answer = passthrough(resp);
+        if parts.method == Method::HEAD {
+            // The answer to our GET, minus the body a HEAD must not carry.
+            *answer.body_mut() = body::empty();
+        }
+        return Served::new(answer, CacheStatus::Miss);
     }
     let (head, incoming) = resp.into_parts();
     let bytes = match Limited::new(incoming, MAX_MANIFEST_BYTES).collect().await {

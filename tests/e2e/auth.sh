@@ -202,7 +202,7 @@ missing_gets() { # missing_gets MARK: blobs with no upstream GET since MARK
     local d
     missing=""
     for d in $SMALL_BLOBS; do
-        since "$W/registry.log" "$1" | grep -qE "\"GET /v2/$NAME/blobs/$d HTTP/[0-9.]+\" 200" ||
+        since "$W/registry.log" "$1" | grep -E "\"GET /v2/$NAME/blobs/$d HTTP/[0-9.]+\" 200" >/dev/null ||
             missing="$missing ${d:7:12}"
     done
     [ -z "$missing" ]

@@ -17,7 +17,8 @@
 #   1. the upstream is seeded (small image, multi-platform index)
 #   2. ctr pulls docker.io/library/e2e-small:1 with a docker.io hosts.toml
 #      whose only host is regcache: mirror mode (?ns=docker.io), cache MISS,
-#      then with a fresh content store cache HIT; each blob GET once upstream
+#      then with a fresh content store cache HIT; each blob GET once upstream;
+#      GET /v2/e2e-small/blobs/…?ns=docker.io answers X-Cache: HIT
 #   3. skopeo pulls docker://127.0.0.1:<regcache>/docker.io/library/e2e-small:1
 #      (path prefix) from the same cache, no blob fetched upstream again
 #   4. a hosts.toml for the registry by address (server 127.0.0.1:<port>,
@@ -231,10 +232,12 @@ upstream_served() {
     missing=""
     for d in $SMALL_BLOBS; do
         since "$W/registry.log" "$reg_mark" | grep -E "\"GET /v2/library/e2e-small/blobs/$d HTTP/[0-9.]+\" 200" |
-            grep -qF "${1:-}" || missing="$missing ${d:7:12}"
+            grep -F "${1:-}" >/dev/null || missing="$missing ${d:7:12}"
     done
     [ -z "$missing" ]
 }
+# (In these pipelines grep reads to the end, never -q: with pipefail, a
+# writer killed by SIGPIPE after an early match would fail the pipeline.)
 # settle CMD...: CMD's answer once the logs have caught up (each daemon writes
 # a request's line when its response is over, a moment after the client has
 # every byte): retried for up to 5 seconds.
@@ -314,7 +317,7 @@ if settle small_blobs_served "$HUB" MISS; then
 else
     fail "regcache's log for the first mirror pull, blobs not cache=MISS:$bad"
 fi
-if since "$W/regcache.log" "$rc_mark" | grep 'regcache::access' | grep -qE 'method="?CONNECT'; then
+if since "$W/regcache.log" "$rc_mark" | grep 'regcache::access' | grep -E 'method="?CONNECT' >/dev/null; then
     fail "regcache saw a CONNECT during the mirror pull (the client used it as a proxy)"
 else
     pass "no CONNECT reached regcache during the mirror pull (origin-form /v2 only)"
@@ -350,6 +353,16 @@ if start_containerd 2; then
     fi
 else
     fail "private containerd (second generation) did not start"
+fi
+# Straight at the mirror endpoint: a one-component name with ns=docker.io is
+# Docker Hub's library/ repository, answered from the cache with X-Cache.
+code=$(curl -sS --noproxy '*' --max-time 20 -o "$W/tmp/blob" -D "$W/tmp/blob.h" -w '%{http_code}' \
+    "http://$MIRROR/v2/e2e-small/blobs/$PAYLOAD_DIGEST?ns=docker.io")
+xcache=$(tr -d '\r' <"$W/tmp/blob.h" | sed -n 's/^[Xx]-[Cc]ache: *//p')
+if [ "$code" = 200 ] && [ "$xcache" = HIT ] && [ "$(sha256_of <"$W/tmp/blob")" = "$PAYLOAD_DIGEST" ]; then
+    pass "GET /v2/e2e-small/blobs/<3 MiB layer>?ns=docker.io: 200, X-Cache: HIT, content matches"
+else
+    fail "GET /v2/e2e-small/blobs/$PAYLOAD_DIGEST?ns=docker.io: $code, X-Cache '$xcache'"
 fi
 
 # ------------------------------------------------------- 3. path prefix
@@ -462,7 +475,7 @@ if start_containerd 4; then
         fail "regcache down: ctr pull $REF_IP did not fall back to the server (rc=$rc, ${took}s)"
         show_last
     fi
-    if grep 'trying next host' "$LAST_LOG" | grep -F "$MIRROR" | grep -q 'connection refused'; then
+    if grep 'trying next host' "$LAST_LOG" | grep -F "$MIRROR" | grep 'connection refused' >/dev/null; then
         pass "ctr tried the mirror first and moved on to the next host"
     else
         fail "ctr's log does not show it trying the mirror and moving on"
@@ -499,7 +512,7 @@ prefetch_missing() {
     local d
     missing=""
     for d in $(echo "$SMALL_BLOBS $MULTI_BLOBS" | tr ' ' '\n' | sort -u); do
-        since "$W/registry.log" "$reg_mark" | grep -qE "\"GET /v2/library/e2e-(small|multi)/blobs/$d HTTP/[0-9.]+\" 200" ||
+        since "$W/registry.log" "$reg_mark" | grep -E "\"GET /v2/library/e2e-(small|multi)/blobs/$d HTTP/[0-9.]+\" 200" >/dev/null ||
             missing="$missing ${d:7:12}"
     done
     [ -z "$missing" ]
@@ -538,9 +551,9 @@ names = set(tar.getnames())
 index = json.load(tar.extractfile("index.json"))
 refs = {m["digest"]: m.get("annotations", {}).get("io.regcache.ref") for m in index["manifests"]}
 problems = []
-for d in (small, multi):
-    if d not in refs:
-        problems.append(f"index.json lacks {d}")
+for d, ref in ((small, "docker.io/library/e2e-small:1"), (multi, "docker.io/library/e2e-multi:1")):
+    if refs.get(d) != ref:
+        problems.append(f"index.json: {d} has io.regcache.ref {refs.get(d)!r}, expected {ref!r}")
 def path(d): return "blobs/" + d.replace(":", "/")
 todo, need = [small, multi], set()
 while todo:
@@ -554,7 +567,7 @@ print("refs:", refs)
 print("\n".join(problems))
 sys.exit(1 if problems else 0)
 PY
-    pass "the bundle's index.json names both images and the tar holds every manifest and blob of both"
+    pass "the bundle's index.json names both images (io.regcache.ref) and the tar holds every manifest and blob of both"
 else
     fail "bundle contents"
     indent <"$W/tmp/bundle-check"
