@@ -5,8 +5,6 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::CertificateDer;
 use rustls::{ClientConfig, RootCertStore};
 
 use super::TlsError;
@@ -22,19 +20,7 @@ pub fn root_store(extra: &[PathBuf]) -> Result<RootCertStore, TlsError> {
     let (added, _ignored) = roots.add_parsable_certificates(native.certs);
     tracing::debug!(added, "system roots loaded");
     for path in extra {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| TlsError::Pem {
-                path: path.clone(),
-                message: format!("cannot read certificates ({e})"),
-            })?;
-        if certs.is_empty() {
-            return Err(TlsError::Pem {
-                path: path.clone(),
-                message: "contains no PEM certificate".into(),
-            });
-        }
-        for cert in certs {
+        for cert in super::read_certificates(path)? {
             roots.add(cert).map_err(|e| TlsError::Pem {
                 path: path.clone(),
                 message: format!("unusable certificate ({e})"),

@@ -70,20 +70,9 @@ pub fn server_config_from_files(
     key: &std::path::Path,
 ) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::pki_types::PrivateKeyDer;
     ca::check_private(key)?;
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError::Pem {
-            path: cert.to_path_buf(),
-            message: format!("cannot read certificates ({e})"),
-        })?;
-    if chain.is_empty() {
-        return Err(TlsError::Pem {
-            path: cert.to_path_buf(),
-            message: "contains no PEM certificate".into(),
-        });
-    }
+    let chain = read_certificates(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
         path: key.to_path_buf(),
         message: format!("no usable private key ({e})"),
@@ -94,4 +83,25 @@ pub fn server_config_from_files(
         .with_single_cert(chain, key_der)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(std::sync::Arc::new(config))
+}
+
+/// The certificates of a PEM file; an error if there are none.
+pub fn read_certificates(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            message: format!("cannot read certificates ({e})"),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.to_path_buf(),
+            message: "contains no PEM certificate".into(),
+        });
+    }
+    Ok(certs)
 }
