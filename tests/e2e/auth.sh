@@ -85,7 +85,7 @@ fi
 
 # ------------------------------------------------ the private upstream
 REGPORT=$(free_port)
-mkdir -p "$W/registry/data"
+mkdir -p "$W/registry"
 if run htpasswd 30 sh -c "htpasswd -Bbn '$ALICE' '$ALICE_PW' >'$W/registry/htpasswd'" &&
     grep -q "^$ALICE:\$2y\\$" "$W/registry/htpasswd"; then
     pass "htpasswd file with a bcrypt entry for $ALICE"
@@ -94,32 +94,11 @@ else
     show_last
     summary
 fi
-cat >"$W/registry/config.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  formatter: text
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $W/registry/data
-  maintenance:
-    uploadpurging:
-      enabled: false
-auth:
+note "starting docker-registry (htpasswd auth) on 127.0.0.1:$REGPORT"
+start_registry "$W/registry" "127.0.0.1:$REGPORT" "$PKI" "auth:
   htpasswd:
     realm: $REALM_NAME
-    path: $W/registry/htpasswd
-http:
-  addr: 127.0.0.1:$REGPORT
-  secret: regcache-e2e-not-a-secret
-  tls:
-    certificate: $PKI/server.pem
-    key: $PKI/server.key
-EOF
-note "starting docker-registry (htpasswd auth) on 127.0.0.1:$REGPORT"
-start_bg registry "$W/registry.log" docker-registry serve "$W/registry/config.yml"
+    path: $W/registry/htpasswd"
 direct() { # direct CURL_ARGS...: straight to the registry, not through the proxy
     curl --noproxy '*' --max-time 10 --cacert "$PKI/ca.pem" --resolve "$PRIV:$REGPORT:127.0.0.1" "$@"
 }

@@ -268,6 +268,41 @@ EOF
     "
 }
 
+# start_registry DIR ADDR PKI [EXTRA_YAML]: Debian's docker-registry serving
+# TLS (PKI/server.pem, server.key) on ADDR, filesystem storage under DIR/data,
+# config DIR/config.yml, log $W/registry.log; EXTRA_YAML is appended as
+# top-level configuration (an auth: section, say). Started as daemon "registry".
+start_registry() {
+    local dir=$1 addr=$2 pki=$3 extra=${4:-}
+    mkdir -p "$dir/data"
+    cat >"$dir/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $dir/data
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: $addr
+  secret: regcache-e2e-not-a-secret
+  tls:
+    certificate: $pki/server.pem
+    key: $pki/server.key
+  headers:
+    X-Content-Type-Options: [nosniff]
+$extra
+EOF
+    start_bg registry "$W/registry.log" docker-registry serve "$dir/config.yml"
+}
+
 # containerd_config DIR ROOT: DIR/config.toml for a private containerd with
 # its content and metadata under ROOT, its state and sockets under DIR
 # (grpc socket DIR/c.sock), the CRI plugin and every snapshotter but native

@@ -113,29 +113,8 @@ fi
 # --------------------------------------------------------- 1. the upstream
 REGPORT=$(free_port)
 REGADDR=127.0.0.1:$REGPORT
-mkdir -p "$W/registry/data"
-cat >"$W/registry/config.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  formatter: text
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $W/registry/data
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: $REGADDR
-  secret: regcache-e2e-not-a-secret
-  tls:
-    certificate: $PKI/server.pem
-    key: $PKI/server.key
-EOF
 note "starting docker-registry on $REGADDR"
-start_bg registry "$W/registry.log" docker-registry serve "$W/registry/config.yml"
+start_registry "$W/registry" "$REGADDR" "$PKI"
 registry_up() {
     curl -fsS --noproxy '*' --max-time 3 --cacert "$PKI/ca.pem" \
         --resolve "$HUB:$REGPORT:127.0.0.1" "https://$HUB:$REGPORT/v2/" &&

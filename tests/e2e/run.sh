@@ -83,33 +83,8 @@ fi
 
 # ---------------------------------------------------------------- upstream
 REGPORT=$(free_port)
-mkdir -p "$W/registry/data"
-cat >"$W/registry/config.yml" <<EOF
-version: 0.1
-log:
-  level: info
-  formatter: text
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: $W/registry/data
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: 127.0.0.1:$REGPORT
-  secret: regcache-e2e-not-a-secret
-  tls:
-    certificate: $PKI/server.pem
-    key: $PKI/server.key
-  headers:
-    X-Content-Type-Options: [nosniff]
-EOF
 note "starting docker-registry on 127.0.0.1:$REGPORT"
-start_bg registry "$W/registry.log" docker-registry serve "$W/registry/config.yml"
+start_registry "$W/registry" "127.0.0.1:$REGPORT" "$PKI"
 registry_up() {
     curl -fsS --noproxy '*' --max-time 3 --cacert "$PKI/ca.pem" \
         --resolve "$HUB:$REGPORT:127.0.0.1" "https://$HUB:$REGPORT/v2/"
