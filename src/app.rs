@@ -8,6 +8,8 @@ use std::time::Duration;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::proxy::access::{Access, AccessError};
+use crate::serve::coalesce::Coalescer;
+use crate::serve::manifests::TagLookup;
 use crate::serve::sharing::Sharing;
 use crate::tls::{CertificateAuthority, LeafMinter, TlsError};
 use crate::upstream::Upstream;
@@ -44,6 +46,8 @@ pub struct App {
     pub sharing: Sharing,
     /// The operator's certificate for `mirror_tls` (None: minted per name).
     pub mirror_tls: Option<Arc<rustls::ServerConfig>>,
+    /// Upstream lookups of stale or unknown tags, one per tag at a time.
+    pub tag_lookups: Coalescer<TagLookup>,
 }
 
 impl App {
@@ -80,6 +84,7 @@ impl App {
             access,
             sharing,
             mirror_tls,
+            tag_lookups: Coalescer::default(),
         }))
     }
 

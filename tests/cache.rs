@@ -1305,6 +1305,101 @@ async fn tag_revalidation_with_upstream_down_serves_stale() {
     assert!(r.header("warning").unwrap_or_default().contains("110"));
 }
 
+/// `n` concurrent manifest GETs of `path`, each on its own connection; the
+/// X-Cache value of each, sorted.
+async fn concurrent_manifest_gets(
+    proxy: &Proxy,
+    path: &str,
+    n: usize,
+    want: &Bytes,
+) -> Vec<String> {
+    let mut clients = Vec::new();
+    for i in 0..n {
+        let alpn = if i % 2 == 0 { Alpn::H2 } else { Alpn::Http11 };
+        clients.push(connect(proxy, HUB, alpn).await);
+    }
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| {
+            let path = path.to_string();
+            tokio::spawn(async move {
+                let req = client
+                    .builder(Method::GET, &path)
+                    .header("accept", ACCEPT_ALL)
+                    .body(empty())
+                    .unwrap();
+                read_response(client.send(req).await).await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let got = t.await.unwrap();
+        let xc = got.x_cache();
+        got.assert_served(want, &xc, &format!("request {i}"));
+        statuses.push(xc);
+    }
+    statuses.sort();
+    statuses
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_one_tag_make_one_upstream_request() {
+    let env = Env::new().await;
+    let m = simple_manifest(26);
+    let path = manifest_path("library/busybox", "1.36");
+    env.reg
+        .put_manifest("library/busybox", Some("1.36"), OCI_MANIFEST, m.clone());
+    // Every upstream answer takes a while, so all requests overlap it.
+    env.reg.set_fault(
+        &path,
+        Fault {
+            answer_delay: Some(Duration::from_millis(500)),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().args(["--tag-ttl", "1"]).start().await;
+    let _ = get(&proxy, "/v2/").await;
+
+    // Unknown tag: one GET; the others are served what it stored.
+    let statuses = concurrent_manifest_gets(&proxy, &path, 30, &m).await;
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "MISS").count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(env.reg.methods(&path), vec!["GET"], "cold tag");
+
+    // Stale tag: one HEAD.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let statuses = concurrent_manifest_gets(&proxy, &path, 30, &m).await;
+    assert_eq!(
+        statuses.iter().filter(|s| *s == "REVALIDATED").count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(env.reg.methods(&path), vec!["GET", "HEAD"], "stale tag");
+
+    // Stale tag, upstream failing: one HEAD, every request served stale.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    env.reg.set_fault(
+        &path,
+        Fault {
+            answer_delay: Some(Duration::from_millis(500)),
+            head_status: Some(503),
+            get_status: Some(503),
+            ..Fault::default()
+        },
+    );
+    let statuses = concurrent_manifest_gets(&proxy, &path, 30, &m).await;
+    assert_eq!(statuses, vec!["STALE"; 30]);
+    assert_eq!(
+        env.reg.methods(&path),
+        vec!["GET", "HEAD", "HEAD"],
+        "upstream down"
+    );
+}
+
 #[tokio::test]
 async fn tag_gone_upstream_is_404_and_forgotten() {
     let env = Env::new().await;

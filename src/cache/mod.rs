@@ -17,6 +17,7 @@
 //! `cache_size`.
 
 pub mod bundle;
+pub mod chunks;
 pub mod fill;
 pub mod freshness;
 pub mod index;

@@ -1,27 +1,24 @@
 //! Streaming content to clients: from a cached file, or from a download that
 //! is still growing.
 //!
-//! Reads are positioned (`pread`) in chunks, off the async threads, so any
-//! number of readers share one file without sharing an offset. While a
+//! Reads are positioned, in pooled chunks ([`super::chunks`]), so any number
+//! of readers share one file without sharing an offset. While a
 //! download is under way with a known length, its last byte is held back until
 //! the digest has matched (and the last byte of a range being read): a client
 //! can never complete a response whose bytes turn out wrong. If the download fails, the body ends with an error and
 //! hyper aborts the response.
 
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::stream;
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use tokio::sync::watch;
 
+use super::chunks;
 use super::fill::{Fill, Phase, Progress};
 use crate::body::{Body, BoxError};
-
-/// Bytes read per chunk.
-const READ_CHUNK: usize = 256 * 1024;
 
 /// A download failed while a client was reading it.
 #[derive(Debug, thiserror::Error)]
@@ -114,15 +111,8 @@ async fn next_chunk(r: &mut Reader) -> Result<Option<Bytes>, BoxError> {
         }
         let limit = readable(r)?.unwrap_or(r.pos);
         if r.pos < limit {
-            let len = ((limit - r.pos) as usize).min(READ_CHUNK);
-            let (file, pos) = (r.file.clone(), r.pos);
-            let bytes = tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
-                let mut buf = BytesMut::zeroed(len);
-                let n = file.read_at(&mut buf, pos)?;
-                buf.truncate(n);
-                Ok(buf.freeze())
-            })
-            .await??;
+            let len = usize::try_from(limit - r.pos).unwrap_or(usize::MAX);
+            let bytes = chunks::read(&r.file, r.pos, len).await?;
             if bytes.is_empty() {
                 return Err("cached file is shorter than its entry".into());
             }

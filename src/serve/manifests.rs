@@ -6,7 +6,8 @@
 //!   with a `HEAD` upstream (never a GET, which Docker Hub counts as a pull):
 //!   same digest, served cached (REVALIDATED); changed, fetched and stored;
 //!   upstream unreachable, 5xx or 429, served stale with `Warning: 110`;
-//!   404, answered 404 and the tag forgotten.
+//!   404, answered 404 and the tag forgotten. Concurrent requests for one
+//!   stale or unknown tag make a single upstream request ([`super::coalesce`]).
 //! - A fetched manifest is verified against its digest, stored with its media
 //!   type, and every digest it references is linked to the repository.
 
@@ -18,6 +19,7 @@ use http::request::Parts;
 use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
+use super::coalesce::Turn;
 use super::sharing;
 use super::{error_json, passthrough, upstream_uri, CacheStatus, Served, Target};
 use crate::app::App;
@@ -71,7 +73,93 @@ async fn by_digest(
     fetch(app, target, name, None, Some(digest), parts).await
 }
 
+/// How a leader's upstream lookup of a tag ended, for the requests that
+/// waited for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagLookup {
+    /// Upstream could not be asked (unreachable, 5xx, 429): the leader served
+    /// the stale copy, and so may its followers.
+    Unavailable,
+    /// Anything else: the tag record says what upstream said.
+    Answered,
+}
+
 async fn by_tag(
+    app: &Arc<App>,
+    target: &Target,
+    name: &RepoName,
+    tag: &str,
+    parts: &Parts,
+) -> Served {
+    let repo = name.as_str();
+    if let Some(served) = fresh(app, target, repo, tag, parts).await {
+        return served;
+    }
+    // Stale or unknown: one request asks upstream, the others wait for it
+    // and are then served from what it stored.
+    let key = format!("{}/{repo}:{tag}", target.registry);
+    match app.tag_lookups.join(key) {
+        Turn::Lead(lead) => {
+            let served = ask_upstream(app, target, name, tag, parts).await;
+            lead.finish(if served.cache == CacheStatus::Stale {
+                TagLookup::Unavailable
+            } else {
+                TagLookup::Answered
+            });
+            served
+        }
+        Turn::Follow(follow) => {
+            let lookup = follow.outcome().await;
+            if let Some(served) = fresh(app, target, repo, tag, parts).await {
+                return served;
+            }
+            if lookup == Some(TagLookup::Unavailable) {
+                let cached = app
+                    .cache
+                    .tag(&target.registry, repo, tag)
+                    .and_then(|r| r.digest.parse::<Digest>().ok())
+                    .and_then(|d| usable(app, &d, parts));
+                if let Some(cached) = cached {
+                    if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                        return *refused;
+                    }
+                    return serve_stale(app, target, name, tag, &cached, parts).await;
+                }
+            }
+            // The leader's answer does not serve this request (another
+            // credential or Accept, or it gave up): ask for ourselves.
+            ask_upstream(app, target, name, tag, parts).await
+        }
+    }
+}
+
+/// The cached manifest of a fresh tag record, if this request may have it
+/// (or the refusal if it may not); None when upstream must be asked.
+async fn fresh(
+    app: &Arc<App>,
+    target: &Target,
+    repo: &str,
+    tag: &str,
+    parts: &Parts,
+) -> Option<Served> {
+    let record = app.cache.tag(&target.registry, repo, tag)?;
+    let ttl = app.config.tag_ttl_for(&target.registry);
+    if !record.is_fresh(now_ms(), ttl) {
+        return None;
+    }
+    let cached = record
+        .digest
+        .parse::<Digest>()
+        .ok()
+        .and_then(|d| usable(app, &d, parts))?;
+    if let Err(refused) = sharing::check(app, target, repo, parts).await {
+        return Some(*refused);
+    }
+    from_cache(app, &cached, parts, CacheStatus::Hit).await
+}
+
+/// Revalidates a stale tag with a `HEAD` (or fetches an unknown one).
+async fn ask_upstream(
     app: &Arc<App>,
     target: &Target,
     name: &RepoName,
@@ -88,17 +176,6 @@ async fn by_tag(
     let (Some(record), Some(cached)) = (record, cached) else {
         return fetch(app, target, name, Some(tag), None, parts).await;
     };
-    let ttl = app.config.tag_ttl_for(&target.registry);
-    if record.is_fresh(now_ms(), ttl) {
-        if let Err(refused) = sharing::check(app, target, repo, parts).await {
-            return *refused;
-        }
-        if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
-            return served;
-        }
-        return fetch(app, target, name, Some(tag), None, parts).await;
-    }
-
     let (outcome, upstream_resp) = match upstream_uri(target, parts) {
         Ok(uri) => match sharing::fetch_for(app, target, repo, parts, Method::HEAD, uri).await {
             Ok(resp) => {

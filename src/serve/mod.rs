@@ -9,6 +9,7 @@
 //! with bodies streamed both ways.
 
 pub mod blobs;
+pub mod coalesce;
 pub mod headers;
 pub mod log;
 pub mod manifests;

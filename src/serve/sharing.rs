@@ -26,6 +26,7 @@ use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
+use super::coalesce::{Coalescer, Turn};
 use super::{error_json, refusal, upstream_headers, upstream_uri, CacheStatus, Served, Target};
 use crate::app::App;
 use crate::cache::freshness::now_ms;
@@ -56,6 +57,8 @@ pub struct Sharing {
     base_challenges: Mutex<HashMap<String, HeaderValue>>,
     /// Repositories whose openness is being probed in the background.
     probing: Mutex<std::collections::HashSet<String>>,
+    /// Openness probes a request waits for, one per repository at a time.
+    probes: Coalescer<Option<Openness>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -93,6 +96,7 @@ impl Sharing {
             accounts,
             base_challenges: Mutex::default(),
             probing: Mutex::default(),
+            probes: Coalescer::default(),
         })
     }
 
@@ -313,13 +317,26 @@ async fn public(app: &App, target: &Target, repo: &str, parts: &Parts) -> Option
     if let Some((openness, true)) = known {
         return Some(openness);
     }
-    match probe_anonymously(app, target, repo, parts).await {
-        Some((openness, challenge)) => {
-            learn_openness(app, target, repo, openness, challenge).await;
-            Some(openness)
+    // Concurrent requests for one repository wait for a single probe.
+    let found = match app
+        .sharing
+        .probes
+        .join(format!("{}/{repo}", target.registry))
+    {
+        Turn::Lead(lead) => {
+            let found = match probe_anonymously(app, target, repo, parts).await {
+                Some((openness, challenge)) => {
+                    learn_openness(app, target, repo, openness, challenge).await;
+                    Some(openness)
+                }
+                None => None,
+            };
+            lead.finish(found);
+            found
         }
-        None => known.map(|(openness, _)| openness),
-    }
+        Turn::Follow(follow) => follow.outcome().await.flatten(),
+    };
+    found.or(known.map(|(openness, _)| openness))
 }
 
 /// Starts an anonymous openness probe of `repo`, unless one is running.

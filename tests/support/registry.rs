@@ -94,6 +94,8 @@ pub struct Fault {
     pub get_status: Option<u16>,
     /// Answer HEADs with this status.
     pub head_status: Option<u16>,
+    /// Wait this long before answering a GET or HEAD, whatever the answer.
+    pub answer_delay: Option<Duration>,
     /// Answer GET and HEAD with this redirect status and Location.
     pub redirect: Option<(u16, String)>,
     /// Send the body without Content-Length (chunked on HTTP/1.1).
@@ -568,6 +570,9 @@ async fn handle(
         r.headers_mut()
             .insert("location", HeaderValue::from_str(location).unwrap());
         return Ok(r);
+    }
+    if let Some(d) = fault.answer_delay {
+        tokio::time::sleep(d).await;
     }
     let forced = if method == Method::HEAD {
         fault.head_status
