@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
@@ -265,6 +265,10 @@ async fn write_fill<B>(
 }
 
 /// Copies the body into `file`, hashing it; checks digest and length.
+///
+/// Pipelined: while one batch is written and hashed on the blocking pool,
+/// the next is received (and decrypted) on the async thread. Frames are
+/// written as they came, never copied into a bigger buffer first.
 async fn copy_and_verify<B>(
     fill: &Fill,
     file: Arc<std::fs::File>,
@@ -275,59 +279,80 @@ where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
 {
-    let mut hasher = Some(DigestHasher::new(fill.digest.algorithm()));
-    let mut written = 0u64;
-    let mut buf = BytesMut::with_capacity(WRITE_CHUNK);
+    let mut writer = Writer {
+        file,
+        hasher: Some(DigestHasher::new(fill.digest.algorithm())),
+        written: 0,
+        in_flight: None,
+    };
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batched = 0usize;
+    let mut received = 0u64;
     let mismatch = |actual: String| CacheError::Mismatch {
         expected: fill.digest.to_string(),
         actual,
     };
     loop {
-        let wait = if buf.is_empty() {
+        let wait = if batch.is_empty() {
             BODY_STALL
         } else {
             WRITE_IDLE
         };
-        let frame = match tokio::time::timeout(wait, body.frame()).await {
+        let next = tokio::select! {
+            // Publish each finished write at once, so readers go on.
+            done = writer.finished(), if writer.in_flight.is_some() => {
+                fill.update(|p| p.written = writer.written);
+                done?;
+                continue;
+            }
+            next = tokio::time::timeout(wait, body.frame()) => next,
+        };
+        let frame = match next {
             Ok(Some(Ok(frame))) => Some(frame),
             Ok(Some(Err(e))) => {
                 let e: BoxError = e.into();
                 return Err(mismatch(format!(
-                    "upstream body failed after {} bytes: {e}",
-                    written + buf.len() as u64
+                    "upstream body failed after {received} bytes: {e}"
                 )));
             }
             Ok(None) => None,
-            Err(_) if buf.is_empty() => {
-                return Err(mismatch(format!("upstream stalled after {written} bytes")))
+            Err(_) if batch.is_empty() => {
+                return Err(mismatch(format!("upstream stalled after {received} bytes")))
             }
             Err(_) => {
                 // Idle: write what we have so readers can go on.
-                let chunk = buf.split().freeze();
-                written = write_chunk(&file, &mut hasher, chunk, written).await?;
-                fill.update(|p| p.written = written);
+                writer.submit(std::mem::take(&mut batch)).await?;
+                batched = 0;
+                fill.update(|p| p.written = writer.written);
                 continue;
             }
         };
         let end = frame.is_none();
         if let Some(data) = frame.and_then(|f| f.into_data().ok()) {
-            buf.extend_from_slice(&data);
-            if total.is_some_and(|t| written + buf.len() as u64 > t) {
+            received += data.len() as u64;
+            if total.is_some_and(|t| received > t) {
                 return Err(mismatch(format!(
                     "upstream sent more than the announced {} bytes",
                     total.unwrap_or(0)
                 )));
             }
+            if !data.is_empty() {
+                batched += data.len();
+                batch.push(data);
+            }
         }
-        if buf.len() >= WRITE_CHUNK || (end && !buf.is_empty()) {
-            let chunk = buf.split().freeze();
-            written = write_chunk(&file, &mut hasher, chunk, written).await?;
-            fill.update(|p| p.written = written);
+        if batched >= WRITE_CHUNK || (end && !batch.is_empty()) {
+            writer.submit(std::mem::take(&mut batch)).await?;
+            batched = 0;
+            fill.update(|p| p.written = writer.written);
         }
         if end {
             break;
         }
     }
+    writer.finished().await?;
+    let written = writer.written;
+    fill.update(|p| p.written = written);
     if let Some(t) = total {
         if written != t {
             return Err(mismatch(format!(
@@ -335,7 +360,8 @@ where
             )));
         }
     }
-    let actual = hasher
+    let actual = writer
+        .hasher
         .take()
         .map(DigestHasher::finish)
         .ok_or_else(|| CacheError::Task("hasher lost".into()))?;
@@ -345,27 +371,55 @@ where
     Ok(written)
 }
 
-/// Writes `chunk` at `offset` and hashes it, off the async threads.
-async fn write_chunk(
-    file: &Arc<std::fs::File>,
-    hasher: &mut Option<DigestHasher>,
-    chunk: Bytes,
-    offset: u64,
-) -> Result<u64, CacheError> {
-    let file = file.clone();
-    let mut h = hasher
-        .take()
-        .ok_or_else(|| CacheError::Task("hasher lost".into()))?;
-    let (h, len) = blocking(move || {
-        file.write_all_at(&chunk, offset)
-            .map_err(|source| CacheError::Io {
-                path: PathBuf::from("<download>"),
-                source,
-            })?;
-        h.update(&chunk);
-        Ok((h, chunk.len() as u64))
-    })
-    .await?;
-    *hasher = Some(h);
-    Ok(offset + len)
+type WriteResult = Result<(DigestHasher, u64), CacheError>;
+
+/// Appends batches to the temporary file and hashes them, one batch at a
+/// time on the blocking pool.
+struct Writer {
+    file: Arc<std::fs::File>,
+    /// The hasher, while no write holds it.
+    hasher: Option<DigestHasher>,
+    /// Bytes written and hashed.
+    written: u64,
+    in_flight: Option<tokio::task::JoinHandle<WriteResult>>,
+}
+
+impl Writer {
+    /// Waits for the write in flight, if any, and counts it.
+    async fn finished(&mut self) -> Result<(), CacheError> {
+        let Some(task) = self.in_flight.as_mut() else {
+            return Ok(());
+        };
+        let outcome = task.await;
+        self.in_flight = None;
+        let (hasher, len) = outcome.map_err(|e| CacheError::Task(e.to_string()))??;
+        self.hasher = Some(hasher);
+        self.written += len;
+        Ok(())
+    }
+
+    /// Starts writing `batch` after the write in flight has finished.
+    async fn submit(&mut self, batch: Vec<Bytes>) -> Result<(), CacheError> {
+        self.finished().await?;
+        let file = self.file.clone();
+        let mut hasher = self
+            .hasher
+            .take()
+            .ok_or_else(|| CacheError::Task("hasher lost".into()))?;
+        let mut offset = self.written;
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            let start = offset;
+            for chunk in &batch {
+                file.write_all_at(chunk, offset)
+                    .map_err(|source| CacheError::Io {
+                        path: PathBuf::from("<download>"),
+                        source,
+                    })?;
+                hasher.update(chunk);
+                offset += chunk.len() as u64;
+            }
+            Ok((hasher, offset - start))
+        }));
+        Ok(())
+    }
 }
