@@ -18,11 +18,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use rustix::io::{Errno, ReadWriteFlags};
 
-/// Size of one chunk (and of every pooled buffer).
-pub const CHUNK: usize = 256 * 1024;
+/// Size of one chunk (and of every pooled buffer). Small enough that the copy
+/// out of the page cache is still in the CPU cache when rustls encrypts it:
+/// with 256 KiB chunks a warm blob took a third more CPU per byte.
+pub const CHUNK: usize = 64 * 1024;
 
 /// Buffers kept for reuse; more in flight at once are allocated and freed.
-const POOL_KEEP: usize = 64;
+const POOL_KEEP: usize = 256;
 
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
 

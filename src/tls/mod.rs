@@ -58,9 +58,29 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
-/// The crypto provider used everywhere (ring).
+/// The crypto provider used everywhere: ring, with AES-128-GCM preferred
+/// over AES-256-GCM (as Go's crypto/tls does on machines with AES hardware;
+/// about a third less work per byte) and ChaCha20 last. As a server regcache
+/// still follows the client's order; this order is what it offers upstream.
 pub fn provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
-    std::sync::Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite_rank(suite.suite()));
+    std::sync::Arc::new(provider)
+}
+
+fn suite_rank(suite: rustls::CipherSuite) -> u8 {
+    use rustls::CipherSuite as S;
+    match suite {
+        S::TLS13_AES_128_GCM_SHA256
+        | S::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+        | S::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+        S::TLS13_AES_256_GCM_SHA384
+        | S::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384
+        | S::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    }
 }
 
 /// A TLS server configuration (ALPN h2, http/1.1) from an operator's PEM
@@ -104,4 +124,26 @@ pub fn read_certificates(
         });
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aes_128_gcm_is_offered_first_and_nothing_is_dropped() {
+        let ours = provider();
+        let default = rustls::crypto::ring::default_provider();
+        assert_eq!(ours.cipher_suites.len(), default.cipher_suites.len());
+        assert_eq!(
+            ours.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        let ranks: Vec<u8> = ours
+            .cipher_suites
+            .iter()
+            .map(|s| suite_rank(s.suite()))
+            .collect();
+        assert!(ranks.windows(2).all(|w| w[0] <= w[1]), "{ranks:?}");
+    }
 }

@@ -1,0 +1,908 @@
+//! `bench_client`: the load generator and meter used by `bench/run.sh`.
+//!
+//! It compares regcache with other proxies and servers: `get` fetches a URL
+//! many times (optionally through an HTTP `CONNECT` proxy, HTTP/1.1 over
+//! rustls) and reports throughput and latency; `handshake` times
+//! CONNECT + TLS handshakes through a proxy; `tcp` and `tls-ceiling` measure
+//! the machine's and this client's own ceilings; `fill-cache` builds a large
+//! regcache cache index for start-up timing. Every mode prints exactly one
+//! JSON object on stdout. Exit code 1 when a request failed, 2 on a usage
+//! error.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::client::Resumption;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+/// Size of the reused buffers for raw TCP and the in-process TLS server.
+const CHUNK: usize = 1 << 20;
+
+/// Read buffer under the TLS client, so rustls's small reads are not syscalls.
+const TLS_READ_BUF: usize = 256 << 10;
+
+#[derive(Parser)]
+#[command(
+    name = "bench_client",
+    about = "Load generator and meter for bench/run.sh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch URL -n times with -c concurrent keep-alive connections.
+    Get(GetArgs),
+    /// Time CONNECT + TLS handshakes through a proxy, one after another.
+    Handshake(HandshakeArgs),
+    /// Raw loopback TCP throughput (the machine's ceiling).
+    Tcp {
+        /// Bytes to send.
+        #[arg(long, default_value_t = 4 << 30)]
+        bytes: u64,
+    },
+    /// This client's TLS receive ceiling, against an in-process rustls server.
+    TlsCeiling {
+        /// Body size of each response.
+        #[arg(long, default_value_t = 1 << 30)]
+        bytes: u64,
+        /// Concurrent connections, one request each.
+        #[arg(short = 'c', long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        concurrency: u64,
+    },
+    /// Create a regcache cache directory whose index holds N entries.
+    FillCache {
+        /// The cache directory to create or extend.
+        dir: PathBuf,
+        /// Number of content entries, each linked once.
+        #[arg(long)]
+        entries: usize,
+    },
+}
+
+#[derive(clap::Args)]
+struct GetArgs {
+    /// https://host[:port]/path (or http:// for plain HTTP).
+    url: String,
+    /// HTTP proxy HOST:PORT; each connection is tunnelled with CONNECT.
+    #[arg(long)]
+    proxy: Option<String>,
+    /// PEM file of trusted CA certificates (repeatable); no system roots.
+    #[arg(long)]
+    cacert: Vec<PathBuf>,
+    /// HOST:PORT=ADDR:PORT: dial ADDR:PORT for HOST:PORT, keeping SNI and Host.
+    #[arg(long)]
+    connect_to: Vec<String>,
+    /// Concurrent workers, each with its own connection.
+    #[arg(short = 'c', long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    concurrency: u64,
+    /// Total requests (default: the concurrency).
+    #[arg(short = 'n', long)]
+    requests: Option<u64>,
+    /// GET or HEAD.
+    #[arg(long, default_value = "GET", value_parser = ["GET", "HEAD"])]
+    method: String,
+    /// Extra request header "Name: value" (repeatable).
+    #[arg(long)]
+    header: Vec<String>,
+    /// Open a fresh TCP (+CONNECT) +TLS connection for every request.
+    #[arg(long)]
+    new_connection: bool,
+    /// A request is ok only if its body has exactly this many bytes.
+    #[arg(long)]
+    expect_bytes: Option<u64>,
+    /// A request is ok only with this status.
+    #[arg(long, default_value_t = 200)]
+    expect_status: u16,
+    /// Speak plain HTTP (no TLS) even for an https:// URL.
+    #[arg(long)]
+    insecure_plain: bool,
+    /// Per-request timeout in seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
+}
+
+#[derive(clap::Args)]
+struct HandshakeArgs {
+    /// HTTP proxy HOST:PORT.
+    #[arg(long)]
+    proxy: String,
+    /// PEM file of trusted CA certificates (repeatable).
+    #[arg(long, required = true)]
+    cacert: Vec<PathBuf>,
+    /// Host name; `{i}` is replaced by the measurement index.
+    #[arg(long)]
+    host: String,
+    /// Number of measurements.
+    #[arg(short = 'n', default_value_t = 50)]
+    n: u64,
+    /// Port asked for in CONNECT.
+    #[arg(long, default_value_t = 443)]
+    port: u16,
+}
+
+/// A usage or set-up error: exit code 2.
+struct Usage(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Get(args) => runtime().and_then(|rt| rt.block_on(get_main(args))),
+        Cmd::Handshake(args) => runtime().and_then(|rt| rt.block_on(handshake_main(args))),
+        Cmd::Tcp { bytes } => tcp_main(bytes),
+        Cmd::TlsCeiling { bytes, concurrency } => {
+            runtime().and_then(|rt| rt.block_on(tls_ceiling_main(bytes, concurrency)))
+        }
+        Cmd::FillCache { dir, entries } => fill_cache_main(&dir, entries),
+    };
+    match result {
+        Ok(code) => code,
+        Err(Usage(msg)) => {
+            eprintln!("bench_client: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, Usage> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Usage(format!("tokio runtime: {e}")))
+}
+
+/// Prints one JSON object (fields in declaration order) on stdout.
+fn print_json<T: Serialize>(v: &T) {
+    match serde_json::to_string(v) {
+        Ok(line) => println!("{line}"),
+        Err(e) => eprintln!("bench_client: JSON: {e}"),
+    }
+}
+
+#[derive(Serialize)]
+struct GetReport {
+    requests: u64,
+    ok: u64,
+    failed: u64,
+    bytes: u64,
+    wall_s: f64,
+    mib_s: f64,
+    lat_mean_s: Option<f64>,
+    lat_p50_s: Option<f64>,
+    lat_p99_s: Option<f64>,
+    lat_max_s: Option<f64>,
+    first_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct HandshakeReport {
+    n: u64,
+    ok: u64,
+    failed: u64,
+    mean_s: Option<f64>,
+    p50_s: Option<f64>,
+    min_s: Option<f64>,
+    max_s: Option<f64>,
+    first_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TcpReport {
+    bytes: u64,
+    wall_s: f64,
+    mib_s: f64,
+}
+
+#[derive(Serialize)]
+struct FillReport {
+    entries: usize,
+}
+
+// ---------------------------------------------------------------- get
+
+/// Everything a worker needs to open connections and send requests.
+struct Target {
+    /// Addresses to dial: the proxy, or the server.
+    dial: Vec<SocketAddr>,
+    /// CONNECT authority when going through a proxy.
+    connect: Option<String>,
+    /// TLS settings and server name; None for plain HTTP.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    method: Method,
+    path: String,
+    host_header: String,
+    headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
+    new_connection: bool,
+    expect_status: StatusCode,
+    expect_bytes: Option<u64>,
+    timeout: Duration,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Target {
+    fn record_error(&self, e: String) {
+        if let Ok(mut first) = self.first_error.lock() {
+            first.get_or_insert(e);
+        }
+    }
+}
+
+#[derive(Default)]
+struct WorkerStats {
+    ok: u64,
+    failed: u64,
+    bytes: u64,
+    latencies: Vec<f64>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, Usage> {
+    // regcache's provider offers AES-128-GCM first, as the Go clients
+    // (containerd, docker, skopeo) do on machines with AES hardware.
+    let mut config = ClientConfig::builder_with_provider(regcache::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Usage(format!("TLS config: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Every handshake is a full one, as for Go clients (containerd, docker).
+    config.resumption = Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+fn load_roots(files: &[PathBuf]) -> Result<RootCertStore, Usage> {
+    let mut roots = RootCertStore::empty();
+    for file in files {
+        let iter = CertificateDer::pem_file_iter(file)
+            .map_err(|e| Usage(format!("{}: {e}", file.display())))?;
+        let mut n = 0;
+        for cert in iter {
+            let cert = cert.map_err(|e| Usage(format!("{}: {e}", file.display())))?;
+            roots
+                .add(cert)
+                .map_err(|e| Usage(format!("{}: {e}", file.display())))?;
+            n += 1;
+        }
+        if n == 0 {
+            return Err(Usage(format!("{}: no certificate", file.display())));
+        }
+    }
+    Ok(roots)
+}
+
+async fn resolve(addr: &str) -> Result<Vec<SocketAddr>, Usage> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Usage(format!("cannot resolve {addr}: {e}")))?
+        .collect();
+    if addrs.is_empty() {
+        return Err(Usage(format!("cannot resolve {addr}")));
+    }
+    Ok(addrs)
+}
+
+/// Host without IPv6 brackets, for SNI.
+fn bare_host(host: &str) -> &str {
+    host.strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+}
+
+async fn get_main(args: GetArgs) -> Result<ExitCode, Usage> {
+    let uri: hyper::Uri = args
+        .url
+        .parse()
+        .map_err(|e| Usage(format!("bad URL {}: {e}", args.url)))?;
+    let tls_scheme = match uri.scheme_str() {
+        Some("https") => true,
+        Some("http") => false,
+        _ => return Err(Usage(format!("URL must be http:// or https://: {uri}"))),
+    };
+    let host = uri
+        .host()
+        .ok_or_else(|| Usage(format!("URL has no host: {uri}")))?
+        .to_string();
+    let default_port = if tls_scheme { 443 } else { 80 };
+    let port = uri.port_u16().unwrap_or(default_port);
+    let authority = format!("{host}:{port}");
+    let host_header = if port == default_port {
+        host.clone()
+    } else {
+        authority.clone()
+    };
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".to_string());
+
+    // --connect-to HOST:PORT=ADDR:PORT; the first one matching wins.
+    let mut target_addr = authority.clone();
+    for rule in &args.connect_to {
+        let (from, to) = rule
+            .split_once('=')
+            .ok_or_else(|| Usage(format!("--connect-to wants HOST:PORT=ADDR:PORT: {rule}")))?;
+        if from.eq_ignore_ascii_case(&authority) {
+            target_addr = to.to_string();
+            break;
+        }
+    }
+
+    let (dial, connect) = match &args.proxy {
+        Some(proxy) => (resolve(proxy).await?, Some(target_addr)),
+        None => (resolve(&target_addr).await?, None),
+    };
+
+    let tls = if tls_scheme && !args.insecure_plain {
+        if args.cacert.is_empty() {
+            return Err(Usage("https:// needs at least one --cacert".into()));
+        }
+        let config = client_config(load_roots(&args.cacert)?)?;
+        let name = ServerName::try_from(bare_host(&host).to_string())
+            .map_err(|e| Usage(format!("bad server name {host}: {e}")))?;
+        Some((TlsConnector::from(config), name))
+    } else {
+        None
+    };
+
+    let mut headers = Vec::new();
+    for h in &args.header {
+        let (name, value) = h
+            .split_once(':')
+            .ok_or_else(|| Usage(format!("--header wants \"Name: value\": {h}")))?;
+        let name = hyper::header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|e| Usage(format!("bad header name in {h}: {e}")))?;
+        let value = hyper::header::HeaderValue::from_str(value.trim())
+            .map_err(|e| Usage(format!("bad header value in {h}: {e}")))?;
+        headers.push((name, value));
+    }
+    let has_host = headers.iter().any(|(n, _)| n == hyper::header::HOST);
+    let expect_status = StatusCode::from_u16(args.expect_status)
+        .map_err(|e| Usage(format!("bad --expect-status: {e}")))?;
+    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+        return Err(Usage("--timeout must be positive".into()));
+    }
+
+    let target = Arc::new(Target {
+        dial,
+        connect,
+        tls,
+        method: if args.method == "HEAD" {
+            Method::HEAD
+        } else {
+            Method::GET
+        },
+        path,
+        host_header: if has_host { String::new() } else { host_header },
+        headers,
+        new_connection: args.new_connection,
+        expect_status,
+        expect_bytes: args.expect_bytes,
+        timeout: Duration::from_secs_f64(args.timeout),
+        first_error: Mutex::new(None),
+    });
+    let requests = args.requests.unwrap_or(args.concurrency);
+    let code = run_load(target, args.concurrency, requests).await;
+    Ok(code)
+}
+
+/// Runs `requests` requests spread over `concurrency` workers, prints the
+/// JSON report, and returns the exit code.
+async fn run_load(target: Arc<Target>, concurrency: u64, requests: u64) -> ExitCode {
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let count = requests / concurrency + u64::from(w < requests % concurrency);
+        if count == 0 {
+            continue;
+        }
+        let target = target.clone();
+        tasks.push(tokio::spawn(worker(target, count)));
+    }
+    let mut total = WorkerStats::default();
+    for task in tasks {
+        match task.await {
+            Ok(s) => {
+                total.ok += s.ok;
+                total.failed += s.failed;
+                total.bytes += s.bytes;
+                total.latencies.extend(s.latencies);
+            }
+            Err(e) => {
+                target.record_error(format!("worker panicked: {e}"));
+            }
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    // Requests of a worker that panicked count as failed.
+    total.failed = requests.saturating_sub(total.ok);
+    let lat = Summary::of(&mut total.latencies);
+    let first_error = target.first_error.lock().ok().and_then(|e| e.clone());
+    print_json(&GetReport {
+        requests,
+        ok: total.ok,
+        failed: total.failed,
+        bytes: total.bytes,
+        wall_s: wall,
+        mib_s: total.bytes as f64 / (1u64 << 20) as f64 / wall,
+        lat_mean_s: lat.as_ref().map(|l| l.mean),
+        lat_p50_s: lat.as_ref().map(|l| l.p50),
+        lat_p99_s: lat.as_ref().map(|l| l.p99),
+        lat_max_s: lat.as_ref().map(|l| l.max),
+        first_error,
+    });
+    if total.failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+struct Summary {
+    mean: f64,
+    p50: f64,
+    p99: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Summary {
+    fn of(v: &mut [f64]) -> Option<Summary> {
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+        Some(Summary {
+            mean: v.iter().sum::<f64>() / v.len() as f64,
+            p50: rank(0.5),
+            p99: rank(0.99),
+            min: v[0],
+            max: v[v.len() - 1],
+        })
+    }
+}
+
+async fn worker(target: Arc<Target>, count: u64) -> WorkerStats {
+    let mut stats = WorkerStats::default();
+    let mut conn: Option<SendRequest<Empty<Bytes>>> = None;
+    for _ in 0..count {
+        let start = Instant::now();
+        let mut bytes = 0u64;
+        let result =
+            tokio::time::timeout(target.timeout, one_request(&target, &mut conn, &mut bytes))
+                .await
+                .unwrap_or_else(|_| Err(format!("timed out after {:?}", target.timeout)));
+        stats.bytes += bytes;
+        match result {
+            Ok(()) => {
+                stats.ok += 1;
+                stats.latencies.push(start.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                stats.failed += 1;
+                conn = None;
+                target.record_error(e);
+            }
+        }
+    }
+    stats
+}
+
+/// Opens TCP (+CONNECT) (+TLS) and an HTTP/1.1 connection on it.
+async fn open(target: &Target) -> Result<SendRequest<Empty<Bytes>>, String> {
+    let io = open_stream(
+        &target.dial,
+        target.connect.as_deref(),
+        target.tls.as_ref().map(|(c, n)| (c, n)),
+    )
+    .await?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        // Errors show up on the request side.
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+async fn dial(addrs: &[SocketAddr]) -> Result<TcpStream, String> {
+    let mut last = String::from("no address");
+    for addr in addrs {
+        match TcpStream::connect(addr).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e) => last = format!("connect {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Sends `CONNECT authority` and waits for a 2xx answer.
+async fn tunnel(stream: &mut TcpStream, authority: &str) -> Result<(), String> {
+    let req = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    stream
+        .write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("CONNECT write: {e}"))?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    let end = loop {
+        if len == buf.len() {
+            return Err("CONNECT response head too large".into());
+        }
+        let n = stream
+            .read(&mut buf[len..])
+            .await
+            .map_err(|e| format!("CONNECT read: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "proxy closed during CONNECT: {:?}",
+                String::from_utf8_lossy(&buf[..len])
+            ));
+        }
+        len += n;
+        if let Some(p) = buf[..len].windows(4).position(|w| w == b"\r\n\r\n") {
+            break p + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]);
+    let status_line = head.lines().next().unwrap_or("");
+    let code = status_line.split_whitespace().nth(1).unwrap_or("");
+    if !code.starts_with('2') || code.len() != 3 {
+        return Err(format!("CONNECT {authority}: {status_line}"));
+    }
+    if end != len {
+        return Err("proxy sent data after its CONNECT response".into());
+    }
+    Ok(())
+}
+
+async fn open_stream(
+    addrs: &[SocketAddr],
+    connect: Option<&str>,
+    tls: Option<(&TlsConnector, &ServerName<'static>)>,
+) -> Result<Box<dyn Io>, String> {
+    let mut stream = dial(addrs).await?;
+    if let Some(authority) = connect {
+        tunnel(&mut stream, authority).await?;
+    }
+    match tls {
+        Some((connector, name)) => {
+            // rustls reads TLS records 4 KiB at a time; a user-space buffer
+            // underneath turns that into few large read syscalls.
+            let stream = tokio::io::BufReader::with_capacity(TLS_READ_BUF, stream);
+            let tls = connector
+                .connect(name.clone(), stream)
+                .await
+                .map_err(|e| format!("TLS handshake: {e}"))?;
+            Ok(Box::new(tls))
+        }
+        None => Ok(Box::new(stream)),
+    }
+}
+
+async fn one_request(
+    target: &Target,
+    conn: &mut Option<SendRequest<Empty<Bytes>>>,
+    bytes: &mut u64,
+) -> Result<(), String> {
+    let reused = conn.is_some() && !target.new_connection;
+    let mut sender = match conn.take() {
+        Some(s) if reused && !s.is_closed() => s,
+        _ => open(target).await?,
+    };
+    if sender.ready().await.is_err() {
+        if !reused {
+            return Err("connection closed before the request".into());
+        }
+        // The server closed the idle keep-alive connection: open another.
+        sender = open(target).await?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| format!("connection: {e}"))?;
+    }
+
+    let mut builder = Request::builder()
+        .method(target.method.clone())
+        .uri(target.path.as_str());
+    if !target.host_header.is_empty() {
+        builder = builder.header(hyper::header::HOST, target.host_header.as_str());
+    }
+    for (name, value) in &target.headers {
+        builder = builder.header(name, value);
+    }
+    let req = builder
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status();
+    let keep_alive = !resp
+        .headers()
+        .get(hyper::header::CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    if target.method != Method::HEAD {
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("body error after {} bytes: {e}", *bytes))?;
+            if let Some(data) = frame.data_ref() {
+                *bytes += data.len() as u64;
+            }
+        }
+    }
+    if !target.new_connection && keep_alive {
+        *conn = Some(sender);
+    }
+    if status != target.expect_status {
+        return Err(format!(
+            "status {} (expected {})",
+            status.as_u16(),
+            target.expect_status.as_u16()
+        ));
+    }
+    if let Some(want) = target.expect_bytes {
+        if *bytes != want {
+            return Err(format!("body of {} bytes, expected {want}", *bytes));
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------- handshake
+
+async fn handshake_main(args: HandshakeArgs) -> Result<ExitCode, Usage> {
+    let dial_addrs = resolve(&args.proxy).await?;
+    let connector = TlsConnector::from(client_config(load_roots(&args.cacert)?)?);
+    let mut times = Vec::new();
+    let mut failed = 0u64;
+    let mut first_error: Option<String> = None;
+    for i in 0..args.n {
+        let host = args.host.replace("{i}", &i.to_string());
+        let name = ServerName::try_from(host.clone())
+            .map_err(|e| Usage(format!("bad host name {host}: {e}")))?;
+        let authority = format!("{host}:{}", args.port);
+        let start = Instant::now();
+        let result = tokio::time::timeout(
+            Duration::from_secs(60),
+            open_stream(&dial_addrs, Some(&authority), Some((&connector, &name))),
+        )
+        .await
+        .unwrap_or_else(|_| Err("timed out after 60 s".into()));
+        let elapsed = start.elapsed().as_secs_f64();
+        match result {
+            Ok(mut stream) => {
+                times.push(elapsed);
+                let _ = stream.shutdown().await;
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert(format!("{host}: {e}"));
+            }
+        }
+    }
+    let s = Summary::of(&mut times);
+    print_json(&HandshakeReport {
+        n: args.n,
+        ok: times.len() as u64,
+        failed,
+        mean_s: s.as_ref().map(|s| s.mean),
+        p50_s: s.as_ref().map(|s| s.p50),
+        min_s: s.as_ref().map(|s| s.min),
+        max_s: s.as_ref().map(|s| s.max),
+        first_error,
+    });
+    Ok(if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+// ---------------------------------------------------------------- tcp
+
+fn tcp_main(bytes: u64) -> Result<ExitCode, Usage> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Usage(format!("bind 127.0.0.1:0: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Usage(format!("local address: {e}")))?;
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut s = std::net::TcpStream::connect(addr)?;
+        let buf = vec![0x5au8; CHUNK];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(CHUNK as u64) as usize;
+            s.write_all(&buf[..n])?;
+            left -= n as u64;
+        }
+        Ok(())
+    });
+    let (mut conn, _) = listener
+        .accept()
+        .map_err(|e| Usage(format!("accept: {e}")))?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut got = 0u64;
+    while got < bytes {
+        match conn.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n as u64,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Usage(format!("read: {e}"))),
+        }
+    }
+    let wall = start.elapsed().as_secs_f64();
+    match sender.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(Usage(format!("sender: {e}"))),
+        Err(_) => return Err(Usage("sender panicked".into())),
+    }
+    if got != bytes {
+        return Err(Usage(format!("received {got} of {bytes} bytes")));
+    }
+    print_json(&TcpReport {
+        bytes,
+        wall_s: wall,
+        mib_s: bytes as f64 / (1u64 << 20) as f64 / wall,
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------- tls-ceiling
+
+async fn tls_ceiling_main(bytes: u64, concurrency: u64) -> Result<ExitCode, Usage> {
+    const NAME: &str = "tls-ceiling.bench.test";
+    let key = rcgen::generate_simple_self_signed(vec![NAME.to_string()])
+        .map_err(|e| Usage(format!("rcgen: {e}")))?;
+    let cert_der = key.cert.der().clone();
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.signing_key.serialize_der()));
+    let mut server = ServerConfig::builder_with_provider(regcache::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Usage(format!("TLS server config: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert_der.clone()], key_der)
+        .map_err(|e| Usage(format!("TLS server config: {e}")))?;
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| Usage(format!("bind 127.0.0.1:0: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Usage(format!("local address: {e}")))?;
+    let payload: Arc<[u8]> = vec![0x5au8; CHUNK].into();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let payload = payload.clone();
+            tokio::spawn(async move {
+                if let Ok(tls) = acceptor.accept(stream).await {
+                    let _ = serve_static(tls, bytes, &payload).await;
+                }
+            });
+        }
+    });
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(cert_der)
+        .map_err(|e| Usage(format!("root store: {e}")))?;
+    let name =
+        ServerName::try_from(NAME.to_string()).map_err(|e| Usage(format!("server name: {e}")))?;
+    let target = Arc::new(Target {
+        dial: vec![addr],
+        connect: None,
+        tls: Some((TlsConnector::from(client_config(roots)?), name)),
+        method: Method::GET,
+        path: "/blob".into(),
+        host_header: NAME.into(),
+        headers: Vec::new(),
+        new_connection: false,
+        expect_status: StatusCode::OK,
+        expect_bytes: Some(bytes),
+        timeout: Duration::from_secs(3600),
+        first_error: Mutex::new(None),
+    });
+    Ok(run_load(target, concurrency, concurrency).await)
+}
+
+/// Answers each HTTP/1.1 request on `io` with `len` bytes of `payload`.
+async fn serve_static<S: AsyncRead + AsyncWrite + Unpin>(
+    mut io: S,
+    len: u64,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut filled = 0;
+    loop {
+        let end = loop {
+            if let Some(p) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            if filled == buf.len() {
+                return Ok(());
+            }
+            let n = io.read(&mut buf[filled..]).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            filled += n;
+        };
+        let head_only = buf.starts_with(b"HEAD ");
+        buf.copy_within(end..filled, 0);
+        filled -= end;
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
+        );
+        io.write_all(head.as_bytes()).await?;
+        if !head_only {
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(payload.len() as u64) as usize;
+                io.write_all(&payload[..n]).await?;
+                left -= n as u64;
+            }
+        }
+        io.flush().await?;
+    }
+}
+
+// ---------------------------------------------------------------- fill-cache
+
+fn fill_cache_main(dir: &Path, entries: usize) -> Result<ExitCode, Usage> {
+    use regcache::cache::index::{Change, ContentRow, Index};
+    use regcache::registry::digest::Digest;
+
+    std::fs::create_dir_all(dir).map_err(|e| Usage(format!("{}: {e}", dir.display())))?;
+    let index = Index::open(&dir.join("index.redb"))
+        .map_err(|e| Usage(format!("open index in {}: {e}", dir.display())))?;
+    // The same rows as `populated()` in benches/cache.rs.
+    let mut changes = Vec::with_capacity(2 * entries);
+    for i in 0..entries {
+        let digest = Digest::of(&i.to_le_bytes()).to_string();
+        changes.push(Change::PutLink(format!(
+            "docker.io/library/img{}@{digest}",
+            i % 100
+        )));
+        changes.push(Change::PutContent(ContentRow {
+            digest,
+            size: 1000 + i as u64,
+            last_access: i as u64,
+            media_type: String::new(),
+        }));
+    }
+    index
+        .apply(&changes)
+        .map_err(|e| Usage(format!("populate index: {e}")))?;
+    print_json(&FillReport { entries });
+    Ok(ExitCode::SUCCESS)
+}
