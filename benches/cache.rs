@@ -1,5 +1,6 @@
-//! Micro-benchmarks: opening a cache of 100,000 entries (start-up time), and
-//! the hot pure parts (route parsing, digest hashing, leaf minting).
+//! Micro-benchmarks: opening a cache of 100,000 entries (start-up time),
+//! lookups in it (entry and repository link, as every cached request makes),
+//! and the hot pure parts (route parsing, digest hashing, leaf minting).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -41,6 +42,29 @@ fn startup(c: &mut Criterion) {
             let cache = Cache::open(dir.path(), u64::MAX).expect("open");
             assert_eq!(cache.stats().entries, 100_000);
             black_box(cache)
+        })
+    });
+    group.finish();
+
+    let cache = Cache::open(dir.path(), u64::MAX).expect("open");
+    let digests: Vec<Digest> = (0..1000usize)
+        .map(|i| Digest::of(&(i * 97).to_le_bytes()))
+        .collect();
+    let mut group = c.benchmark_group("lookup in 100k entries");
+    group.throughput(Throughput::Elements(digests.len() as u64));
+    group.bench_function("entry by digest", |b| {
+        b.iter(|| {
+            for d in &digests {
+                black_box(cache.get(black_box(d)));
+            }
+        })
+    });
+    group.bench_function("repository link", |b| {
+        b.iter(|| {
+            for (i, d) in digests.iter().enumerate() {
+                let repo = format!("library/img{}", (i * 97) % 100);
+                black_box(cache.is_linked("docker.io", &repo, black_box(d)));
+            }
         })
     });
     group.finish();
