@@ -5,7 +5,10 @@
 #   2. formatting and lint (cargo fmt --check, cargo clippy -D warnings);
 #   3. unit and integration tests (cargo test);
 #   4. the end-to-end tests with the real registry and real clients
-#      (run.sh, auth.sh, mirror.sh).
+#      (run.sh, auth.sh, mirror.sh);
+#   5. a smoke run of the benchmark (bench/run.sh --smoke: every peer started
+#      and measured once with small sizes, to keep the script working; its
+#      targets are not checked here).
 # Needs root (or sudo) for apt-get and for the private dockerd/containerd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,3 +44,7 @@ $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/auth.sh
 
 step "end-to-end test of mirror and path-prefix modes, fallback, air gap (ctr hosts.toml, skopeo, export/import)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/mirror.sh
+
+step "benchmark smoke run (bench/run.sh --smoke: squid, distribution mirror, nginx, direct, regcache; one small round)"
+cargo build --locked --example bench_client
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" BENCH_CLIENT="$PWD/target/debug/examples/bench_client" bench/run.sh --smoke

@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""The markdown table of bench/run.sh.
+
+Usage:  report.py RESULTS.tsv MISSING.txt HEADER [key=value]...
+
+RESULTS.tsv holds one measurement a line, "KEY<TAB>VALUE", a line per round.
+Times and throughputs are reduced to their median over the rounds; counts of
+upstream requests to their largest value (the worst round). The key=value
+arguments describe the run (sizes, client counts).
+"""
+
+import statistics
+import sys
+
+PEERS = ["regcache", "squid", "mirror", "nginx", "direct"]
+COUNTS = ("coldgets.", "concgets.", "tagcold.get.", "tagcold.head.", "tagstale.get.", "tagstale.head.")
+
+
+def load(path):
+    values = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.rstrip("\n").partition("\t")
+            try:
+                values.setdefault(key, []).append(float(value))
+            except ValueError:
+                pass
+    out = {}
+    for key, vals in values.items():
+        out[key] = max(vals) if key.startswith(COUNTS) else statistics.median(vals)
+    return out
+
+
+def main(argv):
+    results, missing_path, header = argv[1:4]
+    opts = dict(a.split("=", 1) for a in argv[4:])
+    v = load(results)
+    with open(missing_path) as f:
+        missing = [l.strip() for l in f if l.strip()]
+
+    def g(key):
+        return v.get(key)
+
+    def ratio(a, b):
+        a, b = g(a), g(b)
+        if a is None or b is None or b == 0:
+            return None
+        return a / b
+
+    def mib(x):
+        return "—" if x is None else f"{x:,.0f}"
+
+    def secs(x):
+        if x is None:
+            return "—"
+        return f"{x:.3f} s" if x < 10 else f"{x:.1f} s"
+
+    def ms(x):
+        return "—" if x is None else f"{x * 1000:.2f} ms"
+
+    def count(x):
+        return "—" if x is None else f"{x:.0f}"
+
+    def rx(x):
+        return "?" if x is None else f"{x:.2f}×"
+
+    def check(ok):
+        return "?" if ok is None else ("✓" if ok else "✗")
+
+    def cmp(x, pred):
+        return None if x is None else pred(x)
+
+    rows = []
+
+    def row(figure, fmt, key, ratios="", target="", na=()):
+        cells = []
+        for p in PEERS:
+            if p in na:
+                cells.append("n/a")
+            else:
+                cells.append(fmt(g(f"{key}.{p}")))
+        rows.append([figure] + cells + [ratios, target])
+
+    big, conc = opts["big_mib"], opts["conc_mib"]
+    n_conc, warm_conc, tags = opts["conc"], opts["warm_conc"], opts["tag_reqs"]
+
+    # 1. warm throughput
+    r_ng, r_sq, r_mi = ratio("warm.regcache", "warm.nginx"), ratio("warm.regcache", "warm.squid"), ratio("warm.regcache", "warm.mirror")
+    r_tcp = ratio("warm.regcache", "tcp")
+    row(
+        f"1. warm {big} MiB blob over TLS, 1 connection, MiB/s",
+        mib,
+        "warm",
+        f"regcache/nginx {rx(r_ng)}, /squid {rx(r_sq)}, /mirror {rx(r_mi)}, /tcp {rx(r_tcp)}, "
+        f"/tls-ceiling {rx(ratio('warm.regcache', 'tlsceil'))}",
+        f"≥ nginx {check(cmp(r_ng, lambda x: x >= 1))}, ≥ 3× squid {check(cmp(r_sq, lambda x: x >= 3))}, "
+        f"≥ mirror {check(cmp(r_mi, lambda x: x >= 1))}, aim ≥ 80% tcp {check(cmp(r_tcp, lambda x: x >= 0.8))}",
+    )
+    rows.append(
+        ["1. client ceilings, MiB/s", "", "", "", "", "",
+         f"raw loopback TCP {mib(g('tcp'))}, bench_client TLS ceiling {mib(g('tlsceil'))}", ""]
+    )
+    # 2. cold
+    r_cold = ratio("cold.regcache", "cold.direct")
+    row(
+        f"2. cold {big} MiB blob (empty cache), s",
+        secs,
+        "cold",
+        f"regcache/direct {rx(r_cold)}, squid/direct {rx(ratio('cold.squid', 'cold.direct'))}, "
+        f"mirror/direct {rx(ratio('cold.mirror', 'cold.direct'))}",
+        f"≤ 1.1× direct {check(cmp(r_cold, lambda x: x <= 1.1))}",
+        na=("nginx",),
+    )
+    cg = g("coldgets.regcache")
+    row(
+        "2. upstream blob GETs for that cold GET (max of rounds)",
+        count,
+        "coldgets",
+        "",
+        f"exactly 1 {check(cmp(cg, lambda x: x == 1))}",
+        na=("nginx",),
+    )
+    # 3. concurrent cold
+    r_c = ratio("conc.regcache", "conc1.regcache")
+    row(
+        f"3. {n_conc} concurrent clients, one cold {conc} MiB blob: wall, s",
+        secs,
+        "conc",
+        f"÷ one cold GET of it: regcache {rx(r_c)}, squid {rx(ratio('conc.squid', 'conc1.squid'))}, "
+        f"mirror {rx(ratio('conc.mirror', 'conc1.mirror'))}, direct {rx(ratio('conc.direct', 'conc1.direct'))}",
+        f"≤ 1.5× one cold {check(cmp(r_c, lambda x: x <= 1.5))}",
+        na=("nginx",),
+    )
+    row(
+        f"3. one cold GET of that {conc} MiB blob, s",
+        secs,
+        "conc1",
+        "",
+        "",
+        na=("nginx",),
+    )
+    ccg = g("concgets.regcache")
+    row(
+        f"3. upstream blob GETs for the {n_conc} clients (max of rounds)",
+        count,
+        "concgets",
+        "",
+        f"exactly 1 {check(cmp(ccg, lambda x: x == 1))}",
+        na=("nginx",),
+    )
+    # 4. concurrent warm
+    row(
+        f"4. {warm_conc} concurrent clients, warm {big} MiB blob: aggregate MiB/s",
+        mib,
+        "w20",
+        f"regcache/nginx {rx(ratio('w20.regcache', 'w20.nginx'))}, /squid {rx(ratio('w20.regcache', 'w20.squid'))}, "
+        f"/mirror {rx(ratio('w20.regcache', 'w20.mirror'))}",
+        "",
+    )
+    rss = g("rss.regcache")
+    row(
+        "4. peak RSS during it (VmHWM), MiB",
+        lambda x: "—" if x is None else f"{x:.1f}",
+        "rss",
+        "",
+        f"regcache < 64 MiB {check(cmp(rss, lambda x: x < 64))}",
+        na=("nginx", "direct"),
+    )
+    # 5. tags
+    def tagcell(kind):
+        def fmt_peer(p):
+            gv, hv = g(f"tag{kind}.get.{p}"), g(f"tag{kind}.head.{p}")
+            if gv is None and hv is None:
+                return "—"
+            return f"{count(gv)} GET, {count(hv)} HEAD"
+        return fmt_peer
+
+    tc = g("tagcold.get.regcache")
+    cells = [tagcell("cold")(p) if p in ("regcache", "squid", "mirror") else "n/a" for p in PEERS]
+    rows.append(
+        [f"5. {tags} concurrent GETs of a tag never seen: upstream manifest requests (max of rounds)"] + cells
+        + [f"burst wall: regcache {secs(g('tagcold.wall.regcache'))}, squid {secs(g('tagcold.wall.squid'))}, "
+           f"mirror {secs(g('tagcold.wall.mirror'))}",
+           f"regcache ≤ 1 GET {check(cmp(tc, lambda x: x <= 1))}"]
+    )
+    ts = g("tagstale.head.regcache")
+    cells = []
+    for p in PEERS:
+        if p == "squid":
+            cells.append("n/a (refresh_pattern is in minutes)")
+        elif p in ("regcache", "mirror"):
+            cells.append(tagcell("stale")(p))
+        else:
+            cells.append("n/a")
+    rows.append(
+        [f"5. {tags} concurrent GETs of a stale tag (regcache --tag-ttl {opts['stale_ttl']}, "
+         f"{int(opts['stale_ttl']) + 1} s after a GET)"] + cells
+        + [f"burst wall: regcache {secs(g('tagstale.wall.regcache'))}, mirror {secs(g('tagstale.wall.mirror'))}",
+           f"regcache ≤ 1 HEAD {check(cmp(ts, lambda x: x <= 1))}"]
+    )
+    # 6. handshakes
+    hs = opts["handshakes"]
+    row(
+        f"6. CONNECT + TLS handshake to a new host (minting), p50 of {hs}",
+        ms,
+        "hsmint",
+        f"new/known host: regcache {rx(ratio('hsmint.regcache', 'hsknown.regcache'))}, "
+        f"squid {rx(ratio('hsmint.squid', 'hsknown.squid'))}",
+        "",
+        na=("mirror", "nginx", "direct"),
+    )
+    row(
+        f"6. CONNECT + TLS handshake to a known host, p50 of {hs}",
+        ms,
+        "hsknown",
+        "",
+        "",
+        na=("mirror", "nginx", "direct"),
+    )
+    # 7. start-up
+    su = g("startup.full")
+    rows.append(
+        [f"7. start-up to /healthz, cache of {int(opts['entries']):,} entries", secs(su), "n/a", "n/a", "n/a", "n/a",
+         f"empty cache {secs(g('startup.empty'))}; ratio {rx(ratio('startup.full', 'startup.empty'))}",
+         f"< 1 s {check(cmp(su, lambda x: x < 1))}"]
+    )
+    # 8. skopeo
+    row(
+        f"8. warm skopeo copy, {opts['layers']} layers × {opts['layer_mib']} MiB, to dir:, s",
+        secs,
+        "skopeo",
+        f"regcache/direct {rx(ratio('skopeo.regcache', 'skopeo.direct'))}, "
+        f"/squid {rx(ratio('skopeo.regcache', 'skopeo.squid'))}, /mirror {rx(ratio('skopeo.regcache', 'skopeo.mirror'))}",
+        "",
+        na=("nginx",),
+    )
+
+    print(header)
+    print()
+    print("| figure | regcache | squid | mirror | nginx | direct | ratios | target |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print()
+    print(
+        f"Medians of the rounds (upstream request counts: the largest). Warm: {opts['warm_n']} sequential GETs "
+        "on one connection, after one untimed GET. mirror = docker-registry proxy (pull-through mirror, "
+        "no interception); squid = squid-openssl, ssl-bump at step 1, blobs in cache_mem over an aufs cache_dir, "
+        "collapsed_forwarding on; nginx = static file, sendfile on; direct = the upstream docker-registry. "
+        f"Figure 3 delivers {n_conc}× the blob to the clients, so on loopback its wall time is bound by "
+        "delivery, not by the one upstream fetch."
+    )
+    if missing:
+        print()
+        print("Not measured:")
+        for m in missing:
+            print(f"- {m}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,719 @@
+#!/usr/bin/env bash
+# Benchmark of regcache against the alternatives, on loopback only.
+#
+#   upstream  Debian's docker-registry serving TLS as upstream.bench.test on
+#             UPADDR:443 (UPADDR a free 127.x address, 127.0.0.2 if free);
+#             the name is never made resolvable (no /etc/hosts change)
+#   regcache  intercepting *.bench.test, --resolve upstream.bench.test=UPADDR:443
+#   squid     squid-openssl with ssl-bump, memory and disk cache sized for blobs,
+#             hosts_file mapping upstream.bench.test to UPADDR
+#   mirror    docker-registry in proxy mode (remoteurl https://UPADDR), TLS
+#   nginx     the blob file over TLS with sendfile (a static-file ceiling)
+#   direct    the upstream itself (--connect-to upstream.bench.test:443=UPADDR:443)
+#
+# Every client is target/release/examples/bench_client; skopeo for the image
+# copy figure. Each figure is measured R times, the peers interleaved within a
+# round (their order rotates), and the median is reported (upstream request
+# counts: the largest of the rounds). Prints one markdown table on stdout;
+# progress goes to stderr.
+#
+# Usage:  bench/run.sh [--smoke] [--rounds R] [--out FILE] [--keep]
+#   --smoke    short run for CI: 8 MiB blob, R=1, 10 concurrent clients,
+#              50 tag requests, 1000 cache entries; all peers still started
+#   --rounds R rounds per figure (default 5; 1 with --smoke)
+#   --out FILE also write the table (with its header line) to FILE
+#   --keep     keep the work directory (its path is printed)
+# Environment: REGCACHE_BIN and BENCH_CLIENT (both) use these binaries
+#   instead of `cargo build --release --bin regcache --example bench_client`;
+#   BENCH_BIG_MIB, BENCH_CONC_MIB, BENCH_CONC, BENCH_WARM_CONC,
+#   BENCH_TAG_REQS, BENCH_ENTRIES, BENCH_HANDSHAKES, BENCH_LAYERS,
+#   BENCH_LAYER_MIB, BENCH_STALE_TTL override the sizes (see below).
+#
+# Needs root: apt-get for missing packages (docker-registry, skopeo,
+# squid-openssl, nginx-light, openssl, curl, jq), port 443 on a loopback
+# address, squid's and nginx's workers under their own users. Exits non-zero
+# when something could not be measured (a peer that did not start or serve),
+# not when a target is missed: this is a benchmark, not a timed test.
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/.." && pwd)
+
+SMOKE=0
+ROUNDS=""
+OUT=""
+while [ $# -gt 0 ]; do
+    case $1 in
+    --smoke) SMOKE=1 ;;
+    --rounds)
+        ROUNDS=${2:?--rounds needs a number}
+        shift
+        ;;
+    --out)
+        OUT=${2:?--out needs a file}
+        shift
+        ;;
+    --keep) export E2E_KEEP=1 ;;
+    -h | --help)
+        sed -n '2,/^$/p' "$0" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "bench/run.sh: unknown argument $1 (see --help)" >&2
+        exit 2
+        ;;
+    esac
+    shift
+done
+[ -z "$OUT" ] || OUT=$(realpath -m "$OUT")
+
+MIB=1048576
+if [ "$SMOKE" = 1 ]; then
+    : "${ROUNDS:=1}"
+    BIG_MIB=${BENCH_BIG_MIB:-8}        # the blob of figures 1, 2, 4
+    CONC_MIB=${BENCH_CONC_MIB:-8}      # the blob of figure 3
+    CONC=${BENCH_CONC:-10}             # figure 3 clients
+    WARM_CONC=${BENCH_WARM_CONC:-20}   # figure 4 clients
+    TAG_REQS=${BENCH_TAG_REQS:-50}     # figure 5 requests
+    ENTRIES=${BENCH_ENTRIES:-1000}     # figure 7 cache entries
+    HANDSHAKES=${BENCH_HANDSHAKES:-20} # figure 6 handshakes per host kind
+    LAYERS=${BENCH_LAYERS:-4}          # figure 8 image
+    LAYER_MIB=${BENCH_LAYER_MIB:-1}
+    TCP_BYTES=$((64 * MIB))
+else
+    : "${ROUNDS:=5}"
+    BIG_MIB=${BENCH_BIG_MIB:-256}
+    # 100 clients x 256 MiB (25 GiB per peer) took 7 minutes a round on the
+    # 2-core development machine (squid 188 s, mirror 144 s): 16 MiB instead.
+    CONC_MIB=${BENCH_CONC_MIB:-16}
+    CONC=${BENCH_CONC:-100}
+    WARM_CONC=${BENCH_WARM_CONC:-20}
+    TAG_REQS=${BENCH_TAG_REQS:-500}
+    ENTRIES=${BENCH_ENTRIES:-100000}
+    HANDSHAKES=${BENCH_HANDSHAKES:-100}
+    LAYERS=${BENCH_LAYERS:-8}
+    LAYER_MIB=${BENCH_LAYER_MIB:-16}
+    TCP_BYTES=$((1024 * MIB))
+fi
+WARM_N=3 # sequential requests per warm measurement (one connection)
+STALE_TTL=${BENCH_STALE_TTL:-3} # figure 5: regcache --tag-ttl for the stale tag
+
+# lib.sh was written for `set -u`; its functions are called here only where a
+# failure is handled (if, ||), and its EXIT trap runs without errexit.
+# shellcheck source-path=SCRIPTDIR source=../tests/e2e/lib.sh
+. "$REPO/tests/e2e/lib.sh"
+bench_exit() {
+    local rc=$?
+    set +e
+    (exit "$rc")
+    cleanup
+}
+trap bench_exit EXIT
+
+say() { echo "bench: $*" >&2; }
+die() {
+    echo "bench: FATAL: $*" >&2
+    [ "$LAST_LOG" = /dev/null ] || tail -n 20 "$LAST_LOG" | sed 's/^/    | /' >&2
+    exit 1
+}
+
+[ "$(id -u)" = 0 ] || die "needs root (apt-get, port 443 on a loopback address, squid and nginx users); try sudo"
+
+# ------------------------------------------------------------------ install
+# command (or file) -> Debian 12 package; only missing ones are installed.
+install_missing() {
+    local -A need=([docker-registry]=docker-registry [skopeo]=skopeo [nginx]=nginx-light
+        [openssl]=openssl [curl]=curl [jq]=jq [python3]=python3 [setsid]=util-linux)
+    local cmd pkgs=()
+    for cmd in "${!need[@]}"; do
+        command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || pkgs+=("${need[$cmd]}")
+    done
+    # Debian's plain `squid` is the GnuTLS build, which cannot ssl-bump;
+    # squid-openssl replaces it.
+    local squid_v=""
+    [ ! -x /usr/sbin/squid ] || squid_v=$(/usr/sbin/squid -v 2>/dev/null || true)
+    if [[ $squid_v != *--with-openssl* ]] || [ ! -x /usr/lib/squid/security_file_certgen ]; then
+        pkgs+=(squid-openssl)
+    fi
+    [ ${#pkgs[@]} -eq 0 ] && return 0
+    say "installing ${pkgs[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+        apt-get update >&2
+    fi
+    apt-get install -y --no-install-recommends "${pkgs[@]}" >&2 ||
+        { apt-get update >&2 && apt-get install -y --no-install-recommends "${pkgs[@]}" >&2; }
+}
+install_missing || die "apt-get install failed"
+PATH=$PATH:/usr/sbin:/sbin
+
+# ----------------------------------------------------------- work directory
+W=$(mktemp -d /tmp/regcache-bench.XXXXXX)
+chmod 711 "$W" # squid (user proxy) and nginx workers (nobody) pass through
+mkdir -p "$W/logs" "$W/tmp" "$W/json" "$W/home" "$W/xdg-data" "$W/xdg-config" "$W/xdg-run"
+chmod 700 "$W/xdg-run"
+: >"$W/registries.conf"
+echo '{"auths":{}}' >"$W/auth.json"
+echo '{"default":[{"type":"insecureAcceptAnything"}]}' >"$W/policy.json"
+: >"$W/results.tsv"
+: >"$W/missing.txt"
+say "work directory $W"
+# skopeo's environment stays in the work directory (as lib.sh setup_workdir).
+ISOLATE_ENV=(HOME="$W/home" XDG_DATA_HOME="$W/xdg-data" XDG_CONFIG_HOME="$W/xdg-config"
+    XDG_RUNTIME_DIR="$W/xdg-run" _CONTAINERS_ROOTLESS_UID=4242
+    CONTAINERS_REGISTRIES_CONF="$W/registries.conf" REGISTRY_AUTH_FILE="$W/auth.json" TMPDIR="$W/tmp")
+SKOPEO=(env "${ISOLATE_ENV[@]}" skopeo --policy "$W/policy.json")
+
+# rec KEY VALUE: one measurement; missing WHAT: something not measured.
+rec() { printf '%s\t%s\n' "$1" "$2" >>"$W/results.tsv"; }
+missing() {
+    say "NOT MEASURED: $*"
+    echo "$*" >>"$W/missing.txt"
+}
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.4f", b - a }'; }
+
+# -------------------------------------------------------------------- build
+# Copies of the binaries in the work directory: others may rebuild target/
+# while the benchmark runs.
+mkdir -p "$W/bin"
+PREBUILT=""
+if [ -n "${REGCACHE_BIN:-}" ] && [ -n "${BENCH_CLIENT:-}" ]; then
+    say "using REGCACHE_BIN=$REGCACHE_BIN BENCH_CLIENT=$BENCH_CLIENT (no cargo build)"
+    PREBUILT=" (binary $REGCACHE_BIN)"
+else
+    say "building regcache and bench_client (cargo build --release)"
+    if ! (cd "$REPO" && cargo build --release --bin regcache --example bench_client) >"$W/logs/cargo-build.log" 2>&1; then
+        tail -n 30 "$W/logs/cargo-build.log" >&2
+        die "cargo build --release failed"
+    fi
+    REGCACHE_BIN=$REPO/target/release/regcache
+    BENCH_CLIENT=$REPO/target/release/examples/bench_client
+fi
+cp "$REGCACHE_BIN" "$W/bin/regcache"
+cp "$BENCH_CLIENT" "$W/bin/bench_client"
+REGCACHE_BIN=$W/bin/regcache
+BC=$W/bin/bench_client
+COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+[ -z "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ] || COMMIT="$COMMIT+dirty"
+
+# ------------------------------------------------------------------ address
+UPHOST=upstream.bench.test
+getent hosts "$UPHOST" >/dev/null 2>&1 && die "$UPHOST resolves on this machine; it must not"
+UPADDR=""
+for i in $(seq 2 254); do
+    if python3 -c 'import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], 443))' "127.0.0.$i" 2>/dev/null; then
+        UPADDR=127.0.0.$i
+        break
+    fi
+done
+[ -n "$UPADDR" ] || die "no free 127.0.0.x:443"
+
+# --------------------------------------------------------------------- seed
+say "building the images (${BIG_MIB} MiB blob, ${CONC_MIB} MiB blob, ${LAYERS}x${LAYER_MIB} MiB layers)"
+SEED=$W/seed
+capture make-images 300 "$W/images.env" python3 "$HERE/make_images.py" "$SEED" \
+    "$BIG_MIB" "$CONC_MIB" "$LAYERS" "$LAYER_MIB" || die "make_images.py failed"
+# shellcheck disable=SC1091
+. "$W/images.env"
+BIG_SIZE=${BIG_SIZE:?} CONC_SIZE=${CONC_SIZE:?}
+TOTAL_MIB=$((BIG_MIB + CONC_MIB + LAYERS * LAYER_MIB))
+BIG_PATH=/v2/bench/big/blobs/$BIG_DIGEST
+CONC_PATH=/v2/bench/conc/blobs/$CONC_DIGEST
+
+# ---------------------------------------------------------------------- PKI
+PKI=$W/pki
+make_pki "$PKI" "$UPHOST" "DNS:$UPHOST,IP:$UPADDR,IP:127.0.0.1" "regcache bench upstream CA" ||
+    die "openssl (upstream PKI)"
+mkdir -p "$W/upstream-certs"
+cp "$PKI/ca.pem" "$W/upstream-certs/ca.crt" # skopeo --src-cert-dir
+
+# ----------------------------------------------------------------- upstream
+say "starting the upstream docker-registry on $UPADDR:443"
+start_registry "$W/upstream" "$UPADDR:443" "$PKI"
+UPLOG=$W/registry.log
+up_ok() { curl -fsS --max-time 3 --cacert "$PKI/ca.pem" --resolve "$UPHOST:443:$UPADDR" "https://$UPHOST/v2/"; }
+wait_until 30 "${PID_OF[registry]}" up_ok || die "docker-registry did not start (see $UPLOG)"
+for ref in big conc multi; do
+    run "push-$ref" 300 "${SKOPEO[@]}" copy --preserve-digests --dest-cert-dir "$W/upstream-certs" \
+        "oci:$SEED:$ref" "docker://$UPADDR/bench/$ref:1" || die "skopeo push of bench/$ref:1"
+done
+for d in "$BIG_PATH" "$CONC_PATH"; do
+    up_size=$(curl -fsSI --max-time 10 --cacert "$PKI/ca.pem" --resolve "$UPHOST:443:$UPADDR" "https://$UPHOST$d" |
+        tr -d '\r' | sed -n 's/^[Cc]ontent-[Ll]ength: *//p')
+    case $d in "$BIG_PATH") want=$BIG_SIZE ;; *) want=$CONC_SIZE ;; esac
+    [ "$up_size" = "$want" ] || die "upstream does not serve $d with $want bytes (got '$up_size')"
+done
+MULTI_MEDIA=application/vnd.oci.image.manifest.v1+json
+MULTI_JSON=$SEED/blobs/sha256/${MULTI_MANIFEST#sha256:}
+# push_tag TAG: one more tag of bench/multi upstream (same manifest).
+push_tag() {
+    curl -fsS --max-time 20 --cacert "$PKI/ca.pem" --resolve "$UPHOST:443:$UPADDR" -X PUT \
+        -H "Content-Type: $MULTI_MEDIA" --data-binary "@$MULTI_JSON" \
+        "https://$UPHOST/v2/bench/multi/manifests/$1" -o /dev/null
+}
+ACCEPT="Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
+
+# settle: wait until the upstream access log has been quiet for half a
+# second (lines are written when a response ends), at most 30 s.
+settle() {
+    local a b deadline=$((SECONDS + 30))
+    b=$(stat -c %s "$UPLOG")
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        sleep 0.5
+        a=$b
+        b=$(stat -c %s "$UPLOG")
+        [ "$a" != "$b" ] || return 0
+    done
+}
+# upcount MARK REGEX: upstream access-log lines since MARK matching REGEX.
+upcount() { since "$UPLOG" "$1" | grep -cE "$2" || true; }
+blob_gets() { upcount "$1" "\"GET /v2/[^ ]+/blobs/$2 HTTP"; }
+
+# --------------------------------------------------------------------- peers
+# Every peer has start_PEER (fresh cache when asked) and a readiness check.
+# Fixed ports, so that restarts keep the clients' arguments.
+RC_PORT=$(free_port)
+SQ_PORT=$(free_port)
+MIRROR_PORT=$(free_port)
+NGINX_PORT=$(free_port)
+RC2_PORT=$(free_port) # regcache --tag-ttl STALE_TTL (figure 5) and the start-up figure
+GEN=0                 # a counter for fresh cache directories
+
+mkdir -p "$W/rc/certs"
+REGCACHE_ARGS=(--ca-dir "$W/rc/certs" --upstream-ca "$PKI/ca.pem" --resolve "$UPHOST=$UPADDR:443"
+    --intercept '*.bench.test')
+regcache_cmd() { # regcache_cmd PORT CACHE_DIR [ARGS...]: the serve command line, in RCMD
+    local port=$1 dir=$2
+    shift 2
+    RCMD=(env -C "$W/rc" HOME="$W/rc" XDG_CACHE_HOME="$W/rc/xdg" XDG_CONFIG_HOME="$W/rc/xdg"
+        XDG_DATA_HOME="$W/rc/xdg" "$REGCACHE_BIN" serve --listen "127.0.0.1:$port" --cache-dir "$dir"
+        "${REGCACHE_ARGS[@]}" "$@")
+}
+healthz() { curl -fsS --max-time 2 "http://127.0.0.1:$1/healthz"; }
+start_regcache() { # start_regcache: a regcache with an empty cache on RC_PORT
+    stop_named regcache || true
+    GEN=$((GEN + 1))
+    rm -rf "$W"/rc/cache-*
+    regcache_cmd "$RC_PORT" "$W/rc/cache-$GEN"
+    start_bg regcache "$W/logs/regcache-$GEN.log" "${RCMD[@]}"
+    wait_until 30 "${PID_OF[regcache]}" healthz "$RC_PORT" || return 1
+    [ -s "$W/rc/ca.pem" ] || curl -fsS --max-time 5 -o "$W/rc/ca.pem" "http://127.0.0.1:$RC_PORT/ca.crt"
+}
+
+SQ=$W/squid
+mkdir -p "$SQ"
+# squid's CA, made with openssl (EC P-256, as regcache's).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$SQ/ca.key" \
+    -out "$SQ/ca.pem" -days 2 -subj '/CN=regcache bench squid CA' \
+    -addext 'basicConstraints=critical,CA:TRUE' -addext 'keyUsage=critical,keyCertSign,cRLSign' \
+    >"$W/logs/squid-ca.log" 2>&1 || die "openssl (squid CA)"
+cp "$PKI/ca.pem" "$SQ/upstream-ca.pem"
+echo "$UPADDR $UPHOST" >"$SQ/hosts"
+/usr/lib/squid/security_file_certgen -c -s "$SQ/ssl_db" -M 16MB >"$W/logs/squid-certgen.log" 2>&1 ||
+    die "security_file_certgen -c"
+squid_conf() { # squid_conf CACHE_DIR: the configuration, on stdout
+    cat <<EOF
+# squid for the regcache benchmark: ssl-bump of every CONNECT, a disk cache
+# sized for registry blobs, concurrent misses collapsed into one fetch.
+http_port 127.0.0.1:$SQ_PORT ssl-bump tls-cert=$SQ/ca.pem tls-key=$SQ/ca.key generate-host-certificates=on dynamic_cert_mem_cache_size=16MB
+sslcrtd_program /usr/lib/squid/security_file_certgen -s $SQ/ssl_db -M 16MB
+sslcrtd_children 8 startup=2 idle=1
+# Bump at step 1 (client-first; the certificate names the CONNECT host, which
+# is the SNI of every client here). Peeking at step 1 first cost ~10 ms a
+# connection on the development machine.
+ssl_bump bump all
+tls_outgoing_options cafile=$SQ/upstream-ca.pem
+hosts_file $SQ/hosts
+http_access allow localhost
+http_access deny all
+
+# The blobs fit in the memory cache (hits from the aufs cache_dir alone ran
+# at ~30 MiB/s, from memory at ~170 MiB/s); the disk keeps them across restarts.
+cache_dir aufs $1 $((TOTAL_MIB * 4 + 1024)) 16 256
+maximum_object_size 1 GB
+cache_mem $((TOTAL_MIB * 2 + 256)) MB
+maximum_object_size_in_memory $((BIG_MIB > CONC_MIB ? BIG_MIB * 2 : CONC_MIB * 2)) MB
+collapsed_forwarding on
+read_ahead_gap 64 MB
+# Blobs are immutable (named by their digest; the registry also says
+# max-age=31536000). Tags: fresh for a minute, as regcache's default tag_ttl.
+refresh_pattern /v2/.+/blobs/sha256: 10080 100% 525600
+refresh_pattern /v2/.+/manifests/ 1 0% 1
+refresh_pattern . 0 20% 4320
+
+access_log stdio:$SQ/access.log
+cache_log $SQ/cache.log
+cache_store_log none
+pid_filename $SQ/squid.pid
+coredump_dir $SQ
+netdb_filename none
+shutdown_lifetime 1 seconds
+visible_hostname regcache-bench-squid
+EOF
+}
+chown -R proxy:proxy "$SQ"
+squid_ok() {
+    curl -fsS --max-time 5 --proxy "http://127.0.0.1:$SQ_PORT" --cacert "$SQ/ca.pem" "https://$UPHOST/v2/"
+}
+start_squid() { # start_squid: squid with an empty cache_dir on SQ_PORT
+    stop_named squid || true
+    GEN=$((GEN + 1))
+    rm -rf "$SQ"/cache-*
+    install -d -o proxy -g proxy "$SQ/cache-$GEN"
+    squid_conf "$SQ/cache-$GEN" >"$SQ/squid.conf"
+    run squid-z 60 squid -z -N -f "$SQ/squid.conf" || return 1
+    start_bg squid "$W/squid.log" squid -N -f "$SQ/squid.conf"
+    wait_until 30 "${PID_OF[squid]}" squid_ok
+}
+
+MIR=$W/mirror
+mkdir -p "$MIR"
+mirror_ok() { curl -fsS --max-time 5 --cacert "$PKI/ca.pem" "https://127.0.0.1:$MIRROR_PORT/v2/"; }
+start_mirror() { # start_mirror: docker-registry proxy with empty storage
+    stop_named mirror || true
+    GEN=$((GEN + 1))
+    rm -rf "$MIR"/data-*
+    mkdir -p "$MIR/data-$GEN"
+    cat >"$MIR/config.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: $MIR/data-$GEN
+  cache:
+    blobdescriptor: inmemory
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:$MIRROR_PORT
+  secret: regcache-bench-not-a-secret
+  tls:
+    certificate: $PKI/server.pem
+    key: $PKI/server.key
+proxy:
+  remoteurl: https://$UPADDR
+EOF
+    start_bg mirror "$W/mirror.log" env SSL_CERT_FILE="$PKI/ca.pem" docker-registry serve "$MIR/config.yml"
+    wait_until 30 "${PID_OF[mirror]}" mirror_ok
+}
+
+NG=$W/nginx
+mkdir -p "$NG/www" "$NG/tmp"
+chmod 755 "$NG" "$NG/www"
+ln "$SEED/blobs/sha256/${BIG_DIGEST#sha256:}" "$NG/www/big.bin"
+chmod 644 "$NG/www/big.bin"
+cat >"$NG/nginx.conf" <<EOF
+worker_processes auto;
+pid $NG/nginx.pid;
+error_log $NG/error.log;
+daemon off;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    client_body_temp_path $NG/tmp/body;
+    proxy_temp_path $NG/tmp/proxy;
+    fastcgi_temp_path $NG/tmp/fastcgi;
+    uwsgi_temp_path $NG/tmp/uwsgi;
+    scgi_temp_path $NG/tmp/scgi;
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:$NGINX_PORT ssl;
+        ssl_certificate $PKI/server.pem;
+        ssl_certificate_key $PKI/server.key;
+        root $NG/www;
+    }
+}
+EOF
+nginx_ok() { curl -fsS --max-time 5 --cacert "$PKI/ca.pem" -o /dev/null -r 0-0 "https://127.0.0.1:$NGINX_PORT/big.bin"; }
+start_nginx() {
+    start_bg nginx "$W/nginx.log" nginx -e "$NG/error.log" -p "$NG" -c "$NG/nginx.conf"
+    wait_until 30 "${PID_OF[nginx]}" nginx_ok
+}
+
+PEERS=(regcache squid mirror nginx direct)
+CACHES=(regcache squid mirror)
+declare -A DOWN=()
+# mirror_stored DIGEST: the mirror has committed DIGEST to its storage (its
+# own upstream GET, apart from the one that serves the client, has ended).
+mirror_stored() {
+    local hex=${1#sha256:}
+    wait_until 60 "${PID_OF[mirror]}" test -e "$MIR/data-$GEN/docker/registry/v2/blobs/sha256/${hex:0:2}/$hex/data"
+}
+# quiet PEER DIGEST: let the upstream requests PEER caused end before counting.
+quiet() {
+    if [ "$1" = mirror ]; then mirror_stored "$2" || true; fi
+    settle
+}
+peer_log() {
+    case $1 in
+    regcache) echo "$W/logs/regcache-$GEN.log" ;;
+    squid) echo "$SQ/cache.log" ;;
+    *) echo "$W/$1.log" ;;
+    esac
+}
+# fresh PEER: restart a caching peer with an empty cache (no-op for others).
+fresh() {
+    [ -z "${DOWN[$1]:-}" ] || return 1
+    case $1 in
+    regcache | squid | mirror)
+        if ! "start_$1"; then
+            missing "$1 did not (re)start: $(tail -n 2 "$LAST_LOG" "$(peer_log "$1")" 2>/dev/null | tr '\n' ' ' | cut -c1-400)"
+            DOWN[$1]=1
+            return 1
+        fi
+        ;;
+    esac
+}
+say "starting the peers: regcache 127.0.0.1:$RC_PORT, squid 127.0.0.1:$SQ_PORT, mirror 127.0.0.1:$MIRROR_PORT, nginx 127.0.0.1:$NGINX_PORT"
+for p in "${CACHES[@]}"; do fresh "$p" || true; done
+if ! start_nginx; then
+    missing "nginx did not start (see $NG/error.log)"
+    DOWN[nginx]=1
+fi
+
+# client PEER PATH: the bench_client target arguments (URL, proxy, roots) in A.
+client() {
+    case $1 in
+    regcache) A=("https://$UPHOST$2" --proxy "127.0.0.1:$RC_PORT" --cacert "$W/rc/ca.pem") ;;
+    squid) A=("https://$UPHOST$2" --proxy "127.0.0.1:$SQ_PORT" --cacert "$SQ/ca.pem") ;;
+    mirror) A=("https://127.0.0.1:$MIRROR_PORT$2" --cacert "$PKI/ca.pem") ;;
+    nginx) A=("https://127.0.0.1:$NGINX_PORT/big.bin" --cacert "$PKI/ca.pem") ;;
+    direct) A=("https://$UPHOST$2" --connect-to "$UPHOST:443=$UPADDR:443" --cacert "$PKI/ca.pem") ;;
+    esac
+}
+# bc NAME SECS ARGS...: bench_client ARGS, its JSON line in $W/json/NAME.json.
+bc() {
+    local name=$1 secs=$2
+    shift 2
+    if capture "$name" "$secs" "$W/json/$name.json" "$BC" "$@"; then
+        return 0
+    fi
+    missing "$name: bench_client $* -> $(head -c 300 "$W/json/$name.json" 2>/dev/null) $(tail -n 2 "$LAST_LOG" | tr '\n' ' ')"
+    return 1
+}
+jf() { jq -r ".$2" "$W/json/$1.json"; } # jf NAME FIELD
+# get NAME PEER PATH SIZE SECS [bench_client options]: GETs of a blob.
+get() {
+    local name=$1 peer=$2 path=$3 size=$4 secs=$5
+    shift 5
+    client "$peer" "$path"
+    bc "$name" "$secs" get "${A[@]}" --expect-status 200 --expect-bytes "$size" "$@"
+}
+# rotate R: the peers in the order of round R.
+rotate() {
+    local -n arr=$2
+    local n=${#arr[@]} i
+    ORDER=()
+    for ((i = 0; i < n; i++)); do ORDER+=("${arr[$(((i + $1) % n))]}"); done
+}
+# main pid and peak RSS (VmHWM, reset through clear_refs) of a daemon.
+pid_of() { echo "${PID_OF[$1]}"; }
+rss_reset() { echo 5 >"/proc/$(pid_of "$1")/clear_refs" 2>/dev/null || true; }
+rss_peak_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$(pid_of "$1")/status" 2>/dev/null; }
+
+# Start-up figure: a cache of ENTRIES entries, and an empty one.
+say "filling a cache with $ENTRIES entries (bench_client fill-cache)"
+FILL_OK=1
+run fill-cache 600 "$BC" fill-cache "$W/fill" --entries "$ENTRIES" || {
+    missing "bench_client fill-cache: $(tail -n 2 "$LAST_LOG" | tr '\n' ' ')"
+    FILL_OK=0
+}
+mkdir -p "$W/fill-empty"
+# startup DIR: STARTUP_S = seconds from exec to a /healthz answer, for a
+# regcache on RC2_PORT with cache directory DIR.
+startup() {
+    local dir=$1 t0 pid ok=0
+    regcache_cmd "$RC2_PORT" "$dir"
+    t0=$EPOCHREALTIME
+    start_bg rcstart "$W/logs/regcache-startup.log" "${RCMD[@]}"
+    pid=${PID_OF[rcstart]}
+    while alive "$pid" && [ "$(elapsed "$t0" "$EPOCHREALTIME" | cut -d. -f1)" -lt 60 ]; do
+        if curl -fsS --max-time 1 "http://127.0.0.1:$RC2_PORT/healthz" >/dev/null 2>&1; then
+            ok=1
+            break
+        fi
+        sleep 0.005
+    done
+    STARTUP_S=$(elapsed "$t0" "$EPOCHREALTIME")
+    stop_named rcstart || true
+    [ "$ok" = 1 ]
+}
+
+# ------------------------------------------------------------------ rounds
+say "$ROUNDS round(s); peers: ${PEERS[*]}; blob $BIG_MIB MiB, concurrent blob $CONC_MIB MiB x $CONC clients"
+for ((r = 1; r <= ROUNDS; r++)); do
+    say "round $r/$ROUNDS"
+
+    say "round $r: figure 2 (${SECONDS} s)"
+    # Figure 2: one GET of the blob from an empty cache (and from the upstream).
+    rotate "$r" PEERS
+    for p in "${ORDER[@]}"; do
+        [ "$p" = nginx ] && continue
+        fresh "$p" || continue
+        m=$(mark "$UPLOG")
+        if get "cold-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 300; then
+            rec "cold.$p" "$(jf "cold-$p-r$r" wall_s)"
+            quiet "$p" "$BIG_DIGEST"
+            rec "coldgets.$p" "$(blob_gets "$m" "$BIG_DIGEST")"
+        fi
+    done
+
+    say "round $r: figure 1 (${SECONDS} s)"
+    # Figure 1: warm throughput, one connection, WARM_N sequential GETs.
+    for p in "${ORDER[@]}"; do
+        [ -z "${DOWN[$p]:-}" ] || continue
+        get "warmup-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 300 >/dev/null || continue
+        get "warm-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 300 -n "$WARM_N" &&
+            rec "warm.$p" "$(jf "warm-$p-r$r" mib_s)"
+    done
+    bc "tcp-r$r" 120 tcp --bytes "$TCP_BYTES" && rec tcp "$(jf "tcp-r$r" mib_s)"
+    bc "tlsceil-r$r" 120 tls-ceiling --bytes "$TCP_BYTES" && rec tlsceil "$(jf "tlsceil-r$r" mib_s)"
+
+    say "round $r: figure 4 (${SECONDS} s)"
+    # Figure 4: WARM_CONC concurrent clients on the warm blob; peak RSS.
+    for p in "${ORDER[@]}"; do
+        [ -z "${DOWN[$p]:-}" ] || continue
+        [ "$p" = direct ] || [ "$p" = nginx ] || rss_reset "$p"
+        if get "warm$WARM_CONC-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 600 -c "$WARM_CONC" -n "$WARM_CONC"; then
+            rec "w20.$p" "$(jf "warm$WARM_CONC-$p-r$r" mib_s)"
+            [ "$p" = direct ] || [ "$p" = nginx ] || rec "rss.$p" "$(rss_peak_mib "$p")"
+        fi
+    done
+
+    say "round $r: figure 8 (${SECONDS} s)"
+    # Figure 8: warm skopeo copy of the multi-layer image into dir:.
+    for p in "${ORDER[@]}"; do
+        [ "$p" = nginx ] && continue
+        [ -z "${DOWN[$p]:-}" ] || continue
+        case $p in
+        regcache | squid)
+            mkdir -p "$W/certs-$p"
+            if [ "$p" = regcache ]; then cp "$W/rc/ca.pem" "$W/certs-$p/ca.crt"; else cp "$SQ/ca.pem" "$W/certs-$p/ca.crt"; fi
+            port=$RC_PORT
+            [ "$p" = squid ] && port=$SQ_PORT
+            sk=(env HTTPS_PROXY="http://127.0.0.1:$port" "${SKOPEO[@]}" copy --src-cert-dir "$W/certs-$p"
+                "docker://$UPHOST/bench/multi:1")
+            ;;
+        mirror) sk=("${SKOPEO[@]}" copy --src-cert-dir "$W/upstream-certs" "docker://127.0.0.1:$MIRROR_PORT/bench/multi:1") ;;
+        direct) sk=("${SKOPEO[@]}" copy --src-cert-dir "$W/upstream-certs" "docker://$UPADDR/bench/multi:1") ;;
+        esac
+        rm -rf "$W/tmp/skopeo-out"
+        if ! run "skopeo-warmup-$p-r$r" 300 "${sk[@]}" "dir:$W/tmp/skopeo-out"; then
+            missing "skopeo copy through $p: $(tail -n 1 "$LAST_LOG")"
+            continue
+        fi
+        rm -rf "$W/tmp/skopeo-out"
+        t0=$EPOCHREALTIME
+        if run "skopeo-$p-r$r" 300 "${sk[@]}" "dir:$W/tmp/skopeo-out"; then
+            rec "skopeo.$p" "$(elapsed "$t0" "$EPOCHREALTIME")"
+        else
+            missing "skopeo copy through $p: $(tail -n 1 "$LAST_LOG")"
+        fi
+        rm -rf "$W/tmp/skopeo-out"
+    done
+
+    say "round $r: figure 5 (${SECONDS} s)"
+    # Figure 5: TAG_REQS concurrent GETs of one tag, never seen (cold) and
+    # cached but stale; upstream manifest GETs and HEADs for that tag.
+    { push_tag "cold-r$r" && push_tag "stale-r$r"; } || die "pushing tags upstream"
+    # The stale case needs a regcache with a short tag_ttl, but longer than the
+    # burst: with --tag-ttl 1 a burst of 500 (1.1 s) outlived it and rightly
+    # revalidated twice.
+    stop_named regcache-ttl || true
+    GEN=$((GEN + 1))
+    regcache_cmd "$RC2_PORT" "$W/rc/ttl-$GEN" --tag-ttl "$STALE_TTL"
+    start_bg regcache-ttl "$W/logs/regcache-ttl-$GEN.log" "${RCMD[@]}"
+    wait_until 30 "${PID_OF[regcache-ttl]}" healthz "$RC2_PORT" || missing "regcache --tag-ttl $STALE_TTL did not start"
+    for p in "${ORDER[@]}"; do
+        case $p in nginx | direct) continue ;; esac
+        [ -z "${DOWN[$p]:-}" ] || continue
+        for kind in cold stale; do
+            tag=$kind-r$r
+            client "$p" "/v2/bench/multi/manifests/$tag"
+            if [ "$kind" = stale ]; then
+                [ "$p" = squid ] && continue # refresh_pattern counts in minutes
+                [ "$p" = regcache ] && A[2]=127.0.0.1:$RC2_PORT
+                bc "tagwarm-$p-r$r" 60 get "${A[@]}" --header "$ACCEPT" --expect-status 200 || continue
+                sleep $((STALE_TTL + 1))
+            fi
+            m=$(mark "$UPLOG")
+            if bc "tag$kind-$p-r$r" 300 get "${A[@]}" --header "$ACCEPT" --expect-status 200 \
+                -c "$TAG_REQS" -n "$TAG_REQS"; then
+                settle
+                # by tag, or by the digest it names
+                rec "tag$kind.get.$p" "$(upcount "$m" "\"GET /v2/bench/multi/manifests/($tag|$MULTI_MANIFEST) HTTP")"
+                rec "tag$kind.head.$p" "$(upcount "$m" "\"HEAD /v2/bench/multi/manifests/($tag|$MULTI_MANIFEST) HTTP")"
+                rec "tag$kind.wall.$p" "$(jf "tag$kind-$p-r$r" wall_s)"
+            fi
+        done
+    done
+    stop_named regcache-ttl || true
+    rm -rf "$W"/rc/ttl-*
+
+    say "round $r: figure 6 (${SECONDS} s)"
+    # Figure 6: CONNECT + TLS handshakes, new host names (minting) and a known one.
+    for p in regcache squid; do
+        [ -z "${DOWN[$p]:-}" ] || continue
+        if [ "$p" = regcache ]; then hs=(--proxy "127.0.0.1:$RC_PORT" --cacert "$W/rc/ca.pem"); else
+            hs=(--proxy "127.0.0.1:$SQ_PORT" --cacert "$SQ/ca.pem"); fi
+        bc "hsmint-$p-r$r" 120 handshake "${hs[@]}" --host "h{i}-r$r.mint.bench.test" -n "$HANDSHAKES" &&
+            rec "hsmint.$p" "$(jf "hsmint-$p-r$r" p50_s)"
+        bc "hsknown-$p-r$r" 120 handshake "${hs[@]}" --host "$UPHOST" -n "$HANDSHAKES" &&
+            rec "hsknown.$p" "$(jf "hsknown-$p-r$r" p50_s)"
+    done
+
+    say "round $r: figure 7 (${SECONDS} s)"
+    # Figure 7: start-up with ENTRIES cache entries, and empty.
+    if [ "$FILL_OK" = 1 ]; then
+        if startup "$W/fill"; then rec startup.full "$STARTUP_S"; else missing "regcache start-up with $ENTRIES entries"; fi
+    fi
+    if startup "$W/fill-empty"; then rec startup.empty "$STARTUP_S"; else missing "regcache start-up, empty cache"; fi
+
+    say "round $r: figure 3 (${SECONDS} s)"
+    # Figure 3: CONC concurrent clients on one cold blob; one cold GET of the
+    # same blob first, for the ratio.
+    rotate "$r" PEERS
+    for p in "${ORDER[@]}"; do
+        [ "$p" = nginx ] && continue
+        fresh "$p" || continue
+        if get "conc1-$p-r$r" "$p" "$CONC_PATH" "$CONC_SIZE" 300; then
+            rec "conc1.$p" "$(jf "conc1-$p-r$r" wall_s)"
+            quiet "$p" "$CONC_DIGEST"
+        fi
+        fresh "$p" || continue
+        m=$(mark "$UPLOG")
+        if get "conc$CONC-$p-r$r" "$p" "$CONC_PATH" "$CONC_SIZE" 900 -c "$CONC" -n "$CONC"; then
+            rec "conc.$p" "$(jf "conc$CONC-$p-r$r" wall_s)"
+            quiet "$p" "$CONC_DIGEST"
+            rec "concgets.$p" "$(blob_gets "$m" "$CONC_DIGEST")"
+        fi
+    done
+done
+
+# -------------------------------------------------------------------- report
+if grep -hE 'panicked at' "$W"/logs/regcache-*.log >"$W/tmp/panics" 2>/dev/null; then
+    missing "regcache logged a panic: $(head -n 1 "$W/tmp/panics")"
+fi
+CPU=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)
+MODE=""
+[ "$SMOKE" = 0 ] || MODE=" (smoke)"
+HEADER="$(date -u '+%Y-%m-%d %H:%M UTC') · Linux $(uname -r) · $(nproc) CPUs · ${CPU:-unknown CPU} · regcache $COMMIT$PREBUILT · R=$ROUNDS$MODE"
+python3 "$HERE/report.py" "$W/results.tsv" "$W/missing.txt" "$HEADER" \
+    big_mib="$BIG_MIB" conc_mib="$CONC_MIB" conc="$CONC" warm_conc="$WARM_CONC" tag_reqs="$TAG_REQS" \
+    entries="$ENTRIES" handshakes="$HANDSHAKES" layers="$LAYERS" layer_mib="$LAYER_MIB" warm_n="$WARM_N" \
+    stale_ttl="$STALE_TTL" \
+    >"$W/table.md"
+cat "$W/table.md"
+[ -z "$OUT" ] || cp "$W/table.md" "$OUT"
+if [ -s "$W/missing.txt" ]; then
+    say "$(wc -l <"$W/missing.txt") thing(s) could not be measured (logs: rerun with --keep)"
+    exit 1
+fi
