@@ -139,6 +139,16 @@ def main(argv):
         "",
         na=("nginx",),
     )
+    r_w = ratio("conc.regcache", "concwarm.regcache")
+    row(
+        f"3. the same {n_conc} clients again, warm (delivery floor), s",
+        secs,
+        "concwarm",
+        f"cold ÷ warm: regcache {rx(r_w)}, squid {rx(ratio('conc.squid', 'concwarm.squid'))}, "
+        f"mirror {rx(ratio('conc.mirror', 'concwarm.mirror'))}",
+        "",
+        na=("nginx",),
+    )
     ccg = g("concgets.regcache")
     row(
         f"3. upstream blob GETs for the {n_conc} clients (max of rounds)",

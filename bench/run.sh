@@ -694,6 +694,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
             rec "conc.$p" "$(jf "conc$CONC-$p-r$r" wall_s)"
             quiet "$p" "$CONC_DIGEST"
             rec "concgets.$p" "$(blob_gets "$m" "$CONC_DIGEST")"
+            # The same clients again, now warm: the delivery floor of the
+            # cold figure (100x the blob, encrypted once per client).
+            if get "concwarm$CONC-$p-r$r" "$p" "$CONC_PATH" "$CONC_SIZE" 900 -c "$CONC" -n "$CONC"; then
+                rec "concwarm.$p" "$(jf "concwarm$CONC-$p-r$r" wall_s)"
+            fi
         fi
     done
 done
