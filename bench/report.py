@@ -13,7 +13,8 @@ import statistics
 import sys
 
 PEERS = ["regcache", "squid", "mirror", "nginx", "direct"]
-COUNTS = ("coldgets.", "concgets.", "tagcold.get.", "tagcold.head.", "tagstale.get.", "tagstale.head.")
+COUNTS = ("coldgets.", "concgets.", "tagcold.get.", "tagcold.head.", "tagstale.get.", "tagstale.head.",
+          "wan1gets.", "wancgets.")
 
 
 def load(path):
@@ -158,6 +159,33 @@ def main(argv):
         f"exactly 1 {check(cmp(ccg, lambda x: x == 1))}",
         na=("nginx",),
     )
+    # 9 (shown after 3). the upstream behind a shaped link
+    if g("wan1.direct") is not None or g("wan1.regcache") is not None:
+        wan = opts.get("wan_mbit", "?")
+        r_wan = ratio("wan1.regcache", "wan1.direct")
+        row(
+            f"9. upstream behind a {wan} Mbit/s link: one cold {conc} MiB GET, s",
+            secs,
+            "wan1",
+            f"regcache/direct {rx(r_wan)}",
+            f"≤ 1.1× direct {check(cmp(r_wan, lambda x: x <= 1.1))}",
+            na=("squid", "mirror", "nginx"),
+        )
+        r_wc = ratio("wanc.regcache", "wan1.regcache")
+        row(
+            f"9. {n_conc} concurrent clients, one cold {conc} MiB blob over that link: wall, s",
+            secs,
+            "wanc",
+            f"÷ one cold GET: regcache {rx(r_wc)}",
+            f"≤ 1.5× one cold {check(cmp(r_wc, lambda x: x <= 1.5))}",
+            na=("squid", "mirror", "nginx", "direct"),
+        )
+        g1, gc = g("wan1gets.regcache"), g("wancgets.regcache")
+        ok = None if g1 is None or gc is None else (g1 == 1 and gc == 1)
+        rows.append(
+            [f"9. upstream blob GETs over that link: one client / {n_conc} clients (max of rounds)",
+             f"{count(g1)} / {count(gc)}", "n/a", "n/a", "n/a", "n/a", "", f"exactly 1 {check(ok)}"]
+        )
     # 4. concurrent warm
     row(
         f"4. {warm_conc} concurrent clients, warm {big} MiB blob: aggregate MiB/s",

@@ -97,6 +97,7 @@ else
     TCP_BYTES=$((1024 * MIB))
 fi
 WARM_N=3 # sequential requests per warm measurement (one connection)
+WAN_MBIT=${BENCH_WAN_MBIT:-100} # figure 9: the shaped link to the upstream
 STALE_TTL=${BENCH_STALE_TTL:-3} # figure 5: regcache --tag-ttl for the stale tag
 
 # lib.sh was written for `set -u`; its functions are called here only where a
@@ -106,6 +107,12 @@ STALE_TTL=${BENCH_STALE_TTL:-3} # figure 5: regcache --tag-ttl for the stale tag
 bench_exit() {
     local rc=$?
     set +e
+    (exit "$rc")
+    # Figure 9's namespace, once the registry inside it has stopped.
+    if declare -F wan_cleanup >/dev/null; then
+        stop_named wanreg
+        wan_cleanup
+    fi
     (exit "$rc")
     cleanup
 }
@@ -703,6 +710,97 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
+# ------------------------------------------------------------ WAN upstream
+# Figure 9: on loopback the upstream is as fast as the client, so a cold GET
+# through any cache costs CPU on both sides of it. Against Docker Hub the link
+# is the limit: a second docker-registry on the same storage runs in a network
+# namespace made here, behind a veth pair whose upstream side is shaped to
+# WAN_MBIT (tbf), addresses from 198.18.0.0/15 (RFC 2544, benchmarking).
+# regcache (fresh cache each time) against the direct GET, one client and CONC.
+WAN_NS=rcbench$$
+WAN_UP=198.18.0.2
+WAN_RC_PORT=$(free_port)
+WANLOG=$W/wan-registry.log
+wan_cleanup() {
+    ip netns del "$WAN_NS" 2>/dev/null || true
+    ip link del "${WAN_NS}a" 2>/dev/null || true
+}
+wan_setup() {
+    command -v ip >/dev/null && command -v tc >/dev/null || return 1
+    ip netns add "$WAN_NS" &&
+        ip link add "${WAN_NS}a" type veth peer name "${WAN_NS}b" &&
+        ip link set "${WAN_NS}b" netns "$WAN_NS" &&
+        ip addr add 198.18.0.1/30 dev "${WAN_NS}a" &&
+        ip link set "${WAN_NS}a" up &&
+        ip -n "$WAN_NS" addr add "$WAN_UP/30" dev "${WAN_NS}b" &&
+        ip -n "$WAN_NS" link set "${WAN_NS}b" up &&
+        ip -n "$WAN_NS" link set lo up &&
+        ip netns exec "$WAN_NS" tc qdisc replace dev "${WAN_NS}b" root tbf rate "${WAN_MBIT}mbit" burst 256kb latency 100ms ||
+        return 1
+    sed -e "s|addr: $UPADDR:443|addr: $WAN_UP:443|" "$W/upstream/config.yml" >"$W/wan-registry.yml"
+    start_bg wanreg "$WANLOG" ip netns exec "$WAN_NS" docker-registry serve "$W/wan-registry.yml"
+    wan_ok() { curl -fsS --max-time 3 --cacert "$PKI/ca.pem" --resolve "$UPHOST:443:$WAN_UP" "https://$UPHOST/v2/"; }
+    wait_until 30 "${PID_OF[wanreg]}" wan_ok
+}
+start_wan_regcache() {
+    stop_named wanrc || true
+    GEN=$((GEN + 1))
+    rm -rf "$W"/rc/wan-cache-*
+    local saved=("${REGCACHE_ARGS[@]}")
+    REGCACHE_ARGS=(--ca-dir "$W/rc/certs" --upstream-ca "$PKI/ca.pem" --resolve "$UPHOST=$WAN_UP:443"
+        --intercept "$UPHOST")
+    regcache_cmd "$WAN_RC_PORT" "$W/rc/wan-cache-$GEN"
+    REGCACHE_ARGS=("${saved[@]}")
+    start_bg wanrc "$W/logs/regcache-wan-$GEN.log" "${RCMD[@]}"
+    wait_until 30 "${PID_OF[wanrc]}" healthz "$WAN_RC_PORT"
+}
+wan_gets() { since "$WANLOG" "$1" | grep -cE "\"GET /v2/[^ ]+/blobs/$CONC_DIGEST HTTP" || true; }
+wan_settle() { # as settle, on the WAN registry's log
+    local a b deadline=$((SECONDS + 30))
+    b=$(stat -c %s "$WANLOG")
+    while [ "$SECONDS" -lt "$deadline" ]; do
+        sleep 0.5
+        a=$b
+        b=$(stat -c %s "$WANLOG")
+        [ "$a" != "$b" ] || return 0
+    done
+}
+say "figure 9: upstream behind a ${WAN_MBIT} Mbit/s link (network namespace $WAN_NS)"
+if ! wan_setup; then
+    missing "WAN upstream (ip netns, veth, tc tbf, docker-registry in the namespace): $(tail -n 3 "$LAST_LOG" "$WANLOG" 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
+else
+    WAN_DIRECT=("https://$UPHOST$CONC_PATH" --connect-to "$UPHOST:443=$WAN_UP:443" --cacert "$PKI/ca.pem")
+    WAN_PROXY=("https://$UPHOST$CONC_PATH" --proxy "127.0.0.1:$WAN_RC_PORT" --cacert "$W/rc/ca.pem")
+    for ((r = 1; r <= ROUNDS; r++)); do
+        say "round $r: figure 9 (${SECONDS} s)"
+        if bc "wan1-direct-r$r" 300 get "${WAN_DIRECT[@]}" --expect-bytes "$CONC_SIZE"; then
+            rec wan1.direct "$(jf "wan1-direct-r$r" wall_s)"
+        fi
+        wan_settle
+        if start_wan_regcache; then
+            m=$(mark "$WANLOG")
+            if bc "wan1-regcache-r$r" 300 get "${WAN_PROXY[@]}" --expect-bytes "$CONC_SIZE"; then
+                rec wan1.regcache "$(jf "wan1-regcache-r$r" wall_s)"
+            fi
+            wan_settle
+            rec wan1gets.regcache "$(wan_gets "$m")"
+        else
+            missing "regcache in front of the WAN upstream did not start"
+        fi
+        if start_wan_regcache; then
+            m=$(mark "$WANLOG")
+            if bc "wanc-regcache-r$r" 600 get "${WAN_PROXY[@]}" --expect-bytes "$CONC_SIZE" -c "$CONC" -n "$CONC"; then
+                rec wanc.regcache "$(jf "wanc-regcache-r$r" wall_s)"
+            fi
+            wan_settle
+            rec wancgets.regcache "$(wan_gets "$m")"
+        fi
+    done
+    stop_named wanrc || true
+    stop_named wanreg || true
+fi
+wan_cleanup
+
 # -------------------------------------------------------------------- report
 if grep -hE 'panicked at' "$W"/logs/regcache-*.log >"$W/tmp/panics" 2>/dev/null; then
     missing "regcache logged a panic: $(head -n 1 "$W/tmp/panics")"
@@ -714,7 +812,7 @@ HEADER="$(date -u '+%Y-%m-%d %H:%M UTC') · Linux $(uname -r) · $(nproc) CPUs �
 python3 "$HERE/report.py" "$W/results.tsv" "$W/missing.txt" "$HEADER" \
     big_mib="$BIG_MIB" conc_mib="$CONC_MIB" conc="$CONC" warm_conc="$WARM_CONC" tag_reqs="$TAG_REQS" \
     entries="$ENTRIES" handshakes="$HANDSHAKES" layers="$LAYERS" layer_mib="$LAYER_MIB" warm_n="$WARM_N" \
-    stale_ttl="$STALE_TTL" \
+    stale_ttl="$STALE_TTL" wan_mbit="$WAN_MBIT" \
     >"$W/table.md"
 cat "$W/table.md"
 [ -z "$OUT" ] || cp "$W/table.md" "$OUT"
