@@ -30,7 +30,7 @@
 #   BENCH_LAYER_MIB, BENCH_STALE_TTL override the sizes (see below).
 #
 # Needs root: apt-get for missing packages (docker-registry, skopeo,
-# squid-openssl, nginx-light, openssl, curl, jq), port 443 on a loopback
+# squid-openssl, nginx-light, openssl, curl, jq, iproute2), port 443 on a loopback
 # address, squid's and nginx's workers under their own users. Exits non-zero
 # when something could not be measured (a peer that did not start or serve),
 # not when a target is missed: this is a benchmark, not a timed test.
@@ -131,7 +131,8 @@ die() {
 # command (or file) -> Debian 12 package; only missing ones are installed.
 install_missing() {
     local -A need=([docker-registry]=docker-registry [skopeo]=skopeo [nginx]=nginx-light
-        [openssl]=openssl [curl]=curl [jq]=jq [python3]=python3 [setsid]=util-linux)
+        [openssl]=openssl [curl]=curl [jq]=jq [python3]=python3 [setsid]=util-linux
+        [ip]=iproute2 [tc]=iproute2)
     local cmd pkgs=()
     for cmd in "${!need[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || pkgs+=("${need[$cmd]}")
