@@ -262,21 +262,22 @@ push_tag() {
 }
 ACCEPT="Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json"
 
-# settle: wait until the upstream access log has been quiet for half a
-# second (lines are written when a response ends), at most 30 s.
+# settle [LOG]: wait until the upstream access log (or LOG) has been quiet for
+# half a second (lines are written when a response ends), at most 30 s.
 settle() {
-    local a b deadline=$((SECONDS + 30))
-    b=$(stat -c %s "$UPLOG")
+    local log=${1:-$UPLOG} a b deadline=$((SECONDS + 30))
+    b=$(stat -c %s "$log")
     while [ "$SECONDS" -lt "$deadline" ]; do
         sleep 0.5
         a=$b
-        b=$(stat -c %s "$UPLOG")
+        b=$(stat -c %s "$log")
         [ "$a" != "$b" ] || return 0
     done
 }
-# upcount MARK REGEX: upstream access-log lines since MARK matching REGEX.
-upcount() { since "$UPLOG" "$1" | grep -cE "$2" || true; }
-blob_gets() { upcount "$1" "\"GET /v2/[^ ]+/blobs/$2 HTTP"; }
+# upcount MARK REGEX [LOG]: upstream access-log (or LOG) lines since MARK
+# matching REGEX; blob_gets MARK DIGEST [LOG]: the GETs of blob DIGEST.
+upcount() { since "${3:-$UPLOG}" "$1" | grep -cE "$2" || true; }
+blob_gets() { upcount "$1" "\"GET /v2/[^ ]+/blobs/$2 HTTP" "${3:-$UPLOG}"; }
 
 # --------------------------------------------------------------------- peers
 # Every peer has start_PEER (fresh cache when asked) and a readiness check.
@@ -755,17 +756,6 @@ start_wan_regcache() {
     start_bg wanrc "$W/logs/regcache-wan-$GEN.log" "${RCMD[@]}"
     wait_until 30 "${PID_OF[wanrc]}" healthz "$WAN_RC_PORT"
 }
-wan_gets() { since "$WANLOG" "$1" | grep -cE "\"GET /v2/[^ ]+/blobs/$CONC_DIGEST HTTP" || true; }
-wan_settle() { # as settle, on the WAN registry's log
-    local a b deadline=$((SECONDS + 30))
-    b=$(stat -c %s "$WANLOG")
-    while [ "$SECONDS" -lt "$deadline" ]; do
-        sleep 0.5
-        a=$b
-        b=$(stat -c %s "$WANLOG")
-        [ "$a" != "$b" ] || return 0
-    done
-}
 say "figure 9: upstream behind a ${WAN_MBIT} Mbit/s link (network namespace $WAN_NS)"
 if ! wan_setup; then
     missing "WAN upstream (ip netns, veth, tc tbf, docker-registry in the namespace): $(tail -n 3 "$LAST_LOG" "$WANLOG" 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
@@ -777,14 +767,14 @@ else
         if bc "wan1-direct-r$r" 300 get "${WAN_DIRECT[@]}" --expect-bytes "$CONC_SIZE"; then
             rec wan1.direct "$(jf "wan1-direct-r$r" wall_s)"
         fi
-        wan_settle
+        settle "$WANLOG"
         if start_wan_regcache; then
             m=$(mark "$WANLOG")
             if bc "wan1-regcache-r$r" 300 get "${WAN_PROXY[@]}" --expect-bytes "$CONC_SIZE"; then
                 rec wan1.regcache "$(jf "wan1-regcache-r$r" wall_s)"
             fi
-            wan_settle
-            rec wan1gets.regcache "$(wan_gets "$m")"
+            settle "$WANLOG"
+            rec wan1gets.regcache "$(blob_gets "$m" "$CONC_DIGEST" "$WANLOG")"
         else
             missing "regcache in front of the WAN upstream did not start"
         fi
@@ -793,8 +783,8 @@ else
             if bc "wanc-regcache-r$r" 600 get "${WAN_PROXY[@]}" --expect-bytes "$CONC_SIZE" -c "$CONC" -n "$CONC"; then
                 rec wanc.regcache "$(jf "wanc-regcache-r$r" wall_s)"
             fi
-            wan_settle
-            rec wancgets.regcache "$(wan_gets "$m")"
+            settle "$WANLOG"
+            rec wancgets.regcache "$(blob_gets "$m" "$CONC_DIGEST" "$WANLOG")"
         fi
     done
     stop_named wanrc || true
