@@ -114,12 +114,7 @@ async fn by_tag(
                 return served;
             }
             if lookup == Some(TagLookup::Unavailable) {
-                let cached = app
-                    .cache
-                    .tag(&target.registry, repo, tag)
-                    .and_then(|r| r.digest.parse::<Digest>().ok())
-                    .and_then(|d| usable(app, &d, parts));
-                if let Some(cached) = cached {
+                if let Some((_, cached)) = cached_tag(app, target, repo, tag, parts) {
                     if let Err(refused) = sharing::check(app, target, repo, parts).await {
                         return *refused;
                     }
@@ -142,20 +137,30 @@ async fn fresh(
     tag: &str,
     parts: &Parts,
 ) -> Option<Served> {
-    let record = app.cache.tag(&target.registry, repo, tag)?;
+    let (record, cached) = cached_tag(app, target, repo, tag, parts)?;
     let ttl = app.config.tag_ttl_for(&target.registry);
     if !record.is_fresh(now_ms(), ttl) {
         return None;
     }
-    let cached = record
-        .digest
-        .parse::<Digest>()
-        .ok()
-        .and_then(|d| usable(app, &d, parts))?;
     if let Err(refused) = sharing::check(app, target, repo, parts).await {
         return Some(*refused);
     }
     from_cache(app, &cached, parts, CacheStatus::Hit).await
+}
+
+/// The tag's record and its cached manifest, if both exist and the request's
+/// Accept allows the manifest's type.
+fn cached_tag(
+    app: &App,
+    target: &Target,
+    repo: &str,
+    tag: &str,
+    parts: &Parts,
+) -> Option<(TagRecord, Cached)> {
+    let record = app.cache.tag(&target.registry, repo, tag)?;
+    let digest = record.digest.parse::<Digest>().ok()?;
+    let cached = usable(app, &digest, parts)?;
+    Some((record, cached))
 }
 
 /// Revalidates a stale tag with a `HEAD` (or fetches an unknown one).
@@ -168,12 +173,7 @@ async fn ask_upstream(
 ) -> Served {
     let cache = &app.cache;
     let repo = name.as_str();
-    let record = cache.tag(&target.registry, repo, tag);
-    let cached = record
-        .as_ref()
-        .and_then(|r| r.digest.parse::<Digest>().ok())
-        .and_then(|d| usable(app, &d, parts));
-    let (Some(record), Some(cached)) = (record, cached) else {
+    let Some((record, cached)) = cached_tag(app, target, repo, tag, parts) else {
         return fetch(app, target, name, Some(tag), None, parts).await;
     };
     let (outcome, upstream_resp) = match upstream_uri(target, parts) {
