@@ -9,7 +9,7 @@
 pub mod access;
 mod intercept;
 mod listener;
-pub mod policy;
+pub use crate::policy;
 mod tunnel;
 
 use std::future::Future;
