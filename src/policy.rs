@@ -151,7 +151,9 @@ pub fn decide_plain_http(config: &Config, host: &str, port: u16) -> PlainHttp {
 /// served; other hosts must be intercepted (HTTPS, on 443 or a
 /// `connect_ports` port) or insecure registries (plain HTTP).
 pub fn decide_mirror(config: &Config, host: &str, port: Option<u16>) -> Result<Scheme, Refusal> {
-    if is_insecure_registry(config, host, port.unwrap_or(80)) {
+    // A name without a port is the HTTPS registry; an insecure one is
+    // named with its port (`ns=host:80`).
+    if port.is_some_and(|port| is_insecure_registry(config, host, port)) {
         return Ok(Scheme::HTTP);
     }
     if !config.intercept.matches(host) {
