@@ -39,7 +39,8 @@ use log::{logged, RequestLog};
 /// Where requests on one connection go: the host the client asked for.
 #[derive(Debug, Clone)]
 pub struct Origin {
-    /// `https` inside intercepted CONNECT tunnels, `http` for absolute-form.
+    /// `https` for intercepted CONNECT tunnels and the mirror, `http` only
+    /// for an insecure registry (`insecure_registries`).
     pub scheme: Scheme,
     /// Host and port (the port only when it is not the scheme's default).
     pub authority: Authority,
