@@ -498,21 +498,29 @@ impl ResolvingConnector {
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "name lookup timed out"))??;
             let mut refused = None;
+            let mut failed: Option<BoxError> = None;
+            // Every allowed address in turn, as HttpConnector would: a CDN's
+            // IPv6 address may be unreachable from here.
             for addr in addrs {
                 let ip = addr.ip();
-                match decide_redirect_address(ip, false, dialer.reached.contains(ip)) {
-                    Ok(()) => {
-                        let uri: Uri = format!("http://{addr}").parse()?;
-                        return Ok(inner.call(uri).await?);
-                    }
-                    Err(refusal) => {
-                        refused = Some(AddressRefused {
-                            host: host.clone(),
-                            ip,
-                            refusal,
-                        })
-                    }
+                if let Err(refusal) =
+                    decide_redirect_address(ip, false, dialer.reached.contains(ip))
+                {
+                    refused = Some(AddressRefused {
+                        host: host.clone(),
+                        ip,
+                        refusal,
+                    });
+                    continue;
                 }
+                let uri: Uri = format!("http://{addr}").parse()?;
+                match inner.call(uri).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => failed = Some(e.into()),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
             }
             let err: BoxError = match refused {
                 Some(refused) => {
@@ -836,6 +844,39 @@ mod tests {
             )
         );
         assert!(!format!("{err:?}").contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn redirect_connections_refuse_internal_addresses_unless_a_registry_is_there() {
+        let listener = TcpListener::bind("127.0.0.12:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                drop(s);
+            }
+        });
+        let resolve = ResolveMap::new(vec![format!("mapped.test=127.0.0.12:{port}")
+            .parse()
+            .unwrap()]);
+        let dialer = Dialer::new(resolve, None);
+        let mut redirect = ResolvingConnector::with_mode(dialer.clone(), Mode::Redirect);
+        let by_address: Uri = format!("http://127.0.0.12:{port}/").parse().unwrap();
+        let err = redirect.call(by_address.clone()).await.unwrap_err();
+        assert!(err.to_string().contains("redirect_address"), "{err}");
+        // A --resolve entry says where the host is: allowed.
+        let mapped: Uri = "http://mapped.test/".parse().unwrap();
+        redirect.call(mapped).await.unwrap();
+        // A plain pass-through connection neither checks nor remembers.
+        let mut plain = ResolvingConnector::with_mode(dialer.clone(), Mode::Plain);
+        plain.call(by_address.clone()).await.unwrap();
+        assert!(!dialer.reached().contains("127.0.0.12".parse().unwrap()));
+        // Once a registry is reached there, its redirects may go there too.
+        let mut registry = ResolvingConnector::new(dialer.clone());
+        registry.call(by_address.clone()).await.unwrap();
+        assert!(dialer
+            .reached()
+            .contains("::ffff:127.0.0.12".parse().unwrap()));
+        redirect.call(by_address).await.unwrap();
     }
 
     #[tokio::test]
