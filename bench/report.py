@@ -14,7 +14,7 @@ import sys
 
 PEERS = ["regcache", "squid", "mirror", "nginx", "direct"]
 COUNTS = ("coldgets.", "concgets.", "tagcold.get.", "tagcold.head.", "tagstale.get.", "tagstale.head.",
-          "wan1gets.", "wancgets.")
+          "wan1gets.", "wancgets.", "fpheads.", "fpgets.")
 
 
 def load(path):
@@ -272,6 +272,32 @@ def main(argv):
         "",
         na=("nginx",),
     )
+
+    # 10. first pull of an image cached through another repository
+    if any(g(k) is not None for k in ("fp.public", "fp.guarded", "fpcold.public")):
+        nb = opts.get("multi_blobs", "?")
+        hp, hg = g("fpheads.public"), g("fpheads.guarded")
+        gp, gg = g("fpgets.public"), g("fpgets.guarded")
+        rows.append(
+            [f"10. first skopeo copy of an image ({nb} blobs) already cached through another repository: "
+             "public / guarded, s",
+             f"{secs(g('fp.public'))} / {secs(g('fp.guarded'))}", "n/a", "n/a", "n/a", "n/a",
+             f"guarded/public {rx(ratio('fp.guarded', 'fp.public'))}; the cold pull that cached it: "
+             f"public {secs(g('fpcold.public'))}, guarded {secs(g('fpcold.guarded'))}",
+             ""]
+        )
+        try:
+            want = int(nb)
+        except ValueError:
+            want = None
+        ok_p = None if hp is None or gp is None else (hp == 0 and gp == 0)
+        ok_g = None if hg is None or gg is None or want is None else (hg == want and gg == 0)
+        rows.append(
+            ["10. upstream blob HEADs (200) / GETs of that pull: public / guarded (max of rounds)",
+             f"{count(hp)} / {count(gp)} · {count(hg)} / {count(gg)}", "n/a", "n/a", "n/a", "n/a",
+             "guarded: the registry confirms each blob for the new repository with the client's credential",
+             f"public 0 HEAD 0 GET {check(ok_p)}, guarded {nb} HEAD 0 GET {check(ok_g)}"]
+        )
 
     print(header)
     print()

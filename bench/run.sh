@@ -5,6 +5,8 @@
 #             UPADDR:443 (UPADDR a free 127.x address, 127.0.0.2 if free);
 #             the name is never made resolvable (no /etc/hosts change)
 #   regcache  intercepting *.bench.test, --resolve upstream.bench.test=UPADDR:443
+#   guarded   figure 10: a second docker-registry on the same storage with
+#             htpasswd auth, as guarded.bench.test on 127.0.0.1:<port>
 #   squid     squid-openssl with ssl-bump, memory and disk cache sized for blobs,
 #             hosts_file mapping upstream.bench.test to UPADDR
 #   mirror    docker-registry in proxy mode (remoteurl https://UPADDR), TLS
@@ -30,7 +32,7 @@
 #   BENCH_LAYER_MIB, BENCH_STALE_TTL override the sizes (see below).
 #
 # Needs root: apt-get for missing packages (docker-registry, skopeo,
-# squid-openssl, nginx-light, openssl, curl, jq, iproute2), port 443 on a loopback
+# squid-openssl, nginx-light, openssl, curl, jq, iproute2, apache2-utils), port 443 on a loopback
 # address, squid's and nginx's workers under their own users. Exits non-zero
 # when something could not be measured (a peer that did not start or serve),
 # not when a target is missed: this is a benchmark, not a timed test.
@@ -132,7 +134,7 @@ die() {
 install_missing() {
     local -A need=([docker-registry]=docker-registry [skopeo]=skopeo [nginx]=nginx-light
         [openssl]=openssl [curl]=curl [jq]=jq [python3]=python3 [setsid]=util-linux
-        [ip]=iproute2 [tc]=iproute2)
+        [ip]=iproute2 [tc]=iproute2 [htpasswd]=apache2-utils)
     local cmd pkgs=()
     for cmd in "${!need[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || pkgs+=("${need[$cmd]}")
@@ -231,7 +233,8 @@ CONC_PATH=/v2/bench/conc/blobs/$CONC_DIGEST
 
 # ---------------------------------------------------------------------- PKI
 PKI=$W/pki
-make_pki "$PKI" "$UPHOST" "DNS:$UPHOST,IP:$UPADDR,IP:127.0.0.1" "regcache bench upstream CA" ||
+GUARDHOST=guarded.bench.test # figure 10: the same storage behind htpasswd
+make_pki "$PKI" "$UPHOST" "DNS:$UPHOST,DNS:$GUARDHOST,IP:$UPADDR,IP:127.0.0.1" "regcache bench upstream CA" ||
     die "openssl (upstream PKI)"
 mkdir -p "$W/upstream-certs"
 cp "$PKI/ca.pem" "$W/upstream-certs/ca.crt" # skopeo --src-cert-dir
@@ -712,6 +715,93 @@ for ((r = 1; r <= ROUNDS; r++)); do
     done
 done
 
+# ------------------------------------------------- links: first-pull cost
+# Figure 10: the first pull of an image whose blobs are already cached
+# through another repository (bench/multi2:1, the same image as bench/multi:1).
+# Public repositories: served from the cache with no upstream HEAD. Guarded
+# ones (a second docker-registry on the same storage with htpasswd, as
+# guarded.bench.test): one HEAD per blob with the client's credential, the
+# registry's confirmation that this repository has it. skopeo copy to dir:
+# through a fresh regcache each time; upstream HEADs and GETs of multi2's
+# blobs counted in the registries' access logs.
+FP_RC_PORT=$(free_port)
+GUARD_PORT=$(free_port)
+GUARDLOG=$W/guard-registry.log
+GUARD_USER=bench
+GUARD_PW=bench-guard-pw
+fp_setup() {
+    run push-multi2 300 "${SKOPEO[@]}" copy --preserve-digests --dest-cert-dir "$W/upstream-certs" \
+        "oci:$SEED:multi" "docker://$UPADDR/bench/multi2:1" || return 1
+    mkdir -p "$W/guard"
+    htpasswd -Bbn "$GUARD_USER" "$GUARD_PW" >"$W/guard/htpasswd" 2>"$W/logs/htpasswd.log" || return 1
+    sed -e "s|addr: $UPADDR:443|addr: 127.0.0.1:$GUARD_PORT|" "$W/upstream/config.yml" >"$W/guard/config.yml"
+    printf 'auth:\n  htpasswd:\n    realm: regcache-bench\n    path: %s\n' "$W/guard/htpasswd" >>"$W/guard/config.yml"
+    start_bg guardreg "$GUARDLOG" docker-registry serve "$W/guard/config.yml"
+    guard_ok() { curl -fsS --max-time 3 --cacert "$PKI/ca.pem" -u "$GUARD_USER:$GUARD_PW" \
+        --resolve "$GUARDHOST:$GUARD_PORT:127.0.0.1" "https://$GUARDHOST:$GUARD_PORT/v2/"; }
+    wait_until 30 "${PID_OF[guardreg]}" guard_ok || return 1
+    mkdir -p "$W/certs-fp"
+    cp "$W/rc/ca.pem" "$W/certs-fp/ca.crt"
+}
+start_fp_regcache() {
+    stop_named fprc || true
+    GEN=$((GEN + 1))
+    rm -rf "$W"/rc/fp-cache-*
+    regcache_cmd "$FP_RC_PORT" "$W/rc/fp-cache-$GEN" --resolve "$GUARDHOST=127.0.0.1:$GUARD_PORT"
+    start_bg fprc "$W/logs/regcache-fp-$GEN.log" "${RCMD[@]}"
+    wait_until 30 "${PID_OF[fprc]}" healthz "$FP_RC_PORT"
+}
+# fp_pull NAME HOST REPO [skopeo options]: skopeo copy of HOST/REPO:1 through
+# the figure's regcache; FP_S = its wall seconds.
+fp_pull() {
+    local name=$1 host=$2 repo=$3 t0
+    shift 3
+    rm -rf "$W/tmp/fp-out"
+    t0=$EPOCHREALTIME
+    run "$name" 300 env HTTPS_PROXY="http://127.0.0.1:$FP_RC_PORT" "${SKOPEO[@]}" copy \
+        --src-cert-dir "$W/certs-fp" "$@" "docker://$host/$repo:1" "dir:$W/tmp/fp-out" || return 1
+    FP_S=$(elapsed "$t0" "$EPOCHREALTIME")
+    rm -rf "$W/tmp/fp-out"
+}
+say "figure 10: first pull of an image whose blobs are cached through another repository"
+if ! fp_setup; then
+    missing "figure 10 set-up (bench/multi2 push, htpasswd, docker-registry with htpasswd on $GUARD_PORT): $(tail -n 3 "$LAST_LOG" "$GUARDLOG" 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
+else
+    HEAD200='"HEAD /v2/bench/multi2/blobs/[^ ]+ HTTP/[0-9.]+" 200'
+    GETMULTI2='"GET /v2/bench/multi2/blobs/[^ ]+ HTTP'
+    for ((r = 1; r <= ROUNDS; r++)); do
+        say "round $r: figure 10 (${SECONDS} s)"
+        for kind in public guarded; do
+            if [ "$kind" = public ]; then
+                host=$UPHOST log=$UPLOG creds=()
+            else
+                host=$GUARDHOST log=$GUARDLOG creds=(--src-creds "$GUARD_USER:$GUARD_PW")
+            fi
+            if ! start_fp_regcache; then
+                missing "figure 10: regcache did not start"
+                continue
+            fi
+            if ! fp_pull "fp-cold-$kind-r$r" "$host" bench/multi "${creds[@]}"; then
+                missing "figure 10: skopeo copy of $host/bench/multi:1 ($kind): $(tail -n 1 "$LAST_LOG")"
+                continue
+            fi
+            rec "fpcold.$kind" "$FP_S"
+            settle "$log"
+            m=$(mark "$log")
+            if ! fp_pull "fp-$kind-r$r" "$host" bench/multi2 "${creds[@]}"; then
+                missing "figure 10: skopeo copy of $host/bench/multi2:1 ($kind): $(tail -n 1 "$LAST_LOG")"
+                continue
+            fi
+            rec "fp.$kind" "$FP_S"
+            settle "$log"
+            rec "fpheads.$kind" "$(upcount "$m" "$HEAD200" "$log")"
+            rec "fpgets.$kind" "$(upcount "$m" "$GETMULTI2" "$log")"
+        done
+    done
+    stop_named fprc || true
+    stop_named guardreg || true
+fi
+
 # ------------------------------------------------------------ WAN upstream
 # Figure 9: on loopback the upstream is as fast as the client, so a cold GET
 # through any cache costs CPU on both sides of it. Against Docker Hub the link
@@ -803,7 +893,7 @@ HEADER="$(date -u '+%Y-%m-%d %H:%M UTC') · Linux $(uname -r) · $(nproc) CPUs �
 python3 "$HERE/report.py" "$W/results.tsv" "$W/missing.txt" "$HEADER" \
     big_mib="$BIG_MIB" conc_mib="$CONC_MIB" conc="$CONC" warm_conc="$WARM_CONC" tag_reqs="$TAG_REQS" \
     entries="$ENTRIES" handshakes="$HANDSHAKES" layers="$LAYERS" layer_mib="$LAYER_MIB" warm_n="$WARM_N" \
-    stale_ttl="$STALE_TTL" wan_mbit="$WAN_MBIT" \
+    stale_ttl="$STALE_TTL" wan_mbit="$WAN_MBIT" multi_blobs="$(wc -w <<<"$MULTI_BLOBS")" \
     >"$W/table.md"
 cat "$W/table.md"
 [ -z "$OUT" ] || cp "$W/table.md" "$OUT"

@@ -1,5 +1,5 @@
 //! Micro-benchmarks: opening a cache of 100,000 entries (start-up time),
-//! lookups in it (entry and repository link, as every cached request makes),
+//! lookups in it (entry, repository link and link facts, as cached requests make),
 //! and the hot pure parts (route parsing, digest hashing, leaf minting).
 
 use std::hint::black_box;
@@ -64,6 +64,15 @@ fn startup(c: &mut Criterion) {
             for (i, d) in digests.iter().enumerate() {
                 let repo = format!("library/img{}", (i * 97) % 100);
                 black_box(cache.is_linked("docker.io", &repo, black_box(d)));
+            }
+        })
+    });
+    // The link verdict's facts for a repository the digest is not linked to
+    // (what a cross-repository request asks): one lookup by digest.
+    group.bench_function("link facts (another repository)", |b| {
+        b.iter(|| {
+            for d in &digests {
+                black_box(cache.link_facts("docker.io", "library/other", black_box(d)));
             }
         })
     });

@@ -5,7 +5,7 @@
 #   2. formatting and lint (cargo fmt --check, cargo clippy -D warnings);
 #   3. unit and integration tests (cargo test);
 #   4. the end-to-end tests with the real registry and real clients
-#      (run.sh, auth.sh, mirror.sh);
+#      (run.sh, auth.sh, links.sh, mirror.sh);
 #   5. a smoke run of the benchmark (bench/run.sh --smoke: every peer started
 #      and measured once with small sizes, to keep the script working; its
 #      targets are not checked here).
@@ -41,6 +41,9 @@ $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/run.sh
 
 step "end-to-end test of private images (real registry with htpasswd, skopeo, curl)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/auth.sh
+
+step "end-to-end test of links (a manifest naming private digests opens nothing; two real registries, skopeo, curl)"
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/links.sh
 
 step "end-to-end test of mirror and path-prefix modes, fallback, air gap (ctr hosts.toml, skopeo, export/import)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/mirror.sh

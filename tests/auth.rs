@@ -102,6 +102,38 @@ impl Image {
         }
     }
 
+    /// An image in `repo` built on `base`: its own config, `base`'s layers,
+    /// then one layer of its own.
+    fn on_top_of(repo: &'static str, base: &Image, seed: u64) -> Image {
+        let config = Bytes::from(format!(
+            "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}"
+        ));
+        let own = blob_bytes(seed, 7_000);
+        let mut blobs = vec![(sha256(&config), config)];
+        blobs.extend(base.blobs[1..].iter().cloned());
+        blobs.push((sha256(&own), own));
+        let layer_json: Vec<_> = blobs[1..]
+            .iter()
+            .map(|(d, b)| serde_json::json!({"mediaType": OCI_LAYER, "digest": d, "size": b.len()}))
+            .collect();
+        let manifest = Bytes::from(
+            serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": OCI_CONFIG, "digest": blobs[0].0, "size": blobs[0].1.len()},
+                "layers": layer_json,
+            })
+            .to_string(),
+        );
+        Image {
+            repo,
+            tag: "1",
+            digest: sha256(&manifest),
+            manifest,
+            blobs,
+        }
+    }
+
     fn seed(&self, reg: &Registry) {
         reg.put_manifest(
             self.repo,
@@ -975,6 +1007,277 @@ async fn private_content_is_served_only_to_credentials_the_upstream_accepts() {
         0,
         "alice with a new token: no upstream GET; saw {:?}",
         env.describe(new_token)
+    );
+    env.assert_no_secrets(&proxy);
+}
+
+// ---------------------------------------------------------------------------
+// 2b. A manifest's content grants nothing (issue 10, item 1)
+// ---------------------------------------------------------------------------
+
+const ATTACKER_REPO: &str = "attacker/pub";
+const DERIVED: &str = "team/derived";
+const DAVE_PW: &str = "dave-pw-Hq8sN3";
+
+/// An OCI manifest pushed to a public repository by whoever may push there,
+/// whose `config`, `layers`, `blobs` and `subject` name `victim`'s digests
+/// (registries accept that: `subject` may point nowhere, distribution 2.8
+/// does not check `blobs`).
+fn hostile_manifest(victim: &Image) -> Bytes {
+    let desc = |media: &str, d: &str, len: usize| serde_json::json!({"mediaType": media, "digest": d, "size": len});
+    let (config, layers) = (&victim.blobs[0], &victim.blobs[1..]);
+    let layer_descs: Vec<_> = layers
+        .iter()
+        .map(|(d, b)| desc(OCI_LAYER, d, b.len()))
+        .collect();
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": desc(OCI_CONFIG, &config.0, config.1.len()),
+            "layers": layer_descs,
+            "blobs": layer_descs,
+            "subject": desc(OCI_MANIFEST, &victim.digest, victim.manifest.len()),
+        })
+        .to_string(),
+    )
+}
+
+#[tokio::test]
+async fn manifest_naming_private_digests_opens_nothing_through_a_public_repository() {
+    let env = Env::new().await;
+    env.auth.public(ATTACKER_REPO);
+    let hostile = hostile_manifest(&env.secret);
+    env.reg
+        .put_manifest(ATTACKER_REPO, Some("evil"), OCI_MANIFEST, hostile.clone());
+    let proxy = env.proxy(Realm::Intercepted).start().await;
+
+    // The owner pulls the private image through regcache: all of it cached.
+    Client::user(&env, &proxy, Realm::Intercepted, "alice", ALICE_PW)
+        .pull(&env.secret)
+        .await;
+    // The attacker's manifest, pulled once anonymously through regcache.
+    let mut anon = Client::anonymous(&env, &proxy, Realm::Intercepted);
+    let evil = format!("/v2/{ATTACKER_REPO}/manifests/evil");
+    anon.get(&evil).await.assert_content(
+        &Method::GET,
+        &hostile,
+        "anonymous GET of the attacker's manifest",
+    );
+
+    // Every private digest through the public repository: the registry's
+    // answer (the repository does not have them), never the bytes.
+    let mut bare = Client::bare(&env, &proxy);
+    for path in all_paths(&env.secret, ATTACKER_REPO, false) {
+        for client in [&mut anon, &mut bare] {
+            for method in [Method::GET, Method::HEAD] {
+                let got = client.request(method.clone(), &path).await;
+                let what = format!("{} {method} {path}", client.name);
+                assert!(
+                    !env.secret.leaked_in(&got.body),
+                    "{what}: private bytes through the attacker's repository: {}",
+                    got.brief()
+                );
+                assert_eq!(
+                    got.status,
+                    StatusCode::NOT_FOUND,
+                    "{what}: the registry answers 404 (no such content in {ATTACKER_REPO}): {}",
+                    got.brief()
+                );
+            }
+        }
+    }
+    env.assert_no_secrets(&proxy);
+}
+
+#[tokio::test]
+async fn public_layers_shared_with_another_public_repository_need_no_upstream_request() {
+    let env = Env::new().await;
+    let open2 = Image::on_top_of("library/open2", &env.open, 150);
+    env.auth.public(open2.repo);
+    open2.seed(&env.reg);
+    let proxy = env.proxy(Realm::Intercepted).start().await;
+
+    Client::anonymous(&env, &proxy, Realm::Intercepted)
+        .pull(&env.open)
+        .await;
+    let mut b = Client::anonymous(&env, &proxy, Realm::Intercepted);
+    let caches = b.pull(&open2).await;
+    let shared: Vec<_> = env.open.blobs[1..].iter().map(|(d, _)| d.clone()).collect();
+    let requests = env.repo_requests(open2.repo);
+    for (i, (digest, _)) in open2.blobs.iter().enumerate() {
+        let path = open2.blob_path(open2.repo, digest);
+        let upstream: Vec<_> = requests
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect();
+        if shared.contains(digest) {
+            assert_eq!(caches[i + 1], "HIT", "shared layer {path}: from the cache");
+            assert!(
+                upstream.is_empty(),
+                "shared public layer {path}: no upstream request at all; upstream saw {:?}",
+                env.describe(&upstream)
+            );
+        } else {
+            assert_eq!(caches[i + 1], "MISS", "{path}: its own blob, from upstream");
+        }
+    }
+}
+
+#[tokio::test]
+async fn private_base_layer_shared_by_two_private_repositories_needs_one_head_with_the_clients_credential(
+) {
+    let env = Env::new().await;
+    env.auth.user("dave", DAVE_PW, &[DERIVED]);
+    let derived = Image::on_top_of(DERIVED, &env.secret, 250);
+    derived.seed(&env.reg);
+    let proxy = env.proxy(Realm::Intercepted).start().await;
+
+    Client::user(&env, &proxy, Realm::Intercepted, "alice", ALICE_PW)
+        .pull(&env.secret)
+        .await;
+    let shared: Vec<_> = env.secret.blobs[1..]
+        .iter()
+        .map(|(d, _)| d.clone())
+        .collect();
+
+    // dave may read team/derived only: the base layers, cached through
+    // team/secret, come from the cache after one HEAD each with dave's own
+    // credential, no GET.
+    let mut dave = Client::user(&env, &proxy, Realm::Intercepted, "dave", DAVE_PW);
+    let caches = dave.pull(&derived).await;
+    let dave_auth = dave.last_auth.clone().expect("dave used a token");
+    let requests = env.repo_requests(DERIVED);
+    for digest in &shared {
+        let path = derived.blob_path(DERIVED, digest);
+        let upstream: Vec<_> = requests
+            .iter()
+            .filter(|r| r.path == path)
+            .cloned()
+            .collect();
+        let daves: Vec<_> = upstream
+            .iter()
+            .filter(|r| r.header("authorization").as_deref() == Some(dave_auth.as_str()))
+            .cloned()
+            .collect();
+        assert_eq!(
+            gets(&upstream),
+            0,
+            "{path}: no GET; upstream saw {:?}",
+            env.describe(&upstream)
+        );
+        assert_eq!(
+            (heads(&daves), daves.len()),
+            (1, 1),
+            "{path}: exactly one HEAD with dave's credential; upstream saw {:?}",
+            env.describe(&upstream)
+        );
+    }
+    assert!(
+        caches[2..caches.len() - 1].iter().all(|c| c == "HIT"),
+        "the shared layers from the cache: {caches:?}"
+    );
+    // Confirmed once: dave again needs nothing upstream for them.
+    let before = env.repo_requests(DERIVED).len();
+    for digest in &shared {
+        let path = derived.blob_path(DERIVED, digest);
+        let got = dave.get(&path).await;
+        got.assert_content(&Method::GET, want_of(&derived, &path), "dave again");
+    }
+    let again = env.repo_requests(DERIVED);
+    assert_eq!(
+        again.len(),
+        before,
+        "dave again: linked, no upstream request; saw {:?}",
+        env.describe(&again[before..])
+    );
+
+    // Clients without a credential for team/derived get the registry's own
+    // refusal for every piece of it, shared layers included; so does alice
+    // (team/secret has the layers, team/derived is not hers).
+    let mut anon = Client::anonymous(&env, &proxy, Realm::Intercepted);
+    assert_refused_everywhere(&mut anon, &derived, &[DERIVED]).await;
+    let mut bare = Client::bare(&env, &proxy);
+    assert_refused_everywhere(&mut bare, &derived, &[DERIVED]).await;
+    env.assert_no_secrets(&proxy);
+}
+
+/// A hostile registry answers `HEAD` 200 for any digest (and sends other
+/// bytes to a `GET`): that is no proof it holds the private bytes cached
+/// from another registry, so regcache asks it with a GET and serves only
+/// what it sends, verified; nothing gets linked, nothing private leaves.
+#[tokio::test]
+async fn a_registry_that_confirms_everything_gets_no_bytes_cached_from_another_registry() {
+    const EVIL: &str = "evil.test";
+    let env = Env::new().await;
+    let evil = Registry::start_with_names(&env.ca, &[EVIL]).await;
+    evil.set_hook(|req| {
+        let digest = req.path.rsplit('/').next().unwrap_or_default().to_string();
+        let body = Bytes::from(vec![b'x'; 5_000]);
+        let mut headers = vec![("docker-content-digest".to_string(), digest)];
+        headers.push(("content-type".into(), "application/octet-stream".into()));
+        Some(registry::Answer {
+            status: 200,
+            headers,
+            body,
+        })
+    });
+    let proxy = env
+        .proxy(Realm::Intercepted)
+        .resolve(EVIL, evil.port())
+        .intercept(EVIL)
+        .start()
+        .await;
+    Client::user(&env, &proxy, Realm::Intercepted, "alice", ALICE_PW)
+        .pull(&env.secret)
+        .await;
+
+    for round in 0..2 {
+        for path in all_paths(&env.secret, "any/repo", false) {
+            for method in [Method::HEAD, Method::GET] {
+                let c = proxy.intercepted(EVIL, Alpn::H2).await;
+                let mut b = c.builder(method.clone(), &path);
+                if path.contains("/manifests/") {
+                    b = b.header("accept", ACCEPT_ALL);
+                }
+                let what = format!("round {round}: {method} {EVIL}{path}");
+                // A download that fails verification may reset the stream
+                // before its head: no bytes at all, as good as a refusal.
+                let sent = within(
+                    &what,
+                    STEP_TIMEOUT,
+                    c.h2_sender().send_request(b.body(empty()).unwrap()),
+                )
+                .await;
+                let Ok(resp) = sent else {
+                    continue;
+                };
+                let got = read_response(resp).await;
+                assert!(
+                    !env.secret.leaked_in(&got.body),
+                    "{what}: private bytes of {HUB} went to another registry's client: {}",
+                    got.brief()
+                );
+                if method == Method::GET {
+                    assert!(
+                        got.status != StatusCode::OK || got.error.is_some(),
+                        "{what}: the hostile registry's wrong bytes must never complete: {}",
+                        got.brief()
+                    );
+                }
+            }
+        }
+    }
+    let evil_gets = evil
+        .seen()
+        .iter()
+        .filter(|r| r.method == Method::GET)
+        .count();
+    assert!(
+        evil_gets >= 2 * (env.secret.blobs.len() + 1),
+        "every GET went to the hostile registry (its bytes or nothing): {:?}",
+        evil.summary()
     );
     env.assert_no_secrets(&proxy);
 }

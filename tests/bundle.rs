@@ -499,3 +499,97 @@ async fn a_bundle_with_one_flipped_byte_is_rejected_whole() {
     let (code, _, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
     assert_eq!(code, 0, "{err}");
 }
+
+/// The credential the guarded `team/*` repositories accept (Basic).
+const TEAM_CRED: &str = "Basic dGVhbTp0ZWFtLXB3";
+
+/// A manifest in a public repository naming the digests of someone else's
+/// private image: exporting it carries none of the private bytes (the proxy
+/// would not serve them through that repository either).
+#[tokio::test]
+async fn export_leaves_out_private_digests_a_public_manifest_names() {
+    let env = Env::new().await;
+    env.reg.set_hook(|req| {
+        let guarded = req.path.starts_with("/v2/team/");
+        (guarded && req.header("authorization").as_deref() != Some(TEAM_CRED)).then(|| {
+            registry::Answer::error(
+                401,
+                &req.path,
+                vec![("www-authenticate".into(), "Basic realm=\"team\"".into())],
+            )
+        })
+    });
+    let (config, layer) = (blob_bytes(40, 700), blob_bytes(41, 200_000));
+    let secret = image_manifest(&config, &[&layer]);
+    for data in [&config, &layer] {
+        env.reg.put_blob("team/secret", data.clone());
+    }
+    let secret_d = env
+        .reg
+        .put_manifest("team/secret", Some("1"), OCI_MANIFEST, secret.clone());
+    // The attacker's image: their own config, the private layer as theirs.
+    let own = blob_bytes(42, 500);
+    env.reg.put_blob("attacker/pub", own.clone());
+    let hostile = image_manifest(&own, &[&layer]);
+    env.reg
+        .put_manifest("attacker/pub", Some("evil"), OCI_MANIFEST, hostile.clone());
+
+    let cache = env.path("cache");
+    let proxy = env.proxy(&cache).start().await;
+    let secret_paths = [
+        format!("/v2/team/secret/manifests/{secret_d}"),
+        format!("/v2/team/secret/blobs/{}", sha256(&config)),
+        format!("/v2/team/secret/blobs/{}", sha256(&layer)),
+    ];
+    for path in &secret_paths {
+        let mut client = proxy.intercepted(HUB, Alpn::Both).await;
+        let req = client
+            .builder(Method::GET, path)
+            .header("accept", ACCEPT_ALL)
+            .header("authorization", TEAM_CRED)
+            .body(empty())
+            .unwrap();
+        assert_eq!(client.send(req).await.status(), StatusCode::OK, "{path}");
+    }
+    for path in [
+        "/v2/attacker/pub/manifests/evil".to_string(),
+        format!("/v2/attacker/pub/blobs/{}", sha256(&own)),
+    ] {
+        let got = get(&proxy, &path).await;
+        assert_eq!(got.status, StatusCode::OK, "{path}");
+    }
+    stop(proxy).await;
+
+    let bundle = env.path("evil.tar");
+    let (code, out, err) = regcache(&[
+        "export",
+        "-o",
+        s(&bundle),
+        "--cache-dir",
+        s(&cache),
+        "attacker/pub:evil",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&sha256(&layer)) && err.contains("not linked to its repository"),
+        "the private layer is named as left out: {err}"
+    );
+    assert!(
+        out.contains("1 item not in the cache was left out"),
+        "{out}"
+    );
+    let private_layer = blob_name(&sha256(&layer));
+    for (name, data) in entries(&bundle) {
+        assert_ne!(name, private_layer, "the private layer is in the bundle");
+        assert!(
+            data.len() < layer.len() || data[..64] != layer[..64],
+            "{name} holds the private layer's bytes"
+        );
+    }
+}
+
+/// `blobs/<alg>/<hex>`, a digest's name in an OCI layout.
+fn blob_name(digest: &str) -> String {
+    let (alg, hex) = digest.split_once(':').unwrap();
+    format!("blobs/{alg}/{hex}")
+}

@@ -1071,9 +1071,38 @@ async fn relative_redirect_is_followed_on_the_same_registry() {
 // 5. Links between repositories
 // ---------------------------------------------------------------------------
 
+/// The credential the guarded `team/*` repositories accept (Basic).
+const TEAM_CRED: &str = "Basic dGVhbTp0ZWFtLXB3";
+
+/// Makes every `team/*` repository guarded: 401 with a Basic challenge
+/// unless the request carries [`TEAM_CRED`].
+fn guard_team(reg: &Registry) {
+    reg.set_hook(|req| {
+        let guarded = req.path.starts_with("/v2/team/");
+        (guarded && req.header("authorization").as_deref() != Some(TEAM_CRED)).then(|| {
+            registry::Answer::error(
+                401,
+                &req.path,
+                vec![("www-authenticate".into(), "Basic realm=\"team\"".into())],
+            )
+        })
+    });
+}
+
+/// Methods of the requests for `path` that carried [`TEAM_CRED`] (regcache's
+/// own anonymous openness probes left out).
+fn team_methods(reg: &Registry, path: &str) -> Vec<String> {
+    reg.requests(path)
+        .iter()
+        .filter(|r| r.header("authorization").as_deref() == Some(TEAM_CRED))
+        .map(|r| r.method.to_string())
+        .collect()
+}
+
 #[tokio::test]
 async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
     let env = Env::new().await;
+    guard_team(&env.reg);
     let data = blob_bytes(13, 200_000);
     let digest = env.reg.put_blob("team/a", data.clone());
     env.reg.put_blob("team/b", data.clone()); // b has it too; c does not.
@@ -1082,18 +1111,27 @@ async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
         blob_path("team/b", &digest),
         blob_path("team/c", &digest),
     );
+    let cred = [("authorization", TEAM_CRED)];
     let proxy = env.proxy().start().await;
-    get(&proxy, &pa).await.assert_served(&data, "MISS", "via a");
+    request(&proxy, Alpn::Both, Method::GET, &pa, &cred)
+        .await
+        .assert_served(&data, "MISS", "via a");
 
     // b: upstream confirms with a HEAD, bytes come from the cache.
-    get(&proxy, &pb).await.assert_served(&data, "HIT", "via b");
-    assert_eq!(env.reg.methods(&pb), vec!["HEAD"], "b needs a HEAD, no GET");
+    request(&proxy, Alpn::Both, Method::GET, &pb, &cred)
+        .await
+        .assert_served(&data, "HIT", "via b");
+    assert_eq!(
+        team_methods(&env.reg, &pb),
+        vec!["HEAD"],
+        "b needs a HEAD, no GET"
+    );
 
     // c: upstream says 404 to the HEAD (with the Content-Length its GET
     // error body would have, as Go registries do): so does regcache, with a
     // well-formed 404 for the GET.
     for (i, alpn) in [Alpn::Http11, Alpn::H2].into_iter().enumerate() {
-        let r = try_request(&proxy, alpn, Method::GET, &pc, &[])
+        let r = try_request(&proxy, alpn, Method::GET, &pc, &cred)
             .await
             .unwrap_or_else(|e| {
                 panic!(
@@ -1112,25 +1150,55 @@ async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
         );
         assert_ne!(&r.body[..], &data[..], "c must not get the bytes");
         assert_eq!(
-            env.reg.methods(&pc),
+            team_methods(&env.reg, &pc),
             vec!["HEAD"; i + 1],
             "c: a HEAD per request, no GET"
         );
     }
 
     // A HEAD for c is refused as well, and b is linked now.
-    let h = head(&proxy, &pc).await;
+    let h = request(&proxy, Alpn::Both, Method::HEAD, &pc, &cred).await;
     assert_eq!(h.status, StatusCode::NOT_FOUND);
-    get(&proxy, &pb)
+    request(&proxy, Alpn::Both, Method::GET, &pb, &cred)
         .await
         .assert_served(&data, "HIT", "via b again");
     assert_eq!(
-        env.reg.methods(&pb),
+        team_methods(&env.reg, &pb),
         vec!["HEAD"],
         "b was linked by the HEAD"
     );
+    assert_eq!(team_methods(&env.reg, &pa), vec!["GET"]);
+    assert_eq!(team_methods(&env.reg, &pc), vec!["HEAD", "HEAD", "HEAD"]);
+}
+
+#[tokio::test]
+async fn blob_public_through_one_repo_is_served_through_another_without_upstream_contact() {
+    let env = Env::new().await;
+    let data = blob_bytes(14, 200_000);
+    let digest = env.reg.put_blob("library/a", data.clone());
+    let (pa, pb) = (
+        blob_path("library/a", &digest),
+        blob_path("library/b", &digest),
+    );
+    // library/b's image names the same layer (it was built on a's).
+    let manifest = image_manifest(OCI_MANIFEST, (&digest, data.len()), &[]);
+    env.reg
+        .put_manifest("library/b", Some("1"), OCI_MANIFEST, manifest.clone());
+    let proxy = env.proxy().start().await;
+    get(&proxy, &pa).await.assert_served(&data, "MISS", "via a");
+    get_manifest(&proxy, &manifest_path("library/b", "1"))
+        .await
+        .assert_served(&manifest, "MISS", "b's manifest");
+    // library/a answered an anonymous GET: public, so anyone may have its
+    // bytes through any repository name; b answered one too, so the access
+    // check for b needs no upstream contact either.
+    get(&proxy, &pb).await.assert_served(&data, "HIT", "via b");
     assert_eq!(env.reg.methods(&pa), vec!["GET"]);
-    assert_eq!(env.reg.methods(&pc), vec!["HEAD", "HEAD", "HEAD"]);
+    assert!(
+        env.reg.methods(&pb).is_empty(),
+        "b: no upstream request for the blob: {:?}",
+        env.reg.summary()
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -2203,12 +2271,17 @@ async fn prefetch_fills_the_cache_and_offline_serves_it_without_upstream() {
     let miss = get_manifest(&proxy, &manifest_path(repo, "3.13")).await;
     assert_eq!(miss.status, StatusCode::NOT_FOUND);
     assert!(started.elapsed() < Duration::from_secs(2));
-    let miss = get(&proxy, &blob_path("library/other", &blobs[0].0)).await;
-    assert_eq!(
-        miss.status,
-        StatusCode::NOT_FOUND,
-        "not linked to that repository"
-    );
+    // Public through library/python: served through another name too.
+    get(&proxy, &blob_path("library/other", &blobs[0].0))
+        .await
+        .assert_served(
+            &blobs[0].1,
+            "HIT",
+            "a public blob through another name, offline",
+        );
+    let unknown = sha256(b"never cached");
+    let miss = get(&proxy, &blob_path(repo, &unknown)).await;
+    assert_eq!(miss.status, StatusCode::NOT_FOUND, "not in the cache");
     assert!(proxy.stderr().contains("offline: not in the cache"));
 }
 

@@ -65,6 +65,8 @@ pub struct Fill {
     pub digest: Digest,
     progress: watch::Sender<Progress>,
     file: OnceLock<Arc<std::fs::File>>,
+    /// The (registry, repository) whose upstream answer is being stored.
+    origin: OnceLock<(String, String)>,
 }
 
 impl Fill {
@@ -86,6 +88,11 @@ impl Fill {
             Err(_) => false,
         };
         started
+    }
+
+    /// The (registry, repository) the bytes come from, once the leader set it.
+    pub fn origin(&self) -> Option<&(String, String)> {
+        self.origin.get()
     }
 
     fn update(&self, f: impl FnOnce(&mut Progress)) {
@@ -157,6 +164,7 @@ impl Cache {
             digest: digest.clone(),
             progress,
             file: OnceLock::new(),
+            origin: OnceLock::new(),
         });
         fills.insert(digest.clone(), fill.clone());
         Role::Leader(Leader {
@@ -168,6 +176,16 @@ impl Cache {
 }
 
 impl Leader {
+    /// Records which (registry, repository) the download is for, before
+    /// [`Leader::start`]: followers can tell whether it serves them, and the
+    /// digest is linked to it once the bytes matched.
+    pub fn set_origin(&self, registry: &str, repo: &str) {
+        let _ = self
+            .fill
+            .origin
+            .set((registry.to_string(), repo.to_string()));
+    }
+
     /// Starts storing `body` (upstream's 200 answer) as `digest`.
     ///
     /// `total` is the announced Content-Length; `media_type` is stored with
@@ -250,6 +268,16 @@ async fn write_fill<B>(
             .map(|_| size),
         Err(e) => Err(e),
     };
+    // The registry served these bytes for its repository and they matched:
+    // that earns the link, before any reader sees the download complete.
+    if let (Ok(_), Some((registry, repo))) = (&outcome, fill.origin()) {
+        if let Err(e) = cache
+            .link(registry, repo, std::slice::from_ref(&fill.digest))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record link");
+        }
+    }
     match outcome {
         Ok(size) => {
             tracing::debug!(digest = %fill.digest, size, "download verified and stored");

@@ -8,11 +8,18 @@
 //! entries are removed *before* their file, so the index never names a
 //! partial file; a file the index does not name is an orphan, swept later.
 //!
+//! A `meta` table holds the schema version. Version 1 (no `meta` table)
+//! linked every digest a manifest named to the manifest's repository, and
+//! its openness records could have been learnt over plain http: such links
+//! cannot be told apart from earned ones, so opening a version 1 index drops
+//! the links and openness tables (logged); links are earned again on the
+//! next pull, openness on the next request.
+//!
 //! Every function here does blocking I/O: call it from `spawn_blocking`.
 
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 /// digest → (size, last access in Unix seconds, media type or "").
 const CONTENT: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("content");
@@ -24,6 +31,12 @@ const TAGS: TableDefinition<&str, (&str, u64)> = TableDefinition::new("tags");
 const OPENNESS: TableDefinition<&str, (bool, u64)> = TableDefinition::new("openness");
 /// Counter name → value.
 const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
+/// "schema" → the index's schema version.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The schema version this regcache writes: links are only those a registry
+/// served or confirmed (see [`crate::registry::link`]).
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// An index problem.
 pub type IndexError = redb::Error;
@@ -108,9 +121,33 @@ pub struct Index {
 
 impl Index {
     /// Opens (or creates) the database at `path`.
+    ///
+    /// An index of an older schema is migrated first (see the module
+    /// documentation), with an info log line.
     pub fn open(path: &Path) -> Result<Self, IndexError> {
         let db = Database::create(path)?;
         let txn = db.begin_write()?;
+        {
+            let existed = txn.list_tables()?.next().is_some();
+            let mut meta = txn.open_table(META)?;
+            let version = meta.get("schema")?.map(|v| v.value());
+            if version.unwrap_or(1) < SCHEMA_VERSION {
+                if existed {
+                    let links = txn.open_table(LINKS)?.len()?;
+                    let openness = txn.open_table(OPENNESS)?.len()?;
+                    txn.delete_table(LINKS)?;
+                    txn.delete_table(OPENNESS)?;
+                    tracing::info!(
+                        from = version.unwrap_or(1),
+                        to = SCHEMA_VERSION,
+                        dropped_links = links,
+                        dropped_openness = openness,
+                        "cache index migrated: links named by manifests and openness learnt before cannot be told apart from earned ones, so both were dropped; they are learnt again on the next pulls"
+                    );
+                }
+                meta.insert("schema", SCHEMA_VERSION)?;
+            }
+        }
         {
             txn.open_table(CONTENT)?;
             txn.open_table(LINKS)?;
@@ -260,5 +297,60 @@ mod tests {
         );
         assert_eq!(snap.tags[0].fetched_at_ms, 5);
         assert_eq!(snap.counters, vec![("hits".to_string(), 5)]);
+    }
+
+    /// A version 1 index (no `meta` table), as regcache wrote it before
+    /// links had to be earned: content, tags and counters stay; links and
+    /// openness go; the next open keeps what was written since.
+    #[test]
+    fn a_version_1_index_loses_its_links_and_openness_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("index.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                txn.open_table(CONTENT)
+                    .unwrap()
+                    .insert("sha256:aa", (3, 10, ""))
+                    .unwrap();
+                let mut links = txn.open_table(LINKS).unwrap();
+                links.insert("docker.io/library/x@sha256:aa", ()).unwrap();
+                links.insert("docker.io/evil/pub@sha256:aa", ()).unwrap();
+                txn.open_table(TAGS)
+                    .unwrap()
+                    .insert("docker.io/library/x:1", ("sha256:aa", 5))
+                    .unwrap();
+                txn.open_table(OPENNESS)
+                    .unwrap()
+                    .insert("docker.io/team/secret", (true, 7))
+                    .unwrap();
+                txn.open_table(COUNTERS).unwrap().insert("hits", 4).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let snap = {
+            let index = Index::open(&path).unwrap();
+            let snap = index.load().unwrap();
+            index
+                .apply(&[
+                    Change::PutLink("docker.io/library/x@sha256:aa".into()),
+                    Change::PutOpenness("docker.io/library/x".into(), true, 9),
+                ])
+                .unwrap();
+            snap
+        };
+        assert!(snap.links.is_empty(), "old links dropped: {:?}", snap.links);
+        assert!(snap.openness.is_empty(), "old openness dropped");
+        assert_eq!(snap.content.len(), 1, "content kept");
+        assert_eq!(snap.tags.len(), 1, "tags kept");
+        assert_eq!(snap.counter("hits"), 4, "counters kept");
+        // Migrated once: what was earned since survives the next open.
+        let again = Index::open(&path).unwrap().load().unwrap();
+        assert_eq!(
+            again.links,
+            vec!["docker.io/library/x@sha256:aa".to_string()]
+        );
+        assert_eq!(again.openness.len(), 1);
     }
 }

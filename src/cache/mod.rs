@@ -7,7 +7,10 @@
 //! index.redb              metadata: entries, links, tags (see index.rs)
 //! ```
 //! Content is stored once per digest, whatever repository it came through; a
-//! *link* (registry, repository, digest) says which repositories may see it.
+//! *link* (registry, repository, digest) says which repositories may see it:
+//! one the registry served or confirmed the digest for, never one a
+//! manifest merely names ([`crate::registry::link`] has the rule). Links are
+//! kept in memory by digest, so the repositories of a digest are one lookup.
 //! A file enters `blobs/` only by an atomic rename after its digest and
 //! length matched ([`fill`]), so nothing partial or wrong is ever served.
 //!
@@ -33,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use lru::LruCache;
 
 use crate::registry::digest::Digest;
+use crate::registry::link::LinkFacts;
 use freshness::TagRecord;
 use index::{Change, ContentRow, Index, TagRow};
 
@@ -115,7 +119,9 @@ pub struct Stats {
 struct State {
     content: LruCache<Digest, Entry>,
     total: u64,
-    links: HashSet<String>,
+    /// digest → the (registry, repository) pairs it is linked to.
+    links: HashMap<Digest, HashSet<(String, String)>>,
+    link_count: u64,
     tags: HashMap<String, TagRecord>,
     touched: HashSet<Digest>,
     hits: u64,
@@ -147,6 +153,13 @@ pub fn content_file(dir: &Path, digest: &Digest) -> PathBuf {
 /// The link key for (registry, repository, digest).
 pub fn link_key(registry: &str, repo: &str, digest: &Digest) -> String {
     format!("{registry}/{repo}@{digest}")
+}
+
+/// The (registry, repository, digest) of a link key; None if it is not one.
+pub fn parse_link_key(key: &str) -> Option<(String, String, Digest)> {
+    let (name, digest) = key.rsplit_once('@')?;
+    let (registry, repo) = name.split_once('/')?;
+    Some((registry.to_string(), repo.to_string(), digest.parse().ok()?))
 }
 
 /// The tag key for (registry, repository, tag).
@@ -209,10 +222,18 @@ impl Cache {
                 )
             })
             .collect();
+        let mut links: HashMap<Digest, HashSet<(String, String)>> = HashMap::new();
+        let mut link_count = 0;
+        for (registry, repo, digest) in snap.links.iter().filter_map(|k| parse_link_key(k)) {
+            if links.entry(digest).or_default().insert((registry, repo)) {
+                link_count += 1;
+            }
+        }
         let state = State {
             content,
             total,
-            links: snap.links.into_iter().collect(),
+            links,
+            link_count,
             tags,
             touched: HashSet::new(),
             hits,
@@ -281,7 +302,29 @@ impl Cache {
     pub fn is_linked(&self, registry: &str, repo: &str, digest: &Digest) -> bool {
         self.lock()
             .links
-            .contains(&link_key(registry, repo, digest))
+            .get(digest)
+            .is_some_and(|places| places.contains(&(registry.to_string(), repo.to_string())))
+    }
+
+    /// What the links of `digest` say about serving it through `repo` on
+    /// `registry`, for [`crate::registry::link::verdict`]: one lookup of the
+    /// digest, then its repositories (never a scan of every link).
+    pub fn link_facts(&self, registry: &str, repo: &str, digest: &Digest) -> LinkFacts {
+        let state = self.lock();
+        let Some(places) = state.links.get(digest) else {
+            return LinkFacts::default();
+        };
+        let mut facts = LinkFacts::default();
+        for (r, p) in places {
+            let same_registry = r == registry;
+            facts.linked_here |= same_registry && p == repo;
+            facts.linked_in_registry |= same_registry;
+            facts.public_somewhere |= state
+                .openness
+                .get(&format!("{r}/{p}"))
+                .is_some_and(|(public, _)| *public);
+        }
+        facts
     }
 
     /// Lets `repo` on `registry` see `digests`, persistently.
@@ -293,12 +336,20 @@ impl Cache {
     ) -> Result<(), CacheError> {
         let changes: Vec<Change> = {
             let mut state = self.lock();
-            digests
-                .iter()
-                .map(|d| link_key(registry, repo, d))
-                .filter(|k| state.links.insert(k.clone()))
-                .map(Change::PutLink)
-                .collect()
+            let place = (registry.to_string(), repo.to_string());
+            let mut changes = Vec::new();
+            for d in digests {
+                if state
+                    .links
+                    .entry(d.clone())
+                    .or_default()
+                    .insert(place.clone())
+                {
+                    state.link_count += 1;
+                    changes.push(Change::PutLink(link_key(registry, repo, d)));
+                }
+            }
+            changes
         };
         self.persist(changes).await
     }
@@ -561,7 +612,7 @@ impl Cache {
             entries: state.content.len() as u64,
             bytes: state.total,
             tags: state.tags.len() as u64,
-            links: state.links.len() as u64,
+            links: state.link_count,
             hits: state.hits,
             misses: state.misses,
         }

@@ -4,9 +4,11 @@
 //! A registry may hold several manifests for one tag (a Docker v2 manifest, an
 //! OCI index, …) and chooses by the request's `Accept` header, so a cached
 //! manifest is served only to a client that accepts its type. A manifest also
-//! names the blobs and child manifests it is made of; regcache links those to
-//! the repository the manifest came from, so a client that could read the
-//! manifest can read its parts.
+//! names the blobs and child manifests it is made of ([`referenced_digests`]:
+//! what prefetch and bundles walk). Those names are pointers, never access:
+//! registries accept manifests naming digests they do not hold, so regcache
+//! links a digest to a repository only when the registry served or confirmed
+//! it there ([`crate::registry::link`]).
 //!
 //! Everything here reads untrusted bytes and never panics: bad input gives
 //! "no", an empty list, or the default type.

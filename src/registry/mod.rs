@@ -7,6 +7,7 @@ pub mod auth;
 pub mod digest;
 pub mod error;
 pub mod hosts;
+pub mod link;
 pub mod media;
 pub mod name;
 pub mod route;

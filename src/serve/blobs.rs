@@ -1,13 +1,17 @@
 //! `GET`/`HEAD /v2/<name>/blobs/<digest>`: from the cache, or from one shared
 //! upstream download.
 //!
-//! - Cached and linked to this repository: streamed from disk (206 for a
-//!   `Range`), no upstream contact.
-//! - Cached but not linked (or being downloaded through another repository):
-//!   a `HEAD` upstream for *this* repository decides; on 200 the digest is
-//!   linked and served from the cache, otherwise upstream's answer is passed on.
+//! - Cached and linked to this repository, or public through some
+//!   repository: streamed from disk (206 for a `Range`), no upstream contact.
+//! - Cached, guarded, linked in this registry but not to this repository
+//!   (or being downloaded through another repository of it): a `HEAD`
+//!   upstream for *this* repository decides; on 200 the digest is linked and
+//!   served from the cache, otherwise upstream's answer is passed on.
+//! - Cached only through other registries: treated as missing, so the bytes
+//!   come from this registry (the rule is in [`crate::registry::link`]).
 //! - Missing: `HEAD` is passed upstream; `GET` joins or leads the single
-//!   download of the digest ([`crate::cache::fill`]).
+//!   download of the digest ([`crate::cache::fill`]), and the digest is
+//!   linked to the repository once the download's bytes matched it.
 
 use std::sync::Arc;
 
@@ -15,6 +19,7 @@ use http::header::{HeaderValue, ACCEPT_RANGES, CONTENT_LENGTH, CONTENT_RANGE, CO
 use http::request::Parts;
 use http::{Method, Response, StatusCode};
 
+use super::link::{self, Access, Kind};
 use super::range::{span, Span};
 use super::sharing;
 use super::{passthrough, upstream_uri, CacheStatus, Served};
@@ -40,14 +45,19 @@ pub async fn serve(
     let cache = &app.cache;
     let repo = name.as_str();
     if cache.contains(digest) {
-        if let Err(refused) = ensure_linked(app, target, repo, digest, parts).await {
-            return refused;
-        }
-        if let Err(refused) = sharing::check(app, target, repo, parts).await {
-            return *refused;
-        }
-        if let Some(served) = from_cache(app, parts, digest).await {
-            return served;
+        let facts = cache.link_facts(&target.registry, repo, digest);
+        match link::resolve(app, target, repo, digest, parts, facts, Kind::Blob).await {
+            Err(refused) => return *refused,
+            Ok(Access::Serve) => {
+                if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                    return *refused;
+                }
+                if let Some(served) = from_cache(app, parts, digest).await {
+                    return served;
+                }
+            }
+            // Asked upstream below, as if it were not cached.
+            Ok(Access::Fetch) => {}
         }
     }
     if parts.method == Method::HEAD {
@@ -61,8 +71,19 @@ pub async fn serve(
                 if !fill.started().await {
                     continue;
                 }
-                if let Err(refused) = ensure_linked(app, target, repo, digest, parts).await {
-                    return refused;
+                // A download for this very repository serves it (its bytes
+                // are verified before the last one reaches anybody).
+                let mut facts = cache.link_facts(&target.registry, repo, digest);
+                facts.linked_here |= fill
+                    .origin()
+                    .is_some_and(|(r, p)| *r == target.registry && p == repo);
+                match link::resolve(app, target, repo, digest, parts, facts, Kind::Blob).await {
+                    Err(refused) => return *refused,
+                    Ok(Access::Serve) => {}
+                    // The download is another registry's bytes: ask this one.
+                    Ok(Access::Fetch) => {
+                        return forward_method(app, target, repo, parts, Method::GET).await
+                    }
                 }
                 if let Err(refused) = sharing::check(app, target, repo, parts).await {
                     return *refused;
@@ -99,9 +120,10 @@ async fn lead(
         leader.abandon();
         return Served::new(passthrough(resp), CacheStatus::Miss);
     }
-    // Linked before the download starts, so that followers from the same
-    // repository need no upstream check.
-    link(app, target, repo, digest).await;
+    // Followers from the same repository need no upstream check; the fill
+    // links the digest only once its bytes matched (a registry that answers
+    // 200 with other bytes earns nothing).
+    leader.set_origin(&target.registry, repo);
     let total = content_length(resp.headers());
     match leader.start(resp.into_body(), total, String::new()).await {
         Ok(fill) => Served::new(from_fill(parts, digest, &fill), CacheStatus::Miss),
@@ -116,47 +138,6 @@ async fn lead(
                 CacheStatus::Miss,
             )
         }
-    }
-}
-
-/// Makes sure `repo` may see `digest`: already linked, or upstream confirms
-/// with a HEAD (client's own credentials) that this repository has it. On a
-/// refusal, the answer to give the client.
-async fn ensure_linked(
-    app: &Arc<App>,
-    target: &super::Target,
-    repo: &str,
-    digest: &Digest,
-    parts: &Parts,
-) -> Result<(), Served> {
-    if app.cache.is_linked(&target.registry, repo, digest) {
-        return Ok(());
-    }
-    let uri = upstream_uri(target, parts).map_err(|resp| Served::new(*resp, CacheStatus::Pass))?;
-    match sharing::fetch_for(app, target, repo, parts, Method::HEAD, uri).await {
-        Ok(resp) if resp.status() == StatusCode::OK => {
-            link(app, target, repo, digest).await;
-            Ok(())
-        }
-        Ok(resp) => Err(Served::new(
-            super::refusal(&parts.method, resp, ErrorCode::BlobUnknown, "blob"),
-            CacheStatus::Miss,
-        )),
-        Err(e) => Err(Served::new(
-            super::bad_gateway(target, &e),
-            CacheStatus::Miss,
-        )),
-    }
-}
-
-/// Records that `repo` may see `digest` (a failure is logged, not fatal).
-async fn link(app: &App, target: &super::Target, repo: &str, digest: &Digest) {
-    if let Err(e) = app
-        .cache
-        .link(&target.registry, repo, std::slice::from_ref(digest))
-        .await
-    {
-        tracing::warn!(error = %e, "cannot record link");
     }
 }
 

@@ -1,7 +1,11 @@
 //! `GET`/`HEAD /v2/<name>/manifests/<reference>`.
 //!
-//! - By digest: immutable. Served from the cache when linked to this
-//!   repository and allowed by the request's `Accept`; no upstream contact.
+//! - By digest: immutable. Served from the cache when allowed by the
+//!   request's `Accept` and linked to this repository (or public through
+//!   some repository); no upstream contact. A guarded one linked only to
+//!   other repositories of the registry needs the registry's `HEAD` in this
+//!   repository first; one known only from other registries is fetched
+//!   ([`crate::registry::link`]).
 //! - By tag: served from the cache while fresh (`tag_ttl`); then revalidated
 //!   with a `HEAD` upstream (never a GET, which Docker Hub counts as a pull):
 //!   same digest, served cached (REVALIDATED); changed, fetched and stored;
@@ -9,7 +13,8 @@
 //!   404, answered 404 and the tag forgotten. Concurrent requests for one
 //!   stale or unknown tag make a single upstream request ([`super::coalesce`]).
 //! - A fetched manifest is verified against its digest, stored with its media
-//!   type, and every digest it references is linked to the repository.
+//!   type, and linked to the repository. The digests it names are not: a
+//!   manifest's content never grants access to anything.
 
 use std::sync::Arc;
 
@@ -20,6 +25,7 @@ use http::{Method, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 
 use super::coalesce::Turn;
+use super::link::{self, Access, Kind};
 use super::sharing;
 use super::{error_json, passthrough, upstream_uri, CacheStatus, Served, Target};
 use crate::app::App;
@@ -30,7 +36,7 @@ use crate::cache::freshness::{
 use crate::cache::Cached;
 use crate::registry::digest::{Digest, DigestHasher};
 use crate::registry::error::ErrorCode;
-use crate::registry::media::{accepts, manifest_media_type, referenced_digests};
+use crate::registry::media::{accepts, manifest_media_type};
 use crate::registry::name::RepoName;
 use crate::registry::route::Reference;
 
@@ -61,13 +67,18 @@ async fn by_digest(
     let cache = &app.cache;
     let repo = name.as_str();
     if let Some(cached) = usable(app, digest, parts) {
-        if cache.is_linked(&target.registry, repo, digest) {
-            if let Err(refused) = sharing::check(app, target, repo, parts).await {
-                return *refused;
+        let facts = cache.link_facts(&target.registry, repo, digest);
+        match link::resolve(app, target, repo, digest, parts, facts, Kind::Manifest).await {
+            Err(refused) => return *refused,
+            Ok(Access::Serve) => {
+                if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                    return *refused;
+                }
+                if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
+                    return served;
+                }
             }
-            if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
-                return served;
-            }
+            Ok(Access::Fetch) => {}
         }
     }
     fetch(app, target, name, None, Some(digest), parts).await
@@ -438,9 +449,15 @@ async fn store(
 ) -> Result<(), crate::cache::CacheError> {
     let cache = &app.cache;
     cache.store_bytes(digest, bytes.clone(), media_type).await?;
-    let mut linked = referenced_digests(bytes);
-    linked.push(digest.clone());
-    cache.link(&target.registry, name.as_str(), &linked).await?;
+    // Only the manifest itself: the digests it names are pointers that the
+    // registry has not served for this repository (and may not hold).
+    cache
+        .link(
+            &target.registry,
+            name.as_str(),
+            std::slice::from_ref(digest),
+        )
+        .await?;
     if let Some(tag) = tag {
         let record = TagRecord {
             digest: digest.to_string(),

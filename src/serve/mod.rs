@@ -11,6 +11,7 @@
 pub mod blobs;
 pub mod coalesce;
 pub mod headers;
+pub mod link;
 pub mod log;
 pub mod manifests;
 pub mod mirror;

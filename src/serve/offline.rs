@@ -2,7 +2,8 @@
 //!
 //! No upstream is contacted, ever: tags resolve to what the cache holds
 //! whatever their age, digests are served when cached and linked to the
-//! repository, and everything else answers 404 at once (with a log line),
+//! repository or public through some repository (the verdict of
+//! [`crate::registry::link`] with no registry to confirm), and everything else answers 404 at once (with a log line),
 //! so clients fail fast instead of waiting for a network that is not there.
 //! With no upstream to judge credentials, cached content is served to every
 //! client allowed on the proxy: `allow` and `proxy_users` guard it.
@@ -13,6 +14,7 @@ use http::{Method, StatusCode};
 use super::{blobs, error_json, manifests, mirror, CacheStatus, Served, Target};
 use crate::app::App;
 use crate::registry::error::ErrorCode;
+use crate::registry::link::{verdict, LinkVerdict};
 use crate::registry::route::{Reference, Route};
 
 /// Serves a request for an offline registry.
@@ -40,7 +42,7 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
                     .and_then(|r| r.digest.parse().ok()),
             };
             let found = digest
-                .filter(|d| app.cache.is_linked(registry, repo, d))
+                .filter(|d| servable(app, registry, repo, d))
                 .and_then(|d| manifests::usable(app, &d, parts));
             if let Some(cached) = found {
                 if let Some(served) =
@@ -57,7 +59,7 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
         }
         Route::Blob { name, digest } => {
             let repo = name.as_str();
-            if app.cache.is_linked(registry, repo, &digest) {
+            if servable(app, registry, repo, &digest) {
                 if let Some(served) = blobs::from_cache(app, parts, &digest).await {
                     return served;
                 }
@@ -66,6 +68,11 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
         }
         Route::Other => missing(target, "this request", ErrorCode::Unsupported),
     }
+}
+
+/// Whether `digest` may be served through `repo` with no registry to ask.
+fn servable(app: &App, registry: &str, repo: &str, digest: &crate::registry::Digest) -> bool {
+    verdict(app.cache.link_facts(registry, repo, digest)) == LinkVerdict::Serve
 }
 
 fn missing(target: &Target, what: &str, code: ErrorCode) -> Served {

@@ -6,6 +6,13 @@
 //! tar, hashed on the way so a damaged file is found before the bundle
 //! travels. The tar is written as `<output>.partial` and renamed when
 //! complete, so an interrupted export leaves no bundle that looks whole.
+//!
+//! An image's content is found by walking its manifests in the cache, and a
+//! digest a manifest names goes into the bundle only if the image's
+//! repository may see it: linked to that repository or public through some
+//! repository ([`crate::registry::link`]). A manifest can name digests of
+//! someone else's private image; those are left out (with a warning), as the
+//! proxy would not serve them through that repository either.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -22,8 +29,9 @@ use super::{
 };
 use crate::cache::index::Snapshot;
 use crate::cache::offline::{self, ImageRef};
-use crate::cache::{content_file, link_key, tag_key};
+use crate::cache::{content_file, link_key, parse_link_key, tag_key};
 use crate::registry::digest::Digest;
+use crate::registry::link::{verdict, LinkFacts, LinkVerdict};
 use crate::registry::media::{manifest_media_type, OCI_INDEX};
 use crate::registry::route::Reference;
 
@@ -73,6 +81,10 @@ struct Catalog {
     dir: PathBuf,
     /// digest → (size, media type; empty for blobs).
     content: HashMap<Digest, (u64, String)>,
+    /// digest → the (registry, repository) pairs it is linked to.
+    places: HashMap<Digest, HashSet<(String, String)>>,
+    /// "registry/repository" of the repositories last found public.
+    public: HashSet<String>,
     snap: Snapshot,
 }
 
@@ -86,11 +98,34 @@ impl Catalog {
                 Some((digest, (r.size, r.media_type.clone())))
             })
             .collect();
+        let mut places: HashMap<Digest, HashSet<(String, String)>> = HashMap::new();
+        for (registry, repo, digest) in snap.links.iter().filter_map(|k| parse_link_key(k)) {
+            places.entry(digest).or_default().insert((registry, repo));
+        }
+        let public = snap
+            .openness
+            .iter()
+            .filter(|(_, public, _)| *public)
+            .map(|(k, _, _)| k.clone())
+            .collect();
         Self {
             dir: dir.to_path_buf(),
             content,
+            places,
+            public,
             snap,
         }
+    }
+
+    /// Whether `image`'s repository may see `digest`: the proxy's link
+    /// verdict, with no registry to confirm anything.
+    fn visible(&self, image: &ImageRef, digest: &Digest) -> bool {
+        let mut facts = LinkFacts::default();
+        for (registry, repo) in self.places.get(digest).into_iter().flatten() {
+            facts.linked_here |= *registry == image.registry && *repo == image.repository;
+            facts.public_somewhere |= self.public.contains(&format!("{registry}/{repo}"));
+        }
+        verdict(facts) == LinkVerdict::Serve
     }
 
     /// The cached size of `digest`, if its entry and file exist.
@@ -206,6 +241,7 @@ fn image_of_tag_key(key: &str) -> Option<ImageRef> {
 /// top manifest first. Children the cache lacks go to `missing`.
 fn plan(
     catalog: &Catalog,
+    image: &ImageRef,
     root: &Digest,
     written: &HashSet<Digest>,
     missing: &mut Vec<Digest>,
@@ -225,6 +261,18 @@ fn plan(
             }
             continue;
         };
+        if digest != *root && !catalog.visible(image, &digest) {
+            if !missing.contains(&digest) {
+                warn(
+                    bar,
+                    &format!(
+                        "{digest} is named by {image} but not linked to its repository; left out"
+                    ),
+                );
+                missing.push(digest);
+            }
+            continue;
+        }
         items.push((digest.clone(), size, manifest));
         if manifest {
             let path = content_file(&catalog.dir, &digest);
@@ -276,7 +324,7 @@ fn write_bundle(
     let mut descriptors = Vec::new();
     for (image, root) in images {
         let bar = progress_bar(0, image.to_string());
-        let items = plan(catalog, root, &written, &mut summary.missing, &bar)?;
+        let items = plan(catalog, image, root, &written, &mut summary.missing, &bar)?;
         bar.set_length(items.iter().map(|(_, size, _)| size).sum());
         for (digest, size, manifest) in items {
             let alg = digest.algorithm();
