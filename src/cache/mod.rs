@@ -158,8 +158,17 @@ pub fn link_key(registry: &str, repo: &str, digest: &Digest) -> String {
 /// The (registry, repository, digest) of a link key; None if it is not one.
 pub fn parse_link_key(key: &str) -> Option<(String, String, Digest)> {
     let (name, digest) = key.rsplit_once('@')?;
-    let (registry, repo) = name.split_once('/')?;
+    let (registry, repo) = split_registry(name)?;
     Some((registry.to_string(), repo.to_string(), digest.parse().ok()?))
+}
+
+/// Splits `registry/repository` of a key into its two parts. A registry key
+/// may carry a scheme (`http://host:port`, an insecure registry), whose
+/// slashes are not the separator.
+pub fn split_registry(name: &str) -> Option<(&str, &str)> {
+    let scheme = name.find("://").map(|i| i + 3).unwrap_or(0);
+    let slash = scheme + name[scheme..].find('/')?;
+    Some((&name[..slash], &name[slash + 1..]))
 }
 
 /// The tag key for (registry, repository, tag).
@@ -679,6 +688,26 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn link_keys_read_back_whatever_the_registry_scheme() {
+        let d = Digest::of(b"x");
+        for (registry, repo) in [
+            ("docker.io", "library/alpine"),
+            ("localhost:5000", "team/app"),
+            ("http://reg.test:5000", "team/app"),
+            ("http://[::1]:80", "a/b/c"),
+        ] {
+            let key = link_key(registry, repo, &d);
+            assert_eq!(
+                parse_link_key(&key),
+                Some((registry.to_string(), repo.to_string(), d.clone())),
+                "{key}"
+            );
+        }
+        assert_eq!(split_registry("http://reg.test"), None);
+        assert_eq!(parse_link_key("no-slash@sha256:00"), None);
+    }
 
     async fn put(cache: &Cache, content: &[u8]) -> Digest {
         let digest = Digest::of(content);

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use base64::Engine as _;
-use http::header::{HeaderValue, AUTHORIZATION, WWW_AUTHENTICATE};
+use http::header::{HeaderValue, AUTHORIZATION, COOKIE, WWW_AUTHENTICATE};
 use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
@@ -350,6 +350,7 @@ fn probe_in_background(app: &Arc<App>, target: &Target, repo: &str, parts: &Part
     probe.uri = parts.uri.clone();
     probe.headers = parts.headers.clone();
     probe.headers.remove(AUTHORIZATION);
+    probe.headers.remove(COOKIE);
     let (app, target, repo) = (app.clone(), target.clone(), repo.to_string());
     tokio::spawn(async move {
         if let Some((found, challenge)) = probe_anonymously(&app, &target, &repo, &probe).await {
@@ -370,7 +371,9 @@ async fn probe_anonymously(
 ) -> Option<(Openness, Option<Challenge>)> {
     let uri = upstream_uri(target, parts).ok()?;
     let mut headers = upstream_headers(parts);
+    // Anonymous: nothing of the client's identity goes along.
     headers.remove(AUTHORIZATION);
+    headers.remove(COOKIE);
     let resp = app
         .upstream
         .fetch(Method::HEAD, uri.clone(), headers.clone())

@@ -227,7 +227,7 @@ fn every_tag(catalog: &Catalog) -> Result<Vec<(ImageRef, Digest)>, BundleError> 
 /// Reads a tag key (`registry/repository:tag`) back into its parts.
 fn image_of_tag_key(key: &str) -> Option<ImageRef> {
     let (name, tag) = key.rsplit_once(':')?;
-    let (registry, repository) = name.split_once('/')?;
+    let (registry, repository) = crate::cache::split_registry(name)?;
     let image = ImageRef {
         registry: registry.to_string(),
         repository: repository.to_string(),
@@ -469,6 +469,9 @@ mod tests {
         let image = image_of_tag_key("localhost:5000/team/app:v1").unwrap();
         assert_eq!(image.registry, "localhost:5000");
         assert_eq!(image.repository, "team/app");
+        // An insecure registry's images (keyed `http://host:port`) have no
+        // reference that round-trips through a bundle: not exported.
+        assert!(image_of_tag_key("http://reg.test:5000/team/app:v1").is_none());
         assert!(image_of_tag_key("no-tag").is_none());
         assert!(image_of_tag_key("docker.io/UPPER:1").is_none());
     }
