@@ -83,6 +83,14 @@ const REDIRECT_ADDRESS: Refusal = Refusal {
     rule: "redirect_address",
     reason: "redirect to a loopback, link-local or private address refused",
 };
+const REALM_SCHEME: Refusal = Refusal {
+    rule: "realm_scheme",
+    reason: "token realm over plain http refused (https only, unless an insecure registry)",
+};
+const REALM_PORT: Refusal = Refusal {
+    rule: "realm_port",
+    reason: "token realm on a port other than 443 and connect_ports refused",
+};
 
 /// What to do with a CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,6 +241,29 @@ pub fn decide_redirect(rules: &RedirectRules, start: &Uri, next: &Uri) -> Result
     Ok(())
 }
 
+/// Decides whether regcache may ask the token realm a registry's Bearer
+/// challenge names. The registry chooses that URL, so it is held to the
+/// rules of a redirect target: `https` on 443 or a `connect_ports` port, plain
+/// `http` only to an insecure registry (and the address is checked when the
+/// connection is made, as for redirects).
+pub fn decide_realm(rules: &RedirectRules, realm: &Uri) -> Result<(), Refusal> {
+    let Some((scheme, host, port)) = origin(realm) else {
+        return Err(REALM_SCHEME);
+    };
+    if scheme == "http" {
+        let insecure = rules
+            .insecure_registries
+            .iter()
+            .any(|r| r.matches(&host, port));
+        return if insecure { Ok(()) } else { Err(REALM_SCHEME) };
+    }
+    if rules.tls_ports.contains(&port) {
+        Ok(())
+    } else {
+        Err(REALM_PORT)
+    }
+}
+
 /// Whether a client's `Authorization` and `Cookie` may go to `next` in a
 /// request meant for `start`: only to the very same origin.
 pub fn keeps_credentials(start: &Uri, next: &Uri) -> bool {
@@ -379,6 +410,25 @@ mod tests {
             decide_mirror(&c, "evil.example", None).unwrap_err().rule,
             "intercept"
         );
+    }
+
+    #[test]
+    fn realm_table() {
+        let rules = RedirectRules::from_config(&config(OtherHosts::Tunnel, vec![8443]));
+        for (realm, want) in [
+            ("https://auth.docker.io/token", Ok(())),
+            ("https://gitlab.example:8443/jwt/auth", Ok(())),
+            ("https://auth.test:5001/token", Err("realm_port")),
+            ("https://127.0.0.12:22/token", Err("realm_port")),
+            ("http://auth.docker.io/token", Err("realm_scheme")),
+            ("http://plain.test:5000/token", Ok(())),
+            ("http://plain.test:5001/token", Err("realm_scheme")),
+            ("ftp://auth.test/token", Err("realm_scheme")),
+            ("/token", Err("realm_scheme")),
+        ] {
+            let got = decide_realm(&rules, &realm.parse().unwrap()).map_err(|r| r.rule);
+            assert_eq!(got, want, "{realm}");
+        }
     }
 
     #[test]

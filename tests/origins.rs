@@ -545,6 +545,79 @@ async fn redirects_to_internal_addresses_or_other_ports_are_refused() {
 }
 
 #[tokio::test]
+async fn token_realms_at_internal_addresses_or_other_ports_are_not_asked() {
+    let env = Env::new().await;
+    let image = Image::new(55);
+    image.seed(&env.reg, "library/alpine", "1");
+    // Services a hostile registry would have regcache call: one on an
+    // internal address (its port allowed for CONNECT, so only the address
+    // rule stops it), one on a port CONNECT refuses, one over plain http.
+    let internal = Registry::start_tls_on(&env.ca, &["127.0.0.12"], "127.0.0.12:0").await;
+    answer_everything(&internal);
+    let other_port = Registry::start(&env.ca).await;
+    answer_everything(&other_port);
+    let realms = [
+        (
+            format!("https://127.0.0.12:{}/token", internal.port()),
+            "redirect_address",
+        ),
+        (
+            format!("https://127.0.0.1:{}/token", other_port.port()),
+            "realm_port",
+        ),
+        (
+            format!("http://127.0.0.12:{}/token", internal.port()),
+            "realm_scheme",
+        ),
+    ];
+    let proxy = env
+        .proxy()
+        .arg("--connect-ports")
+        .arg(internal.port().to_string())
+        .start()
+        .await;
+    for (realm, rule) in &realms {
+        let challenge = format!("Bearer realm=\"{realm}\",service=\"hub\"");
+        env.reg.set_hook(move |req| {
+            req.header("authorization").is_none().then(|| {
+                Answer::error(
+                    401,
+                    &req.path,
+                    vec![("www-authenticate".into(), challenge.clone())],
+                )
+            })
+        });
+        let got = https_get(&proxy, HUB, 443, "/v2/library/alpine/manifests/1", &[]).await;
+        assert_eq!(
+            got.status,
+            StatusCode::UNAUTHORIZED,
+            "{realm}: {}",
+            got.text()
+        );
+        common::within(
+            &format!("a log line naming {rule}"),
+            common::STEP_TIMEOUT,
+            async {
+                while !proxy.stderr().contains(rule) {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+            },
+        )
+        .await;
+    }
+    assert!(
+        internal.seen().is_empty(),
+        "the internal service was asked for a token: {:?}",
+        internal.summary()
+    );
+    assert!(
+        other_port.seen().is_empty(),
+        "another port was asked for a token: {:?}",
+        other_port.summary()
+    );
+}
+
+#[tokio::test]
 async fn redirect_to_another_port_of_the_same_host_drops_the_credential() {
     let env = Env::new().await;
     let image = Image::new(61);

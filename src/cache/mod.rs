@@ -162,6 +162,11 @@ pub fn parse_link_key(key: &str) -> Option<(String, String, Digest)> {
     Some((registry.to_string(), repo.to_string(), digest.parse().ok()?))
 }
 
+/// Whether a registry key names a plain-http (insecure) registry.
+fn is_plain_http(registry: &str) -> bool {
+    registry.starts_with("http://")
+}
+
 /// Splits `registry/repository` of a key into its two parts. A registry key
 /// may carry a scheme (`http://host:port`, an insecure registry), whose
 /// slashes are not the separator.
@@ -328,10 +333,15 @@ impl Cache {
             let same_registry = r == registry;
             facts.linked_here |= same_registry && p == repo;
             facts.linked_in_registry |= same_registry;
-            facts.public_somewhere |= state
-                .openness
-                .get(&format!("{r}/{p}"))
-                .is_some_and(|(public, _)| *public);
+            // Openness learnt over plain http (an insecure registry, keyed
+            // `http://…`) is anyone-on-the-path's word: it counts for that
+            // registry only, never for another.
+            let trusted = same_registry || !is_plain_http(r);
+            facts.public_somewhere |= trusted
+                && state
+                    .openness
+                    .get(&format!("{r}/{p}"))
+                    .is_some_and(|(public, _)| *public);
         }
         facts
     }
@@ -707,6 +717,29 @@ mod tests {
         }
         assert_eq!(split_registry("http://reg.test"), None);
         assert_eq!(parse_link_key("no-slash@sha256:00"), None);
+    }
+
+    #[tokio::test]
+    async fn openness_learnt_over_plain_http_makes_nothing_public_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        let d = put(&cache, b"layer").await;
+        let insecure = "http://plain.test:80";
+        cache.link(insecure, "library/app", &[d.clone()]).await.unwrap();
+        cache
+            .set_openness(insecure, "library/app", true, 1)
+            .await
+            .unwrap();
+        let elsewhere = cache.link_facts("plain.test", "library/app", &d);
+        assert!(!elsewhere.public_somewhere && !elsewhere.linked_in_registry);
+        let there = cache.link_facts(insecure, "library/other", &d);
+        assert!(there.public_somewhere && there.linked_in_registry);
+        cache.link("docker.io", "library/app", &[d.clone()]).await.unwrap();
+        cache
+            .set_openness("docker.io", "library/app", true, 1)
+            .await
+            .unwrap();
+        assert!(cache.link_facts("ghcr.io", "x/y", &d).public_somewhere);
     }
 
     async fn put(cache: &Cache, content: &[u8]) -> Digest {

@@ -53,6 +53,28 @@ impl Upstream {
         uri: Uri,
         headers: HeaderMap,
     ) -> Result<Response<Incoming>, FetchError> {
+        self.fetch_from(method, uri, headers, Trust::Registry).await
+    }
+
+    /// Like [`Upstream::fetch`], for a URL that a registry named rather than
+    /// one regcache was asked for (a token realm): its first request, too, is
+    /// held to the address rule of redirect targets.
+    pub async fn fetch_named(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+    ) -> Result<Response<Incoming>, FetchError> {
+        self.fetch_from(method, uri, headers, Trust::Named).await
+    }
+
+    async fn fetch_from(
+        &self,
+        method: Method,
+        uri: Uri,
+        headers: HeaderMap,
+        trust: Trust,
+    ) -> Result<Response<Incoming>, FetchError> {
         let start = uri.clone();
         let mut uri = uri;
         let mut headers = headers;
@@ -61,7 +83,7 @@ impl Upstream {
             *req.method_mut() = method.clone();
             *req.uri_mut() = uri.clone();
             *req.headers_mut() = headers.clone();
-            let resp = if same_origin(&start, &uri) {
+            let resp = if trust == Trust::Registry && same_origin(&start, &uri) {
                 self.send(req).await?
             } else {
                 self.redirect_client
@@ -95,6 +117,15 @@ impl Upstream {
             reason: format!("more than {MAX_REDIRECTS} redirects"),
         })
     }
+}
+
+/// Whose URL a fetch starts at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    /// The registry regcache was asked for (connected as configured).
+    Registry,
+    /// A URL a registry named: every hop is address-checked.
+    Named,
 }
 
 fn is_redirect(status: StatusCode) -> bool {

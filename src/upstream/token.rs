@@ -116,7 +116,11 @@ impl Upstream {
             }
             None => {}
         }
-        let resp = self.fetch(Method::GET, uri, headers).await?;
+        if let Err(refusal) = crate::policy::decide_realm(&self.rules, &uri) {
+            tracing::warn!(realm = %super::redirect::redacted(&uri), rule = refusal.rule, "token realm refused");
+            return Err(TokenError::Invalid(format!("{refusal}")));
+        }
+        let resp = self.fetch_named(Method::GET, uri, headers).await?;
         if resp.status() != StatusCode::OK {
             return Err(TokenError::Refused(resp.status()));
         }
