@@ -725,7 +725,10 @@ mod tests {
         let cache = Cache::open(dir.path(), 1 << 20).unwrap();
         let d = put(&cache, b"layer").await;
         let insecure = "http://plain.test:80";
-        cache.link(insecure, "library/app", &[d.clone()]).await.unwrap();
+        cache
+            .link(insecure, "library/app", std::slice::from_ref(&d))
+            .await
+            .unwrap();
         cache
             .set_openness(insecure, "library/app", true, 1)
             .await
@@ -734,7 +737,10 @@ mod tests {
         assert!(!elsewhere.public_somewhere && !elsewhere.linked_in_registry);
         let there = cache.link_facts(insecure, "library/other", &d);
         assert!(there.public_somewhere && there.linked_in_registry);
-        cache.link("docker.io", "library/app", &[d.clone()]).await.unwrap();
+        cache
+            .link("docker.io", "library/app", std::slice::from_ref(&d))
+            .await
+            .unwrap();
         cache
             .set_openness("docker.io", "library/app", true, 1)
             .await
