@@ -2223,6 +2223,8 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
         .proxy()
         .arg("--mirror-tls")
         .arg(format!("127.0.0.1:{mirror_port}"))
+        .arg("--mirror-names")
+        .arg("regcache.test")
         .start()
         .await;
     // Interception fills the cache; the HTTPS mirror then serves it.
@@ -2267,6 +2269,68 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
         );
     }
     assert_eq!(env.reg.count(Method::GET, &blob_path(repo, &digest)), 1);
+}
+
+/// The minted mirror certificate names only regcache's own names: the
+/// address the client connected to and `mirror_names`; any other SNI gets a
+/// TLS alert, not a leaf signed by the regcache CA.
+#[tokio::test]
+async fn mirror_over_tls_mints_only_for_its_own_names() {
+    let env = Env::new().await;
+    let mirror_port = common::free_port();
+    let proxy = env
+        .proxy()
+        .arg("--mirror-tls")
+        .arg(format!("127.0.0.1:{mirror_port}"))
+        .arg("--mirror-names")
+        .arg("regcache.test")
+        .start()
+        .await;
+    let connect = || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", mirror_port))
+            .await
+            .unwrap()
+    };
+    for sni in ["accounts.google.com", "registry-1.docker.io", "localhost"] {
+        match tls_connect(connect().await, sni, vec![proxy.ca_der()], Alpn::Both, true).await {
+            Ok(tls) => panic!(
+                "SNI {sni}: got a leaf {:?}",
+                common::sans(&common::peer_leaf(&tls))
+            ),
+            Err(e) => assert!(e.to_string().contains("UnrecognisedName"), "SNI {sni}: {e}"),
+        }
+    }
+    let tls = tls_connect(
+        connect().await,
+        "regcache.test",
+        vec![proxy.ca_der()],
+        Alpn::Both,
+        true,
+    )
+    .await
+    .expect("a configured mirror name");
+    assert_eq!(
+        common::sans(&common::peer_leaf(&tls)),
+        (vec!["regcache.test".to_string()], vec![])
+    );
+    // No SNI (a client connecting by address): the leaf names that address.
+    let tls = tls_connect(
+        connect().await,
+        "127.0.0.1",
+        vec![proxy.ca_der()],
+        Alpn::Both,
+        true,
+    )
+    .await
+    .expect("the address the client connected to");
+    assert_eq!(
+        common::sans(&common::peer_leaf(&tls)),
+        (
+            vec![],
+            vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        )
+    );
+    assert!(proxy.stderr().contains("unrecognized_name"));
 }
 
 #[tokio::test]

@@ -138,12 +138,65 @@ async fn leaf_without_sni_names_the_connect_host() {
     )
     .await
     .expect("TLS without SNI, verifying the leaf as upstream.test");
-    let (dns, _) = sans(&peer_leaf(&tls));
-    assert!(dns.iter().any(|d| d == "upstream.test"), "SANs {dns:?}");
+    let (dns, ips) = sans(&peer_leaf(&tls));
+    assert_eq!(
+        dns,
+        ["upstream.test"],
+        "the leaf names the CONNECT host only"
+    );
+    assert!(ips.is_empty(), "IP SANs {ips:?}");
     let mut client = HttpClient::over_tls(tls, "upstream.test").await;
     let resp = client.get("/nosni").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(body_string(resp.into_body()).await, "GET /nosni\n");
+}
+
+/// The regcache CA signs a leaf only for the intercepted CONNECT host: any
+/// other SNI (a real site, `localhost`, a name that is not a DNS host name)
+/// gets a fatal `unrecognized_name` alert, no certificate, and a log line
+/// naming the CONNECT host and the SNI.
+#[tokio::test]
+async fn sni_other_than_the_connect_host_gets_an_alert_and_no_leaf() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx.proxy().start().await;
+    for (connect, sni) in [
+        ("registry-1.docker.io", "accounts.google.com"),
+        ("registry-1.docker.io", "docker.io"),
+        ("ghcr.io", "localhost"),
+        ("ghcr.io", "a_b.docker.io"),
+        ("upstream.test", "a_b.upstream.test"),
+    ] {
+        let tcp = proxy.tunnel(&format!("{connect}:443")).await;
+        let err = match tls_connect(tcp, sni, vec![proxy.ca_der()], Alpn::Both, true).await {
+            Ok(tls) => panic!(
+                "CONNECT {connect} with SNI {sni}: got a leaf with SANs {:?}",
+                sans(&peer_leaf(&tls))
+            ),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("UnrecognisedName"),
+            "CONNECT {connect} with SNI {sni}: {err}"
+        );
+        let log = wait_for_log(&proxy, &format!("sni=\"{sni}\"")).await;
+        assert!(
+            log.lines().any(|l| l.contains("unrecognized_name")
+                && l.contains(&format!("sni=\"{sni}\""))
+                && l.contains(&format!("host=\"{connect}\""))),
+            "the log names the CONNECT host and the SNI:\n{log}"
+        );
+    }
+    // The matching SNI, in any case and with a trailing dot, still works,
+    // and the leaf names the CONNECT host only.
+    for (connect, sni) in [("ghcr.io", "ghcr.io"), ("ghcr.io", "GHCR.io.")] {
+        let tcp = proxy.tunnel(&format!("{connect}:443")).await;
+        let tls = tls_connect(tcp, sni, vec![proxy.ca_der()], Alpn::Both, true)
+            .await
+            .unwrap_or_else(|e| panic!("CONNECT {connect} with SNI {sni}: {e}"));
+        let (dns, ips) = sans(&peer_leaf(&tls));
+        assert_eq!(dns, ["ghcr.io"], "SANs for SNI {sni}");
+        assert!(ips.is_empty(), "IP SANs {ips:?}");
+    }
 }
 
 #[tokio::test]
@@ -168,11 +221,13 @@ async fn intercepted_ip_host_gets_ip_san() {
         fx.upstream.leaf_der.as_ref(),
         "not intercepted"
     );
-    let (_, ips) = sans(&leaf);
-    assert!(
-        ips.contains(&"127.0.0.1".parse().unwrap()),
-        "leaf IP SANs {ips:?} should include 127.0.0.1"
+    let (dns, ips) = sans(&leaf);
+    assert_eq!(
+        ips,
+        ["127.0.0.1".parse::<std::net::IpAddr>().unwrap()],
+        "leaf IP SANs should be the CONNECT address only"
     );
+    assert!(dns.is_empty(), "DNS SANs {dns:?}");
     let mut client = HttpClient::over_tls(tls, &target).await;
     let resp = client.get("/ip-host").await;
     assert_eq!(resp.status(), StatusCode::OK);

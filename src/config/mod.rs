@@ -234,6 +234,16 @@ pub struct Settings {
     )]
     pub mirror_key: Option<PathBuf>,
 
+    /// Names the minted mirror_tls certificate may carry besides the address the client connected to; other SNI names are refused (repeatable)
+    #[arg(
+        long,
+        env = "REGCACHE_MIRROR_NAMES",
+        value_name = "HOST",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub mirror_names: Vec<String>,
+
     /// Never contact upstream: serve only what is cached (tags as cached, misses 404)
     #[arg(long, env = "REGCACHE_OFFLINE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub offline: Option<bool>,
@@ -334,6 +344,7 @@ impl Settings {
             mirror_tls: self.mirror_tls.or(base.mirror_tls),
             mirror_cert: self.mirror_cert.or(base.mirror_cert),
             mirror_key: self.mirror_key.or(base.mirror_key),
+            mirror_names: list(self.mirror_names, base.mirror_names),
             registries: if self.registries.is_empty() {
                 base.registries
             } else {
@@ -418,6 +429,8 @@ pub struct Config {
     pub mirror_tls: Option<SocketAddr>,
     /// Its certificate and key, if not minted by the regcache CA.
     pub mirror_cert: Option<(PathBuf, PathBuf)>,
+    /// Host names a minted `mirror_tls` leaf may be for (normalised).
+    pub mirror_names: Vec<String>,
     /// Per-registry `offline`, by canonical registry name.
     pub registry_offline: HashMap<String, bool>,
 }
@@ -553,9 +566,11 @@ impl Config {
                 })
             }
         };
+        let mirror_names = mirror_names(&s.mirror_names)?;
         Ok(Config {
             mirror_tls: s.mirror_tls,
             mirror_cert,
+            mirror_names,
             offline: s.offline.unwrap_or(false),
             registry_offline,
             allow,
@@ -678,6 +693,24 @@ fn parent_proxy(
     Ok((Some(uri), patterns))
 }
 
+/// `mirror_names`, normalised; each must be a DNS host name.
+fn mirror_names(names: &[String]) -> Result<Vec<String>, ConfigError> {
+    names
+        .iter()
+        .map(|n| {
+            let name = crate::registry::hosts::normalize_host(n);
+            if crate::tls::sni::is_dns_host_name(&name) {
+                Ok(name)
+            } else {
+                Err(ConfigError::Value {
+                    key: "mirror_names",
+                    message: format!("{n:?} is not a DNS host name"),
+                })
+            }
+        })
+        .collect()
+}
+
 /// Folds a multi-line message (TOML errors draw carets) into one line.
 fn one_line(message: &str) -> String {
     message
@@ -784,6 +817,22 @@ mod tests {
             ..Settings::default()
         };
         assert!(Config::from_settings(s).is_err());
+    }
+
+    #[test]
+    fn mirror_names_are_host_names() {
+        let s = Settings {
+            mirror_names: vec!["Regcache.Internal.".into()],
+            ..Settings::default()
+        };
+        let config = Config::from_settings(s).unwrap();
+        assert_eq!(config.mirror_names, vec!["regcache.internal".to_string()]);
+        let s = Settings {
+            mirror_names: vec!["*.internal".into()],
+            ..Settings::default()
+        };
+        let msg = Config::from_settings(s).unwrap_err().to_string();
+        assert!(msg.contains("mirror_names"), "{msg}");
     }
 
     #[test]

@@ -77,7 +77,10 @@ pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: S
         return;
     }
     let fixed = ctx.app.mirror_tls.clone();
-    let Some(tls) = intercept::accept_tls(&ctx, stream, &local_name, fixed).await else {
+    // A minted leaf only for regcache's own names, never for any SNI asked.
+    let mut own = ctx.app.config.mirror_names.clone();
+    own.push(local_name.clone());
+    let Some(tls) = intercept::accept_tls(&ctx, stream, &own, &local_name, fixed).await else {
         return;
     };
     let service_ctx = ctx.clone();
