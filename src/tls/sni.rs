@@ -70,6 +70,9 @@ pub fn is_dns_host_name(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// Own names, fallback, SNI, and the expected choice (None: refused).
+    type Case<'a> = (&'a [String], &'a str, Option<&'a str>, Option<LeafChoice>);
+
     #[test]
     fn only_the_hosts_own_names_get_a_leaf() {
         let own = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
@@ -79,7 +82,7 @@ mod tests {
         let mint = |n: &str| LeafChoice::Mint(n.to_string());
         let refused = |c: &LeafChoice| matches!(c, LeafChoice::Refuse(_));
         #[rustfmt::skip]
-        let cases: &[(&[String], &str, Option<&str>, Option<LeafChoice>)] = &[
+        let cases: &[Case] = &[
             // Matching SNI, any case, trailing dot aside.
             (&docker, "registry-1.docker.io", Some("registry-1.docker.io"), Some(mint("registry-1.docker.io"))),
             (&docker, "registry-1.docker.io", Some("Registry-1.Docker.IO."), Some(mint("registry-1.docker.io"))),
