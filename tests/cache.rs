@@ -1720,6 +1720,57 @@ async fn hostile_names_are_refused_without_asking_upstream() {
     assert!(list_dir(&env.cache_dir().join("blobs")).is_empty());
 }
 
+/// A manifest reference that is not a valid tag (a leading dot, more than
+/// 128 characters, characters a tag cannot hold) names no manifest that can
+/// exist: 404 `MANIFEST_UNKNOWN`, as the OCI spec's pull workflow and the
+/// registries answer, without asking the upstream. Unsafe names and
+/// malformed digests keep their 400.
+#[tokio::test]
+async fn invalid_tags_are_unknown_manifests_without_asking_upstream() {
+    let env = Env::new().await;
+    let proxy = env.proxy().start().await;
+    let long = "t".repeat(129);
+    let refs = [".hidden", "-x", long.as_str(), "a!b", "a%20b", "ü"];
+    for reference in refs {
+        let path = format!("/v2/library/alpine/manifests/{reference}");
+        for alpn in [Alpn::Http11, Alpn::H2] {
+            let r = request(&proxy, alpn, Method::GET, &path, &[]).await;
+            assert_eq!(
+                r.status,
+                StatusCode::NOT_FOUND,
+                "{path} over {alpn:?}: {r:?}"
+            );
+            assert_eq!(r.error_code(), "MANIFEST_UNKNOWN", "{path}");
+            assert!(
+                r.header("content-type")
+                    .unwrap_or_default()
+                    .contains("json"),
+                "{path}: content-type"
+            );
+        }
+        for alpn in [Alpn::Http11, Alpn::H2] {
+            let h = request(&proxy, alpn, Method::HEAD, &path, &[]).await;
+            assert_eq!(h.status, StatusCode::NOT_FOUND, "HEAD {path} over {alpn:?}");
+            assert!(h.body.is_empty(), "HEAD {path} over {alpn:?} has a body");
+            assert!(h.header("content-length").is_some(), "HEAD {path}");
+        }
+    }
+    for (path, code) in [
+        ("/v2/library/alpine/manifests/sha256:zz", "DIGEST_INVALID"),
+        ("/v2/a%2fb/manifests/.hidden", "NAME_INVALID"),
+        ("/v2/../manifests/.hidden", "NAME_INVALID"),
+    ] {
+        let r = request(&proxy, Alpn::Both, Method::GET, path, &[]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {r:?}");
+        assert_eq!(r.error_code(), code, "{path}");
+    }
+    assert!(
+        env.reg.seen().is_empty(),
+        "upstream saw {:?}",
+        env.reg.summary()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 8. Eviction, restart, crash
 // ---------------------------------------------------------------------------

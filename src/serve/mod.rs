@@ -158,7 +158,10 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
     if app.config.is_offline(&target.registry) {
         return match route::parse(req.uri().path()) {
             Err(e) => Served::new(
-                error_json(e.code.status(), e.code, &e.message),
+                for_method(
+                    req.method(),
+                    error_json(e.code.status(), e.code, &e.message),
+                ),
                 CacheStatus::Pass,
             ),
             Ok(route) => {
@@ -175,9 +178,12 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
     }
     match route::parse(req.uri().path()) {
         Err(e) => {
-            tracing::info!(path = %req.uri().path(), error = %e.message, "refused a malformed registry request");
+            tracing::info!(path = %req.uri().path(), code = %e.code, error = %e.message, "answered a registry request without asking upstream");
             Served::new(
-                error_json(e.code.status(), e.code, &e.message),
+                for_method(
+                    req.method(),
+                    error_json(e.code.status(), e.code, &e.message),
+                ),
                 CacheStatus::Pass,
             )
         }
@@ -277,6 +283,23 @@ pub fn error_json(status: StatusCode, code: ErrorCode, message: &str) -> Respons
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
+}
+
+/// `resp` as the answer to a `method` request: for `HEAD`, its headers and
+/// the length its body would have, without the body (which hyper's HTTP/2
+/// server would otherwise send, a protocol error for the client).
+pub fn for_method(method: &Method, resp: Response<Body>) -> Response<Body> {
+    use http_body::Body as _;
+    if method != Method::HEAD {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Response::from_parts(parts, body::empty())
 }
 
 /// 502 for an upstream that could not be reached.

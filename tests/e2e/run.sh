@@ -221,6 +221,22 @@ else
         fail "leaf certificate for $HUB (SAN) via openssl s_client"
         show_last
     fi
+    # Inside the $HUB tunnel the CA signs for $HUB only: another SNI, or one
+    # that is not a DNS host name, gets a TLS alert and no certificate.
+    sni_bad=""
+    for sni in accounts.google.com localhost a_b.docker.io; do
+        run "openssl-sni-$sni" 30 sh -c "openssl s_client -proxy 127.0.0.1:$PROXYPORT -connect $HUB:443 \
+            -servername $sni -CAfile '$CLIENT_CA' </dev/null 2>&1" || true
+        if grep -q 'BEGIN CERT' "$LAST_LOG" || ! grep -qiE 'unrecognized name|alert number 112' "$LAST_LOG"; then
+            sni_bad="$sni_bad $sni"
+        fi
+    done
+    if [ -z "$sni_bad" ]; then
+        pass "in a CONNECT $HUB tunnel, other SNI names get an unrecognized_name alert, no certificate"
+    else
+        fail "SNI other than $HUB got a certificate or no unrecognized_name alert:$sni_bad"
+        show_last
+    fi
     # A manifest by tag through the proxy carries the seed digest.
     if run curl-manifest 30 curl -fsS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/m.json" \
         -D "$W/tmp/m.headers" -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
@@ -282,6 +298,28 @@ else
         pass "unknown tag answers 404"
     else
         fail "unknown tag answered $code: $(head -c 300 "$W/tmp/err")"
+    fi
+    # A reference that is not a valid tag names no manifest: regcache answers
+    # 404 MANIFEST_UNKNOWN itself (OCI distribution spec), as the registry does.
+    bad=""
+    long_tag=$(printf 't%.0s' $(seq 129))
+    for ref in .hidden -x "$long_tag" 'a!b'; do
+        for method in GET HEAD; do
+            if [ "$method" = HEAD ]; then head=(-I); else head=(); fi
+            direct=$(curl -sS --noproxy '*' --max-time 10 --cacert "$PKI/ca.pem" --resolve "$HUB:$REGPORT:127.0.0.1" \
+                "${head[@]}" -o /dev/null -w '%{http_code}' "https://$HUB:$REGPORT/v2/library/e2e-small/manifests/$ref")
+            got=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" "${head[@]}" -o "$W/tmp/err" \
+                -w '%{http_code}' "https://$HUB/v2/library/e2e-small/manifests/$ref")
+            if [ "$got" != 404 ] || [ "$got" != "$direct" ] ||
+                { [ "$method" = GET ] && ! grep -q '"MANIFEST_UNKNOWN"' "$W/tmp/err"; }; then
+                bad="$bad $method:${ref:0:10}=regcache:$got,registry:$direct"
+            fi
+        done
+    done
+    if [ -z "$bad" ]; then
+        pass "references that are not valid tags answer 404 MANIFEST_UNKNOWN, as docker-registry does directly"
+    else
+        fail "references that are not valid tags:$bad"
     fi
     bad=""
     for path in manifests/sha256:0123 blobs/sha256:0123 blobs/sha256:XYZ; do
