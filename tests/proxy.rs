@@ -597,6 +597,193 @@ async fn origin_form_without_host_is_400() {
     expect_status(&proxy, b"GET /v2/ HTTP/1.1\r\n\r\n", 400).await;
 }
 
+// ---------------------------------------------------------------------------
+// Clients that stop sending: client_idle_timeout
+// ---------------------------------------------------------------------------
+
+/// The generous bound within which a 1 s `client_idle_timeout` must act.
+const IDLE_BOUND: Duration = Duration::from_secs(10);
+
+/// Reads from `io` until the peer closes (or fails) the connection; returns
+/// what arrived and how long it took. Panics after [`IDLE_BOUND`].
+async fn read_until_closed<IO: tokio::io::AsyncRead + Unpin>(io: &mut IO) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + IDLE_BOUND).into(), io.read(&mut buf)).await {
+            Err(_) => panic!(
+                "the connection was still open after {IDLE_BOUND:?}; got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, started.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A request head that stops half way is closed after client_idle_timeout,
+/// on the proxy port and inside an intercepted tunnel.
+#[tokio::test]
+async fn stalled_request_head_is_closed_after_client_idle_timeout() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut tcp).await;
+    assert!(took < IDLE_BOUND, "proxy port: closed after {took:?}");
+
+    let tcp = proxy.tunnel("upstream.test:443").await;
+    let mut tls = tls_connect(
+        tcp,
+        "upstream.test",
+        vec![proxy.ca_der()],
+        Alpn::Http11,
+        true,
+    )
+    .await
+    .unwrap();
+    tls.write_all(b"GET /v2/ HTTP/1.1\r\nHost: upstream.test\r\nX-Slow: a")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let (_, took) = read_until_closed(&mut tls).await;
+    assert!(took < IDLE_BOUND, "tunnel: closed after {took:?}");
+    assert!(
+        fx.upstream.seen().is_empty(),
+        "a partial head reached upstream"
+    );
+    proxy.assert_healthy("after stalled heads").await;
+}
+
+/// A push whose body stalls after one byte (HTTP/1.1) is cut after
+/// client_idle_timeout: the client's connection closes, the upstream
+/// request is aborted, and a log line says so.
+#[tokio::test]
+async fn stalled_request_body_is_cut_and_its_upstream_request_aborted() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    let tcp = proxy.tunnel("upstream.test:443").await;
+    let mut tls = tls_connect(
+        tcp,
+        "upstream.test",
+        vec![proxy.ca_der()],
+        Alpn::Http11,
+        true,
+    )
+    .await
+    .unwrap();
+    tls.write_all(
+        b"PUT /upload/stall-h1 HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: 1000\r\n\r\nx",
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    let (answer, took) = read_until_closed(&mut tls).await;
+    assert!(took < IDLE_BOUND, "closed after {took:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.contains("201"),
+        "the stalled upload must not be answered as complete: {answer}"
+    );
+    let seen = fx.upstream.wait_for("/upload/stall-h1").await;
+    assert_eq!(seen.body_len, 1, "upstream got the byte sent");
+    assert_eq!(
+        seen.body_pattern_ok,
+        Some(false),
+        "the upstream request must end in an error (aborted), not look complete"
+    );
+    wait_for_log(&proxy, "request body stalled").await;
+}
+
+/// The same over HTTP/2: the stalled stream gets an error answer or a reset
+/// within the bound, and the upstream request is aborted.
+#[tokio::test]
+async fn stalled_request_body_over_h2_is_cut() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    let mut client = proxy.intercepted("upstream.test", Alpn::H2).await;
+    assert_eq!(client.alpn.as_deref(), Some("h2"));
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>(1);
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        b"x",
+    ))))
+    .await
+    .unwrap();
+    // `tx` stays alive: the body neither ends nor sends more.
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|frame| (frame, rx))
+    });
+    let body = http_body_util::StreamBody::new(frames);
+    let req = client
+        .builder(Method::PUT, "/upload/stall-h2")
+        .header("content-length", "1000")
+        .body(http_body_util::BodyExt::boxed(body))
+        .unwrap();
+    let started = Instant::now();
+    let mut sender = client.h2_sender();
+    let outcome = tokio::time::timeout(IDLE_BOUND, sender.send_request(req)).await;
+    let took = started.elapsed();
+    match outcome {
+        Err(_) => panic!("no answer and no reset after {took:?}"),
+        Ok(Ok(resp)) => assert_ne!(resp.status(), StatusCode::CREATED),
+        Ok(Err(_reset)) => {}
+    }
+    let seen = fx.upstream.wait_for("/upload/stall-h2").await;
+    assert_eq!(seen.body_len, 1);
+    assert_eq!(seen.body_pattern_ok, Some(false));
+    wait_for_log(&proxy, "request body stalled").await;
+    drop(tx);
+}
+
+/// A short client_idle_timeout cuts only clients that send nothing: a normal
+/// push still arrives whole, and a slow download to a client that sends
+/// nothing while it reads (HTTP/1.1 and HTTP/2) runs to its end.
+#[tokio::test]
+async fn normal_push_and_slow_download_outlast_a_short_idle_timeout() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    for alpn in [Alpn::Http11, Alpn::H2] {
+        let mut client = proxy.intercepted("upstream.test", alpn).await;
+        let size = 4 * 1024 * 1024;
+        let req = client
+            .builder(Method::PUT, "/upload/normal")
+            .body(PatternBody::new(size).boxed())
+            .unwrap();
+        let resp = client.send(req).await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "{alpn:?}");
+        assert_eq!(
+            body_string(resp.into_body()).await,
+            format!("received={size} ok=true err=")
+        );
+        // 25 chunks 120 ms apart: 3 s of download, the client silent.
+        let resp = client.get("/bytes/25600?chunk=1024&delay_ms=120").await;
+        assert_eq!(resp.status(), StatusCode::OK, "{alpn:?}");
+        let body = body_bytes(resp.into_body()).await;
+        assert_eq!(body.len(), 25600, "{alpn:?}: the slow download was cut");
+    }
+}
+
 #[tokio::test]
 async fn oversized_headers_are_431() {
     let proxy = ProxyBuilder::new().start().await;

@@ -160,6 +160,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_SHUTDOWN_GRACE", value_name = "SECS")]
     pub shutdown_grace: Option<u64>,
 
+    /// Seconds a client may send nothing while regcache waits for its request head or body; then the request is cut [default: 30]
+    #[arg(long, env = "REGCACHE_CLIENT_IDLE_TIMEOUT", value_name = "SECS")]
+    pub client_idle_timeout: Option<u64>,
+
     /// Number of minted leaf certificates kept in memory [default: 1000]
     #[arg(long, env = "REGCACHE_CERT_CACHE", value_name = "N")]
     pub cert_cache: Option<usize>,
@@ -331,6 +335,7 @@ impl Settings {
             log_format: self.log_format.or(base.log_format),
             shutdown_grace: self.shutdown_grace.or(base.shutdown_grace),
             cert_cache: self.cert_cache.or(base.cert_cache),
+            client_idle_timeout: self.client_idle_timeout.or(base.client_idle_timeout),
             cache_dir: self.cache_dir.or(base.cache_dir),
             cache_size: self.cache_size.or(base.cache_size),
             tag_ttl: self.tag_ttl.or(base.tag_ttl),
@@ -401,6 +406,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Leaf certificate cache capacity.
     pub cert_cache: usize,
+    /// How long a client may send nothing while its request head or body
+    /// is awaited.
+    pub client_idle_timeout: Duration,
     /// Where the disk cache lives.
     pub cache_dir: PathBuf,
     /// The cache's size cap in bytes (None: half the disk, decided at start).
@@ -505,6 +513,15 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        let client_idle_timeout = match s.client_idle_timeout.unwrap_or(30) {
+            0 => {
+                return Err(ConfigError::Value {
+                    key: "client_idle_timeout",
+                    message: "must be at least 1 second".into(),
+                })
+            }
+            secs => Duration::from_secs(secs),
+        };
         let cache_size = match &s.cache_size {
             None => None,
             Some(text) => Some(
@@ -594,6 +611,7 @@ impl Config {
             log_format: s.log_format.unwrap_or(LogFormat::Text),
             shutdown_grace: Duration::from_secs(s.shutdown_grace.unwrap_or(30)),
             cert_cache,
+            client_idle_timeout,
         })
     }
 }
@@ -817,6 +835,18 @@ mod tests {
             ..Settings::default()
         };
         assert!(Config::from_settings(s).is_err());
+    }
+
+    #[test]
+    fn client_idle_timeout_defaults_to_30_and_is_never_0() {
+        let config = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(config.client_idle_timeout, Duration::from_secs(30));
+        let s = Settings {
+            client_idle_timeout: Some(0),
+            ..Settings::default()
+        };
+        let msg = Config::from_settings(s).unwrap_err().to_string();
+        assert!(msg.contains("client_idle_timeout"), "{msg}");
     }
 
     #[test]

@@ -139,13 +139,21 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    // HTTP/1.1: a head (and an idle keep-alive) gets client_idle_timeout in
+    // all. HTTP/2: a peer that does not answer a ping within it is closed.
+    // Bodies are limited per request (crate::body::IdleLimited).
+    let idle = ctx.app.config.client_idle_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(super::HEADER_READ_TIMEOUT)
+        .header_read_timeout(idle)
         .max_buf_size(super::MAX_HEADER_BYTES);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(idle))
+        .keep_alive_timeout(idle);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {

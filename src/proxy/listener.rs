@@ -44,13 +44,15 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
         tracing::warn!(%client_ip, "client address not in allow; answering 403 and closing");
         return refuse_client(stream, shutdown).await;
     }
+    // A head (and an idle keep-alive) gets client_idle_timeout in all.
+    let idle = ctx.app.config.client_idle_timeout;
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(route(ctx, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(super::HEADER_READ_TIMEOUT)
+        .header_read_timeout(idle)
         .max_buf_size(super::MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();

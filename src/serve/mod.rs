@@ -127,13 +127,21 @@ impl Target {
     }
 }
 
+/// How long the client of a request may send nothing while its body is
+/// awaited; set by [`handle`] as a request extension and applied by
+/// [`try_forward`], the one place that reads request bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIdleTimeout(pub std::time::Duration);
+
 /// Answers one request for `target` from `client`, and logs it.
 pub async fn handle(
     app: &Arc<App>,
     target: &Target,
     client: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
+    req.extensions_mut()
+        .insert(ClientIdleTimeout(app.config.client_idle_timeout));
     let mut log = RequestLog::start(
         client,
         target.origin.authority.to_string(),
@@ -348,7 +356,14 @@ pub async fn try_forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     add_via(&mut parts.headers);
-    let req = Request::from_parts(parts, body::stream(incoming));
+    let body = match parts.extensions.get::<ClientIdleTimeout>() {
+        Some(ClientIdleTimeout(limit)) => {
+            let what = format!("{} {}", parts.method, parts.uri.path());
+            body::stream(body::IdleLimited::new(incoming, *limit, what))
+        }
+        None => body::stream(incoming),
+    };
+    let req = Request::from_parts(parts, body);
     Ok(passthrough(upstream.send(req).await?))
 }
 
