@@ -717,7 +717,7 @@ async fn stalled_request_body_over_h2_is_cut() {
         .args(["--client-idle-timeout", "1"])
         .start()
         .await;
-    let mut client = proxy.intercepted("upstream.test", Alpn::H2).await;
+    let client = proxy.intercepted("upstream.test", Alpn::H2).await;
     assert_eq!(client.alpn.as_deref(), Some("h2"));
     let (tx, rx) =
         tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>(1);
