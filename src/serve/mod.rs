@@ -17,6 +17,7 @@ pub mod mirror;
 pub mod offline;
 pub mod range;
 pub mod sharing;
+pub mod uncached;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
