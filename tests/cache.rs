@@ -1775,6 +1775,105 @@ async fn invalid_tags_are_unknown_manifests_without_asking_upstream() {
 // 8. Eviction, restart, crash
 // ---------------------------------------------------------------------------
 
+/// Bytes in the files under `dir`, recursively.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Downloads in progress count against cache_size: with a 3 MiB cap, two
+/// cached MiB and four concurrent cold 1 MiB fills held open by the gate,
+/// the disk never holds more than the cap (blobs and downloads together).
+/// Reservations evict the cached entries before writing; the fill that finds
+/// no room streams to its client uncached. Every client gets the right bytes.
+#[tokio::test]
+async fn concurrent_cold_fills_never_put_more_than_cache_size_on_disk() {
+    let env = Env::new().await;
+    let repo = "library/fills";
+    let cap = 3 * MIB as u64;
+    let put = |seed: u64| {
+        let data = blob_bytes(seed, MIB);
+        let digest = env.reg.put_blob(repo, data.clone());
+        (data, blob_path(repo, &digest))
+    };
+    let warm: Vec<_> = (0..2).map(|i| put(300 + i)).collect();
+    let cold: Vec<_> = (0..4).map(|i| put(310 + i)).collect();
+    let proxy = env.proxy().args(["--cache-size", "3MiB"]).start().await;
+    for (data, path) in &warm {
+        get(&proxy, path)
+            .await
+            .assert_served(data, "MISS", "warm fill");
+    }
+    for (_, path) in &cold {
+        env.reg.set_fault(
+            path,
+            Fault {
+                gate_after: Some(MIB - 1),
+                ..Fault::default()
+            },
+        );
+    }
+    let on_disk =
+        || dir_bytes(&env.cache_dir().join("blobs")) + dir_bytes(&env.cache_dir().join("tmp"));
+    assert!(on_disk() <= cap);
+
+    // Each client reads until it is close to its gate, says so, then reads on.
+    let (near, mut all_near) = tokio::sync::mpsc::channel::<()>(cold.len());
+    let mut readers = Vec::new();
+    for (i, (data, path)) in cold.iter().enumerate() {
+        let alpn = if i % 2 == 0 { Alpn::Http11 } else { Alpn::H2 };
+        let resp = send_on(&proxy, HUB, alpn, Method::GET, path, &[]).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let near = near.clone();
+        let (data, path) = (data.clone(), path.clone());
+        readers.push(tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut got = Vec::new();
+            let mut told = false;
+            while let Some(frame) = body.frame().await {
+                if let Ok(d) = frame.expect("body").into_data() {
+                    got.extend_from_slice(&d);
+                }
+                if !told && got.len() >= MIB - 128 * 1024 {
+                    told = true;
+                    let _ = near.send(()).await;
+                }
+            }
+            assert!(
+                got == data[..],
+                "{path}: wrong bytes ({} of {})",
+                got.len(),
+                data.len()
+            );
+        }));
+    }
+    for _ in 0..cold.len() {
+        within("clients near their gates", STEP_TIMEOUT, all_near.recv())
+            .await
+            .expect("a reader ended early");
+    }
+    let held = on_disk();
+    assert!(
+        held <= cap,
+        "with four fills held open the cache holds {held} bytes on disk, more than cache_size ({cap})"
+    );
+    env.reg.open_gate();
+    for r in readers {
+        within("a reader", STEP_TIMEOUT, r).await.unwrap();
+    }
+    assert!(on_disk() <= cap, "after the fills: {} bytes", on_disk());
+    assert!(proxy.stderr().contains("streaming the blob uncached"));
+}
+
 #[tokio::test]
 async fn eviction_removes_the_least_recently_used_blob() {
     let env = Env::new().await;
