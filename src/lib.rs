@@ -11,6 +11,7 @@ pub mod app;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod policy;
 pub mod prefetch;
 pub mod proxy;
 pub mod registry;

@@ -45,6 +45,9 @@ $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/auth.sh
 step "end-to-end test of mirror and path-prefix modes, fallback, air gap (ctr hosts.toml, skopeo, export/import)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/mirror.sh
 
+step "end-to-end test of registry origins (plain-http twin of a TLS docker-registry, insecure_registries, no relay)"
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/origins.sh
+
 step "benchmark smoke run (bench/run.sh --smoke: squid, distribution mirror, nginx, direct, regcache; one small round)"
 cargo build --locked --example bench_client
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" BENCH_CLIENT="$PWD/target/debug/examples/bench_client" bench/run.sh --smoke

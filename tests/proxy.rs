@@ -817,10 +817,13 @@ async fn absolute_form_http_is_forwarded() {
     let port = fx.upstream.port();
     let proxy = ProxyBuilder::new()
         .resolve("plain.test", port)
+        .arg("--connect-ports")
+        .arg(port.to_string())
         .start()
         .await;
 
-    // By address and port.
+    // By address and port (plain HTTP passes through to port 80 and the
+    // connect_ports only; tests/origins.rs has the refusals).
     let host = format!("127.0.0.1:{port}");
     let mut client = HttpClient::plain_h1(proxy.addr, &host).await;
     let req = hyper::Request::builder()

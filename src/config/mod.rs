@@ -21,7 +21,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 use serde::Deserialize;
 
-use crate::registry::hosts::{canonical_registry, HostPattern, InterceptList};
+use crate::registry::hosts::{canonical_registry, HostPattern, HostPort, InterceptList};
 
 /// The built-in configuration, also printed by `regcache config`.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -151,6 +151,17 @@ pub struct Settings {
     )]
     #[serde(default)]
     pub connect_ports: Vec<u16>,
+
+    /// Registry served over plain HTTP, as HOST:PORT (port 80 if absent); its cache is kept apart from the HTTPS registry of that name (repeatable)
+    #[arg(
+        long = "insecure-registry",
+        visible_alias = "insecure-registries",
+        env = "REGCACHE_INSECURE_REGISTRIES",
+        value_name = "HOST:PORT",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
 
     /// Log format on stderr [default: text]
     #[arg(long, env = "REGCACHE_LOG_FORMAT", value_name = "FORMAT")]
@@ -332,6 +343,7 @@ impl Settings {
             intercept: list(self.intercept, base.intercept),
             other_hosts: self.other_hosts.or(base.other_hosts),
             connect_ports: list(self.connect_ports, base.connect_ports),
+            insecure_registries: list(self.insecure_registries, base.insecure_registries),
             log_format: self.log_format.or(base.log_format),
             shutdown_grace: self.shutdown_grace.or(base.shutdown_grace),
             cert_cache: self.cert_cache.or(base.cert_cache),
@@ -400,6 +412,8 @@ pub struct Config {
     pub other_hosts: OtherHosts,
     /// Ports CONNECT may reach (443 always included).
     pub connect_ports: Vec<u16>,
+    /// Registries served over plain HTTP (opt-in, keyed apart).
+    pub insecure_registries: Vec<HostPort>,
     /// Log format.
     pub log_format: LogFormat,
     /// Drain time on shutdown.
@@ -506,6 +520,15 @@ impl Config {
                 connect_ports.push(port);
             }
         }
+        let insecure_registries = s
+            .insecure_registries
+            .iter()
+            .map(|e| HostPort::parse(e, 80))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|message| ConfigError::Value {
+                key: "insecure_registries",
+                message,
+            })?;
         let cert_cache = s.cert_cache.unwrap_or(1000);
         if cert_cache == 0 {
             return Err(ConfigError::Value {
@@ -608,6 +631,7 @@ impl Config {
             intercept: InterceptList::with_defaults(extra),
             other_hosts: s.other_hosts.unwrap_or(OtherHosts::Tunnel),
             connect_ports,
+            insecure_registries,
             log_format: s.log_format.unwrap_or(LogFormat::Text),
             shutdown_grace: Duration::from_secs(s.shutdown_grace.unwrap_or(30)),
             cert_cache,

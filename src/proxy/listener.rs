@@ -22,9 +22,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use super::access;
-use super::policy::{decide_connect, decide_host, Decision};
 use super::{intercept, tunnel, ConnContext};
 use crate::body::{self, Body};
+use crate::policy::{decide_connect, decide_plain_http, Decision, PlainHttp};
 use crate::registry::hosts::normalize_host;
 use crate::serve::headers::head_too_large;
 use crate::serve::log::{logged, RequestLog};
@@ -116,7 +116,11 @@ async fn refuse_client(stream: TcpStream, shutdown: tokio_util::sync::Cancellati
     }
 }
 
-async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
+async fn route(ctx: ConnContext, mut req: Request<Incoming>) -> Response<Body> {
+    // Request bodies forwarded from here (plain-HTTP pass-through included)
+    // are cut when the client stops sending.
+    req.extensions_mut()
+        .insert(serve::ClientIdleTimeout(ctx.app.config.client_idle_timeout));
     if head_too_large(&req) {
         let log = RequestLog::start(ctx.peer, String::new(), req.method().clone(), String::new());
         return logged(too_large(), log);
@@ -244,9 +248,15 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
         }
     };
     match decide_connect(&ctx.app.config, &host, port) {
-        Decision::Refuse(reason) => {
-            tracing::warn!(host, port, reason, "CONNECT refused");
-            logged(error_response(StatusCode::FORBIDDEN, reason), log)
+        Decision::Refuse(refusal) => {
+            tracing::warn!(
+                host,
+                port,
+                rule = refusal.rule,
+                reason = refusal.reason,
+                "CONNECT refused"
+            );
+            logged(error_response(StatusCode::FORBIDDEN, refusal.reason), log)
         }
         Decision::Intercept => {
             log.cache = "INTERCEPT";
@@ -290,7 +300,10 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
-/// `GET http://host/path`: forward registries served over plain HTTP.
+/// `GET http://host[:port]/path`: an insecure registry is served (and
+/// cached under its own `http://host:port` identity); another host is passed
+/// through untouched, like a tunnel, or refused; a registry host that is not
+/// an insecure registry is refused (see [`crate::policy::decide_plain_http`]).
 async fn absolute_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
     let authority = req.uri().authority().cloned();
     let scheme_ok = req.uri().scheme() == Some(&Scheme::HTTP);
@@ -309,20 +322,40 @@ async fn absolute_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Bod
             log,
         );
     };
-    if let Decision::Refuse(reason) = decide_host(&ctx.app.config, authority.host()) {
-        let log = RequestLog::start(
-            ctx.peer,
-            authority.to_string(),
-            req.method().clone(),
-            req.uri().path().into(),
-        );
-        return logged(error_response(StatusCode::FORBIDDEN, reason), log);
+    let port = authority.port_u16().unwrap_or(80);
+    let log = RequestLog::start(
+        ctx.peer,
+        authority.to_string(),
+        req.method().clone(),
+        req.uri().path().into(),
+    );
+    match decide_plain_http(&ctx.app.config, authority.host(), port) {
+        PlainHttp::Refuse(refusal) => {
+            tracing::warn!(host = %authority, rule = refusal.rule, reason = refusal.reason, "plain HTTP request refused (403)");
+            logged(
+                error_response(StatusCode::FORBIDDEN, &refusal.to_string()),
+                log,
+            )
+        }
+        PlainHttp::InsecureRegistry => match Origin::http(authority.host(), port) {
+            Ok(origin) => {
+                // serve::handle writes the line.
+                log.discard();
+                serve::handle(&ctx.app, &Target::new(origin), ctx.peer, req).await
+            }
+            Err(e) => logged(error_response(StatusCode::BAD_REQUEST, &e.to_string()), log),
+        },
+        PlainHttp::PassThrough => {
+            let origin = Origin {
+                scheme: Scheme::HTTP,
+                authority,
+            };
+            logged(
+                serve::forward(&ctx.app.upstream.plain(), &origin, req).await,
+                log,
+            )
+        }
     }
-    let origin = Origin {
-        scheme: Scheme::HTTP,
-        authority,
-    };
-    serve::handle(&ctx.app, &Target::new(origin), ctx.peer, req).await
 }
 
 fn body_response(status: StatusCode) -> Response<Body> {

@@ -9,7 +9,9 @@
 pub mod access;
 mod intercept;
 mod listener;
-pub mod policy;
+/// Where a request may go; moved to [`crate::policy`] so that `serve` and
+/// `upstream` use the same decisions.
+pub use crate::policy;
 mod tunnel;
 
 use std::future::Future;

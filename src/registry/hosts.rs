@@ -144,6 +144,53 @@ impl fmt::Display for HostPattern {
     }
 }
 
+/// A `host:port` pair, as in `insecure_registries`: the host normalized
+/// (lower case, no trailing dot, IPv6 without brackets), the port explicit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+impl HostPort {
+    /// Parses `host[:port]` (`[v6]:port` for IPv6), with `default_port` when
+    /// none is given; the host must be a host name or an IP address.
+    pub fn parse(text: &str, default_port: u16) -> Result<Self, String> {
+        let (host, port) = split_authority(text.trim());
+        let port = match port {
+            None => default_port,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("{text:?} has no valid port"))?,
+        };
+        let host = normalize_host(host);
+        let is_ip = host.parse::<std::net::IpAddr>().is_ok();
+        if !is_ip && !matches!(host.parse::<HostPattern>(), Ok(HostPattern::Exact(_))) {
+            return Err(format!("{text:?} is not host:port"));
+        }
+        Ok(Self { host, port })
+    }
+
+    /// Whether this is `host` (normalized) on `port`.
+    pub fn matches(&self, host: &str, port: u16) -> bool {
+        self.port == port && normalize_host(host) == self.host
+    }
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
 /// The hosts whose CONNECT regcache answers itself.
 #[derive(Debug, Clone)]
 pub struct InterceptList {
@@ -228,6 +275,28 @@ mod tests {
         ] {
             assert_eq!(canonical_registry(authority), want, "{authority:?}");
         }
+    }
+
+    #[test]
+    fn host_ports_parse_with_a_default_port() {
+        let hp = |s: &str| HostPort::parse(s, 80).map(|h| h.to_string());
+        assert_eq!(hp("Reg.Test:5000").unwrap(), "reg.test:5000");
+        assert_eq!(hp("reg.test").unwrap(), "reg.test:80");
+        assert_eq!(hp("127.0.0.1:5000").unwrap(), "127.0.0.1:5000");
+        assert_eq!(hp("[::1]:5000").unwrap(), "[::1]:5000");
+        for bad in [
+            "",
+            "reg.test:0",
+            "reg.test:99999",
+            "a b:1",
+            "*.x:1",
+            "reg.test:x",
+        ] {
+            assert!(HostPort::parse(bad, 80).is_err(), "{bad:?}");
+        }
+        let entry = HostPort::parse("reg.test:5000", 80).unwrap();
+        assert!(entry.matches("REG.test.", 5000));
+        assert!(!entry.matches("reg.test", 80));
     }
 
     #[test]

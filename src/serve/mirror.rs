@@ -9,18 +9,21 @@
 //!   pull-through caches and containerd's `override_path` use; the first
 //!   component is a registry when it holds a dot or a port, or is `localhost`.
 //!
-//! Only registries on the intercept list can be reached this way, so the
-//! mirror is no relay to arbitrary hosts. regcache answers `/v2/` itself:
+//! Only registries on the intercept list (on port 443 or a `connect_ports`
+//! port) and the `insecure_registries` (over plain HTTP) can be reached this
+//! way, as [`crate::policy::decide_mirror`] decides, so the mirror is no relay
+//! to arbitrary hosts or ports. regcache answers `/v2/` itself:
 //! clients need no upstream token, and regcache runs the upstream's token
 //! flow for public repositories.
 
 use http::header::{HeaderValue, CONTENT_TYPE};
-use http::uri::PathAndQuery;
+use http::uri::{PathAndQuery, Scheme};
 use http::{Response, StatusCode, Uri};
 
 use super::{error_json, Origin, Target};
 use crate::body::{self, Body};
 use crate::config::Config;
+use crate::policy::decide_mirror;
 use crate::registry::error::{ErrorCode, RouteError};
 use crate::registry::hosts::{canonical_registry, normalize_host, HostPattern};
 
@@ -84,15 +87,14 @@ pub fn resolve(config: &Config, uri: &Uri) -> Result<MirrorRequest, RouteError> 
         ));
     }
     let canonical = canonical_registry(&host);
-    let hostname = canonical
-        .rsplit_once(':')
-        .map_or(canonical.as_str(), |(h, _)| h);
-    if canonical != "docker.io" && !config.intercept.matches(hostname.trim_matches(['[', ']'])) {
-        return Err(RouteError::new(
-            ErrorCode::Denied,
-            format!("{canonical} is not a registry this regcache serves (add it to intercept)"),
-        ));
-    }
+    let asked_port = port_part.and_then(|p| p.parse::<u16>().ok());
+    let scheme = if canonical == "docker.io" {
+        Scheme::HTTPS
+    } else {
+        decide_mirror(config, name_part, asked_port).map_err(|refusal| {
+            RouteError::new(ErrorCode::Denied, format!("{canonical}: {refusal}"))
+        })?
+    };
     let (upstream, name_and_rest) = if canonical == "docker.io" {
         ("registry-1.docker.io".to_string(), hub_name(&name_and_rest))
     } else {
@@ -115,7 +117,12 @@ pub fn resolve(config: &Config, uri: &Uri) -> Result<MirrorRequest, RouteError> 
         }
         _ => (upstream.clone(), 443),
     };
-    let origin = Origin::https(&host, port).map_err(|_| {
+    let origin = if scheme == Scheme::HTTP {
+        Origin::http(name_part, asked_port.unwrap_or(80))
+    } else {
+        Origin::https(&host, port)
+    };
+    let origin = origin.map_err(|_| {
         RouteError::new(
             ErrorCode::NameInvalid,
             format!("{upstream:?} is not a registry host"),
@@ -176,6 +183,8 @@ mod tests {
     fn config() -> Config {
         Config::from_settings(Settings {
             intercept: vec!["registry.test".into()],
+            connect_ports: vec![5000],
+            insecure_registries: vec!["plain.test:5000".into()],
             ..Settings::default()
         })
         .unwrap()
@@ -245,6 +254,15 @@ mod tests {
             resolve(&config(), &"/v2/".parse().unwrap()),
             Ok(MirrorRequest::Base)
         ));
+        // An insecure registry is reached over http and keyed apart.
+        assert_eq!(
+            upstream("/v2/a/manifests/x?ns=plain.test:5000"),
+            (
+                "plain.test:5000".into(),
+                "http://plain.test:5000".into(),
+                "/v2/a/manifests/x".into()
+            )
+        );
     }
 
     #[test]
@@ -252,6 +270,10 @@ mod tests {
         let code = |uri: &str| resolve(&config(), &uri.parse().unwrap()).unwrap_err().code;
         assert_eq!(code("/v2/evil.example/x/manifests/1"), ErrorCode::Denied);
         assert_eq!(code("/v2/x/manifests/1?ns=evil.example"), ErrorCode::Denied);
+        // Any port of an intercepted host is no way in either.
+        assert_eq!(code("/v2/x/manifests/1?ns=quay.io:5001"), ErrorCode::Denied);
+        assert_eq!(code("/v2/quay.io:22/x/manifests/1"), ErrorCode::Denied);
+        assert_eq!(code("/v2/x/manifests/1?ns=plain.test"), ErrorCode::Denied);
         for hostile in [
             "/v2/../x/manifests/1",
             "/v2/x/manifests/1?ns=a%2Fb",

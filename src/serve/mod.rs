@@ -40,13 +40,26 @@ use log::{logged, RequestLog};
 /// Where requests on one connection go: the host the client asked for.
 #[derive(Debug, Clone)]
 pub struct Origin {
-    /// `https` inside intercepted CONNECT tunnels, `http` for absolute-form.
+    /// `https` for intercepted CONNECT tunnels and the mirror, `http` only
+    /// for an insecure registry (`insecure_registries`).
     pub scheme: Scheme,
     /// Host and port (the port only when it is not the scheme's default).
     pub authority: Authority,
 }
 
 impl Origin {
+    /// The origin of an insecure (plain-http) registry at `host:port`.
+    pub fn http(host: &str, port: u16) -> Result<Self, http::Error> {
+        let host = crate::registry::hosts::HostPort {
+            host: crate::registry::hosts::normalize_host(host),
+            port,
+        };
+        Ok(Self {
+            scheme: Scheme::HTTP,
+            authority: host.to_string().parse::<Authority>()?,
+        })
+    }
+
     /// The origin of an intercepted `CONNECT host:port`.
     pub fn https(host: &str, port: u16) -> Result<Self, http::Error> {
         let authority = if port == 443 {
@@ -121,11 +134,27 @@ pub struct Target {
 }
 
 impl Target {
-    /// The target for `origin`.
+    /// The target for `origin`. The scheme is part of the registry's
+    /// identity: an `https` registry is keyed by its canonical name
+    /// (`docker.io`, `ghcr.io:8443`), a plain-http one (an insecure
+    /// registry) by `http://host:port`, so the two never share cached tags,
+    /// links, openness or verified credentials.
     pub fn new(origin: Origin) -> Self {
-        let registry = canonical_registry(origin.authority.as_str());
+        let registry = registry_key(&origin);
         Self { origin, registry }
     }
+}
+
+/// The cache identity of the registry at `origin` (see [`Target::new`]).
+pub fn registry_key(origin: &Origin) -> String {
+    let authority = &origin.authority;
+    if origin.scheme == Scheme::HTTPS {
+        return canonical_registry(authority.as_str());
+    }
+    let host = crate::registry::hosts::normalize_host(authority.host());
+    let port = authority.port_u16().unwrap_or(80);
+    let host = crate::registry::hosts::HostPort { host, port };
+    format!("{}://{host}", origin.scheme)
 }
 
 /// How long the client of a request may send nothing while its body is
@@ -466,4 +495,24 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         source = e.source();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scheme_is_part_of_the_registry_identity() {
+        let https = |host: &str, port: u16| registry_key(&Origin::https(host, port).unwrap());
+        let http = |host: &str, port: u16| registry_key(&Origin::http(host, port).unwrap());
+        assert_eq!(https("registry-1.docker.io", 443), "docker.io");
+        assert_eq!(https("ghcr.io", 8443), "ghcr.io:8443");
+        assert_eq!(
+            http("registry-1.docker.io", 80),
+            "http://registry-1.docker.io:80"
+        );
+        assert_eq!(http("Reg.Test.", 5000), "http://reg.test:5000");
+        assert_eq!(http("::1", 5000), "http://[::1]:5000");
+        assert_ne!(http("ghcr.io", 443), https("ghcr.io", 443));
+    }
 }

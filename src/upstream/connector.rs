@@ -18,17 +18,26 @@
 //! never the name TLS verifies, so a registry reached through loopback or a
 //! parent proxy is still checked against its real host name.
 //!
+//! A [`ResolvingConnector`] works in one of three [`Mode`]s. For registries
+//! it remembers the addresses it reached them at. For the targets of
+//! registry redirects it resolves the name itself, once, and refuses a
+//! loopback, link-local or private address unless the host has a `--resolve`
+//! entry or a registry was reached at that address
+//! ([`crate::policy::decide_redirect_address`]). Plain pass-through requests
+//! neither remember nor check.
+//!
 //! The parent's answer is read with `peek` and only its head is consumed, so
 //! whatever the far end sends first (an SSH banner through a plain tunnel,
 //! say) stays in the socket for whoever reads next. The proxy's password is
 //! never logged: errors and logs name the proxy as `http://host:port`.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -44,6 +53,7 @@ use tower_service::Service;
 
 use crate::body::BoxError;
 use crate::config::{Config, ResolveMap};
+use crate::policy::{decide_redirect_address, Refusal};
 use crate::registry::hosts::{normalize_host, HostPattern};
 
 /// How long establishing a connection may take, including the whole CONNECT
@@ -174,12 +184,62 @@ enum Route {
     Parent(Arc<ParentProxy>),
 }
 
+/// The most registry addresses remembered (see [`ReachedAddresses`]).
+const MAX_REACHED: usize = 4096;
+
+/// The addresses registries were reached at, so that a registry's redirect
+/// to its own (internal) address is followed. Bounded by [`MAX_REACHED`].
+#[derive(Debug, Default)]
+pub struct ReachedAddresses {
+    addrs: Mutex<HashSet<IpAddr>>,
+}
+
+impl ReachedAddresses {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<IpAddr>> {
+        self.addrs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers that a registry was reached at `ip`.
+    pub fn insert(&self, ip: IpAddr) {
+        let mut addrs = self.lock();
+        if addrs.len() < MAX_REACHED {
+            addrs.insert(ip.to_canonical());
+        }
+    }
+
+    /// Whether a registry was reached at `ip`.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.lock().contains(&ip.to_canonical())
+    }
+}
+
+/// A redirect target's address was refused.
+#[derive(Debug, thiserror::Error)]
+#[error("redirect target {host} resolves to {ip}: {refusal}")]
+pub struct AddressRefused {
+    host: String,
+    ip: IpAddr,
+    refusal: Refusal,
+}
+
+/// What a [`ResolvingConnector`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Registry origins: remember the addresses reached.
+    Registry,
+    /// Targets of registry redirects: refuse internal addresses.
+    Redirect,
+    /// Plain pass-through to hosts that are not registries.
+    Plain,
+}
+
 /// Opens upstream TCP connections: `--resolve`, `upstream_no_proxy`,
 /// `upstream_proxy`, DNS. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Dialer {
     resolve: Arc<ResolveMap>,
     parent: Option<Arc<ParentProxy>>,
+    reached: Arc<ReachedAddresses>,
 }
 
 impl Dialer {
@@ -188,6 +248,7 @@ impl Dialer {
         Self {
             resolve: Arc::new(resolve),
             parent: parent.map(Arc::new),
+            reached: Arc::default(),
         }
     }
 
@@ -203,6 +264,11 @@ impl Dialer {
     /// The resolve overrides.
     pub fn resolve(&self) -> &ResolveMap {
         &self.resolve
+    }
+
+    /// The addresses registries were reached at.
+    pub fn reached(&self) -> &ReachedAddresses {
+        &self.reached
     }
 
     /// The parent proxy, if one is configured.
@@ -396,18 +462,89 @@ fn authority(host: &str, port: u16) -> String {
 pub struct ResolvingConnector {
     inner: HttpConnector,
     dialer: Dialer,
+    mode: Mode,
 }
 
 impl ResolvingConnector {
-    /// A connector routing with `dialer`.
+    /// A connector for registry origins, routing with `dialer`.
     pub fn new(dialer: Dialer) -> Self {
+        Self::with_mode(dialer, Mode::Registry)
+    }
+
+    /// A connector routing with `dialer`, for `mode`.
+    pub fn with_mode(dialer: Dialer, mode: Mode) -> Self {
         let mut inner = HttpConnector::new();
         inner.enforce_http(false);
         inner.set_nodelay(true);
         inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
         inner.set_keepalive(Some(Duration::from_secs(60)));
-        Self { inner, dialer }
+        Self {
+            inner,
+            dialer,
+            mode,
+        }
     }
+
+    /// A redirect target reached by DNS: resolved here, once, and connected
+    /// to the first address the policy allows.
+    fn connect_checked(&self, host: String, port: u16) -> Connecting {
+        let mut inner = self.inner.clone();
+        let dialer = self.dialer.clone();
+        Box::pin(async move {
+            let addrs = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio::net::lookup_host((host.as_str(), port)),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "name lookup timed out"))??;
+            let mut refused = None;
+            let mut failed: Option<BoxError> = None;
+            // Every allowed address in turn, as HttpConnector would: a CDN's
+            // IPv6 address may be unreachable from here.
+            for addr in addrs {
+                let ip = addr.ip();
+                if let Err(refusal) =
+                    decide_redirect_address(ip, false, dialer.reached.contains(ip))
+                {
+                    refused = Some(AddressRefused {
+                        host: host.clone(),
+                        ip,
+                        refusal,
+                    });
+                    continue;
+                }
+                let uri: Uri = format!("http://{addr}").parse()?;
+                match inner.call(uri).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => failed = Some(e.into()),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            let err: BoxError = match refused {
+                Some(refused) => {
+                    tracing::warn!(host = %refused.host, ip = %refused.ip, rule = refused.refusal.rule, "redirect target refused");
+                    refused.into()
+                }
+                None => format!("{host} has no address").into(),
+            };
+            Err(err)
+        })
+    }
+}
+
+/// A redirect target named by an IP address that the policy refuses, even
+/// through a parent proxy.
+fn refused_literal(host: &str, reached: &ReachedAddresses) -> Option<AddressRefused> {
+    let ip = host.parse::<IpAddr>().ok()?;
+    let refusal = decide_redirect_address(ip, false, reached.contains(ip)).err()?;
+    tracing::warn!(host, rule = refusal.rule, "redirect target refused");
+    Some(AddressRefused {
+        host: host.to_string(),
+        ip,
+        refusal,
+    })
 }
 
 type Connecting = Pin<Box<dyn Future<Output = Result<TokioIo<TcpStream>, BoxError>> + Send>>;
@@ -431,9 +568,20 @@ impl Service<Uri> for ResolvingConnector {
             _ => 443,
         });
         let uri = match self.dialer.route(&host, port) {
-            Route::Address(addr) => format!("http://{addr}").parse::<Uri>(),
+            Route::Address(addr) => {
+                if self.mode == Mode::Registry {
+                    self.dialer.reached.insert(addr.ip());
+                }
+                format!("http://{addr}").parse::<Uri>()
+            }
+            Route::Dns if self.mode == Mode::Redirect => return self.connect_checked(host, port),
             Route::Dns => Ok(uri),
             Route::Parent(parent) => {
+                if self.mode == Mode::Redirect {
+                    if let Some(refused) = refused_literal(&host, &self.dialer.reached) {
+                        return Box::pin(async move { Err(refused.into()) });
+                    }
+                }
                 let proxy_uri = match self.dialer.parent_uri(&parent) {
                     Ok(proxy_uri) => proxy_uri,
                     Err(e) => return Box::pin(async move { Err(e.into()) }),
@@ -450,7 +598,14 @@ impl Service<Uri> for ResolvingConnector {
             Ok(uri) => self.inner.call(uri),
             Err(e) => return Box::pin(async move { Err(e.into()) }),
         };
-        Box::pin(async move { connecting.await.map_err(Into::into) })
+        let reached = (self.mode == Mode::Registry).then(|| self.dialer.reached.clone());
+        Box::pin(async move {
+            let stream = connecting.await?;
+            if let (Some(reached), Ok(peer)) = (reached, stream.inner().peer_addr()) {
+                reached.insert(peer.ip());
+            }
+            Ok(stream)
+        })
     }
 }
 
@@ -689,6 +844,39 @@ mod tests {
             )
         );
         assert!(!format!("{err:?}").contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn redirect_connections_refuse_internal_addresses_unless_a_registry_is_there() {
+        let listener = TcpListener::bind("127.0.0.12:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                drop(s);
+            }
+        });
+        let resolve = ResolveMap::new(vec![format!("mapped.test=127.0.0.12:{port}")
+            .parse()
+            .unwrap()]);
+        let dialer = Dialer::new(resolve, None);
+        let mut redirect = ResolvingConnector::with_mode(dialer.clone(), Mode::Redirect);
+        let by_address: Uri = format!("http://127.0.0.12:{port}/").parse().unwrap();
+        let err = redirect.call(by_address.clone()).await.unwrap_err();
+        assert!(err.to_string().contains("redirect_address"), "{err}");
+        // A --resolve entry says where the host is: allowed.
+        let mapped: Uri = "http://mapped.test/".parse().unwrap();
+        redirect.call(mapped).await.unwrap();
+        // A plain pass-through connection neither checks nor remembers.
+        let mut plain = ResolvingConnector::with_mode(dialer.clone(), Mode::Plain);
+        plain.call(by_address.clone()).await.unwrap();
+        assert!(!dialer.reached().contains("127.0.0.12".parse().unwrap()));
+        // Once a registry is reached there, its redirects may go there too.
+        let mut registry = ResolvingConnector::new(dialer.clone());
+        registry.call(by_address.clone()).await.unwrap();
+        assert!(dialer
+            .reached()
+            .contains("::ffff:127.0.0.12".parse().unwrap()));
+        redirect.call(by_address).await.unwrap();
     }
 
     #[tokio::test]

@@ -10,8 +10,8 @@ pub mod redirect;
 pub mod token;
 
 pub use connector::{
-    connect_tcp, Dialer, HandshakeError, ParentProxy, ParentProxyError, ResolvingConnector,
-    CONNECT_TIMEOUT, MAX_PROXY_REPLY_BYTES,
+    connect_tcp, AddressRefused, Dialer, HandshakeError, Mode, ParentProxy, ParentProxyError,
+    ReachedAddresses, ResolvingConnector, CONNECT_TIMEOUT, MAX_PROXY_REPLY_BYTES,
 };
 
 use std::sync::Arc;
@@ -32,11 +32,20 @@ use crate::tls::{client::upstream_config, TlsError};
 #[error("upstream request failed: {0}")]
 pub struct UpstreamError(#[from] hyper_util::client::legacy::Error);
 
+type HttpClient = Client<HttpsConnector<ResolvingConnector>, Body>;
+
 /// The shared upstream client. Cheap to clone.
+///
+/// Three connection pools, one per [`Mode`]: registry origins, the targets
+/// of their redirects (checked against the address rule), and plain
+/// pass-through to hosts that are not registries.
 #[derive(Clone)]
 pub struct Upstream {
-    client: Client<HttpsConnector<ResolvingConnector>, Body>,
+    client: HttpClient,
+    redirect_client: HttpClient,
+    plain_client: HttpClient,
     dialer: Dialer,
+    rules: Arc<crate::policy::RedirectRules>,
     tokens: Arc<token::TokenCache>,
 }
 
@@ -56,18 +65,23 @@ impl Upstream {
         // HTTP/1.1 only: each download gets its own connection, and a blob
         // arrives 1.4 times faster than as 16 KiB frames multiplexed on one
         // HTTP/2 connection (bench/run.sh, cold blob from distribution).
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(ResolvingConnector::new(dialer.clone()));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        let client = |mode| {
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*tls).clone())
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(ResolvingConnector::with_mode(dialer.clone(), mode));
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build(https)
+        };
         Ok(Self {
-            client,
+            client: client(Mode::Registry),
+            redirect_client: client(Mode::Redirect),
+            plain_client: client(Mode::Plain),
+            rules: Arc::new(crate::policy::RedirectRules::from_config(config)),
             dialer,
             tokens: Arc::default(),
         })
@@ -76,6 +90,15 @@ impl Upstream {
     /// Sends a request whose URI is absolute (`https://host/path`).
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
         Ok(self.client.request(req).await?)
+    }
+
+    /// The same client for plain pass-through to hosts that are not
+    /// registries: its connections are kept apart from the registries'.
+    pub fn plain(&self) -> Upstream {
+        Upstream {
+            client: self.plain_client.clone(),
+            ..self.clone()
+        }
     }
 
     /// The resolve overrides, for tunnels.

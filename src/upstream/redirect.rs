@@ -3,9 +3,16 @@
 //! Docker Hub, ghcr.io, quay.io and registry.k8s.io answer blob GETs with a
 //! redirect to a CDN. regcache follows it itself (so the blob is cached under
 //! its digest and the client never sees the CDN), for a bounded number of
-//! hops, resolving relative `Location`s against the current URL. The
-//! registry's `Authorization` header (and cookies) never go to another host:
-//! CDN URLs carry their own signature.
+//! hops, resolving relative `Location`s against the current URL.
+//!
+//! Each target goes through [`crate::policy::decide_redirect`] first
+//! (`https` only unless between insecure registries, on an allowed port),
+//! and its connection through the redirect connector, which refuses
+//! internal addresses ([`super::Mode::Redirect`]). A refusal ends the fetch
+//! with [`FetchError::Redirect`], which callers answer with 502 and the
+//! reason. The client's `Authorization` header (and cookies) go only to the
+//! origin (scheme, host and port) of the first request: CDN URLs carry their
+//! own signature.
 
 use http::header::{AUTHORIZATION, COOKIE, LOCATION};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
@@ -13,6 +20,7 @@ use hyper::body::Incoming;
 
 use super::{Upstream, UpstreamError};
 use crate::body;
+use crate::policy::{decide_redirect, keeps_credentials, same_origin};
 
 /// The most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 5;
@@ -36,14 +44,16 @@ pub enum FetchError {
 impl Upstream {
     /// Sends a body-less request to `uri`, following redirects.
     ///
-    /// `headers` go to the first host as given; on a redirect to another
-    /// host, `Authorization` and `Cookie` are dropped.
+    /// `headers` go to the first origin as given; on a redirect to another
+    /// origin (scheme, host or port), `Authorization` and `Cookie` are
+    /// dropped for the rest of the chain.
     pub async fn fetch(
         &self,
         method: Method,
         uri: Uri,
         headers: HeaderMap,
     ) -> Result<Response<Incoming>, FetchError> {
+        let start = uri.clone();
         let mut uri = uri;
         let mut headers = headers;
         for _ in 0..=MAX_REDIRECTS {
@@ -51,7 +61,14 @@ impl Upstream {
             *req.method_mut() = method.clone();
             *req.uri_mut() = uri.clone();
             *req.headers_mut() = headers.clone();
-            let resp = self.send(req).await?;
+            let resp = if same_origin(&start, &uri) {
+                self.send(req).await?
+            } else {
+                self.redirect_client
+                    .request(req)
+                    .await
+                    .map_err(UpstreamError::from)?
+            };
             if !is_redirect(resp.status()) {
                 return Ok(resp);
             }
@@ -59,7 +76,14 @@ impl Upstream {
                 from: redacted(&uri),
                 reason,
             })?;
-            if next.authority() != uri.authority() {
+            if let Err(refusal) = decide_redirect(&self.rules, &start, &next) {
+                tracing::warn!(from = %redacted(&uri), to = %redacted(&next), rule = refusal.rule, "redirect refused");
+                return Err(FetchError::Redirect {
+                    from: redacted(&uri),
+                    reason: format!("to {}: {refusal}", redacted(&next)),
+                });
+            }
+            if !keeps_credentials(&start, &next) {
                 headers.remove(AUTHORIZATION);
                 headers.remove(COOKIE);
             }

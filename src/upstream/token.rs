@@ -104,8 +104,17 @@ impl Upstream {
             .parse()
             .map_err(|e| TokenError::Invalid(format!("realm is not a URL ({e})")))?;
         let mut headers = HeaderMap::new();
-        if let Some(basic) = basic {
-            headers.insert(AUTHORIZATION, basic.clone());
+        match basic {
+            // regcache's own account never travels over plain HTTP.
+            Some(_) if uri.scheme_str() != Some("https") => {
+                return Err(TokenError::Invalid(
+                    "the realm is not https; regcache's account is not sent there".into(),
+                ))
+            }
+            Some(basic) => {
+                headers.insert(AUTHORIZATION, basic.clone());
+            }
+            None => {}
         }
         let resp = self.fetch(Method::GET, uri, headers).await?;
         if resp.status() != StatusCode::OK {

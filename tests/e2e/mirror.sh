@@ -8,7 +8,8 @@
 #             for registry-1.docker.io and for IP 127.0.0.1; seeded with
 #             make_seed.py's small image and multi-platform index
 #   proxy     regcache serve --resolve registry-1.docker.io=127.0.0.1:<port>
-#             --intercept 127.0.0.1 --upstream-ca <test CA>
+#             --intercept 127.0.0.1 --connect-ports <port> --upstream-ca <test CA>
+#             (?ns=127.0.0.1:<port> reaches only a port CONNECT may reach)
 #   clients   a private containerd's ctr with --hosts-dir (hosts.toml naming
 #             regcache as a plain-HTTP mirror), skopeo with the path-prefix
 #             form, skopeo and ctr against an offline regcache
@@ -155,7 +156,8 @@ PROXYPORT=$(free_port)
 MIRROR=127.0.0.1:$PROXYPORT
 mkdir -p "$W/regcache/certs"
 serve_args=(--listen "$MIRROR" --ca-dir "$W/regcache/certs" --cache-dir "$W/regcache/cache"
-    --upstream-ca "$PKI/ca.pem" --resolve "$HUB=$REGADDR" --intercept 127.0.0.1)
+    --upstream-ca "$PKI/ca.pem" --resolve "$HUB=$REGADDR" --intercept 127.0.0.1
+    --connect-ports "$REGPORT")
 # shellcheck disable=SC2206
 serve_args+=(${REGCACHE_ARGS:-})
 # start_regcache NAME LOGFILE ARGS...: regcache serve from inside the work

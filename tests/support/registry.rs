@@ -14,6 +14,10 @@
 //!   body after N bytes until [`Registry::open_gate`], a delay before the
 //!   response head, status overrides for `GET` and `HEAD`, a redirect, and a
 //!   body without `Content-Length`.
+//! * Plain-http twin ([`Registry::start_plain`]): the same registry without
+//!   TLS, to play an insecure registry or a hostile responder on port 80;
+//!   [`Registry::start_tls_on`] binds another loopback address
+//!   (`127.0.0.12`), to play an internal service.
 //! * Record: every request, with method, path, query, headers and the SNI
 //!   it came with ([`Req`]), to assert what regcache asked upstream.
 //! * Hook ([`Registry::set_hook`]): a function that sees every request first
@@ -197,8 +201,13 @@ impl Registry {
     /// Starts a registry whose certificate (from `ca`) is valid for `names`
     /// (a token service on its own host, say).
     pub async fn start_with_names(ca: &TestCa, names: &[&str]) -> Registry {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        Registry::start_tls_on(ca, names, "127.0.0.1:0").await
+    }
+
+    /// Starts a registry on `bind` (`127.0.0.12:0`, say: an "internal"
+    /// service) whose certificate is valid for `names`.
+    pub async fn start_tls_on(ca: &TestCa, names: &[&str], bind: &str) -> Registry {
+        let listener = TcpListener::bind(bind).await.unwrap();
         let leaf = ca.issue(names);
         let mut cfg = rustls::ServerConfig::builder_with_provider(ring())
             .with_safe_default_protocol_versions()
@@ -210,7 +219,65 @@ impl Registry {
             )
             .unwrap();
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let acceptor = TlsAcceptor::from(Arc::new(cfg));
+        Registry::serve(listener, Some(TlsAcceptor::from(Arc::new(cfg))), None)
+    }
+
+    /// A registry for `names` and its plain-http twin on the same port: a
+    /// connection that starts with a TLS ClientHello reaches the first, any
+    /// other the second, with its own content, knobs and record. With
+    /// `--resolve NAME=127.0.0.1:PORT`, `https://NAME` (port 443) is the real
+    /// registry and `http://NAME` (port 80) whoever answers plain HTTP on
+    /// that address: a hostile responder on the path, or an insecure
+    /// registry of the same name. The twin stops with the first.
+    pub async fn start_with_twin(ca: &TestCa, names: &[&str]) -> (Registry, Registry) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let leaf = ca.issue(names);
+        let mut cfg = rustls::ServerConfig::builder_with_provider(ring())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.cert_der.clone()],
+                PrivateKeyDer::Pkcs8(leaf.key_der.clone_key()),
+            )
+            .unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let twin = Registry {
+            addr: listener.local_addr().unwrap(),
+            state: Arc::default(),
+            gate: watch::channel(false).0,
+            task: Mutex::new(None),
+        };
+        let plain = (twin.state.clone(), twin.gate.subscribe());
+        let tls = Registry::serve(
+            listener,
+            Some(TlsAcceptor::from(Arc::new(cfg))),
+            Some(plain),
+        );
+        (tls, twin)
+    }
+
+    /// Starts a plain-http registry on `127.0.0.1:0`: an insecure registry,
+    /// or a hostile twin of an https one (whoever answers port 80 on the
+    /// path), with the same content, knobs and record as the TLS one.
+    pub async fn start_plain() -> Registry {
+        Registry::start_plain_on("127.0.0.1:0").await
+    }
+
+    /// [`Registry::start_plain`] on `bind`.
+    pub async fn start_plain_on(bind: &str) -> Registry {
+        Registry::serve(TcpListener::bind(bind).await.unwrap(), None, None)
+    }
+
+    /// Serves `listener`: TLS with `acceptor`, plain HTTP without; with both
+    /// an acceptor and a `twin` (state and gate), plain-HTTP connections go
+    /// to the twin.
+    fn serve(
+        listener: TcpListener,
+        acceptor: Option<TlsAcceptor>,
+        twin: Option<(Arc<Mutex<State>>, watch::Receiver<bool>)>,
+    ) -> Registry {
+        let addr = listener.local_addr().unwrap();
         let state: Arc<Mutex<State>> = Arc::default();
         let (gate, _) = watch::channel(false);
 
@@ -227,10 +294,28 @@ impl Registry {
                     },
                     Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 };
-                let acceptor = acceptor.clone();
-                let st = st.clone();
-                let gate_rx = gate_rx.clone();
+                let mut acceptor = acceptor.clone();
+                let mut st = st.clone();
+                let mut gate_rx = gate_rx.clone();
+                let twin = twin.clone();
                 conns.spawn(async move {
+                    if let Some((twin_st, twin_gate)) = twin {
+                        let mut first = [0u8; 1];
+                        // 0x16: a TLS handshake record.
+                        if tcp.peek(&mut first).await.is_ok_and(|n| n == 1) && first[0] != 0x16 {
+                            acceptor = None;
+                            st = twin_st;
+                            gate_rx = twin_gate;
+                        }
+                    }
+                    let Some(acceptor) = acceptor else {
+                        let svc =
+                            service_fn(move |req| handle(st.clone(), gate_rx.clone(), None, req));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(tcp), svc)
+                            .await;
+                        return;
+                    };
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
