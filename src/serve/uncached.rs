@@ -1,8 +1,9 @@
 //! A blob streamed to its client without being cached, when the cache has
 //! no room for it (see [`crate::cache::Cache::reserve`]). It is verified all
-//! the same: the bytes are hashed as they pass and the last frame is held
-//! back until digest and length matched, so a wrong blob never arrives
-//! complete. Memory is bounded by one frame.
+//! the same: the bytes are hashed as they pass and the last byte (the last
+//! frame when no length was announced) is held back until digest and length
+//! matched, as fills do, so a wrong blob never arrives complete. Memory is
+//! bounded by one frame.
 
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -82,16 +83,37 @@ where
             }
             match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
                 Some(Ok(frame)) => {
-                    let Ok(data) = frame.into_data() else {
+                    let Ok(mut data) = frame.into_data() else {
                         continue; // trailers: not part of the blob
                     };
+                    if data.is_empty() {
+                        continue;
+                    }
                     if let Some(h) = this.hasher.as_mut() {
                         h.update(&data);
                     }
                     this.received += data.len() as u64;
-                    if let Some(prev) = this.held.replace(data) {
-                        return Poll::Ready(Some(Ok(Frame::data(prev))));
+                    let Some(total) = this.total else {
+                        if let Some(prev) = this.held.replace(data) {
+                            return Poll::Ready(Some(Ok(Frame::data(prev))));
+                        }
+                        continue;
+                    };
+                    if this.received > total {
+                        this.hasher = None;
+                        return Poll::Ready(Some(Err(format!(
+                            "upstream sent more than the announced {total} bytes of {}",
+                            this.digest
+                        )
+                        .into())));
                     }
+                    if this.received == total {
+                        this.held = Some(data.split_off(data.len() - 1));
+                        if data.is_empty() {
+                            continue;
+                        }
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Some(Err(e)) => {
                     this.hasher = None;
@@ -134,11 +156,25 @@ mod tests {
         assert_eq!(ok.collect().await.unwrap().to_bytes(), "hello world");
 
         let mut wrong = verified(chunks(&[b"hello ", b"WORLD"]), digest.clone(), Some(11));
-        let first = wrong.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(first, "hello ");
-        assert!(
-            wrong.frame().await.unwrap().is_err(),
-            "the last frame is withheld"
+        let mut got = Vec::new();
+        let failed = loop {
+            match wrong.frame().await {
+                Some(Ok(f)) => got.extend_from_slice(&f.into_data().unwrap()),
+                Some(Err(_)) => break true,
+                None => break false,
+            }
+        };
+        assert!(failed, "a wrong blob ends with an error");
+        assert_eq!(got, b"hello WORL", "all but the last byte, withheld");
+        // Without an announced length, the last frame is withheld.
+        let mut unsized_wrong = verified(chunks(&[b"hello ", b"WORLD"]), digest.clone(), None);
+        let first = unsized_wrong.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "hello ");
+        assert!(unsized_wrong.frame().await.unwrap().is_err());
+        let unsized_ok = verified(chunks(&[b"hello ", b"world"]), digest.clone(), None);
+        assert_eq!(
+            unsized_ok.collect().await.unwrap().to_bytes(),
+            "hello world"
         );
 
         let short = verified(chunks(&[b"hello world"]), digest, Some(12));
