@@ -1788,9 +1788,160 @@ async fn hostile_names_are_refused_without_asking_upstream() {
     assert!(list_dir(&env.cache_dir().join("blobs")).is_empty());
 }
 
+/// A manifest reference that is not a valid tag (a leading dot, more than
+/// 128 characters, characters a tag cannot hold) names no manifest that can
+/// exist: 404 `MANIFEST_UNKNOWN`, as the OCI spec's pull workflow and the
+/// registries answer, without asking the upstream. Unsafe names and
+/// malformed digests keep their 400.
+#[tokio::test]
+async fn invalid_tags_are_unknown_manifests_without_asking_upstream() {
+    let env = Env::new().await;
+    let proxy = env.proxy().start().await;
+    let long = "t".repeat(129);
+    let refs = [".hidden", "-x", long.as_str(), "a!b", "a%20b", "ü"];
+    for reference in refs {
+        let path = format!("/v2/library/alpine/manifests/{reference}");
+        for alpn in [Alpn::Http11, Alpn::H2] {
+            let r = request(&proxy, alpn, Method::GET, &path, &[]).await;
+            assert_eq!(
+                r.status,
+                StatusCode::NOT_FOUND,
+                "{path} over {alpn:?}: {r:?}"
+            );
+            assert_eq!(r.error_code(), "MANIFEST_UNKNOWN", "{path}");
+            assert!(
+                r.header("content-type")
+                    .unwrap_or_default()
+                    .contains("json"),
+                "{path}: content-type"
+            );
+        }
+        for alpn in [Alpn::Http11, Alpn::H2] {
+            let h = request(&proxy, alpn, Method::HEAD, &path, &[]).await;
+            assert_eq!(h.status, StatusCode::NOT_FOUND, "HEAD {path} over {alpn:?}");
+            assert!(h.body.is_empty(), "HEAD {path} over {alpn:?} has a body");
+            assert!(h.header("content-length").is_some(), "HEAD {path}");
+        }
+    }
+    for (path, code) in [
+        ("/v2/library/alpine/manifests/sha256:zz", "DIGEST_INVALID"),
+        ("/v2/a%2fb/manifests/.hidden", "NAME_INVALID"),
+        ("/v2/../manifests/.hidden", "NAME_INVALID"),
+    ] {
+        let r = request(&proxy, Alpn::Both, Method::GET, path, &[]).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {r:?}");
+        assert_eq!(r.error_code(), code, "{path}");
+    }
+    assert!(
+        env.reg.seen().is_empty(),
+        "upstream saw {:?}",
+        env.reg.summary()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // 8. Eviction, restart, crash
 // ---------------------------------------------------------------------------
+
+/// Bytes in the files under `dir`, recursively.
+fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// Downloads in progress count against cache_size: with a 3 MiB cap, two
+/// cached MiB and four concurrent cold 1 MiB fills held open by the gate,
+/// the disk never holds more than the cap (blobs and downloads together).
+/// Reservations evict the cached entries before writing; the fill that finds
+/// no room streams to its client uncached. Every client gets the right bytes.
+#[tokio::test]
+async fn concurrent_cold_fills_never_put_more_than_cache_size_on_disk() {
+    let env = Env::new().await;
+    let repo = "library/fills";
+    let cap = 3 * MIB as u64;
+    let put = |seed: u64| {
+        let data = blob_bytes(seed, MIB);
+        let digest = env.reg.put_blob(repo, data.clone());
+        (data, blob_path(repo, &digest))
+    };
+    let warm: Vec<_> = (0..2).map(|i| put(300 + i)).collect();
+    let cold: Vec<_> = (0..4).map(|i| put(310 + i)).collect();
+    let proxy = env.proxy().args(["--cache-size", "3MiB"]).start().await;
+    for (data, path) in &warm {
+        get(&proxy, path)
+            .await
+            .assert_served(data, "MISS", "warm fill");
+    }
+    for (_, path) in &cold {
+        env.reg.set_fault(
+            path,
+            Fault {
+                gate_after: Some(MIB - 1),
+                ..Fault::default()
+            },
+        );
+    }
+    let on_disk =
+        || dir_bytes(&env.cache_dir().join("blobs")) + dir_bytes(&env.cache_dir().join("tmp"));
+    assert!(on_disk() <= cap);
+
+    // Each client reads up to its gate (the last byte is held back until the
+    // blob is verified, cached or not), says so, then reads on.
+    let (near, mut all_near) = tokio::sync::mpsc::channel::<()>(cold.len());
+    let mut readers = Vec::new();
+    for (i, (data, path)) in cold.iter().enumerate() {
+        let alpn = if i % 2 == 0 { Alpn::Http11 } else { Alpn::H2 };
+        let resp = send_on(&proxy, HUB, alpn, Method::GET, path, &[]).await;
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let near = near.clone();
+        let (data, path) = (data.clone(), path.clone());
+        readers.push(tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut got = Vec::new();
+            let mut told = false;
+            while let Some(frame) = body.frame().await {
+                if let Ok(d) = frame.expect("body").into_data() {
+                    got.extend_from_slice(&d);
+                }
+                if !told && got.len() >= MIB - 1 {
+                    told = true;
+                    let _ = near.send(()).await;
+                }
+            }
+            assert!(
+                got == data[..],
+                "{path}: wrong bytes ({} of {})",
+                got.len(),
+                data.len()
+            );
+        }));
+    }
+    for _ in 0..cold.len() {
+        within("clients near their gates", STEP_TIMEOUT, all_near.recv())
+            .await
+            .expect("a reader ended early");
+    }
+    let held = on_disk();
+    assert!(
+        held <= cap,
+        "with four fills held open the cache holds {held} bytes on disk, more than cache_size ({cap})"
+    );
+    env.reg.open_gate();
+    for r in readers {
+        within("a reader", STEP_TIMEOUT, r).await.unwrap();
+    }
+    assert!(on_disk() <= cap, "after the fills: {} bytes", on_disk());
+    assert!(proxy.stderr().contains("streaming the blob uncached"));
+}
 
 #[tokio::test]
 async fn eviction_removes_the_least_recently_used_blob() {
@@ -2296,6 +2447,8 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
         .proxy()
         .arg("--mirror-tls")
         .arg(format!("127.0.0.1:{mirror_port}"))
+        .arg("--mirror-names")
+        .arg("regcache.test")
         .start()
         .await;
     // Interception fills the cache; the HTTPS mirror then serves it.
@@ -2340,6 +2493,68 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
         );
     }
     assert_eq!(env.reg.count(Method::GET, &blob_path(repo, &digest)), 1);
+}
+
+/// The minted mirror certificate names only regcache's own names: the
+/// address the client connected to and `mirror_names`; any other SNI gets a
+/// TLS alert, not a leaf signed by the regcache CA.
+#[tokio::test]
+async fn mirror_over_tls_mints_only_for_its_own_names() {
+    let env = Env::new().await;
+    let mirror_port = common::free_port();
+    let proxy = env
+        .proxy()
+        .arg("--mirror-tls")
+        .arg(format!("127.0.0.1:{mirror_port}"))
+        .arg("--mirror-names")
+        .arg("regcache.test")
+        .start()
+        .await;
+    let connect = || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", mirror_port))
+            .await
+            .unwrap()
+    };
+    for sni in ["accounts.google.com", "registry-1.docker.io", "localhost"] {
+        match tls_connect(connect().await, sni, vec![proxy.ca_der()], Alpn::Both, true).await {
+            Ok(tls) => panic!(
+                "SNI {sni}: got a leaf {:?}",
+                common::sans(&common::peer_leaf(&tls))
+            ),
+            Err(e) => assert!(e.to_string().contains("UnrecognisedName"), "SNI {sni}: {e}"),
+        }
+    }
+    let tls = tls_connect(
+        connect().await,
+        "regcache.test",
+        vec![proxy.ca_der()],
+        Alpn::Both,
+        true,
+    )
+    .await
+    .expect("a configured mirror name");
+    assert_eq!(
+        common::sans(&common::peer_leaf(&tls)),
+        (vec!["regcache.test".to_string()], vec![])
+    );
+    // No SNI (a client connecting by address): the leaf names that address.
+    let tls = tls_connect(
+        connect().await,
+        "127.0.0.1",
+        vec![proxy.ca_der()],
+        Alpn::Both,
+        true,
+    )
+    .await
+    .expect("the address the client connected to");
+    assert_eq!(
+        common::sans(&common::peer_leaf(&tls)),
+        (
+            vec![],
+            vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        )
+    );
+    assert!(proxy.stderr().contains("unrecognized_name"));
 }
 
 #[tokio::test]

@@ -138,12 +138,65 @@ async fn leaf_without_sni_names_the_connect_host() {
     )
     .await
     .expect("TLS without SNI, verifying the leaf as upstream.test");
-    let (dns, _) = sans(&peer_leaf(&tls));
-    assert!(dns.iter().any(|d| d == "upstream.test"), "SANs {dns:?}");
+    let (dns, ips) = sans(&peer_leaf(&tls));
+    assert_eq!(
+        dns,
+        ["upstream.test"],
+        "the leaf names the CONNECT host only"
+    );
+    assert!(ips.is_empty(), "IP SANs {ips:?}");
     let mut client = HttpClient::over_tls(tls, "upstream.test").await;
     let resp = client.get("/nosni").await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(body_string(resp.into_body()).await, "GET /nosni\n");
+}
+
+/// The regcache CA signs a leaf only for the intercepted CONNECT host: any
+/// other SNI (a real site, `localhost`, a name that is not a DNS host name)
+/// gets a fatal `unrecognized_name` alert, no certificate, and a log line
+/// naming the CONNECT host and the SNI.
+#[tokio::test]
+async fn sni_other_than_the_connect_host_gets_an_alert_and_no_leaf() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx.proxy().start().await;
+    for (connect, sni) in [
+        ("registry-1.docker.io", "accounts.google.com"),
+        ("registry-1.docker.io", "docker.io"),
+        ("ghcr.io", "localhost"),
+        ("ghcr.io", "a_b.docker.io"),
+        ("upstream.test", "a_b.upstream.test"),
+    ] {
+        let tcp = proxy.tunnel(&format!("{connect}:443")).await;
+        let err = match tls_connect(tcp, sni, vec![proxy.ca_der()], Alpn::Both, true).await {
+            Ok(tls) => panic!(
+                "CONNECT {connect} with SNI {sni}: got a leaf with SANs {:?}",
+                sans(&peer_leaf(&tls))
+            ),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("UnrecognisedName"),
+            "CONNECT {connect} with SNI {sni}: {err}"
+        );
+        let log = wait_for_log(&proxy, &format!("sni=\"{sni}\"")).await;
+        assert!(
+            log.lines().any(|l| l.contains("unrecognized_name")
+                && l.contains(&format!("sni=\"{sni}\""))
+                && l.contains(&format!("host=\"{connect}\""))),
+            "the log names the CONNECT host and the SNI:\n{log}"
+        );
+    }
+    // The matching SNI, in any case and with a trailing dot, still works,
+    // and the leaf names the CONNECT host only.
+    for (connect, sni) in [("ghcr.io", "ghcr.io"), ("ghcr.io", "GHCR.io.")] {
+        let tcp = proxy.tunnel(&format!("{connect}:443")).await;
+        let tls = tls_connect(tcp, sni, vec![proxy.ca_der()], Alpn::Both, true)
+            .await
+            .unwrap_or_else(|e| panic!("CONNECT {connect} with SNI {sni}: {e}"));
+        let (dns, ips) = sans(&peer_leaf(&tls));
+        assert_eq!(dns, ["ghcr.io"], "SANs for SNI {sni}");
+        assert!(ips.is_empty(), "IP SANs {ips:?}");
+    }
 }
 
 #[tokio::test]
@@ -168,11 +221,13 @@ async fn intercepted_ip_host_gets_ip_san() {
         fx.upstream.leaf_der.as_ref(),
         "not intercepted"
     );
-    let (_, ips) = sans(&leaf);
-    assert!(
-        ips.contains(&"127.0.0.1".parse().unwrap()),
-        "leaf IP SANs {ips:?} should include 127.0.0.1"
+    let (dns, ips) = sans(&leaf);
+    assert_eq!(
+        ips,
+        ["127.0.0.1".parse::<std::net::IpAddr>().unwrap()],
+        "leaf IP SANs should be the CONNECT address only"
     );
+    assert!(dns.is_empty(), "DNS SANs {dns:?}");
     let mut client = HttpClient::over_tls(tls, &target).await;
     let resp = client.get("/ip-host").await;
     assert_eq!(resp.status(), StatusCode::OK);
@@ -540,6 +595,193 @@ async fn malformed_connect_targets_are_400() {
 async fn origin_form_without_host_is_400() {
     let proxy = ProxyBuilder::new().start().await;
     expect_status(&proxy, b"GET /v2/ HTTP/1.1\r\n\r\n", 400).await;
+}
+
+// ---------------------------------------------------------------------------
+// Clients that stop sending: client_idle_timeout
+// ---------------------------------------------------------------------------
+
+/// The generous bound within which a 1 s `client_idle_timeout` must act.
+const IDLE_BOUND: Duration = Duration::from_secs(10);
+
+/// Reads from `io` until the peer closes (or fails) the connection; returns
+/// what arrived and how long it took. Panics after [`IDLE_BOUND`].
+async fn read_until_closed<IO: tokio::io::AsyncRead + Unpin>(io: &mut IO) -> (Vec<u8>, Duration) {
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + IDLE_BOUND).into(), io.read(&mut buf)).await {
+            Err(_) => panic!(
+                "the connection was still open after {IDLE_BOUND:?}; got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, started.elapsed()),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// A request head that stops half way is closed after client_idle_timeout,
+/// on the proxy port and inside an intercepted tunnel.
+#[tokio::test]
+async fn stalled_request_head_is_closed_after_client_idle_timeout() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+        .await
+        .unwrap();
+    let (_, took) = read_until_closed(&mut tcp).await;
+    assert!(took < IDLE_BOUND, "proxy port: closed after {took:?}");
+
+    let tcp = proxy.tunnel("upstream.test:443").await;
+    let mut tls = tls_connect(
+        tcp,
+        "upstream.test",
+        vec![proxy.ca_der()],
+        Alpn::Http11,
+        true,
+    )
+    .await
+    .unwrap();
+    tls.write_all(b"GET /v2/ HTTP/1.1\r\nHost: upstream.test\r\nX-Slow: a")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let (_, took) = read_until_closed(&mut tls).await;
+    assert!(took < IDLE_BOUND, "tunnel: closed after {took:?}");
+    assert!(
+        fx.upstream.seen().is_empty(),
+        "a partial head reached upstream"
+    );
+    proxy.assert_healthy("after stalled heads").await;
+}
+
+/// A push whose body stalls after one byte (HTTP/1.1) is cut after
+/// client_idle_timeout: the client's connection closes, the upstream
+/// request is aborted, and a log line says so.
+#[tokio::test]
+async fn stalled_request_body_is_cut_and_its_upstream_request_aborted() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    let tcp = proxy.tunnel("upstream.test:443").await;
+    let mut tls = tls_connect(
+        tcp,
+        "upstream.test",
+        vec![proxy.ca_der()],
+        Alpn::Http11,
+        true,
+    )
+    .await
+    .unwrap();
+    tls.write_all(
+        b"PUT /upload/stall-h1 HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: 1000\r\n\r\nx",
+    )
+    .await
+    .unwrap();
+    tls.flush().await.unwrap();
+    let (answer, took) = read_until_closed(&mut tls).await;
+    assert!(took < IDLE_BOUND, "closed after {took:?}");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        !answer.contains("201"),
+        "the stalled upload must not be answered as complete: {answer}"
+    );
+    let seen = fx.upstream.wait_for("/upload/stall-h1").await;
+    assert_eq!(seen.body_len, 1, "upstream got the byte sent");
+    assert_eq!(
+        seen.body_pattern_ok,
+        Some(false),
+        "the upstream request must end in an error (aborted), not look complete"
+    );
+    wait_for_log(&proxy, "request body stalled").await;
+}
+
+/// The same over HTTP/2: the stalled stream gets an error answer or a reset
+/// within the bound, and the upstream request is aborted.
+#[tokio::test]
+async fn stalled_request_body_over_h2_is_cut() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    let client = proxy.intercepted("upstream.test", Alpn::H2).await;
+    assert_eq!(client.alpn.as_deref(), Some("h2"));
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>(1);
+    tx.send(Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+        b"x",
+    ))))
+    .await
+    .unwrap();
+    // `tx` stays alive: the body neither ends nor sends more.
+    let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|frame| (frame, rx))
+    });
+    let body = http_body_util::StreamBody::new(frames);
+    let req = client
+        .builder(Method::PUT, "/upload/stall-h2")
+        .header("content-length", "1000")
+        .body(http_body_util::BodyExt::boxed(body))
+        .unwrap();
+    let started = Instant::now();
+    let mut sender = client.h2_sender();
+    let outcome = tokio::time::timeout(IDLE_BOUND, sender.send_request(req)).await;
+    let took = started.elapsed();
+    match outcome {
+        Err(_) => panic!("no answer and no reset after {took:?}"),
+        Ok(Ok(resp)) => assert_ne!(resp.status(), StatusCode::CREATED),
+        Ok(Err(_reset)) => {}
+    }
+    let seen = fx.upstream.wait_for("/upload/stall-h2").await;
+    assert_eq!(seen.body_len, 1);
+    assert_eq!(seen.body_pattern_ok, Some(false));
+    wait_for_log(&proxy, "request body stalled").await;
+    drop(tx);
+}
+
+/// A short client_idle_timeout cuts only clients that send nothing: a normal
+/// push still arrives whole, and a slow download to a client that sends
+/// nothing while it reads (HTTP/1.1 and HTTP/2) runs to its end.
+#[tokio::test]
+async fn normal_push_and_slow_download_outlast_a_short_idle_timeout() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    for alpn in [Alpn::Http11, Alpn::H2] {
+        let mut client = proxy.intercepted("upstream.test", alpn).await;
+        let size = 4 * 1024 * 1024;
+        let req = client
+            .builder(Method::PUT, "/upload/normal")
+            .body(PatternBody::new(size).boxed())
+            .unwrap();
+        let resp = client.send(req).await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "{alpn:?}");
+        assert_eq!(
+            body_string(resp.into_body()).await,
+            format!("received={size} ok=true err=")
+        );
+        // 25 chunks 120 ms apart: 3 s of download, the client silent.
+        let resp = client.get("/bytes/25600?chunk=1024&delay_ms=120").await;
+        assert_eq!(resp.status(), StatusCode::OK, "{alpn:?}");
+        let body = body_bytes(resp.into_body()).await;
+        assert_eq!(body.len(), 25600, "{alpn:?}: the slow download was cut");
+    }
 }
 
 #[tokio::test]

@@ -10,6 +10,10 @@
 //! been written. When the body ends, digest and length are checked: on a
 //! match the file is renamed into the cache, otherwise it is deleted and every
 //! reader's response fails instead of completing.
+//!
+//! A fill of known length holds a [`super::Reservation`] from its start
+//! (taken by the caller before [`Leader::start`]): it becomes the entry on
+//! commit and is released when the fill fails.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -22,7 +26,7 @@ use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use tokio::sync::watch;
 
-use super::{blocking, Cache, CacheError};
+use super::{blocking, Cache, CacheError, Reservation};
 use crate::body::BoxError;
 use crate::registry::digest::{Digest, DigestHasher};
 
@@ -189,12 +193,14 @@ impl Leader {
     /// Starts storing `body` (upstream's 200 answer) as `digest`.
     ///
     /// `total` is the announced Content-Length; `media_type` is stored with
-    /// the entry (empty for blobs). Returns the fill to read from.
+    /// the entry (empty for blobs); `reservation` is the room held for it
+    /// (see [`Cache::reserve`]). Returns the fill to read from.
     pub async fn start<B>(
         mut self,
         body: B,
         total: Option<u64>,
         media_type: String,
+        reservation: Option<Reservation>,
     ) -> Result<Arc<Fill>, CacheError>
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
@@ -226,8 +232,8 @@ impl Leader {
             file,
             temp,
             body,
-            total,
-            media_type,
+            (total, media_type),
+            reservation,
         ));
         Ok(fill)
     }
@@ -254,19 +260,24 @@ async fn write_fill<B>(
     file: Arc<std::fs::File>,
     temp: PathBuf,
     body: B,
-    total: Option<u64>,
-    media_type: String,
+    (total, media_type): (Option<u64>, String),
+    reservation: Option<Reservation>,
 ) where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
 {
     let outcome = copy_and_verify(&fill, file, body, total).await;
+    // On failure the reservation is dropped here, released before anyone
+    // hears of the failure.
     let outcome = match outcome {
         Ok(size) => cache
-            .commit(&temp, &fill.digest, size, &media_type)
+            .commit_reserved(&temp, &fill.digest, size, &media_type, reservation)
             .await
             .map(|_| size),
-        Err(e) => Err(e),
+        Err(e) => {
+            drop(reservation);
+            Err(e)
+        }
     };
     // The registry served these bytes for its repository and they matched:
     // that earns the link, before any reader sees the download complete.

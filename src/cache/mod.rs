@@ -18,6 +18,14 @@
 //! and every change is written through to the index. Eviction removes the
 //! least recently used entries that nobody is reading until the total fits
 //! `cache_size`.
+//!
+//! Downloads in progress count too: a fill with a known length first takes
+//! a [`Reservation`] of that length ([`Cache::reserve`]), evicting to make
+//! room before a byte is written, so that the entries plus the reservations
+//! never exceed the cap. The reservation becomes the entry when the fill
+//! commits, and is released when it fails. When no room can be made (the
+//! blob is larger than the cap, or the rest is being read or reserved) the
+//! fill does not start; the blob is streamed to its client uncached.
 
 pub mod bundle;
 pub mod chunks;
@@ -119,6 +127,8 @@ pub struct Stats {
 struct State {
     content: LruCache<Digest, Entry>,
     total: u64,
+    /// Bytes reserved by downloads in progress (see [`Reservation`]).
+    reserved: u64,
     /// digest → the (registry, repository) pairs it is linked to.
     links: HashMap<Digest, HashSet<(String, String)>>,
     link_count: u64,
@@ -129,6 +139,76 @@ struct State {
     flushed_hits: u64,
     flushed_misses: u64,
     openness: HashMap<String, (bool, u64)>,
+}
+
+/// Room held in the cache for a download in progress; released when
+/// dropped, or turned into the entry by [`Cache::commit_reserved`].
+#[derive(Debug)]
+pub struct Reservation {
+    cache: std::sync::Weak<Cache>,
+    bytes: u64,
+}
+
+impl Reservation {
+    /// The bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        if let Some(cache) = self.cache.upgrade() {
+            let mut state = cache.lock();
+            state.reserved = state.reserved.saturating_sub(self.bytes);
+        }
+    }
+}
+
+/// Why [`Cache::reserve`] could not hold the room asked for.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoRoom {
+    /// Larger than `cache_size` itself.
+    #[error("{want} bytes is more than cache_size ({cap} bytes)")]
+    TooLarge {
+        /// Bytes asked for.
+        want: u64,
+        /// The cap.
+        cap: u64,
+    },
+    /// The rest of the cache is being read or reserved by other downloads.
+    #[error("only {free} of {want} bytes can be freed: the rest is being read or downloaded")]
+    Busy {
+        /// Bytes asked for.
+        want: u64,
+        /// Bytes that could be made free.
+        free: u64,
+    },
+}
+
+/// Whether `want` more bytes fit under `cap` next to `total` stored and
+/// `reserved` bytes, if `evictable` bytes (entries nobody reads) may go:
+/// Ok(bytes to evict) or why not. A pure decision.
+pub fn plan_room(
+    cap: u64,
+    total: u64,
+    reserved: u64,
+    want: u64,
+    evictable: u64,
+) -> Result<u64, NoRoom> {
+    if want > cap {
+        return Err(NoRoom::TooLarge { want, cap });
+    }
+    let used = total.saturating_add(reserved);
+    let over = used.saturating_add(want).saturating_sub(cap);
+    if over > evictable {
+        let free = cap.saturating_sub(used).saturating_add(evictable);
+        return Err(NoRoom::Busy { want, free });
+    }
+    Ok(over)
 }
 
 /// The cache. Shared as `Arc<Cache>`.
@@ -246,6 +326,7 @@ impl Cache {
         let state = State {
             content,
             total,
+            reserved: 0,
             links,
             link_count,
             tags,
@@ -465,6 +546,48 @@ impl Cache {
         Ok(())
     }
 
+    /// Holds room for `bytes` about to be downloaded: evicts least recently
+    /// used entries nobody reads until entries plus reservations plus
+    /// `bytes` fit the cap, then counts `bytes` as reserved until the
+    /// returned [`Reservation`] is committed or dropped.
+    pub async fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, NoRoom> {
+        let victims = {
+            let mut state = self.lock();
+            let evictable = state
+                .content
+                .iter()
+                .filter(|(_, e)| Arc::strong_count(&e.lease) == 1)
+                .map(|(_, e)| e.size)
+                .sum();
+            plan_room(self.cap, state.total, state.reserved, bytes, evictable)?;
+            let budget = self
+                .cap
+                .saturating_sub(bytes)
+                .saturating_sub(state.reserved);
+            let victims = evict(&mut state, budget);
+            state.reserved += bytes;
+            victims
+        };
+        let reservation = Reservation {
+            cache: Arc::downgrade(self),
+            bytes,
+        };
+        let changes = victims
+            .iter()
+            .map(|d| Change::RemoveContent(d.to_string()))
+            .collect();
+        if let Err(e) = self.persist(changes).await {
+            tracing::warn!(error = %e, "cannot record evicted entries");
+        }
+        self.unlink(victims).await;
+        Ok(reservation)
+    }
+
+    /// Bytes reserved by downloads in progress.
+    pub fn reserved(&self) -> u64 {
+        self.lock().reserved
+    }
+
     /// Moves a verified temporary file into the cache as `digest`.
     ///
     /// The caller has checked digest and size. Older entries are evicted first
@@ -476,6 +599,22 @@ impl Cache {
         size: u64,
         media_type: &str,
     ) -> Result<Option<Cached>, CacheError> {
+        self.commit_reserved(temp, digest, size, media_type, None)
+            .await
+    }
+
+    /// [`Cache::commit`] for a download that held `reservation`: the
+    /// reservation becomes the entry (released whatever the outcome).
+    pub async fn commit_reserved(
+        &self,
+        temp: &Path,
+        digest: &Digest,
+        size: u64,
+        media_type: &str,
+        reservation: Option<Reservation>,
+    ) -> Result<Option<Cached>, CacheError> {
+        // Released (also on early returns) once the entry is counted.
+        let mut reservation = reservation;
         if let Some(cached) = self.get(digest) {
             let _ = tokio::fs::remove_file(temp).await;
             return Ok(Some(cached));
@@ -499,7 +638,12 @@ impl Cache {
 
         let (victims, cached) = {
             let mut state = self.lock();
-            let victims = evict(&mut state, self.cap.saturating_sub(size));
+            if let Some(mut r) = reservation.take() {
+                state.reserved = state.reserved.saturating_sub(r.bytes);
+                r.bytes = 0;
+            }
+            let budget = self.cap.saturating_sub(size).saturating_sub(state.reserved);
+            let victims = evict(&mut state, budget);
             let entry = Entry {
                 size,
                 media_type: Arc::from(media_type),
@@ -775,6 +919,108 @@ mod tests {
         assert!(!cache.contains(&c));
         drop(held_a);
         assert!(cache.stats().bytes <= 3000);
+    }
+
+    #[test]
+    fn plan_room_counts_entries_reservations_and_what_may_be_evicted() {
+        use NoRoom::*;
+        /// (cap, total, reserved, want, evictable) -> bytes to evict, or why not.
+        type Case = ((u64, u64, u64, u64, u64), Result<u64, NoRoom>);
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            ((100, 0, 0, 100, 0), Ok(0)),
+            ((100, 50, 0, 50, 0), Ok(0)),
+            ((100, 50, 30, 20, 0), Ok(0)),
+            ((100, 50, 30, 40, 50), Ok(20)),
+            ((100, 50, 30, 40, 10), Err(Busy { want: 40, free: 30 })),
+            ((100, 0, 100, 1, 0), Err(Busy { want: 1, free: 0 })),
+            ((100, 0, 0, 101, 0), Err(TooLarge { want: 101, cap: 100 })),
+            ((100, 90, 0, 100, 90), Ok(90)),
+        ];
+        for ((cap, total, reserved, want, evictable), expected) in cases {
+            assert_eq!(
+                &plan_room(*cap, *total, *reserved, *want, *evictable),
+                expected,
+                "cap {cap} total {total} reserved {reserved} want {want} evictable {evictable}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn reservations_evict_first_and_never_let_the_total_pass_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 3000).unwrap();
+        let a = put(&cache, &[1; 1000]).await;
+        let b = put(&cache, &[2; 1000]).await;
+        let held_b = cache.get(&b).unwrap();
+        let within_cap = |c: &Cache| c.stats().bytes + c.reserved() <= 3000;
+
+        // Two fills of 1000 in progress: a (not read) goes to make room, b
+        // (being read) stays.
+        let r1 = cache.reserve(1000).await.unwrap();
+        assert!(within_cap(&cache) && cache.contains(&a));
+        let r2 = cache.reserve(1000).await.unwrap();
+        assert!(within_cap(&cache));
+        assert!(!cache.contains(&a), "evicted before the fill writes");
+        assert!(!cache.content_path(&a).exists());
+        assert!(cache.contains(&b), "never evicted under a reader");
+        // No room left: everything else is read or reserved; too large.
+        assert!(matches!(cache.reserve(1).await, Err(NoRoom::Busy { .. })));
+        assert!(matches!(
+            cache.reserve(3001).await,
+            Err(NoRoom::TooLarge { .. })
+        ));
+        assert_eq!(cache.reserved(), 2000);
+
+        // A failed fill releases its room; a committed one becomes the entry.
+        drop(r1);
+        assert_eq!(cache.reserved(), 1000);
+        let c = Digest::of(&[3; 1000]);
+        let temp = cache.temp_path(&c);
+        std::fs::write(&temp, [3; 1000]).unwrap();
+        cache
+            .commit_reserved(&temp, &c, 1000, "", Some(r2))
+            .await
+            .unwrap();
+        assert_eq!(cache.reserved(), 0);
+        assert!(cache.contains(&b) && cache.contains(&c));
+        assert_eq!(cache.stats().bytes, 2000);
+        drop(held_b);
+        let _r3 = cache.reserve(2000).await.unwrap();
+        assert!(within_cap(&cache));
+        assert_eq!(cache.stats().bytes, 1000, "one entry evicted for 2000 more");
+    }
+
+    #[tokio::test]
+    async fn a_failed_fill_releases_its_reservation() {
+        use http_body_util::StreamBody;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 3000).unwrap();
+        let digest = Digest::of(&[7; 2000]);
+        let fill::Role::Leader(leader) = cache.join_fill(&digest) else {
+            panic!("nobody else fills");
+        };
+        let reservation = cache.reserve(2000).await.unwrap();
+        assert_eq!(cache.reserved(), 2000);
+        let frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::body::BoxError>> = vec![
+            Ok(http_body::Frame::data(bytes::Bytes::from_static(&[7; 500]))),
+            Err("upstream cut".into()),
+        ];
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let fill = leader
+            .start(body, Some(2000), String::new(), Some(reservation))
+            .await
+            .unwrap();
+        let mut rx = fill.watch();
+        let phase = rx
+            .wait_for(|p| matches!(p.phase, fill::Phase::Failed(_)))
+            .await
+            .unwrap()
+            .phase
+            .clone();
+        assert!(matches!(phase, fill::Phase::Failed(_)));
+        assert_eq!(cache.reserved(), 0, "released when the fill failed");
+        assert!(!cache.contains(&digest));
     }
 
     #[tokio::test]

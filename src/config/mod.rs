@@ -171,6 +171,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_SHUTDOWN_GRACE", value_name = "SECS")]
     pub shutdown_grace: Option<u64>,
 
+    /// Seconds a client may send nothing while regcache waits for its request head or body; then the request is cut [default: 30]
+    #[arg(long, env = "REGCACHE_CLIENT_IDLE_TIMEOUT", value_name = "SECS")]
+    pub client_idle_timeout: Option<u64>,
+
     /// Number of minted leaf certificates kept in memory [default: 1000]
     #[arg(long, env = "REGCACHE_CERT_CACHE", value_name = "N")]
     pub cert_cache: Option<usize>,
@@ -244,6 +248,16 @@ pub struct Settings {
         requires = "mirror_cert"
     )]
     pub mirror_key: Option<PathBuf>,
+
+    /// Names the minted mirror_tls certificate may carry besides the address the client connected to; other SNI names are refused (repeatable)
+    #[arg(
+        long,
+        env = "REGCACHE_MIRROR_NAMES",
+        value_name = "HOST",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub mirror_names: Vec<String>,
 
     /// Never contact upstream: serve only what is cached (tags as cached, misses 404)
     #[arg(long, env = "REGCACHE_OFFLINE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
@@ -333,6 +347,7 @@ impl Settings {
             log_format: self.log_format.or(base.log_format),
             shutdown_grace: self.shutdown_grace.or(base.shutdown_grace),
             cert_cache: self.cert_cache.or(base.cert_cache),
+            client_idle_timeout: self.client_idle_timeout.or(base.client_idle_timeout),
             cache_dir: self.cache_dir.or(base.cache_dir),
             cache_size: self.cache_size.or(base.cache_size),
             tag_ttl: self.tag_ttl.or(base.tag_ttl),
@@ -346,6 +361,7 @@ impl Settings {
             mirror_tls: self.mirror_tls.or(base.mirror_tls),
             mirror_cert: self.mirror_cert.or(base.mirror_cert),
             mirror_key: self.mirror_key.or(base.mirror_key),
+            mirror_names: list(self.mirror_names, base.mirror_names),
             registries: if self.registries.is_empty() {
                 base.registries
             } else {
@@ -404,6 +420,9 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Leaf certificate cache capacity.
     pub cert_cache: usize,
+    /// How long a client may send nothing while its request head or body
+    /// is awaited.
+    pub client_idle_timeout: Duration,
     /// Where the disk cache lives.
     pub cache_dir: PathBuf,
     /// The cache's size cap in bytes (None: half the disk, decided at start).
@@ -432,6 +451,8 @@ pub struct Config {
     pub mirror_tls: Option<SocketAddr>,
     /// Its certificate and key, if not minted by the regcache CA.
     pub mirror_cert: Option<(PathBuf, PathBuf)>,
+    /// Host names a minted `mirror_tls` leaf may be for (normalised).
+    pub mirror_names: Vec<String>,
     /// Per-registry `offline`, by canonical registry name.
     pub registry_offline: HashMap<String, bool>,
 }
@@ -515,6 +536,15 @@ impl Config {
                 message: "must be at least 1".into(),
             });
         }
+        let client_idle_timeout = match s.client_idle_timeout.unwrap_or(30) {
+            0 => {
+                return Err(ConfigError::Value {
+                    key: "client_idle_timeout",
+                    message: "must be at least 1 second".into(),
+                })
+            }
+            secs => Duration::from_secs(secs),
+        };
         let cache_size = match &s.cache_size {
             None => None,
             Some(text) => Some(
@@ -576,9 +606,11 @@ impl Config {
                 })
             }
         };
+        let mirror_names = mirror_names(&s.mirror_names)?;
         Ok(Config {
             mirror_tls: s.mirror_tls,
             mirror_cert,
+            mirror_names,
             offline: s.offline.unwrap_or(false),
             registry_offline,
             allow,
@@ -603,6 +635,7 @@ impl Config {
             log_format: s.log_format.unwrap_or(LogFormat::Text),
             shutdown_grace: Duration::from_secs(s.shutdown_grace.unwrap_or(30)),
             cert_cache,
+            client_idle_timeout,
         })
     }
 }
@@ -700,6 +733,24 @@ fn parent_proxy(
         }
     }
     Ok((Some(uri), patterns))
+}
+
+/// `mirror_names`, normalised; each must be a DNS host name.
+fn mirror_names(names: &[String]) -> Result<Vec<String>, ConfigError> {
+    names
+        .iter()
+        .map(|n| {
+            let name = crate::registry::hosts::normalize_host(n);
+            if crate::tls::sni::is_dns_host_name(&name) {
+                Ok(name)
+            } else {
+                Err(ConfigError::Value {
+                    key: "mirror_names",
+                    message: format!("{n:?} is not a DNS host name"),
+                })
+            }
+        })
+        .collect()
 }
 
 /// Folds a multi-line message (TOML errors draw carets) into one line.
@@ -808,6 +859,34 @@ mod tests {
             ..Settings::default()
         };
         assert!(Config::from_settings(s).is_err());
+    }
+
+    #[test]
+    fn client_idle_timeout_defaults_to_30_and_is_never_0() {
+        let config = Config::from_settings(Settings::default()).unwrap();
+        assert_eq!(config.client_idle_timeout, Duration::from_secs(30));
+        let s = Settings {
+            client_idle_timeout: Some(0),
+            ..Settings::default()
+        };
+        let msg = Config::from_settings(s).unwrap_err().to_string();
+        assert!(msg.contains("client_idle_timeout"), "{msg}");
+    }
+
+    #[test]
+    fn mirror_names_are_host_names() {
+        let s = Settings {
+            mirror_names: vec!["Regcache.Internal.".into()],
+            ..Settings::default()
+        };
+        let config = Config::from_settings(s).unwrap();
+        assert_eq!(config.mirror_names, vec!["regcache.internal".to_string()]);
+        let s = Settings {
+            mirror_names: vec!["*.internal".into()],
+            ..Settings::default()
+        };
+        let msg = Config::from_settings(s).unwrap_err().to_string();
+        assert!(msg.contains("mirror_names"), "{msg}");
     }
 
     #[test]

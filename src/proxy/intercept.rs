@@ -2,9 +2,11 @@
 //! leaf certificate for the requested host and serves the HTTP inside (HTTP/2
 //! or HTTP/1.1, as ALPN chose) through [`crate::serve`].
 //!
-//! The certificate is chosen from the TLS ClientHello's SNI, falling back to
-//! the CONNECT host (clients send no SNI for IP addresses). Requests always
-//! go to the CONNECT host, whatever Host or SNI the client sends.
+//! The certificate is minted for the CONNECT host only: a ClientHello whose
+//! SNI names another host, or is not a DNS host name, gets a fatal
+//! `unrecognized_name` alert (see [`crate::tls::sni`]); one without SNI
+//! (clients send none for IP addresses) gets the CONNECT host's leaf.
+//! Requests always go to the CONNECT host, whatever Host the client sends.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,15 +17,21 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::server::Acceptor;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
 use super::ConnContext;
 use crate::serve::{self, Origin, Target};
+use crate::tls::sni::{choose_leaf, LeafChoice};
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A plaintext TLS record holding a fatal `unrecognized_name` alert (112),
+/// sent before any key exchange when a ClientHello asks for a name that
+/// regcache does not answer for.
+const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
 
 /// Serves one intercepted tunnel until the client closes it or shutdown.
 #[tracing::instrument(name = "tunnel", skip_all, fields(client = %ctx.peer, host = %host))]
@@ -35,7 +43,8 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
             return;
         }
     };
-    let Some(tls) = accept_tls(&ctx, TokioIo::new(upgraded), &host, None).await else {
+    let own = [host.clone()];
+    let Some(tls) = accept_tls(&ctx, TokioIo::new(upgraded), &own, &host, None).await else {
         return;
     };
     let app = ctx.app.clone();
@@ -48,12 +57,14 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
     serve_http(&ctx, tls, service).await;
 }
 
-/// Answers a client's TLS handshake with a certificate for its SNI name
-/// (else `fallback`): `fixed` if given, else one minted by the regcache CA.
-/// None if the handshake failed (logged).
+/// Answers a client's TLS handshake with `fixed` if given, else with a leaf
+/// minted by the regcache CA for its SNI name when that is one of `own`
+/// (for `fallback` when it sent no SNI); any other SNI gets a TLS alert and
+/// a log line. None if the handshake failed or was refused (logged).
 pub async fn accept_tls<IO>(
     ctx: &ConnContext,
     io: IO,
+    own: &[String],
     fallback: &str,
     fixed: Option<Arc<rustls::ServerConfig>>,
 ) -> Option<TlsStream<IO>>
@@ -72,17 +83,31 @@ where
             return None;
         }
     };
-    let name = start
-        .client_hello()
-        .server_name()
-        .map(str::to_owned)
-        .unwrap_or_else(|| fallback.to_string());
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let name = sni.clone().unwrap_or_else(|| fallback.to_string());
     let config = match fixed {
         Some(config) => config,
-        None => match ctx.app.minter.server_config(&name) {
-            Ok(config) => config,
-            Err(e) => {
-                tracing::warn!(host = %name, error = %e, "cannot mint a certificate");
+        None => match choose_leaf(own, fallback, sni.as_deref()) {
+            LeafChoice::Mint(name) => match ctx.app.minter.server_config(&name) {
+                Ok(config) => config,
+                Err(e) => {
+                    tracing::warn!(host = %name, error = %e, "cannot mint a certificate");
+                    return None;
+                }
+            },
+            LeafChoice::Refuse(rule) => {
+                tracing::warn!(
+                    host = fallback,
+                    sni = sni.as_deref().unwrap_or(""),
+                    rule,
+                    "TLS refused: no certificate for that name (unrecognized_name alert)"
+                );
+                let mut io = start.io;
+                let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                    io.write_all(&UNRECOGNIZED_NAME_ALERT).await?;
+                    io.shutdown().await
+                })
+                .await;
                 return None;
             }
         },
@@ -114,13 +139,21 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    // HTTP/1.1: a head (and an idle keep-alive) gets client_idle_timeout in
+    // all. HTTP/2: a peer that does not answer a ping within it is closed.
+    // Bodies are limited per request (crate::body::IdleLimited).
+    let idle = ctx.app.config.client_idle_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(super::HEADER_READ_TIMEOUT)
+        .header_read_timeout(idle)
         .max_buf_size(super::MAX_HEADER_BYTES);
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(idle))
+        .keep_alive_timeout(idle);
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
     let result = tokio::select! {

@@ -44,13 +44,15 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
         tracing::warn!(%client_ip, "client address not in allow; answering 403 and closing");
         return refuse_client(stream, shutdown).await;
     }
+    // A head (and an idle keep-alive) gets client_idle_timeout in all.
+    let idle = ctx.app.config.client_idle_timeout;
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(route(ctx, req).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(super::HEADER_READ_TIMEOUT)
+        .header_read_timeout(idle)
         .max_buf_size(super::MAX_HEADER_BYTES)
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
@@ -77,7 +79,10 @@ pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: S
         return;
     }
     let fixed = ctx.app.mirror_tls.clone();
-    let Some(tls) = intercept::accept_tls(&ctx, stream, &local_name, fixed).await else {
+    // A minted leaf only for regcache's own names, never for any SNI asked.
+    let mut own = ctx.app.config.mirror_names.clone();
+    own.push(local_name.clone());
+    let Some(tls) = intercept::accept_tls(&ctx, stream, &own, &local_name, fixed).await else {
         return;
     };
     let service_ctx = ctx.clone();
@@ -111,7 +116,11 @@ async fn refuse_client(stream: TcpStream, shutdown: tokio_util::sync::Cancellati
     }
 }
 
-async fn route(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
+async fn route(ctx: ConnContext, mut req: Request<Incoming>) -> Response<Body> {
+    // Request bodies forwarded from here (plain-HTTP pass-through included)
+    // are cut when the client stops sending.
+    req.extensions_mut()
+        .insert(serve::ClientIdleTimeout(ctx.app.config.client_idle_timeout));
     if head_too_large(&req) {
         let log = RequestLog::start(ctx.peer, String::new(), req.method().clone(), String::new());
         return logged(too_large(), log);

@@ -29,8 +29,6 @@ use crate::app::App;
 /// The read buffer limit given to hyper; heads are also measured against
 /// [`crate::serve::headers::MAX_HEAD_BYTES`].
 pub const MAX_HEADER_BYTES: usize = crate::serve::headers::MAX_HEAD_BYTES;
-/// How long a client may take to send a request head.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What every connection task carries.
 #[derive(Clone)]

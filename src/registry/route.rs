@@ -45,8 +45,10 @@ impl Reference {
     /// Parses the `<reference>` of `/v2/<name>/manifests/<reference>`.
     ///
     /// Anything with a `:` is taken as a digest (tags cannot contain one) and
-    /// fails with `DIGEST_INVALID` if malformed; anything else must be a
-    /// valid tag or fails with `TAG_INVALID`.
+    /// fails with `DIGEST_INVALID` (400) if malformed. Anything else must be
+    /// a valid tag; one that is not names no manifest that can exist, so it
+    /// fails with `MANIFEST_UNKNOWN` (404), as the OCI distribution spec's
+    /// pull workflow and the registries answer.
     pub fn parse(s: &str) -> Result<Self, RouteError> {
         if s.contains(':') {
             return s
@@ -56,8 +58,8 @@ impl Reference {
         }
         check_tag(s).map_err(|why| {
             RouteError::new(
-                ErrorCode::TagInvalid,
-                format!("invalid tag {}: {why}", quoted(s)),
+                ErrorCode::ManifestUnknown,
+                format!("manifest unknown: {} is not a valid tag ({why})", quoted(s)),
             )
         })?;
         Ok(Reference::Tag(s.to_string()))
@@ -142,8 +144,9 @@ pub enum Route {
 /// Finds the route of a raw (percent-encoded) request path.
 ///
 /// A query string, if the caller left one on, is ignored. Errors carry the
-/// distribution code to answer with (status 400): `NAME_INVALID`,
-/// `DIGEST_INVALID` or `TAG_INVALID`.
+/// distribution code to answer with: `NAME_INVALID` or `DIGEST_INVALID`
+/// (400), or `MANIFEST_UNKNOWN` (404) for a manifest reference that is not a
+/// valid tag.
 pub fn parse(path: &str) -> Result<Route, RouteError> {
     let path = path.split(['?', '#']).next().unwrap_or_default();
     if path == "/v2" || path == "/v2/" {
@@ -342,7 +345,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_digests_and_tags_are_refused() {
+    fn bad_digests_are_refused_and_bad_tags_are_unknown_manifests() {
         let hex = &D[7..];
         for path in [
             "/v2/a/blobs/sha256:XYZ",
@@ -364,9 +367,23 @@ mod tests {
             "/v2/a/manifests/a%20b",
             "/v2/a/manifests/a@b",
             "/v2/a/manifests/ü",
+            "/v2/a/manifests/a!b",
         ] {
-            assert_eq!(code(path), ErrorCode::TagInvalid, "{path:?}");
+            assert_eq!(code(path), ErrorCode::ManifestUnknown, "{path:?}");
+            assert_eq!(
+                parse(path).unwrap_err().code.status(),
+                http::StatusCode::NOT_FOUND,
+                "{path:?}"
+            );
         }
+        // Unsafe names and malformed digests stay 400, whatever the tag.
+        assert_eq!(code("/v2/a%2fb/manifests/.x"), ErrorCode::NameInvalid);
+        assert_eq!(code("/v2/../manifests/.x"), ErrorCode::NameInvalid);
+        assert_eq!(code("/v2/a/manifests/sha256:zz"), ErrorCode::DigestInvalid);
+        assert_eq!(
+            ErrorCode::DigestInvalid.status(),
+            http::StatusCode::BAD_REQUEST
+        );
         assert!(parse(&format!("/v2/a/manifests/{}", "t".repeat(128))).is_ok());
         assert!(parse("/v2/a/manifests/_x.Y-9").is_ok());
     }

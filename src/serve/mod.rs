@@ -18,6 +18,7 @@ pub mod mirror;
 pub mod offline;
 pub mod range;
 pub mod sharing;
+pub mod uncached;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -157,13 +158,21 @@ pub fn registry_key(origin: &Origin) -> String {
     format!("{}://{host}", origin.scheme)
 }
 
+/// How long the client of a request may send nothing while its body is
+/// awaited; set by [`handle`] as a request extension and applied by
+/// [`try_forward`], the one place that reads request bodies.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIdleTimeout(pub std::time::Duration);
+
 /// Answers one request for `target` from `client`, and logs it.
 pub async fn handle(
     app: &Arc<App>,
     target: &Target,
     client: SocketAddr,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Response<Body> {
+    req.extensions_mut()
+        .insert(ClientIdleTimeout(app.config.client_idle_timeout));
     let mut log = RequestLog::start(
         client,
         target.origin.authority.to_string(),
@@ -188,7 +197,10 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
     if app.config.is_offline(&target.registry) {
         return match route::parse(req.uri().path()) {
             Err(e) => Served::new(
-                error_json(e.code.status(), e.code, &e.message),
+                for_method(
+                    req.method(),
+                    error_json(e.code.status(), e.code, &e.message),
+                ),
                 CacheStatus::Pass,
             ),
             Ok(route) => {
@@ -205,9 +217,12 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
     }
     match route::parse(req.uri().path()) {
         Err(e) => {
-            tracing::info!(path = %req.uri().path(), error = %e.message, "refused a malformed registry request");
+            tracing::info!(path = %req.uri().path(), code = %e.code, error = %e.message, "answered a registry request without asking upstream");
             Served::new(
-                error_json(e.code.status(), e.code, &e.message),
+                for_method(
+                    req.method(),
+                    error_json(e.code.status(), e.code, &e.message),
+                ),
                 CacheStatus::Pass,
             )
         }
@@ -309,6 +324,23 @@ pub fn error_json(status: StatusCode, code: ErrorCode, message: &str) -> Respons
     resp
 }
 
+/// `resp` as the answer to a `method` request: for `HEAD`, its headers and
+/// the length its body would have, without the body (which hyper's HTTP/2
+/// server would otherwise send, a protocol error for the client).
+pub fn for_method(method: &Method, resp: Response<Body>) -> Response<Body> {
+    use http_body::Body as _;
+    if method != Method::HEAD {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    if let Some(len) = body.size_hint().exact() {
+        parts
+            .headers
+            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Response::from_parts(parts, body::empty())
+}
+
 /// 502 for an upstream that could not be reached.
 pub fn bad_gateway(target: &Target, err: &dyn std::error::Error) -> Response<Body> {
     tracing::warn!(upstream = %target.origin.authority, error = %error_chain(err), "upstream request failed");
@@ -355,7 +387,14 @@ pub async fn try_forward(
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(http::header::HOST);
     add_via(&mut parts.headers);
-    let req = Request::from_parts(parts, body::stream(incoming));
+    let body = match parts.extensions.get::<ClientIdleTimeout>() {
+        Some(ClientIdleTimeout(limit)) => {
+            let what = format!("{} {}", parts.method, parts.uri.path());
+            body::stream(body::IdleLimited::new(incoming, *limit, what))
+        }
+        None => body::stream(incoming),
+    };
+    let req = Request::from_parts(parts, body);
     Ok(passthrough(upstream.send(req).await?))
 }
 

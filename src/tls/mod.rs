@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod client;
 pub mod mint;
+pub mod sni;
 
 use std::path::PathBuf;
 

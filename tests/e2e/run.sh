@@ -221,6 +221,22 @@ else
         fail "leaf certificate for $HUB (SAN) via openssl s_client"
         show_last
     fi
+    # Inside the $HUB tunnel the CA signs for $HUB only: another SNI, or one
+    # that is not a DNS host name, gets a TLS alert and no certificate.
+    sni_bad=""
+    for sni in accounts.google.com localhost a_b.docker.io; do
+        run "openssl-sni-$sni" 30 sh -c "openssl s_client -proxy 127.0.0.1:$PROXYPORT -connect $HUB:443 \
+            -servername $sni -CAfile '$CLIENT_CA' </dev/null 2>&1" || true
+        if grep -q 'BEGIN CERT' "$LAST_LOG" || ! grep -qiE 'unrecognized name|alert number 112' "$LAST_LOG"; then
+            sni_bad="$sni_bad $sni"
+        fi
+    done
+    if [ -z "$sni_bad" ]; then
+        pass "in a CONNECT $HUB tunnel, other SNI names get an unrecognized_name alert, no certificate"
+    else
+        fail "SNI other than $HUB got a certificate or no unrecognized_name alert:$sni_bad"
+        show_last
+    fi
     # A manifest by tag through the proxy carries the seed digest.
     if run curl-manifest 30 curl -fsS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/m.json" \
         -D "$W/tmp/m.headers" -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
@@ -283,6 +299,131 @@ else
     else
         fail "unknown tag answered $code: $(head -c 300 "$W/tmp/err")"
     fi
+    # A reference that is not a valid tag names no manifest: regcache answers
+    # 404 MANIFEST_UNKNOWN itself (OCI distribution spec), as the registry does.
+    bad=""
+    long_tag=$(printf 't%.0s' $(seq 129))
+    for ref in .hidden -x "$long_tag" 'a!b'; do
+        for method in GET HEAD; do
+            if [ "$method" = HEAD ]; then head=(-I); else head=(); fi
+            direct=$(curl -sS --noproxy '*' --max-time 10 --cacert "$PKI/ca.pem" --resolve "$HUB:$REGPORT:127.0.0.1" \
+                "${head[@]}" -o /dev/null -w '%{http_code}' "https://$HUB:$REGPORT/v2/library/e2e-small/manifests/$ref")
+            got=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" "${head[@]}" -o "$W/tmp/err" \
+                -w '%{http_code}' "https://$HUB/v2/library/e2e-small/manifests/$ref")
+            if [ "$got" != 404 ] || [ "$got" != "$direct" ] ||
+                { [ "$method" = GET ] && ! grep -q '"MANIFEST_UNKNOWN"' "$W/tmp/err"; }; then
+                bad="$bad $method:${ref:0:10}=regcache:$got,registry:$direct"
+            fi
+        done
+    done
+    if [ -z "$bad" ]; then
+        pass "references that are not valid tags answer 404 MANIFEST_UNKNOWN, as docker-registry does directly"
+    else
+        fail "references that are not valid tags:$bad"
+    fi
+
+    # A second regcache with a 2 s client_idle_timeout and a 5 MiB cache_size.
+    P2PORT=$(free_port)
+    P2=http://127.0.0.1:$P2PORT
+    mkdir -p "$W/regcache2"
+    start_bg regcache-idle "$W/regcache2.log" env -C "$W/regcache2" "$REGCACHE_BIN" serve \
+        --listen "127.0.0.1:$P2PORT" --ca-dir "$W/regcache2/certs" --cache-dir "$W/regcache2/cache" \
+        --upstream-ca "$PKI/ca.pem" --resolve "$HUB=127.0.0.1:$REGPORT" \
+        --client-idle-timeout 2 --cache-size 5MiB
+    p2_up() { curl -fsS --noproxy '*' --max-time 3 "$P2/healthz"; }
+    if wait_until 30 "${PID_OF[regcache-idle]}" p2_up; then
+        P2CA=$W/regcache2/certs/ca.crt
+        P2CURL=(curl -sS --max-time 30 --proxy "$P2" --cacert "$P2CA")
+        uploads=https://$HUB/v2/library/e2e-idle/blobs/uploads/
+        # A push whose body stalls after one byte is cut after the timeout.
+        "${P2CURL[@]}" -X POST -D "$W/tmp/up.headers" -o /dev/null "$uploads"
+        loc=$(tr -d '\r' <"$W/tmp/up.headers" | sed -n 's/^[Ll]ocation: *//p' | tail -n1)
+        case $loc in /*) loc=https://$HUB$loc ;; esac
+        # A client that sends the head and one byte, then nothing, and reads
+        # until regcache closes (curl blocks on its stdin and cannot show it).
+        out=$(python3 - "$P2PORT" "$HUB" "$loc" "$P2CA" <<'PY'
+import socket, ssl, sys, time
+port, hub, loc, ca = sys.argv[1:5]
+path = loc.split(hub, 1)[1] if loc.startswith("https://") else loc
+s = socket.create_connection(("127.0.0.1", int(port)), timeout=20)
+s.sendall(f"CONNECT {hub}:443 HTTP/1.1\r\nHost: {hub}:443\r\n\r\n".encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(1)
+ctx = ssl.create_default_context(cafile=ca)
+ctx.set_alpn_protocols(["http/1.1"])
+t = ctx.wrap_socket(s, server_hostname=hub)
+t.sendall(f"PATCH {path} HTTP/1.1\r\nHost: {hub}\r\nContent-Type: application/octet-stream\r\n"
+          f"Content-Length: 1000\r\n\r\nx".encode())
+start, got = time.monotonic(), b""
+try:
+    while chunk := t.recv(4096):
+        got += chunk
+except (OSError, ssl.SSLError):
+    pass
+status = got.split(b" ", 2)[1].decode() if got.startswith(b"HTTP/") else "000"
+print(status, int(time.monotonic() - start))
+PY
+        )
+        code=${out%% *}
+        took=${out#* }
+        if [ -z "$loc" ]; then
+            fail "client_idle_timeout: docker-registry gave no upload location"
+        elif [ "$took" -lt 10 ] && [ "$code" != 202 ] && grep -q 'request body stalled' "$W/regcache2.log"; then
+            pass "a push to docker-registry whose body stalls is cut after client_idle_timeout (${took}s, status $code)"
+        else
+            fail "stalled push: took ${took}s, status $code; log: $(grep -c 'request body stalled' "$W/regcache2.log") stall lines"
+        fi
+        # A normal push still works: a monolithic upload of a small blob.
+        printf 'e2e idle push\n' >"$W/tmp/small.blob"
+        small=$(sha256_of <"$W/tmp/small.blob")
+        "${P2CURL[@]}" -X POST -D "$W/tmp/up2.headers" -o /dev/null "$uploads"
+        loc=$(tr -d '\r' <"$W/tmp/up2.headers" | sed -n 's/^[Ll]ocation: *//p' | tail -n1)
+        case $loc in /*) loc=https://$HUB$loc ;; esac
+        case $loc in *\?*) sep='&' ;; *) sep='?' ;; esac
+        code=$("${P2CURL[@]}" -X PUT -H 'Content-Type: application/octet-stream' --data-binary @"$W/tmp/small.blob" \
+            -o /dev/null -w '%{http_code}' "$loc${sep}digest=$small")
+        if [ "$code" = 201 ]; then
+            pass "a normal push through regcache with client_idle_timeout = 2 s is accepted (201)"
+        else
+            fail "a normal push with client_idle_timeout = 2 s answered $code"
+        fi
+        # cache_size 5 MiB: a 6 MiB blob does not fit; it is streamed
+        # uncached (and verified), a 3 MiB one is cached, the disk stays under
+        # the cap. Both are pushed to docker-registry directly first.
+        direct_push() { # direct_push FILE: the blob into library/e2e-idle
+            local d loc sep
+            d=$(sha256_of <"$1")
+            loc=$(curl -sS --noproxy '*' --max-time 20 --cacert "$PKI/ca.pem" --resolve "$HUB:$REGPORT:127.0.0.1" \
+                -X POST -D - -o /dev/null "https://$HUB:$REGPORT/v2/library/e2e-idle/blobs/uploads/" |
+                tr -d '\r' | sed -n 's/^[Ll]ocation: *//p' | tail -n1)
+            case $loc in /*) loc=https://$HUB:$REGPORT$loc ;; esac
+            case $loc in *\?*) sep='&' ;; *) sep='?' ;; esac
+            curl -fsS --noproxy '*' --max-time 60 --cacert "$PKI/ca.pem" --resolve "$HUB:$REGPORT:127.0.0.1" \
+                -X PUT -H 'Content-Type: application/octet-stream' --data-binary @"$1" -o /dev/null "$loc${sep}digest=$d" &&
+                echo "$d"
+        }
+        head -c $((6 * 1024 * 1024)) /dev/urandom >"$W/tmp/six.blob"
+        head -c $((3 * 1024 * 1024)) /dev/urandom >"$W/tmp/three.blob"
+        six=$(direct_push "$W/tmp/six.blob")
+        three=$(direct_push "$W/tmp/three.blob")
+        "${P2CURL[@]}" -o "$W/tmp/six.got" "https://$HUB/v2/library/e2e-idle/blobs/$six"
+        "${P2CURL[@]}" -o "$W/tmp/three.got" "https://$HUB/v2/library/e2e-idle/blobs/$three"
+        disk=$(find "$W/regcache2/cache/blobs" "$W/regcache2/cache/tmp" -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}')
+        if [ -n "$six" ] && [ -n "$three" ] && cmp -s "$W/tmp/six.blob" "$W/tmp/six.got" &&
+            cmp -s "$W/tmp/three.blob" "$W/tmp/three.got" &&
+            grep -q 'streaming the blob uncached' "$W/regcache2.log" &&
+            [ "$disk" -ge $((3 * 1024 * 1024)) ] && [ "$disk" -le $((5 * 1024 * 1024)) ]; then
+            pass "cache_size 5 MiB: a 6 MiB blob streams uncached and whole, a 3 MiB one is cached, $disk bytes on disk"
+        else
+            fail "cache_size 5 MiB: pushed '$six' '$three', $disk bytes on disk"
+            grep -iE 'uncached|cache_size' "$W/regcache2.log" | tail -n 5 | indent
+        fi
+    else
+        fail "a second regcache (client_idle_timeout, cache_size) did not start"
+        tail -n 10 "$W/regcache2.log" | indent
+    fi
+    stop_named regcache-idle
     bad=""
     for path in manifests/sha256:0123 blobs/sha256:0123 blobs/sha256:XYZ; do
         code=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/err" -w '%{http_code}' \
