@@ -83,6 +83,11 @@ enum CacheCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Hash every entry against its digest; remove the damaged ones (exit code 1 if any)
+    Verify {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
 }
 
 #[derive(Args)]
@@ -460,6 +465,19 @@ fn cache(cmd: CacheCommand) -> Result<(), Failure> {
             let dir = cache_dir(cache)?;
             offline::purge(&dir).map_err(Failure::runtime)?;
             println!("purged {}", dir.display());
+        }
+        CacheCommand::Verify { cache } => {
+            let dir = cache_dir(cache)?;
+            let index = offline::open(&dir).map_err(Failure::runtime)?;
+            let snap = index.load().map_err(Failure::runtime)?;
+            let report = offline::verify(&dir, &index, &snap).map_err(Failure::runtime)?;
+            print!("{report}");
+            if !report.damaged.is_empty() {
+                return Err(Failure::runtime(format!(
+                    "{} damaged cache entries found and removed",
+                    report.damaged.len()
+                )));
+            }
         }
     }
     Ok(())

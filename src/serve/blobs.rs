@@ -2,7 +2,10 @@
 //! upstream download.
 //!
 //! - Cached and linked to this repository: streamed from disk (206 for a
-//!   `Range`), no upstream contact.
+//!   `Range`), no upstream contact. A whole-file read is hashed on its way
+//!   out when `verify_reads` asks ([`read::must_verify`]); a file whose bytes
+//!   changed on disk ends its response with an error and is fetched again by
+//!   the next request.
 //! - Cached but not linked (or being downloaded through another repository):
 //!   a `HEAD` upstream for *this* repository decides; on 200 the digest is
 //!   linked and served from the cache, otherwise upstream's answer is passed on.
@@ -187,7 +190,7 @@ pub(crate) async fn from_cache(app: &App, parts: &Parts, digest: &Digest) -> Opt
         Some(file) => {
             app.cache.count(true);
             Some(Served::new(
-                from_file(parts, &cached, file),
+                from_file(app, parts, &cached, file),
                 CacheStatus::Hit,
             ))
         }
@@ -262,24 +265,31 @@ fn unsatisfiable(digest: &Digest, size: u64) -> Response<Body> {
 }
 
 /// A cached blob, whole or in part.
-fn from_file(parts: &Parts, cached: &Cached, file: Arc<std::fs::File>) -> Response<Body> {
+fn from_file(
+    app: &App,
+    parts: &Parts,
+    cached: &Cached,
+    file: Arc<std::fs::File>,
+) -> Response<Body> {
     let size = cached.size;
     let head = parts.method == Method::HEAD;
+    let body_of = |start: u64, end: u64| {
+        let whole = start == 0 && end == size;
+        if head {
+            body::empty()
+        } else if read::must_verify(app.config.verify_reads, cached.is_verified(), whole) {
+            read::verifying(app.cache.clone(), cached, file)
+        } else {
+            read::complete(file, start, end, cached.lease.clone())
+        }
+    };
     match span(&parts.headers, size) {
         Span::Whole => {
-            let body = if head {
-                body::empty()
-            } else {
-                read::complete(file, 0, size, cached.lease.clone())
-            };
+            let body = body_of(0, size);
             blob_response(StatusCode::OK, &cached.digest, Some(size), body)
         }
         Span::Part { start, end } => {
-            let body = if head {
-                body::empty()
-            } else {
-                read::complete(file, start, end, cached.lease.clone())
-            };
+            let body = body_of(start, end);
             let resp = blob_response(
                 StatusCode::PARTIAL_CONTENT,
                 &cached.digest,
