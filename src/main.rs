@@ -100,6 +100,9 @@ struct ExportArgs {
     /// Images to export (alpine:3.20, ghcr.io/org/tool:1, name@sha256:...) [default: every cached tag]
     #[arg(value_name = "IMAGE")]
     images: Vec<String>,
+    /// Also export images of repositories not known public (named on stderr); an importing regcache guards them
+    #[arg(long)]
+    include_private: bool,
 }
 
 #[derive(Args)]
@@ -419,8 +422,13 @@ fn bundle_failure(e: regcache::cache::bundle::BundleError) -> Failure {
 
 fn export(args: ExportArgs) -> Result<(), Failure> {
     let dir = cache_dir(args.cache)?;
-    let summary = regcache::cache::bundle::export::export(&dir, &args.images, &args.output)
-        .map_err(bundle_failure)?;
+    let summary = regcache::cache::bundle::export::export(
+        &dir,
+        &args.images,
+        &args.output,
+        args.include_private,
+    )
+    .map_err(bundle_failure)?;
     print!("{summary}");
     Ok(())
 }

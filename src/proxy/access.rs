@@ -247,6 +247,13 @@ impl ProxyUsers {
     }
 }
 
+/// Marks a request whose `Proxy-Authorization` named a user of
+/// `proxy_users`: a request extension, set on the request itself and, for a
+/// CONNECT, on every request inside its tunnel (the check covers the whole
+/// tunnel). Offline registries serve private content only to such requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyUser;
+
 /// Both gates, built once at start from the [`Config`].
 #[derive(Debug)]
 pub struct Access {

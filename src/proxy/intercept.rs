@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::access::ProxyUser;
 use super::ConnContext;
 use crate::serve::{self, Origin, Target};
 
@@ -26,8 +27,16 @@ use crate::serve::{self, Origin, Target};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Serves one intercepted tunnel until the client closes it or shutdown.
+/// `proxy_user` marks every request inside when the CONNECT was made by a
+/// proxy user.
 #[tracing::instrument(name = "tunnel", skip_all, fields(client = %ctx.peer, host = %host))]
-pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, port: u16) {
+pub async fn serve_tunnel(
+    ctx: ConnContext,
+    upgraded: Upgraded,
+    host: String,
+    port: u16,
+    proxy_user: Option<ProxyUser>,
+) {
     let origin = match Origin::https(&host, port) {
         Ok(origin) => origin,
         Err(e) => {
@@ -41,7 +50,10 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
     let app = ctx.app.clone();
     let peer = ctx.peer;
     let target = Arc::new(Target::new(origin));
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        if let Some(user) = proxy_user {
+            req.extensions_mut().insert(user);
+        }
         let (app, target) = (app.clone(), target.clone());
         async move { Ok::<_, Infallible>(serve::handle(&app, &target, peer, req).await) }
     });
