@@ -61,24 +61,45 @@ struct Reader {
 }
 
 /// The digest check of a complete cached file being served.
+///
+/// Pipelined: each chunk is hashed on the blocking pool while hyper encrypts
+/// and sends it, so hashing takes another core instead of lengthening the
+/// path of every byte; the next chunk waits for that hash (the state is
+/// sequential), and the last chunk is hashed before it is released.
 struct Check {
-    hasher: DigestHasher,
+    /// The hasher, while no chunk is being hashed.
+    hasher: Option<DigestHasher>,
+    /// The hash of the previous chunk, under way.
+    in_flight: Option<tokio::task::JoinHandle<DigestHasher>>,
     cached: Cached,
     cache: Arc<Cache>,
 }
 
 impl Check {
+    fn new(cache: Arc<Cache>, cached: &Cached) -> Self {
+        Self {
+            hasher: Some(DigestHasher::new(cached.digest.algorithm())),
+            in_flight: None,
+            cached: cached.clone(),
+            cache,
+        }
+    }
+
     /// Feeds one chunk; at the end of the file, compares. A mismatch drops
     /// the entry and becomes the body's error.
-    fn feed(&mut self, bytes: &[u8], last: bool) -> Result<(), BoxError> {
-        self.hasher.update(bytes);
+    async fn feed(&mut self, bytes: Bytes, last: bool) -> Result<(), BoxError> {
+        let mut hasher = match self.in_flight.take() {
+            Some(task) => task.await?,
+            None => self.hasher.take().ok_or("hasher lost")?,
+        };
         if !last {
+            self.in_flight = Some(tokio::task::spawn_blocking(move || {
+                hasher.update(&bytes);
+                hasher
+            }));
             return Ok(());
         }
-        let hasher = std::mem::replace(
-            &mut self.hasher,
-            DigestHasher::new(self.cached.digest.algorithm()),
-        );
+        hasher.update(&bytes);
         let actual = hasher.finish();
         if actual == self.cached.digest {
             self.cached.mark_verified();
@@ -132,11 +153,7 @@ pub fn verifying(cache: Arc<Cache>, cached: &Cached, file: Arc<std::fs::File>) -
         end: cached.size,
         growing: None,
         _lease: Some(cached.lease.clone()),
-        check: Some(Check {
-            hasher: DigestHasher::new(cached.digest.algorithm()),
-            cached: cached.clone(),
-            cache,
-        }),
+        check: Some(Check::new(cache, cached)),
     })
 }
 
@@ -215,7 +232,7 @@ async fn next_chunk(r: &mut Reader) -> Result<Option<Bytes>, BoxError> {
             }
             r.pos += bytes.len() as u64;
             if let Some(check) = &mut r.check {
-                check.feed(&bytes, r.pos >= r.end)?;
+                check.feed(bytes.clone(), r.pos >= r.end).await?;
             }
             return Ok(Some(bytes));
         }
