@@ -2405,11 +2405,13 @@ async fn prefetch_fills_the_cache_and_offline_serves_it_without_upstream() {
     let miss = get_manifest(&proxy, &manifest_path(repo, "3.13")).await;
     assert_eq!(miss.status, StatusCode::NOT_FOUND);
     assert!(started.elapsed() < Duration::from_secs(2));
+    // A repository never seen is not known public: offline, that is a 403
+    // for anyone but proxy users, cached or not (tests/bundle.rs).
     let miss = get(&proxy, &blob_path("library/other", &blobs[0].0)).await;
     assert_eq!(
         miss.status,
-        StatusCode::NOT_FOUND,
-        "not linked to that repository"
+        StatusCode::FORBIDDEN,
+        "not linked to that repository, which is not known public"
     );
     assert!(proxy.stderr().contains("offline: not in the cache"));
 }
