@@ -61,45 +61,24 @@ struct Reader {
 }
 
 /// The digest check of a complete cached file being served.
-///
-/// Pipelined: each chunk is hashed on the blocking pool while hyper encrypts
-/// and sends it, so hashing takes another core instead of lengthening the
-/// path of every byte; the next chunk waits for that hash (the state is
-/// sequential), and the last chunk is hashed before it is released.
 struct Check {
-    /// The hasher, while no chunk is being hashed.
-    hasher: Option<DigestHasher>,
-    /// The hash of the previous chunk, under way.
-    in_flight: Option<tokio::task::JoinHandle<DigestHasher>>,
+    hasher: DigestHasher,
     cached: Cached,
     cache: Arc<Cache>,
 }
 
 impl Check {
-    fn new(cache: Arc<Cache>, cached: &Cached) -> Self {
-        Self {
-            hasher: Some(DigestHasher::new(cached.digest.algorithm())),
-            in_flight: None,
-            cached: cached.clone(),
-            cache,
-        }
-    }
-
     /// Feeds one chunk; at the end of the file, compares. A mismatch drops
     /// the entry and becomes the body's error.
-    async fn feed(&mut self, bytes: Bytes, last: bool) -> Result<(), BoxError> {
-        let mut hasher = match self.in_flight.take() {
-            Some(task) => task.await?,
-            None => self.hasher.take().ok_or("hasher lost")?,
-        };
+    fn feed(&mut self, bytes: &[u8], last: bool) -> Result<(), BoxError> {
+        self.hasher.update(bytes);
         if !last {
-            self.in_flight = Some(tokio::task::spawn_blocking(move || {
-                hasher.update(&bytes);
-                hasher
-            }));
             return Ok(());
         }
-        hasher.update(&bytes);
+        let hasher = std::mem::replace(
+            &mut self.hasher,
+            DigestHasher::new(self.cached.digest.algorithm()),
+        );
         let actual = hasher.finish();
         if actual == self.cached.digest {
             self.cached.mark_verified();
@@ -153,7 +132,11 @@ pub fn verifying(cache: Arc<Cache>, cached: &Cached, file: Arc<std::fs::File>) -
         end: cached.size,
         growing: None,
         _lease: Some(cached.lease.clone()),
-        check: Some(Check::new(cache, cached)),
+        check: Some(Check {
+            hasher: DigestHasher::new(cached.digest.algorithm()),
+            cached: cached.clone(),
+            cache,
+        }),
     })
 }
 
@@ -232,7 +215,7 @@ async fn next_chunk(r: &mut Reader) -> Result<Option<Bytes>, BoxError> {
             }
             r.pos += bytes.len() as u64;
             if let Some(check) = &mut r.check {
-                check.feed(bytes.clone(), r.pos >= r.end).await?;
+                check.feed(&bytes, r.pos >= r.end)?;
             }
             return Ok(Some(bytes));
         }
