@@ -97,6 +97,15 @@ def main(argv):
         f"≥ nginx {check(cmp(r_ng, lambda x: x >= 1))}, ≥ 3× squid {check(cmp(r_sq, lambda x: x >= 3))}, "
         f"≥ mirror {check(cmp(r_mi, lambda x: x >= 1))}, aim ≥ 80% tcp {check(cmp(r_tcp, lambda x: x >= 0.8))}",
     )
+    # regcache --verify-reads always: every warm read hashed again.
+    r_asq, r_ami = ratio("warm.regcache_always", "warm.squid"), ratio("warm.regcache_always", "warm.mirror")
+    r_ang = ratio("warm.regcache_always", "warm.nginx")
+    rows.append(
+        ["1. the same, regcache --verify-reads always, MiB/s", mib(g("warm.regcache_always")), "", "", "", "",
+         f"always/first {rx(ratio('warm.regcache_always', 'warm.regcache'))}, always/nginx {rx(r_ang)}, "
+         f"/squid {rx(r_asq)}, /mirror {rx(r_ami)}",
+         f"> squid {check(cmp(r_asq, lambda x: x > 1))}, > mirror {check(cmp(r_ami, lambda x: x > 1))}"]
+    )
     rows.append(
         ["1. client ceilings, MiB/s", "", "", "", "", "",
          f"raw loopback TCP {mib(g('tcp'))}, bench_client TLS ceiling {mib(g('tlsceil'))}", ""]

@@ -290,6 +290,7 @@ SQ_PORT=$(free_port)
 MIRROR_PORT=$(free_port)
 NGINX_PORT=$(free_port)
 RC2_PORT=$(free_port) # regcache --tag-ttl STALE_TTL (figure 5) and the start-up figure
+RCA_PORT=$(free_port) # regcache --verify-reads always (figure 1)
 GEN=0                 # a counter for fresh cache directories
 
 mkdir -p "$W/rc/certs"
@@ -303,6 +304,15 @@ regcache_cmd() { # regcache_cmd PORT CACHE_DIR [ARGS...]: the serve command line
         "${REGCACHE_ARGS[@]}" "$@")
 }
 healthz() { curl -fsS --max-time 2 "http://127.0.0.1:$1/healthz"; }
+# start_rcalways: a regcache with --verify-reads always (every warm read
+# hashed again) and an empty cache on RCA_PORT, for figure 1 only.
+start_rcalways() {
+    stop_named rcalways || true
+    rm -rf "$W/rc/cache-always"
+    regcache_cmd "$RCA_PORT" "$W/rc/cache-always" --verify-reads always
+    start_bg rcalways "$W/logs/regcache-always.log" "${RCMD[@]}"
+    wait_until 30 "${PID_OF[rcalways]}" healthz "$RCA_PORT"
+}
 start_regcache() { # start_regcache: a regcache with an empty cache on RC_PORT
     stop_named regcache || true
     GEN=$((GEN + 1))
@@ -495,6 +505,7 @@ fi
 client() {
     case $1 in
     regcache) A=("https://$UPHOST$2" --proxy "127.0.0.1:$RC_PORT" --cacert "$W/rc/ca.pem") ;;
+    rcalways) A=("https://$UPHOST$2" --proxy "127.0.0.1:$RCA_PORT" --cacert "$W/rc/ca.pem") ;;
     squid) A=("https://$UPHOST$2" --proxy "127.0.0.1:$SQ_PORT" --cacert "$SQ/ca.pem") ;;
     mirror) A=("https://127.0.0.1:$MIRROR_PORT$2" --cacert "$PKI/ca.pem") ;;
     nginx) A=("https://127.0.0.1:$NGINX_PORT/big.bin" --cacert "$PKI/ca.pem") ;;
@@ -586,6 +597,16 @@ for ((r = 1; r <= ROUNDS; r++)); do
         get "warm-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 300 -n "$WARM_N" &&
             rec "warm.$p" "$(jf "warm-$p-r$r" mib_s)"
     done
+    # The same with --verify-reads always (the warm regcache row above is the
+    # default "first": its blob was verified as it was fetched).
+    if start_rcalways; then
+        get "warmup-rcalways-r$r" rcalways "$BIG_PATH" "$BIG_SIZE" 300 >/dev/null &&
+            get "warm-rcalways-r$r" rcalways "$BIG_PATH" "$BIG_SIZE" 300 -n "$WARM_N" &&
+            rec "warm.regcache_always" "$(jf "warm-rcalways-r$r" mib_s)"
+    else
+        missing "regcache --verify-reads always did not start: $(tail -n 2 "$W/logs/regcache-always.log" | tr '\n' ' ')"
+    fi
+    stop_named rcalways || true
     bc "tcp-r$r" 120 tcp --bytes "$TCP_BYTES" && rec tcp "$(jf "tcp-r$r" mib_s)"
     bc "tlsceil-r$r" 120 tls-ceiling --bytes "$TCP_BYTES" && rec tlsceil "$(jf "tlsceil-r$r" mib_s)"
 

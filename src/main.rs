@@ -83,6 +83,11 @@ enum CacheCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+    /// Hash every entry against its digest; remove the damaged ones (exit code 1 if any)
+    Verify {
+        #[command(flatten)]
+        cache: CacheArgs,
+    },
 }
 
 #[derive(Args)]
@@ -95,6 +100,9 @@ struct ExportArgs {
     /// Images to export (alpine:3.20, ghcr.io/org/tool:1, name@sha256:...) [default: every cached tag]
     #[arg(value_name = "IMAGE")]
     images: Vec<String>,
+    /// Also export images of repositories not known public (named on stderr); an importing regcache guards them
+    #[arg(long)]
+    include_private: bool,
 }
 
 #[derive(Args)]
@@ -414,8 +422,13 @@ fn bundle_failure(e: regcache::cache::bundle::BundleError) -> Failure {
 
 fn export(args: ExportArgs) -> Result<(), Failure> {
     let dir = cache_dir(args.cache)?;
-    let summary = regcache::cache::bundle::export::export(&dir, &args.images, &args.output)
-        .map_err(bundle_failure)?;
+    let summary = regcache::cache::bundle::export::export(
+        &dir,
+        &args.images,
+        &args.output,
+        args.include_private,
+    )
+    .map_err(bundle_failure)?;
     print!("{summary}");
     Ok(())
 }
@@ -460,6 +473,19 @@ fn cache(cmd: CacheCommand) -> Result<(), Failure> {
             let dir = cache_dir(cache)?;
             offline::purge(&dir).map_err(Failure::runtime)?;
             println!("purged {}", dir.display());
+        }
+        CacheCommand::Verify { cache } => {
+            let dir = cache_dir(cache)?;
+            let index = offline::open(&dir).map_err(Failure::runtime)?;
+            let snap = index.load().map_err(Failure::runtime)?;
+            let report = offline::verify(&dir, &index, &snap).map_err(Failure::runtime)?;
+            print!("{report}");
+            if !report.damaged.is_empty() {
+                return Err(Failure::runtime(format!(
+                    "{} damaged cache entries found and removed",
+                    report.damaged.len()
+                )));
+            }
         }
     }
     Ok(())

@@ -7,6 +7,8 @@
 //! blob as a HIT with the same bytes. A bundle with one flipped byte must be
 //! rejected, naming the blob, with nothing imported.
 
+#[path = "support/auth.rs"]
+mod auth;
 mod common;
 #[path = "support/registry.rs"]
 mod registry;
@@ -498,6 +500,325 @@ async fn a_bundle_with_one_flipped_byte_is_rejected_whole() {
     std::fs::write(&bundle, &bytes).unwrap();
     let (code, _, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
     assert_eq!(code, 0, "{err}");
+}
+
+// ---------------------------------------------------------------------------
+// Private images: export leaves them out, offline serving guards them
+// ---------------------------------------------------------------------------
+
+const ALICE_PW: &str = "alice-pw-4f1e";
+const SECRET_REPO: &str = "team/secret";
+
+/// An image of `repo:tag` in the registry: (paths and bytes to pull,
+/// manifest digest).
+fn put_image(env: &Env, repo: &str, tag: &str, seed: u64) -> (Pulled, String) {
+    let (config, layer) = (blob_bytes(seed, 600), blob_bytes(seed + 1, 200_000));
+    let mut pulled: Pulled = Vec::new();
+    for data in [&config, &layer] {
+        let d = env.reg.put_blob(repo, data.clone());
+        pulled.push((format!("/v2/{repo}/blobs/{d}"), data.clone()));
+    }
+    let m = image_manifest(&config, &[&layer]);
+    let m_d = env
+        .reg
+        .put_manifest(repo, Some(tag), OCI_MANIFEST, m.clone());
+    pulled.push((format!("/v2/{repo}/manifests/{tag}"), m.clone()));
+    pulled.push((format!("/v2/{repo}/manifests/{m_d}"), m));
+    (pulled, m_d)
+}
+
+/// A response to GET `path` with optional `Authorization` and
+/// `Proxy-Authorization` (on the CONNECT).
+async fn get_with(proxy: &Proxy, path: &str, auth: Option<&str>, proxy_auth: Option<&str>) -> Got {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut client = match proxy_auth {
+        None => proxy.intercepted(HUB, Alpn::Both).await,
+        Some(pa) => {
+            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            let req = format!(
+                "CONNECT {HUB}:443 HTTP/1.1\r\nHost: {HUB}:443\r\nProxy-Authorization: {pa}\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            let mut b = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                let n = within("CONNECT response", STEP_TIMEOUT, s.read(&mut b))
+                    .await
+                    .unwrap();
+                assert_eq!(n, 1, "proxy closed during CONNECT response");
+                head.push(b[0]);
+            }
+            let head = String::from_utf8_lossy(&head);
+            assert!(head.starts_with("HTTP/1.1 200"), "CONNECT: {head:?}");
+            let tls = common::tls_connect(s, HUB, vec![proxy.ca_der()], Alpn::Both, true)
+                .await
+                .unwrap();
+            common::HttpClient::over_tls(tls, HUB).await
+        }
+    };
+    let mut b = client
+        .builder(Method::GET, path)
+        .header("accept", ACCEPT_ALL);
+    if let Some(a) = auth {
+        b = b.header("authorization", a);
+    }
+    let resp = client.send(b.body(empty()).unwrap()).await;
+    let status = resp.status();
+    let x_cache = resp
+        .headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap_or("?").to_string())
+        .unwrap_or_else(|| "<none>".into());
+    let body = within("a response body", STEP_TIMEOUT, resp.into_body().collect())
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: body failed: {e}"))
+        .to_bytes();
+    Got {
+        status,
+        x_cache,
+        body,
+    }
+}
+
+/// Asserts every item of `pulled` is served (200, same bytes) or refused (403).
+async fn assert_offline(
+    proxy: &Proxy,
+    pulled: &Pulled,
+    proxy_auth: Option<&str>,
+    served: bool,
+    what: &str,
+) {
+    for (path, body) in pulled {
+        let got = get_with(proxy, path, None, proxy_auth).await;
+        if served {
+            assert_eq!(
+                got.status,
+                StatusCode::OK,
+                "{what}: {path}; stderr:\n{}",
+                proxy.stderr()
+            );
+            assert_eq!(got.body, *body, "{what}: {path}");
+            assert_eq!(got.x_cache, "HIT", "{what}: {path}");
+        } else {
+            assert_eq!(got.status, StatusCode::FORBIDDEN, "{what}: {path}");
+            assert!(
+                !got.body
+                    .windows(body.len().min(64))
+                    .any(|w| w == &body[..body.len().min(64)]),
+                "{what}: {path}: refused without the content"
+            );
+        }
+    }
+}
+
+fn bundle_index(bundle: &Path) -> serde_json::Value {
+    let files = entries(bundle);
+    let index = &files.iter().find(|(n, _)| n == "index.json").unwrap().1;
+    serde_json::from_slice(index).unwrap()
+}
+
+#[tokio::test]
+async fn private_images_stay_out_of_bundles_and_offline_serves_them_only_to_proxy_users() {
+    use auth::{basic, Auth, Mode};
+    let env = Env::new().await;
+    let auth = Auth::new(Mode::Basic);
+    auth.user("alice", ALICE_PW, &[SECRET_REPO])
+        .public("library/alpine");
+    env.reg.set_hook(auth.registry_hook());
+    let (public, _) = put_image(&env, "library/alpine", "3.20", 30);
+    let (secret, secret_m) = put_image(&env, SECRET_REPO, "1", 40);
+    let alice = basic("alice", ALICE_PW);
+
+    let cache = env.path("cache");
+    let proxy = env.proxy(&cache).start().await;
+    for (path, body) in &public {
+        let got = get_with(&proxy, path, None, None).await;
+        assert_eq!(
+            (got.status, &got.body),
+            (StatusCode::OK, body),
+            "public {path}"
+        );
+    }
+    for (path, body) in &secret {
+        let anon = get_with(&proxy, path, None, None).await;
+        assert_eq!(
+            anon.status,
+            StatusCode::UNAUTHORIZED,
+            "sanity: {path} is private"
+        );
+        let got = get_with(&proxy, path, Some(&alice), None).await;
+        assert_eq!(
+            (got.status, &got.body),
+            (StatusCode::OK, body),
+            "alice {path}"
+        );
+    }
+    stop(proxy).await;
+
+    // Without --include-private: only the public image, and stderr says which
+    // image was left out and why.
+    let bundle = env.path("public.tar");
+    let (code, out, err) = regcache(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("exported 1 image"), "{out}");
+    assert!(
+        out.contains("1 private image left out (--include-private"),
+        "{out}"
+    );
+    assert!(
+        err.contains("left out docker.io/team/secret:1: docker.io/team/secret is"),
+        "{err}"
+    );
+    let names: Vec<String> = entries(&bundle).into_iter().map(|(n, _)| n).collect();
+    for (path, _) in &secret {
+        if let Some(d) = path
+            .rsplit('/')
+            .next()
+            .and_then(|d| d.strip_prefix("sha256:"))
+        {
+            assert!(
+                !names.iter().any(|n| n.ends_with(d)),
+                "the private {path} is not in the bundle: {names:?}"
+            );
+        }
+    }
+    let raw = std::fs::read(&bundle).unwrap();
+    for needle in ["team/secret", ALICE_PW, alice.as_str()] {
+        assert!(
+            !raw.windows(needle.len()).any(|w| w == needle.as_bytes()),
+            "the bundle records nothing of {needle:?}"
+        );
+    }
+    let index = bundle_index(&bundle);
+    assert_eq!(index["manifests"].as_array().unwrap().len(), 1, "{index}");
+    assert_eq!(
+        index["manifests"][0]["annotations"]["io.regcache.public"],
+        "true"
+    );
+
+    // Asking for the private image by name does not export it either.
+    let (code, _, err) = regcache(&[
+        "export",
+        "-o",
+        s(&bundle),
+        "--cache-dir",
+        s(&cache),
+        "team/secret:1",
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("not known to be public; --include-private"),
+        "{err}"
+    );
+
+    // With --include-private: both, said on stderr, the private one marked.
+    let both = env.path("both.tar");
+    let (code, out, err) = regcache(&[
+        "export",
+        "--include-private",
+        "-o",
+        s(&both),
+        "--cache-dir",
+        s(&cache),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("exported 2 images") && out.contains("1 private image included"),
+        "{out}"
+    );
+    assert!(
+        err.contains("including private image docker.io/team/secret:1"),
+        "{err}"
+    );
+    let index = bundle_index(&both);
+    let marked: Vec<(String, String)> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let a = &d["annotations"];
+            (
+                a["io.regcache.ref"].as_str().unwrap().to_string(),
+                a["io.regcache.public"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        marked,
+        [
+            (
+                "docker.io/library/alpine:3.20".to_string(),
+                "true".to_string()
+            ),
+            ("docker.io/team/secret:1".to_string(), "false".to_string()),
+        ]
+    );
+
+    // Imported into a fresh cache and served offline with the registry gone.
+    let fresh = env.path("fresh");
+    let (code, _, err) = regcache(&["import", s(&both), "--cache-dir", s(&fresh)]);
+    assert_eq!(code, 0, "{err}");
+    env.reg.stop().await;
+    let proxy = env.proxy(&fresh).arg("--offline").start().await;
+    assert_offline(&proxy, &public, None, true, "public, anonymous").await;
+    assert_offline(&proxy, &secret, None, false, "private, anonymous").await;
+    // A registry credential cannot be checked offline: still refused.
+    let got = get_with(
+        &proxy,
+        &format!("/v2/{SECRET_REPO}/manifests/{secret_m}"),
+        Some(&alice),
+        None,
+    )
+    .await;
+    assert_eq!(got.status, StatusCode::FORBIDDEN);
+    // The same answer for a repository that is not cached at all.
+    let got = get_with(&proxy, "/v2/team/other/manifests/1", None, None).await;
+    assert_eq!(got.status, StatusCode::FORBIDDEN);
+    assert!(
+        proxy.stderr().contains("not known public"),
+        "the log names the rule: {}",
+        proxy.stderr()
+    );
+    stop(proxy).await;
+
+    // offline_share_private = true: the operator shares everything cached.
+    let proxy = env
+        .proxy(&fresh)
+        .args(["--offline", "--offline-share-private"])
+        .start()
+        .await;
+    assert_offline(&proxy, &secret, None, true, "private, shared by config").await;
+    stop(proxy).await;
+
+    // Proxy users: the authenticated user gets the private image.
+    let users = env.path("users.htpasswd");
+    std::fs::write(
+        &users,
+        format!("carol:{}\n", bcrypt::hash("carol-pw", 4).unwrap()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &users,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
+    let proxy = env
+        .proxy(&fresh)
+        .args(["--offline", "--proxy-users", s(&users)])
+        .start()
+        .await;
+    let carol = common_basic("carol", "carol-pw");
+    assert_offline(&proxy, &secret, Some(&carol), true, "private, proxy user").await;
+    assert_offline(&proxy, &public, Some(&carol), true, "public, proxy user").await;
+    stop(proxy).await;
+}
+
+fn common_basic(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
 }
 
 /// The credential the guarded `team/*` repositories accept (Basic).

@@ -2053,6 +2053,208 @@ async fn restart_keeps_everything_cached() {
     );
 }
 
+// ---------------------------------------------------------------------------
+// Bytes at rest: verify_reads and `cache verify`
+// ---------------------------------------------------------------------------
+
+/// Flips one byte of a file in place (same inode, same length), as a disk
+/// fault or another local user with write access would.
+fn flip_byte(path: &Path, offset: u64) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.read_exact(&mut b).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    f.write_all(&[b[0] ^ 0x01]).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Waits until a damaged entry's file is gone (the entry is dropped in the
+/// background after the response that found it ended).
+async fn wait_gone(env: &Env, digest: &str, proxy: &Proxy) {
+    let file = env.content_file(digest);
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    while file.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the damaged entry {digest} was never dropped; stderr:\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn stop_proxy(mut proxy: Proxy) {
+    proxy.sigterm();
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("regcache should exit after SIGTERM");
+    assert!(status.success(), "exit status {status}");
+}
+
+/// One image (manifest, config, a 700 kB layer) pulled through a regcache
+/// that is then stopped. Returns (layer path, layer, manifest path by
+/// digest, manifest, layer digest, manifest digest).
+async fn pulled_then_stopped(env: &Env) -> (String, Bytes, String, Bytes, String, String) {
+    let repo = "library/alpine";
+    let layer = blob_bytes(70, 700_000);
+    let layer_d = env.reg.put_blob(repo, layer.clone());
+    let config = blob_bytes(71, 900);
+    let config_d = env.reg.put_blob(repo, config.clone());
+    let m = image_manifest(
+        OCI_MANIFEST,
+        (&config_d, config.len()),
+        &[(&layer_d, layer.len())],
+    );
+    let m_d = env
+        .reg
+        .put_manifest(repo, Some("3"), OCI_MANIFEST, m.clone());
+    let (layer_p, m_p) = (blob_path(repo, &layer_d), manifest_path(repo, &m_d));
+    let proxy = env.proxy().args(["--shutdown-grace", "2"]).start().await;
+    get(&proxy, &layer_p)
+        .await
+        .assert_served(&layer, "MISS", "fill the layer");
+    get_manifest(&proxy, &m_p)
+        .await
+        .assert_served(&m, "MISS", "fill the manifest");
+    stop_proxy(proxy).await;
+    (layer_p, layer, m_p, m, layer_d, m_d)
+}
+
+#[tokio::test]
+async fn a_blob_changed_on_disk_while_stopped_is_never_served_complete_and_is_fetched_again() {
+    let env = Env::new().await;
+    let (layer_p, layer, m_p, m, layer_d, m_d) = pulled_then_stopped(&env).await;
+    flip_byte(&env.content_file(&layer_d), 350_000);
+    flip_byte(&env.content_file(&m_d), 10);
+
+    // Default verify_reads = "first": the first complete read after the start
+    // is hashed and its last chunk held back.
+    let proxy = env.proxy().start().await;
+    // A range is served as is (the client checks the whole blob).
+    let part = request(
+        &proxy,
+        Alpn::Both,
+        Method::GET,
+        &layer_p,
+        &[("range", "bytes=0-999")],
+    )
+    .await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&part.body[..], &layer[..1000]);
+    get_h1(&proxy, &layer_p)
+        .await
+        .assert_aborted(&layer, "GET of the damaged layer");
+    wait_gone(&env, &layer_d, &proxy).await;
+    assert!(
+        proxy.stderr().contains("does not match its digest"),
+        "a log line names the rule: {}",
+        proxy.stderr()
+    );
+    assert_eq!(env.reg.count(Method::GET, &layer_p), 1, "not yet refetched");
+
+    // The next GET fetches it again, and it is cached again.
+    get(&proxy, &layer_p).await.assert_served(
+        &layer,
+        "MISS",
+        "after the damaged entry was dropped",
+    );
+    assert_eq!(env.reg.count(Method::GET, &layer_p), 2);
+    get(&proxy, &layer_p)
+        .await
+        .assert_served(&layer, "HIT", "then cached again");
+
+    // The manifest is checked before it is served: fetched again, right bytes.
+    get_manifest(&proxy, &m_p)
+        .await
+        .assert_served(&m, "MISS", "the damaged manifest");
+    assert_eq!(env.reg.count(Method::GET, &m_p), 2);
+    get_manifest(&proxy, &m_p)
+        .await
+        .assert_served(&m, "HIT", "the manifest cached again");
+}
+
+#[tokio::test]
+async fn verify_reads_always_catches_a_change_while_running_and_never_trusts_the_disk() {
+    let env = Env::new().await;
+    let (layer_p, layer, _, _, layer_d, _) = pulled_then_stopped(&env).await;
+
+    let proxy = env.proxy().args(["--verify-reads", "always"]).start().await;
+    get(&proxy, &layer_p)
+        .await
+        .assert_served(&layer, "HIT", "intact, verified on the way out");
+    flip_byte(&env.content_file(&layer_d), 699_999);
+    get_h1(&proxy, &layer_p)
+        .await
+        .assert_aborted(&layer, "changed while running");
+    wait_gone(&env, &layer_d, &proxy).await;
+    get(&proxy, &layer_p)
+        .await
+        .assert_served(&layer, "MISS", "fetched again");
+    stop_proxy(proxy).await;
+
+    // verify_reads = "never" trusts bytes at rest: the trade-off is that a
+    // file changed on disk is served as it is.
+    flip_byte(&env.content_file(&layer_d), 1);
+    let proxy = env
+        .proxy()
+        .env("REGCACHE_VERIFY_READS", "never")
+        .start()
+        .await;
+    let got = get(&proxy, &layer_p).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert!(got.error.is_none(), "{:?}", got.error);
+    assert_eq!(got.body.len(), layer.len());
+    assert_ne!(got.body, layer, "never: the changed bytes are served");
+    assert_eq!(env.reg.count(Method::GET, &layer_p), 2);
+}
+
+#[tokio::test]
+async fn cache_verify_finds_and_removes_damaged_entries() {
+    let env = Env::new().await;
+    let (layer_p, layer, m_p, m, layer_d, _) = pulled_then_stopped(&env).await;
+    let dir = env.cache_dir();
+
+    let (code, out, err) = cache_cli(&dir, &["verify"]);
+    assert_eq!(code, 0, "an intact cache verifies: {out} {err}");
+    assert!(
+        out.contains("checked 2 entries") && out.contains("0 damaged"),
+        "{out}"
+    );
+
+    flip_byte(&env.content_file(&layer_d), 123_456);
+    let (code, out, err) = cache_cli(&dir, &["verify"]);
+    assert_eq!(code, 1, "damage makes the exit code non-zero: {out} {err}");
+    assert!(out.contains(&format!("damaged\t{layer_d}")), "{out}");
+    assert!(out.contains("1 damaged"), "{out}");
+    assert!(err.contains("1 damaged cache entries"), "{err}");
+    assert!(!env.content_file(&layer_d).exists(), "its file is removed");
+    let (_, ls, _) = cache_cli(&dir, &["ls"]);
+    assert!(!ls.contains(&layer_d), "its entry is removed: {ls}");
+    let (code, out, _) = cache_cli(&dir, &["verify"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("checked 1 entries"), "{out}");
+
+    // Like the other cache commands, it refuses a cache in use.
+    let proxy = env.proxy().start().await;
+    let (code, _, err) = cache_cli(&dir, &["verify"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("stop it first"), "{err}");
+    // The removed layer is fetched again; the rest is still cached.
+    get(&proxy, &layer_p)
+        .await
+        .assert_served(&layer, "MISS", "removed by cache verify");
+    get_manifest(&proxy, &m_p)
+        .await
+        .assert_served(&m, "HIT", "intact manifest");
+}
+
 #[tokio::test]
 async fn kill_9_mid_download_leaves_no_partial_entry() {
     let env = Env::new().await;
@@ -2422,14 +2624,14 @@ async fn prefetch_fills_the_cache_and_offline_serves_it_without_upstream() {
     let miss = get_manifest(&proxy, &manifest_path(repo, "3.13")).await;
     assert_eq!(miss.status, StatusCode::NOT_FOUND);
     assert!(started.elapsed() < Duration::from_secs(2));
-    // Public through library/python: served through another name too.
-    get(&proxy, &blob_path("library/other", &blobs[0].0))
-        .await
-        .assert_served(
-            &blobs[0].1,
-            "HIT",
-            "a public blob through another name, offline",
-        );
+    // A repository never seen is not known public: offline, that is a 403
+    // for anyone but proxy users, cached or not (tests/bundle.rs).
+    let miss = get(&proxy, &blob_path("library/other", &blobs[0].0)).await;
+    assert_eq!(
+        miss.status,
+        StatusCode::FORBIDDEN,
+        "not linked to that repository, which is not known public"
+    );
     let unknown = sha256(b"never cached");
     let miss = get(&proxy, &blob_path(repo, &unknown)).await;
     assert_eq!(miss.status, StatusCode::NOT_FOUND, "not in the cache");

@@ -17,7 +17,7 @@
 //! | `org.opencontainers.image.ref.name` | `3.20` | the tag (OCI's own, for other tools) |
 //! | `io.regcache.ref` | `docker.io/library/alpine:3.20` | registry, repository and tag (or `@digest`) |
 //! | `io.containerd.image.name` | the same | the name `ctr images import` gives the image |
-//! | `io.regcache.public` | `true` | whether the repository was public where it was exported |
+//! | `io.regcache.public` | `true` | whether the repository was known public where it was exported (`false` for private images exported with `--include-private`) |
 //!
 //! [`export`] streams cache files into the tar, never holding a blob in
 //! memory. [`import`] treats the tar as hostile: only the three kinds of
@@ -87,6 +87,9 @@ pub enum BundleError {
     /// The cache holds no tagged image to export.
     #[error("nothing to export: the cache holds no tagged images")]
     Empty,
+    /// Every image selected is of a repository not known public.
+    #[error("nothing to export: the {0} selected image(s) are not known to be public; --include-private exports them")]
+    OnlyPrivate(usize),
     /// A cached file does not match its digest.
     #[error("cached file for {digest} is damaged ({why}); remove it with `regcache cache rm {digest}` and pull again")]
     Damaged {

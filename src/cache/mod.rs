@@ -26,6 +26,10 @@
 //! commits, and is released when it fails. When no room can be made (the
 //! blob is larger than the cap, or the rest is being read or reserved) the
 //! fill does not start; the blob is streamed to its client uncached.
+//! Bytes at rest are not trusted across restarts: every entry loaded from the
+//! index starts *unverified* (an in-memory flag), and is hashed again as it
+//! is served ([`read::verifying`], `verify_reads`). An entry whose bytes no
+//! longer match is dropped ([`Cache::drop_damaged`]) and fetched again.
 
 pub mod bundle;
 pub mod chunks;
@@ -38,6 +42,7 @@ pub mod read;
 use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -90,6 +95,30 @@ struct Entry {
     media_type: Arc<str>,
     /// Held by every reader; an entry with readers is never evicted.
     lease: Arc<()>,
+    /// Whether its bytes matched its digest in this run.
+    verified: Arc<AtomicBool>,
+}
+
+impl Entry {
+    fn new(size: u64, media_type: &str, verified: bool) -> Self {
+        Self {
+            size,
+            media_type: Arc::from(media_type),
+            lease: Arc::new(()),
+            verified: Arc::new(AtomicBool::new(verified)),
+        }
+    }
+
+    fn handle(&self, dir: &Path, digest: &Digest) -> Cached {
+        Cached {
+            digest: digest.clone(),
+            path: content_file(dir, digest),
+            size: self.size,
+            media_type: self.media_type.clone(),
+            lease: self.lease.clone(),
+            verified: self.verified.clone(),
+        }
+    }
 }
 
 /// A verified content file, ready to be served.
@@ -105,6 +134,21 @@ pub struct Cached {
     pub media_type: Arc<str>,
     /// Keeps the entry from eviction while this handle lives.
     pub lease: Arc<()>,
+    /// Shared with the entry: set once its bytes matched in this run.
+    verified: Arc<AtomicBool>,
+}
+
+impl Cached {
+    /// Whether the file's bytes matched the digest since regcache started
+    /// (always true for content stored in this run).
+    pub fn is_verified(&self) -> bool {
+        self.verified.load(Ordering::Relaxed)
+    }
+
+    /// Records that the file's bytes matched the digest.
+    pub fn mark_verified(&self) {
+        self.verified.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Numbers for `regcache cache stats` and `/metrics`.
@@ -294,14 +338,8 @@ impl Cache {
                 continue;
             };
             total += row.size;
-            content.put(
-                digest,
-                Entry {
-                    size: row.size,
-                    media_type: Arc::from(row.media_type.as_str()),
-                    lease: Arc::new(()),
-                },
-            );
+            // Bytes at rest are checked again before they count as verified.
+            content.put(digest, Entry::new(row.size, &row.media_type, false));
         }
         let tags = snap
             .tags
@@ -376,14 +414,7 @@ impl Cache {
     /// The cached content for `digest`, marking it recently used.
     pub fn get(&self, digest: &Digest) -> Option<Cached> {
         let mut state = self.lock();
-        let entry = state.content.get(digest)?;
-        let cached = Cached {
-            digest: digest.clone(),
-            path: self.content_path(digest),
-            size: entry.size,
-            media_type: entry.media_type.clone(),
-            lease: entry.lease.clone(),
-        };
+        let cached = state.content.get(digest)?.handle(&self.dir, digest);
         state.touched.insert(digest.clone());
         Some(cached)
     }
@@ -588,6 +619,44 @@ impl Cache {
         self.lock().reserved
     }
 
+    /// Drops an entry whose bytes at rest no longer match its digest: its
+    /// index row and its file go, its links and tags stay (they are still
+    /// true of the registry), so the next request fetches it again. Only the
+    /// entry `damaged` was read from is dropped: one stored again since is
+    /// left alone. Returns whether anything was dropped.
+    pub async fn drop_damaged(self: &Arc<Self>, damaged: &Cached) -> Result<bool, CacheError> {
+        let cache = self.clone();
+        let (digest, lease) = (damaged.digest.clone(), damaged.lease.clone());
+        let dropped = blocking(move || {
+            let mut state = cache.lock();
+            let same = state
+                .content
+                .peek(&digest)
+                .is_some_and(|e| Arc::ptr_eq(&e.lease, &lease));
+            if !same {
+                return Ok(false);
+            }
+            // Under the lock: no commit of a good copy can come in between.
+            let path = cache.content_path(&digest);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(CacheError::Io { path, source }),
+            }
+            if let Some(e) = state.content.pop(&digest) {
+                state.total -= e.size;
+            }
+            state.touched.remove(&digest);
+            Ok(true)
+        })
+        .await?;
+        if dropped {
+            self.persist(vec![Change::RemoveContent(damaged.digest.to_string())])
+                .await?;
+        }
+        Ok(dropped)
+    }
+
     /// Moves a verified temporary file into the cache as `digest`.
     ///
     /// The caller has checked digest and size. Older entries are evicted first
@@ -625,7 +694,7 @@ impl Cache {
             return Ok(None);
         }
         let dest = self.content_path(digest);
-        let (from, to) = (temp.to_path_buf(), dest.clone());
+        let (from, to) = (temp.to_path_buf(), dest);
         blocking(move || {
             let file = std::fs::File::open(&from).map_err(io_err(&from))?;
             file.sync_all().map_err(io_err(&from))?;
@@ -644,18 +713,9 @@ impl Cache {
             }
             let budget = self.cap.saturating_sub(size).saturating_sub(state.reserved);
             let victims = evict(&mut state, budget);
-            let entry = Entry {
-                size,
-                media_type: Arc::from(media_type),
-                lease: Arc::new(()),
-            };
-            let cached = Cached {
-                digest: digest.clone(),
-                path: dest,
-                size,
-                media_type: entry.media_type.clone(),
-                lease: entry.lease.clone(),
-            };
+            // The caller hashed these bytes on their way in.
+            let entry = Entry::new(size, media_type, true);
+            let cached = entry.handle(&self.dir, digest);
             state.total += size;
             state.content.put(digest.clone(), entry);
             (victims, cached)

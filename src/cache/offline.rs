@@ -1,5 +1,5 @@
-//! `regcache cache stats|ls|rm|purge`: the cache on disk, read and changed
-//! by the command line while no regcache serves it.
+//! `regcache cache stats|ls|rm|purge|verify`: the cache on disk, read and
+//! changed by the command line while no regcache serves it.
 //!
 //! The index cannot be opened twice, so these commands tell the operator to
 //! stop a running regcache first rather than race it.
@@ -218,6 +218,97 @@ pub fn remove(
         return Err(CacheError::Task(format!("{target} is not cached")));
     }
     index.apply(&changes)?;
+    for f in files {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(report)
+}
+
+/// What `cache verify` found.
+#[derive(Debug, Default)]
+pub struct VerifyReport {
+    /// Entries checked.
+    pub checked: usize,
+    /// Their bytes, as the index gives them.
+    pub bytes: u64,
+    /// Entries that did not match (digest, why), removed.
+    pub damaged: Vec<(String, String)>,
+}
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (digest, why) in &self.damaged {
+            writeln!(f, "damaged\t{digest}\t{why}; removed")?;
+        }
+        writeln!(
+            f,
+            "checked {} entries ({}): {} damaged{}",
+            self.checked,
+            bytesize::ByteSize::b(self.bytes).display().iec(),
+            self.damaged.len(),
+            if self.damaged.is_empty() {
+                ""
+            } else {
+                ", removed (the next pull fetches them again)"
+            }
+        )
+    }
+}
+
+/// Why the file of an entry does not hold its content, or None if it does:
+/// missing, another length than the index says, or bytes that hash to
+/// another digest. Streams the file; never holds it in memory.
+pub fn check_file(dir: &Path, digest: &Digest, size: u64) -> Option<String> {
+    use std::io::Read;
+    let path = content_file(dir, digest);
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) => return Some(format!("cannot open {}: {e}", path.display())),
+    };
+    let mut hasher = digest.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hasher.update(&buf[..n]);
+                len += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Some(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+    if len != size {
+        return Some(format!("{len} bytes, the index says {size}"));
+    }
+    let actual = hasher.finish();
+    (actual != *digest).then(|| format!("its bytes hash to {actual}"))
+}
+
+/// `cache verify`: hashes every entry's file against its digest; removes the
+/// entries (index row and file) that do not match. Links and tags stay, so a
+/// later pull fetches the content again.
+pub fn verify(dir: &Path, index: &Index, snap: &Snapshot) -> Result<VerifyReport, CacheError> {
+    let mut report = VerifyReport::default();
+    let mut changes = Vec::new();
+    let mut files = Vec::new();
+    for row in &snap.content {
+        report.checked += 1;
+        report.bytes += row.size;
+        let why = match row.digest.parse::<Digest>() {
+            Ok(digest) => check_file(dir, &digest, row.size)
+                .inspect(|_| files.push(content_file(dir, &digest))),
+            Err(e) => Some(format!("not a digest: {e}")),
+        };
+        if let Some(why) = why {
+            changes.push(Change::RemoveContent(row.digest.clone()));
+            report.damaged.push((row.digest.clone(), why));
+        }
+    }
+    if !changes.is_empty() {
+        index.apply(&changes)?;
+    }
     for f in files {
         let _ = std::fs::remove_file(f);
     }

@@ -7,6 +7,13 @@
 //! the digest has matched (and the last byte of a range being read): a client
 //! can never complete a response whose bytes turn out wrong. If the download fails, the body ends with an error and
 //! hyper aborts the response.
+//!
+//! Bytes at rest get the same promise ([`verifying`]): a complete file read
+//! is hashed chunk by chunk as it passes (no second read, nothing buffered),
+//! and its last chunk is held back until the digest matched. On a mismatch
+//! the body ends with an error instead of that chunk and the entry is
+//! dropped, so the next request fetches the blob again. [`must_verify`]
+//! decides when a read is checked (`verify_reads`).
 
 use std::sync::Arc;
 
@@ -18,7 +25,23 @@ use tokio::sync::watch;
 
 use super::chunks;
 use super::fill::{Fill, Phase, Progress};
+use super::{Cache, CacheError, Cached};
 use crate::body::{Body, BoxError};
+use crate::config::VerifyReads;
+use crate::registry::digest::DigestHasher;
+
+/// Whether a read of a cached entry is hashed on its way out: only a read of
+/// the whole file can be checked (a range is served as is; the client checks
+/// the whole blob), under `always` every time, under `first` until the entry
+/// matched once in this run, under `never` not at all.
+pub fn must_verify(mode: VerifyReads, verified_this_run: bool, whole_file: bool) -> bool {
+    whole_file
+        && match mode {
+            VerifyReads::Always => true,
+            VerifyReads::First => !verified_this_run,
+            VerifyReads::Never => false,
+        }
+}
 
 /// A download failed while a client was reading it.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +57,56 @@ struct Reader {
     end: u64,
     growing: Option<(Arc<Fill>, watch::Receiver<Progress>)>,
     _lease: Option<Arc<()>>,
+    check: Option<Check>,
+}
+
+/// The digest check of a complete cached file being served.
+struct Check {
+    hasher: DigestHasher,
+    cached: Cached,
+    cache: Arc<Cache>,
+}
+
+impl Check {
+    /// Feeds one chunk; at the end of the file, compares. A mismatch drops
+    /// the entry and becomes the body's error.
+    fn feed(&mut self, bytes: &[u8], last: bool) -> Result<(), BoxError> {
+        self.hasher.update(bytes);
+        if !last {
+            return Ok(());
+        }
+        let hasher = std::mem::replace(
+            &mut self.hasher,
+            DigestHasher::new(self.cached.digest.algorithm()),
+        );
+        let actual = hasher.finish();
+        if actual == self.cached.digest {
+            self.cached.mark_verified();
+            return Ok(());
+        }
+        Err(self.damaged(format!("its bytes hash to {actual}")))
+    }
+
+    /// Logs the damage, drops the entry in the background, and returns the
+    /// error that ends the body.
+    fn damaged(&self, why: String) -> BoxError {
+        let digest = self.cached.digest.to_string();
+        tracing::warn!(
+            digest,
+            reason = why,
+            "cached file does not match its digest (changed on disk): response ended with an error, entry dropped; the next request fetches it again"
+        );
+        let (cache, cached) = (self.cache.clone(), self.cached.clone());
+        tokio::spawn(async move {
+            if let Err(e) = cache.drop_damaged(&cached).await {
+                tracing::warn!(digest = %cached.digest, error = %e, "cannot drop a damaged cache entry");
+            }
+        });
+        Box::new(CacheError::Mismatch {
+            expected: digest,
+            actual: why,
+        })
+    }
 }
 
 /// A body with bytes `start..end` of a complete file.
@@ -44,6 +117,26 @@ pub fn complete(file: Arc<std::fs::File>, start: u64, end: u64, lease: Arc<()>) 
         end,
         growing: None,
         _lease: Some(lease),
+        check: None,
+    })
+}
+
+/// A body with all of a complete cached file, hashed as it passes: the last
+/// chunk is sent only once the digest matched (then the entry counts as
+/// verified for this run); otherwise the body ends with an error and the
+/// entry is dropped from `cache`.
+pub fn verifying(cache: Arc<Cache>, cached: &Cached, file: Arc<std::fs::File>) -> Body {
+    body(Reader {
+        file,
+        pos: 0,
+        end: cached.size,
+        growing: None,
+        _lease: Some(cached.lease.clone()),
+        check: Some(Check {
+            hasher: DigestHasher::new(cached.digest.algorithm()),
+            cached: cached.clone(),
+            cache,
+        }),
     })
 }
 
@@ -57,6 +150,7 @@ pub fn growing(fill: Arc<Fill>, file: Arc<std::fs::File>, start: u64, end: u64) 
         end,
         growing: Some((fill, rx)),
         _lease: None,
+        check: None,
     })
 }
 
@@ -114,9 +208,15 @@ async fn next_chunk(r: &mut Reader) -> Result<Option<Bytes>, BoxError> {
             let len = usize::try_from(limit - r.pos).unwrap_or(usize::MAX);
             let bytes = chunks::read(&r.file, r.pos, len).await?;
             if bytes.is_empty() {
+                if let Some(check) = &r.check {
+                    return Err(check.damaged(format!("the file ends at byte {}", r.pos)));
+                }
                 return Err("cached file is shorter than its entry".into());
             }
             r.pos += bytes.len() as u64;
+            if let Some(check) = &mut r.check {
+                check.feed(&bytes, r.pos >= r.end)?;
+            }
             return Ok(Some(bytes));
         }
         // Nothing new to read yet.
@@ -134,6 +234,34 @@ async fn next_chunk(r: &mut Reader) -> Result<Option<Bytes>, BoxError> {
                 }
             }
             None => return Ok(None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use VerifyReads::{Always, First, Never};
+
+    #[test]
+    fn which_reads_are_verified() {
+        // (mode, verified this run, whole file) -> hashed on the way out
+        let table = [
+            (First, false, true, true),
+            (First, true, true, false),
+            (First, false, false, false),
+            (Always, true, true, true),
+            (Always, false, true, true),
+            (Always, false, false, false),
+            (Never, false, true, false),
+            (Never, true, true, false),
+        ];
+        for (mode, verified, whole, want) in table {
+            assert_eq!(
+                must_verify(mode, verified, whole),
+                want,
+                "{mode:?} verified={verified} whole={whole}"
+            );
         }
     }
 }

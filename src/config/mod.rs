@@ -65,6 +65,19 @@ pub enum OtherHosts {
     Refuse,
 }
 
+/// When a cached blob's bytes are hashed again as they are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyReads {
+    /// On the first complete read of each entry after every start (and never
+    /// again in that run once it matched).
+    First,
+    /// On every complete read.
+    Always,
+    /// Never: bytes at rest are trusted (a file changed on disk is served).
+    Never,
+}
+
 /// The format of log lines on stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -191,6 +204,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_TAG_TTL", value_name = "SECS")]
     pub tag_ttl: Option<u64>,
 
+    /// Hash cached blobs again as they are served: on the first complete read after each start, on every one, or never [default: first]
+    #[arg(long, env = "REGCACHE_VERIFY_READS", value_name = "WHEN")]
+    pub verify_reads: Option<VerifyReads>,
+
     /// Client networks allowed to use the proxy, as CIDRs (repeatable) [default: loopback, plus the private ranges when listening beyond loopback]
     #[arg(
         long,
@@ -262,6 +279,10 @@ pub struct Settings {
     /// Never contact upstream: serve only what is cached (tags as cached, misses 404)
     #[arg(long, env = "REGCACHE_OFFLINE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub offline: Option<bool>,
+
+    /// Offline registries serve content of repositories not known public to every client, not only to proxy users [default: false]
+    #[arg(long, env = "REGCACHE_OFFLINE_SHARE_PRIVATE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub offline_share_private: Option<bool>,
 
     /// Per-registry settings (TOML only): [registries."ghcr.io"] tag_ttl = 300
     #[arg(skip)]
@@ -351,6 +372,7 @@ impl Settings {
             cache_dir: self.cache_dir.or(base.cache_dir),
             cache_size: self.cache_size.or(base.cache_size),
             tag_ttl: self.tag_ttl.or(base.tag_ttl),
+            verify_reads: self.verify_reads.or(base.verify_reads),
             allow: list(self.allow, base.allow),
             proxy_users: self.proxy_users.or(base.proxy_users),
             upstream_proxy: self.upstream_proxy.or(base.upstream_proxy),
@@ -358,6 +380,7 @@ impl Settings {
             public_ttl: self.public_ttl.or(base.public_ttl),
             auth_ttl: self.auth_ttl.or(base.auth_ttl),
             offline: self.offline.or(base.offline),
+            offline_share_private: self.offline_share_private.or(base.offline_share_private),
             mirror_tls: self.mirror_tls.or(base.mirror_tls),
             mirror_cert: self.mirror_cert.or(base.mirror_cert),
             mirror_key: self.mirror_key.or(base.mirror_key),
@@ -431,6 +454,8 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// Per-registry tag freshness, by canonical registry name.
     pub registry_tag_ttl: HashMap<String, Duration>,
+    /// When cached blobs are hashed again as they are served.
+    pub verify_reads: VerifyReads,
     /// Client networks allowed to use the proxy.
     pub allow: Vec<ipnet::IpNet>,
     /// htpasswd file of proxy users; None: no Proxy-Authorization needed.
@@ -447,6 +472,8 @@ pub struct Config {
     pub credentials: HashMap<String, UpstreamCredential>,
     /// Never contact any upstream.
     pub offline: bool,
+    /// Offline registries serve content not known public to every client.
+    pub offline_share_private: bool,
     /// HTTPS listener for the mirror endpoints.
     pub mirror_tls: Option<SocketAddr>,
     /// Its certificate and key, if not minted by the regcache CA.
@@ -612,6 +639,7 @@ impl Config {
             mirror_cert,
             mirror_names,
             offline: s.offline.unwrap_or(false),
+            offline_share_private: s.offline_share_private.unwrap_or(false),
             registry_offline,
             allow,
             proxy_users: s.proxy_users,
@@ -624,6 +652,7 @@ impl Config {
             cache_size,
             tag_ttl: Duration::from_secs(s.tag_ttl.unwrap_or(60)),
             registry_tag_ttl,
+            verify_reads: s.verify_reads.unwrap_or(VerifyReads::First),
             listen,
             ca,
             upstream_ca: s.upstream_ca,
@@ -776,6 +805,22 @@ mod tests {
         assert_eq!(config.ca, CaSource::Dir(PathBuf::from("certs")));
         assert_eq!(config.connect_ports, vec![443]);
         assert_eq!(config.other_hosts, OtherHosts::Tunnel);
+        assert_eq!(config.verify_reads, VerifyReads::First);
+        assert!(!config.offline_share_private);
+    }
+
+    #[test]
+    fn verify_reads_and_offline_share_private_from_a_file() {
+        let file = Settings::from_toml(
+            "verify_reads = \"always\"\noffline_share_private = true",
+            Path::new("f"),
+        )
+        .unwrap();
+        let config = Config::from_settings(file).unwrap();
+        assert_eq!(config.verify_reads, VerifyReads::Always);
+        assert!(config.offline_share_private);
+        let err = Settings::from_toml("verify_reads = \"sometimes\"", Path::new("f")).unwrap_err();
+        assert!(err.to_string().contains("verify_reads"), "{err}");
     }
 
     #[test]

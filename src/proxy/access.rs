@@ -247,6 +247,8 @@ impl ProxyUsers {
     }
 }
 
+pub use crate::serve::ProxyUser;
+
 /// Both gates, built once at start from the [`Config`].
 #[derive(Debug)]
 pub struct Access {

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::access::ProxyUser;
 use super::ConnContext;
 use crate::serve::{self, Origin, Target};
 use crate::tls::sni::{choose_leaf, LeafChoice};
@@ -34,8 +35,16 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
 
 /// Serves one intercepted tunnel until the client closes it or shutdown.
+/// `proxy_user` marks every request inside when the CONNECT was made by a
+/// proxy user.
 #[tracing::instrument(name = "tunnel", skip_all, fields(client = %ctx.peer, host = %host))]
-pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, port: u16) {
+pub async fn serve_tunnel(
+    ctx: ConnContext,
+    upgraded: Upgraded,
+    host: String,
+    port: u16,
+    proxy_user: Option<ProxyUser>,
+) {
     let origin = match Origin::https(&host, port) {
         Ok(origin) => origin,
         Err(e) => {
@@ -50,7 +59,10 @@ pub async fn serve_tunnel(ctx: ConnContext, upgraded: Upgraded, host: String, po
     let app = ctx.app.clone();
     let peer = ctx.peer;
     let target = Arc::new(Target::new(origin));
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+        if let Some(user) = proxy_user {
+            req.extensions_mut().insert(user);
+        }
         let (app, target) = (app.clone(), target.clone());
         async move { Ok::<_, Infallible>(serve::handle(&app, &target, peer, req).await) }
     });

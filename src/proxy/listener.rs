@@ -128,6 +128,10 @@ async fn route(ctx: ConnContext, mut req: Request<Incoming>) -> Response<Body> {
     if let Some(refusal) = authenticate(&ctx, &req).await {
         return refusal;
     }
+    if ctx.app.access.users_for(&req).is_some() {
+        // authenticate() accepted its Proxy-Authorization.
+        req.extensions_mut().insert(access::ProxyUser);
+    }
     if req.method() == Method::CONNECT {
         return connect(ctx, req).await;
     }
@@ -261,9 +265,12 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
         Decision::Intercept => {
             log.cache = "INTERCEPT";
             let tasks = ctx.tasks.clone();
+            let proxy_user = req.extensions().get::<access::ProxyUser>().copied();
             tasks.spawn(async move {
                 match hyper::upgrade::on(req).await {
-                    Ok(upgraded) => intercept::serve_tunnel(ctx, upgraded, host, port).await,
+                    Ok(upgraded) => {
+                        intercept::serve_tunnel(ctx, upgraded, host, port, proxy_user).await
+                    }
                     Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                 }
             });

@@ -9,6 +9,10 @@
 //!   served from the cache, otherwise upstream's answer is passed on.
 //! - Cached only through other registries: treated as missing, so the bytes
 //!   come from this registry (the rule is in [`crate::registry::link`]).
+//! - A whole-file read from the cache is hashed on its way out when
+//!   `verify_reads` asks ([`read::must_verify`]); a file whose bytes changed
+//!   on disk ends its response with an error and is fetched again by the
+//!   next request.
 //! - Missing: `HEAD` is passed upstream; `GET` joins or leads the single
 //!   download of the digest ([`crate::cache::fill`]), and the digest is
 //!   linked to the repository once the download's bytes matched it.
@@ -188,7 +192,7 @@ pub(crate) async fn from_cache(app: &App, parts: &Parts, digest: &Digest) -> Opt
         Some(file) => {
             app.cache.count(true);
             Some(Served::new(
-                from_file(parts, &cached, file),
+                from_file(app, parts, &cached, file),
                 CacheStatus::Hit,
             ))
         }
@@ -263,24 +267,31 @@ fn unsatisfiable(digest: &Digest, size: u64) -> Response<Body> {
 }
 
 /// A cached blob, whole or in part.
-fn from_file(parts: &Parts, cached: &Cached, file: Arc<std::fs::File>) -> Response<Body> {
+fn from_file(
+    app: &App,
+    parts: &Parts,
+    cached: &Cached,
+    file: Arc<std::fs::File>,
+) -> Response<Body> {
     let size = cached.size;
     let head = parts.method == Method::HEAD;
+    let body_of = |start: u64, end: u64| {
+        let whole = start == 0 && end == size;
+        if head {
+            body::empty()
+        } else if read::must_verify(app.config.verify_reads, cached.is_verified(), whole) {
+            read::verifying(app.cache.clone(), cached, file)
+        } else {
+            read::complete(file, start, end, cached.lease.clone())
+        }
+    };
     match span(&parts.headers, size) {
         Span::Whole => {
-            let body = if head {
-                body::empty()
-            } else {
-                read::complete(file, 0, size, cached.lease.clone())
-            };
+            let body = body_of(0, size);
             blob_response(StatusCode::OK, &cached.digest, Some(size), body)
         }
         Span::Part { start, end } => {
-            let body = if head {
-                body::empty()
-            } else {
-                read::complete(file, start, end, cached.lease.clone())
-            };
+            let body = body_of(start, end);
             let resp = blob_response(
                 StatusCode::PARTIAL_CONTENT,
                 &cached.digest,

@@ -33,6 +33,7 @@ use crate::body::{self, Body};
 use crate::cache::freshness::{
     after_revalidation, classify, now_ms, Revalidation, TagAction, TagRecord,
 };
+use crate::cache::read::must_verify;
 use crate::cache::Cached;
 use crate::registry::digest::{Digest, DigestHasher};
 use crate::registry::error::ErrorCode;
@@ -281,7 +282,10 @@ pub(crate) fn usable(app: &App, digest: &Digest, parts: &Parts) -> Option<Cached
     accepts(&parts.headers, &cached.media_type).then_some(cached)
 }
 
-/// Serves a cached manifest; None if its file vanished.
+/// Serves a cached manifest; None if its file vanished or no longer
+/// matches its digest (checked before serving as `verify_reads` says; a
+/// damaged entry is dropped, so the caller fetches it again or answers as
+/// for a manifest not cached).
 pub(crate) async fn from_cache(
     app: &App,
     cached: &Cached,
@@ -295,6 +299,19 @@ pub(crate) async fn from_cache(
             return None;
         }
     };
+    if must_verify(app.config.verify_reads, cached.is_verified(), true) {
+        if !cached.digest.matches(&bytes) {
+            tracing::warn!(
+                digest = %cached.digest,
+                "cached manifest does not match its digest (changed on disk): not served, entry dropped"
+            );
+            if let Err(e) = app.cache.drop_damaged(cached).await {
+                tracing::warn!(error = %e, "cannot drop a damaged cache entry");
+            }
+            return None;
+        }
+        cached.mark_verified();
+    }
     app.cache.count(true);
     Some(Served::new(
         manifest_response(parts, &cached.digest, &cached.media_type, bytes),

@@ -3,19 +3,73 @@
 //! No upstream is contacted, ever: tags resolve to what the cache holds
 //! whatever their age, digests are served when cached and linked to the
 //! repository or public through some repository (the verdict of
-//! [`crate::registry::link`] with no registry to confirm), and everything else answers 404 at once (with a log line),
-//! so clients fail fast instead of waiting for a network that is not there.
-//! With no upstream to judge credentials, cached content is served to every
-//! client allowed on the proxy: `allow` and `proxy_users` guard it.
+//! [`crate::registry::link`] with no registry to confirm), and everything
+//! else answers 404 at once (with a log line), so clients fail fast instead of waiting for a network that is not there.
+//!
+//! With no upstream to judge credentials, only content of repositories known
+//! public (the registry was seen to accept an anonymous pull, or an imported
+//! bundle said so) is served to every client. Content of any other
+//! repository is served only to proxy users (a request whose
+//! `Proxy-Authorization` named a user of `proxy_users`) or, when the operator
+//! chose so, to everyone (`offline_share_private = true`); anyone else gets
+//! 403 whether or not the repository is cached, so the answer does not tell
+//! which private images are there ([`verdict`]).
 
 use http::request::Parts;
 use http::{Method, StatusCode};
 
-use super::{blobs, error_json, manifests, mirror, CacheStatus, Served, Target};
+use super::{blobs, error_json, manifests, mirror, CacheStatus, ProxyUser, Served, Target};
 use crate::app::App;
 use crate::registry::error::ErrorCode;
-use crate::registry::link::{verdict, LinkVerdict};
+use crate::registry::link::{self, LinkVerdict};
 use crate::registry::route::{Reference, Route};
+
+/// Whether an offline registry serves a repository's cached content to a
+/// request, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The repository is known public: to everyone.
+    Public,
+    /// Not known public, but the request comes from a proxy user.
+    ProxyUser,
+    /// Not known public, but `offline_share_private = true`.
+    SharedByConfig,
+    /// Not known public, and none of the above: refused.
+    Refused,
+}
+
+/// Decides who an offline registry serves: `openness` is what the cache
+/// knows of the repository (Some(true) public, Some(false) guarded, None
+/// never learnt), whatever its age, since no registry can be asked again.
+pub fn verdict(openness: Option<bool>, proxy_user: bool, share_private: bool) -> Verdict {
+    match openness {
+        Some(true) => Verdict::Public,
+        _ if proxy_user => Verdict::ProxyUser,
+        _ if share_private => Verdict::SharedByConfig,
+        _ => Verdict::Refused,
+    }
+}
+
+/// The 403 for a repository an offline registry does not serve to this
+/// request, with a log line naming the rule.
+fn refused(target: &Target, repo: &str) -> Served {
+    tracing::warn!(
+        registry = %target.registry,
+        repo,
+        "offline: repository not known public; its content is served only to proxy users (proxy_users) or with offline_share_private = true (403)"
+    );
+    Served::new(
+        error_json(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Denied,
+            &format!(
+                "{} is offline and serves repositories not known public only to proxy users",
+                target.registry
+            ),
+        ),
+        CacheStatus::Pass,
+    )
+}
 
 /// Serves a request for an offline registry.
 pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> Served {
@@ -30,8 +84,16 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
             CacheStatus::Pass,
         );
     }
+    let proxy_user = parts.extensions.get::<ProxyUser>().is_some();
+    let allowed = |repo: &str| {
+        let openness = app.cache.openness(registry, repo).map(|(public, _)| public);
+        verdict(openness, proxy_user, app.config.offline_share_private) != Verdict::Refused
+    };
     match route {
         Route::Base => Served::new(mirror::base_response(), CacheStatus::Hit),
+        Route::Manifest { name, .. } | Route::Blob { name, .. } if !allowed(name.as_str()) => {
+            refused(target, name.as_str())
+        }
         Route::Manifest { name, reference } => {
             let repo = name.as_str();
             let digest = match &reference {
@@ -72,7 +134,7 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
 
 /// Whether `digest` may be served through `repo` with no registry to ask.
 fn servable(app: &App, registry: &str, repo: &str, digest: &crate::registry::Digest) -> bool {
-    verdict(app.cache.link_facts(registry, repo, digest)) == LinkVerdict::Serve
+    link::verdict(app.cache.link_facts(registry, repo, digest)) == LinkVerdict::Serve
 }
 
 fn missing(target: &Target, what: &str, code: ErrorCode) -> Served {
@@ -85,4 +147,31 @@ fn missing(target: &Target, what: &str, code: ErrorCode) -> Served {
         ),
         CacheStatus::Miss,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn who_an_offline_registry_serves() {
+        // (openness, proxy user, offline_share_private) -> verdict
+        let table = [
+            (Some(true), false, false, Verdict::Public),
+            (Some(true), true, true, Verdict::Public),
+            (Some(false), false, false, Verdict::Refused),
+            (None, false, false, Verdict::Refused),
+            (Some(false), true, false, Verdict::ProxyUser),
+            (None, true, true, Verdict::ProxyUser),
+            (Some(false), false, true, Verdict::SharedByConfig),
+            (None, false, true, Verdict::SharedByConfig),
+        ];
+        for (openness, user, share, want) in table {
+            assert_eq!(
+                verdict(openness, user, share),
+                want,
+                "openness {openness:?}, proxy user {user}, share {share}"
+            );
+        }
+    }
 }

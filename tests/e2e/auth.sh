@@ -343,7 +343,71 @@ if [ -z "$leaks" ]; then
 else
     fail "secrets:$leaks"
 fi
-if grep -hE 'panicked at|stack backtrace' "$W/regcache.log" >"$W/tmp/panics"; then
+# ------------------------------------------------- export and offline
+# The private image never leaves in a bundle unless asked for, and an offline
+# regcache does not hand it to anonymous clients.
+note "stopping regcache; exporting its cache"
+stop_named regcache
+BUNDLE=$W/bundle.tar
+run export-default 60 "$REGCACHE_BIN" export -o "$BUNDLE" --cache-dir "$CACHE_DIR"
+rc=$?
+if [ "$rc" != 0 ] && [ ! -e "$BUNDLE" ] && grep -q "left out $PRIV/$NAME:1" "$LAST_LOG"; then
+    pass "export without --include-private leaves out $NAME:1 (exit $rc, no bundle): $(grep -m1 'left out' "$LAST_LOG" | cut -c1-160)"
+else
+    fail "export without --include-private: rc=$rc, bundle $(test -e "$BUNDLE" && echo written || echo absent)"
+    show_last
+fi
+PBUNDLE=$W/bundle-private.tar
+if run export-private 60 "$REGCACHE_BIN" export --include-private -o "$PBUNDLE" --cache-dir "$CACHE_DIR" &&
+    grep -q "including private image $PRIV/$NAME:1" "$LAST_LOG"; then
+    marked=$(python3 -c 'import json, sys, tarfile
+t = tarfile.open(sys.argv[1])
+idx = json.load(t.extractfile("index.json"))
+print(" ".join(d["annotations"]["io.regcache.ref"] + "=" + d["annotations"]["io.regcache.public"] for d in idx["manifests"]))' "$PBUNDLE")
+    if [ "$marked" = "$PRIV/$NAME:1=false" ]; then
+        pass "export --include-private says so on stderr and marks the image not public ($marked)"
+    else
+        fail "export --include-private: index.json annotations are '$marked'"
+    fi
+    if grep -qaF -- "$ALICE_PW" "$PBUNDLE" || grep -qaF -- "$B64" "$PBUNDLE"; then
+        fail "the bundle holds $ALICE's credential"
+    else
+        pass "the bundle holds no credential"
+    fi
+else
+    fail "export --include-private"
+    show_last
+fi
+OFF_CACHE=$W/offline-cache
+if run import-private 60 "$REGCACHE_BIN" import "$PBUNDLE" --cache-dir "$OFF_CACHE"; then
+    serve_args=(--listen "127.0.0.1:$PROXYPORT" --ca-dir "$W/regcache/certs" --cache-dir "$OFF_CACHE"
+        --intercept "$PRIV" --resolve "$PRIV=127.0.0.1:$REGPORT" --offline)
+    start_bg regcache "$W/regcache.offline.log" env -C "$W/regcache" HOME="$W/regcache" \
+        "$REGCACHE_BIN" serve "${serve_args[@]}"
+    if wait_until 30 "${PID_OF[regcache]}" proxy_up; then
+        code=$(through -o "$W/tmp/x" -w '%{http_code}' "$BASE/$NAME/blobs/$blob")
+        if [ "$code" = 403 ] && [ "$(sha256_of <"$W/tmp/x")" != "$blob" ]; then
+            pass "offline regcache with the imported private image: anonymous GET of its blob is refused (403)"
+        else
+            fail "offline regcache: anonymous GET of the imported private blob answered $code"
+        fi
+        if run skopeo-anon-offline 60 "${SKOPEO[@]}" copy --src-cert-dir "$W/client-certs" \
+            "$SRC:1" "oci:$W/out/anon-offline:x"; then
+            fail "offline regcache: an anonymous skopeo copy of $NAME:1 succeeded"
+        else
+            pass "offline regcache: an anonymous skopeo copy of $NAME:1 fails"
+        fi
+        stop_named regcache
+    else
+        fail "the offline regcache did not start"
+        tail -n 20 "$W/regcache.offline.log" | indent
+    fi
+else
+    fail "import of the --include-private bundle"
+    show_last
+fi
+
+if grep -hE 'panicked at|stack backtrace' "$W"/regcache*.log >"$W/tmp/panics"; then
     fail "regcache logged a panic"
     head -n 5 "$W/tmp/panics" | indent
 else

@@ -658,6 +658,68 @@ else
         fi
     fi
 
+    # Bytes at rest: a layer file changed while regcache was stopped must not
+    # be served as complete; the entry is dropped and fetched again.
+    note "stopping regcache, flipping one byte in two cached layers, starting it again"
+    cache_file() { echo "$W/regcache/cache/blobs/sha256/${1:7:2}/${1:7}"; }
+    flip_middle() { # flip_middle FILE: xor one byte in the middle, in place
+        python3 -c 'import os, sys
+p = sys.argv[1]
+with open(p, "r+b") as f:
+    f.seek(os.path.getsize(p) // 2); b = f.read(1); f.seek(-1, 1); f.write(bytes([b[0] ^ 1]))' "$1"
+    }
+    layer_gets() { grep -cE "\"GET /v2/[^ ]*/blobs/$1 HTTP/[0-9.]+\" 20[06]" "$W/registry.log"; }
+    stop_named regcache
+    if flip_middle "$(cache_file "$PAYLOAD_DIGEST")" && flip_middle "$(cache_file "$CONCURRENT_LAYER_DIGEST")"; then
+        before=$(layer_gets "$PAYLOAD_DIGEST")
+        REGCACHE_LOG=$W/regcache.verify.log
+        start_regcache "$REGCACHE_LOG"
+        if wait_until 30 "${PID_OF[regcache]}" proxy_up; then
+            # skopeo is the first reader of the damaged layer of e2e-small:1.
+            ok=0
+            for attempt in 1 2 3; do
+                if run "verify-skopeo-small-$attempt" 120 "${SKOPEO[@]}" copy "${skopeo_src[@]}" \
+                    "$HUBLIB/e2e-small:1" "oci:$W/out/verify-small-$attempt:x"; then
+                    ok=1
+                    break
+                fi
+                note "skopeo attempt $attempt failed: $(grep -m1 -iE 'fatal|error' "$LAST_LOG" | cut -c1-300)"
+            done
+            if [ "$ok" = 1 ]; then
+                check_digest "skopeo copy e2e-small:1 with a layer changed on disk (succeeded on attempt $attempt)" \
+                    "$SMALL_DIGEST" "$(layout_digest "$W/out/verify-small-$attempt")"
+            else
+                fail "skopeo copy e2e-small:1 with a layer changed on disk failed 3 times"
+                show_last
+            fi
+            after=$(layer_gets "$PAYLOAD_DIGEST")
+            if [ "$after" -gt "$before" ]; then
+                pass "the registry log shows the damaged layer fetched again ($before -> $after GETs)"
+            else
+                fail "the damaged layer was not fetched again from the registry ($before -> $after GETs)"
+            fi
+            # A plain GET of the other damaged layer must not complete.
+            curl -sS --max-time 30 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/damaged" \
+                "https://$HUB/v2/library/e2e-concurrent/blobs/$CONCURRENT_LAYER_DIGEST" 2>"$W/tmp/curl.err"
+            crc=$?
+            if [ "$crc" != 0 ] && [ "$(sha256_of <"$W/tmp/damaged")" != "$CONCURRENT_LAYER_DIGEST" ]; then
+                pass "curl GET of a layer changed on disk does not complete (exit $crc: $(head -c 100 "$W/tmp/curl.err" | tr '\n' ' '))"
+            else
+                fail "a layer changed on disk was served complete (curl exit $crc)"
+            fi
+            if grep -q 'does not match its digest' "$REGCACHE_LOG"; then
+                pass "regcache logs the damaged entries (does not match its digest)"
+            else
+                fail "regcache did not log the damaged entries"
+            fi
+        else
+            fail "regcache did not come back after the byte flips"
+            tail -n 20 "$REGCACHE_LOG" | indent
+        fi
+    else
+        fail "cannot flip a byte in the cached layers (not cached?)"
+    fi
+
     note "stopping the upstream; pulls must now be served from the cache"
     stop_named registry
     if [ -n "$TAG_TTL" ]; then

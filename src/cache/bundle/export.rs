@@ -13,6 +13,15 @@
 //! repository ([`crate::registry::link`]). A manifest can name digests of
 //! someone else's private image; those are left out (with a warning), as the
 //! proxy would not serve them through that repository either.
+//!
+//! Only images of repositories known public (the registry accepted an
+//! anonymous pull) are exported unless `--include-private` is given: a
+//! bundle travels to places and people the registry never vetted. The images
+//! left out are named on stderr with the reason; with the flag, the private
+//! images included are named instead and carry `io.regcache.public=false`,
+//! so an importing regcache guards them. The bundle holds content and names
+//! only: no links of other repositories, no credentials, no openness of
+//! repositories it does not carry.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -48,6 +57,10 @@ pub struct ExportSummary {
     pub bytes: u64,
     /// Content the images refer to that the cache did not have.
     pub missing: Vec<Digest>,
+    /// Images of repositories not known public, left out.
+    pub private_left_out: Vec<ImageRef>,
+    /// Images of repositories not known public, exported (`--include-private`).
+    pub private_included: Vec<ImageRef>,
     /// The bundle.
     pub output: PathBuf,
 }
@@ -71,6 +84,27 @@ impl fmt::Display for ExportSummary {
             0 => {}
             1 => write!(f, "; 1 item not in the cache was left out")?,
             n => write!(f, "; {n} items not in the cache were left out")?,
+        }
+        match self.private_left_out.len() {
+            0 => {}
+            n => write!(
+                f,
+                "; {n} private image{} left out (--include-private exports {})",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "it" } else { "them" }
+            )?,
+        }
+        if !self.private_included.is_empty() {
+            write!(
+                f,
+                "; {} private image{} included",
+                self.private_included.len(),
+                if self.private_included.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            )?;
         }
         writeln!(f)
     }
@@ -145,18 +179,54 @@ impl Catalog {
 }
 
 /// Writes the images named by `requested` (every tagged image when empty)
-/// from the cache in `dir` to the bundle `output`.
+/// from the cache in `dir` to the bundle `output`. Images of repositories
+/// not known public are left out (and named on stderr) unless
+/// `include_private`; then they are exported, named on stderr, and marked
+/// not public in the bundle.
 pub fn export(
     dir: &Path,
     requested: &[String],
     output: &Path,
+    include_private: bool,
 ) -> Result<ExportSummary, BundleError> {
     let index = offline::open(dir)?;
     let catalog = Catalog::new(dir, index.load().map_err(crate::cache::CacheError::from)?);
-    let images = select(&catalog, requested)?;
-    let summary = write_bundle(&catalog, &images, output)?;
+    let selected = select(&catalog, requested)?;
+    let mut images = Vec::new();
+    let (mut left_out, mut included) = (Vec::new(), Vec::new());
+    for (image, digest) in selected {
+        let openness = catalog.public(&image);
+        if openness == Some(true) {
+            images.push((image, digest));
+            continue;
+        }
+        let why = private_reason(&image, openness);
+        if include_private {
+            eprintln!("regcache: warning: including private image {image} ({why}): whoever holds the bundle can read it");
+            included.push(image.clone());
+            images.push((image, digest));
+        } else {
+            eprintln!("regcache: warning: left out {image}: {why} (--include-private exports it)");
+            left_out.push(image);
+        }
+    }
+    if images.is_empty() {
+        return Err(BundleError::OnlyPrivate(left_out.len()));
+    }
+    let mut summary = write_bundle(&catalog, &images, output)?;
+    summary.private_left_out = left_out;
+    summary.private_included = included;
     drop(index);
     Ok(summary)
+}
+
+/// Why an image does not count as public, for the person at the terminal.
+fn private_reason(image: &ImageRef, openness: Option<bool>) -> String {
+    let repo = format!("{}/{}", image.registry, image.repository);
+    match openness {
+        Some(false) => format!("{repo} is private: its registry refused an anonymous pull"),
+        _ => format!("{repo} is not known to be public: no anonymous pull of it was seen to work"),
+    }
 }
 
 /// The images to export, with their top manifests.
@@ -392,9 +462,10 @@ fn descriptor(
     }
     annotations.insert(REGCACHE_REF.to_string(), name.clone());
     annotations.insert(CONTAINERD_NAME.to_string(), name);
-    if let Some(public) = catalog.public(image) {
-        annotations.insert(REGCACHE_PUBLIC.to_string(), public.to_string());
-    }
+    // Always said: an importing regcache takes "true" as public and guards
+    // everything else.
+    let public = catalog.public(image) == Some(true);
+    annotations.insert(REGCACHE_PUBLIC.to_string(), public.to_string());
     Ok(Descriptor {
         media_type,
         digest: root.to_string(),
