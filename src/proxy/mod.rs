@@ -9,9 +9,6 @@
 pub mod access;
 mod intercept;
 mod listener;
-/// Where a request may go; moved to [`crate::policy`] so that `serve` and
-/// `upstream` use the same decisions.
-pub use crate::policy;
 mod tunnel;
 
 use std::future::Future;
