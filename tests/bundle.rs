@@ -914,3 +914,244 @@ fn blob_name(digest: &str) -> String {
     let (alg, hex) = digest.split_once(':').unwrap();
     format!("blobs/{alg}/{hex}")
 }
+
+/// `--include-private` puts a private image (team/secret) and an attacker's
+/// public image (attacker/pub) whose manifest names the private layer into
+/// one bundle. The bundle carries the layer for team/secret, but export
+/// records it as withheld from attacker/pub, and import never links it
+/// there: after import, no anonymous client reads the private layer through
+/// attacker/pub, offline or with the registry unreachable. The private
+/// image still reaches its proxy users, and a base layer legitimately
+/// shared by a public image (library/base) and a private one (team/app) is
+/// still linked to the public image.
+#[tokio::test]
+async fn a_hostile_public_manifest_in_a_bundle_with_the_private_image_gets_no_link_to_its_layer() {
+    let env = Env::new().await;
+    env.reg.set_hook(|req| {
+        let guarded = req.path.starts_with("/v2/team/");
+        (guarded && req.header("authorization").as_deref() != Some(TEAM_CRED)).then(|| {
+            registry::Answer::error(
+                401,
+                &req.path,
+                vec![("www-authenticate".into(), "Basic realm=\"team\"".into())],
+            )
+        })
+    });
+    // The private image, and the attacker's image naming its layer.
+    let (config, layer) = (blob_bytes(50, 700), blob_bytes(51, 200_000));
+    let secret = image_manifest(&config, &[&layer]);
+    for data in [&config, &layer] {
+        env.reg.put_blob("team/secret", data.clone());
+    }
+    let secret_d = env
+        .reg
+        .put_manifest("team/secret", Some("1"), OCI_MANIFEST, secret.clone());
+    let own = blob_bytes(52, 500);
+    env.reg.put_blob("attacker/pub", own.clone());
+    let hostile = image_manifest(&own, &[&layer]);
+    let hostile_d =
+        env.reg
+            .put_manifest("attacker/pub", Some("evil"), OCI_MANIFEST, hostile.clone());
+    // A public base image and a private image built on it.
+    let (base_c, base_l) = (blob_bytes(60, 600), blob_bytes(61, 150_000));
+    let (app_c, app_l) = (blob_bytes(62, 600), blob_bytes(63, 100_000));
+    let base = image_manifest(&base_c, &[&base_l]);
+    let app = image_manifest(&app_c, &[&base_l, &app_l]);
+    for data in [&base_c, &base_l] {
+        env.reg.put_blob("library/base", data.clone());
+    }
+    for data in [&app_c, &base_l, &app_l] {
+        env.reg.put_blob("team/app", data.clone());
+    }
+    let base_d = env
+        .reg
+        .put_manifest("library/base", Some("1"), OCI_MANIFEST, base.clone());
+    let app_d = env
+        .reg
+        .put_manifest("team/app", Some("1"), OCI_MANIFEST, app.clone());
+
+    let secret_pulled: Pulled = vec![
+        ("/v2/team/secret/manifests/1".into(), secret.clone()),
+        (format!("/v2/team/secret/manifests/{secret_d}"), secret),
+        (format!("/v2/team/secret/blobs/{}", sha256(&config)), config),
+        (
+            format!("/v2/team/secret/blobs/{}", sha256(&layer)),
+            layer.clone(),
+        ),
+    ];
+    let app_pulled: Pulled = vec![
+        ("/v2/team/app/manifests/1".into(), app.clone()),
+        (format!("/v2/team/app/manifests/{app_d}"), app),
+        (format!("/v2/team/app/blobs/{}", sha256(&app_c)), app_c),
+        (
+            format!("/v2/team/app/blobs/{}", sha256(&base_l)),
+            base_l.clone(),
+        ),
+        (format!("/v2/team/app/blobs/{}", sha256(&app_l)), app_l),
+    ];
+    let public_pulled: Pulled = vec![
+        ("/v2/library/base/manifests/1".into(), base.clone()),
+        (format!("/v2/library/base/manifests/{base_d}"), base),
+        (
+            format!("/v2/library/base/blobs/{}", sha256(&base_c)),
+            base_c,
+        ),
+        (
+            format!("/v2/library/base/blobs/{}", sha256(&base_l)),
+            base_l,
+        ),
+        ("/v2/attacker/pub/manifests/evil".into(), hostile.clone()),
+        (format!("/v2/attacker/pub/manifests/{hostile_d}"), hostile),
+        (format!("/v2/attacker/pub/blobs/{}", sha256(&own)), own),
+    ];
+
+    let cache = env.path("cache");
+    let proxy = env.proxy(&cache).start().await;
+    for (path, body) in secret_pulled.iter().chain(&app_pulled) {
+        let got = get_with(&proxy, path, Some(TEAM_CRED), None).await;
+        assert_eq!((got.status, &got.body), (StatusCode::OK, body), "{path}");
+    }
+    for (path, body) in &public_pulled {
+        let got = get(&proxy, path).await;
+        assert_eq!((got.status, &got.body), (StatusCode::OK, body), "{path}");
+    }
+    let evil_layer = format!("/v2/attacker/pub/blobs/{}", sha256(&layer));
+    let got = get(&proxy, &evil_layer).await;
+    assert_ne!(got.status, StatusCode::OK, "sanity: online, no link yet");
+    stop(proxy).await;
+
+    // The private image first, so its layer is written before the
+    // attacker's image is walked.
+    let bundle = env.path("both.tar");
+    let (code, _, err) = regcache(&[
+        "export",
+        "--include-private",
+        "-o",
+        s(&bundle),
+        "--cache-dir",
+        s(&cache),
+        "team/secret:1",
+        "team/app:1",
+        "library/base:1",
+        "attacker/pub:evil",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} is named by docker.io/attacker/pub:evil but not linked",
+            sha256(&layer)
+        )),
+        "{err}"
+    );
+    let names: Vec<String> = entries(&bundle).into_iter().map(|(n, _)| n).collect();
+    assert!(
+        names.contains(&blob_name(&sha256(&layer))),
+        "the bundle carries the private layer for team/secret: {names:?}"
+    );
+    let index = bundle_index(&bundle);
+    let withheld: Vec<(String, String)> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let a = &d["annotations"];
+            (
+                a["io.regcache.ref"].as_str().unwrap().to_string(),
+                a["io.regcache.withheld"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        withheld,
+        [
+            ("docker.io/team/secret:1".to_string(), String::new()),
+            ("docker.io/team/app:1".to_string(), String::new()),
+            ("docker.io/library/base:1".to_string(), String::new()),
+            ("docker.io/attacker/pub:evil".to_string(), sha256(&layer)),
+        ]
+    );
+
+    let fresh = env.path("fresh");
+    let (code, out, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 digest not linked"), "{out}");
+    assert!(err.contains("withheld"), "{err}");
+    env.reg.stop().await;
+
+    let refused = |got: &Got, what: &str| {
+        assert_ne!(got.status, StatusCode::OK, "{what}");
+        assert!(
+            !got.body.windows(64).any(|w| w == &layer[..64]),
+            "{what}: not the private bytes"
+        );
+    };
+    let users = env.path("users.htpasswd");
+    std::fs::write(
+        &users,
+        format!("carol:{}\n", bcrypt::hash("carol-pw", 4).unwrap()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &users,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
+    )
+    .unwrap();
+    let carol = common_basic("carol", "carol-pw");
+
+    // Offline: public content to everyone, the private layer not through
+    // attacker/pub, the private images to nobody anonymous.
+    let proxy = env.proxy(&fresh).arg("--offline").start().await;
+    refused(&get(&proxy, &evil_layer).await, "offline, anonymous");
+    assert_offline(&proxy, &public_pulled, None, true, "public, anonymous").await;
+    assert_offline(&proxy, &secret_pulled, None, false, "private, anonymous").await;
+    stop(proxy).await;
+
+    // Offline with proxy users: carol gets the private images, and still
+    // not the private layer through attacker/pub (it is not linked there).
+    let proxy = env
+        .proxy(&fresh)
+        .args(["--offline", "--proxy-users", s(&users)])
+        .start()
+        .await;
+    assert_offline(
+        &proxy,
+        &secret_pulled,
+        Some(&carol),
+        true,
+        "private, proxy user",
+    )
+    .await;
+    assert_offline(
+        &proxy,
+        &app_pulled,
+        Some(&carol),
+        true,
+        "private app, proxy user",
+    )
+    .await;
+    assert_offline(
+        &proxy,
+        &public_pulled,
+        Some(&carol),
+        true,
+        "public, proxy user",
+    )
+    .await;
+    refused(
+        &get_with(&proxy, &evil_layer, None, Some(&carol)).await,
+        "offline, proxy user",
+    );
+    stop(proxy).await;
+
+    // Online with the registry gone: the same.
+    let proxy = env.proxy(&fresh).start().await;
+    refused(&get(&proxy, &evil_layer).await, "registry unreachable");
+    let base_layer = &public_pulled[3];
+    let got = get(&proxy, &base_layer.0).await;
+    assert_eq!(
+        (got.status, &got.body, got.x_cache.as_str()),
+        (StatusCode::OK, &base_layer.1, "HIT"),
+        "the shared base layer is linked to library/base"
+    );
+    stop(proxy).await;
+}

@@ -18,6 +18,23 @@
 //! | `io.regcache.ref` | `docker.io/library/alpine:3.20` | registry, repository and tag (or `@digest`) |
 //! | `io.containerd.image.name` | the same | the name `ctr images import` gives the image |
 //! | `io.regcache.public` | `true` | whether the repository was known public where it was exported (`false` for private images exported with `--include-private`) |
+//! | `io.regcache.withheld` | `sha256:…,sha256:…` | digests the image's manifests name that its repository could not see where it was exported (empty when none); always written by regcache |
+//!
+//! **Withheld digests.** A manifest may name any digest, also one of
+//! someone else's private image (registries accept manifests naming digests
+//! they do not hold). [`export`] leaves such a digest out *for that image*
+//! and lists it in `io.regcache.withheld`, but the bundle may still carry
+//! the blob for another image that may see it (`--include-private`).
+//! [`import`] therefore never links a withheld digest to the image's
+//! repository, nor anything reached only through it. A bundle without the
+//! annotation (written by a regcache before it existed, or by another tool)
+//! cannot say what its exporter withheld, so import is conservative: a
+//! digest that an image of *another* repository not marked public
+//! (`io.regcache.public` other than `true`) also reaches is not linked to
+//! the image's repository (the top manifest always is). And in any bundle,
+//! a digest the bundle does not carry is linked only if the cache already
+//! links it to the image's repository. What is not linked is named in a
+//! warning; a pull through the repository links it.
 //!
 //! [`export`] streams cache files into the tar, never holding a blob in
 //! memory. [`import`] treats the tar as hostile: only the three kinds of
@@ -54,6 +71,9 @@ pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const REGCACHE_REF: &str = "io.regcache.ref";
 /// regcache's annotation saying whether the repository was public.
 pub const REGCACHE_PUBLIC: &str = "io.regcache.public";
+/// regcache's annotation listing the digests withheld from the image
+/// (comma-separated; see the module documentation).
+pub const REGCACHE_WITHHELD: &str = "io.regcache.withheld";
 /// containerd's annotation for an image's full name.
 pub const CONTAINERD_NAME: &str = "io.containerd.image.name";
 /// The largest manifest read into memory (registries refuse larger ones).
@@ -326,6 +346,39 @@ pub fn children(body: &[u8]) -> Vec<Child> {
     out
 }
 
+/// The value of [`REGCACHE_WITHHELD`] for `digests`: comma-separated, in the
+/// order given, empty for none.
+pub fn format_withheld(digests: &[Digest]) -> String {
+    digests
+        .iter()
+        .map(Digest::as_str)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Reads a [`REGCACHE_WITHHELD`] value back: empty means none; spaces
+/// around items are ignored; anything that is not a digest is an error (a
+/// bundle whose annotation cannot be read is refused, not half trusted).
+pub fn parse_withheld(value: &str) -> Result<Vec<Digest>, String> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Ok(Vec::new());
+    }
+    value
+        .split(',')
+        .map(|item| {
+            let item = item.trim();
+            item.parse::<Digest>()
+                .map_err(|e| format!("{:?} is not a digest: {e}", cut(item)))
+        })
+        .collect()
+}
+
+/// At most 100 characters of `text`, for messages.
+fn cut(text: &str) -> String {
+    text.chars().take(100).collect()
+}
+
 /// Reads all of `reader`, refusing more than `limit` bytes.
 pub(crate) fn read_limited(
     reader: impl Read,
@@ -533,6 +586,23 @@ mod tests {
         assert!(got.iter().all(|c| !c.manifest));
         assert_eq!(got[2].size, None);
         assert!(children(b"not json").is_empty());
+    }
+
+    #[test]
+    fn withheld_lists_round_trip_and_refuse_garbage() {
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        assert_eq!(format_withheld(&[]), "");
+        assert_eq!(parse_withheld("").unwrap(), Vec::<Digest>::new());
+        assert_eq!(parse_withheld("  ").unwrap(), Vec::<Digest>::new());
+        let text = format_withheld(&[a.clone(), b.clone()]);
+        assert_eq!(text, format!("{a},{b}"));
+        assert_eq!(parse_withheld(&text).unwrap(), [a.clone(), b.clone()]);
+        assert_eq!(parse_withheld(&format!(" {a} , {b} ")).unwrap(), [a, b]);
+        for bad in ["sha256:bogus", ",", "x", &format!("{},", Digest::of(b"c"))] {
+            assert!(parse_withheld(bad).is_err(), "{bad:?}");
+        }
+        let long = "y".repeat(5000);
+        assert!(parse_withheld(&long).unwrap_err().len() < 300);
     }
 
     #[test]

@@ -12,7 +12,12 @@
 //! repository may see it: linked to that repository or public through some
 //! repository ([`crate::registry::link`]). A manifest can name digests of
 //! someone else's private image; those are left out (with a warning), as the
-//! proxy would not serve them through that repository either.
+//! proxy would not serve them through that repository either, and listed in
+//! the image's `io.regcache.withheld` annotation: the bundle may still carry
+//! the blob for another image (a private one, with `--include-private`),
+//! and the annotation tells an importing regcache not to link it to this
+//! image's repository. Every image's manifests are walked in full for this,
+//! also below content an earlier image already wrote.
 //!
 //! Only images of repositories known public (the registry accepted an
 //! anonymous pull) are exported unless `--include-private` is given: a
@@ -32,9 +37,9 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 
 use super::{
-    blob_name, children, human, io_err, progress_bar, read_limited, warn, BundleError, Descriptor,
-    HashingReader, LayoutIndex, CONTAINERD_NAME, INDEX_FILE, LAYOUT_FILE, LAYOUT_JSON,
-    MAX_MANIFEST, REF_NAME, REGCACHE_PUBLIC, REGCACHE_REF,
+    blob_name, children, format_withheld, human, io_err, progress_bar, read_limited, warn,
+    BundleError, Descriptor, HashingReader, LayoutIndex, CONTAINERD_NAME, INDEX_FILE, LAYOUT_FILE,
+    LAYOUT_JSON, MAX_MANIFEST, REF_NAME, REGCACHE_PUBLIC, REGCACHE_REF, REGCACHE_WITHHELD,
 };
 use crate::cache::index::Snapshot;
 use crate::cache::offline::{self, ImageRef};
@@ -307,8 +312,22 @@ fn image_of_tag_key(key: &str) -> Option<ImageRef> {
     (ImageRef::parse(&image.to_string()).ok()? == image).then_some(image)
 }
 
-/// The content of one image not yet written: (digest, size, is a manifest),
-/// top manifest first. Children the cache lacks go to `missing`.
+/// What one image's walk found.
+#[derive(Debug, Default)]
+struct ImagePlan {
+    /// Content not yet written: (digest, size, is a manifest), top
+    /// manifest first.
+    items: Vec<(Digest, u64, bool)>,
+    /// Cached digests its manifests name that its repository may not see:
+    /// not written for it, and listed in [`REGCACHE_WITHHELD`].
+    withheld: Vec<Digest>,
+}
+
+/// Walks one image from its top manifest `root` through every manifest
+/// (also those `written` for an earlier image, so that what is withheld
+/// from this image is known in full). Children the cache lacks go to
+/// `missing`; withheld ones go there too, once, as they are left out of
+/// this image.
 fn plan(
     catalog: &Catalog,
     image: &ImageRef,
@@ -316,12 +335,12 @@ fn plan(
     written: &HashSet<Digest>,
     missing: &mut Vec<Digest>,
     bar: &ProgressBar,
-) -> Result<Vec<(Digest, u64, bool)>, BundleError> {
-    let mut items = Vec::new();
+) -> Result<ImagePlan, BundleError> {
+    let mut out = ImagePlan::default();
     let mut seen = HashSet::new();
     let mut stack = vec![(root.clone(), true)];
     while let Some((digest, manifest)) = stack.pop() {
-        if written.contains(&digest) || !seen.insert(digest.clone()) {
+        if !seen.insert(digest.clone()) {
             continue;
         }
         let Some(size) = catalog.cached(&digest) else {
@@ -332,18 +351,21 @@ fn plan(
             continue;
         };
         if digest != *root && !catalog.visible(image, &digest) {
+            warn(
+                bar,
+                &format!(
+                    "{digest} is named by {image} but not linked to its repository; left out of it (and withheld from it on import)"
+                ),
+            );
             if !missing.contains(&digest) {
-                warn(
-                    bar,
-                    &format!(
-                        "{digest} is named by {image} but not linked to its repository; left out"
-                    ),
-                );
-                missing.push(digest);
+                missing.push(digest.clone());
             }
+            out.withheld.push(digest);
             continue;
         }
-        items.push((digest.clone(), size, manifest));
+        if !written.contains(&digest) {
+            out.items.push((digest.clone(), size, manifest));
+        }
         if manifest {
             let path = content_file(&catalog.dir, &digest);
             let file = File::open(&path).map_err(io_err(&path))?;
@@ -353,7 +375,7 @@ fn plan(
             }
         }
     }
-    Ok(items)
+    Ok(out)
 }
 
 /// Deletes a file when dropped, unless disarmed.
@@ -394,7 +416,8 @@ fn write_bundle(
     let mut descriptors = Vec::new();
     for (image, root) in images {
         let bar = progress_bar(0, image.to_string());
-        let items = plan(catalog, image, root, &written, &mut summary.missing, &bar)?;
+        let ImagePlan { items, withheld } =
+            plan(catalog, image, root, &written, &mut summary.missing, &bar)?;
         bar.set_length(items.iter().map(|(_, size, _)| size).sum());
         for (digest, size, manifest) in items {
             let alg = digest.algorithm();
@@ -411,7 +434,7 @@ fn write_bundle(
             written.insert(digest);
         }
         bar.finish();
-        descriptors.push(descriptor(catalog, image, root)?);
+        descriptors.push(descriptor(catalog, image, root, &withheld)?);
         summary.images.push((image.clone(), root.clone()));
     }
 
@@ -433,11 +456,13 @@ fn write_bundle(
     Ok(summary)
 }
 
-/// The `index.json` entry of one image.
+/// The `index.json` entry of one image; `withheld` are the digests its
+/// manifests name that its repository may not see.
 fn descriptor(
     catalog: &Catalog,
     image: &ImageRef,
     root: &Digest,
+    withheld: &[Digest],
 ) -> Result<Descriptor, BundleError> {
     let (size, cached_type) = catalog
         .content
@@ -466,6 +491,9 @@ fn descriptor(
     // everything else.
     let public = catalog.public(image) == Some(true);
     annotations.insert(REGCACHE_PUBLIC.to_string(), public.to_string());
+    // Always said, empty for none: its absence marks a bundle of a regcache
+    // (or tool) that did not say, which import treats conservatively.
+    annotations.insert(REGCACHE_WITHHELD.to_string(), format_withheld(withheld));
     Ok(Descriptor {
         media_type,
         digest: root.to_string(),

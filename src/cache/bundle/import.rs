@@ -13,8 +13,17 @@
 //!    a manifest (and of what media type), and which image goes to which
 //!    registry, repository and tag.
 //! 3. **Commit** (async, on the caller's tokio runtime): move the staged
-//!    files into the cache with [`Cache::commit`], link every digest of each
+//!    files into the cache with [`Cache::commit`], link the digests of each
 //!    image to its repository and set its tag (`fetched_at` = now).
+//!
+//! What an image's walk reaches is not all linked to its repository (a
+//! manifest's names are pointers, never links; see [`super`]): a digest the
+//! image's `io.regcache.withheld` lists is not linked, nor visited below; a
+//! digest the bundle does not carry is linked only if the cache already
+//! links it there; and for an image without the annotation (an older
+//! bundle), a digest an image of another repository not marked public also
+//! reaches is not linked ([`hold_back_unvouched`]). Each is named in a
+//! warning and counted in the summary.
 //!
 //! Until phase 3 nothing in the cache has changed, and staged files are
 //! removed on any failure; `tmp/` is also wiped whenever a cache is opened.
@@ -29,8 +38,9 @@ use std::sync::Arc;
 use indicatif::ProgressBar;
 
 use super::{
-    children, classify, human, io_err, progress_bar, read_limited, warn, BundleError, EntryKind,
-    LayoutIndex, CONTAINERD_NAME, MAX_INDEX, MAX_MANIFEST, REGCACHE_PUBLIC, REGCACHE_REF,
+    children, classify, human, io_err, parse_withheld, progress_bar, read_limited, warn,
+    BundleError, EntryKind, LayoutIndex, CONTAINERD_NAME, MAX_INDEX, MAX_MANIFEST, REGCACHE_PUBLIC,
+    REGCACHE_REF, REGCACHE_WITHHELD,
 };
 use crate::cache::freshness::{now_ms, TagRecord};
 use crate::cache::offline::ImageRef;
@@ -54,6 +64,10 @@ pub struct ImportSummary {
     pub already: usize,
     /// Content the images refer to that neither the bundle nor the cache has.
     pub missing: Vec<Digest>,
+    /// Digests an image's manifests name that were not linked to its
+    /// repository (withheld by the exporter, not carried, or shared with a
+    /// private image of another repository in an older bundle).
+    pub not_linked: Vec<(ImageRef, Digest)>,
     /// The bundle.
     pub bundle: PathBuf,
 }
@@ -78,6 +92,17 @@ impl fmt::Display for ImportSummary {
             0 => {}
             1 => write!(f, "; 1 item was not in the bundle")?,
             n => write!(f, "; {n} items were not in the bundle")?,
+        }
+        match self.not_linked.len() {
+            0 => {}
+            1 => write!(
+                f,
+                "; 1 digest not linked to the image naming it (a pull links it)"
+            )?,
+            n => write!(
+                f,
+                "; {n} digests not linked to the images naming them (a pull links them)"
+            )?,
         }
         writeln!(f)
     }
@@ -224,9 +249,24 @@ struct Item {
 struct PlannedImage {
     name: ImageRef,
     root: Digest,
-    /// Every digest of the image present in the bundle or the cache.
+    /// The digests of the image to link to its repository: reached by its
+    /// walk, carried by the bundle (or linked there already), not withheld.
     digests: Vec<Digest>,
+    /// Whether its descriptor says what the exporter withheld
+    /// ([`REGCACHE_WITHHELD`], even empty).
+    vouched: bool,
     public: Option<bool>,
+}
+
+/// One image's walk: what it reaches, and what it may not link.
+struct Reach<'a> {
+    name: &'a ImageRef,
+    /// Its [`REGCACHE_WITHHELD`] digests.
+    withheld: HashSet<Digest>,
+    /// Reached and linkable.
+    digests: Vec<Digest>,
+    /// Named, but not to be linked (and not walked below).
+    held: Vec<Digest>,
 }
 
 /// What phase 2 decided.
@@ -236,6 +276,7 @@ struct Plan {
     items: Vec<Item>,
     images: Vec<PlannedImage>,
     missing: Vec<Digest>,
+    not_linked: Vec<(ImageRef, Digest)>,
 }
 
 /// Phase 2: checks the layout, every descriptor's size, and the names.
@@ -274,13 +315,42 @@ fn verify(cache: &Cache, staged: &Staged) -> Result<Plan, BundleError> {
             .parse::<Digest>()
             .map_err(|e| BundleError::Layout(format!("index.json: {e}")))?;
         let name = image_name(&desc.annotations, &root)?;
-        if !staged.blobs.contains_key(&root) && !cache.contains(&root) {
+        // A top manifest the bundle does not carry counts only if this cache
+        // already has it for the image's repository.
+        let carried = staged.blobs.contains_key(&root);
+        let linked_here =
+            cache.contains(&root) && cache.is_linked(&name.registry, &name.repository, &root);
+        if !carried && !linked_here {
             return Err(BundleError::Layout(format!(
                 "index.json names {root} ({name}), which the bundle does not contain"
             )));
         }
-        let mut digests = Vec::new();
-        walk.visit(&root, Some(desc.size), &desc.media_type, true, &mut digests)?;
+        let withheld = match desc.annotations.get(REGCACHE_WITHHELD) {
+            None => None,
+            Some(value) => Some(parse_withheld(value).map_err(|e| {
+                BundleError::Layout(format!(
+                    "index.json entry {root} ({name}): {REGCACHE_WITHHELD}: {e}"
+                ))
+            })?),
+        };
+        let vouched = withheld.is_some();
+        let withheld: HashSet<Digest> = withheld.into_iter().flatten().collect();
+        if withheld.contains(&root) {
+            return Err(BundleError::Layout(format!(
+                "index.json entry {root} ({name}) withholds its own manifest"
+            )));
+        }
+        let mut reach = Reach {
+            name: &name,
+            withheld,
+            digests: Vec::new(),
+            held: Vec::new(),
+        };
+        walk.visit(&root, Some(desc.size), &desc.media_type, true, &mut reach)?;
+        let (digests, held) = (reach.digests, reach.held);
+        walk.plan
+            .not_linked
+            .extend(held.into_iter().map(|d| (name.clone(), d)));
         let public = desc
             .annotations
             .get(REGCACHE_PUBLIC)
@@ -289,10 +359,24 @@ fn verify(cache: &Cache, staged: &Staged) -> Result<Plan, BundleError> {
             name,
             root,
             digests,
+            vouched,
             public,
         });
     }
-    let plan = walk.plan;
+    let mut plan = walk.plan;
+    for (i, digest, other) in hold_back_unvouched(&mut plan.images) {
+        let (image, other) = (&plan.images[i].name, &plan.images[other].name);
+        warn(
+            &bar,
+            &format!(
+                "{digest} is named by {image} and also reached by {other}, which is not marked public; \
+                 the bundle does not say whether its exporter let {image} see it (no {REGCACHE_WITHHELD}: an older regcache or another tool wrote it), \
+                 so it is not linked to {}/{}; a pull of {image} links it",
+                image.registry, image.repository
+            ),
+        );
+        plan.not_linked.push((image.clone(), digest));
+    }
     let need: u64 = plan
         .items
         .iter()
@@ -333,6 +417,48 @@ fn image_name(
     Ok(name)
 }
 
+/// For the images whose descriptor does not say what its exporter withheld
+/// (`vouched` false): takes out of `digests` every digest but the top
+/// manifest that an image of another repository not marked public
+/// (`public` other than `Some(true)`) also reaches. Without the annotation
+/// nothing tells a private image's layer, carried for that image, from the
+/// same digest named by a hostile manifest of another repository; so such a
+/// digest is linked only to the repositories that may see it for sure (the
+/// private image's own). Content shared only with public images stays
+/// linked: it is served to everyone anyway. Decided on every image's walk
+/// as found, before any is changed; returns (image, digest, the other
+/// image) by index into `images`.
+fn hold_back_unvouched(images: &mut [PlannedImage]) -> Vec<(usize, Digest, usize)> {
+    let mut reached: HashMap<&Digest, Vec<usize>> = HashMap::new();
+    for (i, image) in images.iter().enumerate() {
+        for d in &image.digests {
+            reached.entry(d).or_default().push(i);
+        }
+    }
+    let mut out = Vec::new();
+    for (i, image) in images.iter().enumerate() {
+        if image.vouched {
+            continue;
+        }
+        let same_repo = |o: &PlannedImage| {
+            o.name.registry == image.name.registry && o.name.repository == image.name.repository
+        };
+        for d in image.digests.iter().filter(|d| **d != image.root) {
+            let other = reached.get(d).into_iter().flatten().copied().find(|&j| {
+                let o = &images[j];
+                j != i && !same_repo(o) && o.public != Some(true)
+            });
+            if let Some(j) = other {
+                out.push((i, d.clone(), j));
+            }
+        }
+    }
+    for (i, d, _) in &out {
+        images[*i].digests.retain(|x| x != d);
+    }
+    out
+}
+
 /// The walk from each image's top manifest down to its blobs.
 struct Walk<'a> {
     cache: &'a Cache,
@@ -344,16 +470,29 @@ struct Walk<'a> {
 }
 
 impl Walk<'_> {
-    /// Checks `digest` (and, for a manifest, what it names) and plans it.
+    /// Checks `digest` (and, for a manifest, what it names) and plans it;
+    /// notes it in `reach` as linkable, or held back.
     fn visit(
         &mut self,
         digest: &Digest,
         size: Option<u64>,
         media_type: &str,
         manifest: bool,
-        digests: &mut Vec<Digest>,
+        reach: &mut Reach<'_>,
     ) -> Result<(), BundleError> {
-        if digests.contains(digest) {
+        if reach.digests.contains(digest) || reach.held.contains(digest) {
+            return Ok(());
+        }
+        let name = reach.name;
+        if reach.withheld.contains(digest) {
+            warn(
+                self.bar,
+                &format!(
+                    "{digest} is named by {name} but its exporter withheld it ({name}'s repository could not see it there); not linked to {}/{}",
+                    name.registry, name.repository
+                ),
+            );
+            reach.held.push(digest.clone());
             return Ok(());
         }
         let body_path = match self.staged.blobs.get(digest) {
@@ -367,7 +506,24 @@ impl Walk<'_> {
                 }
                 path.clone()
             }
-            None if self.cache.contains(digest) => self.cache.content_path(digest),
+            None if self.cache.contains(digest)
+                && self
+                    .cache
+                    .is_linked(&name.registry, &name.repository, digest) =>
+            {
+                self.cache.content_path(digest)
+            }
+            None if self.cache.contains(digest) => {
+                warn(
+                    self.bar,
+                    &format!(
+                        "{digest} is named by {name}, not in the bundle, and not linked to {}/{} in this cache; not linked (a pull of {name} links it)",
+                        name.registry, name.repository
+                    ),
+                );
+                reach.held.push(digest.clone());
+                return Ok(());
+            }
             None => {
                 if !self.plan.missing.contains(digest) {
                     warn(self.bar, &format!("{digest} is not in the bundle"));
@@ -376,7 +532,7 @@ impl Walk<'_> {
                 return Ok(());
             }
         };
-        digests.push(digest.clone());
+        reach.digests.push(digest.clone());
         let mut stored_type = String::new();
         if manifest {
             let file = File::open(&body_path).map_err(io_err(&body_path))?;
@@ -387,7 +543,7 @@ impl Walk<'_> {
                     child.size,
                     &child.media_type,
                     child.manifest,
-                    digests,
+                    reach,
                 )?;
             }
             let announced = Some(media_type).filter(|t| !t.trim().is_empty());
@@ -411,6 +567,7 @@ async fn commit(
 ) -> Result<ImportSummary, BundleError> {
     let mut summary = ImportSummary {
         missing: plan.missing,
+        not_linked: plan.not_linked,
         ..ImportSummary::default()
     };
     // Held until the end, so committing later items never evicts earlier ones.
@@ -700,5 +857,209 @@ mod tests {
         let _held = open_cache(dir.path(), 1 << 20).unwrap();
         let err = open_cache(dir.path(), 1 << 20).err().unwrap().to_string();
         assert!(err.contains("stop it first"), "{err}");
+    }
+
+    /// An image manifest naming `config` and `layers`.
+    fn manifest_of(config: &[u8], layers: &[&[u8]]) -> Vec<u8> {
+        let layers: Vec<_> = layers
+            .iter()
+            .map(|l| {
+                serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                                        "digest": Digest::of(l).to_string(), "size": l.len()})
+            })
+            .collect();
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": Digest::of(config).to_string(), "size": config.len()},
+            "layers": layers,
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    /// One image of [`write_images`]: reference, public, withheld (None: no
+    /// annotation), manifest.
+    type Img<'a> = (&'a str, bool, Option<String>, &'a [u8]);
+
+    /// A bundle of `images` carrying `blobs` (and every manifest).
+    fn write_images(path: &Path, images: &[Img<'_>], blobs: &[&[u8]]) -> PathBuf {
+        let manifests: Vec<_> = images
+            .iter()
+            .map(|(name, public, withheld, m)| {
+                let mut a =
+                    serde_json::json!({REGCACHE_REF: name, REGCACHE_PUBLIC: public.to_string()});
+                if let Some(w) = withheld {
+                    a[REGCACHE_WITHHELD] = serde_json::Value::from(w.as_str());
+                }
+                serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                   "digest": Digest::of(m).to_string(), "size": m.len(),
+                                   "annotations": a})
+            })
+            .collect();
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": manifests}).to_string();
+        let mut tar = tar::Builder::new(Vec::new());
+        let regular = tar::EntryType::Regular;
+        entry(&mut tar, "oci-layout", regular, LAYOUT_JSON.as_bytes());
+        let mut all: Vec<&[u8]> = blobs.to_vec();
+        all.extend(images.iter().map(|i| i.3));
+        let mut done = HashSet::new();
+        for b in all {
+            if done.insert(Digest::of(b)) {
+                entry(&mut tar, &blob_name(&Digest::of(b)), regular, b);
+            }
+        }
+        entry(&mut tar, "index.json", regular, index.as_bytes());
+        std::fs::write(path, tar.into_inner().unwrap()).unwrap();
+        path.to_path_buf()
+    }
+
+    /// team/secret (private) and attacker/pub (public), whose manifest names
+    /// the private layer: (secret config, layer, attacker config, secret
+    /// manifest, attacker manifest).
+    fn hostile_pair() -> [Vec<u8>; 5] {
+        let (config, layer, own) = (
+            b"{\"s\":1}".to_vec(),
+            vec![9u8; 3000],
+            b"{\"a\":1}".to_vec(),
+        );
+        let secret = manifest_of(&config, &[&layer]);
+        let hostile = manifest_of(&own, &[&layer]);
+        [config, layer, own, secret, hostile]
+    }
+
+    const SECRET: &str = "docker.io/team/secret:1";
+    const EVIL: &str = "docker.io/attacker/pub:evil";
+
+    #[tokio::test]
+    async fn a_withheld_digest_is_never_linked_to_the_image_it_was_withheld_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let [config, layer, own, secret, hostile] = hostile_pair();
+        let l = Digest::of(&layer);
+        let path = write_images(
+            &dir.path().join("b.tar"),
+            &[
+                (EVIL, true, Some(l.to_string()), &hostile),
+                (SECRET, false, Some(String::new()), &secret),
+            ],
+            &[&config, &layer, &own],
+        );
+        let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
+        let summary = import(&cache, &path).await.unwrap();
+        assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
+        assert!(cache.is_linked("docker.io", "team/secret", &l));
+        for d in [Digest::of(&hostile), Digest::of(&own)] {
+            assert!(cache.is_linked("docker.io", "attacker/pub", &d));
+        }
+        assert_eq!(summary.not_linked.len(), 1, "{summary}");
+        assert_eq!(summary.not_linked[0].1, l);
+        assert!(
+            summary.to_string().contains("1 digest not linked"),
+            "{summary}"
+        );
+        assert!(
+            cache.content_path(&l).is_file(),
+            "committed for team/secret"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_older_bundle_links_nothing_a_private_image_of_another_repository_reaches() {
+        let dir = tempfile::tempdir().unwrap();
+        let [config, layer, own, secret, hostile] = hostile_pair();
+        // A legitimately shared base: public library/base and private
+        // team/app built on it. Without the annotation the two cannot be
+        // told apart from the hostile pair, so the base is not linked to
+        // library/base either (a pull re-earns it); team/app keeps it.
+        let (base, app_layer, base_c, app_c) = (
+            vec![1u8; 2000],
+            vec![2u8; 2000],
+            b"{\"b\":1}".to_vec(),
+            b"{\"p\":1}".to_vec(),
+        );
+        let base_m = manifest_of(&base_c, &[&base]);
+        let app_m = manifest_of(&app_c, &[&base, &app_layer]);
+        let secret2 = manifest_of(&config, &[]);
+        let path = write_images(
+            &dir.path().join("b.tar"),
+            &[
+                (EVIL, true, None, &hostile),
+                (SECRET, false, None, &secret),
+                ("docker.io/team/secret:2", false, None, &secret2),
+                ("docker.io/library/base:1", true, None, &base_m),
+                ("docker.io/team/app:1", false, None, &app_m),
+            ],
+            &[&config, &layer, &own, &base, &app_layer, &base_c, &app_c],
+        );
+        let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
+        let summary = import(&cache, &path).await.unwrap();
+        let (l, b) = (Digest::of(&layer), Digest::of(&base));
+        assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
+        assert!(cache.is_linked("docker.io", "attacker/pub", &Digest::of(&own)));
+        assert!(cache.is_linked("docker.io", "attacker/pub", &Digest::of(&hostile)));
+        assert!(cache.is_linked("docker.io", "team/secret", &l));
+        // Shared within one repository: linked.
+        assert!(cache.is_linked("docker.io", "team/secret", &Digest::of(&config)));
+        assert!(!cache.is_linked("docker.io", "library/base", &b));
+        assert!(cache.is_linked("docker.io", "team/app", &b));
+        assert_eq!(summary.not_linked.len(), 2, "{summary}");
+    }
+
+    #[tokio::test]
+    async fn content_the_bundle_does_not_carry_is_linked_only_if_already_linked_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let [config, layer, own, secret, hostile] = hostile_pair();
+        let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
+        let first = write_images(
+            &dir.path().join("secret.tar"),
+            &[(SECRET, false, Some(String::new()), &secret)],
+            &[&config, &layer],
+        );
+        import(&cache, &first).await.unwrap();
+        // A later bundle names the cached private layer without carrying it
+        // (and withholds nothing): the cache's copy is not linked to it.
+        let second = write_images(
+            &dir.path().join("evil.tar"),
+            &[(EVIL, true, Some(String::new()), &hostile)],
+            &[&own],
+        );
+        let summary = import(&cache, &second).await.unwrap();
+        let l = Digest::of(&layer);
+        assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
+        assert_eq!(summary.not_linked, [(ImageRef::parse(EVIL).unwrap(), l)]);
+        // Nor may index.json point a tag at a cached manifest of another
+        // repository that the bundle does not carry.
+        let third = dir.path().join("third.tar");
+        let mut tar = tar::Builder::new(Vec::new());
+        let regular = tar::EntryType::Regular;
+        entry(&mut tar, "oci-layout", regular, LAYOUT_JSON.as_bytes());
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": Digest::of(&secret).to_string(), "size": secret.len(),
+            "annotations": {REGCACHE_REF: EVIL, REGCACHE_PUBLIC: "true", REGCACHE_WITHHELD: ""}}]})
+        .to_string();
+        entry(&mut tar, "index.json", regular, index.as_bytes());
+        std::fs::write(&third, tar.into_inner().unwrap()).unwrap();
+        let err = import(&cache, &third).await.unwrap_err().to_string();
+        assert!(err.contains("does not contain"), "{err}");
+        assert!(!cache.is_linked("docker.io", "attacker/pub", &Digest::of(&secret)));
+    }
+
+    #[tokio::test]
+    async fn a_bad_withheld_annotation_refuses_the_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let [config, layer, _, secret, _] = hostile_pair();
+        for bad in ["sha256:nope".to_string(), Digest::of(&secret).to_string()] {
+            let path = write_images(
+                &dir.path().join("b.tar"),
+                &[(SECRET, false, Some(bad.clone()), &secret)],
+                &[&config, &layer],
+            );
+            let cache = open_cache(&dir.path().join(format!("c{}", bad.len())), 1 << 30).unwrap();
+            let err = import(&cache, &path).await.unwrap_err();
+            assert!(matches!(err, BundleError::Layout(_)), "{bad}: {err}");
+            assert_eq!(cache.stats().links, 0);
+        }
     }
 }
