@@ -81,7 +81,8 @@ const REDIRECT_PORT: Refusal = Refusal {
 };
 const REDIRECT_ADDRESS: Refusal = Refusal {
     rule: "redirect_address",
-    reason: "redirect to a loopback, link-local or private address refused",
+    reason: "redirect or token realm at a loopback, link-local or private address refused \
+             (map that host with --resolve to allow it)",
 };
 const REALM_SCHEME: Refusal = Refusal {
     rule: "realm_scheme",
@@ -89,7 +90,8 @@ const REALM_SCHEME: Refusal = Refusal {
 };
 const REALM_PORT: Refusal = Refusal {
     rule: "realm_port",
-    reason: "token realm on a port other than 443 and connect_ports refused",
+    reason: "token realm on a port other than 443 and connect_ports refused \
+             (add the port to connect_ports to allow it)",
 };
 
 /// What to do with a CONNECT.
@@ -275,24 +277,41 @@ pub fn keeps_credentials(start: &Uri, next: &Uri) -> bool {
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
+            let [a, b, c, _] = v4.octets();
             v4.is_loopback()
                 || v4.is_private()
                 || v4.is_link_local()
                 || v4.is_unspecified()
                 || v4.is_broadcast()
-                || (a == 100 && (64..128).contains(&b))
+                || (a == 100 && (64..128).contains(&b)) // shared (CGNAT)
                 || a == 0
+                || (a == 192 && b == 0 && c == 0) // IETF protocol assignments
+                || (a == 198 && (b & 0xfe) == 18) // benchmarking
+                || a >= 240 // reserved
         }
         IpAddr::V6(v6) => {
             if let Some(v4) = v6.to_ipv4_mapped() {
                 return is_internal(IpAddr::V4(v4));
             }
-            let first = v6.segments()[0];
+            let s = v6.segments();
+            // IPv4-compatible (::a.b.c.d) and NAT64 (64:ff9b::a.b.c.d) carry
+            // an IPv4 address: judge that one.
+            let embedded = std::net::Ipv4Addr::new(
+                (s[6] >> 8) as u8,
+                s[6] as u8,
+                (s[7] >> 8) as u8,
+                s[7] as u8,
+            );
+            let compatible = s[..6] == [0; 6] && !v6.is_loopback() && !v6.is_unspecified();
+            let nat64 = s[..6] == [0x64, 0xff9b, 0, 0, 0, 0];
+            if compatible || nat64 {
+                return is_internal(IpAddr::V4(embedded));
+            }
             v6.is_loopback()
                 || v6.is_unspecified()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
+                || (s[0] & 0xfe00) == 0xfc00 // unique local
+                || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local
         }
     }
 }
@@ -499,6 +518,14 @@ mod tests {
             "fe80::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "192.0.0.1",
+            "198.18.0.1",
+            "198.19.255.254",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "fec0::1",
         ];
         for ip in internal {
             let ip: IpAddr = ip.parse().unwrap();
@@ -510,7 +537,15 @@ mod tests {
             assert!(decide_redirect_address(ip, true, false).is_ok());
             assert!(decide_redirect_address(ip, false, true).is_ok());
         }
-        for ip in ["93.184.216.34", "2606:4700::1111", "100.128.0.1", "8.8.8.8"] {
+        for ip in [
+            "93.184.216.34",
+            "2606:4700::1111",
+            "100.128.0.1",
+            "8.8.8.8",
+            "198.20.0.1",
+            "64:ff9b::808:808",
+            "::8.8.8.8",
+        ] {
             let ip: IpAddr = ip.parse().unwrap();
             assert!(!is_internal(ip), "{ip}");
             assert!(decide_redirect_address(ip, false, false).is_ok());

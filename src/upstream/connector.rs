@@ -184,6 +184,9 @@ enum Route {
     Parent(Arc<ParentProxy>),
 }
 
+/// The most addresses of one redirect target tried in turn.
+const MAX_REDIRECT_TRIES: usize = 4;
+
 /// The most registry addresses remembered (see [`ReachedAddresses`]).
 const MAX_REACHED: usize = 4096;
 
@@ -199,11 +202,17 @@ impl ReachedAddresses {
         self.addrs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers that a registry was reached at `ip`.
+    /// Remembers that a registry was reached at `ip`, when `ip` is an
+    /// internal address (public ones need no exception, and would only fill
+    /// the set).
     pub fn insert(&self, ip: IpAddr) {
+        let ip = ip.to_canonical();
+        if !crate::policy::is_internal(ip) {
+            return;
+        }
         let mut addrs = self.lock();
         if addrs.len() < MAX_REACHED {
-            addrs.insert(ip.to_canonical());
+            addrs.insert(ip);
         }
     }
 
@@ -500,8 +509,13 @@ impl ResolvingConnector {
             let mut refused = None;
             let mut failed: Option<BoxError> = None;
             // Every allowed address in turn, as HttpConnector would: a CDN's
-            // IPv6 address may be unreachable from here.
+            // IPv6 address may be unreachable from here. A few at most, so
+            // that a name with many dead addresses cannot hold a request.
+            let mut tries = 0;
             for addr in addrs {
+                if tries == MAX_REDIRECT_TRIES {
+                    break;
+                }
                 let ip = addr.ip();
                 if let Err(refusal) =
                     decide_redirect_address(ip, false, dialer.reached.contains(ip))
@@ -513,6 +527,7 @@ impl ResolvingConnector {
                     });
                     continue;
                 }
+                tries += 1;
                 let uri: Uri = format!("http://{addr}").parse()?;
                 match inner.call(uri).await {
                     Ok(stream) => return Ok(stream),
