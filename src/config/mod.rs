@@ -488,19 +488,28 @@ impl Config {
     /// Whether `registry` (a canonical registry name) is served from the
     /// cache only, never asked.
     pub fn is_offline(&self, registry: &str) -> bool {
-        self.registry_offline
-            .get(registry)
-            .copied()
-            .unwrap_or(self.offline)
+        settings_of(&self.registry_offline, registry).unwrap_or(self.offline)
     }
 
     /// The tag freshness for `registry` (a canonical registry name).
     pub fn tag_ttl_for(&self, registry: &str) -> Duration {
-        self.registry_tag_ttl
-            .get(registry)
-            .copied()
-            .unwrap_or(self.tag_ttl)
+        settings_of(&self.registry_tag_ttl, registry).unwrap_or(self.tag_ttl)
     }
+}
+
+/// The per-registry setting for the registry keyed `registry`, from its
+/// `[registries."…"]` table. An insecure registry (keyed `http://host:port`)
+/// is configured under its `host:port`, or its `host` for port 80, like the
+/// HTTPS registry of that name.
+fn settings_of<T: Copy>(table: &HashMap<String, T>, registry: &str) -> Option<T> {
+    let Some(host_port) = registry.strip_prefix("http://") else {
+        return table.get(registry).copied();
+    };
+    table.get(host_port).copied().or_else(|| {
+        host_port
+            .strip_suffix(":80")
+            .and_then(|host| table.get(host).copied())
+    })
 }
 
 impl Config {
@@ -867,6 +876,32 @@ mod tests {
         };
         let msg = Config::from_settings(bad).unwrap_err().to_string();
         assert!(msg.contains("cache_size"), "{msg}");
+    }
+
+    #[test]
+    fn insecure_registries_take_the_settings_of_their_host() {
+        let file = Settings::from_toml(
+            "tag_ttl = 5\ninsecure_registries = [\"plain.test:5000\", \"lab.test\"]\n\
+             [registries.\"plain.test:5000\"]\ntag_ttl = 300\noffline = true\n\
+             [registries.\"lab.test\"]\ntag_ttl = 7",
+            Path::new("f"),
+        )
+        .unwrap();
+        let config = Config::from_settings(file).unwrap();
+        assert_eq!(
+            config.tag_ttl_for("http://plain.test:5000"),
+            Duration::from_secs(300)
+        );
+        assert!(config.is_offline("http://plain.test:5000"));
+        assert_eq!(
+            config.tag_ttl_for("http://lab.test:80"),
+            Duration::from_secs(7)
+        );
+        assert!(!config.is_offline("http://lab.test:80"));
+        assert_eq!(
+            config.tag_ttl_for("http://other.test:80"),
+            Duration::from_secs(5)
+        );
     }
 
     #[test]
