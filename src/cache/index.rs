@@ -10,10 +10,11 @@
 //!
 //! A `meta` table holds the schema version. Version 1 (no `meta` table)
 //! linked every digest a manifest named to the manifest's repository, and
-//! its openness records could have been learnt over plain http: such links
-//! cannot be told apart from earned ones, so opening a version 1 index drops
-//! the links and openness tables (logged); links are earned again on the
-//! next pull, openness on the next request.
+//! its openness and tag records could have been learnt over plain http:
+//! such records cannot be told apart from earned ones, so opening a version
+//! 1 index drops the links, openness and tags tables (logged); content stays,
+//! links and tags are earned again on the next pull, openness on the next
+//! request.
 //!
 //! Every function here does blocking I/O: call it from `spawn_blocking`.
 
@@ -135,14 +136,17 @@ impl Index {
                 if existed {
                     let links = txn.open_table(LINKS)?.len()?;
                     let openness = txn.open_table(OPENNESS)?.len()?;
+                    let tags = txn.open_table(TAGS)?.len()?;
                     txn.delete_table(LINKS)?;
                     txn.delete_table(OPENNESS)?;
+                    txn.delete_table(TAGS)?;
                     tracing::info!(
                         from = version.unwrap_or(1),
                         to = SCHEMA_VERSION,
                         dropped_links = links,
                         dropped_openness = openness,
-                        "cache index migrated: links named by manifests and openness learnt before cannot be told apart from earned ones, so both were dropped; they are learnt again on the next pulls"
+                        dropped_tags = tags,
+                        "cache index migrated: links named by manifests, and openness and tags that plain http could have taught, cannot be told apart from earned ones, so they were dropped; they are learnt again on the next pulls"
                     );
                 }
                 meta.insert("schema", SCHEMA_VERSION)?;
@@ -300,10 +304,10 @@ mod tests {
     }
 
     /// A version 1 index (no `meta` table), as regcache wrote it before
-    /// links had to be earned: content, tags and counters stay; links and
-    /// openness go; the next open keeps what was written since.
+    /// links had to be earned: content and counters stay; links, openness
+    /// and tags go; the next open keeps what was written since.
     #[test]
-    fn a_version_1_index_loses_its_links_and_openness_and_nothing_else() {
+    fn a_version_1_index_loses_its_links_openness_and_tags_and_nothing_else() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.redb");
         {
@@ -343,7 +347,10 @@ mod tests {
         assert!(snap.links.is_empty(), "old links dropped: {:?}", snap.links);
         assert!(snap.openness.is_empty(), "old openness dropped");
         assert_eq!(snap.content.len(), 1, "content kept");
-        assert_eq!(snap.tags.len(), 1, "tags kept");
+        assert!(
+            snap.tags.is_empty(),
+            "old tags dropped (plain http could poison them)"
+        );
         assert_eq!(snap.counter("hits"), 4, "counters kept");
         // Migrated once: what was earned since survives the next open.
         let again = Index::open(&path).unwrap().load().unwrap();
