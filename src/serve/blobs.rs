@@ -66,7 +66,7 @@ pub async fn serve(
     }
     if parts.method == Method::HEAD {
         cache.count(false);
-        return forward_method(app, target, repo, parts, Method::HEAD).await;
+        return forward_method(app, target, repo, digest, parts, Method::HEAD).await;
     }
     for _ in 0..MAX_JOIN_ATTEMPTS {
         match cache.join_fill(digest) {
@@ -86,7 +86,7 @@ pub async fn serve(
                     Ok(Access::Serve) => {}
                     // The download is another registry's bytes: ask this one.
                     Ok(Access::Fetch) => {
-                        return forward_method(app, target, repo, parts, Method::GET).await
+                        return forward_method(app, target, repo, digest, parts, Method::GET).await
                     }
                 }
                 if let Err(refused) = sharing::check(app, target, repo, parts).await {
@@ -98,7 +98,7 @@ pub async fn serve(
         }
     }
     // Upstream keeps refusing the leaders: answer as it does.
-    forward_method(app, target, repo, parts, Method::GET).await
+    forward_method(app, target, repo, digest, parts, Method::GET).await
 }
 
 /// Fetches a missing blob for everyone: one upstream GET, stored as it
@@ -166,11 +166,14 @@ async fn lead(
 }
 
 /// Passes a request upstream (a HEAD on a miss, or a GET when the leaders
-/// keep failing) and returns upstream's answer as is.
+/// keep failing or the running download is another registry's) and returns
+/// upstream's answer; a blob it sends is verified on the way, its last byte
+/// held back until it matched `digest` (as fills do), though not cached.
 async fn forward_method(
     app: &Arc<App>,
     target: &super::Target,
     repo: &str,
+    digest: &Digest,
     parts: &Parts,
     method: Method,
 ) -> Served {
@@ -178,7 +181,14 @@ async fn forward_method(
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
+    let get = method == Method::GET;
     match sharing::fetch_for(app, target, repo, parts, method, uri).await {
+        Ok(resp) if get && resp.status() == StatusCode::OK => {
+            let total = content_length(resp.headers());
+            let (head, body) = passthrough(resp).into_parts();
+            let body = super::uncached::verified(body, digest.clone(), total);
+            Served::new(Response::from_parts(head, body), CacheStatus::Miss)
+        }
         Ok(resp) => Served::new(passthrough(resp), CacheStatus::Miss),
         Err(e) => Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     }
