@@ -28,10 +28,9 @@
 //! [`import`] therefore never links a withheld digest to the image's
 //! repository, nor anything reached only through it. A bundle without the
 //! annotation (written by a regcache before it existed, or by another tool)
-//! cannot say what its exporter withheld, so import is conservative: a
-//! digest that an image of *another* repository not marked public
-//! (`io.regcache.public` other than `true`) also reaches is not linked to
-//! the image's repository (the top manifest always is). And in any bundle,
+//! cannot say what its exporter withheld (older exporters copied whatever
+//! a manifest named), so import links only each image's top manifest; the
+//! rest is linked by a pull. And in any bundle,
 //! a digest the bundle does not carry is linked only if the cache already
 //! links it to the image's repository. What is not linked is named in a
 //! warning; a pull through the repository links it.

@@ -21,9 +21,8 @@
 //! image's `io.regcache.withheld` lists is not linked, nor visited below; a
 //! digest the bundle does not carry is linked only if the cache already
 //! links it there; and for an image without the annotation (an older
-//! bundle), a digest an image of another repository not marked public also
-//! reaches is not linked ([`hold_back_unvouched`]). Each is named in a
-//! warning and counted in the summary.
+//! bundle) only the top manifest is linked ([`hold_back_unvouched`]). Each
+//! is named in a warning and counted in the summary.
 //!
 //! Until phase 3 nothing in the cache has changed, and staged files are
 //! removed on any failure; `tmp/` is also wiped whenever a cache is opened.
@@ -65,8 +64,8 @@ pub struct ImportSummary {
     /// Content the images refer to that neither the bundle nor the cache has.
     pub missing: Vec<Digest>,
     /// Digests an image's manifests name that were not linked to its
-    /// repository (withheld by the exporter, not carried, or shared with a
-    /// private image of another repository in an older bundle).
+    /// repository (withheld by the exporter, not carried, or below the top
+    /// manifest of an image in an older bundle).
     pub not_linked: Vec<(ImageRef, Digest)>,
     /// The bundle.
     pub bundle: PathBuf,
@@ -364,18 +363,22 @@ fn verify(cache: &Cache, staged: &Staged) -> Result<Plan, BundleError> {
         });
     }
     let mut plan = walk.plan;
-    for (i, digest, other) in hold_back_unvouched(&mut plan.images) {
-        let (image, other) = (&plan.images[i].name, &plan.images[other].name);
+    for (i, held) in hold_back_unvouched(&mut plan.images) {
+        let image = plan.images[i].name.clone();
         warn(
             &bar,
             &format!(
-                "{digest} is named by {image} and also reached by {other}, which is not marked public; \
-                 the bundle does not say whether its exporter let {image} see it (no {REGCACHE_WITHHELD}: an older regcache or another tool wrote it), \
-                 so it is not linked to {}/{}; a pull of {image} links it",
-                image.registry, image.repository
+                "{image}: the bundle does not say what its exporter withheld (no {REGCACHE_WITHHELD}: \
+                 an older regcache or another tool wrote it), so only its top manifest is linked to \
+                 {}/{}; {} digests it names are not (a pull of {image} links them; a bundle \
+                 exported by this regcache links them all)",
+                image.registry,
+                image.repository,
+                held.len()
             ),
         );
-        plan.not_linked.push((image.clone(), digest));
+        plan.not_linked
+            .extend(held.into_iter().map(|d| (image.clone(), d)));
     }
     let need: u64 = plan
         .items
@@ -418,43 +421,25 @@ fn image_name(
 }
 
 /// For the images whose descriptor does not say what its exporter withheld
-/// (`vouched` false): takes out of `digests` every digest but the top
-/// manifest that an image of another repository not marked public
-/// (`public` other than `Some(true)`) also reaches. Without the annotation
-/// nothing tells a private image's layer, carried for that image, from the
-/// same digest named by a hostile manifest of another repository; so such a
-/// digest is linked only to the repositories that may see it for sure (the
-/// private image's own). Content shared only with public images stays
-/// linked: it is served to everyone anyway. Decided on every image's walk
-/// as found, before any is changed; returns (image, digest, the other
-/// image) by index into `images`.
-fn hold_back_unvouched(images: &mut [PlannedImage]) -> Vec<(usize, Digest, usize)> {
-    let mut reached: HashMap<&Digest, Vec<usize>> = HashMap::new();
-    for (i, image) in images.iter().enumerate() {
-        for d in &image.digests {
-            reached.entry(d).or_default().push(i);
-        }
-    }
+/// (`vouched` false: an older regcache or another tool wrote the bundle):
+/// takes every digest but the top manifest out of `digests`. Exporters
+/// before `io.regcache.withheld` copied whatever an image's manifests named,
+/// so nothing tells an image's own layers from another repository's private
+/// digests that a hostile manifest named; a pull of the image links them.
+/// Returns (image index into `images`, digests held back).
+fn hold_back_unvouched(images: &mut [PlannedImage]) -> Vec<(usize, Vec<Digest>)> {
     let mut out = Vec::new();
-    for (i, image) in images.iter().enumerate() {
+    for (i, image) in images.iter_mut().enumerate() {
         if image.vouched {
             continue;
         }
-        let same_repo = |o: &PlannedImage| {
-            o.name.registry == image.name.registry && o.name.repository == image.name.repository
-        };
-        for d in image.digests.iter().filter(|d| **d != image.root) {
-            let other = reached.get(d).into_iter().flatten().copied().find(|&j| {
-                let o = &images[j];
-                j != i && !same_repo(o) && o.public != Some(true)
-            });
-            if let Some(j) = other {
-                out.push((i, d.clone(), j));
-            }
+        let root = image.root.clone();
+        let (keep, held): (Vec<Digest>, Vec<Digest>) =
+            image.digests.drain(..).partition(|d| *d == root);
+        image.digests = keep;
+        if !held.is_empty() {
+            out.push((i, held));
         }
-    }
-    for (i, d, _) in &out {
-        images[*i].digests.retain(|x| x != d);
     }
     out
 }
@@ -695,7 +680,7 @@ mod tests {
                     "digest": self.manifest_digest().to_string(),
                     "size": self.manifest_size,
                     "annotations": {REF_NAME: "3.20", REGCACHE_REF: "docker.io/library/alpine:3.20",
-                                    REGCACHE_PUBLIC: "true"},
+                                    REGCACHE_PUBLIC: "true", REGCACHE_WITHHELD: ""},
                 }],
             })
             .to_string();
@@ -965,45 +950,39 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_older_bundle_links_nothing_a_private_image_of_another_repository_reaches() {
+    async fn an_older_bundle_links_only_each_images_top_manifest() {
         let dir = tempfile::tempdir().unwrap();
         let [config, layer, own, secret, hostile] = hostile_pair();
-        // A legitimately shared base: public library/base and private
-        // team/app built on it. Without the annotation the two cannot be
-        // told apart from the hostile pair, so the base is not linked to
-        // library/base either (a pull re-earns it); team/app keeps it.
-        let (base, app_layer, base_c, app_c) = (
-            vec![1u8; 2000],
-            vec![2u8; 2000],
-            b"{\"b\":1}".to_vec(),
-            b"{\"p\":1}".to_vec(),
-        );
-        let base_m = manifest_of(&base_c, &[&base]);
-        let app_m = manifest_of(&app_c, &[&base, &app_layer]);
-        let secret2 = manifest_of(&config, &[]);
+        // Without the annotation a hostile image that names a private
+        // layer cannot be told from an image and its own layers, whether
+        // or not the private image is in the bundle too: nothing but the
+        // top manifests is linked (pulls re-earn the rest).
         let path = write_images(
             &dir.path().join("b.tar"),
-            &[
-                (EVIL, true, None, &hostile),
-                (SECRET, false, None, &secret),
-                ("docker.io/team/secret:2", false, None, &secret2),
-                ("docker.io/library/base:1", true, None, &base_m),
-                ("docker.io/team/app:1", false, None, &app_m),
-            ],
-            &[&config, &layer, &own, &base, &app_layer, &base_c, &app_c],
+            &[(EVIL, true, None, &hostile), (SECRET, false, None, &secret)],
+            &[&config, &layer, &own],
         );
         let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
         let summary = import(&cache, &path).await.unwrap();
-        let (l, b) = (Digest::of(&layer), Digest::of(&base));
+        let l = Digest::of(&layer);
         assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
-        assert!(cache.is_linked("docker.io", "attacker/pub", &Digest::of(&own)));
+        assert!(!cache.is_linked("docker.io", "attacker/pub", &Digest::of(&own)));
         assert!(cache.is_linked("docker.io", "attacker/pub", &Digest::of(&hostile)));
-        assert!(cache.is_linked("docker.io", "team/secret", &l));
-        // Shared within one repository: linked.
-        assert!(cache.is_linked("docker.io", "team/secret", &Digest::of(&config)));
-        assert!(!cache.is_linked("docker.io", "library/base", &b));
-        assert!(cache.is_linked("docker.io", "team/app", &b));
-        assert_eq!(summary.not_linked.len(), 2, "{summary}");
+        assert!(cache.is_linked("docker.io", "team/secret", &Digest::of(&secret)));
+        assert!(!cache.is_linked("docker.io", "team/secret", &l));
+        assert!(cache.content_path(&l).is_file(), "the content is imported");
+        // hostile: own config + layer; secret: config + layer.
+        assert_eq!(summary.not_linked.len(), 4, "{summary}");
+        // The hostile image alone, as an older exporter wrote it (carrying
+        // the private layer): still nothing of it but its manifest.
+        let alone = write_images(
+            &dir.path().join("alone.tar"),
+            &[(EVIL, true, None, &hostile)],
+            &[&layer, &own],
+        );
+        let fresh = open_cache(&dir.path().join("fresh"), 1 << 30).unwrap();
+        import(&fresh, &alone).await.unwrap();
+        assert!(!fresh.is_linked("docker.io", "attacker/pub", &l));
     }
 
     #[tokio::test]
