@@ -172,7 +172,7 @@ if curl -fsS --noproxy '*' --max-time 10 -o "$CLIENT_CA" "$PROXY/ca.crt" &&
         pass "GET /ca.crt serves a certificate"
     elif ! cmp -s "$CLIENT_CA" "$W/regcache/certs/ca.crt"; then
         fail "GET /ca.crt differs from --ca-dir/ca.crt"
-    elif ! openssl x509 -in "$CLIENT_CA" -noout -text | grep -q 'CA:TRUE'; then
+    elif ! openssl x509 -in "$CLIENT_CA" -noout -text | grep 'CA:TRUE' >/dev/null; then
         fail "GET /ca.crt is not a CA certificate (no basicConstraints CA:TRUE)"
     else
         pass "GET /ca.crt serves the CA written to --ca-dir ($(openssl x509 -in "$CLIENT_CA" -noout -subject))"
@@ -257,7 +257,7 @@ else
     blob_url=https://$HUB/v2/library/e2e-small/blobs/$PAYLOAD_DIGEST
     seed_blob=$SEED/blobs/sha256/${PAYLOAD_DIGEST#sha256:}
     for proto in http1.1 http2; do
-        if [ "$proto" = http2 ] && ! curl -V | grep -qw HTTP2; then
+        if [ "$proto" = http2 ] && ! curl -V | grep -w HTTP2 >/dev/null; then
             skip "blob over HTTP/2: this curl has no HTTP/2"
             continue
         fi
@@ -557,7 +557,7 @@ if wait_until 30 "${PID_OF[containerd]}" "${CTR[@]}" version; then
             show_last
         fi
     done
-    if "${CTR[@]}" content ls 2>/dev/null | grep -q "$MULTI_HOST_DIGEST"; then
+    if "${CTR[@]}" content ls 2>/dev/null | grep "$MULTI_HOST_DIGEST" >/dev/null; then
         pass "ctr fetched the $SEED_ARCH manifest of the index ($MULTI_HOST_DIGEST)"
     else
         fail "ctr content store lacks the $SEED_ARCH manifest $MULTI_HOST_DIGEST"
@@ -727,7 +727,7 @@ with open(p, "r+b") as f:
         if curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/m.json" -D "$W/tmp/m.headers" \
             -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
             "https://$HUB/v2/library/e2e-small/manifests/1" >/dev/null 2>&1 &&
-            head -n1 "$W/tmp/m.headers" | grep -q ' 200' &&
+            head -n1 "$W/tmp/m.headers" | grep ' 200' >/dev/null &&
             [ "$(sha256_of <"$W/tmp/m.json")" = "$SMALL_DIGEST" ]; then
             if grep -qi '^warning:' "$W/tmp/m.headers"; then
                 pass "a stale tag is served from the cache with a Warning header when the upstream is down"
