@@ -8,18 +8,15 @@
 //! `--resolve registry-1.docker.io=127.0.0.1:PORT`, and checks both what the
 //! client got and what the registry saw.
 
-mod common;
-#[path = "support/registry.rs"]
-mod registry;
-
+use crate::support::{self, registry};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-use common::{
+use crate::support::{
     empty, negotiated_alpn, send_signal, tls_connect, within, Alpn, HttpClient, Proxy,
     ProxyBuilder, TestCa, STEP_TIMEOUT,
 };
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::HeaderMap;
@@ -2644,7 +2641,7 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
     let repo = "library/alpine";
     let data = blob_bytes(90, 250_000);
     let digest = env.reg.put_blob(repo, data.clone());
-    let mirror_port = common::free_port();
+    let mirror_port = support::free_port();
     let proxy = env
         .proxy()
         .arg("--mirror-tls")
@@ -2703,7 +2700,7 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
 #[tokio::test]
 async fn mirror_over_tls_mints_only_for_its_own_names() {
     let env = Env::new().await;
-    let mirror_port = common::free_port();
+    let mirror_port = support::free_port();
     let proxy = env
         .proxy()
         .arg("--mirror-tls")
@@ -2721,7 +2718,7 @@ async fn mirror_over_tls_mints_only_for_its_own_names() {
         match tls_connect(connect().await, sni, vec![proxy.ca_der()], Alpn::Both, true).await {
             Ok(tls) => panic!(
                 "SNI {sni}: got a leaf {:?}",
-                common::sans(&common::peer_leaf(&tls))
+                support::sans(&support::peer_leaf(&tls))
             ),
             Err(e) => assert!(e.to_string().contains("UnrecognisedName"), "SNI {sni}: {e}"),
         }
@@ -2736,7 +2733,7 @@ async fn mirror_over_tls_mints_only_for_its_own_names() {
     .await
     .expect("a configured mirror name");
     assert_eq!(
-        common::sans(&common::peer_leaf(&tls)),
+        support::sans(&support::peer_leaf(&tls)),
         (vec!["regcache.test".to_string()], vec![])
     );
     // No SNI (a client connecting by address): the leaf names that address.
@@ -2750,7 +2747,7 @@ async fn mirror_over_tls_mints_only_for_its_own_names() {
     .await
     .expect("the address the client connected to");
     assert_eq!(
-        common::sans(&common::peer_leaf(&tls)),
+        support::sans(&support::peer_leaf(&tls)),
         (
             vec![],
             vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]

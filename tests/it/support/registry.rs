@@ -24,8 +24,6 @@
 //!   and may answer it itself ([`Answer`]): an auth layer, a token endpoint
 //!   (see `support/auth.rs`). Content and knobs apply when it answers None.
 
-#![allow(dead_code)]
-
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -47,7 +45,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
-use crate::common::{ring, BoxError, TestCa, STEP_TIMEOUT};
+use super::{ring, BoxError, TestCa, STEP_TIMEOUT};
 
 type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 

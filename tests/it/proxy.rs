@@ -3,11 +3,9 @@
 //! absolute-form forwarding, hop-by-hop headers, malformed input, logging and
 //! graceful shutdown. Every test spawns the real `regcache` binary.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

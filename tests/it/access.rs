@@ -6,14 +6,12 @@
 //! CONNECT to a port outside `connect_ports` (403) is covered by
 //! `connect_to_disallowed_ports_is_403` in `tests/proxy.rs`.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use base64::Engine;
-use common::*;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

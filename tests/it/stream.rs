@@ -1,13 +1,11 @@
 //! Large bodies through the interception, both ways, with the proxy's memory
 //! watched: a 1 GiB download and a 256 MiB upload must stream, not buffer.
 
-mod common;
-
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::support::*;
 use hyper::{Method, StatusCode};
 
 const MIB: u64 = 1024 * 1024;

@@ -7,18 +7,13 @@
 //! blob as a HIT with the same bytes. A bundle with one flipped byte must be
 //! rejected, naming the blob, with nothing imported.
 
-#[path = "support/auth.rs"]
-mod auth;
-mod common;
-#[path = "support/registry.rs"]
-mod registry;
-
+use crate::support::{self, auth, registry};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::{empty, within, Alpn, Proxy, ProxyBuilder, TestCa, STEP_TIMEOUT};
 use bytes::Bytes;
-use common::{empty, within, Alpn, Proxy, ProxyBuilder, TestCa, STEP_TIMEOUT};
 use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
 use registry::{blob_bytes, sha256, Registry};
@@ -550,10 +545,10 @@ async fn get_with(proxy: &Proxy, path: &str, auth: Option<&str>, proxy_auth: Opt
             }
             let head = String::from_utf8_lossy(&head);
             assert!(head.starts_with("HTTP/1.1 200"), "CONNECT: {head:?}");
-            let tls = common::tls_connect(s, HUB, vec![proxy.ca_der()], Alpn::Both, true)
+            let tls = support::tls_connect(s, HUB, vec![proxy.ca_der()], Alpn::Both, true)
                 .await
                 .unwrap();
-            common::HttpClient::over_tls(tls, HUB).await
+            support::HttpClient::over_tls(tls, HUB).await
         }
     };
     let mut b = client

@@ -2,12 +2,10 @@
 //! reusing the CA, `/ca.crt` and `/setup`, the `ca` subcommands, and the
 //! contract for bad invocations (one line on stderr, exit code 2).
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use common::*;
+use crate::support::*;
 use hyper::{Method, StatusCode};
 
 fn key_mode(dir: &Path) -> u32 {

@@ -10,17 +10,12 @@
 //! registries on `127.0.0.12`. Each test shows one attack from the issue
 //! failing, and checks what the twin or the internal service received.
 
-#[path = "support/auth.rs"]
-mod auth;
-mod common;
-#[path = "support/registry.rs"]
-mod registry;
-
+use crate::support::{self, auth, registry};
 use std::path::PathBuf;
 
+use crate::support::{empty, tls_connect, Alpn, HttpClient, Proxy, ProxyBuilder, TestCa};
 use auth::{basic, Auth, Mode};
 use bytes::Bytes;
-use common::{empty, tls_connect, Alpn, HttpClient, Proxy, ProxyBuilder, TestCa};
 use http_body_util::BodyExt;
 use hyper::header::HeaderMap;
 use hyper::{Method, Request, StatusCode};
@@ -129,7 +124,7 @@ impl Got {
 /// was sent) reads as empty.
 async fn read(resp: hyper::Response<hyper::body::Incoming>) -> Got {
     let (parts, body) = resp.into_parts();
-    let body = common::within("a response body", common::STEP_TIMEOUT, body.collect())
+    let body = support::within("a response body", support::STEP_TIMEOUT, body.collect())
         .await
         .map(|b| b.to_bytes())
         .unwrap_or_default();
@@ -145,7 +140,7 @@ fn request(
     uri: &str,
     host: &str,
     headers: &[(&str, &str)],
-) -> Request<common::ReqBody> {
+) -> Request<support::ReqBody> {
     let mut b = Request::builder()
         .method(method)
         .uri(uri)
@@ -594,9 +589,9 @@ async fn token_realms_at_internal_addresses_or_other_ports_are_not_asked() {
             "{realm}: {}",
             got.text()
         );
-        common::within(
+        support::within(
             &format!("a log line naming {rule}"),
-            common::STEP_TIMEOUT,
+            support::STEP_TIMEOUT,
             async {
                 while !proxy.stderr().contains(rule) {
                     tokio::time::sleep(std::time::Duration::from_millis(20)).await;

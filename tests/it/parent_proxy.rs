@@ -9,13 +9,11 @@
 //! the way a real parent proxy would resolve them. (`--resolve` is no help
 //! for the registry host: a host with a resolve entry goes direct.)
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use common::*;
+use crate::support::*;
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

@@ -27,14 +27,12 @@
 //! [`Auth::subject_of`] (whose token an `Authorization` value carries), to
 //! assert what regcache sent where.
 
-#![allow(dead_code)]
-
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine as _;
 
-use crate::registry::{Answer, Req};
+use super::registry::{Answer, Req};
 
 /// The token service's host name (its realm is `https://auth.test/token`).
 pub const REALM_HOST: &str = "auth.test";

@@ -17,22 +17,17 @@
 //! Every test checks what the clients got and what the upstream saw, and
 //! that no credential shows up in regcache's log or cache directory.
 
-#[path = "support/auth.rs"]
-mod auth;
-mod common;
-#[path = "support/registry.rs"]
-mod registry;
-
+use crate::support::{self, auth, registry};
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use auth::{basic, Auth, Mode, REALM_HOST};
-use bytes::Bytes;
-use common::{
+use crate::support::{
     empty, tls_connect, within, Alpn, HttpClient, Proxy, ProxyBuilder, TestCa, STEP_TIMEOUT,
 };
+use auth::{basic, Auth, Mode, REALM_HOST};
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::HeaderMap;
@@ -1507,8 +1502,8 @@ async fn world_readable_password_file_is_refused_at_start() {
     let env = Env::new().await;
     let pw = write_secret_file(env.dir.path(), "hub.pw", REGCACHE_PW, 0o644);
     let config = credentials_config(&env, &pw);
-    let port = common::free_port().to_string();
-    let out = common::run_regcache(&[
+    let port = support::free_port().to_string();
+    let out = support::run_regcache(&[
         "serve",
         "--config",
         config.to_str().unwrap(),

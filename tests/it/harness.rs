@@ -3,11 +3,9 @@
 //! test fails, these say whether the harness or regcache is at fault, and the
 //! timings give the no-proxy baseline for the big transfers.
 
-mod common;
-
 use std::time::Instant;
 
-use common::*;
+use crate::support::*;
 use hyper::{Method, StatusCode};
 use tokio::net::TcpStream;
 

@@ -1,0 +1,16 @@
+//! regcache's integration tests, one binary: every module below spawns the
+//! real `regcache` binary (or runs the harness alone) against the in-process
+//! servers of [`support`].
+
+mod support;
+
+mod access;
+mod auth;
+mod bundle;
+mod cache;
+mod cli;
+mod harness;
+mod origins;
+mod parent_proxy;
+mod proxy;
+mod stream;
