@@ -4,14 +4,16 @@
 //! except for the set-up pages). Every test spawns the real `regcache` binary.
 //!
 //! CONNECT to a port outside `connect_ports` (403) is covered by
-//! `connect_to_disallowed_ports_is_403` in `tests/proxy.rs`.
+//! `connect_to_disallowed_ports_is_403` in [`crate::proxy`].
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-use crate::support::*;
-use base64::Engine;
+use crate::support::http::{basic, body_string, empty, raw, HttpClient, RawResponse};
+use crate::support::proxy::{run_regcache, users_file, Proxy};
+use crate::support::tls::{connect_tunnel, connect_tunnel_as, Alpn};
+use crate::support::upstream::{Fixture, UpstreamKind};
+use crate::support::{free_port, within, STEP_TIMEOUT};
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,66 +21,6 @@ use tokio::net::TcpStream;
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// Writes an htpasswd file of `(user, password)` with bcrypt cost 4 (fast).
-fn users_file(dir: &Path, users: &[(&str, &str)], mode: u32) -> PathBuf {
-    let path = dir.join("users.htpasswd");
-    let text: String = users
-        .iter()
-        .map(|(user, password)| format!("{user}:{}\n", bcrypt::hash(password, 4).unwrap()))
-        .collect();
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-    path
-}
-
-/// `Basic base64(user:password)`.
-fn basic(user: &str, password: &str) -> String {
-    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    format!("Basic {encoded}")
-}
-
-/// `CONNECT target` with an optional Proxy-Authorization header. On 200 the
-/// stream is positioned at the first tunnelled byte; otherwise the head.
-async fn connect_with(
-    proxy: &Proxy,
-    target: &str,
-    auth: Option<&str>,
-) -> Result<TcpStream, String> {
-    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    let auth = auth
-        .map(|a| format!("Proxy-Authorization: {a}\r\n"))
-        .unwrap_or_default();
-    let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = within("CONNECT response", STEP_TIMEOUT, s.read(&mut b))
-            .await
-            .unwrap();
-        assert_eq!(n, 1, "proxy closed during the CONNECT response");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head).into_owned();
-    if head.starts_with("HTTP/1.1 200") {
-        Ok(s)
-    } else {
-        Err(head)
-    }
-}
-
-/// CONNECT (with credentials if given), TLS trusting only the regcache CA,
-/// HTTP/1.1.
-async fn intercepted_with(proxy: &Proxy, host: &str, auth: Option<&str>) -> HttpClient {
-    let tcp = connect_with(proxy, &format!("{host}:443"), auth)
-        .await
-        .unwrap_or_else(|head| panic!("CONNECT answered {head:?}; stderr:\n{}", proxy.stderr()));
-    let tls = tls_connect(tcp, host, vec![proxy.ca_der()], Alpn::Http11, true)
-        .await
-        .expect("TLS through the tunnel, trusting only the regcache CA");
-    HttpClient::over_tls(tls, host).await
-}
 
 /// Sends `request` on a fresh connection and reads until the proxy closes it.
 async fn exchange_until_closed(proxy: &Proxy, request: &[u8]) -> String {
@@ -93,20 +35,6 @@ async fn exchange_until_closed(proxy: &Proxy, request: &[u8]) -> String {
     .await
     .expect("read until the proxy closes");
     String::from_utf8_lossy(&out).into_owned()
-}
-
-async fn wait_for_log(proxy: &Proxy, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = proxy.stderr();
-        if log.contains(needle) {
-            return log;
-        }
-        if Instant::now() > deadline {
-            panic!("no log line mentioning {needle:?}; stderr:\n{log}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn assert_407(r: &RawResponse, what: &str) {
@@ -163,7 +91,7 @@ async fn client_outside_allow_gets_403_and_a_closed_connection() {
         "CONNECT through the harness client should be refused"
     );
 
-    let log = wait_for_log(&proxy, "not in allow").await;
+    let log = proxy.wait_for_log("not in allow").await;
     let line = log.lines().find(|l| l.contains("not in allow")).unwrap();
     assert!(
         line.contains("127.0.0.1"),
@@ -194,7 +122,7 @@ async fn ipv4_mapped_clients_match_ipv4_networks() {
     let fx = Fixture::new(UpstreamKind::Https).await;
     let ca = tempfile::tempdir().unwrap();
     let open = proxy_on_mapped_socket(&fx, ca.path(), "127.0.0.0/8", 200).await;
-    let mut client = intercepted_with(&open, "upstream.test", None).await;
+    let mut client = open.intercepted("upstream.test", Alpn::Http11).await;
     let resp = client.get("/mapped").await;
     assert_eq!(resp.status(), StatusCode::OK);
     drop(open);
@@ -273,20 +201,28 @@ async fn proxy_users_need_valid_credentials_except_for_setup_pages() {
     // Accepted: CONNECT with the right credentials, twice (the second is
     // answered from memory), and the tunnel reaches the upstream.
     for round in ["first", "second"] {
-        let mut client = intercepted_with(&proxy, "upstream.test", Some(&good)).await;
+        let mut client = proxy
+            .intercepted_as("upstream.test", Alpn::Http11, Some(&good))
+            .await;
         let path = format!("/access/{round}");
         let resp = client.get(&path).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(body_string(resp.into_body()).await, format!("GET {path}\n"));
     }
     // A user whose password is a single letter works as well.
-    let mut client = intercepted_with(&proxy, "upstream.test", Some(&basic("bob", "b"))).await;
+    let mut client = proxy
+        .intercepted_as("upstream.test", Alpn::Http11, Some(&basic("bob", "b")))
+        .await;
     assert_eq!(client.get("/access/bob").await.status(), StatusCode::OK);
     // Credentials do not open ports outside connect_ports.
-    let head = connect_with(&proxy, "upstream.test:25", Some(&good))
+    let refused = connect_tunnel_as(proxy.addr, "upstream.test:25", Some(&good))
         .await
         .expect_err("CONNECT to port 25 must be refused");
-    assert!(head.starts_with("HTTP/1.1 403"), "{head:?}");
+    assert!(
+        refused.head.starts_with("HTTP/1.1 403"),
+        "{:?}",
+        refused.head
+    );
 
     // Absolute-form with credentials is forwarded without them.
     let mut client = HttpClient::plain_h1(proxy.addr, "plain.test").await;
@@ -310,7 +246,7 @@ async fn proxy_users_need_valid_credentials_except_for_setup_pages() {
     }
 
     // The refusals are logged, the credentials never.
-    let log = wait_for_log(&proxy, "/abs/authed").await;
+    let log = proxy.wait_for_log("/abs/authed").await;
     assert!(log.contains("407"), "no 407 in the log:\n{log}");
     assert!(
         log.contains("wrong password"),

@@ -1,7 +1,8 @@
-//! Auth-aware sharing (DESIGN.md, "Access"): who may get cached content.
+//! Auth-aware sharing (README, "Security", "Against other clients"): who may
+//! get cached content.
 //!
 //! The upstream is Docker Hub's shape, in process: the registry host
-//! `registry-1.docker.io` ([`registry::Registry`] with [`auth::Auth`]'s hook)
+//! `registry-1.docker.io` ([`Registry`] with [`Auth`]'s hook)
 //! answers only requests carrying a bearer token for the repository, and
 //! challenges everything else with
 //! `Bearer realm="https://auth.test/token",service="registry.test",scope="repository:NAME:pull"`;
@@ -17,33 +18,23 @@
 //! Every test checks what the clients got and what the upstream saw, and
 //! that no credential shows up in regcache's log or cache directory.
 
-use crate::support::{self, auth, registry};
 use std::collections::HashMap;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::support::{
-    empty, tls_connect, within, Alpn, HttpClient, Proxy, ProxyBuilder, TestCa, STEP_TIMEOUT,
-};
-use auth::{basic, Auth, Mode, REALM_HOST};
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::header::HeaderMap;
-use hyper::{Method, Response, StatusCode};
-use registry::{blob_bytes, sha256, Registry};
+use hyper::{Method, StatusCode};
+use regcache::registry::media::OCI_MANIFEST;
 
-const HUB: &str = "registry-1.docker.io";
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-/// What docker and containerd send when pulling by tag.
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json, \
-    application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json";
+use crate::support::auth::{repo_of, Auth, Mode, REALM_HOST};
+use crate::support::http::{basic, contains, empty, read_response, Got, HttpClient};
+use crate::support::pattern::blob_bytes;
+use crate::support::proxy::{files_under, run_regcache, write_file, Env, Proxy, ProxyBuilder};
+use crate::support::registry::{
+    oci_manifest, sha256, Answer, Registry, Req, ACCEPT_ALL, HUB, OCI_CONFIG, OCI_LAYER,
+};
+use crate::support::tls::{tls_connect, Alpn};
+use crate::support::{free_port, within, STEP_TIMEOUT};
 
 const OPEN: &str = "library/open";
 const SECRET: &str = "team/secret";
@@ -73,21 +64,9 @@ impl Image {
             "{{\"architecture\":\"amd64\",\"os\":\"linux\",\"seed\":{seed}}}"
         ));
         let layers = [blob_bytes(seed, 300_000), blob_bytes(seed + 1, 5_000)];
+        let manifest = oci_manifest(&config, &[&layers[0], &layers[1]]);
         let mut blobs = vec![(sha256(&config), config)];
         blobs.extend(layers.into_iter().map(|l| (sha256(&l), l)));
-        let layer_json: Vec<_> = blobs[1..]
-            .iter()
-            .map(|(d, b)| serde_json::json!({"mediaType": OCI_LAYER, "digest": d, "size": b.len()}))
-            .collect();
-        let manifest = Bytes::from(
-            serde_json::json!({
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": OCI_CONFIG, "digest": blobs[0].0, "size": blobs[0].1.len()},
-                "layers": layer_json,
-            })
-            .to_string(),
-        );
         Image {
             repo,
             tag: "1",
@@ -107,19 +86,8 @@ impl Image {
         let mut blobs = vec![(sha256(&config), config)];
         blobs.extend(base.blobs[1..].iter().cloned());
         blobs.push((sha256(&own), own));
-        let layer_json: Vec<_> = blobs[1..]
-            .iter()
-            .map(|(d, b)| serde_json::json!({"mediaType": OCI_LAYER, "digest": d, "size": b.len()}))
-            .collect();
-        let manifest = Bytes::from(
-            serde_json::json!({
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": OCI_CONFIG, "digest": blobs[0].0, "size": blobs[0].1.len()},
-                "layers": layer_json,
-            })
-            .to_string(),
-        );
+        let layers: Vec<&[u8]> = blobs[1..].iter().map(|(_, b)| &b[..]).collect();
+        let manifest = oci_manifest(&blobs[0].1, &layers);
         Image {
             repo,
             tag: "1",
@@ -154,9 +122,6 @@ impl Image {
         if body.is_empty() {
             return false;
         }
-        let contains = |hay: &[u8], needle: &[u8]| {
-            needle.len() <= hay.len() && hay.windows(needle.len()).any(|w| w == needle)
-        };
         contains(body, &self.manifest)
             || self.blobs.iter().any(|(_, b)| {
                 // A 64-byte sample of every blob is enough to tell.
@@ -176,13 +141,9 @@ enum Realm {
     Tunnelled,
 }
 
-/// The upstream (registry + token service), the images, and the dirs
-/// regcache uses.
-struct Env {
-    ca: TestCa,
-    dir: tempfile::TempDir,
-    ca_file: PathBuf,
-    reg: Registry,
+/// The registry ([`Env`]), the token service, the accounts and the images.
+struct Hub {
+    base: Env,
     tokens: Registry,
     auth: Auth,
     open: Image,
@@ -190,37 +151,31 @@ struct Env {
     other: Image,
 }
 
-impl Env {
-    async fn new() -> Env {
-        Env::with_mode(Mode::Bearer).await
+impl Hub {
+    async fn new() -> Hub {
+        Hub::with_mode(Mode::Bearer).await
     }
 
-    async fn with_mode(mode: Mode) -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = TestCa::new();
-        let ca_file = ca.write_pem(dir.path());
-        let reg = Registry::start(&ca).await;
-        let tokens = Registry::start_with_names(&ca, &[REALM_HOST]).await;
+    async fn with_mode(mode: Mode) -> Hub {
+        let base = Env::new().await;
+        let tokens = Registry::start_with_names(&base.ca, &[REALM_HOST]).await;
         let auth = Auth::new(mode);
         auth.user("alice", ALICE_PW, &[SECRET])
             .user("bob", BOB_PW, &[OTHER])
             .user("regcache", REGCACHE_PW, &[SECRET])
             .public(OPEN);
-        reg.set_hook(auth.registry_hook());
+        base.reg.set_hook(auth.registry_hook());
         tokens.set_hook(auth.token_hook());
         let (open, secret, other) = (
             Image::new(OPEN, 100),
             Image::new(SECRET, 200),
             Image::new(OTHER, 300),
         );
-        open.seed(&reg);
-        secret.seed(&reg);
-        other.seed(&reg);
-        Env {
-            ca,
-            dir,
-            ca_file,
-            reg,
+        open.seed(&base.reg);
+        secret.seed(&base.reg);
+        other.seed(&base.reg);
+        Hub {
+            base,
             tokens,
             auth,
             open,
@@ -229,20 +184,10 @@ impl Env {
         }
     }
 
-    fn cache_dir(&self) -> PathBuf {
-        self.dir.path().join("cache")
-    }
-
     /// regcache trusting the test CA, with registry-1.docker.io and auth.test
     /// sent to the in-process servers; auth.test intercepted or not.
     fn proxy(&self, realm: Realm) -> ProxyBuilder {
-        let b = ProxyBuilder::new()
-            .upstream_ca(&self.ca_file)
-            .ca_dir(&self.dir.path().join("ca"))
-            .resolve(HUB, self.reg.port())
-            .resolve(REALM_HOST, self.tokens.port())
-            .arg("--cache-dir")
-            .arg(self.cache_dir().to_str().unwrap());
+        let b = self.base.proxy().resolve(REALM_HOST, self.tokens.port());
         match realm {
             Realm::Intercepted => b.intercept(REALM_HOST),
             Realm::Tunnelled => b,
@@ -250,9 +195,10 @@ impl Env {
     }
 
     /// Upstream requests for paths under `/v2/<repo>/` (manifests and blobs).
-    fn repo_requests(&self, repo: &str) -> Vec<registry::Req> {
+    fn repo_requests(&self, repo: &str) -> Vec<Req> {
         let prefix = format!("/v2/{repo}/");
-        self.reg
+        self.base
+            .reg
             .seen()
             .into_iter()
             .filter(|r| r.path.starts_with(&prefix))
@@ -260,7 +206,7 @@ impl Env {
     }
 
     /// `METHOD path [whose credential]` of `reqs`, for failure messages.
-    fn describe(&self, reqs: &[registry::Req]) -> Vec<String> {
+    fn describe(&self, reqs: &[Req]) -> Vec<String> {
         reqs.iter()
             .map(|r| {
                 let who = match self.auth.subject_of(r.header("authorization").as_deref()) {
@@ -306,8 +252,7 @@ impl Env {
                 panic!("regcache's stderr contains the secret {s:?}:\n{line}");
             }
         }
-        let mut files = vec![];
-        walk(&self.cache_dir(), &mut files);
+        let files = files_under(&self.base.cache_dir());
         assert!(
             files.iter().any(|f| f.ends_with("index.redb")),
             "sanity: the cache dir has index.redb; files: {files:?}"
@@ -326,107 +271,6 @@ impl Env {
                 }
             }
         }
-    }
-}
-
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            walk(&p, out);
-        } else {
-            out.push(p);
-        }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Responses
-// ---------------------------------------------------------------------------
-
-/// A response read to its end (or to its error).
-#[derive(Debug)]
-struct Got {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-    error: Option<String>,
-}
-
-impl Got {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    }
-
-    fn x_cache(&self) -> String {
-        self.header("x-cache").unwrap_or_else(|| "<none>".into())
-    }
-
-    fn brief(&self) -> String {
-        format!(
-            "{} X-Cache {} WWW-Authenticate {:?} body {:?}",
-            self.status,
-            self.x_cache(),
-            self.header("www-authenticate"),
-            String::from_utf8_lossy(&self.body[..self.body.len().min(200)])
-        )
-    }
-
-    /// 200 with exactly `want` (a GET) or no body (a HEAD), complete.
-    fn assert_content(&self, method: &Method, want: &[u8], what: &str) {
-        assert_eq!(self.status, StatusCode::OK, "{what}: {}", self.brief());
-        assert!(
-            self.error.is_none(),
-            "{what}: body failed: {:?}",
-            self.error
-        );
-        if *method == Method::GET {
-            assert!(
-                self.body[..] == want[..],
-                "{what}: wrong bytes ({} bytes, want {})",
-                self.body.len(),
-                want.len()
-            );
-        }
-    }
-
-    /// First `errors[].code` of a JSON error body.
-    fn error_code(&self) -> Option<String> {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).ok()?;
-        v["errors"][0]["code"].as_str().map(str::to_owned)
-    }
-}
-
-async fn read_response(resp: Response<Incoming>) -> Got {
-    let (parts, mut body) = resp.into_parts();
-    let mut data = Vec::new();
-    let mut error = None;
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(f) => {
-                    if let Ok(d) = f.into_data() {
-                        data.extend_from_slice(&d);
-                    }
-                }
-                Err(e) => {
-                    error = Some(format!("{e:?}"));
-                    break;
-                }
-            }
-        }
-    };
-    within("reading a response body", STEP_TIMEOUT, read).await;
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body: Bytes::from(data),
-        error,
     }
 }
 
@@ -456,7 +300,7 @@ fn challenge_params(challenge: &str) -> HashMap<String, String> {
 // ---------------------------------------------------------------------------
 
 struct Client<'a> {
-    env: &'a Env,
+    env: &'a Hub,
     proxy: &'a Proxy,
     realm: Realm,
     /// The name in failure messages.
@@ -472,7 +316,7 @@ struct Client<'a> {
 }
 
 impl<'a> Client<'a> {
-    fn anonymous(env: &'a Env, proxy: &'a Proxy, realm: Realm) -> Self {
+    fn anonymous(env: &'a Hub, proxy: &'a Proxy, realm: Realm) -> Self {
         Client {
             env,
             proxy,
@@ -486,7 +330,7 @@ impl<'a> Client<'a> {
     }
 
     fn user(
-        env: &'a Env,
+        env: &'a Hub,
         proxy: &'a Proxy,
         realm: Realm,
         name: &'static str,
@@ -500,7 +344,7 @@ impl<'a> Client<'a> {
     }
 
     /// A client that never fetches a token (no Authorization at all).
-    fn bare(env: &'a Env, proxy: &'a Proxy) -> Self {
+    fn bare(env: &'a Hub, proxy: &'a Proxy) -> Self {
         Client {
             name: "credential-less",
             dance: false,
@@ -526,7 +370,7 @@ impl<'a> Client<'a> {
     /// A request as docker makes it: with the token held for the path's
     /// repository if any; challenged, fetch a token and try once more.
     async fn request(&mut self, method: Method, path: &str) -> Got {
-        let scope = auth::repo_of(path).map(|r| format!("repository:{r}:pull"));
+        let scope = repo_of(path).map(|r| format!("repository:{r}:pull"));
         let held = scope
             .as_ref()
             .and_then(|s| self.tokens.get(s))
@@ -602,7 +446,7 @@ impl<'a> Client<'a> {
                 let tls = tls_connect(
                     tcp,
                     host,
-                    vec![self.env.ca.cert_der.clone()],
+                    vec![self.env.base.ca.cert_der.clone()],
                     Alpn::Both,
                     true,
                 )
@@ -764,11 +608,11 @@ async fn assert_refused_everywhere(client: &mut Client<'_>, img: &Image, via: &[
 }
 
 /// Upstream GETs among `reqs`.
-fn gets(reqs: &[registry::Req]) -> usize {
+fn gets(reqs: &[Req]) -> usize {
     reqs.iter().filter(|r| r.method == Method::GET).count()
 }
 
-fn heads(reqs: &[registry::Req]) -> usize {
+fn heads(reqs: &[Req]) -> usize {
     reqs.iter().filter(|r| r.method == Method::HEAD).count()
 }
 
@@ -778,7 +622,7 @@ fn heads(reqs: &[registry::Req]) -> usize {
 
 #[tokio::test]
 async fn public_pull_is_shared_with_every_client_without_upstream_gets() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     let proxy = env.proxy(Realm::Intercepted).start().await;
 
     // Client A: anonymous, token dance through the intercepted realm.
@@ -877,7 +721,7 @@ async fn public_pull_is_shared_with_every_client_without_upstream_gets() {
 
 #[tokio::test]
 async fn public_status_is_checked_again_after_public_ttl() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     let proxy = env
         .proxy(Realm::Intercepted)
         .args(["--public-ttl", "1"])
@@ -912,7 +756,7 @@ async fn public_status_is_checked_again_after_public_ttl() {
 
 #[tokio::test]
 async fn private_content_is_served_only_to_credentials_the_upstream_accepts() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     // The token service is tunnelled here: regcache never sees the tokens
     // being issued, only the Authorization headers that carry them.
     let proxy = env.proxy(Realm::Tunnelled).start().await;
@@ -1040,10 +884,11 @@ fn hostile_manifest(victim: &Image) -> Bytes {
 
 #[tokio::test]
 async fn manifest_naming_private_digests_opens_nothing_through_a_public_repository() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     env.auth.public(ATTACKER_REPO);
     let hostile = hostile_manifest(&env.secret);
-    env.reg
+    env.base
+        .reg
         .put_manifest(ATTACKER_REPO, Some("evil"), OCI_MANIFEST, hostile.clone());
     let proxy = env.proxy(Realm::Intercepted).start().await;
 
@@ -1087,10 +932,10 @@ async fn manifest_naming_private_digests_opens_nothing_through_a_public_reposito
 
 #[tokio::test]
 async fn public_layers_shared_with_another_public_repository_need_no_upstream_request() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     let open2 = Image::on_top_of("library/open2", &env.open, 150);
     env.auth.public(open2.repo);
-    open2.seed(&env.reg);
+    open2.seed(&env.base.reg);
     let proxy = env.proxy(Realm::Intercepted).start().await;
 
     Client::anonymous(&env, &proxy, Realm::Intercepted)
@@ -1123,10 +968,10 @@ async fn public_layers_shared_with_another_public_repository_need_no_upstream_re
 #[tokio::test]
 async fn private_base_layer_shared_by_two_private_repositories_needs_one_head_with_the_clients_credential(
 ) {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     env.auth.user("dave", DAVE_PW, &[DERIVED]);
     let derived = Image::on_top_of(DERIVED, &env.secret, 250);
-    derived.seed(&env.reg);
+    derived.seed(&env.base.reg);
     let proxy = env.proxy(Realm::Intercepted).start().await;
 
     Client::user(&env, &proxy, Realm::Intercepted, "alice", ALICE_PW)
@@ -1205,14 +1050,14 @@ async fn private_base_layer_shared_by_two_private_repositories_needs_one_head_wi
 #[tokio::test]
 async fn a_registry_that_confirms_everything_gets_no_bytes_cached_from_another_registry() {
     const EVIL: &str = "evil.test";
-    let env = Env::new().await;
-    let evil = Registry::start_with_names(&env.ca, &[EVIL]).await;
+    let env = Hub::new().await;
+    let evil = Registry::start_with_names(&env.base.ca, &[EVIL]).await;
     evil.set_hook(|req| {
         let digest = req.path.rsplit('/').next().unwrap_or_default().to_string();
         let body = Bytes::from(vec![b'x'; 5_000]);
         let mut headers = vec![("docker-content-digest".to_string(), digest)];
         headers.push(("content-type".into(), "application/octet-stream".into()));
-        Some(registry::Answer {
+        Some(Answer {
             status: 200,
             headers,
             body,
@@ -1283,7 +1128,7 @@ async fn a_registry_that_confirms_everything_gets_no_bytes_cached_from_another_r
 
 #[tokio::test]
 async fn revoked_credential_is_refused_after_auth_ttl() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     let proxy = env
         .proxy(Realm::Intercepted)
         .args(["--auth-ttl", "1"])
@@ -1322,15 +1167,8 @@ async fn revoked_credential_is_refused_after_auth_ttl() {
 // 4. regcache's own account: public content only
 // ---------------------------------------------------------------------------
 
-fn write_secret_file(dir: &Path, name: &str, content: &str, mode: u32) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, content).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-    p
-}
-
-fn credentials_config(env: &Env, password_file: &Path) -> PathBuf {
-    let config = env.dir.path().join("regcache.toml");
+fn credentials_config(env: &Hub, password_file: &Path) -> PathBuf {
+    let config = env.base.path("regcache.toml");
     std::fs::write(
         &config,
         format!(
@@ -1344,8 +1182,13 @@ fn credentials_config(env: &Env, password_file: &Path) -> PathBuf {
 
 #[tokio::test]
 async fn configured_credentials_serve_public_content_and_never_open_a_private_repo() {
-    let env = Env::new().await;
-    let pw = write_secret_file(env.dir.path(), "hub.pw", &format!("{REGCACHE_PW}\n"), 0o600);
+    let env = Hub::new().await;
+    let pw = write_file(
+        env.base.dir.path(),
+        "hub.pw",
+        &format!("{REGCACHE_PW}\n"),
+        0o600,
+    );
     let config = credentials_config(&env, &pw);
     let proxy = env
         .proxy(Realm::Intercepted)
@@ -1440,10 +1283,10 @@ async fn configured_credentials_serve_public_content_and_never_open_a_private_re
 
 #[tokio::test]
 async fn configured_token_file_is_presented_for_public_content_only() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     let pat = env.auth.mint("regcache", &[OPEN, SECRET]);
-    let file = write_secret_file(env.dir.path(), "hub.token", &format!("{pat}\n"), 0o600);
-    let config = env.dir.path().join("regcache.toml");
+    let file = write_file(env.base.dir.path(), "hub.token", &format!("{pat}\n"), 0o600);
+    let config = env.base.path("regcache.toml");
     std::fs::write(
         &config,
         format!(
@@ -1499,20 +1342,20 @@ async fn configured_token_file_is_presented_for_public_content_only() {
 
 #[tokio::test]
 async fn world_readable_password_file_is_refused_at_start() {
-    let env = Env::new().await;
-    let pw = write_secret_file(env.dir.path(), "hub.pw", REGCACHE_PW, 0o644);
+    let env = Hub::new().await;
+    let pw = write_file(env.base.dir.path(), "hub.pw", REGCACHE_PW, 0o644);
     let config = credentials_config(&env, &pw);
-    let port = support::free_port().to_string();
-    let out = support::run_regcache(&[
+    let port = free_port().to_string();
+    let out = run_regcache(&[
         "serve",
         "--config",
         config.to_str().unwrap(),
         "--listen",
         &format!("127.0.0.1:{port}"),
         "--ca-dir",
-        env.dir.path().join("ca").to_str().unwrap(),
+        env.base.path("ca").to_str().unwrap(),
         "--cache-dir",
-        env.cache_dir().to_str().unwrap(),
+        env.base.cache_dir().to_str().unwrap(),
     ]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -1535,7 +1378,7 @@ async fn world_readable_password_file_is_refused_at_start() {
 
 /// regcache with a 1 s tag TTL, so that tags are stale once the registry
 /// is stopped (the token service stays up).
-async fn proxy_with_short_tags(env: &Env) -> Proxy {
+async fn proxy_with_short_tags(env: &Hub) -> Proxy {
     env.proxy(Realm::Intercepted)
         .args(["--tag-ttl", "1"])
         .start()
@@ -1565,7 +1408,7 @@ async fn assert_public_served_offline(c: &mut Client<'_>, img: &Image) {
 
 #[tokio::test]
 async fn upstream_down_serves_private_content_only_to_credentials_verified_before() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     let proxy = proxy_with_short_tags(&env).await;
     let mut anon = Client::anonymous(&env, &proxy, Realm::Intercepted);
     anon.pull(&env.open).await;
@@ -1579,7 +1422,7 @@ async fn upstream_down_serves_private_content_only_to_credentials_verified_befor
         .map(|t| format!("Bearer {t}"))
         .expect("bob holds a token for the scope (which does not grant it)");
 
-    env.reg.stop().await;
+    env.base.reg.stop().await;
     tokio::time::sleep(Duration::from_millis(1200)).await; // tags stale
 
     // Private: alice (verified before) gets it; bob and anonymous do not.
@@ -1612,14 +1455,14 @@ async fn upstream_down_serves_private_content_only_to_credentials_verified_befor
 
 #[tokio::test]
 async fn upstream_down_serves_public_content_to_every_client() {
-    let env = Env::new().await;
+    let env = Hub::new().await;
     let proxy = proxy_with_short_tags(&env).await;
     // One docker-like pull (anonymous token), as when a single CI runner
     // pulled the image before Docker Hub went down.
     let mut first = Client::anonymous(&env, &proxy, Realm::Intercepted);
     first.pull(&env.open).await;
 
-    env.reg.stop().await;
+    env.base.reg.stop().await;
     tokio::time::sleep(Duration::from_millis(1200)).await; // tags stale
 
     // A new anonymous client (fresh anonymous token) and one that sends no
@@ -1637,8 +1480,8 @@ async fn upstream_down_serves_public_content_to_every_client() {
 
 #[tokio::test]
 async fn credentials_never_reach_the_log_or_the_cache_dir() {
-    let env = Env::new().await;
-    let pw = write_secret_file(env.dir.path(), "hub.pw", REGCACHE_PW, 0o600);
+    let env = Hub::new().await;
+    let pw = write_file(env.base.dir.path(), "hub.pw", REGCACHE_PW, 0o600);
     let config = credentials_config(&env, &pw);
     let proxy = env
         .proxy(Realm::Intercepted)
@@ -1679,7 +1522,7 @@ async fn credentials_never_reach_the_log_or_the_cache_dir() {
 
 #[tokio::test]
 async fn basic_auth_registry_content_is_served_only_to_accepted_credentials() {
-    let env = Env::with_mode(Mode::Basic).await;
+    let env = Hub::with_mode(Mode::Basic).await;
     let proxy = env.proxy(Realm::Intercepted).start().await;
     let alice = basic("alice", ALICE_PW);
     let bob = basic("bob", BOB_PW);
@@ -1765,7 +1608,7 @@ async fn basic_auth_registry_content_is_served_only_to_accepted_credentials() {
         "/v2/ with the registry up: {}",
         ping.brief()
     );
-    env.reg.stop().await;
+    env.base.reg.stop().await;
     let ping = c.send(Method::GET, "/v2/", None).await;
     let sent = (ping.status == StatusCode::UNAUTHORIZED).then_some(alice.as_str());
     for path in &paths {

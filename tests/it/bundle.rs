@@ -1,138 +1,38 @@
 //! Air gap: `regcache export` and `regcache import`, end to end.
 //!
 //! Images are pulled through a real regcache from the in-process registry
-//! ([`registry::Registry`]), regcache is stopped, the cache is exported to a
+//! ([`Registry`](crate::support::registry::Registry)), regcache is stopped, the cache is exported to a
 //! bundle, and the bundle is imported into a fresh cache. A regcache started
 //! on that cache, with the registry gone, must then serve every manifest and
 //! blob as a HIT with the same bytes. A bundle with one flipped byte must be
 //! rejected, naming the blob, with nothing imported.
 
-use crate::support::{self, auth, registry};
 use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
-use crate::support::{empty, within, Alpn, Proxy, ProxyBuilder, TestCa, STEP_TIMEOUT};
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::{Method, StatusCode};
-use registry::{blob_bytes, sha256, Registry};
+use regcache::registry::media::{OCI_INDEX, OCI_MANIFEST};
 
-const HUB: &str = "registry-1.docker.io";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json, \
-    application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json";
+use crate::support::auth::{Auth, Mode};
+use crate::support::http::{basic, empty, read_response, Got};
+use crate::support::pattern::blob_bytes;
+use crate::support::proxy::{files_under, regcache_cli, users_file, Env, Proxy, ProxyBuilder};
+use crate::support::registry::{oci_manifest, sha256, ACCEPT_ALL, HUB, TEAM_CRED};
+use crate::support::tls::Alpn;
 
-/// A registry, the test CA that signed it, and a temp dir for caches and
-/// bundles (as in tests/cache.rs).
-struct Env {
-    _ca: TestCa,
-    dir: tempfile::TempDir,
-    ca_file: PathBuf,
-    reg: Registry,
-}
-
-impl Env {
-    async fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = TestCa::new();
-        let ca_file = ca.write_pem(dir.path());
-        let reg = Registry::start(&ca).await;
-        Env {
-            _ca: ca,
-            dir,
-            ca_file,
-            reg,
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    /// regcache on `cache`, sending registry-1.docker.io to the registry.
-    fn proxy(&self, cache: &Path) -> ProxyBuilder {
-        ProxyBuilder::new()
-            .upstream_ca(&self.ca_file)
-            .ca_dir(&self.path("ca"))
-            .resolve(HUB, self.reg.port())
-            .args(["--shutdown-grace", "2", "--cache-dir"])
-            .arg(cache.to_str().unwrap())
-    }
-}
-
-/// Runs `regcache ARGS`; returns (exit code, stdout, stderr).
-fn regcache(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .args(args)
-        .env_remove("REGCACHE_CACHE_DIR")
-        .env_remove("REGCACHE_CONFIG")
-        .output()
-        .expect("run regcache");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// regcache on `cache`, quick to stop.
+fn regcache_on(env: &Env, cache: &Path) -> ProxyBuilder {
+    env.proxy_on(cache).args(["--shutdown-grace", "2"])
 }
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
-/// A response read to its end.
-struct Got {
-    status: StatusCode,
-    x_cache: String,
-    body: Bytes,
-}
-
 /// GET `path` from the registry host through the proxy, on a fresh connection.
 async fn get(proxy: &Proxy, path: &str) -> Got {
-    let mut client = proxy.intercepted(HUB, Alpn::Both).await;
-    let req = client
-        .builder(Method::GET, path)
-        .header("accept", ACCEPT_ALL)
-        .body(empty())
-        .unwrap();
-    let resp = client.send(req).await;
-    let status = resp.status();
-    let x_cache = resp
-        .headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap_or("?").to_string())
-        .unwrap_or_else(|| "<none>".into());
-    let body = within("a response body", STEP_TIMEOUT, resp.into_body().collect())
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: body failed: {e}"))
-        .to_bytes();
-    Got {
-        status,
-        x_cache,
-        body,
-    }
-}
-
-/// An image manifest naming `config` and `layers`.
-fn image_manifest(config: &Bytes, layers: &[&Bytes]) -> Bytes {
-    let layers: Vec<_> = layers
-        .iter()
-        .map(|l| serde_json::json!({"mediaType": OCI_LAYER, "digest": sha256(l), "size": l.len()}))
-        .collect();
-    Bytes::from(
-        serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": OCI_CONFIG, "digest": sha256(config), "size": config.len()},
-            "layers": layers,
-        })
-        .to_string(),
-    )
+    get_with(proxy, path, None, None).await
 }
 
 /// What was pulled: (request path, bytes) of every manifest and blob.
@@ -155,7 +55,7 @@ async fn pull_two_images(env: &Env, proxy: &Proxy) -> (Pulled, String) {
         blob_bytes(2, 600_000),
         blob_bytes(3, 90_000),
     );
-    let m = image_manifest(&config, &[&layer1, &layer2]);
+    let m = oci_manifest(&config, &[&layer1, &layer2]);
     for data in [&config, &layer1, &layer2] {
         blob(&mut pulled, alpine, data.clone());
     }
@@ -168,8 +68,8 @@ async fn pull_two_images(env: &Env, proxy: &Proxy) -> (Pulled, String) {
     let tool = "org/tool";
     let (amd_c, amd_l) = (blob_bytes(10, 500), blob_bytes(11, 300_000));
     let (arm_c, arm_l) = (blob_bytes(20, 500), blob_bytes(21, 200_000));
-    let amd = image_manifest(&amd_c, &[&amd_l]);
-    let arm = image_manifest(&arm_c, &[&arm_l]);
+    let amd = oci_manifest(&amd_c, &[&amd_l]);
+    let arm = oci_manifest(&arm_c, &[&arm_l]);
     for data in [&amd_c, &amd_l, &arm_c] {
         blob(&mut pulled, tool, data.clone());
     }
@@ -205,15 +105,6 @@ async fn pull_two_images(env: &Env, proxy: &Proxy) -> (Pulled, String) {
     (pulled, arm_l_d)
 }
 
-async fn stop(mut proxy: Proxy) {
-    proxy.sigterm();
-    let status = proxy
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .expect("regcache should exit after SIGTERM");
-    assert!(status.success(), "exit status {status}");
-}
-
 /// The bundle's entries: name → bytes (small test bundles only).
 fn entries(bundle: &Path) -> Vec<(String, Vec<u8>)> {
     let mut archive = tar::Archive::new(std::fs::File::open(bundle).unwrap());
@@ -230,37 +121,22 @@ fn entries(bundle: &Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let Ok(rd) = std::fs::read_dir(dir) else {
-        return vec![];
-    };
-    rd.filter_map(|e| e.ok())
-        .flat_map(|e| {
-            let p = e.path();
-            if p.is_dir() {
-                files_under(&p)
-            } else {
-                vec![p]
-            }
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn exported_images_are_served_offline_from_a_fresh_cache() {
     let env = Env::new().await;
     let cache = env.path("cache");
-    let proxy = env.proxy(&cache).start().await;
+    let proxy = regcache_on(&env, &cache).start().await;
     let (pulled, left_out) = pull_two_images(&env, &proxy).await;
 
     // A running regcache holds the cache: export says so.
     let bundle = env.path("bundle.tar");
-    let (code, _, err) = regcache(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
+    let (code, _, err) = regcache_cli(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
     assert_ne!(code, 0);
     assert!(err.contains("stop it first"), "{err}");
-    stop(proxy).await;
+    proxy.stop().await;
 
-    let (code, out, err) = regcache(&["export", "--output", s(&bundle), "--cache-dir", s(&cache)]);
+    let (code, out, err) =
+        regcache_cli(&["export", "--output", s(&bundle), "--cache-dir", s(&cache)]);
     assert_eq!(code, 0, "export failed: {err}");
     assert!(
         out.contains("exported 2 images (4 manifests, 6 blobs"),
@@ -326,7 +202,7 @@ async fn exported_images_are_served_offline_from_a_fresh_cache() {
 
     // Exporting by name: one image, by tag or by digest.
     let one = env.path("one.tar");
-    let (code, out, err) = regcache(&[
+    let (code, out, err) = regcache_cli(&[
         "export",
         "-o",
         s(&one),
@@ -345,7 +221,7 @@ async fn exported_images_are_served_offline_from_a_fresh_cache() {
         .map(|hex| format!("sha256:{hex}"))
         .unwrap();
     let by_digest = format!("registry-1.docker.io/org/tool@{tool_index}");
-    let (code, out, err) = regcache(&[
+    let (code, out, err) = regcache_cli(&[
         "export",
         "-o",
         s(&one),
@@ -358,7 +234,7 @@ async fn exported_images_are_served_offline_from_a_fresh_cache() {
         out.contains(&format!("docker.io/org/tool@{tool_index}")),
         "{out}"
     );
-    let (code, _, err) = regcache(&[
+    let (code, _, err) = regcache_cli(&[
         "export",
         "-o",
         s(&one),
@@ -371,7 +247,7 @@ async fn exported_images_are_served_offline_from_a_fresh_cache() {
         err.contains("docker.io/library/alpine:9 is not cached"),
         "{err}"
     );
-    let (code, _, err) = regcache(&[
+    let (code, _, err) = regcache_cli(&[
         "export",
         "-o",
         s(&one),
@@ -406,7 +282,7 @@ async fn exported_images_are_served_offline_from_a_fresh_cache() {
 
     // Import into a fresh cache, then serve it with the registry gone.
     let fresh = env.path("fresh");
-    let (code, out, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    let (code, out, err) = regcache_cli(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
     assert_eq!(code, 0, "import failed: {err}");
     assert!(
         out.contains("imported 2 images (4 manifests, 6 blobs"),
@@ -415,7 +291,7 @@ async fn exported_images_are_served_offline_from_a_fresh_cache() {
     assert!(out.contains("1 item was not in the bundle"), "{out}");
     env.reg.stop().await;
     let upstream_seen = env.reg.seen().len();
-    let proxy = env.proxy(&fresh).start().await;
+    let proxy = regcache_on(&env, &fresh).start().await;
     for (path, body) in &pulled {
         let got = get(&proxy, path).await;
         assert_eq!(
@@ -424,11 +300,11 @@ async fn exported_images_are_served_offline_from_a_fresh_cache() {
             "offline {path}; stderr:\n{}",
             proxy.stderr()
         );
-        assert_eq!(got.x_cache, "HIT", "offline {path}");
+        assert_eq!(got.x_cache(), "HIT", "offline {path}");
         assert_eq!(got.body, *body, "offline {path}");
     }
     // The serving regcache holds the cache: import says so.
-    let (code, _, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    let (code, _, err) = regcache_cli(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
     assert_eq!(code, 1);
     assert!(err.contains("stop it first"), "{err}");
     let missing = get(&proxy, &format!("/v2/org/tool/blobs/{left_out}")).await;
@@ -454,11 +330,11 @@ fn alpine_manifest(pulled: &Pulled) -> Vec<u8> {
 async fn a_bundle_with_one_flipped_byte_is_rejected_whole() {
     let env = Env::new().await;
     let cache = env.path("cache");
-    let proxy = env.proxy(&cache).start().await;
+    let proxy = regcache_on(&env, &cache).start().await;
     let (pulled, _) = pull_two_images(&env, &proxy).await;
-    stop(proxy).await;
+    proxy.stop().await;
     let bundle = env.path("bundle.tar");
-    let (code, _, err) = regcache(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
+    let (code, _, err) = regcache_cli(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
     assert_eq!(code, 0, "{err}");
 
     // Flip one byte in the middle of alpine's big layer.
@@ -478,12 +354,12 @@ async fn a_bundle_with_one_flipped_byte_is_rejected_whole() {
     std::fs::write(&bundle, &bytes).unwrap();
 
     let fresh = env.path("fresh");
-    let (code, out, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    let (code, out, err) = regcache_cli(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
     assert_eq!(code, 1, "a corrupt bundle must fail: {out}");
     assert!(err.contains(&layer_d), "the message names the blob: {err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
 
-    let (code, stats, err) = regcache(&["cache", "stats", "--cache-dir", s(&fresh)]);
+    let (code, stats, err) = regcache_cli(&["cache", "stats", "--cache-dir", s(&fresh)]);
     assert_eq!(code, 0, "{err}");
     assert!(stats.contains("entries:    0"), "{stats}");
     assert!(stats.contains("tags:       0"), "{stats}");
@@ -493,7 +369,7 @@ async fn a_bundle_with_one_flipped_byte_is_rejected_whole() {
     // The bundle as exported imports fine into the same cache afterwards.
     bytes[offset as usize + 300_000] ^= 0x20;
     std::fs::write(&bundle, &bytes).unwrap();
-    let (code, _, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    let (code, _, err) = regcache_cli(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
     assert_eq!(code, 0, "{err}");
 }
 
@@ -513,7 +389,7 @@ fn put_image(env: &Env, repo: &str, tag: &str, seed: u64) -> (Pulled, String) {
         let d = env.reg.put_blob(repo, data.clone());
         pulled.push((format!("/v2/{repo}/blobs/{d}"), data.clone()));
     }
-    let m = image_manifest(&config, &[&layer]);
+    let m = oci_manifest(&config, &[&layer]);
     let m_d = env
         .reg
         .put_manifest(repo, Some(tag), OCI_MANIFEST, m.clone());
@@ -525,54 +401,20 @@ fn put_image(env: &Env, repo: &str, tag: &str, seed: u64) -> (Pulled, String) {
 /// A response to GET `path` with optional `Authorization` and
 /// `Proxy-Authorization` (on the CONNECT).
 async fn get_with(proxy: &Proxy, path: &str, auth: Option<&str>, proxy_auth: Option<&str>) -> Got {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut client = match proxy_auth {
-        None => proxy.intercepted(HUB, Alpn::Both).await,
-        Some(pa) => {
-            let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-            let req = format!(
-                "CONNECT {HUB}:443 HTTP/1.1\r\nHost: {HUB}:443\r\nProxy-Authorization: {pa}\r\n\r\n"
-            );
-            s.write_all(req.as_bytes()).await.unwrap();
-            let mut head = Vec::new();
-            let mut b = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                let n = within("CONNECT response", STEP_TIMEOUT, s.read(&mut b))
-                    .await
-                    .unwrap();
-                assert_eq!(n, 1, "proxy closed during CONNECT response");
-                head.push(b[0]);
-            }
-            let head = String::from_utf8_lossy(&head);
-            assert!(head.starts_with("HTTP/1.1 200"), "CONNECT: {head:?}");
-            let tls = support::tls_connect(s, HUB, vec![proxy.ca_der()], Alpn::Both, true)
-                .await
-                .unwrap();
-            support::HttpClient::over_tls(tls, HUB).await
-        }
-    };
+    let mut client = proxy.intercepted_as(HUB, Alpn::Both, proxy_auth).await;
     let mut b = client
         .builder(Method::GET, path)
         .header("accept", ACCEPT_ALL);
     if let Some(a) = auth {
         b = b.header("authorization", a);
     }
-    let resp = client.send(b.body(empty()).unwrap()).await;
-    let status = resp.status();
-    let x_cache = resp
-        .headers()
-        .get("x-cache")
-        .map(|v| v.to_str().unwrap_or("?").to_string())
-        .unwrap_or_else(|| "<none>".into());
-    let body = within("a response body", STEP_TIMEOUT, resp.into_body().collect())
-        .await
-        .unwrap_or_else(|e| panic!("GET {path}: body failed: {e}"))
-        .to_bytes();
-    Got {
-        status,
-        x_cache,
-        body,
-    }
+    let got = read_response(client.send(b.body(empty()).unwrap()).await).await;
+    assert!(
+        got.error.is_none(),
+        "GET {path}: body failed: {:?}",
+        got.error
+    );
+    got
 }
 
 /// Asserts every item of `pulled` is served (200, same bytes) or refused (403).
@@ -593,7 +435,7 @@ async fn assert_offline(
                 proxy.stderr()
             );
             assert_eq!(got.body, *body, "{what}: {path}");
-            assert_eq!(got.x_cache, "HIT", "{what}: {path}");
+            assert_eq!(got.x_cache(), "HIT", "{what}: {path}");
         } else {
             assert_eq!(got.status, StatusCode::FORBIDDEN, "{what}: {path}");
             assert!(
@@ -614,7 +456,6 @@ fn bundle_index(bundle: &Path) -> serde_json::Value {
 
 #[tokio::test]
 async fn private_images_stay_out_of_bundles_and_offline_serves_them_only_to_proxy_users() {
-    use auth::{basic, Auth, Mode};
     let env = Env::new().await;
     let auth = Auth::new(Mode::Basic);
     auth.user("alice", ALICE_PW, &[SECRET_REPO])
@@ -625,7 +466,7 @@ async fn private_images_stay_out_of_bundles_and_offline_serves_them_only_to_prox
     let alice = basic("alice", ALICE_PW);
 
     let cache = env.path("cache");
-    let proxy = env.proxy(&cache).start().await;
+    let proxy = regcache_on(&env, &cache).start().await;
     for (path, body) in &public {
         let got = get_with(&proxy, path, None, None).await;
         assert_eq!(
@@ -648,12 +489,12 @@ async fn private_images_stay_out_of_bundles_and_offline_serves_them_only_to_prox
             "alice {path}"
         );
     }
-    stop(proxy).await;
+    proxy.stop().await;
 
     // Without --include-private: only the public image, and stderr says which
     // image was left out and why.
     let bundle = env.path("public.tar");
-    let (code, out, err) = regcache(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
+    let (code, out, err) = regcache_cli(&["export", "-o", s(&bundle), "--cache-dir", s(&cache)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("exported 1 image"), "{out}");
     assert!(
@@ -692,7 +533,7 @@ async fn private_images_stay_out_of_bundles_and_offline_serves_them_only_to_prox
     );
 
     // Asking for the private image by name does not export it either.
-    let (code, _, err) = regcache(&[
+    let (code, _, err) = regcache_cli(&[
         "export",
         "-o",
         s(&bundle),
@@ -708,7 +549,7 @@ async fn private_images_stay_out_of_bundles_and_offline_serves_them_only_to_prox
 
     // With --include-private: both, said on stderr, the private one marked.
     let both = env.path("both.tar");
-    let (code, out, err) = regcache(&[
+    let (code, out, err) = regcache_cli(&[
         "export",
         "--include-private",
         "-o",
@@ -751,10 +592,10 @@ async fn private_images_stay_out_of_bundles_and_offline_serves_them_only_to_prox
 
     // Imported into a fresh cache and served offline with the registry gone.
     let fresh = env.path("fresh");
-    let (code, _, err) = regcache(&["import", s(&both), "--cache-dir", s(&fresh)]);
+    let (code, _, err) = regcache_cli(&["import", s(&both), "--cache-dir", s(&fresh)]);
     assert_eq!(code, 0, "{err}");
     env.reg.stop().await;
-    let proxy = env.proxy(&fresh).arg("--offline").start().await;
+    let proxy = regcache_on(&env, &fresh).arg("--offline").start().await;
     assert_offline(&proxy, &public, None, true, "public, anonymous").await;
     assert_offline(&proxy, &secret, None, false, "private, anonymous").await;
     // A registry credential cannot be checked offline: still refused.
@@ -774,50 +615,27 @@ async fn private_images_stay_out_of_bundles_and_offline_serves_them_only_to_prox
         "the log names the rule: {}",
         proxy.stderr()
     );
-    stop(proxy).await;
+    proxy.stop().await;
 
     // offline_share_private = true: the operator shares everything cached.
-    let proxy = env
-        .proxy(&fresh)
+    let proxy = regcache_on(&env, &fresh)
         .args(["--offline", "--offline-share-private"])
         .start()
         .await;
     assert_offline(&proxy, &secret, None, true, "private, shared by config").await;
-    stop(proxy).await;
+    proxy.stop().await;
 
     // Proxy users: the authenticated user gets the private image.
-    let users = env.path("users.htpasswd");
-    std::fs::write(
-        &users,
-        format!("carol:{}\n", bcrypt::hash("carol-pw", 4).unwrap()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &users,
-        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
-    )
-    .unwrap();
-    let proxy = env
-        .proxy(&fresh)
+    let users = users_file(env.dir.path(), &[("carol", "carol-pw")], 0o600);
+    let proxy = regcache_on(&env, &fresh)
         .args(["--offline", "--proxy-users", s(&users)])
         .start()
         .await;
-    let carol = common_basic("carol", "carol-pw");
+    let carol = basic("carol", "carol-pw");
     assert_offline(&proxy, &secret, Some(&carol), true, "private, proxy user").await;
     assert_offline(&proxy, &public, Some(&carol), true, "public, proxy user").await;
-    stop(proxy).await;
+    proxy.stop().await;
 }
-
-fn common_basic(user: &str, password: &str) -> String {
-    use base64::Engine as _;
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    )
-}
-
-/// The credential the guarded `team/*` repositories accept (Basic).
-const TEAM_CRED: &str = "Basic dGVhbTp0ZWFtLXB3";
 
 /// A manifest in a public repository naming the digests of someone else's
 /// private image: exporting it carries none of the private bytes (the proxy
@@ -825,18 +643,9 @@ const TEAM_CRED: &str = "Basic dGVhbTp0ZWFtLXB3";
 #[tokio::test]
 async fn export_leaves_out_private_digests_a_public_manifest_names() {
     let env = Env::new().await;
-    env.reg.set_hook(|req| {
-        let guarded = req.path.starts_with("/v2/team/");
-        (guarded && req.header("authorization").as_deref() != Some(TEAM_CRED)).then(|| {
-            registry::Answer::error(
-                401,
-                &req.path,
-                vec![("www-authenticate".into(), "Basic realm=\"team\"".into())],
-            )
-        })
-    });
+    env.reg.guard_team();
     let (config, layer) = (blob_bytes(40, 700), blob_bytes(41, 200_000));
-    let secret = image_manifest(&config, &[&layer]);
+    let secret = oci_manifest(&config, &[&layer]);
     for data in [&config, &layer] {
         env.reg.put_blob("team/secret", data.clone());
     }
@@ -846,12 +655,12 @@ async fn export_leaves_out_private_digests_a_public_manifest_names() {
     // The attacker's image: their own config, the private layer as theirs.
     let own = blob_bytes(42, 500);
     env.reg.put_blob("attacker/pub", own.clone());
-    let hostile = image_manifest(&own, &[&layer]);
+    let hostile = oci_manifest(&own, &[&layer]);
     env.reg
         .put_manifest("attacker/pub", Some("evil"), OCI_MANIFEST, hostile.clone());
 
     let cache = env.path("cache");
-    let proxy = env.proxy(&cache).start().await;
+    let proxy = regcache_on(&env, &cache).start().await;
     let secret_paths = [
         format!("/v2/team/secret/manifests/{secret_d}"),
         format!("/v2/team/secret/blobs/{}", sha256(&config)),
@@ -874,10 +683,10 @@ async fn export_leaves_out_private_digests_a_public_manifest_names() {
         let got = get(&proxy, &path).await;
         assert_eq!(got.status, StatusCode::OK, "{path}");
     }
-    stop(proxy).await;
+    proxy.stop().await;
 
     let bundle = env.path("evil.tar");
-    let (code, out, err) = regcache(&[
+    let (code, out, err) = regcache_cli(&[
         "export",
         "-o",
         s(&bundle),
@@ -922,19 +731,10 @@ fn blob_name(digest: &str) -> String {
 #[tokio::test]
 async fn a_hostile_public_manifest_in_a_bundle_with_the_private_image_gets_no_link_to_its_layer() {
     let env = Env::new().await;
-    env.reg.set_hook(|req| {
-        let guarded = req.path.starts_with("/v2/team/");
-        (guarded && req.header("authorization").as_deref() != Some(TEAM_CRED)).then(|| {
-            registry::Answer::error(
-                401,
-                &req.path,
-                vec![("www-authenticate".into(), "Basic realm=\"team\"".into())],
-            )
-        })
-    });
+    env.reg.guard_team();
     // The private image, and the attacker's image naming its layer.
     let (config, layer) = (blob_bytes(50, 700), blob_bytes(51, 200_000));
-    let secret = image_manifest(&config, &[&layer]);
+    let secret = oci_manifest(&config, &[&layer]);
     for data in [&config, &layer] {
         env.reg.put_blob("team/secret", data.clone());
     }
@@ -943,15 +743,15 @@ async fn a_hostile_public_manifest_in_a_bundle_with_the_private_image_gets_no_li
         .put_manifest("team/secret", Some("1"), OCI_MANIFEST, secret.clone());
     let own = blob_bytes(52, 500);
     env.reg.put_blob("attacker/pub", own.clone());
-    let hostile = image_manifest(&own, &[&layer]);
+    let hostile = oci_manifest(&own, &[&layer]);
     let hostile_d =
         env.reg
             .put_manifest("attacker/pub", Some("evil"), OCI_MANIFEST, hostile.clone());
     // A public base image and a private image built on it.
     let (base_c, base_l) = (blob_bytes(60, 600), blob_bytes(61, 150_000));
     let (app_c, app_l) = (blob_bytes(62, 600), blob_bytes(63, 100_000));
-    let base = image_manifest(&base_c, &[&base_l]);
-    let app = image_manifest(&app_c, &[&base_l, &app_l]);
+    let base = oci_manifest(&base_c, &[&base_l]);
+    let app = oci_manifest(&app_c, &[&base_l, &app_l]);
     for data in [&base_c, &base_l] {
         env.reg.put_blob("library/base", data.clone());
     }
@@ -1001,7 +801,7 @@ async fn a_hostile_public_manifest_in_a_bundle_with_the_private_image_gets_no_li
     ];
 
     let cache = env.path("cache");
-    let proxy = env.proxy(&cache).start().await;
+    let proxy = regcache_on(&env, &cache).start().await;
     for (path, body) in secret_pulled.iter().chain(&app_pulled) {
         let got = get_with(&proxy, path, Some(TEAM_CRED), None).await;
         assert_eq!((got.status, &got.body), (StatusCode::OK, body), "{path}");
@@ -1013,12 +813,12 @@ async fn a_hostile_public_manifest_in_a_bundle_with_the_private_image_gets_no_li
     let evil_layer = format!("/v2/attacker/pub/blobs/{}", sha256(&layer));
     let got = get(&proxy, &evil_layer).await;
     assert_ne!(got.status, StatusCode::OK, "sanity: online, no link yet");
-    stop(proxy).await;
+    proxy.stop().await;
 
     // The private image first, so its layer is written before the
     // attacker's image is walked.
     let bundle = env.path("both.tar");
-    let (code, _, err) = regcache(&[
+    let (code, _, err) = regcache_cli(&[
         "export",
         "--include-private",
         "-o",
@@ -1067,7 +867,7 @@ async fn a_hostile_public_manifest_in_a_bundle_with_the_private_image_gets_no_li
     );
 
     let fresh = env.path("fresh");
-    let (code, out, err) = regcache(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
+    let (code, out, err) = regcache_cli(&["import", s(&bundle), "--cache-dir", s(&fresh)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("1 digest not linked"), "{out}");
     assert!(err.contains("withheld"), "{err}");
@@ -1080,31 +880,20 @@ async fn a_hostile_public_manifest_in_a_bundle_with_the_private_image_gets_no_li
             "{what}: not the private bytes"
         );
     };
-    let users = env.path("users.htpasswd");
-    std::fs::write(
-        &users,
-        format!("carol:{}\n", bcrypt::hash("carol-pw", 4).unwrap()),
-    )
-    .unwrap();
-    std::fs::set_permissions(
-        &users,
-        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600),
-    )
-    .unwrap();
-    let carol = common_basic("carol", "carol-pw");
+    let users = users_file(env.dir.path(), &[("carol", "carol-pw")], 0o600);
+    let carol = basic("carol", "carol-pw");
 
     // Offline: public content to everyone, the private layer not through
     // attacker/pub, the private images to nobody anonymous.
-    let proxy = env.proxy(&fresh).arg("--offline").start().await;
+    let proxy = regcache_on(&env, &fresh).arg("--offline").start().await;
     refused(&get(&proxy, &evil_layer).await, "offline, anonymous");
     assert_offline(&proxy, &public_pulled, None, true, "public, anonymous").await;
     assert_offline(&proxy, &secret_pulled, None, false, "private, anonymous").await;
-    stop(proxy).await;
+    proxy.stop().await;
 
     // Offline with proxy users: carol gets the private images, and still
     // not the private layer through attacker/pub (it is not linked there).
-    let proxy = env
-        .proxy(&fresh)
+    let proxy = regcache_on(&env, &fresh)
         .args(["--offline", "--proxy-users", s(&users)])
         .start()
         .await;
@@ -1136,17 +925,17 @@ async fn a_hostile_public_manifest_in_a_bundle_with_the_private_image_gets_no_li
         &get_with(&proxy, &evil_layer, None, Some(&carol)).await,
         "offline, proxy user",
     );
-    stop(proxy).await;
+    proxy.stop().await;
 
     // Online with the registry gone: the same.
-    let proxy = env.proxy(&fresh).start().await;
+    let proxy = regcache_on(&env, &fresh).start().await;
     refused(&get(&proxy, &evil_layer).await, "registry unreachable");
     let base_layer = &public_pulled[3];
     let got = get(&proxy, &base_layer.0).await;
     assert_eq!(
-        (got.status, &got.body, got.x_cache.as_str()),
+        (got.status, &got.body, got.x_cache().as_str()),
         (StatusCode::OK, &base_layer.1, "HIT"),
         "the shared base layer is linked to library/base"
     );
-    stop(proxy).await;
+    proxy.stop().await;
 }

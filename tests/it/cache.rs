@@ -4,228 +4,34 @@
 //! revalidation, media types), hostile names, eviction, restarts and crashes.
 //!
 //! Every test spawns the real `regcache` binary with its own cache dir and
-//! an in-process registry ([`registry::Registry`]) behind
+//! an in-process registry ([`Registry`]) behind
 //! `--resolve registry-1.docker.io=127.0.0.1:PORT`, and checks both what the
 //! client got and what the registry saw.
 
-use crate::support::{self, registry};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use crate::support::{
-    empty, negotiated_alpn, send_signal, tls_connect, within, Alpn, HttpClient, Proxy,
-    ProxyBuilder, TestCa, STEP_TIMEOUT,
-};
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::header::HeaderMap;
-use hyper::{Method, Request, Response, StatusCode, Version};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use registry::{blob_bytes, sha256, Fault, Registry};
+use hyper::{Method, Response, StatusCode};
+use regcache::registry::media::{DOCKER_MANIFEST_V2, OCI_INDEX, OCI_MANIFEST};
 
-const HUB: &str = "registry-1.docker.io";
+use crate::support::http::empty;
+use crate::support::http::{read_response, Got, HttpClient};
+use crate::support::pattern::blob_bytes;
+use crate::support::proxy::{list_dir, regcache_cli, regcache_command, Env, Proxy};
+use crate::support::registry::{
+    image_manifest, sha256, Fault, Registry, Req, ACCEPT_ALL, HUB, TEAM_CRED,
+};
+use crate::support::tls::{peer_leaf, sans, tls_connect, Alpn};
+use crate::support::{free_port, send_signal, within, STEP_TIMEOUT};
+
 const MIB: usize = 1024 * 1024;
-
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-/// What docker and containerd send when pulling by tag.
-const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json, \
-    application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json";
 
 // ---------------------------------------------------------------------------
 // Harness
 // ---------------------------------------------------------------------------
-
-/// A registry, the test CA that signed it, and the dirs regcache keeps
-/// between restarts (cache and CA).
-struct Env {
-    _ca: TestCa,
-    dir: tempfile::TempDir,
-    ca_file: PathBuf,
-    reg: Registry,
-}
-
-impl Env {
-    async fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = TestCa::new();
-        let ca_file = ca.write_pem(dir.path());
-        let reg = Registry::start(&ca).await;
-        Env {
-            _ca: ca,
-            dir,
-            ca_file,
-            reg,
-        }
-    }
-
-    fn cache_dir(&self) -> PathBuf {
-        self.dir.path().join("cache")
-    }
-
-    /// A registry on a second port with the same CA (a CDN, say).
-    async fn second_registry(&self) -> Registry {
-        Registry::start(&self._ca).await
-    }
-
-    /// regcache with this env's cache dir and CA dir, trusting the test CA,
-    /// sending registry-1.docker.io to the fake registry.
-    fn proxy(&self) -> ProxyBuilder {
-        ProxyBuilder::new()
-            .upstream_ca(&self.ca_file)
-            .ca_dir(&self.dir.path().join("ca"))
-            .resolve(HUB, self.reg.port())
-            .arg("--cache-dir")
-            .arg(self.cache_dir().to_str().unwrap())
-    }
-
-    /// Files left in `cache/tmp`.
-    fn tmp_files(&self) -> Vec<String> {
-        list_dir(&self.cache_dir().join("tmp"))
-    }
-
-    /// Where a cached digest's file lives.
-    fn content_file(&self, digest: &str) -> PathBuf {
-        let hex = digest.strip_prefix("sha256:").unwrap();
-        self.cache_dir()
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-    }
-}
-
-fn list_dir(dir: &Path) -> Vec<String> {
-    match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(_) => vec![],
-    }
-}
-
-/// A response read to its end (or to its error).
-#[derive(Debug)]
-struct Got {
-    status: StatusCode,
-    headers: HeaderMap,
-    /// The bytes that arrived.
-    body: Bytes,
-    /// Why the body ended early, if it did.
-    error: Option<String>,
-}
-
-impl Got {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    }
-
-    fn x_cache(&self) -> String {
-        self.header("x-cache").unwrap_or_else(|| "<none>".into())
-    }
-
-    fn content_length(&self) -> Option<usize> {
-        self.header("content-length").and_then(|v| v.parse().ok())
-    }
-
-    /// 200, complete, exactly `want`, X-Cache `cache`.
-    fn assert_served(&self, want: &[u8], cache: &str, what: &str) {
-        assert_eq!(
-            self.status,
-            StatusCode::OK,
-            "{what}: status; headers {:?}, body {:?}",
-            self.headers,
-            String::from_utf8_lossy(&self.body[..self.body.len().min(300)])
-        );
-        assert!(
-            self.error.is_none(),
-            "{what}: body failed after {} bytes: {:?}",
-            self.body.len(),
-            self.error
-        );
-        assert!(
-            self.body.len() == want.len() && self.body[..] == want[..],
-            "{what}: wrong bytes ({} bytes, want {})",
-            self.body.len(),
-            want.len()
-        );
-        assert_eq!(self.x_cache(), cache, "{what}: X-Cache");
-    }
-
-    /// The body never completed: an error, or fewer bytes than announced.
-    fn assert_aborted(&self, full: &[u8], what: &str) {
-        let completed_whole =
-            self.error.is_none() && self.content_length().is_none_or(|l| self.body.len() >= l);
-        assert!(
-            !completed_whole,
-            "{what}: the response completed ({} bytes, status {}, X-Cache {}) although the \
-             upstream bytes were wrong; it must end with an error instead",
-            self.body.len(),
-            self.status,
-            self.x_cache()
-        );
-        assert!(
-            self.body.len() < full.len() || self.body[..] != full[..],
-            "{what}: sanity"
-        );
-    }
-
-    /// Parses the JSON error body's first code.
-    fn error_code(&self) -> String {
-        let v: serde_json::Value = serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {:?}",
-                String::from_utf8_lossy(&self.body)
-            )
-        });
-        v["errors"][0]["code"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no errors[0].code in {v}"))
-            .to_owned()
-    }
-}
-
-/// Reads a response's body to its end, keeping an error rather than panicking.
-async fn read_response(resp: Response<Incoming>) -> Got {
-    let (parts, mut body) = resp.into_parts();
-    let mut data = Vec::new();
-    let mut error = None;
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(f) => {
-                    if let Ok(d) = f.into_data() {
-                        data.extend_from_slice(&d);
-                    }
-                }
-                Err(e) => {
-                    error = Some(format!("{e:?}"));
-                    break;
-                }
-            }
-        }
-    };
-    within("reading a response body", STEP_TIMEOUT, read).await;
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body: Bytes::from(data),
-        error,
-    }
-}
-
-/// A fresh CONNECT + TLS connection to `host` through the proxy.
-async fn connect(proxy: &Proxy, host: &str, alpn: Alpn) -> HttpClient {
-    proxy.intercepted(host, alpn).await
-}
 
 /// Sends one request on a fresh connection and returns the response head;
 /// the body is left to the caller.
@@ -237,12 +43,9 @@ async fn send_on(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Response<Incoming> {
-    let mut client = connect(proxy, host, alpn).await;
-    let mut b = client.builder(method, path);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    client.send(b.body(empty()).unwrap()).await
+    let mut client = proxy.intercepted(host, alpn).await;
+    let req = client.request(method, path, headers);
+    client.send(req).await
 }
 
 /// One request on a fresh connection to `host`, read to the end; Err if no
@@ -259,36 +62,15 @@ async fn try_request_to(
     let tls = tls_connect(tcp, host, vec![proxy.ca_der()], alpn, true)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
-    let h2 = negotiated_alpn(&tls).as_deref() == Some("h2");
-    let io = TokioIo::new(tls);
-    let mut b = Request::builder().method(method);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
     let exchange = async {
-        if h2 {
-            let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(|e| format!("h2 handshake: {e:?}"))?;
-            tokio::spawn(conn);
-            let req = b
-                .version(Version::HTTP_2)
-                .uri(format!("https://{host}{path}"))
-                .body(empty())
-                .unwrap();
-            s.send_request(req)
-                .await
-                .map_err(|e| format!("no response over h2: {e:?}"))
-        } else {
-            let (mut s, conn) = hyper::client::conn::http1::handshake(io)
-                .await
-                .map_err(|e| format!("http1 handshake: {e:?}"))?;
-            tokio::spawn(conn);
-            let req = b.uri(path).header("host", host).body(empty()).unwrap();
-            s.send_request(req)
-                .await
-                .map_err(|e| format!("no response over HTTP/1.1: {e:?}"))
-        }
+        let mut client = HttpClient::try_over_tls(tls, host)
+            .await
+            .map_err(|e| format!("HTTP handshake: {e:?}"))?;
+        let req = client.request(method, path, headers);
+        client
+            .try_send(req)
+            .await
+            .map_err(|e| format!("no response over {alpn:?}: {e:?}"))
     };
     let resp = within("a response head", STEP_TIMEOUT, exchange).await?;
     Ok(read_response(resp).await)
@@ -358,34 +140,6 @@ fn blob_path(repo: &str, digest: &str) -> String {
 
 fn manifest_path(repo: &str, reference: &str) -> String {
     format!("/v2/{repo}/manifests/{reference}")
-}
-
-/// An image manifest naming `config` and `layers` (digest, size).
-fn image_manifest(media_type: &str, config: (&str, usize), layers: &[(&str, usize)]) -> Bytes {
-    let docker = media_type == DOCKER_MANIFEST;
-    let layer_type = if docker {
-        "application/vnd.docker.image.rootfs.diff.tar.gzip"
-    } else {
-        OCI_LAYER
-    };
-    let config_type = if docker {
-        "application/vnd.docker.container.image.v1+json"
-    } else {
-        OCI_CONFIG
-    };
-    let layers: Vec<_> = layers
-        .iter()
-        .map(|(d, s)| serde_json::json!({"mediaType": layer_type, "digest": d, "size": s}))
-        .collect();
-    Bytes::from(
-        serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": media_type,
-            "config": {"mediaType": config_type, "digest": config.0, "size": config.1},
-            "layers": layers,
-        })
-        .to_string(),
-    )
 }
 
 /// A manifest with made-up config/layer digests, distinct per `seed`.
@@ -616,7 +370,7 @@ async fn blob_unknown_upstream_is_404_and_not_cached() {
         let r = get(&proxy, &path).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
         assert!(r.error.is_none(), "404 body failed: {:?}", r.error);
-        assert_eq!(r.error_code(), "BLOB_UNKNOWN");
+        assert_eq!(r.error_code().as_deref(), Some("BLOB_UNKNOWN"));
     }
     assert_eq!(env.reg.methods(&path), vec!["GET", "GET"]);
 }
@@ -716,7 +470,7 @@ async fn concurrent_gets_waiting_for_upstream_answer_share_one_fetch() {
     let mut tasks = Vec::new();
     for i in 0..5 {
         let alpn = if i % 2 == 0 { Alpn::H2 } else { Alpn::Http11 };
-        let client = connect(&proxy, HUB, alpn).await;
+        let client = proxy.intercepted(HUB, alpn).await;
         let path = path.clone();
         tasks.push(tokio::spawn(async move {
             let mut client = client;
@@ -950,7 +704,7 @@ async fn range_on_a_miss_never_completes_with_unverified_wrong_bytes() {
 #[tokio::test]
 async fn redirect_to_cdn_is_followed_without_the_registry_credentials() {
     let env = Env::new().await;
-    let cdn = env.second_registry().await;
+    let cdn = Registry::start(&env.ca).await;
     let data = blob_bytes(11, 500_000);
     let digest = env.reg.put_blob("library/alpine", data.clone());
     let path = blob_path("library/alpine", &digest);
@@ -1021,7 +775,7 @@ async fn redirect_to_cdn_is_followed_without_the_registry_credentials() {
     get(&proxy, &path)
         .await
         .assert_served(&data, "HIT", "second GET");
-    let gets = |seen: Vec<registry::Req>| seen.iter().filter(|r| r.method == Method::GET).count();
+    let gets = |seen: Vec<Req>| seen.iter().filter(|r| r.method == Method::GET).count();
     assert_eq!(gets(env.reg.seen()), 1, "{:?}", env.reg.summary());
     assert_eq!(gets(cdn.seen()), 1, "{:?}", cdn.summary());
     assert!(
@@ -1068,24 +822,6 @@ async fn relative_redirect_is_followed_on_the_same_registry() {
 // 5. Links between repositories
 // ---------------------------------------------------------------------------
 
-/// The credential the guarded `team/*` repositories accept (Basic).
-const TEAM_CRED: &str = "Basic dGVhbTp0ZWFtLXB3";
-
-/// Makes every `team/*` repository guarded: 401 with a Basic challenge
-/// unless the request carries [`TEAM_CRED`].
-fn guard_team(reg: &Registry) {
-    reg.set_hook(|req| {
-        let guarded = req.path.starts_with("/v2/team/");
-        (guarded && req.header("authorization").as_deref() != Some(TEAM_CRED)).then(|| {
-            registry::Answer::error(
-                401,
-                &req.path,
-                vec![("www-authenticate".into(), "Basic realm=\"team\"".into())],
-            )
-        })
-    });
-}
-
 /// Methods of the requests for `path` that carried [`TEAM_CRED`] (regcache's
 /// own anonymous openness probes left out).
 fn team_methods(reg: &Registry, path: &str) -> Vec<String> {
@@ -1099,7 +835,7 @@ fn team_methods(reg: &Registry, path: &str) -> Vec<String> {
 #[tokio::test]
 async fn blob_cached_for_one_repo_needs_upstream_confirmation_for_another() {
     let env = Env::new().await;
-    guard_team(&env.reg);
+    env.reg.guard_team();
     let data = blob_bytes(13, 200_000);
     let digest = env.reg.put_blob("team/a", data.clone());
     env.reg.put_blob("team/b", data.clone()); // b has it too; c does not.
@@ -1381,7 +1117,7 @@ async fn concurrent_manifest_gets(
     let mut clients = Vec::new();
     for i in 0..n {
         let alpn = if i % 2 == 0 { Alpn::H2 } else { Alpn::Http11 };
-        clients.push(connect(proxy, HUB, alpn).await);
+        clients.push(proxy.intercepted(HUB, alpn).await);
     }
     let tasks: Vec<_> = clients
         .into_iter()
@@ -1488,7 +1224,7 @@ async fn tag_gone_upstream_is_404_and_forgotten() {
     let r = get_manifest(&proxy, &path).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{r:?}");
     assert!(r.error.is_none(), "{:?}", r.error);
-    assert_eq!(r.error_code(), "MANIFEST_UNKNOWN");
+    assert_eq!(r.error_code().as_deref(), Some("MANIFEST_UNKNOWN"));
     assert_eq!(env.reg.methods(&path), vec!["GET", "HEAD"]);
 
     // Forgotten: the next request is a plain GET upstream, not a revalidation.
@@ -1540,22 +1276,25 @@ async fn cached_manifest_is_not_served_to_a_request_that_does_not_accept_its_typ
     let env = Env::new().await;
     let config = sha256(b"config");
     let layer = sha256(b"layer");
-    let m = image_manifest(DOCKER_MANIFEST, (&config, 6), &[(&layer, 5)]);
+    let m = image_manifest(DOCKER_MANIFEST_V2, (&config, 6), &[(&layer, 5)]);
     let digest = env
         .reg
-        .put_manifest("library/debian", Some("12"), DOCKER_MANIFEST, m.clone());
+        .put_manifest("library/debian", Some("12"), DOCKER_MANIFEST_V2, m.clone());
     let by_tag = manifest_path("library/debian", "12");
     let by_digest = manifest_path("library/debian", &digest);
     let proxy = env.proxy().start().await;
 
-    let docker_only = [("accept", DOCKER_MANIFEST)];
+    let docker_only = [("accept", DOCKER_MANIFEST_V2)];
     let oci_only = [(
         "accept",
         "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json",
     )];
     let r = request(&proxy, Alpn::Both, Method::GET, &by_tag, &docker_only).await;
     r.assert_served(&m, "MISS", "docker Accept");
-    assert_eq!(r.header("content-type").as_deref(), Some(DOCKER_MANIFEST));
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some(DOCKER_MANIFEST_V2)
+    );
     request(&proxy, Alpn::Both, Method::GET, &by_tag, &docker_only)
         .await
         .assert_served(&m, "HIT", "docker Accept again");
@@ -1766,7 +1505,7 @@ async fn hostile_names_are_refused_without_asking_upstream() {
                 StatusCode::BAD_REQUEST,
                 "{path} over {alpn:?}: {r:?}"
             );
-            assert_eq!(r.error_code(), *code, "{path}");
+            assert_eq!(r.error_code().as_deref(), Some(*code), "{path}");
             assert!(
                 r.header("content-type")
                     .unwrap_or_default()
@@ -1805,7 +1544,11 @@ async fn invalid_tags_are_unknown_manifests_without_asking_upstream() {
                 StatusCode::NOT_FOUND,
                 "{path} over {alpn:?}: {r:?}"
             );
-            assert_eq!(r.error_code(), "MANIFEST_UNKNOWN", "{path}");
+            assert_eq!(
+                r.error_code().as_deref(),
+                Some("MANIFEST_UNKNOWN"),
+                "{path}"
+            );
             assert!(
                 r.header("content-type")
                     .unwrap_or_default()
@@ -1827,7 +1570,7 @@ async fn invalid_tags_are_unknown_manifests_without_asking_upstream() {
     ] {
         let r = request(&proxy, Alpn::Both, Method::GET, path, &[]).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {r:?}");
-        assert_eq!(r.error_code(), code, "{path}");
+        assert_eq!(r.error_code().as_deref(), Some(code), "{path}");
     }
     assert!(
         env.reg.seen().is_empty(),
@@ -2086,15 +1829,6 @@ async fn wait_gone(env: &Env, digest: &str, proxy: &Proxy) {
     }
 }
 
-async fn stop_proxy(mut proxy: Proxy) {
-    proxy.sigterm();
-    let status = proxy
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .expect("regcache should exit after SIGTERM");
-    assert!(status.success(), "exit status {status}");
-}
-
 /// One image (manifest, config, a 700 kB layer) pulled through a regcache
 /// that is then stopped. Returns (layer path, layer, manifest path by
 /// digest, manifest, layer digest, manifest digest).
@@ -2120,7 +1854,7 @@ async fn pulled_then_stopped(env: &Env) -> (String, Bytes, String, Bytes, String
     get_manifest(&proxy, &m_p)
         .await
         .assert_served(&m, "MISS", "fill the manifest");
-    stop_proxy(proxy).await;
+    proxy.stop().await;
     (layer_p, layer, m_p, m, layer_d, m_d)
 }
 
@@ -2194,7 +1928,7 @@ async fn verify_reads_always_catches_a_change_while_running_and_never_trusts_the
     get(&proxy, &layer_p)
         .await
         .assert_served(&layer, "MISS", "fetched again");
-    stop_proxy(proxy).await;
+    proxy.stop().await;
 
     // verify_reads = "never" trusts bytes at rest: the trade-off is that a
     // file changed on disk is served as it is.
@@ -2312,19 +2046,8 @@ async fn kill_9_mid_download_leaves_no_partial_entry() {
 
 /// Runs `regcache cache ARGS --cache-dir DIR` and returns (exit code, stdout, stderr).
 fn cache_cli(dir: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .arg("cache")
-        .args(args)
-        .arg("--cache-dir")
-        .arg(dir)
-        .env_remove("REGCACHE_CACHE_DIR")
-        .output()
-        .expect("run regcache cache");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let dir = dir.to_str().unwrap();
+    regcache_cli(&[&["cache"], args, &["--cache-dir", dir]].concat())
 }
 
 #[tokio::test]
@@ -2400,19 +2123,8 @@ async fn cache_commands_show_and_remove_what_was_pulled() {
 
 /// An origin-form request to regcache's own listener (mirror and prefix modes).
 async fn mirror_get(proxy: &Proxy, path: &str) -> Got {
-    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let req = Request::get(path)
-        .header("host", proxy.addr.to_string())
-        .body(empty())
-        .unwrap();
-    let resp = within("a mirror response", STEP_TIMEOUT, s.send_request(req))
-        .await
-        .unwrap_or_else(|e| panic!("GET {path} from the mirror: {e}"));
-    read_response(resp).await
+    let mut client = HttpClient::plain_h1(proxy.addr, &proxy.addr.to_string()).await;
+    read_response(client.get(path).await).await
 }
 
 #[tokio::test]
@@ -2515,20 +2227,19 @@ async fn one_cache_for_interception_mirror_and_prefix_modes() {
 /// Runs `regcache prefetch` against the fake registry (which lives on this
 /// test's runtime, hence the async child); returns (exit code, stderr).
 async fn prefetch_cli(env: &Env, images: &[&str], extra: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_regcache"))
-        .arg("prefetch")
+    let mut cmd = regcache_command();
+    cmd.arg("prefetch")
         .args(images)
         .args(extra)
         .arg("--cache-dir")
         .arg(env.cache_dir())
         .arg("--ca-dir")
-        .arg(env.dir.path().join("ca"))
+        .arg(env.path("ca"))
         .arg("--resolve")
         .arg(format!("{HUB}=127.0.0.1:{}", env.reg.port()))
         .arg("--upstream-ca")
-        .arg(&env.ca_file)
-        .env_remove("REGCACHE_CACHE_DIR")
-        .env_remove("HTTPS_PROXY")
+        .arg(&env.ca_file);
+    let out = tokio::process::Command::from(cmd)
         .output()
         .await
         .expect("run regcache prefetch");
@@ -2641,7 +2352,7 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
     let repo = "library/alpine";
     let data = blob_bytes(90, 250_000);
     let digest = env.reg.put_blob(repo, data.clone());
-    let mirror_port = support::free_port();
+    let mirror_port = free_port();
     let proxy = env
         .proxy()
         .arg("--mirror-tls")
@@ -2662,29 +2373,10 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
         let tls = tls_connect(tcp, "regcache.test", vec![proxy.ca_der()], alpn, true)
             .await
             .expect("the mirror's certificate chains to the regcache CA");
-        let h2 = negotiated_alpn(&tls).as_deref() == Some("h2");
-        assert_eq!(h2, alpn == Alpn::H2);
-        let io = TokioIo::new(tls);
+        let mut client = HttpClient::over_tls(tls, "regcache.test").await;
+        assert_eq!(client.is_h2(), alpn == Alpn::H2);
         let path = format!("/v2/alpine/blobs/{digest}?ns=docker.io");
-        let resp = if h2 {
-            let (mut s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .unwrap();
-            tokio::spawn(conn);
-            let req = Request::get(format!("https://regcache.test{path}"))
-                .version(Version::HTTP_2)
-                .body(empty())
-                .unwrap();
-            s.send_request(req).await.unwrap()
-        } else {
-            let (mut s, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-            tokio::spawn(conn);
-            let req = Request::get(&path)
-                .header("host", "regcache.test")
-                .body(empty())
-                .unwrap();
-            s.send_request(req).await.unwrap()
-        };
+        let resp = client.get(&path).await;
         read_response(resp).await.assert_served(
             &data,
             "HIT",
@@ -2700,7 +2392,7 @@ async fn mirror_over_tls_serves_the_same_cache_over_h2_and_http11() {
 #[tokio::test]
 async fn mirror_over_tls_mints_only_for_its_own_names() {
     let env = Env::new().await;
-    let mirror_port = support::free_port();
+    let mirror_port = free_port();
     let proxy = env
         .proxy()
         .arg("--mirror-tls")
@@ -2716,10 +2408,7 @@ async fn mirror_over_tls_mints_only_for_its_own_names() {
     };
     for sni in ["accounts.google.com", "registry-1.docker.io", "localhost"] {
         match tls_connect(connect().await, sni, vec![proxy.ca_der()], Alpn::Both, true).await {
-            Ok(tls) => panic!(
-                "SNI {sni}: got a leaf {:?}",
-                support::sans(&support::peer_leaf(&tls))
-            ),
+            Ok(tls) => panic!("SNI {sni}: got a leaf {:?}", sans(&peer_leaf(&tls))),
             Err(e) => assert!(e.to_string().contains("UnrecognisedName"), "SNI {sni}: {e}"),
         }
     }
@@ -2733,7 +2422,7 @@ async fn mirror_over_tls_mints_only_for_its_own_names() {
     .await
     .expect("a configured mirror name");
     assert_eq!(
-        support::sans(&support::peer_leaf(&tls)),
+        sans(&peer_leaf(&tls)),
         (vec!["regcache.test".to_string()], vec![])
     );
     // No SNI (a client connecting by address): the leaf names that address.
@@ -2747,7 +2436,7 @@ async fn mirror_over_tls_mints_only_for_its_own_names() {
     .await
     .expect("the address the client connected to");
     assert_eq!(
-        support::sans(&support::peer_leaf(&tls)),
+        sans(&peer_leaf(&tls)),
         (
             vec![],
             vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]

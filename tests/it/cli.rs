@@ -5,7 +5,11 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::support::*;
+use crate::support::free_port;
+use crate::support::http::{body_string, empty, raw};
+use crate::support::proxy::{run_regcache, ProxyBuilder};
+use crate::support::tls::{certs_from_pem, connect_tunnel, Alpn};
+use crate::support::upstream::{Fixture, UpstreamKind};
 use hyper::{Method, StatusCode};
 
 fn key_mode(dir: &Path) -> u32 {

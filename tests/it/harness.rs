@@ -5,7 +5,11 @@
 
 use std::time::Instant;
 
-use crate::support::*;
+use crate::support::http::{body_string, full, raw, HttpClient};
+use crate::support::pattern::pattern;
+use crate::support::pattern::{check_pattern_body, PatternBody, PatternCheck, PATTERN_LEN};
+use crate::support::tls::{tls_connect, Alpn};
+use crate::support::upstream::{Fixture, UpstreamKind};
 use hyper::{Method, StatusCode};
 use tokio::net::TcpStream;
 

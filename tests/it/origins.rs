@@ -2,65 +2,28 @@
 //! identity, every way in goes through one policy, and a client's credential
 //! goes only to the origin it was meant for.
 //!
-//! The upstream is the in-process registry ([`registry::Registry`]) with a
-//! plain-http twin on the same port ([`Registry::start_with_twin`]): with
+//! The upstream is the in-process registry ([`Registry`](crate::support::registry::Registry)) with a
+//! plain-http twin on the same port ([`Registry::start_with_twin`](crate::support::registry::Registry::start_with_twin)): with
 //! `--resolve registry-1.docker.io=127.0.0.1:PORT`, `https://` reaches the
 //! real registry and `http://` (port 80) reaches the twin, which plays
 //! whoever answers plain HTTP on the path. Internal services are in-process
 //! registries on `127.0.0.12`. Each test shows one attack from the issue
 //! failing, and checks what the twin or the internal service received.
 
-use crate::support::{self, auth, registry};
-use std::path::PathBuf;
-
-use crate::support::{empty, tls_connect, Alpn, HttpClient, Proxy, ProxyBuilder, TestCa};
-use auth::{basic, Auth, Mode};
 use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::header::HeaderMap;
-use hyper::{Method, Request, StatusCode};
-use registry::{blob_bytes, sha256, Answer, Fault, Registry, REGISTRY_NAMES};
+use hyper::body::Incoming;
+use hyper::{Method, Response, StatusCode};
+use regcache::registry::media::OCI_MANIFEST;
 
-const HUB: &str = "registry-1.docker.io";
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+use crate::support::auth::{Auth, Mode};
+use crate::support::http::{basic, contains, read_response, Got, HttpClient};
+use crate::support::pattern::blob_bytes;
+use crate::support::proxy::{Env, Proxy, ProxyBuilder};
+use crate::support::registry::{oci_manifest, sha256, Answer, Fault, Registry, HUB};
+use crate::support::tls::{tls_connect, Alpn};
+use crate::support::{within, STEP_TIMEOUT};
+
 const ALICE_PW: &str = "alice-pw-Qr8sT2";
-
-/// The test CA, its PEM file, and a registry with its plain-http twin.
-struct Env {
-    ca: TestCa,
-    _dir: tempfile::TempDir,
-    ca_file: PathBuf,
-    reg: Registry,
-    twin: Registry,
-}
-
-impl Env {
-    async fn new() -> Env {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = TestCa::new();
-        let ca_file = ca.write_pem(dir.path());
-        let mut names = REGISTRY_NAMES.to_vec();
-        names.push("plain.test");
-        let (reg, twin) = Registry::start_with_twin(&ca, &names).await;
-        Env {
-            ca,
-            _dir: dir,
-            ca_file,
-            reg,
-            twin,
-        }
-    }
-
-    /// regcache trusting the test CA, with `registry-1.docker.io` (both
-    /// schemes) on the registry's port.
-    fn proxy(&self) -> ProxyBuilder {
-        ProxyBuilder::new()
-            .upstream_ca(&self.ca_file)
-            .resolve(HUB, self.reg.port())
-    }
-}
 
 /// An image: config and one layer, and its manifest.
 struct Image {
@@ -73,15 +36,7 @@ impl Image {
     fn new(seed: u64) -> Image {
         let config = Bytes::from(format!("{{\"os\":\"linux\",\"seed\":{seed}}}"));
         let layer = blob_bytes(seed, 20_000);
-        let manifest = Bytes::from(
-            serde_json::json!({
-                "schemaVersion": 2,
-                "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": OCI_CONFIG, "digest": sha256(&config), "size": config.len()},
-                "layers": [{"mediaType": OCI_LAYER, "digest": sha256(&layer), "size": layer.len()}],
-            })
-            .to_string(),
-        );
+        let manifest = oci_manifest(&config, &[&layer]);
         Image {
             digest: sha256(&manifest),
             manifest,
@@ -101,54 +56,14 @@ impl Image {
     }
 }
 
-/// A response read to its end.
-struct Got {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Got {
-    fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
 /// Reads a response; a body that fails (wrong bytes from wherever regcache
 /// was sent) reads as empty.
-async fn read(resp: hyper::Response<hyper::body::Incoming>) -> Got {
-    let (parts, body) = resp.into_parts();
-    let body = support::within("a response body", support::STEP_TIMEOUT, body.collect())
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
+async fn read(resp: Response<Incoming>) -> Got {
+    let mut got = read_response(resp).await;
+    if got.error.is_some() {
+        got.body = Bytes::new();
     }
-}
-
-fn request(
-    method: Method,
-    uri: &str,
-    host: &str,
-    headers: &[(&str, &str)],
-) -> Request<support::ReqBody> {
-    let mut b = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", host);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(empty()).unwrap()
+    got
 }
 
 /// `GET path` inside `CONNECT host:port`, trusting only the regcache CA.
@@ -164,7 +79,8 @@ async fn https_get(
         .await
         .unwrap_or_else(|e| panic!("TLS to {host}: {e}; stderr:\n{}", proxy.stderr()));
     let mut client = HttpClient::over_tls(tls, host).await;
-    read(client.send(request(Method::GET, path, host, headers)).await).await
+    let req = client.request(Method::GET, path, headers);
+    read(client.send(req).await).await
 }
 
 /// An absolute-form request `GET url` on the proxy port.
@@ -172,24 +88,15 @@ async fn http_get(proxy: &Proxy, url: &str, headers: &[(&str, &str)]) -> Got {
     let uri: hyper::Uri = url.parse().unwrap();
     let host = uri.authority().unwrap().to_string();
     let mut client = HttpClient::plain_h1(proxy.addr, &host).await;
-    read(client.send(request(Method::GET, url, &host, headers)).await).await
+    let req = client.request(Method::GET, url, headers);
+    read(client.send(req).await).await
 }
 
 /// An origin-form (mirror) request `GET path` on the proxy port.
 async fn mirror_get(proxy: &Proxy, path: &str, headers: &[(&str, &str)]) -> Got {
     let mut client = HttpClient::plain_h1(proxy.addr, "localhost").await;
-    read(
-        client
-            .send(request(Method::GET, path, "localhost", headers))
-            .await,
-    )
-    .await
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty()
-        && needle.len() <= hay.len()
-        && hay.windows(needle.len()).any(|w| w == needle)
+    let req = client.request(Method::GET, path, headers);
+    read(client.send(req).await).await
 }
 
 /// A twin that answers 200 to everything, as a hostile responder would.
@@ -203,14 +110,14 @@ fn answer_everything(twin: &Registry) {
 
 #[tokio::test]
 async fn plain_http_probe_cannot_make_a_private_repository_public() {
-    let env = Env::new().await;
+    let (env, twin) = Env::with_twin(&["plain.test"]).await;
     let auth = Auth::new(Mode::Basic);
     auth.user("alice", ALICE_PW, &["team/secret"]);
     env.reg.set_hook(auth.registry_hook());
     let image = Image::new(21);
     image.seed(&env.reg, "team/secret", "1");
-    answer_everything(&env.twin);
-    let proxy = env.proxy().start().await;
+    answer_everything(&twin);
+    let proxy = env.regcache().start().await;
 
     // The attack: anonymous plain-http requests for the private repository,
     // as anyone may send them; the twin answers 200 to everything.
@@ -280,9 +187,9 @@ async fn plain_http_probe_cannot_make_a_private_repository_public() {
         attack.text()
     );
     assert!(
-        env.twin.seen().is_empty(),
+        twin.seen().is_empty(),
         "the twin was asked: {:?}",
-        env.twin.summary()
+        twin.summary()
     );
     let log = proxy.stderr();
     assert!(
@@ -294,12 +201,12 @@ async fn plain_http_probe_cannot_make_a_private_repository_public() {
 
 #[tokio::test]
 async fn plain_http_cannot_poison_tags_for_https_and_mirror_clients() {
-    let env = Env::new().await;
+    let (env, twin) = Env::with_twin(&["plain.test"]).await;
     let real = Image::new(31);
     let poisoned = Image::new(666);
     real.seed(&env.reg, "library/alpine", "3.20");
-    poisoned.seed(&env.twin, "library/alpine", "3.20");
-    let proxy = env.proxy().start().await;
+    poisoned.seed(&twin, "library/alpine", "3.20");
+    let proxy = env.regcache().start().await;
 
     let tag = "/v2/library/alpine/manifests/3.20";
     let attack = http_get(
@@ -357,9 +264,9 @@ async fn plain_http_cannot_poison_tags_for_https_and_mirror_clients() {
         assert_eq!(got.status, StatusCode::FORBIDDEN, "{}", got.text());
     }
     assert!(
-        env.twin.seen().is_empty(),
+        twin.seen().is_empty(),
         "the twin was asked: {:?}",
-        env.twin.summary()
+        twin.summary()
     );
 }
 
@@ -369,8 +276,8 @@ async fn plain_http_cannot_poison_tags_for_https_and_mirror_clients() {
 
 #[tokio::test]
 async fn absolute_form_and_mirror_reach_no_internal_service_and_no_other_port() {
-    let env = Env::new().await;
-    answer_everything(&env.twin);
+    let (env, twin) = Env::with_twin(&["plain.test"]).await;
+    answer_everything(&twin);
     // An internal service on another loopback address.
     let internal = Registry::start_plain_on("127.0.0.12:0").await;
     answer_everything(&internal);
@@ -382,7 +289,11 @@ async fn absolute_form_and_mirror_reach_no_internal_service_and_no_other_port() 
         .args(["--other-hosts", "refuse"])
         .start()
         .await;
-    let tunnel_proxy = env.proxy().resolve("quay.io", env.reg.port()).start().await;
+    let tunnel_proxy = env
+        .regcache()
+        .resolve("quay.io", env.reg.port())
+        .start()
+        .await;
 
     for proxy in [&proxy, &tunnel_proxy] {
         for url in [
@@ -408,9 +319,9 @@ async fn absolute_form_and_mirror_reach_no_internal_service_and_no_other_port() 
         internal.summary()
     );
     assert!(
-        env.twin.seen().is_empty(),
+        twin.seen().is_empty(),
         "quay.io's plain port was reached: {:?}",
-        env.twin.summary()
+        twin.summary()
     );
     let log = proxy.stderr();
     for rule in [
@@ -430,10 +341,10 @@ async fn absolute_form_and_mirror_reach_no_internal_service_and_no_other_port() 
 
 #[tokio::test]
 async fn redirect_to_plain_http_is_refused_and_carries_no_credential() {
-    let env = Env::new().await;
+    let (env, twin) = Env::with_twin(&["plain.test"]).await;
     let image = Image::new(41);
     image.seed(&env.reg, "library/alpine", "1");
-    image.seed(&env.twin, "library/alpine", "1");
+    image.seed(&twin, "library/alpine", "1");
     let layer_path = format!("/v2/library/alpine/blobs/{}", image.layer_digest());
     // The same host, the same path, over plain http: the twin answers it.
     env.reg.set_fault(
@@ -443,7 +354,7 @@ async fn redirect_to_plain_http_is_refused_and_carries_no_credential() {
             ..Fault::default()
         },
     );
-    let proxy = env.proxy().start().await;
+    let proxy = env.regcache().start().await;
 
     let got = https_get(
         &proxy,
@@ -456,8 +367,7 @@ async fn redirect_to_plain_http_is_refused_and_carries_no_credential() {
         ],
     )
     .await;
-    let leaked: Vec<_> = env
-        .twin
+    let leaked: Vec<_> = twin
         .seen()
         .into_iter()
         .filter(|r| r.header("authorization").is_some() || r.header("cookie").is_some())
@@ -468,7 +378,7 @@ async fn redirect_to_plain_http_is_refused_and_carries_no_credential() {
     );
     assert_eq!(got.status, StatusCode::BAD_GATEWAY, "{}", got.text());
     assert!(got.text().contains("redirect_scheme"), "{}", got.text());
-    assert!(env.twin.seen().is_empty(), "{:?}", env.twin.summary());
+    assert!(twin.seen().is_empty(), "{:?}", twin.summary());
     assert!(
         proxy.stderr().contains("redirect_scheme"),
         "{}",
@@ -478,7 +388,7 @@ async fn redirect_to_plain_http_is_refused_and_carries_no_credential() {
 
 #[tokio::test]
 async fn redirects_to_internal_addresses_or_other_ports_are_refused() {
-    let env = Env::new().await;
+    let (env, _twin) = Env::with_twin(&["plain.test"]).await;
     let image = Image::new(51);
     image.seed(&env.reg, "library/alpine", "1");
     // An internal HTTPS service that would happily answer.
@@ -541,7 +451,7 @@ async fn redirects_to_internal_addresses_or_other_ports_are_refused() {
 
 #[tokio::test]
 async fn token_realms_at_internal_addresses_or_other_ports_are_not_asked() {
-    let env = Env::new().await;
+    let (env, _twin) = Env::with_twin(&["plain.test"]).await;
     let image = Image::new(55);
     image.seed(&env.reg, "library/alpine", "1");
     // Services a hostile registry would have regcache call: one on an
@@ -589,15 +499,11 @@ async fn token_realms_at_internal_addresses_or_other_ports_are_not_asked() {
             "{realm}: {}",
             got.text()
         );
-        support::within(
-            &format!("a log line naming {rule}"),
-            support::STEP_TIMEOUT,
-            async {
-                while !proxy.stderr().contains(rule) {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                }
-            },
-        )
+        within(&format!("a log line naming {rule}"), STEP_TIMEOUT, async {
+            while !proxy.stderr().contains(rule) {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
         .await;
     }
     assert!(
@@ -614,7 +520,7 @@ async fn token_realms_at_internal_addresses_or_other_ports_are_not_asked() {
 
 #[tokio::test]
 async fn redirect_to_another_port_of_the_same_host_drops_the_credential() {
-    let env = Env::new().await;
+    let (env, _twin) = Env::with_twin(&["plain.test"]).await;
     let image = Image::new(61);
     image.seed(&env.reg, "library/alpine", "1");
     let store = Registry::start(&env.ca).await;
@@ -677,13 +583,13 @@ async fn redirect_to_another_port_of_the_same_host_drops_the_credential() {
 
 #[tokio::test]
 async fn insecure_registry_is_served_over_plain_http_and_keyed_apart() {
-    let env = Env::new().await;
+    let (env, twin) = Env::with_twin(&["plain.test"]).await;
     // plain.test over https (the registry) and over http (the twin, now an
     // insecure registry of the same name) hold different images under one tag.
     let secure = Image::new(71);
     let insecure = Image::new(72);
     secure.seed(&env.reg, "library/app", "1");
-    insecure.seed(&env.twin, "library/app", "1");
+    insecure.seed(&twin, "library/app", "1");
     let proxy = ProxyBuilder::new()
         .upstream_ca(&env.ca_file)
         .resolve("plain.test", env.reg.port())

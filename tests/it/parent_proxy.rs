@@ -13,7 +13,11 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use crate::support::*;
+use crate::support::http::{basic, body_string, HttpClient};
+use crate::support::proxy::ProxyBuilder;
+use crate::support::tls::{connect_tunnel, peer_leaf, tls_connect, Alpn};
+use crate::support::upstream::{Fixture, UpstreamKind};
+use crate::support::{free_port, send_signal, within, STEP_TIMEOUT};
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -151,26 +155,6 @@ async fn relay_one(
     {
         let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
     }
-}
-
-/// `Basic base64(user:password)`, written out independently of regcache.
-fn basic(user: &str, password: &str) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let data = format!("{user}:{password}").into_bytes();
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let mut b = [0u8; 3];
-        b[..chunk.len()].copy_from_slice(chunk);
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            out.push(if i <= chunk.len() {
-                ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char
-            } else {
-                '='
-            });
-        }
-    }
-    format!("Basic {out}")
 }
 
 fn parent_url(password: &str, relay: &Relay) -> String {

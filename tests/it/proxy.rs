@@ -5,7 +5,17 @@
 
 use std::time::{Duration, Instant};
 
-use crate::support::*;
+use crate::support::http::{
+    body_bytes, body_string, empty, full, header_names, raw, raw_exchange, BoxError, HttpClient,
+    ReqBody,
+};
+use crate::support::pattern::{PatternBody, PatternCheck};
+use crate::support::proxy::{Proxy, ProxyBuilder};
+use crate::support::tls::{
+    connect_tunnel, issuer_subject, negotiated_alpn, peer_leaf, sans, tls_connect, Alpn,
+};
+use crate::support::upstream::{Fixture, Seen, UpstreamKind};
+use crate::support::{send_signal, within, STEP_TIMEOUT};
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -176,7 +186,7 @@ async fn sni_other_than_the_connect_host_gets_an_alert_and_no_leaf() {
             err.contains("UnrecognisedName"),
             "CONNECT {connect} with SNI {sni}: {err}"
         );
-        let log = wait_for_log(&proxy, &format!("sni=\"{sni}\"")).await;
+        let log = proxy.wait_for_log(&format!("sni=\"{sni}\"")).await;
         assert!(
             log.lines().any(|l| l.contains("unrecognized_name")
                 && l.contains(&format!("sni=\"{sni}\""))
@@ -702,7 +712,7 @@ async fn stalled_request_body_is_cut_and_its_upstream_request_aborted() {
         Some(false),
         "the upstream request must end in an error (aborted), not look complete"
     );
-    wait_for_log(&proxy, "request body stalled").await;
+    proxy.wait_for_log("request body stalled").await;
 }
 
 /// The same over HTTP/2: the stalled stream gets an error answer or a reset
@@ -746,7 +756,7 @@ async fn stalled_request_body_over_h2_is_cut() {
     let seen = fx.upstream.wait_for("/upload/stall-h2").await;
     assert_eq!(seen.body_len, 1);
     assert_eq!(seen.body_pattern_ok, Some(false));
-    wait_for_log(&proxy, "request body stalled").await;
+    proxy.wait_for_log("request body stalled").await;
     drop(tx);
 }
 
@@ -821,7 +831,7 @@ async fn absolute_form_http_is_forwarded() {
         .await;
 
     // By address and port (plain HTTP passes through to port 80 and the
-    // connect_ports only; tests/origins.rs has the refusals).
+    // connect_ports only; crate::origins has the refusals).
     let host = format!("127.0.0.1:{port}");
     let mut client = HttpClient::plain_h1(proxy.addr, &host).await;
     let req = hyper::Request::builder()
@@ -968,47 +978,6 @@ async fn hop_by_hop_headers_removed_absolute_form() {
 // 10. Logging
 // ---------------------------------------------------------------------------
 
-/// CONNECT with a Proxy-Authorization header, then TLS trusting the regcache CA.
-async fn intercepted_with_proxy_auth(proxy: &Proxy, host: &str, proxy_auth: &str) -> HttpClient {
-    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
-    let req = format!(
-        "CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\nProxy-Authorization: {proxy_auth}\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        let n = within("CONNECT response", STEP_TIMEOUT, s.read(&mut b))
-            .await
-            .unwrap();
-        assert_eq!(n, 1, "proxy closed during CONNECT response");
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
-    assert!(
-        head.starts_with("HTTP/1.1 200"),
-        "CONNECT answered {head:?}"
-    );
-    let tls = tls_connect(s, host, vec![proxy.ca_der()], Alpn::Http11, true)
-        .await
-        .unwrap();
-    HttpClient::over_tls(tls, host).await
-}
-
-async fn wait_for_log(proxy: &Proxy, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = proxy.stderr();
-        if log.contains(needle) {
-            return log;
-        }
-        if Instant::now() > deadline {
-            panic!("no log line mentioning {needle:?}; stderr:\n{log}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 const SECRETS: [&str; 3] = [
     "SECRET-bearer-7f3a9c",
     "dXNlcjpTRUNSRVQtYmFzaWMtNGQ=",
@@ -1016,8 +985,10 @@ const SECRETS: [&str; 3] = [
 ];
 
 async fn make_secret_requests(fx: &Fixture, proxy: &Proxy, path: &str) {
-    let mut client =
-        intercepted_with_proxy_auth(proxy, "upstream.test", &format!("Basic {}", SECRETS[2])).await;
+    let proxy_auth = format!("Basic {}", SECRETS[2]);
+    let mut client = proxy
+        .intercepted_as("upstream.test", Alpn::Http11, Some(&proxy_auth))
+        .await;
     let req = client
         .builder(Method::GET, path)
         .header("authorization", format!("Bearer {}", SECRETS[0]))
@@ -1059,7 +1030,7 @@ async fn authorization_never_logged_and_requests_are_logged() {
     let proxy = fx.proxy().start().await;
     let path = "/logcheck/manifests/latest";
     make_secret_requests(&fx, &proxy, path).await;
-    let log = wait_for_log(&proxy, path).await;
+    let log = proxy.wait_for_log(path).await;
     // Give a late line (e.g. the 401) a moment to land, then look again.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = if proxy.stderr().len() > log.len() {
@@ -1088,7 +1059,7 @@ async fn json_log_format_writes_json_lines_without_secrets() {
     let proxy = fx.proxy().args(["--log-format", "json"]).start().await;
     let path = "/jsonlog/blobs/x";
     make_secret_requests(&fx, &proxy, path).await;
-    let log = wait_for_log(&proxy, "jsonlog").await;
+    let log = proxy.wait_for_log("jsonlog").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let log = if proxy.stderr().len() > log.len() {
         proxy.stderr()

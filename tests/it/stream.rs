@@ -5,7 +5,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::support::*;
+use crate::support::http::{body_string, HttpClient};
+use crate::support::pattern::{check_pattern_body, PatternBody};
+use crate::support::proxy::Proxy;
+use crate::support::tls::Alpn;
+use crate::support::upstream::{Fixture, UpstreamKind};
+use crate::support::within;
 use hyper::{Method, StatusCode};
 
 const MIB: u64 = 1024 * 1024;
@@ -13,6 +18,14 @@ const MIB: u64 = 1024 * 1024;
 const RSS_CEILING: u64 = 100 * MIB;
 /// Per-transfer deadline (debug builds are slow; this only stops a hang).
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// VmRSS of a process in bytes, from /proc/<pid>/status.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
 
 /// Polls a process's VmRSS every 20 ms on a thread and keeps the peak.
 struct RssWatch {

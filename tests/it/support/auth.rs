@@ -1,5 +1,5 @@
 //! Registry authentication for the in-process registry
-//! ([`crate::registry::Registry`]): Docker Hub's token flow, or plain Basic.
+//! ([`Registry`](super::registry::Registry)): Docker Hub's token flow, or plain Basic.
 //!
 //! One [`Auth`] holds the accounts (users, passwords, which private
 //! repositories each may pull), the public repositories, and every token it
@@ -22,8 +22,8 @@
 //!   pull; the registry then refuses that token for those repositories.
 //!
 //! Knobs: [`Auth::revoke`] (every token of a user stops working),
-//! [`Auth::make_private`], [`Auth::mint`] (a token issued out of band),
-//! [`Auth::set_password`]. Records: [`Auth::token_requests`] and
+//! [`Auth::make_private`], [`Auth::mint`] (a token issued out of band).
+//! Records: [`Auth::token_requests`] and
 //! [`Auth::subject_of`] (whose token an `Authorization` value carries), to
 //! assert what regcache sent where.
 
@@ -67,11 +67,8 @@ pub struct TokenRequest {
     pub authorization: Option<String>,
     /// The user it authenticated as (None: anonymous or refused).
     pub subject: Option<String>,
-    pub service: Option<String>,
-    pub scopes: Vec<String>,
     /// The token given (None when refused).
     pub token: Option<String>,
-    pub status: u16,
 }
 
 #[derive(Default)]
@@ -159,10 +156,6 @@ impl Auth {
         token
     }
 
-    pub fn set_password(&self, name: &str, password: &str) {
-        self.lock().passwords.insert(name.into(), password.into());
-    }
-
     /// Every token issued to `name` stops working (401 from the registry).
     pub fn revoke(&self, name: &str) {
         for t in self.lock().tokens.values_mut() {
@@ -180,16 +173,6 @@ impl Auth {
     /// Every token issued so far (the secrets to look for in logs).
     pub fn tokens(&self) -> Vec<String> {
         self.lock().tokens.keys().cloned().collect()
-    }
-
-    /// Tokens issued to `subject` (None: anonymous tokens).
-    pub fn tokens_of(&self, subject: Option<&str>) -> Vec<String> {
-        self.lock()
-            .tokens
-            .iter()
-            .filter(|(_, t)| t.subject.as_deref() == subject)
-            .map(|(k, _)| k.clone())
-            .collect()
     }
 
     /// Whose credential an `Authorization` value is: `Some(Some(user))` for
@@ -283,15 +266,11 @@ impl Auth {
 
     fn issue(&self, req: &Req) -> Answer {
         let authorization = req.header("authorization");
-        let mut service = None;
-        let mut scopes = Vec::new();
-        for (k, v) in form_urlencoded::parse(req.query.as_deref().unwrap_or("").as_bytes()) {
-            match &*k {
-                "service" => service = Some(v.into_owned()),
-                "scope" => scopes.push(v.into_owned()),
-                _ => {}
-            }
-        }
+        let scopes: Vec<String> =
+            form_urlencoded::parse(req.query.as_deref().unwrap_or("").as_bytes())
+                .filter(|(k, _)| k == "scope")
+                .map(|(_, v)| v.into_owned())
+                .collect();
         let mut st = self.lock();
         let subject = match authorization.as_deref().map(basic_credentials) {
             None => Ok(None),
@@ -304,10 +283,7 @@ impl Auth {
             st.requests.push(TokenRequest {
                 authorization,
                 subject: None,
-                service,
-                scopes,
                 token: None,
-                status: 401,
             });
             return Answer::json(
                 401,
@@ -353,10 +329,7 @@ impl Auth {
         st.requests.push(TokenRequest {
             authorization,
             subject,
-            service,
-            scopes,
             token: Some(token.clone()),
-            status: 200,
         });
         Answer::json(
             200,
@@ -383,14 +356,6 @@ pub fn basic_credentials(value: &str) -> Option<(String, String)> {
     let text = String::from_utf8(raw).ok()?;
     let (u, p) = text.split_once(':')?;
     Some((u.to_owned(), p.to_owned()))
-}
-
-/// The `Authorization` value for Basic `user:password`.
-pub fn basic(user: &str, password: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-    )
 }
 
 /// The repository a `/v2/<name>/(manifests|blobs|tags)/…` path names; None

@@ -14,18 +14,21 @@
 //!   body after N bytes until [`Registry::open_gate`], a delay before the
 //!   response head, status overrides for `GET` and `HEAD`, a redirect, and a
 //!   body without `Content-Length`.
-//! * Plain-http twin ([`Registry::start_plain`]): the same registry without
-//!   TLS, to play an insecure registry or a hostile responder on port 80;
-//!   [`Registry::start_tls_on`] binds another loopback address
-//!   (`127.0.0.12`), to play an internal service.
+//! * Plain http: a twin on the same port ([`Registry::start_with_twin`]),
+//!   with its own content, knobs and record, to play an insecure registry or
+//!   a hostile responder on port 80; [`Registry::start_plain_on`] and
+//!   [`Registry::start_tls_on`] bind another loopback address (`127.0.0.12`),
+//!   to play an internal service.
 //! * Record: every request, with method, path, query, headers and the SNI
 //!   it came with ([`Req`]), to assert what regcache asked upstream.
 //! * Hook ([`Registry::set_hook`]): a function that sees every request first
 //!   and may answer it itself ([`Answer`]): an auth layer, a token endpoint
-//!   (see `support/auth.rs`). Content and knobs apply when it answers None.
+//!   (see [`super::auth`]). Content and knobs apply when it answers None.
+//! * Test data: [`HUB`], the media types regcache does not export
+//!   ([`OCI_CONFIG`], [`OCI_LAYER`]), [`ACCEPT_ALL`], and manifests
+//!   ([`image_manifest`], [`oci_manifest`]).
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -35,19 +38,28 @@ use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::PrivateKeyDer;
+use regcache::registry::media::{DOCKER_MANIFEST_V2, OCI_MANIFEST};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
 
-use super::{ring, BoxError, TestCa, STEP_TIMEOUT};
+use super::http::{full, BoxError, RespBody};
+use super::tls::{serve, Accept, TestCa};
+use super::STEP_TIMEOUT;
 
-type RespBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+/// The registry host regcache sends to the in-process registry.
+pub const HUB: &str = "registry-1.docker.io";
+
+/// Media type of an OCI image config.
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+/// Media type of an OCI gzip layer.
+pub const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+/// What docker and containerd send when pulling by tag.
+pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
 
 /// Host names the registry's certificate is valid for.
 pub const REGISTRY_NAMES: &[&str] = &[
@@ -63,19 +75,46 @@ pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(data))
 }
 
-/// `len` pseudo-random bytes, different for every `seed`.
-pub fn blob_bytes(seed: u64, len: usize) -> Bytes {
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ seed.wrapping_mul(0x2545_F491_4F6C_DD1D);
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    Bytes::from(v)
+/// An image manifest of `media_type` naming `config` and `layers` (digest,
+/// size), with the config and layer types that go with it (Docker's for
+/// [`DOCKER_MANIFEST_V2`], OCI's otherwise).
+pub fn image_manifest(media_type: &str, config: (&str, usize), layers: &[(&str, usize)]) -> Bytes {
+    let docker = media_type == DOCKER_MANIFEST_V2;
+    let layer_type = if docker {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    } else {
+        OCI_LAYER
+    };
+    let config_type = if docker {
+        "application/vnd.docker.container.image.v1+json"
+    } else {
+        OCI_CONFIG
+    };
+    let layers: Vec<_> = layers
+        .iter()
+        .map(|(d, s)| serde_json::json!({"mediaType": layer_type, "digest": d, "size": s}))
+        .collect();
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": media_type,
+            "config": {"mediaType": config_type, "digest": config.0, "size": config.1},
+            "layers": layers,
+        })
+        .to_string(),
+    )
 }
+
+/// An OCI image manifest naming the blobs `config` and `layers`.
+pub fn oci_manifest(config: &[u8], layers: &[&[u8]]) -> Bytes {
+    let layers: Vec<(String, usize)> = layers.iter().map(|l| (sha256(l), l.len())).collect();
+    let layers: Vec<(&str, usize)> = layers.iter().map(|(d, n)| (d.as_str(), *n)).collect();
+    image_manifest(OCI_MANIFEST, (&sha256(config), config.len()), &layers)
+}
+
+/// The credential the repositories under `team/` accept once
+/// [`Registry::guard_team`] guards them (Basic).
+pub const TEAM_CRED: &str = "Basic dGVhbTp0ZWFtLXB3";
 
 /// What can go wrong with one path. Everything off by default.
 #[derive(Clone, Default, Debug)]
@@ -114,8 +153,6 @@ pub struct Req {
     pub headers: HeaderMap,
     /// The TLS SNI the connection came with.
     pub sni: Option<String>,
-    /// The host the request named (`:authority` or `Host`).
-    pub host: Option<String>,
 }
 
 impl Req {
@@ -206,18 +243,8 @@ impl Registry {
     /// service) whose certificate is valid for `names`.
     pub async fn start_tls_on(ca: &TestCa, names: &[&str], bind: &str) -> Registry {
         let listener = TcpListener::bind(bind).await.unwrap();
-        let leaf = ca.issue(names);
-        let mut cfg = rustls::ServerConfig::builder_with_provider(ring())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.cert_der.clone()],
-                PrivateKeyDer::Pkcs8(leaf.key_der.clone_key()),
-            )
-            .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Registry::serve(listener, Some(TlsAcceptor::from(Arc::new(cfg))), None)
+        let (acceptor, _) = ca.acceptor(names, &[b"h2", b"http/1.1"]);
+        Registry::serve(listener, Accept::Tls(acceptor), None)
     }
 
     /// A registry for `names` and its plain-http twin on the same port: a
@@ -229,17 +256,7 @@ impl Registry {
     /// registry of the same name. The twin stops with the first.
     pub async fn start_with_twin(ca: &TestCa, names: &[&str]) -> (Registry, Registry) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let leaf = ca.issue(names);
-        let mut cfg = rustls::ServerConfig::builder_with_provider(ring())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.cert_der.clone()],
-                PrivateKeyDer::Pkcs8(leaf.key_der.clone_key()),
-            )
-            .unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let (acceptor, _) = ca.acceptor(names, &[b"h2", b"http/1.1"]);
         let twin = Registry {
             addr: listener.local_addr().unwrap(),
             state: Arc::default(),
@@ -247,93 +264,33 @@ impl Registry {
             task: Mutex::new(None),
         };
         let plain = (twin.state.clone(), twin.gate.subscribe());
-        let tls = Registry::serve(
-            listener,
-            Some(TlsAcceptor::from(Arc::new(cfg))),
-            Some(plain),
-        );
+        let tls = Registry::serve(listener, Accept::TlsOrPlain(acceptor), Some(plain));
         (tls, twin)
     }
 
-    /// Starts a plain-http registry on `127.0.0.1:0`: an insecure registry,
-    /// or a hostile twin of an https one (whoever answers port 80 on the
-    /// path), with the same content, knobs and record as the TLS one.
-    pub async fn start_plain() -> Registry {
-        Registry::start_plain_on("127.0.0.1:0").await
-    }
-
-    /// [`Registry::start_plain`] on `bind`.
+    /// Starts a plain-http registry on `bind` (`127.0.0.12:0`, say: an
+    /// internal service), with its own content, knobs and record.
     pub async fn start_plain_on(bind: &str) -> Registry {
-        Registry::serve(TcpListener::bind(bind).await.unwrap(), None, None)
+        Registry::serve(TcpListener::bind(bind).await.unwrap(), Accept::Plain, None)
     }
 
-    /// Serves `listener`: TLS with `acceptor`, plain HTTP without; with both
-    /// an acceptor and a `twin` (state and gate), plain-HTTP connections go
-    /// to the twin.
+    /// Serves `listener` as `accept` says; with a `twin` (state and gate),
+    /// plain-HTTP connections go to the twin.
     fn serve(
         listener: TcpListener,
-        acceptor: Option<TlsAcceptor>,
+        accept: Accept,
         twin: Option<(Arc<Mutex<State>>, watch::Receiver<bool>)>,
     ) -> Registry {
         let addr = listener.local_addr().unwrap();
         let state: Arc<Mutex<State>> = Arc::default();
-        let (gate, _) = watch::channel(false);
-
-        let st = state.clone();
-        let gate_rx = gate.subscribe();
-        let task = tokio::spawn(async move {
-            // Connections live in the set: aborting this task ends them all.
-            let mut conns = JoinSet::new();
-            loop {
-                let (tcp, _) = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok(a) => a,
-                        Err(_) => continue,
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-                };
-                let mut acceptor = acceptor.clone();
-                let mut st = st.clone();
-                let mut gate_rx = gate_rx.clone();
-                let twin = twin.clone();
-                conns.spawn(async move {
-                    if let Some((twin_st, twin_gate)) = twin {
-                        let mut first = [0u8; 1];
-                        // 0x16: a TLS handshake record.
-                        if tcp.peek(&mut first).await.is_ok_and(|n| n == 1) && first[0] != 0x16 {
-                            acceptor = None;
-                            st = twin_st;
-                            gate_rx = twin_gate;
-                        }
-                    }
-                    let Some(acceptor) = acceptor else {
-                        let svc =
-                            service_fn(move |req| handle(st.clone(), gate_rx.clone(), None, req));
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(tcp), svc)
-                            .await;
-                        return;
-                    };
-                    let Ok(tls) = acceptor.accept(tcp).await else {
-                        return;
-                    };
-                    let conn = tls.get_ref().1;
-                    let sni = conn.server_name().map(str::to_owned);
-                    let h2 = conn.alpn_protocol() == Some(b"h2");
-                    let svc = service_fn(move |req| {
-                        handle(st.clone(), gate_rx.clone(), sni.clone(), req)
-                    });
-                    if h2 {
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(tls), svc)
-                            .await;
-                    } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(tls), svc)
-                            .await;
-                    }
-                });
-            }
+        let (gate, gate_rx) = watch::channel(false);
+        let own = (state.clone(), gate_rx);
+        let task = serve(listener, accept, move |conn, req| {
+            let (st, gate_rx) = match &twin {
+                Some(twin) if !conn.tls => twin.clone(),
+                _ => own.clone(),
+            };
+            handle(st, gate_rx, conn.sni.clone(), req)
         });
         Registry {
             addr,
@@ -411,11 +368,6 @@ impl Registry {
         );
     }
 
-    /// Forgets `path` (404 from now on).
-    pub fn remove(&self, path: &str) {
-        self.lock().resources.remove(path);
-    }
-
     pub fn set_fault(&self, path: &str, fault: Fault) {
         self.lock().faults.insert(path.into(), fault);
     }
@@ -430,8 +382,19 @@ impl Registry {
         self.lock().hook = Some(Arc::new(hook));
     }
 
-    pub fn clear_hook(&self) {
-        self.lock().hook = None;
+    /// Guards the repositories under `team/`: 401 with a Basic challenge
+    /// unless the request carries [`TEAM_CRED`].
+    pub fn guard_team(&self) {
+        self.set_hook(|req| {
+            let guarded = req.path.starts_with("/v2/team/");
+            (guarded && req.header("authorization").as_deref() != Some(TEAM_CRED)).then(|| {
+                Answer::error(
+                    401,
+                    &req.path,
+                    vec![("www-authenticate".into(), "Basic realm=\"team\"".into())],
+                )
+            })
+        });
     }
 
     /// Lets every body held by a `gate_after` knob go on.
@@ -505,21 +468,15 @@ fn status_code_name(status: u16, path: &str) -> &'static str {
     }
 }
 
-fn full_body(data: Bytes) -> RespBody {
-    http_body_util::Full::new(data)
-        .map_err(|e| match e {})
-        .boxed()
-}
-
 /// An answer with no content: its status, an error body for GET, and for
 /// HEAD the Content-Length that body would have.
 fn status_only(method: &Method, status: u16, path: &str) -> Response<RespBody> {
     let body = error_json(status_code_name(status, path));
     let len = body.len();
     let mut r = Response::new(if *method == Method::HEAD {
-        full_body(Bytes::new())
+        full(Bytes::new())
     } else {
-        full_body(body)
+        full(body)
     });
     *r.status_mut() = StatusCode::from_u16(status).unwrap();
     let h = r.headers_mut();
@@ -539,9 +496,9 @@ fn status_only(method: &Method, status: u16, path: &str) -> Response<RespBody> {
 fn hooked(method: &Method, answer: Answer) -> Response<RespBody> {
     let len = answer.body.len();
     let mut r = Response::new(if *method == Method::HEAD {
-        full_body(Bytes::new())
+        full(Bytes::new())
     } else {
-        full_body(answer.body)
+        full(answer.body)
     });
     *r.status_mut() = StatusCode::from_u16(answer.status).unwrap();
     let h = r.headers_mut();
@@ -612,23 +569,15 @@ async fn handle(
     gate: watch::Receiver<bool>,
     sni: Option<String>,
     req: Request<Incoming>,
-) -> Result<Response<RespBody>, Infallible> {
+) -> Response<RespBody> {
     let (parts, _body) = req.into_parts();
     let path = parts.uri.path().to_owned();
-    let host = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
-        parts
-            .headers
-            .get("host")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    });
     let record = Req {
         method: parts.method.clone(),
         path: path.clone(),
         query: parts.uri.query().map(str::to_owned),
         headers: parts.headers.clone(),
         sni,
-        host,
     };
     let (resource, fault, hook) = {
         let mut st = state.lock().unwrap();
@@ -641,18 +590,18 @@ async fn handle(
     };
     // Called without the lock: a hook may look at other shared state.
     if let Some(answer) = hook.and_then(|h| h(&record)) {
-        return Ok(hooked(&parts.method, answer));
+        return hooked(&parts.method, answer);
     }
     let method = parts.method;
     if method != Method::GET && method != Method::HEAD {
-        return Ok(status_only(&method, 405, &path));
+        return status_only(&method, 405, &path);
     }
     if let Some((status, location)) = &fault.redirect {
-        let mut r = Response::new(full_body(Bytes::new()));
+        let mut r = Response::new(full(Bytes::new()));
         *r.status_mut() = StatusCode::from_u16(*status).unwrap();
         r.headers_mut()
             .insert("location", HeaderValue::from_str(location).unwrap());
-        return Ok(r);
+        return r;
     }
     if let Some(d) = fault.answer_delay {
         tokio::time::sleep(d).await;
@@ -663,10 +612,10 @@ async fn handle(
         fault.get_status
     };
     if let Some(status) = forced {
-        return Ok(status_only(&method, status, &path));
+        return status_only(&method, status, &path);
     }
     let Some(res) = resource else {
-        return Ok(status_only(&method, 404, &path));
+        return status_only(&method, 404, &path);
     };
     if method == Method::GET {
         if let Some(d) = fault.head_delay {
@@ -676,7 +625,7 @@ async fn handle(
 
     let len = res.body.len();
     let body = if method == Method::HEAD {
-        full_body(Bytes::new())
+        full(Bytes::new())
     } else {
         let mut data = res.body.clone();
         if let Some(at) = fault.corrupt_at {
@@ -712,5 +661,5 @@ async fn handle(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
-    Ok(r)
+    r
 }
