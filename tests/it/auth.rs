@@ -31,7 +31,8 @@ use crate::support::http::{basic, contains, empty, read_response, Got, HttpClien
 use crate::support::pattern::blob_bytes;
 use crate::support::proxy::{files_under, run_regcache, write_file, Env, Proxy, ProxyBuilder};
 use crate::support::registry::{
-    oci_manifest, sha256, Answer, Registry, Req, ACCEPT_ALL, HUB, OCI_CONFIG, OCI_LAYER,
+    blob_path, manifest_path, oci_manifest, sha256, Answer, Registry, Req, ACCEPT_ALL, HUB,
+    OCI_CONFIG, OCI_LAYER,
 };
 use crate::support::tls::{tls_connect, Alpn};
 use crate::support::{free_port, within, STEP_TIMEOUT};
@@ -107,14 +108,6 @@ impl Image {
         for (_, b) in &self.blobs {
             reg.put_blob(self.repo, b.clone());
         }
-    }
-
-    fn manifest_path(&self, via: &str, reference: &str) -> String {
-        format!("/v2/{via}/manifests/{reference}")
-    }
-
-    fn blob_path(&self, via: &str, digest: &str) -> String {
-        format!("/v2/{via}/blobs/{digest}")
     }
 
     /// Whether `body` holds any of this image's content (manifest or blob).
@@ -467,7 +460,7 @@ impl<'a> Client<'a> {
     /// returns each response's X-Cache.
     async fn pull(&mut self, img: &Image) -> Vec<String> {
         let mut caches = vec![];
-        let path = img.manifest_path(img.repo, img.tag);
+        let path = manifest_path(img.repo, img.tag);
         let m = self.get(&path).await;
         m.assert_content(
             &Method::GET,
@@ -476,7 +469,7 @@ impl<'a> Client<'a> {
         );
         caches.push(m.x_cache());
         for (digest, bytes) in &img.blobs {
-            let path = img.blob_path(img.repo, digest);
+            let path = blob_path(img.repo, digest);
             let b = self.get(&path).await;
             b.assert_content(&Method::GET, bytes, &format!("{} GET {path}", self.name));
             caches.push(b.x_cache());
@@ -509,11 +502,11 @@ impl<'a> Client<'a> {
 /// Paths of `img`'s content asked through repository `via`: the manifest by
 /// digest (and by tag when `tag`), every blob.
 fn all_paths(img: &Image, via: &str, tag: bool) -> Vec<String> {
-    let mut v = vec![img.manifest_path(via, &img.digest)];
+    let mut v = vec![manifest_path(via, &img.digest)];
     if tag {
-        v.push(img.manifest_path(via, img.tag));
+        v.push(manifest_path(via, img.tag));
     }
-    v.extend(img.blobs.iter().map(|(d, _)| img.blob_path(via, d)));
+    v.extend(img.blobs.iter().map(|(d, _)| blob_path(via, d)));
     v
 }
 
@@ -639,7 +632,7 @@ async fn public_pull_is_shared_with_every_client_without_upstream_gets() {
     let a_token = a.tokens.get(&format!("repository:{OPEN}:pull")).cloned();
     let first = env.repo_requests(OPEN);
     for (digest, _) in &env.open.blobs {
-        let path = env.open.blob_path(OPEN, digest);
+        let path = blob_path(OPEN, digest);
         let carried: Vec<_> = first
             .iter()
             .filter(|r| {
@@ -946,7 +939,7 @@ async fn public_layers_shared_with_another_public_repository_need_no_upstream_re
     let shared: Vec<_> = env.open.blobs[1..].iter().map(|(d, _)| d.clone()).collect();
     let requests = env.repo_requests(open2.repo);
     for (i, (digest, _)) in open2.blobs.iter().enumerate() {
-        let path = open2.blob_path(open2.repo, digest);
+        let path = blob_path(open2.repo, digest);
         let upstream: Vec<_> = requests
             .iter()
             .filter(|r| r.path == path)
@@ -990,7 +983,7 @@ async fn private_base_layer_shared_by_two_private_repositories_needs_one_head_wi
     let dave_auth = dave.last_auth.clone().expect("dave used a token");
     let requests = env.repo_requests(DERIVED);
     for digest in &shared {
-        let path = derived.blob_path(DERIVED, digest);
+        let path = blob_path(DERIVED, digest);
         let upstream: Vec<_> = requests
             .iter()
             .filter(|r| r.path == path)
@@ -1021,7 +1014,7 @@ async fn private_base_layer_shared_by_two_private_repositories_needs_one_head_wi
     // Confirmed once: dave again needs nothing upstream for them.
     let before = env.repo_requests(DERIVED).len();
     for digest in &shared {
-        let path = derived.blob_path(DERIVED, digest);
+        let path = blob_path(DERIVED, digest);
         let got = dave.get(&path).await;
         got.assert_content(&Method::GET, want_of(&derived, &path), "dave again");
     }
@@ -1505,7 +1498,7 @@ async fn credentials_never_reach_the_log_or_the_cache_dir() {
     let _ = bob
         .send(
             Method::GET,
-            &env.secret.manifest_path(SECRET, "1"),
+            &manifest_path(SECRET, "1"),
             Some(&basic("bob", BOB_PW)),
         )
         .await;

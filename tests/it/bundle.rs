@@ -1,8 +1,8 @@
 //! Air gap: `regcache export` and `regcache import`, end to end.
 //!
 //! Images are pulled through a real regcache from the in-process registry
-//! ([`Registry`](crate::support::registry::Registry)), regcache is stopped, the cache is exported to a
-//! bundle, and the bundle is imported into a fresh cache. A regcache started
+//! ([`crate::support::registry`]), regcache is stopped, the cache is exported
+//! to a bundle, and the bundle is imported into a fresh cache. A regcache started
 //! on that cache, with the registry gone, must then serve every manifest and
 //! blob as a HIT with the same bytes. A bundle with one flipped byte must be
 //! rejected, naming the blob, with nothing imported.
@@ -18,7 +18,7 @@ use crate::support::auth::{Auth, Mode};
 use crate::support::http::{basic, empty, read_response, Got};
 use crate::support::pattern::blob_bytes;
 use crate::support::proxy::{files_under, regcache_cli, users_file, Env, Proxy, ProxyBuilder};
-use crate::support::registry::{oci_manifest, sha256, ACCEPT_ALL, HUB, TEAM_CRED};
+use crate::support::registry::{oci_index, oci_manifest, sha256, ACCEPT_ALL, HUB, TEAM_CRED};
 use crate::support::tls::Alpn;
 
 /// regcache on `cache`, quick to stop.
@@ -76,19 +76,7 @@ async fn pull_two_images(env: &Env, proxy: &Proxy) -> (Pulled, String) {
     let arm_l_d = env.reg.put_blob(tool, arm_l.clone());
     let amd_d = env.reg.put_manifest(tool, None, OCI_MANIFEST, amd.clone());
     let arm_d = env.reg.put_manifest(tool, None, OCI_MANIFEST, arm.clone());
-    let index = Bytes::from(
-        serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": [
-                {"mediaType": OCI_MANIFEST, "digest": amd_d, "size": amd.len(),
-                 "platform": {"architecture": "amd64", "os": "linux"}},
-                {"mediaType": OCI_MANIFEST, "digest": arm_d, "size": arm.len(),
-                 "platform": {"architecture": "arm64", "os": "linux"}},
-            ]
-        })
-        .to_string(),
-    );
+    let index = oci_index(&[(&amd, "amd64"), (&arm, "arm64")]);
     let index_d = env
         .reg
         .put_manifest(tool, Some("1"), OCI_INDEX, index.clone());

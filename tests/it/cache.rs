@@ -20,9 +20,10 @@ use regcache::registry::media::{DOCKER_MANIFEST_V2, OCI_INDEX, OCI_MANIFEST};
 use crate::support::http::empty;
 use crate::support::http::{read_response, Got, HttpClient};
 use crate::support::pattern::blob_bytes;
-use crate::support::proxy::{list_dir, regcache_cli, regcache_command, Env, Proxy};
+use crate::support::proxy::{files_under, list_dir, regcache_cli, regcache_command, Env, Proxy};
 use crate::support::registry::{
-    image_manifest, sha256, Fault, Registry, Req, ACCEPT_ALL, HUB, TEAM_CRED,
+    blob_path, image_manifest, manifest_path, oci_index, sha256, Fault, Registry, Req, ACCEPT_ALL,
+    HUB, TEAM_CRED,
 };
 use crate::support::tls::{peer_leaf, sans, tls_connect, Alpn};
 use crate::support::{free_port, send_signal, within, STEP_TIMEOUT};
@@ -132,14 +133,6 @@ async fn head_manifest(proxy: &Proxy, path: &str) -> Got {
         &[("accept", ACCEPT_ALL)],
     )
     .await
-}
-
-fn blob_path(repo: &str, digest: &str) -> String {
-    format!("/v2/{repo}/blobs/{digest}")
-}
-
-fn manifest_path(repo: &str, reference: &str) -> String {
-    format!("/v2/{repo}/manifests/{reference}")
 }
 
 /// A manifest with made-up config/layer digests, distinct per `seed`.
@@ -1334,19 +1327,7 @@ async fn index_and_platform_manifests_are_cached_alike() {
     let arm = simple_manifest(31);
     let amd_d = env.reg.put_manifest(repo, None, OCI_MANIFEST, amd.clone());
     let arm_d = env.reg.put_manifest(repo, None, OCI_MANIFEST, arm.clone());
-    let index = Bytes::from(
-        serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": [
-                {"mediaType": OCI_MANIFEST, "digest": amd_d, "size": amd.len(),
-                 "platform": {"architecture": "amd64", "os": "linux"}},
-                {"mediaType": OCI_MANIFEST, "digest": arm_d, "size": arm.len(),
-                 "platform": {"architecture": "arm64", "os": "linux"}},
-            ]
-        })
-        .to_string(),
-    );
+    let index = oci_index(&[(&amd, "amd64"), (&arm, "arm64")]);
     let index_d = env
         .reg
         .put_manifest(repo, Some("3.12"), OCI_INDEX, index.clone());
@@ -1585,16 +1566,10 @@ async fn invalid_tags_are_unknown_manifests_without_asking_upstream() {
 
 /// Bytes in the files under `dir`, recursively.
 fn dir_bytes(dir: &Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .filter_map(|e| e.ok())
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
+    files_under(dir)
+        .iter()
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
         .sum()
 }
 
@@ -1759,20 +1734,14 @@ async fn restart_keeps_everything_cached() {
         (blob_path(repo, &layer_d), layer.clone()),
     ];
 
-    let mut proxy = env.proxy().args(["--shutdown-grace", "2"]).start().await;
+    let proxy = env.proxy().args(["--shutdown-grace", "2"]).start().await;
     for (p, body) in &paths {
         let r = get_manifest(&proxy, p).await;
         assert_eq!(r.status, StatusCode::OK, "{p}");
         assert_eq!(&r.body[..], &body[..], "{p}");
     }
     let upstream_before = env.reg.seen().len();
-    proxy.sigterm();
-    let status = proxy
-        .wait_exit(Duration::from_secs(10))
-        .await
-        .expect("regcache should exit after SIGTERM");
-    assert!(status.success(), "exit status {status}");
-    drop(proxy);
+    proxy.stop().await;
 
     // The registry is gone: anything not served from disk would fail.
     env.reg.stop().await;
@@ -2271,17 +2240,11 @@ async fn prefetch_fills_the_cache_and_offline_serves_it_without_upstream() {
         blobs.push((config_d, config));
         platform_manifests.push((m_d, m, arch));
     }
-    let index = Bytes::from(
-        serde_json::json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_INDEX,
-            "manifests": platform_manifests.iter().map(|(d, m, arch)| serde_json::json!({
-                "mediaType": OCI_MANIFEST, "digest": d, "size": m.len(),
-                "platform": {"architecture": arch, "os": "linux"}
-            })).collect::<Vec<_>>()
-        })
-        .to_string(),
-    );
+    let platforms: Vec<(&[u8], &str)> = platform_manifests
+        .iter()
+        .map(|(_, m, arch)| (&m[..], *arch))
+        .collect();
+    let index = oci_index(&platforms);
     let index_d = env
         .reg
         .put_manifest(repo, Some("3.12"), OCI_INDEX, index.clone());
@@ -2333,7 +2296,7 @@ async fn prefetch_fills_the_cache_and_offline_serves_it_without_upstream() {
     assert_eq!(miss.status, StatusCode::NOT_FOUND);
     assert!(started.elapsed() < Duration::from_secs(2));
     // A repository never seen is not known public: offline, that is a 403
-    // for anyone but proxy users, cached or not (tests/bundle.rs).
+    // for anyone but proxy users, cached or not (see `crate::bundle`).
     let miss = get(&proxy, &blob_path("library/other", &blobs[0].0)).await;
     assert_eq!(
         miss.status,

@@ -2,8 +2,8 @@
 //! identity, every way in goes through one policy, and a client's credential
 //! goes only to the origin it was meant for.
 //!
-//! The upstream is the in-process registry ([`Registry`](crate::support::registry::Registry)) with a
-//! plain-http twin on the same port ([`Registry::start_with_twin`](crate::support::registry::Registry::start_with_twin)): with
+//! The upstream is the in-process registry with a plain-http twin on the
+//! same port ([`Env::with_twin`]): with
 //! `--resolve registry-1.docker.io=127.0.0.1:PORT`, `https://` reaches the
 //! real registry and `http://` (port 80) reaches the twin, which plays
 //! whoever answers plain HTTP on the path. Internal services are in-process

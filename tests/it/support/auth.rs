@@ -37,9 +37,9 @@ use super::registry::{Answer, Req};
 /// The token service's host name (its realm is `https://auth.test/token`).
 pub const REALM_HOST: &str = "auth.test";
 /// The realm URL in challenges.
-pub const REALM: &str = "https://auth.test/token";
+const REALM: &str = "https://auth.test/token";
 /// The `service` in challenges and token requests.
-pub const SERVICE: &str = "registry.test";
+const SERVICE: &str = "registry.test";
 
 /// How the registry wants to be authenticated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -52,12 +52,13 @@ pub enum Mode {
 
 /// One token as issued.
 #[derive(Debug, Clone)]
-pub struct Issued {
+struct Issued {
     /// The user it was issued to; None for an anonymous token.
-    pub subject: Option<String>,
+    subject: Option<String>,
     /// Repositories it may pull.
-    pub repos: HashSet<String>,
-    pub revoked: bool,
+    repos: HashSet<String>,
+    /// Whether [`Auth::revoke`] revoked it.
+    revoked: bool,
 }
 
 /// One request to the token endpoint.
@@ -89,6 +90,7 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// No accounts, no public repositories, no tokens yet.
     pub fn new(mode: Mode) -> Auth {
         Auth {
             mode,
@@ -96,6 +98,7 @@ impl Auth {
         }
     }
 
+    /// How the registry wants to be authenticated.
     pub fn mode(&self) -> Mode {
         self.mode
     }
@@ -346,7 +349,7 @@ impl Auth {
 }
 
 /// `Basic base64(user:password)` → (user, password).
-pub fn basic_credentials(value: &str) -> Option<(String, String)> {
+fn basic_credentials(value: &str) -> Option<(String, String)> {
     let b64 = value
         .strip_prefix("Basic ")
         .or_else(|| value.strip_prefix("basic "))?;

@@ -69,6 +69,7 @@ impl PatternBody {
         self.exact = false;
         self
     }
+    /// Send chunks of `size` bytes (default 64 KiB).
     pub fn chunk(mut self, size: usize) -> Self {
         self.chunk = size.max(1);
         self
@@ -78,6 +79,7 @@ impl PatternBody {
         self.delay = Some(d);
         self
     }
+    /// As a request body.
     pub fn boxed(self) -> ReqBody {
         BodyExt::boxed(self)
     }
@@ -128,12 +130,14 @@ impl Body for PatternBody {
 /// Verifies that a byte stream is [`pattern`] from offset 0, chunk by chunk.
 #[derive(Debug, Default)]
 pub struct PatternCheck {
+    /// Bytes checked so far.
     pub len: u64,
     /// Offset of the first byte that differed, if any.
     pub first_mismatch: Option<u64>,
 }
 
 impl PatternCheck {
+    /// Checks the next bytes of the stream.
     pub fn feed(&mut self, mut data: &[u8]) {
         let p = pattern();
         while !data.is_empty() {
@@ -147,6 +151,7 @@ impl PatternCheck {
             data = &data[n..];
         }
     }
+    /// Whether every byte so far was the pattern's.
     pub fn ok(&self) -> bool {
         self.first_mismatch.is_none()
     }

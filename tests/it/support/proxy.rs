@@ -169,7 +169,7 @@ pub struct Proxy {
     /// Its CA dir (`ca.crt`, `ca.key`).
     pub ca_dir: PathBuf,
     /// Where its stderr (the log) goes.
-    pub stderr_path: PathBuf,
+    stderr_path: PathBuf,
     _tmp: tempfile::TempDir,
 }
 
@@ -281,7 +281,7 @@ impl Proxy {
     }
 
     /// [`Proxy::tunnel`] with `Proxy-Authorization: proxy_auth` when given.
-    pub async fn tunnel_as(&self, target: &str, proxy_auth: Option<&str>) -> TcpStream {
+    async fn tunnel_as(&self, target: &str, proxy_auth: Option<&str>) -> TcpStream {
         match connect_tunnel_as(self.addr, target, proxy_auth).await {
             Ok(s) => s,
             Err(refused) => panic!(

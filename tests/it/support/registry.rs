@@ -24,9 +24,9 @@
 //! * Hook ([`Registry::set_hook`]): a function that sees every request first
 //!   and may answer it itself ([`Answer`]): an auth layer, a token endpoint
 //!   (see [`super::auth`]). Content and knobs apply when it answers None.
-//! * Test data: [`HUB`], the media types regcache does not export
+//! * Test data: [`HUB`], paths ([`blob_path`], [`manifest_path`]), the media types regcache does not export
 //!   ([`OCI_CONFIG`], [`OCI_LAYER`]), [`ACCEPT_ALL`], and manifests
-//!   ([`image_manifest`], [`oci_manifest`]).
+//!   ([`image_manifest`], [`oci_manifest`], [`oci_index`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -39,7 +39,7 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use regcache::registry::media::{DOCKER_MANIFEST_V2, OCI_MANIFEST};
+use regcache::registry::media::{DOCKER_MANIFEST_V2, OCI_INDEX, OCI_MANIFEST};
 use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -73,6 +73,16 @@ pub const REGISTRY_NAMES: &[&str] = &[
 /// `sha256:<hex>` of `data`.
 pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{:x}", Sha256::digest(data))
+}
+
+/// `/v2/<repo>/blobs/<digest>`.
+pub fn blob_path(repo: &str, digest: &str) -> String {
+    format!("/v2/{repo}/blobs/{digest}")
+}
+
+/// `/v2/<repo>/manifests/<reference>`.
+pub fn manifest_path(repo: &str, reference: &str) -> String {
+    format!("/v2/{repo}/manifests/{reference}")
 }
 
 /// An image manifest of `media_type` naming `config` and `layers` (digest,
@@ -112,6 +122,27 @@ pub fn oci_manifest(config: &[u8], layers: &[&[u8]]) -> Bytes {
     image_manifest(OCI_MANIFEST, (&sha256(config), config.len()), &layers)
 }
 
+/// An OCI index of image `manifests`, each for `linux/<architecture>`.
+pub fn oci_index(manifests: &[(&[u8], &str)]) -> Bytes {
+    let entries: Vec<_> = manifests
+        .iter()
+        .map(|(m, arch)| {
+            serde_json::json!({
+                "mediaType": OCI_MANIFEST, "digest": sha256(m), "size": m.len(),
+                "platform": {"architecture": arch, "os": "linux"}
+            })
+        })
+        .collect();
+    Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": entries,
+        })
+        .to_string(),
+    )
+}
+
 /// The credential the repositories under `team/` accept once
 /// [`Registry::guard_team`] guards them (Basic).
 pub const TEAM_CRED: &str = "Basic dGVhbTp0ZWFtLXB3";
@@ -146,16 +177,20 @@ pub struct Fault {
 /// One request as the registry saw it.
 #[derive(Debug, Clone)]
 pub struct Req {
+    /// The request method.
     pub method: Method,
     /// The path without the query.
     pub path: String,
+    /// The query, if any.
     pub query: Option<String>,
+    /// The request headers.
     pub headers: HeaderMap,
     /// The TLS SNI the connection came with.
     pub sni: Option<String>,
 }
 
 impl Req {
+    /// The value of header `name`, if present.
     pub fn header(&self, name: &str) -> Option<String> {
         self.headers
             .get(name)
@@ -174,7 +209,9 @@ struct Resource {
 /// A whole answer given by a hook instead of the registry's content.
 #[derive(Debug, Clone)]
 pub struct Answer {
+    /// The status.
     pub status: u16,
+    /// The response headers (name, value).
     pub headers: Vec<(String, String)>,
     /// The body of a GET; a HEAD gets none, with this body's length.
     pub body: Bytes,
@@ -200,7 +237,7 @@ impl Answer {
 }
 
 /// Sees each request first (after it is recorded); Some answers it.
-pub type Hook = Arc<dyn Fn(&Req) -> Option<Answer> + Send + Sync>;
+type Hook = Arc<dyn Fn(&Req) -> Option<Answer> + Send + Sync>;
 
 #[derive(Default)]
 struct State {
@@ -212,6 +249,7 @@ struct State {
 
 /// The fake registry. Stops serving when dropped (or on [`Registry::stop`]).
 pub struct Registry {
+    /// Where it listens.
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     gate: watch::Sender<bool>,
@@ -300,6 +338,7 @@ impl Registry {
         }
     }
 
+    /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
@@ -321,7 +360,7 @@ impl Registry {
     pub fn put_blob(&self, repo: &str, data: Bytes) -> String {
         let digest = sha256(&data);
         self.lock().resources.insert(
-            format!("/v2/{repo}/blobs/{digest}"),
+            blob_path(repo, &digest),
             Resource {
                 content_type: "application/octet-stream".into(),
                 digest: Some(digest.clone()),
@@ -348,10 +387,9 @@ impl Registry {
         };
         let mut st = self.lock();
         st.resources
-            .insert(format!("/v2/{repo}/manifests/{digest}"), res.clone());
+            .insert(manifest_path(repo, &digest), res.clone());
         if let Some(tag) = tag {
-            st.resources
-                .insert(format!("/v2/{repo}/manifests/{tag}"), res);
+            st.resources.insert(manifest_path(repo, tag), res);
         }
         digest
     }
@@ -368,10 +406,12 @@ impl Registry {
         );
     }
 
+    /// Sets the knobs for `path`.
     pub fn set_fault(&self, path: &str, fault: Fault) {
         self.lock().faults.insert(path.into(), fault);
     }
 
+    /// Turns every knob for `path` off.
     pub fn clear_fault(&self, path: &str) {
         self.lock().faults.remove(path);
     }

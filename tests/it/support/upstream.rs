@@ -111,6 +111,7 @@ impl Upstream {
         }
     }
 
+    /// The port it listens on.
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
