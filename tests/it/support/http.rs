@@ -55,6 +55,26 @@ pub async fn body_string(body: Incoming) -> String {
     String::from_utf8_lossy(&body_bytes(body).await).into_owned()
 }
 
+/// Feeds every data chunk of `body` to `chunk`, to its end or its error.
+pub async fn read_chunks(
+    mut body: Incoming,
+    mut chunk: impl FnMut(&[u8]),
+) -> Result<(), hyper::Error> {
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            chunk(&data);
+        }
+    }
+    Ok(())
+}
+
+/// The value of header `name` in `headers`, if present, as text.
+pub fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
 /// Header names as lowercase strings.
 pub fn header_names(h: &HeaderMap) -> Vec<String> {
     h.keys()
@@ -103,9 +123,7 @@ pub struct Got {
 impl Got {
     /// The value of header `name`, if present.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        header_text(&self.headers, name)
     }
 
     /// The X-Cache header, `<none>` without one.
@@ -186,25 +204,13 @@ impl Got {
 
 /// Reads a response's body to its end, keeping an error rather than panicking.
 pub async fn read_response(resp: Response<Incoming>) -> Got {
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     let mut data = Vec::new();
-    let mut error = None;
-    let read = async {
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(f) => {
-                    if let Ok(d) = f.into_data() {
-                        data.extend_from_slice(&d);
-                    }
-                }
-                Err(e) => {
-                    error = Some(format!("{e:?}"));
-                    break;
-                }
-            }
-        }
-    };
-    within("reading a response body", STEP_TIMEOUT, read).await;
+    let read = read_chunks(body, |d| data.extend_from_slice(d));
+    let error = within("reading a response body", STEP_TIMEOUT, read)
+        .await
+        .err()
+        .map(|e| format!("{e:?}"));
     Got {
         status: parts.status,
         headers: parts.headers,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
-use super::http::{BoxError, ReqBody};
+use super::http::{read_chunks, BoxError, ReqBody};
 
 /// Length of [`pattern`]; a prime, so chunk boundaries never line up with it.
 pub const PATTERN_LEN: usize = 1_000_003;
@@ -158,13 +158,9 @@ impl PatternCheck {
 }
 
 /// Read a body to its end, checking it against the pattern.
-pub async fn check_pattern_body(mut body: Incoming) -> Result<PatternCheck, String> {
+pub async fn check_pattern_body(body: Incoming) -> Result<PatternCheck, String> {
     let mut check = PatternCheck::default();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| format!("body error after {} bytes: {e}", check.len))?;
-        if let Ok(data) = frame.into_data() {
-            check.feed(&data);
-        }
-    }
+    let read = read_chunks(body, |d| check.feed(d)).await;
+    read.map_err(|e| format!("body error after {} bytes: {e}", check.len))?;
     Ok(check)
 }

@@ -44,7 +44,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::http::{full, BoxError, RespBody};
+use super::http::{full, header_text, BoxError, RespBody};
 use super::tls::{serve, Accept, TestCa};
 use super::STEP_TIMEOUT;
 
@@ -192,9 +192,7 @@ pub struct Req {
 impl Req {
     /// The value of header `name`, if present.
     pub fn header(&self, name: &str) -> Option<String> {
-        self.headers
-            .get(name)
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        header_text(&self.headers, name)
     }
 }
 

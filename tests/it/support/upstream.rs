@@ -18,7 +18,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 
-use super::http::{empty, full, RespBody};
+use super::http::{empty, full, read_chunks, RespBody};
 use super::pattern::{PatternBody, PatternCheck};
 use super::proxy::ProxyBuilder;
 use super::tls::{serve, Accept, Conn, TestCa};
@@ -218,21 +218,8 @@ async fn handle(
 
     if path.starts_with("/upload") {
         let mut check = PatternCheck::default();
-        let mut body = body;
-        let mut err = None;
-        while let Some(frame) = body.frame().await {
-            match frame {
-                Ok(f) => {
-                    if let Ok(d) = f.into_data() {
-                        check.feed(&d);
-                    }
-                }
-                Err(e) => {
-                    err = Some(e.to_string());
-                    break;
-                }
-            }
-        }
+        let read = read_chunks(body, |d| check.feed(d)).await;
+        let err = read.err().map(|e| e.to_string());
         record.body_len = check.len;
         record.body_pattern_ok = Some(check.ok() && err.is_none());
         seen.lock().unwrap().push(record);
