@@ -405,7 +405,7 @@ pub struct Env {
 impl Env {
     /// A registry for [`REGISTRY_NAMES`].
     pub async fn new() -> Env {
-        let (dir, ca, ca_file) = Env::ca();
+        let (ca, ca_file, dir) = TestCa::in_temp_dir();
         let reg = Registry::start(&ca).await;
         Env {
             ca,
@@ -418,7 +418,7 @@ impl Env {
     /// A registry for [`REGISTRY_NAMES`] and `more` names, and its plain-http
     /// twin on the same port ([`Registry::start_with_twin`]).
     pub async fn with_twin(more: &[&str]) -> (Env, Registry) {
-        let (dir, ca, ca_file) = Env::ca();
+        let (ca, ca_file, dir) = TestCa::in_temp_dir();
         let names = [REGISTRY_NAMES, more].concat();
         let (reg, twin) = Registry::start_with_twin(&ca, &names).await;
         let env = Env {
@@ -428,13 +428,6 @@ impl Env {
             reg,
         };
         (env, twin)
-    }
-
-    fn ca() -> (tempfile::TempDir, TestCa, PathBuf) {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = TestCa::new();
-        let ca_file = ca.write_pem(dir.path());
-        (dir, ca, ca_file)
     }
 
     /// `name` in the temp dir.

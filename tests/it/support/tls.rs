@@ -64,7 +64,7 @@ struct Leaf {
 
 impl TestCa {
     /// A fresh CA with its own key.
-    pub fn new() -> Self {
+    fn new() -> Self {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
@@ -123,8 +123,16 @@ impl TestCa {
         (TlsAcceptor::from(Arc::new(cfg)), leaf.cert_der)
     }
 
+    /// A fresh CA, a new temp dir, and the CA's PEM file in it.
+    pub fn in_temp_dir() -> (TestCa, PathBuf, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new();
+        let ca_file = ca.write_pem(dir.path());
+        (ca, ca_file, dir)
+    }
+
     /// Write the CA certificate as PEM into `dir` and return the path.
-    pub fn write_pem(&self, dir: &Path) -> PathBuf {
+    fn write_pem(&self, dir: &Path) -> PathBuf {
         let path = dir.join("upstream-ca.pem");
         std::fs::write(&path, &self.cert_pem).unwrap();
         path

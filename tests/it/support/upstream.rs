@@ -296,9 +296,7 @@ pub struct Fixture {
 impl Fixture {
     /// A fresh CA and an upstream of `kind` signed by it.
     pub async fn new(kind: UpstreamKind) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = TestCa::new();
-        let ca_file = ca.write_pem(dir.path());
+        let (ca, ca_file, dir) = TestCa::in_temp_dir();
         let upstream = Upstream::start(kind, &ca).await;
         Fixture {
             ca,
