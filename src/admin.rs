@@ -6,8 +6,8 @@ use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE
 use http::{Method, Request, Response, StatusCode};
 
 use crate::app::App;
-use crate::body::{self, Body};
-use crate::serve::error_response;
+use crate::http::body::{self, Body};
+use crate::http::error::error_response;
 
 /// The host set-up script, with `@REGCACHE_URL@` to fill in.
 const SETUP_SCRIPT: &str = include_str!("../deploy/setup.sh");

@@ -8,9 +8,9 @@
 
 pub mod admin;
 pub mod app;
-pub mod body;
 pub mod cache;
 pub mod config;
+pub mod http;
 pub mod policy;
 pub mod prefetch;
 pub mod proxy;

@@ -31,9 +31,9 @@ use http::{Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::body::Body;
 use crate::config::Config;
-use crate::serve::error_response;
+use crate::http::body::Body;
+use crate::http::error::error_response;
 use crate::tls::TlsError;
 
 /// The realm named in `Proxy-Authenticate`.

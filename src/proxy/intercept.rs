@@ -23,6 +23,7 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use super::access::ProxyUser;
 use super::ConnContext;
+use crate::http::log::serve_request;
 use crate::serve::{self, Origin, Target};
 use crate::tls::sni::{choose_leaf, LeafChoice};
 
@@ -64,7 +65,12 @@ pub async fn serve_tunnel(
             req.extensions_mut().insert(user);
         }
         let (app, target) = (app.clone(), target.clone());
-        async move { Ok::<_, Infallible>(serve::handle(&app, &target, peer, req).await) }
+        async move {
+            let resp = serve_request(peer, req, |req| async move {
+                serve::handle(&app, &target, req).await
+            });
+            Ok::<_, Infallible>(resp.await)
+        }
     });
     serve_http(&ctx, tls, service).await;
 }
@@ -144,7 +150,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::body::Body>,
+            Response = http::Response<crate::http::body::Body>,
             Error = Infallible,
         > + Clone
         + Send
@@ -153,7 +159,7 @@ where
 {
     // HTTP/1.1: a head (and an idle keep-alive) gets client_idle_timeout in
     // all. HTTP/2: a peer that does not answer a ping within it is closed.
-    // Bodies are limited per request (crate::body::IdleLimited).
+    // Bodies are limited per request (crate::http::body::IdleLimited).
     let idle = ctx.app.config.client_idle_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

@@ -24,8 +24,8 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 
 /// The read buffer limit given to hyper; heads are also measured against
-/// [`crate::serve::headers::MAX_HEAD_BYTES`].
-pub const MAX_HEADER_BYTES: usize = crate::serve::headers::MAX_HEAD_BYTES;
+/// [`crate::http::headers::MAX_HEAD_BYTES`].
+pub const MAX_HEADER_BYTES: usize = crate::http::headers::MAX_HEAD_BYTES;
 
 /// What every connection task carries.
 #[derive(Clone)]

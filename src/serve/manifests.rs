@@ -29,12 +29,12 @@ use super::link::{self, Access, Kind};
 use super::sharing;
 use super::{error_json, passthrough, upstream_uri, CacheStatus, Served, Target};
 use crate::app::App;
-use crate::body::{self, Body};
 use crate::cache::freshness::{
     after_revalidation, classify, now_ms, Revalidation, TagAction, TagRecord,
 };
 use crate::cache::read::must_verify;
 use crate::cache::Cached;
+use crate::http::body::{self, Body};
 use crate::registry::digest::{Digest, DigestHasher};
 use crate::registry::error::ErrorCode;
 use crate::registry::media::{accepts, manifest_media_type};
@@ -199,7 +199,7 @@ async fn ask_upstream(
                 (classify(resp.status(), digest), Some(resp))
             }
             Err(e) => {
-                tracing::info!(registry = %target.registry, repo, tag, error = %super::error_chain(&e), "tag revalidation failed");
+                tracing::info!(registry = %target.registry, repo, tag, error = %crate::http::error::error_chain(&e), "tag revalidation failed");
                 (Revalidation::Unavailable, None)
             }
         },

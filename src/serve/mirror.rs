@@ -21,8 +21,8 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Response, StatusCode, Uri};
 
 use super::{error_json, Origin, Target};
-use crate::body::{self, Body};
 use crate::config::Config;
+use crate::http::body::{self, Body};
 use crate::policy::decide_mirror;
 use crate::registry::error::{ErrorCode, RouteError};
 use crate::registry::hosts::{canonical_registry, normalize_host, HostPattern};

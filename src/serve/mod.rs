@@ -10,9 +10,7 @@
 
 pub mod blobs;
 pub mod coalesce;
-pub mod headers;
 pub mod link;
-pub mod log;
 pub mod manifests;
 pub mod mirror;
 pub mod offline;
@@ -20,7 +18,6 @@ pub mod range;
 pub mod sharing;
 pub mod uncached;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{HeaderValue, CONTENT_TYPE};
@@ -30,13 +27,14 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
 use crate::app::App;
-use crate::body::{self, Body};
+use crate::http::body::{self, Body};
+use crate::http::error::{error_chain, error_response, for_method};
+use crate::http::headers::{add_via, strip_hop_by_hop};
+use crate::http::log::LogNote;
 use crate::registry::error::{error_body, ErrorCode};
 use crate::registry::hosts::canonical_registry;
 use crate::registry::route::{self, Route};
 use crate::upstream::Upstream;
-use headers::{add_via, strip_hop_by_hop};
-use log::{logged, RequestLog};
 
 /// Where requests on one connection go: the host the client asked for.
 #[derive(Debug, Clone)]
@@ -172,33 +170,25 @@ pub struct ClientIdleTimeout(pub std::time::Duration);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProxyUser;
 
-/// Answers one request for `target` from `client`, and logs it.
-pub async fn handle(
-    app: &Arc<App>,
-    target: &Target,
-    client: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+/// Answers one request for `target`; the response carries the [`LogNote`]
+/// for its access-log line (written by [`crate::http::log::serve_request`]).
+pub async fn handle(app: &Arc<App>, target: &Target, mut req: Request<Incoming>) -> Response<Body> {
     req.extensions_mut()
         .insert(ClientIdleTimeout(app.config.client_idle_timeout));
-    let mut log = RequestLog::start(
-        client,
-        target.origin.authority.to_string(),
-        req.method().clone(),
-        req.uri().path().to_string(),
-    );
-    let served = if headers::head_too_large(&req) {
-        Served::new(too_large(), CacheStatus::Pass)
-    } else {
-        dispatch(app, target, req).await
-    };
+    let path = req.uri().path().to_string();
+    let served = dispatch(app, target, req).await;
     let mut resp = served.resp;
     if served.cache != CacheStatus::Pass {
         resp.headers_mut()
             .insert("x-cache", HeaderValue::from_static(served.cache.as_str()));
     }
-    log.cache = served.cache.as_str();
-    logged(resp, log)
+    let note = LogNote {
+        host: Some(target.origin.authority.to_string()),
+        path: Some(path),
+        cache: Some(served.cache.as_str()),
+        discard: false,
+    };
+    note.on(resp)
 }
 
 async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
@@ -332,23 +322,6 @@ pub fn error_json(status: StatusCode, code: ErrorCode, message: &str) -> Respons
     resp
 }
 
-/// `resp` as the answer to a `method` request: for `HEAD`, its headers and
-/// the length its body would have, without the body (which hyper's HTTP/2
-/// server would otherwise send, a protocol error for the client).
-pub fn for_method(method: &Method, resp: Response<Body>) -> Response<Body> {
-    use http_body::Body as _;
-    if method != Method::HEAD {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    if let Some(len) = body.size_hint().exact() {
-        parts
-            .headers
-            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    Response::from_parts(parts, body::empty())
-}
-
 /// 502 for an upstream that could not be reached.
 pub fn bad_gateway(target: &Target, err: &dyn std::error::Error) -> Response<Body> {
     tracing::warn!(upstream = %target.origin.authority, error = %error_chain(err), "upstream request failed");
@@ -467,43 +440,6 @@ fn unreachable_upstream(authority: &Authority, err: &dyn std::error::Error) -> R
         StatusCode::BAD_GATEWAY,
         &format!("regcache: cannot reach {authority}: {}", error_chain(err)),
     )
-}
-
-/// 431 for a request head over [`headers::MAX_HEAD_BYTES`].
-pub fn too_large() -> Response<Body> {
-    let mut resp = error_response(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "request headers larger than 64 KiB",
-    );
-    resp.headers_mut()
-        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-/// A short plain-text error answer.
-pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
-    let mut resp = Response::new(body::full(format!("{message}\n")));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// An error and its causes on one line: "a: b: c".
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

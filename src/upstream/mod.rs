@@ -23,8 +23,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::Body;
 use crate::config::{Config, ResolveMap};
+use crate::http::body::Body;
 use crate::tls::{client::upstream_config, TlsError};
 
 /// An upstream request failed before a response arrived.
