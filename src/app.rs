@@ -5,12 +5,12 @@ use std::sync::Arc;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::access::{Access, AccessError};
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
-use crate::proxy::access::{Access, AccessError};
 use crate::serve::coalesce::Coalescer;
 use crate::serve::manifests::TagLookup;
-use crate::serve::sharing::Sharing;
+use crate::serve::sharing::{AccountError, Sharing};
 use crate::tls::{CertificateAuthority, LeafMinter, TlsError};
 use crate::upstream::Upstream;
 
@@ -26,6 +26,9 @@ pub enum StartError {
     /// The proxy users file could not be loaded.
     #[error(transparent)]
     Access(#[from] AccessError),
+    /// regcache's own registry accounts could not be loaded.
+    #[error(transparent)]
+    Account(#[from] AccountError),
 }
 
 /// Everything connection tasks share. Held in an `Arc`.

@@ -6,6 +6,7 @@
 //! from the upstream ([`upstream`]). Other hosts are tunnelled untouched
 //! ([`proxy`]). See README.md for the architecture picture.
 
+pub mod access;
 pub mod admin;
 pub mod app;
 pub mod cache;

@@ -10,6 +10,7 @@
 //! validates the outcome into typed values with messages for the user.
 
 mod resolve;
+pub mod secret;
 
 pub use resolve::{ResolveEntry, ResolveMap};
 

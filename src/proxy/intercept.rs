@@ -21,8 +21,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::access::ProxyUser;
 use super::ConnContext;
+use crate::access::ProxyUser;
 use crate::http::log::serve_request;
 use crate::serve::{self, Origin, Target};
 use crate::tls::sni::{choose_leaf, LeafChoice};

@@ -6,7 +6,7 @@
 //! header, 431 when the head exceeds [`super::MAX_HEADER_BYTES`]; the
 //! connection then closes and the proxy goes on serving others.
 //!
-//! [`super::access`] is asked first: a client outside `allow` gets 403 and a
+//! [`crate::access`] is asked first: a client outside `allow` gets 403 and a
 //! closed connection, and with `proxy_users` a request without valid proxy
 //! credentials gets 407.
 
@@ -21,8 +21,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::access;
 use super::{intercept, tunnel, ConnContext};
+use crate::access;
 use crate::http::body::{self, Body};
 use crate::http::error::error_response;
 use crate::http::log::{request_target, serve_request, LogNote};

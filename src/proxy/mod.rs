@@ -6,7 +6,6 @@
 //! current request and close, and regcache waits up to `shutdown_grace` for
 //! them before exiting.
 
-pub mod access;
 mod intercept;
 mod listener;
 mod tunnel;

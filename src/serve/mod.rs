@@ -162,14 +162,6 @@ pub fn registry_key(origin: &Origin) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIdleTimeout(pub std::time::Duration);
 
-/// Marks a request whose `Proxy-Authorization` named a user of
-/// `proxy_users`: a request extension, set by the proxy on the request
-/// itself and, for a CONNECT, on every request inside its tunnel (the check
-/// covers the whole tunnel). Offline registries serve private content only
-/// to such requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProxyUser;
-
 /// Answers one request for `target`; the response carries the [`LogNote`]
 /// for its access-log line (written by [`crate::http::log::serve_request`]).
 pub async fn handle(app: &Arc<App>, target: &Target, mut req: Request<Incoming>) -> Response<Body> {

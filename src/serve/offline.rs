@@ -18,7 +18,8 @@
 use http::request::Parts;
 use http::{Method, StatusCode};
 
-use super::{blobs, error_json, manifests, mirror, CacheStatus, ProxyUser, Served, Target};
+use super::{blobs, error_json, manifests, mirror, CacheStatus, Served, Target};
+use crate::access::ProxyUser;
 use crate::app::App;
 use crate::registry::error::ErrorCode;
 use crate::registry::link::{self, LinkVerdict};

@@ -30,11 +30,10 @@ use super::coalesce::{Coalescer, Turn};
 use super::{error_json, refusal, upstream_headers, upstream_uri, CacheStatus, Served, Target};
 use crate::app::App;
 use crate::cache::freshness::now_ms;
+use crate::config::secret::{read_secret, SecretFileError};
 use crate::config::{Config, UpstreamCredential};
 use crate::registry::auth::{parse_challenge, pull_scope, Challenge};
 use crate::registry::error::ErrorCode;
-use crate::tls::ca::check_private;
-use crate::tls::TlsError;
 use crate::upstream::redirect::FetchError;
 
 /// What regcache learnt about a repository's openness.
@@ -42,6 +41,21 @@ use crate::upstream::redirect::FetchError;
 enum Openness {
     Public,
     Guarded,
+}
+
+/// Why regcache's own registry accounts (`[registries."HOST"]`) could not be
+/// loaded; fatal at start.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    /// A password or token file is unreadable or readable by other users.
+    #[error("registry account: {0}")]
+    Secret(#[from] SecretFileError),
+    /// The credential holds characters an `Authorization` header cannot.
+    #[error("registry account for {registry}: the credential contains characters not allowed in a header")]
+    NotAHeader {
+        /// The registry whose account it is.
+        registry: String,
+    },
 }
 
 /// What a running regcache learnt about who may see which repository.
@@ -68,7 +82,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Sharing {
     /// Reads regcache's own registry accounts (files must not be readable by
     /// other users).
-    pub fn new(config: &Config) -> Result<Self, TlsError> {
+    pub fn new(config: &Config) -> Result<Self, AccountError> {
         let mut accounts = HashMap::new();
         for (registry, credential) in &config.credentials {
             let value = match credential {
@@ -83,10 +97,10 @@ impl Sharing {
                 }
                 UpstreamCredential::Token(file) => format!("Bearer {}", read_secret(file)?),
             };
-            let mut value = HeaderValue::from_str(&value).map_err(|_| TlsError::Pem {
-                path: registry.into(),
-                message: "credential contains characters not allowed in a header".into(),
-            })?;
+            let mut value =
+                HeaderValue::from_str(&value).map_err(|_| AccountError::NotAHeader {
+                    registry: registry.clone(),
+                })?;
             value.set_sensitive(true);
             accounts.insert(registry.clone(), value);
         }
@@ -122,15 +136,6 @@ impl Sharing {
     fn verified_at(&self, key: &[u8; 32]) -> Option<Instant> {
         lock(&self.verified).get(key).copied()
     }
-}
-
-fn read_secret(path: &std::path::Path) -> Result<String, TlsError> {
-    check_private(path)?;
-    let text = std::fs::read_to_string(path).map_err(|source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(text.trim().to_string())
 }
 
 /// What is known of `repo`'s openness, and whether it is still fresh.
