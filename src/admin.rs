@@ -31,7 +31,7 @@ pub fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
         }
         "/healthz" => text("ok\n".into(), "text/plain; charset=utf-8"),
         "/setup" => {
-            let url = format!("http://{}", safe_host(req).unwrap_or_else(|| app.config.listen.to_string()));
+            let url = format!("http://{}", safe_host(req).unwrap_or_else(|| app.state.config.listen.to_string()));
             text(SETUP_SCRIPT.replace("@REGCACHE_URL@", &url), "text/x-shellscript; charset=utf-8")
         }
         _ => error_response(

@@ -267,7 +267,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let app = App::new(config).map_err(Failure::usage)?;
     runtime.block_on(async move {
         let proxy = Proxy::bind(app.clone()).await.map_err(|e| {
-            Failure::runtime(format!("cannot listen on {}: {e}", app.config.listen))
+            Failure::runtime(format!("cannot listen on {}: {e}", app.config().listen))
         })?;
         let addr = proxy.local_addr().map_err(Failure::runtime)?;
         if let Some(mirror) = proxy.mirror_addr() {
@@ -281,7 +281,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         let upkeep = tokio::spawn(app.clone().maintain(started));
         proxy.run(shutdown_signal()).await;
         upkeep.abort();
-        if let Err(e) = app.cache.flush().await {
+        if let Err(e) = app.state.cache.flush().await {
             tracing::warn!(error = %e, "cannot write cache access times");
         }
         tracing::info!("stopped");
@@ -366,7 +366,9 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
         for image in &images {
             let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
             bar.set_prefix(image.clone());
-            match regcache::prefetch::prefetch(&app, image, &args.platform, |n| bar.inc(n)).await {
+            match regcache::prefetch::prefetch(&app.state, image, &args.platform, |n| bar.inc(n))
+                .await
+            {
                 Ok(done) => {
                     bar.finish_with_message(format!(
                         "ok: {} manifests, {} blobs ({} already cached)",
@@ -384,7 +386,7 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
                 }
             }
         }
-        if let Err(e) = app.cache.flush().await {
+        if let Err(e) = app.state.cache.flush().await {
             tracing::warn!(error = %e, "cannot write cache access times");
         }
     });

@@ -17,12 +17,12 @@ use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
-use crate::app::App;
 use crate::cache::offline::parse_image_ref;
 use crate::registry::digest::Digest;
 use crate::registry::media::{is_index, manifest_media_type, referenced_digests};
 use crate::registry::name::RepoName;
 use crate::registry::route::Reference;
+use crate::serve::state::State;
 use crate::serve::{blobs, manifests, Origin, Served, Target};
 
 /// Every manifest type regcache understands, for the `Accept` header.
@@ -208,7 +208,7 @@ async fn drain(
 /// Prefetches one image; `platforms` (`linux/amd64`, …) limits an index to
 /// those platforms (all when empty). `on_bytes` sees blob bytes as they come.
 pub async fn prefetch(
-    app: &Arc<App>,
+    state: &Arc<State>,
     reference: &str,
     platforms: &[String],
     mut on_bytes: impl FnMut(u64),
@@ -220,7 +220,7 @@ pub async fn prefetch(
     while let Some(reference) = manifests_todo.pop() {
         let path = format!("/v2/{}/manifests/{reference}", image.name);
         let parts = request_parts(&path)?;
-        let served = manifests::serve(app, &image.target, &image.name, &reference, &parts).await;
+        let served = manifests::serve(state, &image.target, &image.name, &reference, &parts).await;
         let what = format!("{}/{}:{reference}", image.target.registry, image.name);
         let (body, _, content_type) = drain(served, &what, |_| {}).await?;
         fetched.manifests += 1;
@@ -251,7 +251,7 @@ pub async fn prefetch(
     for digest in blobs_todo {
         let path = format!("/v2/{}/blobs/{digest}", image.name);
         let parts = request_parts(&path)?;
-        let served = blobs::serve(app, &image.target, &image.name, &digest, &parts).await;
+        let served = blobs::serve(state, &image.target, &image.name, &digest, &parts).await;
         let what = format!("{}/{}@{digest}", image.target.registry, image.name);
         let mut bytes = 0;
         let (_, hit, _) = drain(served, &what, |n| {

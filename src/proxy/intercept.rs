@@ -57,17 +57,17 @@ pub async fn serve_tunnel(
     let Some(tls) = accept_tls(&ctx, TokioIo::new(upgraded), &own, &host, None).await else {
         return;
     };
-    let app = ctx.app.clone();
+    let state = ctx.app.state.clone();
     let peer = ctx.peer;
     let target = Arc::new(Target::new(origin));
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         if let Some(user) = proxy_user {
             req.extensions_mut().insert(user);
         }
-        let (app, target) = (app.clone(), target.clone());
+        let (state, target) = (state.clone(), target.clone());
         async move {
             let resp = serve_request(peer, req, |req| async move {
-                serve::handle(&app, &target, req).await
+                serve::handle(&state, &target, req).await
             });
             Ok::<_, Infallible>(resp.await)
         }
@@ -160,7 +160,7 @@ where
     // HTTP/1.1: a head (and an idle keep-alive) gets client_idle_timeout in
     // all. HTTP/2: a peer that does not answer a ping within it is closed.
     // Bodies are limited per request (crate::http::body::IdleLimited).
-    let idle = ctx.app.config.client_idle_timeout;
+    let idle = ctx.app.state.config.client_idle_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

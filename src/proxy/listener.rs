@@ -45,7 +45,7 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
         return refuse_client(stream, shutdown).await;
     }
     // A head (and an idle keep-alive) gets client_idle_timeout in all.
-    let idle = ctx.app.config.client_idle_timeout;
+    let idle = ctx.app.state.config.client_idle_timeout;
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
         let peer = ctx.peer;
@@ -81,7 +81,7 @@ pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: S
     }
     let fixed = ctx.app.mirror_tls.clone();
     // A minted leaf only for regcache's own names, never for any SNI asked.
-    let mut own = ctx.app.config.mirror_names.clone();
+    let mut own = ctx.app.state.config.mirror_names.clone();
     own.push(local_name.clone());
     let Some(tls) = intercept::accept_tls(&ctx, stream, &own, &local_name, fixed).await else {
         return;
@@ -114,8 +114,9 @@ async fn refuse_client(stream: TcpStream, shutdown: tokio_util::sync::Cancellati
 async fn route(ctx: ConnContext, mut req: Request<Incoming>) -> Response<Body> {
     // Request bodies forwarded from here (plain-HTTP pass-through included)
     // are cut when the client stops sending.
-    req.extensions_mut()
-        .insert(serve::ClientIdleTimeout(ctx.app.config.client_idle_timeout));
+    req.extensions_mut().insert(serve::ClientIdleTimeout(
+        ctx.app.state.config.client_idle_timeout,
+    ));
     if let Some(refusal) = authenticate(&ctx, &req).await {
         return refusal;
     }
@@ -149,7 +150,7 @@ async fn origin_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
 
 /// Origin-form `/v2/…`: the registry-mirror and path-prefix endpoints.
 async fn mirror_mode(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
-    match mirror::resolve(&ctx.app.config, req.uri()) {
+    match mirror::resolve(&ctx.app.state.config, req.uri()) {
         Ok(MirrorRequest::Upstream { target, path }) => {
             let (mut parts, body) = req.into_parts();
             let mut uri = parts.uri.into_parts();
@@ -159,7 +160,7 @@ async fn mirror_mode(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
                 Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
             };
             let req = Request::from_parts(parts, body);
-            serve::handle(&ctx.app, &target, req).await
+            serve::handle(&ctx.app.state, &target, req).await
         }
         outcome => {
             let resp = match outcome {
@@ -202,7 +203,7 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
         Some((host, Some(port))) if !host.is_empty() => (host, port),
         _ => return error_response(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target"),
     };
-    match decide_connect(&ctx.app.config, &host, port) {
+    match decide_connect(&ctx.app.state.config, &host, port) {
         Decision::Refuse(refusal) => {
             tracing::warn!(
                 host,
@@ -228,7 +229,7 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
         }
         Decision::PassThrough => {
             let name = normalize_host(&host);
-            let upstream = match connect_tcp(ctx.app.upstream.dialer(), &name, port).await {
+            let upstream = match connect_tcp(ctx.app.state.upstream.dialer(), &name, port).await {
                 Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!(host, port, error = %e, "tunnel target unreachable");
@@ -271,13 +272,13 @@ async fn absolute_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Bod
         );
     };
     let port = authority.port_u16().unwrap_or(80);
-    match decide_plain_http(&ctx.app.config, authority.host(), port) {
+    match decide_plain_http(&ctx.app.state.config, authority.host(), port) {
         PlainHttp::Refuse(refusal) => {
             tracing::warn!(host = %authority, rule = refusal.rule, reason = refusal.reason, "plain HTTP request refused (403)");
             error_response(StatusCode::FORBIDDEN, &refusal.to_string())
         }
         PlainHttp::InsecureRegistry => match Origin::http(authority.host(), port) {
-            Ok(origin) => serve::handle(&ctx.app, &Target::new(origin), req).await,
+            Ok(origin) => serve::handle(&ctx.app.state, &Target::new(origin), req).await,
             Err(e) => error_response(StatusCode::BAD_REQUEST, &e.to_string()),
         },
         PlainHttp::PassThrough => {
@@ -285,7 +286,7 @@ async fn absolute_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Bod
                 scheme: Scheme::HTTP,
                 authority,
             };
-            serve::forward(&ctx.app.upstream.plain(), &origin, req).await
+            serve::forward(&ctx.app.state.upstream.plain(), &origin, req).await
         }
     }
 }

@@ -59,8 +59,8 @@ pub struct Proxy {
 impl Proxy {
     /// Binds the configured listen address.
     pub async fn bind(app: Arc<App>) -> io::Result<Self> {
-        let listener = TcpListener::bind(app.config.listen).await?;
-        let mirror_tls = match app.config.mirror_tls {
+        let listener = TcpListener::bind(app.state.config.listen).await?;
+        let mirror_tls = match app.state.config.mirror_tls {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
@@ -127,7 +127,7 @@ impl Proxy {
         }
         drop(self.listener);
         drop(self.mirror_tls);
-        let grace = self.app.config.shutdown_grace;
+        let grace = self.app.state.config.shutdown_grace;
         tracing::info!(
             connections = tasks.len(),
             grace_secs = grace.as_secs(),

@@ -10,8 +10,8 @@ use http::request::Parts;
 use http::{Method, StatusCode};
 
 use super::sharing;
+use super::state::State;
 use super::{refusal, upstream_uri, CacheStatus, Served, Target};
-use crate::app::App;
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
 use crate::registry::link::{verdict, LinkFacts, LinkVerdict};
@@ -55,7 +55,7 @@ impl Kind {
 /// registry answers 200 links the digest to `repo`; any other answer is
 /// returned as the refusal to give the client (no bytes).
 pub async fn resolve(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     repo: &str,
     digest: &Digest,
@@ -69,14 +69,14 @@ pub async fn resolve(
             tracing::info!(registry = %target.registry, repo, %digest, kind = kind.as_str(), rule = "link: cached only through another registry; asked upstream with a GET", "cached digest not linked in this registry");
             Ok(Access::Fetch)
         }
-        LinkVerdict::Confirm => confirm(app, target, repo, digest, parts, kind).await,
+        LinkVerdict::Confirm => confirm(state, target, repo, digest, parts, kind).await,
     }
 }
 
 /// Asks the registry with a `HEAD` in `repo`, with the client's own
 /// credential, whether it has `digest`.
 async fn confirm(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     repo: &str,
     digest: &Digest,
@@ -85,9 +85,9 @@ async fn confirm(
 ) -> Result<Access, Box<Served>> {
     let uri = upstream_uri(target, parts)
         .map_err(|resp| Box::new(Served::new(*resp, CacheStatus::Pass)))?;
-    match sharing::fetch_for(app, target, repo, parts, Method::HEAD, uri).await {
+    match sharing::fetch_for(state, target, repo, parts, Method::HEAD, uri).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
-            if let Err(e) = app
+            if let Err(e) = state
                 .cache
                 .link(&target.registry, repo, std::slice::from_ref(digest))
                 .await

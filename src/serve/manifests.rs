@@ -27,8 +27,8 @@ use http_body_util::{BodyExt, Limited};
 use super::coalesce::Turn;
 use super::link::{self, Access, Kind};
 use super::sharing;
+use super::state::State;
 use super::{error_json, passthrough, upstream_uri, CacheStatus, Served, Target};
-use crate::app::App;
 use crate::cache::freshness::{
     after_revalidation, classify, now_ms, Revalidation, TagAction, TagRecord,
 };
@@ -46,43 +46,43 @@ pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Serves a manifest request.
 pub async fn serve(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     name: &RepoName,
     reference: &Reference,
     parts: &Parts,
 ) -> Served {
     match reference {
-        Reference::Digest(digest) => by_digest(app, target, name, digest, parts).await,
-        Reference::Tag(tag) => by_tag(app, target, name, tag, parts).await,
+        Reference::Digest(digest) => by_digest(state, target, name, digest, parts).await,
+        Reference::Tag(tag) => by_tag(state, target, name, tag, parts).await,
     }
 }
 
 async fn by_digest(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     name: &RepoName,
     digest: &Digest,
     parts: &Parts,
 ) -> Served {
-    let cache = &app.cache;
+    let cache = &state.cache;
     let repo = name.as_str();
-    if let Some(cached) = usable(app, digest, parts) {
+    if let Some(cached) = usable(state, digest, parts) {
         let facts = cache.link_facts(&target.registry, repo, digest);
-        match link::resolve(app, target, repo, digest, parts, facts, Kind::Manifest).await {
+        match link::resolve(state, target, repo, digest, parts, facts, Kind::Manifest).await {
             Err(refused) => return *refused,
             Ok(Access::Serve) => {
-                if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                if let Err(refused) = sharing::check(state, target, repo, parts).await {
                     return *refused;
                 }
-                if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
+                if let Some(served) = from_cache(state, &cached, parts, CacheStatus::Hit).await {
                     return served;
                 }
             }
             Ok(Access::Fetch) => {}
         }
     }
-    fetch(app, target, name, None, Some(digest), parts).await
+    fetch(state, target, name, None, Some(digest), parts).await
 }
 
 /// How a leader's upstream lookup of a tag ended, for the requests that
@@ -97,22 +97,22 @@ pub enum TagLookup {
 }
 
 async fn by_tag(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     name: &RepoName,
     tag: &str,
     parts: &Parts,
 ) -> Served {
     let repo = name.as_str();
-    if let Some(served) = fresh(app, target, repo, tag, parts).await {
+    if let Some(served) = fresh(state, target, repo, tag, parts).await {
         return served;
     }
     // Stale or unknown: one request asks upstream, the others wait for it
     // and are then served from what it stored.
     let key = format!("{}/{repo}:{tag}", target.registry);
-    match app.tag_lookups.join(key) {
+    match state.tag_lookups.join(key) {
         Turn::Lead(lead) => {
-            let served = ask_upstream(app, target, name, tag, parts).await;
+            let served = ask_upstream(state, target, name, tag, parts).await;
             lead.finish(if served.cache == CacheStatus::Stale {
                 TagLookup::Unavailable
             } else {
@@ -122,20 +122,20 @@ async fn by_tag(
         }
         Turn::Follow(follow) => {
             let lookup = follow.outcome().await;
-            if let Some(served) = fresh(app, target, repo, tag, parts).await {
+            if let Some(served) = fresh(state, target, repo, tag, parts).await {
                 return served;
             }
             if lookup == Some(TagLookup::Unavailable) {
-                if let Some((_, cached)) = cached_tag(app, target, repo, tag, parts) {
-                    if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                if let Some((_, cached)) = cached_tag(state, target, repo, tag, parts) {
+                    if let Err(refused) = sharing::check(state, target, repo, parts).await {
                         return *refused;
                     }
-                    return serve_stale(app, target, name, tag, &cached, parts).await;
+                    return serve_stale(state, target, name, tag, &cached, parts).await;
                 }
             }
             // The leader's answer does not serve this request (another
             // credential or Accept, or it gave up): ask for ourselves.
-            ask_upstream(app, target, name, tag, parts).await
+            ask_upstream(state, target, name, tag, parts).await
         }
     }
 }
@@ -143,53 +143,53 @@ async fn by_tag(
 /// The cached manifest of a fresh tag record, if this request may have it
 /// (or the refusal if it may not); None when upstream must be asked.
 async fn fresh(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     repo: &str,
     tag: &str,
     parts: &Parts,
 ) -> Option<Served> {
-    let (record, cached) = cached_tag(app, target, repo, tag, parts)?;
-    let ttl = app.config.tag_ttl_for(&target.registry);
+    let (record, cached) = cached_tag(state, target, repo, tag, parts)?;
+    let ttl = state.config.tag_ttl_for(&target.registry);
     if !record.is_fresh(now_ms(), ttl) {
         return None;
     }
-    if let Err(refused) = sharing::check(app, target, repo, parts).await {
+    if let Err(refused) = sharing::check(state, target, repo, parts).await {
         return Some(*refused);
     }
-    from_cache(app, &cached, parts, CacheStatus::Hit).await
+    from_cache(state, &cached, parts, CacheStatus::Hit).await
 }
 
 /// The tag's record and its cached manifest, if both exist and the request's
 /// Accept allows the manifest's type.
 fn cached_tag(
-    app: &App,
+    state: &State,
     target: &Target,
     repo: &str,
     tag: &str,
     parts: &Parts,
 ) -> Option<(TagRecord, Cached)> {
-    let record = app.cache.tag(&target.registry, repo, tag)?;
+    let record = state.cache.tag(&target.registry, repo, tag)?;
     let digest = record.digest.parse::<Digest>().ok()?;
-    let cached = usable(app, &digest, parts)?;
+    let cached = usable(state, &digest, parts)?;
     Some((record, cached))
 }
 
 /// Revalidates a stale tag with a `HEAD` (or fetches an unknown one).
 async fn ask_upstream(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     name: &RepoName,
     tag: &str,
     parts: &Parts,
 ) -> Served {
-    let cache = &app.cache;
+    let cache = &state.cache;
     let repo = name.as_str();
-    let Some((record, cached)) = cached_tag(app, target, repo, tag, parts) else {
-        return fetch(app, target, name, Some(tag), None, parts).await;
+    let Some((record, cached)) = cached_tag(state, target, repo, tag, parts) else {
+        return fetch(state, target, name, Some(tag), None, parts).await;
     };
     let (outcome, upstream_resp) = match upstream_uri(target, parts) {
-        Ok(uri) => match sharing::fetch_for(app, target, repo, parts, Method::HEAD, uri).await {
+        Ok(uri) => match sharing::fetch_for(state, target, repo, parts, Method::HEAD, uri).await {
             Ok(resp) => {
                 let digest = resp
                     .headers()
@@ -214,17 +214,17 @@ async fn ask_upstream(
             if let Err(e) = cache.set_tag(&target.registry, repo, tag, fresh).await {
                 tracing::warn!(error = %e, "cannot record tag");
             }
-            match from_cache(app, &cached, parts, CacheStatus::Revalidated).await {
+            match from_cache(state, &cached, parts, CacheStatus::Revalidated).await {
                 Some(served) => served,
-                None => fetch(app, target, name, Some(tag), None, parts).await,
+                None => fetch(state, target, name, Some(tag), None, parts).await,
             }
         }
-        TagAction::Refetch => fetch(app, target, name, Some(tag), None, parts).await,
+        TagAction::Refetch => fetch(state, target, name, Some(tag), None, parts).await,
         TagAction::ServeStale => {
-            if let Err(refused) = sharing::check(app, target, repo, parts).await {
+            if let Err(refused) = sharing::check(state, target, repo, parts).await {
                 return *refused;
             }
-            serve_stale(app, target, name, tag, &cached, parts).await
+            serve_stale(state, target, name, tag, &cached, parts).await
         }
         TagAction::PassUpstream { forget } => {
             if forget {
@@ -257,14 +257,14 @@ async fn ask_upstream(
 
 /// Serves a stale cached tag with `Warning: 110` (upstream unavailable).
 async fn serve_stale(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     name: &RepoName,
     tag: &str,
     cached: &Cached,
     parts: &Parts,
 ) -> Served {
-    match from_cache(app, cached, parts, CacheStatus::Stale).await {
+    match from_cache(state, cached, parts, CacheStatus::Stale).await {
         Some(mut served) => {
             served.resp.headers_mut().insert(
                 http::header::WARNING,
@@ -272,13 +272,13 @@ async fn serve_stale(
             );
             served
         }
-        None => fetch(app, target, name, Some(tag), None, parts).await,
+        None => fetch(state, target, name, Some(tag), None, parts).await,
     }
 }
 
 /// The cached manifest for `digest` if the request's Accept allows its type.
-pub(crate) fn usable(app: &App, digest: &Digest, parts: &Parts) -> Option<Cached> {
-    let cached = app.cache.get(digest)?;
+pub(crate) fn usable(state: &State, digest: &Digest, parts: &Parts) -> Option<Cached> {
+    let cached = state.cache.get(digest)?;
     accepts(&parts.headers, &cached.media_type).then_some(cached)
 }
 
@@ -287,7 +287,7 @@ pub(crate) fn usable(app: &App, digest: &Digest, parts: &Parts) -> Option<Cached
 /// damaged entry is dropped, so the caller fetches it again or answers as
 /// for a manifest not cached).
 pub(crate) async fn from_cache(
-    app: &App,
+    state: &State,
     cached: &Cached,
     parts: &Parts,
     status: CacheStatus,
@@ -295,24 +295,24 @@ pub(crate) async fn from_cache(
     let bytes = match tokio::fs::read(&cached.path).await {
         Ok(bytes) => Bytes::from(bytes),
         Err(_) => {
-            let _ = app.cache.forget(&cached.digest).await;
+            let _ = state.cache.forget(&cached.digest).await;
             return None;
         }
     };
-    if must_verify(app.config.verify_reads, cached.is_verified(), true) {
+    if must_verify(state.config.verify_reads, cached.is_verified(), true) {
         if !cached.digest.matches(&bytes) {
             tracing::warn!(
                 digest = %cached.digest,
                 "cached manifest does not match its digest (changed on disk): not served, entry dropped"
             );
-            if let Err(e) = app.cache.drop_damaged(cached).await {
+            if let Err(e) = state.cache.drop_damaged(cached).await {
                 tracing::warn!(error = %e, "cannot drop a damaged cache entry");
             }
             return None;
         }
         cached.mark_verified();
     }
-    app.cache.count(true);
+    state.cache.count(true);
     Some(Served::new(
         manifest_response(parts, &cached.digest, &cached.media_type, bytes),
         status,
@@ -349,7 +349,7 @@ fn manifest_response(
 /// Fetches a manifest upstream (GET; HEAD requests on a miss are passed on as
 /// HEAD), verifies, stores, links and serves it.
 async fn fetch(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     name: &RepoName,
     tag: Option<&str>,
@@ -360,7 +360,7 @@ async fn fetch(
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
-    app.cache.count(false);
+    state.cache.count(false);
     let repo = name.as_str();
     // A HEAD by digest is passed on as a HEAD. A HEAD by tag (containerd
     // resolves tags that way, then GETs by digest) fetches the manifest with
@@ -372,7 +372,7 @@ async fn fetch(
         Method::GET
     };
     let head_only = method == Method::HEAD;
-    let resp = match sharing::fetch_for(app, target, repo, parts, method, uri).await {
+    let resp = match sharing::fetch_for(state, target, repo, parts, method, uri).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
@@ -388,7 +388,7 @@ async fn fetch(
     if resp.status() != StatusCode::OK {
         if resp.status() == StatusCode::NOT_FOUND {
             if let Some(tag) = tag {
-                let _ = app
+                let _ = state
                     .cache
                     .remove_tag(&target.registry, name.as_str(), tag)
                     .await;
@@ -446,7 +446,7 @@ async fn fetch(
     }
     let content_type = head.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let media_type = manifest_media_type(content_type, &bytes);
-    if let Err(e) = store(app, target, name, tag, &digest, &media_type, &bytes).await {
+    if let Err(e) = store(state, target, name, tag, &digest, &media_type, &bytes).await {
         tracing::warn!(%digest, error = %e, "cannot cache manifest");
     }
     Served::new(
@@ -456,7 +456,7 @@ async fn fetch(
 }
 
 async fn store(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     name: &RepoName,
     tag: Option<&str>,
@@ -464,7 +464,7 @@ async fn store(
     media_type: &str,
     bytes: &Bytes,
 ) -> Result<(), crate::cache::CacheError> {
-    let cache = &app.cache;
+    let cache = &state.cache;
     cache.store_bytes(digest, bytes.clone(), media_type).await?;
     // Only the manifest itself: the digests it names are pointers that the
     // registry has not served for this repository (and may not hold).

@@ -16,6 +16,7 @@ pub mod mirror;
 pub mod offline;
 pub mod range;
 pub mod sharing;
+pub mod state;
 pub mod uncached;
 
 use std::sync::Arc;
@@ -26,7 +27,6 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::app::App;
 use crate::http::body::{self, Body};
 use crate::http::error::{error_chain, error_response, for_method};
 use crate::http::headers::{add_via, strip_hop_by_hop};
@@ -35,6 +35,7 @@ use crate::registry::error::{error_body, ErrorCode};
 use crate::registry::hosts::canonical_registry;
 use crate::registry::route::{self, Route};
 use crate::upstream::Upstream;
+use state::State;
 
 /// Where requests on one connection go: the host the client asked for.
 #[derive(Debug, Clone)]
@@ -164,11 +165,15 @@ pub struct ClientIdleTimeout(pub std::time::Duration);
 
 /// Answers one request for `target`; the response carries the [`LogNote`]
 /// for its access-log line (written by [`crate::http::log::serve_request`]).
-pub async fn handle(app: &Arc<App>, target: &Target, mut req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    state: &Arc<State>,
+    target: &Target,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
     req.extensions_mut()
-        .insert(ClientIdleTimeout(app.config.client_idle_timeout));
+        .insert(ClientIdleTimeout(state.config.client_idle_timeout));
     let path = req.uri().path().to_string();
-    let served = dispatch(app, target, req).await;
+    let served = dispatch(state, target, req).await;
     let mut resp = served.resp;
     if served.cache != CacheStatus::Pass {
         resp.headers_mut()
@@ -183,8 +188,8 @@ pub async fn handle(app: &Arc<App>, target: &Target, mut req: Request<Incoming>)
     note.on(resp)
 }
 
-async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
-    if app.config.is_offline(&target.registry) {
+async fn dispatch(state: &Arc<State>, target: &Target, req: Request<Incoming>) -> Served {
+    if state.config.is_offline(&target.registry) {
         return match route::parse(req.uri().path()) {
             Err(e) => Served::new(
                 for_method(
@@ -195,13 +200,13 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
             ),
             Ok(route) => {
                 let (parts, _) = req.into_parts();
-                offline::serve(app, target, route, &parts).await
+                offline::serve(state, target, route, &parts).await
             }
         };
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Served::new(
-            forward(&app.upstream, &target.origin, req).await,
+            forward(&state.upstream, &target.origin, req).await,
             CacheStatus::Pass,
         );
     }
@@ -218,15 +223,15 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
         }
         Ok(Route::Manifest { name, reference }) => {
             let (parts, _) = req.into_parts();
-            manifests::serve(app, target, &name, &reference, &parts).await
+            manifests::serve(state, target, &name, &reference, &parts).await
         }
-        Ok(Route::Base) => base(app, target, req).await,
+        Ok(Route::Base) => base(state, target, req).await,
         Ok(Route::Blob { name, digest }) => {
             let (parts, _) = req.into_parts();
-            blobs::serve(app, target, &name, &digest, &parts).await
+            blobs::serve(state, target, &name, &digest, &parts).await
         }
         Ok(_) => Served::new(
-            forward(&app.upstream, &target.origin, req).await,
+            forward(&state.upstream, &target.origin, req).await,
             CacheStatus::Pass,
         ),
     }
@@ -387,12 +392,13 @@ fn origin_uri(origin: &Origin, uri: &Uri) -> Result<Uri, http::Error> {
 /// `GET /v2/`: upstream's answer (an auth challenge, typically) when it
 /// answers; when it is down or failing, regcache's own 200 so that clients go
 /// on to pull what is cached.
-async fn base(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
-    match try_forward(&app.upstream, &target.origin, req).await {
+async fn base(state: &Arc<State>, target: &Target, req: Request<Incoming>) -> Served {
+    match try_forward(&state.upstream, &target.origin, req).await {
         Ok(resp) if !resp.status().is_server_error() => {
             if resp.status() == StatusCode::UNAUTHORIZED {
                 if let Some(challenge) = resp.headers().get(http::header::WWW_AUTHENTICATE) {
-                    app.sharing
+                    state
+                        .sharing
                         .remember_base_challenge(&target.registry, challenge);
                 }
             }
@@ -404,7 +410,7 @@ async fn base(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served
                 Err(e) => error_chain(e),
             };
             tracing::info!(registry = %target.registry, reason = %why, "upstream unavailable; answering /v2/ from the cache");
-            if let Some(challenge) = app.sharing.offline_base_challenge(&target.registry) {
+            if let Some(challenge) = state.sharing.offline_base_challenge(&target.registry) {
                 // Clients only send credentials when challenged.
                 let mut resp = error_json(
                     StatusCode::UNAUTHORIZED,

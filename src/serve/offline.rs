@@ -18,9 +18,9 @@
 use http::request::Parts;
 use http::{Method, StatusCode};
 
+use super::state::State;
 use super::{blobs, error_json, manifests, mirror, CacheStatus, Served, Target};
 use crate::access::ProxyUser;
-use crate::app::App;
 use crate::registry::error::ErrorCode;
 use crate::registry::link::{self, LinkVerdict};
 use crate::registry::route::{Reference, Route};
@@ -73,7 +73,7 @@ fn refused(target: &Target, repo: &str) -> Served {
 }
 
 /// Serves a request for an offline registry.
-pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> Served {
+pub async fn serve(state: &State, target: &Target, route: Route, parts: &Parts) -> Served {
     let registry = &target.registry;
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return Served::new(
@@ -87,8 +87,11 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
     }
     let proxy_user = parts.extensions.get::<ProxyUser>().is_some();
     let allowed = |repo: &str| {
-        let openness = app.cache.openness(registry, repo).map(|(public, _)| public);
-        verdict(openness, proxy_user, app.config.offline_share_private) != Verdict::Refused
+        let openness = state
+            .cache
+            .openness(registry, repo)
+            .map(|(public, _)| public);
+        verdict(openness, proxy_user, state.config.offline_share_private) != Verdict::Refused
     };
     match route {
         Route::Base => Served::new(mirror::base_response(), CacheStatus::Hit),
@@ -99,17 +102,17 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
             let repo = name.as_str();
             let digest = match &reference {
                 Reference::Digest(d) => Some(d.clone()),
-                Reference::Tag(tag) => app
+                Reference::Tag(tag) => state
                     .cache
                     .tag(registry, repo, tag)
                     .and_then(|r| r.digest.parse().ok()),
             };
             let found = digest
-                .filter(|d| servable(app, registry, repo, d))
-                .and_then(|d| manifests::usable(app, &d, parts));
+                .filter(|d| servable(state, registry, repo, d))
+                .and_then(|d| manifests::usable(state, &d, parts));
             if let Some(cached) = found {
                 if let Some(served) =
-                    manifests::from_cache(app, &cached, parts, CacheStatus::Hit).await
+                    manifests::from_cache(state, &cached, parts, CacheStatus::Hit).await
                 {
                     return served;
                 }
@@ -122,8 +125,8 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
         }
         Route::Blob { name, digest } => {
             let repo = name.as_str();
-            if servable(app, registry, repo, &digest) {
-                if let Some(served) = blobs::from_cache(app, parts, &digest).await {
+            if servable(state, registry, repo, &digest) {
+                if let Some(served) = blobs::from_cache(state, parts, &digest).await {
                     return served;
                 }
             }
@@ -134,8 +137,8 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
 }
 
 /// Whether `digest` may be served through `repo` with no registry to ask.
-fn servable(app: &App, registry: &str, repo: &str, digest: &crate::registry::Digest) -> bool {
-    link::verdict(app.cache.link_facts(registry, repo, digest)) == LinkVerdict::Serve
+fn servable(state: &State, registry: &str, repo: &str, digest: &crate::registry::Digest) -> bool {
+    link::verdict(state.cache.link_facts(registry, repo, digest)) == LinkVerdict::Serve
 }
 
 fn missing(target: &Target, what: &str, code: ErrorCode) -> Served {

@@ -27,8 +27,8 @@ use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
 use super::coalesce::{Coalescer, Turn};
+use super::state::State;
 use super::{error_json, refusal, upstream_headers, upstream_uri, CacheStatus, Served, Target};
-use crate::app::App;
 use crate::cache::freshness::now_ms;
 use crate::config::secret::{read_secret, SecretFileError};
 use crate::config::{Config, UpstreamCredential};
@@ -139,9 +139,9 @@ impl Sharing {
 }
 
 /// What is known of `repo`'s openness, and whether it is still fresh.
-fn openness(app: &App, target: &Target, repo: &str) -> Option<(Openness, bool)> {
-    let (public, at) = app.cache.openness(&target.registry, repo)?;
-    let fresh = now_ms().saturating_sub(at) < app.config.public_ttl.as_millis() as u64;
+fn openness(state: &State, target: &Target, repo: &str) -> Option<(Openness, bool)> {
+    let (public, at) = state.cache.openness(&target.registry, repo)?;
+    let fresh = now_ms().saturating_sub(at) < state.config.public_ttl.as_millis() as u64;
     let openness = if public {
         Openness::Public
     } else {
@@ -152,17 +152,17 @@ fn openness(app: &App, target: &Target, repo: &str) -> Option<(Openness, bool)> 
 
 /// Records `repo`'s openness (and the registry's challenge, if seen).
 async fn learn_openness(
-    app: &App,
+    state: &State,
     target: &Target,
     repo: &str,
     openness: Openness,
     challenge: Option<Challenge>,
 ) {
     if let Some(challenge) = challenge {
-        lock(&app.sharing.challenges).insert(format!("{}/{repo}", target.registry), challenge);
+        lock(&state.sharing.challenges).insert(format!("{}/{repo}", target.registry), challenge);
     }
     let public = openness == Openness::Public;
-    if let Err(e) = app
+    if let Err(e) = state
         .cache
         .set_openness(&target.registry, repo, public, now_ms())
         .await
@@ -183,23 +183,29 @@ fn credential_key(registry: &str, repo: &str, credential: &HeaderValue) -> [u8; 
 /// Remembers what an upstream answer to a request made for this client
 /// proves: a 200 to the client's own credential verifies it; a 200 to no
 /// credential at all makes the repository public.
-pub async fn learn(app: &Arc<App>, target: &Target, repo: &str, parts: &Parts, status: StatusCode) {
+pub async fn learn(
+    state: &Arc<State>,
+    target: &Target,
+    repo: &str,
+    parts: &Parts,
+    status: StatusCode,
+) {
     if status != StatusCode::OK {
         return;
     }
     match parts.headers.get(AUTHORIZATION) {
         Some(credential) => {
             let key = credential_key(&target.registry, repo, credential);
-            lock(&app.sharing.verified).insert(key, Instant::now());
+            lock(&state.sharing.verified).insert(key, Instant::now());
             // Learn soon whether everyone may see this repository, so that
             // its content is shared (and stays shared while upstream is down).
-            if !matches!(openness(app, target, repo), Some((_, true))) {
-                probe_in_background(app, target, repo, parts);
+            if !matches!(openness(state, target, repo), Some((_, true))) {
+                probe_in_background(state, target, repo, parts);
             }
         }
         None => {
-            if !app.sharing.accounts.contains_key(&target.registry) {
-                learn_openness(app, target, repo, Openness::Public, None).await;
+            if !state.sharing.accounts.contains_key(&target.registry) {
+                learn_openness(state, target, repo, Openness::Public, None).await;
             }
         }
     }
@@ -209,19 +215,20 @@ pub async fn learn(app: &Arc<App>, target: &Target, repo: &str, parts: &Parts, s
 /// the client's, plus regcache's account for a public repository when the
 /// client sent no credential.
 async fn upstream_request_headers(
-    app: &App,
+    state: &State,
     target: &Target,
     repo: &str,
     parts: &Parts,
 ) -> HeaderMap {
     let mut headers = upstream_headers(parts);
-    if headers.contains_key(AUTHORIZATION) || !app.sharing.accounts.contains_key(&target.registry) {
+    if headers.contains_key(AUTHORIZATION) || !state.sharing.accounts.contains_key(&target.registry)
+    {
         return headers;
     }
-    if public(app, target, repo, parts).await != Some(Openness::Public) {
+    if public(state, target, repo, parts).await != Some(Openness::Public) {
         return headers;
     }
-    if let Some(value) = account_authorization(app, target, repo).await {
+    if let Some(value) = account_authorization(state, target, repo).await {
         headers.insert(AUTHORIZATION, value);
     }
     headers
@@ -233,16 +240,16 @@ async fn upstream_request_headers(
 /// (with its own account when configured, else anonymously) and asks again,
 /// so mirror clients and anonymous clients get public content.
 pub async fn fetch_for(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     repo: &str,
     parts: &Parts,
     method: Method,
     uri: http::Uri,
 ) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
-    let headers = upstream_request_headers(app, target, repo, parts).await;
+    let headers = upstream_request_headers(state, target, repo, parts).await;
     let anonymous = !headers.contains_key(AUTHORIZATION);
-    let mut resp = app
+    let mut resp = state
         .upstream
         .fetch(method.clone(), uri.clone(), headers.clone())
         .await?;
@@ -256,14 +263,17 @@ pub async fn fetch_for(
             // regcache's own account only for a repository known to be
             // public; anything else gets an anonymous token, so that the
             // answer is what an anonymous client would get.
-            let public = matches!(openness(app, target, repo), Some((Openness::Public, true)));
-            let account = app
+            let public = matches!(
+                openness(state, target, repo),
+                Some((Openness::Public, true))
+            );
+            let account = state
                 .sharing
                 .accounts
                 .get(&target.registry)
                 .filter(|_| public);
             let basic = account.filter(|a| a.as_bytes().starts_with(b"Basic "));
-            if let Ok(token) = app
+            if let Ok(token) = state
                 .upstream
                 .bearer_token(&bearer, &pull_scope(repo), basic)
                 .await
@@ -271,40 +281,38 @@ pub async fn fetch_for(
                 if let Some(value) = bearer_value(&token) {
                     let mut headers = headers;
                     headers.insert(AUTHORIZATION, value);
-                    resp = app.upstream.fetch(method, uri, headers).await?;
+                    resp = state.upstream.fetch(method, uri, headers).await?;
                 }
             }
-            lock(&app.sharing.challenges).insert(
+            lock(&state.sharing.challenges).insert(
                 format!("{}/{repo}", target.registry),
                 Challenge::Bearer(bearer),
             );
         }
     }
-    learn(app, target, repo, parts, resp.status()).await;
+    learn(state, target, repo, parts, resp.status()).await;
     Ok(resp)
 }
 
 /// regcache's `Authorization` for `repo`: a token from the registry's realm
 /// got with the account, or the account's own value.
-async fn account_authorization(app: &App, target: &Target, repo: &str) -> Option<HeaderValue> {
-    let account = app.sharing.accounts.get(&target.registry)?;
-    let challenge = lock(&app.sharing.challenges)
+async fn account_authorization(state: &State, target: &Target, repo: &str) -> Option<HeaderValue> {
+    let account = state.sharing.accounts.get(&target.registry)?;
+    let challenge = lock(&state.sharing.challenges)
         .get(&format!("{}/{repo}", target.registry))
         .cloned();
     match challenge {
-        Some(Challenge::Bearer(bearer)) if account.as_bytes().starts_with(b"Basic ") => {
-            match app
-                .upstream
-                .bearer_token(&bearer, &pull_scope(repo), Some(account))
-                .await
-            {
-                Ok(token) => bearer_value(&token),
-                Err(e) => {
-                    tracing::warn!(registry = %target.registry, error = %e, "regcache's registry account got no token; asking anonymously");
-                    None
-                }
+        Some(Challenge::Bearer(bearer)) if account.as_bytes().starts_with(b"Basic ") => match state
+            .upstream
+            .bearer_token(&bearer, &pull_scope(repo), Some(account))
+            .await
+        {
+            Ok(token) => bearer_value(&token),
+            Err(e) => {
+                tracing::warn!(registry = %target.registry, error = %e, "regcache's registry account got no token; asking anonymously");
+                None
             }
-        }
+        },
         _ => Some(account.clone()),
     }
 }
@@ -317,21 +325,21 @@ fn bearer_value(token: &str) -> Option<HeaderValue> {
 
 /// Whether `repo` is public: learnt within `public_ttl`, else asked anonymously.
 /// None when unknown (upstream unreachable and nothing learnt before).
-async fn public(app: &App, target: &Target, repo: &str, parts: &Parts) -> Option<Openness> {
-    let known = openness(app, target, repo);
+async fn public(state: &State, target: &Target, repo: &str, parts: &Parts) -> Option<Openness> {
+    let known = openness(state, target, repo);
     if let Some((openness, true)) = known {
         return Some(openness);
     }
     // Concurrent requests for one repository wait for a single probe.
-    let found = match app
+    let found = match state
         .sharing
         .probes
         .join(format!("{}/{repo}", target.registry))
     {
         Turn::Lead(lead) => {
-            let found = match probe_anonymously(app, target, repo, parts).await {
+            let found = match probe_anonymously(state, target, repo, parts).await {
                 Some((openness, challenge)) => {
-                    learn_openness(app, target, repo, openness, challenge).await;
+                    learn_openness(state, target, repo, openness, challenge).await;
                     Some(openness)
                 }
                 None => None,
@@ -345,9 +353,9 @@ async fn public(app: &App, target: &Target, repo: &str, parts: &Parts) -> Option
 }
 
 /// Starts an anonymous openness probe of `repo`, unless one is running.
-fn probe_in_background(app: &Arc<App>, target: &Target, repo: &str, parts: &Parts) {
+fn probe_in_background(state: &Arc<State>, target: &Target, repo: &str, parts: &Parts) {
     let key = format!("{}/{repo}", target.registry);
-    if !lock(&app.sharing.probing).insert(key.clone()) {
+    if !lock(&state.sharing.probing).insert(key.clone()) {
         return;
     }
     let (mut probe, ()) = http::Request::new(()).into_parts();
@@ -356,12 +364,12 @@ fn probe_in_background(app: &Arc<App>, target: &Target, repo: &str, parts: &Part
     probe.headers = parts.headers.clone();
     probe.headers.remove(AUTHORIZATION);
     probe.headers.remove(COOKIE);
-    let (app, target, repo) = (app.clone(), target.clone(), repo.to_string());
+    let (state, target, repo) = (state.clone(), target.clone(), repo.to_string());
     tokio::spawn(async move {
-        if let Some((found, challenge)) = probe_anonymously(&app, &target, &repo, &probe).await {
-            learn_openness(&app, &target, &repo, found, challenge).await;
+        if let Some((found, challenge)) = probe_anonymously(&state, &target, &repo, &probe).await {
+            learn_openness(&state, &target, &repo, found, challenge).await;
         }
-        lock(&app.sharing.probing).remove(&key);
+        lock(&state.sharing.probing).remove(&key);
     });
 }
 
@@ -369,7 +377,7 @@ fn probe_in_background(app: &Arc<App>, target: &Target, repo: &str, parts: &Part
 /// Bearer challenge with an anonymous token). None if upstream gave no answer
 /// that settles it.
 async fn probe_anonymously(
-    app: &App,
+    state: &State,
     target: &Target,
     repo: &str,
     parts: &Parts,
@@ -379,7 +387,7 @@ async fn probe_anonymously(
     // Anonymous: nothing of the client's identity goes along.
     headers.remove(AUTHORIZATION);
     headers.remove(COOKIE);
-    let resp = app
+    let resp = state
         .upstream
         .fetch(Method::HEAD, uri.clone(), headers.clone())
         .await
@@ -394,7 +402,7 @@ async fn probe_anonymously(
         StatusCode::OK => Some((Openness::Public, challenge)),
         StatusCode::UNAUTHORIZED => match &challenge {
             Some(Challenge::Bearer(bearer)) => {
-                let token = match app
+                let token = match state
                     .upstream
                     .bearer_token(bearer, &pull_scope(repo), None)
                     .await
@@ -406,7 +414,11 @@ async fn probe_anonymously(
                     Err(_) => return None,
                 };
                 headers.insert(AUTHORIZATION, bearer_value(&token)?);
-                let retry = app.upstream.fetch(Method::HEAD, uri, headers).await.ok()?;
+                let retry = state
+                    .upstream
+                    .fetch(Method::HEAD, uri, headers)
+                    .await
+                    .ok()?;
                 match retry.status() {
                     StatusCode::OK => Some((Openness::Public, challenge)),
                     s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => None,
@@ -423,30 +435,30 @@ async fn probe_anonymously(
 /// Decides whether this client may be served cached content of `repo`.
 /// Err holds the answer to give instead (upstream's own refusal).
 pub async fn check(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
     repo: &str,
     parts: &Parts,
 ) -> Result<(), Box<Served>> {
     let credential = parts.headers.get(AUTHORIZATION);
     let key = credential.map(|c| credential_key(&target.registry, repo, c));
-    let verified = key.and_then(|k| app.sharing.verified_at(&k));
-    if verified.is_some_and(|at| at.elapsed() < app.config.auth_ttl) {
+    let verified = key.and_then(|k| state.sharing.verified_at(&k));
+    if verified.is_some_and(|at| at.elapsed() < state.config.auth_ttl) {
         return Ok(());
     }
-    if public(app, target, repo, parts).await == Some(Openness::Public) {
+    if public(state, target, repo, parts).await == Some(Openness::Public) {
         return Ok(());
     }
     // Guarded (or unknown): ask upstream with the client's own headers.
     let uri = upstream_uri(target, parts)
         .map_err(|resp| Box::new(Served::new(*resp, CacheStatus::Pass)))?;
-    match app
+    match state
         .upstream
         .fetch(Method::HEAD, uri, upstream_headers(parts))
         .await
     {
         Ok(resp) if resp.status() == StatusCode::OK => {
-            learn(app, target, repo, parts, StatusCode::OK).await;
+            learn(state, target, repo, parts, StatusCode::OK).await;
             Ok(())
         }
         Ok(resp)
