@@ -23,7 +23,7 @@ use crate::registry::media::{is_index, manifest_media_type, referenced_digests};
 use crate::registry::name::RepoName;
 use crate::registry::route::Reference;
 use crate::serve::state::State;
-use crate::serve::{blobs, manifests, Origin, Served, Target};
+use crate::serve::{blobs, manifests, Origin, RepoRequest, Served, Target};
 
 /// Every manifest type regcache understands, for the `Accept` header.
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
@@ -220,7 +220,13 @@ pub async fn prefetch(
     while let Some(reference) = manifests_todo.pop() {
         let path = format!("/v2/{}/manifests/{reference}", image.name);
         let parts = request_parts(&path)?;
-        let served = manifests::serve(state, &image.target, &image.name, &reference, &parts).await;
+        let req = RepoRequest {
+            state,
+            target: &image.target,
+            name: &image.name,
+            parts: &parts,
+        };
+        let served = manifests::serve(&req, &reference).await;
         let what = format!("{}/{}:{reference}", image.target.registry, image.name);
         let (body, _, content_type) = drain(served, &what, |_| {}).await?;
         fetched.manifests += 1;
@@ -251,7 +257,13 @@ pub async fn prefetch(
     for digest in blobs_todo {
         let path = format!("/v2/{}/blobs/{digest}", image.name);
         let parts = request_parts(&path)?;
-        let served = blobs::serve(state, &image.target, &image.name, &digest, &parts).await;
+        let req = RepoRequest {
+            state,
+            target: &image.target,
+            name: &image.name,
+            parts: &parts,
+        };
+        let served = blobs::serve(&req, &digest).await;
         let what = format!("{}/{}@{digest}", image.target.registry, image.name);
         let mut bytes = 0;
         let (_, hit, _) = drain(served, &what, |n| {

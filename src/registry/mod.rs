@@ -11,6 +11,7 @@ pub mod link;
 pub mod media;
 pub mod name;
 pub mod route;
+pub mod sharing;
 
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
 pub use error::{error_body, ErrorCode, RouteError};

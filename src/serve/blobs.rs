@@ -27,36 +27,35 @@ use super::link::{self, Access, Kind};
 use super::range::{span, Span};
 use super::sharing;
 use super::state::State;
-use super::{passthrough, upstream_uri, CacheStatus, Served};
+use super::{passthrough, upstream_uri, CacheStatus, RepoRequest, Served};
 use crate::cache::fill::{Fill, Leader, Role};
 use crate::cache::{read, Cached};
 use crate::http::body::{self, Body};
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
-use crate::registry::name::RepoName;
 
 /// How often a request retries after a leader it followed gave up.
 const MAX_JOIN_ATTEMPTS: usize = 3;
 
 /// Serves a blob request.
-pub async fn serve(
-    state: &Arc<State>,
-    target: &super::Target,
-    name: &RepoName,
-    digest: &Digest,
-    parts: &Parts,
-) -> Served {
+pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
+    let RepoRequest {
+        state,
+        target,
+        parts,
+        ..
+    } = *req;
     let cache = &state.cache;
-    let repo = name.as_str();
+    let repo = req.repo();
     if cache.contains(digest) {
         let facts = cache.link_facts(&target.registry, repo, digest);
-        match link::resolve(state, target, repo, digest, parts, facts, Kind::Blob).await {
+        match link::resolve(req, digest, facts, Kind::Blob).await {
             Err(refused) => return *refused,
             Ok(Access::Serve) => {
-                if let Err(refused) = sharing::check(state, target, repo, parts).await {
+                if let Err(refused) = sharing::check(req).await {
                     return *refused;
                 }
-                if let Some(served) = from_cache(state, parts, digest).await {
+                if let Some(served) = from_cache(req, digest).await {
                     return served;
                 }
             }
@@ -66,11 +65,11 @@ pub async fn serve(
     }
     if parts.method == Method::HEAD {
         cache.count(false);
-        return forward_method(state, target, repo, digest, parts, Method::HEAD).await;
+        return forward_method(req, digest, Method::HEAD).await;
     }
     for _ in 0..MAX_JOIN_ATTEMPTS {
         match cache.join_fill(digest) {
-            Role::Leader(leader) => return lead(state, target, repo, digest, parts, leader).await,
+            Role::Leader(leader) => return lead(req, digest, leader).await,
             Role::Follower(fill) => {
                 if !fill.started().await {
                     continue;
@@ -81,16 +80,13 @@ pub async fn serve(
                 facts.linked_here |= fill
                     .origin()
                     .is_some_and(|(r, p)| *r == target.registry && p == repo);
-                match link::resolve(state, target, repo, digest, parts, facts, Kind::Blob).await {
+                match link::resolve(req, digest, facts, Kind::Blob).await {
                     Err(refused) => return *refused,
                     Ok(Access::Serve) => {}
                     // The download is another registry's bytes: ask this one.
-                    Ok(Access::Fetch) => {
-                        return forward_method(state, target, repo, digest, parts, Method::GET)
-                            .await
-                    }
+                    Ok(Access::Fetch) => return forward_method(req, digest, Method::GET).await,
                 }
-                if let Err(refused) = sharing::check(state, target, repo, parts).await {
+                if let Err(refused) = sharing::check(req).await {
                     return *refused;
                 }
                 cache.count(true);
@@ -99,24 +95,24 @@ pub async fn serve(
         }
     }
     // Upstream keeps refusing the leaders: answer as it does.
-    forward_method(state, target, repo, digest, parts, Method::GET).await
+    forward_method(req, digest, Method::GET).await
 }
 
 /// Fetches a missing blob for everyone: one upstream GET, stored as it
 /// streams to this client and to any that join.
-async fn lead(
-    state: &Arc<State>,
-    target: &super::Target,
-    repo: &str,
-    digest: &Digest,
-    parts: &Parts,
-    leader: Leader,
-) -> Served {
+async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served {
+    let RepoRequest {
+        state,
+        target,
+        parts,
+        ..
+    } = *req;
+    let repo = req.repo();
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
-    let resp = match sharing::fetch_for(state, target, repo, parts, Method::GET, uri).await {
+    let resp = match sharing::fetch_for(req, Method::GET, uri).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
@@ -170,20 +166,14 @@ async fn lead(
 /// keep failing or the running download is another registry's) and returns
 /// upstream's answer; a blob it sends is verified on the way, its last byte
 /// held back until it matched `digest` (as fills do), though not cached.
-async fn forward_method(
-    state: &Arc<State>,
-    target: &super::Target,
-    repo: &str,
-    digest: &Digest,
-    parts: &Parts,
-    method: Method,
-) -> Served {
+async fn forward_method(req: &RepoRequest<'_>, digest: &Digest, method: Method) -> Served {
+    let RepoRequest { target, parts, .. } = *req;
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
     let get = method == Method::GET;
-    match sharing::fetch_for(state, target, repo, parts, method, uri).await {
+    match sharing::fetch_for(req, method, uri).await {
         Ok(resp) if get && resp.status() == StatusCode::OK => {
             let total = content_length(resp.headers());
             let (head, body) = passthrough(resp).into_parts();
@@ -197,7 +187,8 @@ async fn forward_method(
 
 /// A cached blob answered with no upstream contact (offline registries);
 /// None if it is not cached or its file vanished.
-pub(crate) async fn from_cache(state: &State, parts: &Parts, digest: &Digest) -> Option<Served> {
+pub(crate) async fn from_cache(req: &RepoRequest<'_>, digest: &Digest) -> Option<Served> {
+    let RepoRequest { state, parts, .. } = *req;
     let cached = state.cache.get(digest)?;
     match open(&cached).await {
         Some(file) => {

@@ -33,6 +33,7 @@ use crate::http::headers::{add_via, strip_hop_by_hop};
 use crate::http::log::LogNote;
 use crate::registry::error::{error_body, ErrorCode};
 use crate::registry::hosts::canonical_registry;
+use crate::registry::name::RepoName;
 use crate::registry::route::{self, Route};
 use crate::upstream::Upstream;
 use state::State;
@@ -145,6 +146,29 @@ impl Target {
     }
 }
 
+/// One request for a repository's content (a manifest or a blob), as it
+/// passes through the phases of serving it: the shared state, the registry
+/// it is for, the repository and the client's request head.
+#[derive(Clone, Copy)]
+pub struct RepoRequest<'a> {
+    /// What serving shares.
+    pub state: &'a Arc<State>,
+    /// The registry.
+    pub target: &'a Target,
+    /// The repository.
+    pub name: &'a RepoName,
+    /// The client's request: method, path, headers (its credential among
+    /// them) and extensions.
+    pub parts: &'a Parts,
+}
+
+impl<'a> RepoRequest<'a> {
+    /// The repository's name.
+    pub fn repo(&self) -> &'a str {
+        self.name.as_str()
+    }
+}
+
 /// The cache identity of the registry at `origin` (see [`Target::new`]).
 pub fn registry_key(origin: &Origin) -> String {
     let authority = &origin.authority;
@@ -223,12 +247,24 @@ async fn dispatch(state: &Arc<State>, target: &Target, req: Request<Incoming>) -
         }
         Ok(Route::Manifest { name, reference }) => {
             let (parts, _) = req.into_parts();
-            manifests::serve(state, target, &name, &reference, &parts).await
+            let req = RepoRequest {
+                state,
+                target,
+                name: &name,
+                parts: &parts,
+            };
+            manifests::serve(&req, &reference).await
         }
         Ok(Route::Base) => base(state, target, req).await,
         Ok(Route::Blob { name, digest }) => {
             let (parts, _) = req.into_parts();
-            blobs::serve(state, target, &name, &digest, &parts).await
+            let req = RepoRequest {
+                state,
+                target,
+                name: &name,
+                parts: &parts,
+            };
+            blobs::serve(&req, &digest).await
         }
         Ok(_) => Served::new(
             forward(&state.upstream, &target.origin, req).await,
