@@ -19,3 +19,6 @@ pub mod registry;
 pub mod serve;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(test)]
+mod layers;

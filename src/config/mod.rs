@@ -780,7 +780,7 @@ fn mirror_names(names: &[String]) -> Result<Vec<String>, ConfigError> {
         .iter()
         .map(|n| {
             let name = crate::registry::hosts::normalize_host(n);
-            if crate::tls::sni::is_dns_host_name(&name) {
+            if crate::registry::hosts::is_dns_host_name(&name) {
                 Ok(name)
             } else {
                 Err(ConfigError::Value {
