@@ -1,9 +1,10 @@
 //! The `regcache` command line: `serve`, `prefetch`, `ca init|show|path`,
 //! `cache stats|ls|rm|purge|verify`, `export`, `import` and `config`.
 //!
-//! Every failure prints one line on stderr; its [`Failure`] kind decides the
-//! exit code: 2 (the usage code) when what the user typed or configured is
-//! wrong, 1 when regcache could not start or do its work.
+//! A failure ends with one line on stderr, `regcache: error: …`; its
+//! [`Failure`] kind decides the exit code: 2 (the usage code) when what the
+//! user typed or configured is wrong, 1 when regcache could not start or do
+//! its work.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

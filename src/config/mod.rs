@@ -1179,4 +1179,30 @@ mod tests {
             (st.f_blocks * st.f_frsize / 2).max(1)
         );
     }
+
+    #[test]
+    fn the_readme_table_shows_the_defaults_of_default_toml() {
+        let table: toml::Table = toml::from_str(DEFAULT_TOML).unwrap();
+        let readme = include_str!("../../README.md");
+        // Rows like: | `tag_ttl` | `60` | what it does |
+        let rows: HashMap<&str, &str> = readme
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.split('|').map(str::trim).skip(1);
+                let key = cells.next()?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((key, cells.next()?))
+            })
+            .collect();
+        for (key, value) in &table {
+            let shown = match value {
+                toml::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            let row = rows.get(key.as_str());
+            assert!(row.is_some(), "README's option table has no row for {key}");
+            if let Some(cell) = row.and_then(|c| c.strip_prefix('`')?.strip_suffix('`')) {
+                assert_eq!(cell, shown, "README's default for {key}");
+            }
+        }
+    }
 }
