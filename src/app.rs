@@ -2,7 +2,6 @@
 //! ([`State`]), the CA and leaf minter, and client access; and runs the
 //! background upkeep of the cache.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,25 +84,5 @@ impl App {
                 tracing::warn!(error = %e, "cannot write cache access times");
             }
         }
-    }
-}
-
-/// Half the size of the filesystem holding `dir` (10 GiB if unknown): the
-/// cache cap when `cache_size` is not set.
-pub fn default_cache_size(dir: &Path) -> u64 {
-    const FALLBACK: u64 = 10 * 1024 * 1024 * 1024;
-    let probe = if dir.exists() {
-        dir
-    } else {
-        dir.parent().unwrap_or(Path::new("."))
-    };
-    let probe = if probe.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        probe
-    };
-    match rustix::fs::statvfs(probe) {
-        Ok(st) => (st.f_blocks.saturating_mul(st.f_frsize) / 2).max(1),
-        Err(_) => FALLBACK,
     }
 }

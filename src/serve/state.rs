@@ -47,9 +47,7 @@ impl State {
     pub fn new(config: Config) -> Result<Arc<Self>, StateError> {
         let upstream = Upstream::new(&config)?;
         let sharing = Sharing::new(&config)?;
-        let cap = config
-            .cache_size
-            .unwrap_or_else(|| crate::app::default_cache_size(&config.cache_dir));
+        let cap = config.cache_cap();
         let cache = Cache::open(&config.cache_dir, cap)?;
         let stats = cache.stats();
         tracing::info!(
