@@ -15,6 +15,7 @@ use regcache::config::{
     with_defaults_in_help, CaSource, Config, ConfigError, LogFormat, Settings, DEFAULT_TOML,
 };
 use regcache::proxy::Proxy;
+use regcache::serve::state::StateError;
 use regcache::tls::ca::{CERT_FILE, KEY_FILE};
 use regcache::tls::CertificateAuthority;
 use sha2::{Digest, Sha256};
@@ -229,11 +230,12 @@ impl From<ConfigError> for Failure {
 }
 
 impl From<StartError> for Failure {
-    /// A proxy users file that cannot be used is configuration to fix; every
-    /// other start error is regcache failing to start.
+    /// A file named by the configuration that cannot be used (proxy users,
+    /// regcache's registry accounts) is configuration to fix; every other
+    /// start error is regcache failing to start.
     fn from(e: StartError) -> Self {
         match e {
-            StartError::Access(_) => Failure::usage(e),
+            StartError::Access(_) | StartError::State(StateError::Account(_)) => Failure::usage(e),
             StartError::Tls(_) | StartError::State(_) => Failure::runtime(e),
         }
     }
