@@ -151,7 +151,7 @@ impl Cached {
     }
 }
 
-/// Numbers for `regcache cache stats` and `/metrics`.
+/// Numbers for `regcache cache stats` and the `cache opened` log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Content entries.
