@@ -9,9 +9,7 @@ use std::path::Path;
 use super::index::{Change, Index, Snapshot};
 use super::{content_file, CacheError};
 use crate::registry::digest::Digest;
-use crate::registry::hosts::canonical_registry;
-use crate::registry::name::RepoName;
-use crate::registry::route::Reference;
+use crate::registry::reference::ImageRef;
 
 /// The file name of the index inside the cache directory.
 pub const INDEX_FILE: &str = "index.redb";
@@ -82,93 +80,6 @@ pub fn list(snap: &Snapshot) -> String {
     out
 }
 
-/// An image in a registry, as the command line names it and as a bundle's
-/// `io.regcache.ref` annotation records it: registry, repository, and a tag
-/// or a digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    /// The canonical registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
-    pub registry: String,
-    /// The repository (`library/alpine`).
-    pub repository: String,
-    /// The tag or digest within the repository.
-    pub reference: Reference,
-}
-
-impl ImageRef {
-    /// Expands an image reference the way docker does: `alpine:3` is
-    /// `docker.io/library/alpine:3`, no tag means `latest`, and
-    /// `name@sha256:…` (or `name:tag@sha256:…`) names a digest. The
-    /// repository, tag and digest must be valid; the error says why not.
-    pub fn parse(reference: &str) -> Result<Self, String> {
-        let (name, digest) = match reference.split_once('@') {
-            Some((name, digest)) => (name, Some(digest)),
-            None => (reference, None),
-        };
-        let (name, tag) = match name.rsplit_once(':') {
-            Some((n, t)) if !t.contains('/') => (n, t),
-            _ => (name, "latest"),
-        };
-        let (registry, repo) = match name.split_once('/') {
-            Some((first, rest))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
-                (canonical_registry(first), rest.to_string())
-            }
-            _ => ("docker.io".to_string(), name.to_string()),
-        };
-        let registry_ok = !registry.is_empty()
-            && registry
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-        if !registry_ok {
-            return Err(format!(
-                "{reference:?}: {registry:?} is not a registry host name"
-            ));
-        }
-        let repo = if registry == "docker.io" && !repo.contains('/') {
-            format!("library/{repo}")
-        } else {
-            repo
-        };
-        let repository = RepoName::parse(&repo).map_err(|e| e.to_string())?;
-        let reference = match digest {
-            Some(d) => Reference::Digest(d.parse::<Digest>().map_err(|e| e.to_string())?),
-            None => Reference::parse(tag).map_err(|e| e.to_string())?,
-        };
-        Ok(Self {
-            registry,
-            repository: repository.as_str().to_string(),
-            reference,
-        })
-    }
-
-    /// The tag, if the reference names one.
-    pub fn tag(&self) -> Option<&str> {
-        self.reference.as_tag()
-    }
-}
-
-impl std::fmt::Display for ImageRef {
-    /// `docker.io/library/alpine:3.20` or `ghcr.io/org/tool@sha256:…`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (registry, repo) = (&self.registry, &self.repository);
-        match &self.reference {
-            Reference::Tag(tag) => write!(f, "{registry}/{repo}:{tag}"),
-            Reference::Digest(digest) => write!(f, "{registry}/{repo}@{digest}"),
-        }
-    }
-}
-
-/// Expands a short image reference the way docker does: `alpine:3` is
-/// `docker.io/library/alpine:3`. Returns (registry, repository, tag); None
-/// for an invalid reference or one naming a digest (see [`ImageRef::parse`]).
-pub fn parse_image_ref(reference: &str) -> Option<(String, String, String)> {
-    let image = ImageRef::parse(reference).ok()?;
-    let tag = image.tag()?.to_string();
-    Some((image.registry, image.repository, tag))
-}
-
 /// `cache rm`: removes a digest (content and links) or an image tag (the tag
 /// and its manifest). Returns what was removed, one per line.
 pub fn remove(
@@ -183,12 +94,16 @@ pub fn remove(
     let digest = match target.parse::<Digest>() {
         Ok(d) => Some(d),
         Err(_) => {
-            let (registry, repo, tag) = parse_image_ref(target).ok_or_else(|| {
-                CacheError::Task(format!(
-                    "{target:?} is neither a digest nor an image reference"
-                ))
-            })?;
-            let key = super::tag_key(&registry, &repo, &tag);
+            let image = ImageRef::parse(target).ok();
+            let (image, tag) = image
+                .as_ref()
+                .and_then(|image| Some((image, image.tag()?)))
+                .ok_or_else(|| {
+                    CacheError::Task(format!(
+                        "{target:?} is neither a digest nor an image reference"
+                    ))
+                })?;
+            let key = super::tag_key(&image.registry, image.repository.as_str(), tag);
             let row = snap
                 .tags
                 .iter()
@@ -333,66 +248,4 @@ pub fn purge(dir: &Path) -> Result<(), CacheError> {
         path: index,
         source,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn short_references_expand_like_docker() {
-        let p = |s| parse_image_ref(s).unwrap();
-        assert_eq!(
-            p("alpine:3.20"),
-            ("docker.io".into(), "library/alpine".into(), "3.20".into())
-        );
-        assert_eq!(
-            p("org/tool"),
-            ("docker.io".into(), "org/tool".into(), "latest".into())
-        );
-        assert_eq!(
-            p("ghcr.io/org/tool:1"),
-            ("ghcr.io".into(), "org/tool".into(), "1".into())
-        );
-        assert_eq!(
-            p("index.docker.io/library/x:2"),
-            ("docker.io".into(), "library/x".into(), "2".into())
-        );
-        assert_eq!(
-            p("localhost:5000/a:b"),
-            ("localhost:5000".into(), "a".into(), "b".into())
-        );
-        assert_eq!(parse_image_ref("alpine@sha256:abc"), None);
-        assert_eq!(parse_image_ref("Alpine:3"), None);
-    }
-
-    #[test]
-    fn image_references_with_digests_and_their_full_names() {
-        let digest = Digest::of(b"x");
-        let image = ImageRef::parse(&format!("registry-1.docker.io/library/x@{digest}")).unwrap();
-        assert_eq!(image.registry, "docker.io");
-        assert_eq!(image.repository, "library/x");
-        assert_eq!(image.reference, Reference::Digest(digest.clone()));
-        assert_eq!(image.to_string(), format!("docker.io/library/x@{digest}"));
-        let image = ImageRef::parse(&format!("ghcr.io/org/tool:1@{digest}")).unwrap();
-        assert_eq!(image.tag(), None, "the digest wins over the tag");
-        let image = ImageRef::parse("alpine:3.20").unwrap();
-        assert_eq!(image.to_string(), "docker.io/library/alpine:3.20");
-        assert_eq!(ImageRef::parse(&image.to_string()).unwrap(), image);
-        let image = ImageRef::parse("localhost:5000/a/b").unwrap();
-        assert_eq!(image.to_string(), "localhost:5000/a/b:latest");
-        for bad in [
-            "",
-            "x@sha256:abc",
-            "x@latest",
-            "../x:1",
-            "a//b",
-            "x:bad tag",
-            "x:",
-            "bad host.io/x:1",
-            "UPPER",
-        ] {
-            assert!(ImageRef::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 }

@@ -37,16 +37,19 @@ use std::path::{Path, PathBuf};
 use indicatif::ProgressBar;
 
 use super::{
-    blob_name, children, format_withheld, human, io_err, progress_bar, read_limited, warn,
-    BundleError, Descriptor, HashingReader, LayoutIndex, CONTAINERD_NAME, INDEX_FILE, LAYOUT_FILE,
-    LAYOUT_JSON, MAX_MANIFEST, REF_NAME, REGCACHE_PUBLIC, REGCACHE_REF, REGCACHE_WITHHELD,
+    blob_name, format_withheld, human, io_err, progress_bar, read_limited, warn, BundleError,
+    Descriptor, HashingReader, LayoutIndex, CONTAINERD_NAME, INDEX_FILE, LAYOUT_FILE, LAYOUT_JSON,
+    MAX_MANIFEST, REF_NAME, REGCACHE_PUBLIC, REGCACHE_REF, REGCACHE_WITHHELD,
 };
 use crate::cache::index::Snapshot;
-use crate::cache::offline::{self, ImageRef};
+use crate::cache::offline;
 use crate::cache::{content_file, link_key, parse_link_key, tag_key};
 use crate::registry::digest::Digest;
 use crate::registry::link::{verdict, LinkFacts, LinkVerdict};
+use crate::registry::manifest::children;
 use crate::registry::media::{manifest_media_type, OCI_INDEX};
+use crate::registry::name::RepoName;
+use crate::registry::reference::ImageRef;
 use crate::registry::route::Reference;
 
 /// What an export wrote.
@@ -161,7 +164,7 @@ impl Catalog {
     fn visible(&self, image: &ImageRef, digest: &Digest) -> bool {
         let mut facts = LinkFacts::default();
         for (registry, repo) in self.places.get(digest).into_iter().flatten() {
-            facts.linked_here |= *registry == image.registry && *repo == image.repository;
+            facts.linked_here |= *registry == image.registry && repo == image.repository.as_str();
             facts.public_somewhere |= self.public.contains(&format!("{registry}/{repo}"));
         }
         verdict(facts) == LinkVerdict::Serve
@@ -241,10 +244,10 @@ fn select(catalog: &Catalog, requested: &[String]) -> Result<Vec<(ImageRef, Dige
     }
     let mut images = Vec::new();
     for text in requested {
-        let image = ImageRef::parse(text).map_err(BundleError::Reference)?;
+        let image = ImageRef::parse(text).map_err(|e| BundleError::Reference(e.to_string()))?;
         let digest = match &image.reference {
             Reference::Tag(tag) => {
-                let key = tag_key(&image.registry, &image.repository, tag);
+                let key = tag_key(&image.registry, image.repository.as_str(), tag);
                 catalog
                     .snap
                     .tags
@@ -254,7 +257,7 @@ fn select(catalog: &Catalog, requested: &[String]) -> Result<Vec<(ImageRef, Dige
                     .ok_or_else(|| BundleError::NotCached(image.to_string()))?
             }
             Reference::Digest(d) => {
-                let link = link_key(&image.registry, &image.repository, d);
+                let link = link_key(&image.registry, image.repository.as_str(), d);
                 if !catalog.snap.links.contains(&link) {
                     return Err(BundleError::NotCached(image.to_string()));
                 }
@@ -305,7 +308,7 @@ fn image_of_tag_key(key: &str) -> Option<ImageRef> {
     let (registry, repository) = crate::cache::split_registry(name)?;
     let image = ImageRef {
         registry: registry.to_string(),
-        repository: repository.to_string(),
+        repository: RepoName::parse(repository).ok()?,
         reference: Reference::parse(tag).ok()?,
     };
     // Only what round-trips through the bundle's annotation is exported.
@@ -371,7 +374,7 @@ fn plan(
             let file = File::open(&path).map_err(io_err(&path))?;
             let body = read_limited(file, MAX_MANIFEST, &format!("manifest {digest}"))?;
             for child in children(&body).into_iter().rev() {
-                stack.push((child.digest, child.manifest));
+                stack.push((child.digest.clone(), child.is_manifest()));
             }
         }
     }
@@ -567,7 +570,7 @@ mod tests {
         assert_eq!(image.to_string(), "docker.io/library/alpine:3.20");
         let image = image_of_tag_key("localhost:5000/team/app:v1").unwrap();
         assert_eq!(image.registry, "localhost:5000");
-        assert_eq!(image.repository, "team/app");
+        assert_eq!(image.repository.as_str(), "team/app");
         // An insecure registry's images (keyed `http://host:port`) have no
         // reference that round-trips through a bundle: not exported.
         assert!(image_of_tag_key("http://reg.test:5000/team/app:v1").is_none());

@@ -37,15 +37,16 @@ use std::sync::Arc;
 use indicatif::ProgressBar;
 
 use super::{
-    children, classify, human, io_err, parse_withheld, progress_bar, read_limited, warn,
-    BundleError, EntryKind, LayoutIndex, CONTAINERD_NAME, MAX_INDEX, MAX_MANIFEST, REGCACHE_PUBLIC,
+    classify, human, io_err, parse_withheld, progress_bar, read_limited, warn, BundleError,
+    EntryKind, LayoutIndex, CONTAINERD_NAME, MAX_INDEX, MAX_MANIFEST, REGCACHE_PUBLIC,
     REGCACHE_REF, REGCACHE_WITHHELD,
 };
 use crate::cache::freshness::{now_ms, TagRecord};
-use crate::cache::offline::ImageRef;
 use crate::cache::{Cache, CacheError, Cached};
 use crate::registry::digest::Digest;
+use crate::registry::manifest::children;
 use crate::registry::media::manifest_media_type;
+use crate::registry::reference::ImageRef;
 use crate::registry::route::Reference;
 
 /// What an import added.
@@ -317,8 +318,8 @@ fn verify(cache: &Cache, staged: &Staged) -> Result<Plan, BundleError> {
         // A top manifest the bundle does not carry counts only if this cache
         // already has it for the image's repository.
         let carried = staged.blobs.contains_key(&root);
-        let linked_here =
-            cache.contains(&root) && cache.is_linked(&name.registry, &name.repository, &root);
+        let linked_here = cache.contains(&root)
+            && cache.is_linked(&name.registry, name.repository.as_str(), &root);
         if !carried && !linked_here {
             return Err(BundleError::Layout(format!(
                 "index.json names {root} ({name}), which the bundle does not contain"
@@ -494,7 +495,7 @@ impl Walk<'_> {
             None if self.cache.contains(digest)
                 && self
                     .cache
-                    .is_linked(&name.registry, &name.repository, digest) =>
+                    .is_linked(&name.registry, name.repository.as_str(), digest) =>
             {
                 self.cache.content_path(digest)
             }
@@ -527,7 +528,7 @@ impl Walk<'_> {
                     &child.digest,
                     child.size,
                     &child.media_type,
-                    child.manifest,
+                    child.is_manifest(),
                     reach,
                 )?;
             }
@@ -587,7 +588,7 @@ async fn commit(
     let mut counted = HashSet::new();
     let now = now_ms();
     for image in &plan.images {
-        let (registry, repo) = (&image.name.registry, &image.name.repository);
+        let (registry, repo) = (&image.name.registry, image.name.repository.as_str());
         for d in &image.digests {
             if !carried.contains(d) && counted.insert(d.clone()) {
                 summary.already += 1;

@@ -53,7 +53,6 @@ use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::CacheError;
 use crate::registry::digest::{Algorithm, Digest, DigestHasher};
@@ -289,62 +288,6 @@ pub struct LayoutIndex {
     pub manifests: Vec<Descriptor>,
 }
 
-/// Something a manifest refers to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Child {
-    /// Its digest.
-    pub digest: Digest,
-    /// Its size, if the manifest says (schema 1 does not).
-    pub size: Option<u64>,
-    /// Its media type as the manifest gives it.
-    pub media_type: String,
-    /// Whether it is a manifest itself (an index's `manifests`).
-    pub manifest: bool,
-}
-
-/// What a manifest is made of: the child manifests of an index, then
-/// `config`, `layers` and `blobs` (artifacts), and `fsLayers` (schema 1),
-/// without repeats. Descriptors whose digest does not parse are left out, as
-/// regcache's proxy does; `subject` is not part of the image and left out.
-pub fn children(body: &[u8]) -> Vec<Child> {
-    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
-    };
-    let list = |key: &str| doc.get(key).and_then(Value::as_array).into_iter().flatten();
-    let manifests = list("manifests").map(|d| (d, "digest", true));
-    let blobs = doc
-        .get("config")
-        .into_iter()
-        .chain(list("layers"))
-        .chain(list("blobs"))
-        .map(|d| (d, "digest", false));
-    let schema1 = list("fsLayers").map(|d| (d, "blobSum", false));
-    let mut out: Vec<Child> = Vec::new();
-    for (desc, key, manifest) in manifests.chain(blobs).chain(schema1) {
-        let Some(digest) = desc
-            .get(key)
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse::<Digest>().ok())
-        else {
-            continue;
-        };
-        if out.iter().any(|c| c.digest == digest) {
-            continue;
-        }
-        out.push(Child {
-            digest,
-            size: desc.get("size").and_then(Value::as_u64),
-            media_type: desc
-                .get("mediaType")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            manifest,
-        });
-    }
-    out
-}
-
 /// The value of [`REGCACHE_WITHHELD`] for `digests`: comma-separated, in the
 /// order given, empty for none.
 pub fn format_withheld(digests: &[Digest]) -> String {
@@ -555,36 +498,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.len() < 400, "{err}");
-    }
-
-    #[test]
-    fn children_of_indexes_and_images() {
-        let (a, b, c) = (Digest::of(b"a"), Digest::of(b"b"), Digest::of(b"c"));
-        let index = serde_json::json!({
-            "manifests": [
-                {"mediaType": "m", "digest": a.to_string(), "size": 3},
-                {"digest": "sha256:bogus", "size": 1},
-                {"digest": a.to_string(), "size": 3},
-            ],
-            "subject": {"digest": c.to_string(), "size": 1},
-        })
-        .to_string();
-        let got = children(index.as_bytes());
-        assert_eq!(got.len(), 1);
-        assert!(got[0].manifest && got[0].digest == a && got[0].size == Some(3));
-        assert_eq!(got[0].media_type, "m");
-        let image = serde_json::json!({
-            "config": {"digest": a.to_string(), "size": 1},
-            "layers": [{"digest": b.to_string(), "size": 2}],
-            "fsLayers": [{"blobSum": c.to_string()}],
-        })
-        .to_string();
-        let got = children(image.as_bytes());
-        let digests: Vec<_> = got.iter().map(|c| c.digest.clone()).collect();
-        assert_eq!(digests, [a, b, c]);
-        assert!(got.iter().all(|c| !c.manifest));
-        assert_eq!(got[2].size, None);
-        assert!(children(b"not json").is_empty());
     }
 
     #[test]
