@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use super::index::{Change, Index, Snapshot};
+use super::index::{Change, ContentRow, Index, Snapshot, TagRow};
 use super::{content_file, CacheError};
 use crate::registry::digest::Digest;
 use crate::registry::reference::ImageRef;
@@ -35,49 +35,61 @@ pub fn open(dir: &Path) -> Result<Index, CacheError> {
     })
 }
 
-/// `cache stats`: one `name: value` line each.
-pub fn stats(snap: &Snapshot) -> String {
-    let bytes: u64 = snap.content.iter().map(|r| r.size).sum();
-    let (hits, misses) = (snap.counter("hits"), snap.counter("misses"));
-    let ratio = if hits + misses > 0 {
-        format!("{:.1}%", 100.0 * hits as f64 / (hits + misses) as f64)
-    } else {
-        "unknown".to_string()
-    };
-    format!(
-        "entries:    {}\nbytes:      {} ({})\ntags:       {}\nlinks:      {}\nhits:       {hits}\nmisses:     {misses}\nhit ratio:  {ratio}\n",
-        snap.content.len(),
-        bytes,
-        bytesize::ByteSize::b(bytes).display().iec(),
-        snap.tags.len(),
-        snap.links.len(),
-    )
+/// What `cache stats` reports: the index's totals and counters. The
+/// command line shows it (`crate::cli::report`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Content entries.
+    pub entries: usize,
+    /// Their bytes, as the index gives them.
+    pub bytes: u64,
+    /// Tags.
+    pub tags: usize,
+    /// Links.
+    pub links: usize,
+    /// Requests served from the cache.
+    pub hits: u64,
+    /// Requests that went upstream.
+    pub misses: u64,
 }
 
-/// `cache ls`: tags, then every content entry with its size and media type.
-pub fn list(snap: &Snapshot) -> String {
-    let mut out = String::new();
+impl CacheStats {
+    /// Hits in percent of hits and misses; None before any request.
+    pub fn hit_percent(&self) -> Option<f64> {
+        let asked = self.hits + self.misses;
+        (asked > 0).then(|| 100.0 * self.hits as f64 / asked as f64)
+    }
+}
+
+/// `cache stats`: the totals of the index in `snap`.
+pub fn stats(snap: &Snapshot) -> CacheStats {
+    CacheStats {
+        entries: snap.content.len(),
+        bytes: snap.content.iter().map(|r| r.size).sum(),
+        tags: snap.tags.len(),
+        links: snap.links.len(),
+        hits: snap.counter("hits"),
+        misses: snap.counter("misses"),
+    }
+}
+
+/// What `cache ls` lists, in its order. The command line shows it
+/// (`crate::cli::report`).
+#[derive(Debug)]
+pub struct Listing<'a> {
+    /// The tags, by key.
+    pub tags: Vec<&'a TagRow>,
+    /// The content entries, the most recently used first.
+    pub content: Vec<&'a ContentRow>,
+}
+
+/// `cache ls`: the tags and content entries of `snap`.
+pub fn list(snap: &Snapshot) -> Listing<'_> {
     let mut tags: Vec<_> = snap.tags.iter().collect();
     tags.sort_by(|a, b| a.key.cmp(&b.key));
-    for t in tags {
-        out += &format!("{}\t{}\n", t.key, t.digest);
-    }
     let mut content: Vec<_> = snap.content.iter().collect();
     content.sort_by_key(|r| std::cmp::Reverse(r.last_access));
-    for r in content {
-        let kind = if r.media_type.is_empty() {
-            "blob"
-        } else {
-            r.media_type.as_str()
-        };
-        out += &format!(
-            "{}\t{}\t{}\n",
-            r.digest,
-            bytesize::ByteSize::b(r.size).display().iec(),
-            kind
-        );
-    }
-    out
+    Listing { tags, content }
 }
 
 /// `cache rm`: removes a digest (content and links) or an image tag (the tag
@@ -139,7 +151,8 @@ pub fn remove(
     Ok(report)
 }
 
-/// What `cache verify` found.
+/// What `cache verify` found. The command line shows it
+/// (`crate::cli::report`).
 #[derive(Debug, Default)]
 pub struct VerifyReport {
     /// Entries checked.
@@ -148,26 +161,6 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// Entries that did not match (digest, why), removed.
     pub damaged: Vec<(String, String)>,
-}
-
-impl std::fmt::Display for VerifyReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (digest, why) in &self.damaged {
-            writeln!(f, "damaged\t{digest}\t{why}; removed")?;
-        }
-        writeln!(
-            f,
-            "checked {} entries ({}): {} damaged{}",
-            self.checked,
-            bytesize::ByteSize::b(self.bytes).display().iec(),
-            self.damaged.len(),
-            if self.damaged.is_empty() {
-                ""
-            } else {
-                ", removed (the next pull fetches them again)"
-            }
-        )
-    }
 }
 
 /// Why the file of an entry does not hold its content, or None if it does:

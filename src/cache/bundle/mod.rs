@@ -46,16 +46,18 @@
 
 pub mod export;
 pub mod import;
+pub mod progress;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use super::CacheError;
 use crate::registry::digest::{Algorithm, Digest, DigestHasher};
+
+pub use progress::{NoProgress, Progress};
 
 /// The name of the layout marker file.
 pub const LAYOUT_FILE: &str = "oci-layout";
@@ -369,29 +371,6 @@ impl<R: Read> Read for HashingReader<R> {
         self.count += n as u64;
         Ok(n)
     }
-}
-
-/// A byte progress bar on stderr; indicatif draws nothing when stderr is not
-/// a terminal (or `TERM=dumb`), so logs stay clean.
-pub(crate) fn progress_bar(total: u64, message: String) -> ProgressBar {
-    let style = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    ProgressBar::new(total)
-        .with_style(style)
-        .with_message(message)
-}
-
-/// Prints a warning on stderr without tearing a progress bar.
-pub(crate) fn warn(bar: &ProgressBar, message: &str) {
-    bar.suspend(|| eprintln!("regcache: warning: {message}"));
-}
-
-/// A human size such as `1.5 MiB`.
-pub(crate) fn human(bytes: u64) -> String {
-    bytesize::ByteSize::b(bytes).display().iec().to_string()
 }
 
 #[cfg(test)]
