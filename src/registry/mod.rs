@@ -18,7 +18,7 @@ pub mod sharing;
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};
 pub use error::{error_body, ErrorCode, RouteError};
 pub use hosts::canonical_registry;
-pub use manifest::{children, Child, ChildKind};
+pub use manifest::{Child, ChildKind};
 pub use media::{
     accepts, is_index, manifest_media_type, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V1,
     DOCKER_MANIFEST_V1_SIGNED, DOCKER_MANIFEST_V2, OCI_INDEX, OCI_MANIFEST,

@@ -8,7 +8,7 @@
 //!   otherwise the registry is Docker Hub;
 //! - Docker Hub's aliases (`index.docker.io`, `registry-1.docker.io`) are
 //!   `docker.io`, and a port 443 is dropped
-//!   ([`canonical_registry`](super::hosts::canonical_registry));
+//!   ([`canonical_registry`]);
 //! - on Docker Hub a one-component name is an official image:
 //!   `alpine` is `library/alpine` ([`docker_hub_repository`]);
 //! - no tag means `latest`; `@digest` names a digest, and wins over a tag
