@@ -8,7 +8,8 @@
 
 /// From the top: each entry is one layer, its modules side by side.
 pub const LAYERS: &[&[&str]] = &[
-    &["main", "cli"],
+    &["main"],
+    &["cli"],
     &["proxy"],
     &["admin", "prefetch"],
     &["app"],

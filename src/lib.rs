@@ -10,6 +10,7 @@ pub mod access;
 pub mod admin;
 pub mod app;
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod http;
 pub mod policy;

@@ -457,6 +457,7 @@ fn export(args: ExportArgs) -> Result<(), Failure> {
         &args.images,
         &args.output,
         args.include_private,
+        &regcache::cli::progress::ByteBars::keeping_finished(),
     )
     .map_err(bundle_failure)?;
     print!("{summary}");
@@ -473,7 +474,11 @@ fn import(args: ImportArgs) -> Result<(), Failure> {
     let cache =
         import::open_cache(&config.cache_dir, config.cache_cap()).map_err(bundle_failure)?;
     let summary = runtime
-        .block_on(import::import(&cache, &args.bundle))
+        .block_on(import::import(
+            &cache,
+            &args.bundle,
+            std::sync::Arc::new(regcache::cli::progress::ByteBars::clearing_finished()),
+        ))
         .map_err(bundle_failure)?;
     print!("{summary}");
     Ok(())

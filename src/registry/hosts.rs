@@ -33,8 +33,15 @@ pub fn normalize_host(host: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Docker Hub's canonical registry name: what keys its cache entries and
+/// what image references mean when they name no registry.
+pub const DOCKER_HUB: &str = "docker.io";
+/// The host that serves Docker Hub's registry API (`docker.io` itself does
+/// not).
+pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
 /// Host names that all serve Docker Hub's content.
-const DOCKER_HUB_ALIASES: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
+const DOCKER_HUB_ALIASES: &[&str] = &[DOCKER_HUB, "index.docker.io", DOCKER_HUB_API];
 
 /// The cache identity of a registry host: lower-case, port kept if not 443;
 /// docker.io, index.docker.io and registry-1.docker.io all become "docker.io".
@@ -67,6 +74,26 @@ pub fn canonical_registry(authority: &str) -> String {
     match port {
         Some(port) => format!("{host}:{port}"),
         None => host,
+    }
+}
+
+/// Where the registry API of the canonical registry name `registry` (see
+/// [`canonical_registry`]) is reached: (host, port). Docker Hub's API is on
+/// [`DOCKER_HUB_API`]; otherwise the host is the name's and the port is the
+/// name's or 443. An IPv6 host keeps its brackets (`[::1]`), so that
+/// `host:port` can be written back. A port that is not a number stays part
+/// of the host (and fails wherever the host is parsed).
+pub fn upstream_host_port(registry: &str) -> (String, u16) {
+    if registry == DOCKER_HUB {
+        return (DOCKER_HUB_API.to_string(), 443);
+    }
+    match split_authority(registry) {
+        (host, Some(port)) if !host.is_empty() => match port.parse::<u16>() {
+            Ok(port) if host.contains(':') => (format!("[{host}]"), port),
+            Ok(port) => (host.to_string(), port),
+            Err(_) => (registry.to_string(), 443),
+        },
+        _ => (registry.to_string(), 443),
     }
 }
 
@@ -292,6 +319,30 @@ mod tests {
             ("", ""),
         ] {
             assert_eq!(canonical_registry(authority), want, "{authority:?}");
+        }
+    }
+
+    #[test]
+    fn upstream_host_ports_of_canonical_names() {
+        for (registry, host, port) in [
+            ("docker.io", "registry-1.docker.io", 443),
+            ("ghcr.io", "ghcr.io", 443),
+            ("localhost:5000", "localhost", 5000),
+            ("registry.local:8443", "registry.local", 8443),
+            ("docker.io:5000", "docker.io", 5000),
+            ("[::1]:5000", "[::1]", 5000),
+            ("[::1]", "[::1]", 443),
+            ("127.0.0.1:8443", "127.0.0.1", 8443),
+            ("registry.local:abc", "registry.local:abc", 443),
+            ("registry.local:", "registry.local:", 443),
+            (":5000", ":5000", 443),
+            ("", "", 443),
+        ] {
+            assert_eq!(
+                upstream_host_port(registry),
+                (host.to_string(), port),
+                "{registry:?}"
+            );
         }
     }
 
