@@ -39,12 +39,7 @@ const MAX_JOIN_ATTEMPTS: usize = 3;
 
 /// Serves a blob request.
 pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
-    let RepoRequest {
-        state,
-        target,
-        parts,
-        ..
-    } = *req;
+    let (state, target, parts) = (req.state, req.target, req.parts);
     let cache = &state.cache;
     let repo = req.repo();
     if cache.contains(digest) {
@@ -101,12 +96,7 @@ pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
 /// Fetches a missing blob for everyone: one upstream GET, stored as it
 /// streams to this client and to any that join.
 async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served {
-    let RepoRequest {
-        state,
-        target,
-        parts,
-        ..
-    } = *req;
+    let (state, target, parts) = (req.state, req.target, req.parts);
     let repo = req.repo();
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
@@ -167,7 +157,7 @@ async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served 
 /// upstream's answer; a blob it sends is verified on the way, its last byte
 /// held back until it matched `digest` (as fills do), though not cached.
 async fn forward_method(req: &RepoRequest<'_>, digest: &Digest, method: Method) -> Served {
-    let RepoRequest { target, parts, .. } = *req;
+    let (target, parts) = (req.target, req.parts);
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
@@ -188,7 +178,7 @@ async fn forward_method(req: &RepoRequest<'_>, digest: &Digest, method: Method) 
 /// A cached blob answered with no upstream contact (offline registries);
 /// None if it is not cached or its file vanished.
 pub(crate) async fn from_cache(req: &RepoRequest<'_>, digest: &Digest) -> Option<Served> {
-    let RepoRequest { state, parts, .. } = *req;
+    let (state, parts) = (req.state, req.parts);
     let cached = state.cache.get(digest)?;
     match open(&cached).await {
         Some(file) => {

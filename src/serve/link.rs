@@ -74,12 +74,7 @@ async fn confirm(
     digest: &Digest,
     kind: Kind,
 ) -> Result<Access, Box<Served>> {
-    let RepoRequest {
-        state,
-        target,
-        parts,
-        ..
-    } = *req;
+    let (state, target, parts) = (req.state, req.target, req.parts);
     let repo = req.repo();
     let uri = upstream_uri(target, parts)
         .map_err(|resp| Box::new(Served::new(*resp, CacheStatus::Pass)))?;

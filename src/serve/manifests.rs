@@ -144,12 +144,7 @@ fn cached_tag(req: &RepoRequest<'_>, tag: &str) -> Option<(TagRecord, Cached)> {
 
 /// Revalidates a stale tag with a `HEAD` (or fetches an unknown one).
 async fn ask_upstream(req: &RepoRequest<'_>, tag: &str) -> Served {
-    let RepoRequest {
-        state,
-        target,
-        parts,
-        ..
-    } = *req;
+    let (state, target, parts) = (req.state, req.target, req.parts);
     let cache = &state.cache;
     let repo = req.repo();
     let Some((record, cached)) = cached_tag(req, tag) else {
@@ -251,7 +246,7 @@ pub(crate) async fn from_cache(
     cached: &Cached,
     status: CacheStatus,
 ) -> Option<Served> {
-    let RepoRequest { state, parts, .. } = *req;
+    let (state, parts) = (req.state, req.parts);
     let bytes = match tokio::fs::read(&cached.path).await {
         Ok(bytes) => Bytes::from(bytes),
         Err(_) => {
@@ -309,12 +304,7 @@ fn manifest_response(
 /// Fetches a manifest upstream (GET; HEAD requests on a miss are passed on as
 /// HEAD), verifies, stores, links and serves it.
 async fn fetch(req: &RepoRequest<'_>, tag: Option<&str>, expected: Option<&Digest>) -> Served {
-    let RepoRequest {
-        state,
-        target,
-        parts,
-        ..
-    } = *req;
+    let (state, target, parts) = (req.state, req.target, req.parts);
     let name = req.name;
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
