@@ -6,8 +6,8 @@ use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE
 use http::{Method, Request, Response, StatusCode};
 
 use crate::app::App;
-use crate::body::{self, Body};
-use crate::serve::error_response;
+use crate::http::body::{self, Body};
+use crate::http::error::error_response;
 
 /// The host set-up script, with `@REGCACHE_URL@` to fill in.
 const SETUP_SCRIPT: &str = include_str!("../deploy/setup.sh");
@@ -31,7 +31,7 @@ pub fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
         }
         "/healthz" => text("ok\n".into(), "text/plain; charset=utf-8"),
         "/setup" => {
-            let url = format!("http://{}", safe_host(req).unwrap_or_else(|| app.config.listen.to_string()));
+            let url = format!("http://{}", safe_host(req).unwrap_or_else(|| app.state.config.listen.to_string()));
             text(SETUP_SCRIPT.replace("@REGCACHE_URL@", &url), "text/x-shellscript; charset=utf-8")
         }
         _ => error_response(

@@ -1,28 +1,24 @@
-//! The shared state of a running regcache, built once from the [`Config`].
+//! The composition root: builds, from the [`Config`], the serving state
+//! ([`State`]), the CA and leaf minter, and client access; and runs the
+//! background upkeep of the cache.
 
 use std::sync::Arc;
-
-use std::path::Path;
 use std::time::Duration;
 
-use crate::cache::{Cache, CacheError};
+use crate::access::{Access, AccessError};
 use crate::config::Config;
-use crate::proxy::access::{Access, AccessError};
-use crate::serve::coalesce::Coalescer;
-use crate::serve::manifests::TagLookup;
-use crate::serve::sharing::Sharing;
+use crate::serve::state::{State, StateError};
 use crate::tls::{CertificateAuthority, LeafMinter, TlsError};
-use crate::upstream::Upstream;
 
 /// Why regcache could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The CA or upstream trust could not be set up.
+    /// The CA or the `mirror_tls` certificate could not be set up.
     #[error(transparent)]
     Tls(#[from] TlsError),
-    /// The cache could not be opened.
+    /// The serving state (upstream trust, accounts, cache) could not be built.
     #[error(transparent)]
-    Cache(#[from] CacheError),
+    State(#[from] StateError),
     /// The proxy users file could not be loaded.
     #[error(transparent)]
     Access(#[from] AccessError),
@@ -30,68 +26,49 @@ pub enum StartError {
 
 /// Everything connection tasks share. Held in an `Arc`.
 pub struct App {
-    /// The validated configuration.
-    pub config: Config,
+    /// What serving a registry request needs (config, cache, upstream, ...).
+    pub state: Arc<State>,
     /// The CA whose certificate clients trust.
     pub ca: Arc<CertificateAuthority>,
     /// Leaf certificates for intercepted hosts.
     pub minter: LeafMinter,
-    /// The upstream client.
-    pub upstream: Upstream,
-    /// The disk cache.
-    pub cache: Arc<Cache>,
     /// Who may use the proxy: client networks and proxy users.
     pub access: Access,
-    /// What regcache learnt about who may see which repository.
-    pub sharing: Sharing,
     /// The operator's certificate for `mirror_tls` (None: minted per name).
     pub mirror_tls: Option<Arc<rustls::ServerConfig>>,
-    /// Upstream lookups of stale or unknown tags, one per tag at a time.
-    pub tag_lookups: Coalescer<TagLookup>,
 }
 
 impl App {
-    /// Loads (or creates) the CA, opens the cache and builds the upstream
-    /// client. Blocking: call before serving.
+    /// Loads (or creates) the CA, then builds the serving state. Blocking:
+    /// call before serving.
     pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let access = Access::from_config(&config)?;
         let ca = Arc::new(CertificateAuthority::load_or_create(&config.ca)?);
         let minter = LeafMinter::new(ca.clone(), config.cert_cache)?;
-        let upstream = Upstream::new(&config)?;
-        let sharing = Sharing::new(&config)?;
         let mirror_tls = match &config.mirror_cert {
             Some((cert, key)) => Some(crate::tls::server_config_from_files(cert, key)?),
             None => None,
         };
-        let cap = config
-            .cache_size
-            .unwrap_or_else(|| default_cache_size(&config.cache_dir));
-        let cache = Cache::open(&config.cache_dir, cap)?;
-        let stats = cache.stats();
-        tracing::info!(
-            dir = %config.cache_dir.display(),
-            entries = stats.entries,
-            bytes = stats.bytes,
-            cap,
-            "cache opened"
-        );
+        let state = State::new(config)?;
         Ok(Arc::new(Self {
-            config,
+            state,
             ca,
             minter,
-            upstream,
-            cache,
             access,
-            sharing,
             mirror_tls,
-            tag_lookups: Coalescer::default(),
         }))
+    }
+
+    /// The validated configuration.
+    pub fn config(&self) -> &Config {
+        &self.state.config
     }
 
     /// Background upkeep: removes orphaned files once, then writes access
     /// times and counters every 30 s.
     pub async fn maintain(self: Arc<Self>, started: std::time::SystemTime) {
-        match self.cache.sweep_orphans(started).await {
+        let cache = &self.state.cache;
+        match cache.sweep_orphans(started).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
                 removed = n,
@@ -103,29 +80,9 @@ impl App {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = self.cache.flush().await {
+            if let Err(e) = cache.flush().await {
                 tracing::warn!(error = %e, "cannot write cache access times");
             }
         }
-    }
-}
-
-/// Half the size of the filesystem holding `dir` (10 GiB if unknown): the
-/// cache cap when `cache_size` is not set.
-pub fn default_cache_size(dir: &Path) -> u64 {
-    const FALLBACK: u64 = 10 * 1024 * 1024 * 1024;
-    let probe = if dir.exists() {
-        dir
-    } else {
-        dir.parent().unwrap_or(Path::new("."))
-    };
-    let probe = if probe.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        probe
-    };
-    match rustix::fs::statvfs(probe) {
-        Ok(st) => (st.f_blocks.saturating_mul(st.f_frsize) / 2).max(1),
-        Err(_) => FALLBACK,
     }
 }

@@ -6,11 +6,13 @@
 //! from the upstream ([`upstream`]). Other hosts are tunnelled untouched
 //! ([`proxy`]). See README.md for the architecture picture.
 
+pub mod access;
 pub mod admin;
 pub mod app;
-pub mod body;
 pub mod cache;
+pub mod cli;
 pub mod config;
+pub mod http;
 pub mod policy;
 pub mod prefetch;
 pub mod proxy;
@@ -18,3 +20,6 @@ pub mod registry;
 pub mod serve;
 pub mod tls;
 pub mod upstream;
+
+#[cfg(test)]
+mod layers;

@@ -1,15 +1,21 @@
-//! The `regcache` command: `serve`, `ca init|show|path`, `config`.
+//! The `regcache` command line: `serve`, `prefetch`, `ca init|show|path`,
+//! `cache stats|ls|rm|purge|verify`, `export`, `import` and `config`.
 //!
-//! Errors in what the user typed or configured print one line and exit with
-//! code 2; failures while running exit with code 1.
+//! A failure ends with one line on stderr, `regcache: error: …`; its
+//! [`Failure`] kind decides the exit code: 2 (the usage code) when what the
+//! user typed or configured is wrong, 1 when regcache could not start or do
+//! its work.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
-use regcache::app::App;
-use regcache::config::{CaSource, Config, LogFormat, Settings, DEFAULT_TOML};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use regcache::app::{App, StartError};
+use regcache::config::{
+    with_defaults_in_help, CaSource, Config, ConfigError, LogFormat, Settings, DEFAULT_TOML,
+};
 use regcache::proxy::Proxy;
+use regcache::serve::state::StateError;
 use regcache::tls::ca::{CERT_FILE, KEY_FILE};
 use regcache::tls::CertificateAuthority;
 use sha2::{Digest, Sha256};
@@ -120,7 +126,7 @@ struct CacheArgs {
     /// TOML configuration file to take cache_dir from
     #[arg(long, env = "REGCACHE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Directory of the disk cache [default: cache]
+    /// Directory of the disk cache
     #[arg(long, env = "REGCACHE_CACHE_DIR", value_name = "DIR")]
     cache_dir: Option<PathBuf>,
 }
@@ -161,7 +167,7 @@ struct CaArgs {
     /// TOML configuration file to take ca_dir/ca_cert/ca_key from
     #[arg(long, env = "REGCACHE_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Directory holding the regcache CA [default: certs]
+    /// Directory holding the regcache CA
     #[arg(long, env = "REGCACHE_CA_DIR", value_name = "DIR")]
     ca_dir: Option<PathBuf>,
     /// An organisation's CA certificate (PEM), instead of ca_dir
@@ -182,31 +188,74 @@ struct CaArgs {
     ca_key: Option<PathBuf>,
 }
 
-/// A failure and the exit code it deserves.
-struct Failure {
-    code: u8,
-    message: String,
+/// The exit code of a usage error, as for clap's own.
+const USAGE_CODE: u8 = 2;
+
+/// Why a command failed, as a line for stderr; the kind decides the exit code.
+enum Failure {
+    /// What the user typed or configured is wrong: the command line, the
+    /// environment, the config file or a value in them, or the proxy users
+    /// file (who may use the proxy). Exit code 2.
+    Usage(String),
+    /// regcache could not do what a valid invocation asked: start (the CA,
+    /// upstream trust, the cache, the listening socket) or do its work (I/O,
+    /// upstream, a damaged cache). Exit code 1.
+    Run(String),
 }
 
 impl Failure {
     fn usage(message: impl std::fmt::Display) -> Self {
-        Self {
-            code: 2,
-            message: message.to_string(),
-        }
+        Self::Usage(message.to_string())
     }
+
     fn runtime(message: impl std::fmt::Display) -> Self {
-        Self {
-            code: 1,
-            message: message.to_string(),
+        Self::Run(message.to_string())
+    }
+
+    /// Prints the failure on stderr; returns its exit code.
+    fn report(self) -> ExitCode {
+        let (code, message) = match self {
+            Failure::Usage(message) => (USAGE_CODE, message),
+            Failure::Run(message) => (1, message),
+        };
+        eprintln!("regcache: error: {message}");
+        ExitCode::from(code)
+    }
+}
+
+impl From<ConfigError> for Failure {
+    fn from(e: ConfigError) -> Self {
+        Failure::usage(e)
+    }
+}
+
+impl From<StartError> for Failure {
+    /// A file named by the configuration that cannot be used (proxy users,
+    /// regcache's registry accounts) is configuration to fix; every other
+    /// start error is regcache failing to start.
+    fn from(e: StartError) -> Self {
+        match e {
+            StartError::Access(_) | StartError::State(StateError::Account(_)) => Failure::usage(e),
+            StartError::Tls(_) | StartError::State(_) => Failure::runtime(e),
         }
     }
 }
 
+/// The command line, parsed with `--help` showing the defaults of
+/// `default.toml`; an error is the exit code to leave with.
+fn parse_command_line() -> Result<Cli, ExitCode> {
+    let mut command =
+        with_defaults_in_help(Cli::command()).map_err(|e| Failure::from(e).report())?;
+    let mut matches = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .map_err(usage_error)?;
+    Cli::from_arg_matches_mut(&mut matches).map_err(|e| usage_error(e.format(&mut command)))
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_command_line() {
         Ok(cli) => cli,
-        Err(e) => return usage_error(e),
+        Err(code) => return code,
     };
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
@@ -222,15 +271,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(f) => {
-            eprintln!("regcache: error: {}", f.message);
-            ExitCode::from(f.code)
-        }
+        Err(failure) => failure.report(),
     }
 }
 
 /// Help and version go to stdout as clap writes them; a usage error is one
-/// line on stderr and exit code 2.
+/// line on stderr and exit code 2 ([`USAGE_CODE`]).
 fn usage_error(e: clap::Error) -> ExitCode {
     use clap::error::ErrorKind;
     match e.kind() {
@@ -240,7 +286,7 @@ fn usage_error(e: clap::Error) -> ExitCode {
         }
         ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = e.print();
-            ExitCode::from(2)
+            ExitCode::from(USAGE_CODE)
         }
         _ => {
             let text = e.render().to_string();
@@ -249,25 +295,26 @@ fn usage_error(e: clap::Error) -> ExitCode {
                 .find(|l| !l.trim().is_empty())
                 .unwrap_or("invalid arguments")
                 .trim_start_matches("error: ");
-            eprintln!("regcache: error: {first} (see --help)");
-            ExitCode::from(2)
+            Failure::usage(format!("{first} (see --help)")).report()
         }
     }
 }
 
+/// The configuration from these flags (and environment) over the config file,
+/// if any, over the built-in defaults.
+fn load_config(flags: Settings, config_file: Option<&Path>) -> Result<Config, Failure> {
+    Ok(Config::from_settings(flags.layered(config_file)?)?)
+}
+
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let settings = args
-        .settings
-        .layered(args.config.as_deref())
-        .map_err(Failure::usage)?;
-    let config = Config::from_settings(settings).map_err(Failure::usage)?;
+    let config = load_config(args.settings, args.config.as_deref())?;
     init_logging(config.log_format);
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
     let started = std::time::SystemTime::now();
-    let app = App::new(config).map_err(Failure::usage)?;
+    let app = App::new(config)?;
     runtime.block_on(async move {
         let proxy = Proxy::bind(app.clone()).await.map_err(|e| {
-            Failure::runtime(format!("cannot listen on {}: {e}", app.config.listen))
+            Failure::runtime(format!("cannot listen on {}: {e}", app.config().listen))
         })?;
         let addr = proxy.local_addr().map_err(Failure::runtime)?;
         if let Some(mirror) = proxy.mirror_addr() {
@@ -281,7 +328,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         let upkeep = tokio::spawn(app.clone().maintain(started));
         proxy.run(shutdown_signal()).await;
         upkeep.abort();
-        if let Err(e) = app.cache.flush().await {
+        if let Err(e) = app.state.cache.flush().await {
             tracing::warn!(error = %e, "cannot write cache access times");
         }
         tracing::info!("stopped");
@@ -320,16 +367,17 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn cache_dir(args: CacheArgs) -> Result<PathBuf, Failure> {
-    let settings = Settings {
+/// The configuration `serve` would use for the cache with these flags.
+fn cache_config(args: CacheArgs) -> Result<Config, Failure> {
+    let flags = Settings {
         cache_dir: args.cache_dir,
         ..Settings::default()
-    }
-    .layered(args.config.as_deref())
-    .map_err(Failure::usage)?;
-    Ok(Config::from_settings(settings)
-        .map_err(Failure::usage)?
-        .cache_dir)
+    };
+    load_config(flags, args.config.as_deref())
+}
+
+fn cache_dir(args: CacheArgs) -> Result<PathBuf, Failure> {
+    Ok(cache_config(args)?.cache_dir)
 }
 
 fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
@@ -348,14 +396,9 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
     if images.is_empty() {
         return Err(Failure::usage("name at least one image, or --file"));
     }
-    let settings = args
-        .serve
-        .settings
-        .layered(args.serve.config.as_deref())
-        .map_err(Failure::usage)?;
-    let config = Config::from_settings(settings).map_err(Failure::usage)?;
+    let config = load_config(args.serve.settings, args.serve.config.as_deref())?;
     init_logging(config.log_format);
-    let app = App::new(config).map_err(Failure::usage)?;
+    let app = App::new(config)?;
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
     let bars = MultiProgress::new();
     let style =
@@ -366,7 +409,9 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
         for image in &images {
             let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
             bar.set_prefix(image.clone());
-            match regcache::prefetch::prefetch(&app, image, &args.platform, |n| bar.inc(n)).await {
+            match regcache::prefetch::prefetch(&app.state, image, &args.platform, |n| bar.inc(n))
+                .await
+            {
                 Ok(done) => {
                     bar.finish_with_message(format!(
                         "ok: {} manifests, {} blobs ({} already cached)",
@@ -384,7 +429,7 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
                 }
             }
         }
-        if let Err(e) = app.cache.flush().await {
+        if let Err(e) = app.state.cache.flush().await {
             tracing::warn!(error = %e, "cannot write cache access times");
         }
     });
@@ -395,21 +440,6 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
     } else {
         Err(Failure::runtime(format!("failed: {}", failed.join(", "))))
     }
-}
-
-/// The cache dir and size cap that `serve` would use with these flags.
-fn cache_location(args: CacheArgs) -> Result<(PathBuf, u64), Failure> {
-    let settings = Settings {
-        cache_dir: args.cache_dir,
-        ..Settings::default()
-    }
-    .layered(args.config.as_deref())
-    .map_err(Failure::usage)?;
-    let config = Config::from_settings(settings).map_err(Failure::usage)?;
-    let cap = config
-        .cache_size
-        .unwrap_or_else(|| regcache::app::default_cache_size(&config.cache_dir));
-    Ok((config.cache_dir, cap))
 }
 
 fn bundle_failure(e: regcache::cache::bundle::BundleError) -> Failure {
@@ -427,6 +457,7 @@ fn export(args: ExportArgs) -> Result<(), Failure> {
         &args.images,
         &args.output,
         args.include_private,
+        &regcache::cli::progress::ByteBars::keeping_finished(),
     )
     .map_err(bundle_failure)?;
     print!("{summary}");
@@ -435,14 +466,19 @@ fn export(args: ExportArgs) -> Result<(), Failure> {
 
 fn import(args: ImportArgs) -> Result<(), Failure> {
     use regcache::cache::bundle::import;
-    let (dir, cap) = cache_location(args.cache)?;
+    let config = cache_config(args.cache)?;
     // Before the cache is opened (and created): a typo makes no cache dir.
     std::fs::File::open(&args.bundle)
         .map_err(|e| Failure::runtime(format!("{}: {e}", args.bundle.display())))?;
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
-    let cache = import::open_cache(&dir, cap).map_err(bundle_failure)?;
+    let cache =
+        import::open_cache(&config.cache_dir, config.cache_cap()).map_err(bundle_failure)?;
     let summary = runtime
-        .block_on(import::import(&cache, &args.bundle))
+        .block_on(import::import(
+            &cache,
+            &args.bundle,
+            std::sync::Arc::new(regcache::cli::progress::ByteBars::clearing_finished()),
+        ))
         .map_err(bundle_failure)?;
     print!("{summary}");
     Ok(())
@@ -492,15 +528,13 @@ fn cache(cmd: CacheCommand) -> Result<(), Failure> {
 }
 
 fn ca_source(ca: CaArgs) -> Result<CaSource, Failure> {
-    let settings = Settings {
+    let flags = Settings {
         ca_dir: ca.ca_dir,
         ca_cert: ca.ca_cert,
         ca_key: ca.ca_key,
         ..Settings::default()
-    }
-    .layered(ca.config.as_deref())
-    .map_err(Failure::usage)?;
-    Ok(Config::from_settings(settings).map_err(Failure::usage)?.ca)
+    };
+    Ok(load_config(flags, ca.config.as_deref())?.ca)
 }
 
 fn ca(cmd: CaCommand) -> Result<(), Failure> {

@@ -4,9 +4,11 @@
 //!
 //! For each image: the manifest is fetched as a client would fetch it; an
 //! image index brings every platform's manifest (or those chosen with
-//! `--platform`); then every blob those manifests reference. Requests carry
-//! no client credential, so only what the registry serves anonymously (or to
-//! regcache's own account, for public repositories) is fetched.
+//! `--platform`); then every blob those manifests are made of
+//! ([`crate::registry::manifest::children`]: not a `subject`, which names
+//! another image). Requests carry no client credential, so only what the
+//! registry serves anonymously (or to regcache's own account, for public
+//! repositories) is fetched.
 
 use std::sync::Arc;
 
@@ -17,13 +19,13 @@ use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 
-use crate::app::App;
-use crate::cache::offline::parse_image_ref;
 use crate::registry::digest::Digest;
-use crate::registry::media::{is_index, manifest_media_type, referenced_digests};
-use crate::registry::name::RepoName;
+use crate::registry::manifest::children;
+use crate::registry::media::{is_index, manifest_media_type};
+use crate::registry::reference::ImageRef;
 use crate::registry::route::Reference;
-use crate::serve::{blobs, manifests, Origin, Served, Target};
+use crate::serve::state::State;
+use crate::serve::{blobs, manifests, Origin, RepoRequest, Served, Target};
 
 /// Every manifest type regcache understands, for the `Accept` header.
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
@@ -102,48 +104,20 @@ impl Platform {
     }
 }
 
-/// A parsed image reference: where it lives and what it names.
-struct ImageRef {
+/// An image to prefetch: what it names, and the upstream it comes from.
+struct Source {
+    image: ImageRef,
     target: Target,
-    name: RepoName,
-    reference: Reference,
 }
 
-fn parse(reference: &str) -> Result<ImageRef, PrefetchError> {
+fn parse(reference: &str) -> Result<Source, PrefetchError> {
     let bad = || PrefetchError::BadReference(reference.to_string());
-    let (name_part, digest) = match reference.split_once('@') {
-        Some((n, d)) => (n, Some(d.parse::<Digest>().map_err(|_| bad())?)),
-        None => (reference, None),
-    };
-    let with_tag = if digest.is_some() && !name_part.rsplit('/').next().unwrap_or("").contains(':')
-    {
-        format!("{name_part}:latest")
-    } else {
-        name_part.to_string()
-    };
-    let (registry, repo, tag) = parse_image_ref(&with_tag).ok_or_else(bad)?;
-    let name = RepoName::parse(&repo).map_err(|_| bad())?;
-    let reference = match digest {
-        Some(d) => Reference::Digest(d),
-        None => Reference::parse(&tag).map_err(|_| bad())?,
-    };
-    let upstream = if registry == "docker.io" {
-        "registry-1.docker.io".to_string()
-    } else {
-        registry
-    };
-    let (host, port) = match upstream.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
-            Ok(port) => (h.to_string(), port),
-            Err(_) => (upstream.clone(), 443),
-        },
-        _ => (upstream.clone(), 443),
-    };
+    let image = ImageRef::parse(reference).map_err(|_| bad())?;
+    let (host, port) = image.upstream();
     let origin = Origin::https(&host, port).map_err(|_| bad())?;
-    Ok(ImageRef {
+    Ok(Source {
+        image,
         target: Target::new(origin),
-        name,
-        reference,
     })
 }
 
@@ -208,20 +182,27 @@ async fn drain(
 /// Prefetches one image; `platforms` (`linux/amd64`, …) limits an index to
 /// those platforms (all when empty). `on_bytes` sees blob bytes as they come.
 pub async fn prefetch(
-    app: &Arc<App>,
+    state: &Arc<State>,
     reference: &str,
     platforms: &[String],
     mut on_bytes: impl FnMut(u64),
 ) -> Result<Fetched, PrefetchError> {
-    let image = parse(reference)?;
+    let Source { image, target } = parse(reference)?;
+    let name = &image.repository;
     let mut fetched = Fetched::default();
     let mut manifests_todo = vec![image.reference.clone()];
     let mut blobs_todo: Vec<Digest> = Vec::new();
     while let Some(reference) = manifests_todo.pop() {
-        let path = format!("/v2/{}/manifests/{reference}", image.name);
+        let path = format!("/v2/{name}/manifests/{reference}");
         let parts = request_parts(&path)?;
-        let served = manifests::serve(app, &image.target, &image.name, &reference, &parts).await;
-        let what = format!("{}/{}:{reference}", image.target.registry, image.name);
+        let req = RepoRequest {
+            state,
+            target: &target,
+            name,
+            parts: &parts,
+        };
+        let served = manifests::serve(&req, &reference).await;
+        let what = format!("{}/{name}:{reference}", target.registry);
         let (body, _, content_type) = drain(served, &what, |_| {}).await?;
         fetched.manifests += 1;
         let media_type = manifest_media_type(content_type.as_deref(), &body);
@@ -241,18 +222,24 @@ pub async fn prefetch(
                 }
             }
         } else {
-            for d in referenced_digests(&body) {
-                if !blobs_todo.contains(&d) {
-                    blobs_todo.push(d);
+            for child in children(&body) {
+                if !blobs_todo.contains(&child.digest) {
+                    blobs_todo.push(child.digest);
                 }
             }
         }
     }
     for digest in blobs_todo {
-        let path = format!("/v2/{}/blobs/{digest}", image.name);
+        let path = format!("/v2/{name}/blobs/{digest}");
         let parts = request_parts(&path)?;
-        let served = blobs::serve(app, &image.target, &image.name, &digest, &parts).await;
-        let what = format!("{}/{}@{digest}", image.target.registry, image.name);
+        let req = RepoRequest {
+            state,
+            target: &target,
+            name,
+            parts: &parts,
+        };
+        let served = blobs::serve(&req, &digest).await;
+        let what = format!("{}/{name}@{digest}", target.registry);
         let mut bytes = 0;
         let (_, hit, _) = drain(served, &what, |n| {
             bytes += n;
@@ -275,12 +262,12 @@ mod tests {
         let r = parse("alpine:3.20").unwrap();
         assert_eq!(r.target.origin.authority.as_str(), "registry-1.docker.io");
         assert_eq!(r.target.registry, "docker.io");
-        assert_eq!(r.name.as_str(), "library/alpine");
-        assert_eq!(r.reference.to_string(), "3.20");
+        assert_eq!(r.image.repository.as_str(), "library/alpine");
+        assert_eq!(r.image.reference.to_string(), "3.20");
         let d = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
         let r = parse(&format!("ghcr.io/org/tool@{d}")).unwrap();
         assert_eq!(r.target.origin.authority.as_str(), "ghcr.io");
-        assert_eq!(r.reference.to_string(), d);
+        assert_eq!(r.image.reference.to_string(), d);
         let r = parse("localhost:5000/team/app:1").unwrap();
         assert_eq!(r.target.origin.authority.as_str(), "localhost:5000");
         assert!(parse("UPPER/case:1").is_err());

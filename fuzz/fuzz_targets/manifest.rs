@@ -1,15 +1,17 @@
-//! Fuzzes the manifest readers in `registry::media` with arbitrary bodies
-//! and `Accept` values: none of them may panic.
+//! Fuzzes the manifest readers in `registry::manifest` and
+//! `registry::media` with arbitrary bodies and `Accept` values: none of them
+//! may panic.
 
 #![no_main]
 
 use http::header::{HeaderMap, HeaderValue, ACCEPT};
 use libfuzzer_sys::fuzz_target;
-use regcache::registry::media::{accepts, is_index, manifest_media_type, referenced_digests};
+use regcache::registry::manifest::children;
+use regcache::registry::media::{accepts, is_index, manifest_media_type};
 
 fuzz_target!(|data: &[u8]| {
-    for digest in referenced_digests(data) {
-        assert!(digest.to_string().starts_with("sha"));
+    for child in children(data) {
+        assert!(child.digest.to_string().starts_with("sha"));
     }
     let media_type = manifest_media_type(None, data);
     let _ = is_index(&media_type);

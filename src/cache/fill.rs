@@ -27,7 +27,7 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 
 use super::{blocking, Cache, CacheError, Reservation};
-use crate::body::BoxError;
+use crate::http::body::BoxError;
 use crate::registry::digest::{Digest, DigestHasher};
 
 /// Bytes gathered before a write to the temporary file.

@@ -151,7 +151,7 @@ impl Cached {
     }
 }
 
-/// Numbers for `regcache cache stats` and `/metrics`.
+/// Numbers for `regcache cache stats` and the `cache opened` log line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     /// Content entries.
@@ -1062,7 +1062,7 @@ mod tests {
         };
         let reservation = cache.reserve(2000).await.unwrap();
         assert_eq!(cache.reserved(), 2000);
-        let frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::body::BoxError>> = vec![
+        let frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::http::body::BoxError>> = vec![
             Ok(http_body::Frame::data(bytes::Bytes::from_static(&[7; 500]))),
             Err("upstream cut".into()),
         ];

@@ -6,12 +6,10 @@
 
 use std::path::Path;
 
-use super::index::{Change, Index, Snapshot};
+use super::index::{Change, ContentRow, Index, Snapshot, TagRow};
 use super::{content_file, CacheError};
 use crate::registry::digest::Digest;
-use crate::registry::hosts::canonical_registry;
-use crate::registry::name::RepoName;
-use crate::registry::route::Reference;
+use crate::registry::reference::ImageRef;
 
 /// The file name of the index inside the cache directory.
 pub const INDEX_FILE: &str = "index.redb";
@@ -37,136 +35,61 @@ pub fn open(dir: &Path) -> Result<Index, CacheError> {
     })
 }
 
-/// `cache stats`: one `name: value` line each.
-pub fn stats(snap: &Snapshot) -> String {
-    let bytes: u64 = snap.content.iter().map(|r| r.size).sum();
-    let (hits, misses) = (snap.counter("hits"), snap.counter("misses"));
-    let ratio = if hits + misses > 0 {
-        format!("{:.1}%", 100.0 * hits as f64 / (hits + misses) as f64)
-    } else {
-        "unknown".to_string()
-    };
-    format!(
-        "entries:    {}\nbytes:      {} ({})\ntags:       {}\nlinks:      {}\nhits:       {hits}\nmisses:     {misses}\nhit ratio:  {ratio}\n",
-        snap.content.len(),
-        bytes,
-        bytesize::ByteSize::b(bytes).display().iec(),
-        snap.tags.len(),
-        snap.links.len(),
-    )
+/// What `cache stats` reports: the index's totals and counters. The
+/// command line shows it (`crate::cli::report`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Content entries.
+    pub entries: usize,
+    /// Their bytes, as the index gives them.
+    pub bytes: u64,
+    /// Tags.
+    pub tags: usize,
+    /// Links.
+    pub links: usize,
+    /// Requests served from the cache.
+    pub hits: u64,
+    /// Requests that went upstream.
+    pub misses: u64,
 }
 
-/// `cache ls`: tags, then every content entry with its size and media type.
-pub fn list(snap: &Snapshot) -> String {
-    let mut out = String::new();
+impl CacheStats {
+    /// Hits in percent of hits and misses; None before any request.
+    pub fn hit_percent(&self) -> Option<f64> {
+        let asked = self.hits + self.misses;
+        (asked > 0).then(|| 100.0 * self.hits as f64 / asked as f64)
+    }
+}
+
+/// `cache stats`: the totals of the index in `snap`.
+pub fn stats(snap: &Snapshot) -> CacheStats {
+    CacheStats {
+        entries: snap.content.len(),
+        bytes: snap.content.iter().map(|r| r.size).sum(),
+        tags: snap.tags.len(),
+        links: snap.links.len(),
+        hits: snap.counter("hits"),
+        misses: snap.counter("misses"),
+    }
+}
+
+/// What `cache ls` lists, in its order. The command line shows it
+/// (`crate::cli::report`).
+#[derive(Debug)]
+pub struct Listing<'a> {
+    /// The tags, by key.
+    pub tags: Vec<&'a TagRow>,
+    /// The content entries, the most recently used first.
+    pub content: Vec<&'a ContentRow>,
+}
+
+/// `cache ls`: the tags and content entries of `snap`.
+pub fn list(snap: &Snapshot) -> Listing<'_> {
     let mut tags: Vec<_> = snap.tags.iter().collect();
     tags.sort_by(|a, b| a.key.cmp(&b.key));
-    for t in tags {
-        out += &format!("{}\t{}\n", t.key, t.digest);
-    }
     let mut content: Vec<_> = snap.content.iter().collect();
     content.sort_by_key(|r| std::cmp::Reverse(r.last_access));
-    for r in content {
-        let kind = if r.media_type.is_empty() {
-            "blob"
-        } else {
-            r.media_type.as_str()
-        };
-        out += &format!(
-            "{}\t{}\t{}\n",
-            r.digest,
-            bytesize::ByteSize::b(r.size).display().iec(),
-            kind
-        );
-    }
-    out
-}
-
-/// An image in a registry, as the command line names it and as a bundle's
-/// `io.regcache.ref` annotation records it: registry, repository, and a tag
-/// or a digest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ImageRef {
-    /// The canonical registry name (`docker.io`, `ghcr.io`, `localhost:5000`).
-    pub registry: String,
-    /// The repository (`library/alpine`).
-    pub repository: String,
-    /// The tag or digest within the repository.
-    pub reference: Reference,
-}
-
-impl ImageRef {
-    /// Expands an image reference the way docker does: `alpine:3` is
-    /// `docker.io/library/alpine:3`, no tag means `latest`, and
-    /// `name@sha256:…` (or `name:tag@sha256:…`) names a digest. The
-    /// repository, tag and digest must be valid; the error says why not.
-    pub fn parse(reference: &str) -> Result<Self, String> {
-        let (name, digest) = match reference.split_once('@') {
-            Some((name, digest)) => (name, Some(digest)),
-            None => (reference, None),
-        };
-        let (name, tag) = match name.rsplit_once(':') {
-            Some((n, t)) if !t.contains('/') => (n, t),
-            _ => (name, "latest"),
-        };
-        let (registry, repo) = match name.split_once('/') {
-            Some((first, rest))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
-                (canonical_registry(first), rest.to_string())
-            }
-            _ => ("docker.io".to_string(), name.to_string()),
-        };
-        let registry_ok = !registry.is_empty()
-            && registry
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-        if !registry_ok {
-            return Err(format!(
-                "{reference:?}: {registry:?} is not a registry host name"
-            ));
-        }
-        let repo = if registry == "docker.io" && !repo.contains('/') {
-            format!("library/{repo}")
-        } else {
-            repo
-        };
-        let repository = RepoName::parse(&repo).map_err(|e| e.to_string())?;
-        let reference = match digest {
-            Some(d) => Reference::Digest(d.parse::<Digest>().map_err(|e| e.to_string())?),
-            None => Reference::parse(tag).map_err(|e| e.to_string())?,
-        };
-        Ok(Self {
-            registry,
-            repository: repository.as_str().to_string(),
-            reference,
-        })
-    }
-
-    /// The tag, if the reference names one.
-    pub fn tag(&self) -> Option<&str> {
-        self.reference.as_tag()
-    }
-}
-
-impl std::fmt::Display for ImageRef {
-    /// `docker.io/library/alpine:3.20` or `ghcr.io/org/tool@sha256:…`.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (registry, repo) = (&self.registry, &self.repository);
-        match &self.reference {
-            Reference::Tag(tag) => write!(f, "{registry}/{repo}:{tag}"),
-            Reference::Digest(digest) => write!(f, "{registry}/{repo}@{digest}"),
-        }
-    }
-}
-
-/// Expands a short image reference the way docker does: `alpine:3` is
-/// `docker.io/library/alpine:3`. Returns (registry, repository, tag); None
-/// for an invalid reference or one naming a digest (see [`ImageRef::parse`]).
-pub fn parse_image_ref(reference: &str) -> Option<(String, String, String)> {
-    let image = ImageRef::parse(reference).ok()?;
-    let tag = image.tag()?.to_string();
-    Some((image.registry, image.repository, tag))
+    Listing { tags, content }
 }
 
 /// `cache rm`: removes a digest (content and links) or an image tag (the tag
@@ -183,12 +106,16 @@ pub fn remove(
     let digest = match target.parse::<Digest>() {
         Ok(d) => Some(d),
         Err(_) => {
-            let (registry, repo, tag) = parse_image_ref(target).ok_or_else(|| {
-                CacheError::Task(format!(
-                    "{target:?} is neither a digest nor an image reference"
-                ))
-            })?;
-            let key = super::tag_key(&registry, &repo, &tag);
+            let image = ImageRef::parse(target).ok();
+            let (image, tag) = image
+                .as_ref()
+                .and_then(|image| Some((image, image.tag()?)))
+                .ok_or_else(|| {
+                    CacheError::Task(format!(
+                        "{target:?} is neither a digest nor an image reference"
+                    ))
+                })?;
+            let key = super::tag_key(&image.registry, image.repository.as_str(), tag);
             let row = snap
                 .tags
                 .iter()
@@ -224,7 +151,8 @@ pub fn remove(
     Ok(report)
 }
 
-/// What `cache verify` found.
+/// What `cache verify` found. The command line shows it
+/// (`crate::cli::report`).
 #[derive(Debug, Default)]
 pub struct VerifyReport {
     /// Entries checked.
@@ -233,26 +161,6 @@ pub struct VerifyReport {
     pub bytes: u64,
     /// Entries that did not match (digest, why), removed.
     pub damaged: Vec<(String, String)>,
-}
-
-impl std::fmt::Display for VerifyReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (digest, why) in &self.damaged {
-            writeln!(f, "damaged\t{digest}\t{why}; removed")?;
-        }
-        writeln!(
-            f,
-            "checked {} entries ({}): {} damaged{}",
-            self.checked,
-            bytesize::ByteSize::b(self.bytes).display().iec(),
-            self.damaged.len(),
-            if self.damaged.is_empty() {
-                ""
-            } else {
-                ", removed (the next pull fetches them again)"
-            }
-        )
-    }
 }
 
 /// Why the file of an entry does not hold its content, or None if it does:
@@ -333,66 +241,4 @@ pub fn purge(dir: &Path) -> Result<(), CacheError> {
         path: index,
         source,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn short_references_expand_like_docker() {
-        let p = |s| parse_image_ref(s).unwrap();
-        assert_eq!(
-            p("alpine:3.20"),
-            ("docker.io".into(), "library/alpine".into(), "3.20".into())
-        );
-        assert_eq!(
-            p("org/tool"),
-            ("docker.io".into(), "org/tool".into(), "latest".into())
-        );
-        assert_eq!(
-            p("ghcr.io/org/tool:1"),
-            ("ghcr.io".into(), "org/tool".into(), "1".into())
-        );
-        assert_eq!(
-            p("index.docker.io/library/x:2"),
-            ("docker.io".into(), "library/x".into(), "2".into())
-        );
-        assert_eq!(
-            p("localhost:5000/a:b"),
-            ("localhost:5000".into(), "a".into(), "b".into())
-        );
-        assert_eq!(parse_image_ref("alpine@sha256:abc"), None);
-        assert_eq!(parse_image_ref("Alpine:3"), None);
-    }
-
-    #[test]
-    fn image_references_with_digests_and_their_full_names() {
-        let digest = Digest::of(b"x");
-        let image = ImageRef::parse(&format!("registry-1.docker.io/library/x@{digest}")).unwrap();
-        assert_eq!(image.registry, "docker.io");
-        assert_eq!(image.repository, "library/x");
-        assert_eq!(image.reference, Reference::Digest(digest.clone()));
-        assert_eq!(image.to_string(), format!("docker.io/library/x@{digest}"));
-        let image = ImageRef::parse(&format!("ghcr.io/org/tool:1@{digest}")).unwrap();
-        assert_eq!(image.tag(), None, "the digest wins over the tag");
-        let image = ImageRef::parse("alpine:3.20").unwrap();
-        assert_eq!(image.to_string(), "docker.io/library/alpine:3.20");
-        assert_eq!(ImageRef::parse(&image.to_string()).unwrap(), image);
-        let image = ImageRef::parse("localhost:5000/a/b").unwrap();
-        assert_eq!(image.to_string(), "localhost:5000/a/b:latest");
-        for bad in [
-            "",
-            "x@sha256:abc",
-            "x@latest",
-            "../x:1",
-            "a//b",
-            "x:bad tag",
-            "x:",
-            "bad host.io/x:1",
-            "UPPER",
-        ] {
-            assert!(ImageRef::parse(bad).is_err(), "{bad:?}");
-        }
-    }
 }

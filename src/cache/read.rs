@@ -26,8 +26,8 @@ use tokio::sync::watch;
 use super::chunks;
 use super::fill::{Fill, Phase, Progress};
 use super::{Cache, CacheError, Cached};
-use crate::body::{Body, BoxError};
 use crate::config::VerifyReads;
+use crate::http::body::{Body, BoxError};
 use crate::registry::digest::DigestHasher;
 
 /// Whether a read of a cached entry is hashed on its way out: only a read of

@@ -8,9 +8,17 @@
 //! Clap merges flags over the environment; [`Settings::merged_over`] lays that
 //! result over the file and the defaults, and [`Config::from_settings`]
 //! validates the outcome into typed values with messages for the user.
+//!
+//! `default.toml` is the one place a default is written: validation takes
+//! every value from the layers (a value missing after layering is a bug in
+//! that file, reported as [`ConfigError::MissingDefault`]), and `--help`
+//! shows the defaults it reads from there ([`with_defaults_in_help`]).
 
+mod help;
 mod resolve;
+pub mod secret;
 
+pub use help::with_defaults_in_help;
 pub use resolve::{ResolveEntry, ResolveMap};
 
 use std::collections::HashMap;
@@ -19,7 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::ValueEnum;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::registry::hosts::{canonical_registry, HostPattern, HostPort, InterceptList};
 
@@ -45,6 +53,19 @@ pub enum ConfigError {
         /// The TOML parser's explanation, on one line.
         message: String,
     },
+    /// A value cannot be layered over the others (a path that is not UTF-8).
+    #[error("cannot use the settings: {message}")]
+    Layer {
+        /// What could not be carried over.
+        message: String,
+    },
+    /// An option with a built-in default has no value after layering: the
+    /// embedded `default.toml` lacks it (a bug in regcache, not in the input).
+    #[error("no value for {key}: the built-in defaults (default.toml) lack one")]
+    MissingDefault {
+        /// The option's name as written in TOML.
+        key: &'static str,
+    },
     /// A value is present but not acceptable.
     #[error("invalid value for {key}: {message}")]
     Value {
@@ -56,7 +77,7 @@ pub enum ConfigError {
 }
 
 /// What to do with a CONNECT to a host that is not on the intercept list.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OtherHosts {
     /// Relay the bytes untouched; the client sees the host's own certificate.
@@ -66,7 +87,7 @@ pub enum OtherHosts {
 }
 
 /// When a cached blob's bytes are hashed again as they are served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyReads {
     /// On the first complete read of each entry after every start (and never
@@ -79,7 +100,7 @@ pub enum VerifyReads {
 }
 
 /// The format of log lines on stderr.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable, one line per event.
@@ -92,14 +113,14 @@ pub enum LogFormat {
 ///
 /// The same struct is read from TOML (serde) and from flags and environment
 /// (clap), which keeps the names identical in all three places.
-#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[derive(Debug, Default, Clone, clap::Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Address of the forward proxy [default: 127.0.0.1:3128]
+    /// Address of the forward proxy
     #[arg(long, env = "REGCACHE_LISTEN", value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
 
-    /// Directory holding the regcache CA (ca.crt, ca.key), created on first start [default: certs]
+    /// Directory holding the regcache CA (ca.crt, ca.key), created on first start
     #[arg(long, env = "REGCACHE_CA_DIR", value_name = "DIR")]
     pub ca_dir: Option<PathBuf>,
 
@@ -151,7 +172,7 @@ pub struct Settings {
     #[serde(default)]
     pub intercept: Vec<String>,
 
-    /// CONNECT to hosts that are not intercepted: tunnel them untouched, or refuse with 403 [default: tunnel]
+    /// CONNECT to hosts that are not intercepted: tunnel them untouched, or refuse with 403
     #[arg(long, env = "REGCACHE_OTHER_HOSTS", value_name = "POLICY")]
     pub other_hosts: Option<OtherHosts>,
 
@@ -176,39 +197,39 @@ pub struct Settings {
     #[serde(default)]
     pub insecure_registries: Vec<String>,
 
-    /// Log format on stderr [default: text]
+    /// Log format on stderr
     #[arg(long, env = "REGCACHE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
 
-    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT [default: 30]
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT
     #[arg(long, env = "REGCACHE_SHUTDOWN_GRACE", value_name = "SECS")]
     pub shutdown_grace: Option<u64>,
 
-    /// Seconds a client may send nothing while regcache waits for its request head or body; then the request is cut [default: 30]
+    /// Seconds a client may send nothing while regcache waits for its request head or body; then the request is cut
     #[arg(long, env = "REGCACHE_CLIENT_IDLE_TIMEOUT", value_name = "SECS")]
     pub client_idle_timeout: Option<u64>,
 
-    /// Number of minted leaf certificates kept in memory [default: 1000]
+    /// Number of minted leaf certificates kept in memory
     #[arg(long, env = "REGCACHE_CERT_CACHE", value_name = "N")]
     pub cert_cache: Option<usize>,
 
-    /// Directory of the disk cache [default: cache]
+    /// Directory of the disk cache
     #[arg(long, env = "REGCACHE_CACHE_DIR", value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 
-    /// Largest total size of the cache, e.g. 50GiB [default: half the disk holding cache_dir]
+    /// Largest total size of the cache, e.g. 50GiB; unset: half the disk holding cache_dir
     #[arg(long, env = "REGCACHE_CACHE_SIZE", value_name = "SIZE")]
     pub cache_size: Option<String>,
 
-    /// Seconds a cached tag is served before it is revalidated with a HEAD [default: 60]
+    /// Seconds a cached tag is served before it is revalidated with a HEAD
     #[arg(long, env = "REGCACHE_TAG_TTL", value_name = "SECS")]
     pub tag_ttl: Option<u64>,
 
-    /// Hash cached blobs again as they are served: on the first complete read after each start, on every one, or never [default: first]
+    /// Hash cached blobs again as they are served: on the first complete read after each start, on every one, or never
     #[arg(long, env = "REGCACHE_VERIFY_READS", value_name = "WHEN")]
     pub verify_reads: Option<VerifyReads>,
 
-    /// Client networks allowed to use the proxy, as CIDRs (repeatable) [default: loopback, plus the private ranges when listening beyond loopback]
+    /// Client networks allowed to use the proxy, as CIDRs (repeatable); none given: loopback, plus the private ranges when listening beyond loopback
     #[arg(
         long,
         env = "REGCACHE_ALLOW",
@@ -236,11 +257,11 @@ pub struct Settings {
     #[serde(default)]
     pub upstream_no_proxy: Vec<String>,
 
-    /// Seconds a repository found public (anonymous pull accepted upstream) stays shared with every client [default: 600]
+    /// Seconds a repository found public (anonymous pull accepted upstream) stays shared with every client
     #[arg(long, env = "REGCACHE_PUBLIC_TTL", value_name = "SECS")]
     pub public_ttl: Option<u64>,
 
-    /// Seconds a client credential accepted upstream for a private repository is trusted for cached content [default: 300]
+    /// Seconds a client credential accepted upstream for a private repository is trusted for cached content
     #[arg(long, env = "REGCACHE_AUTH_TTL", value_name = "SECS")]
     pub auth_ttl: Option<u64>,
 
@@ -280,7 +301,7 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_OFFLINE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub offline: Option<bool>,
 
-    /// Offline registries serve content of repositories not known public to every client, not only to proxy users [default: false]
+    /// Offline registries serve content of repositories not known public to every client, not only to proxy users
     #[arg(long, env = "REGCACHE_OFFLINE_SHARE_PRIVATE", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub offline_share_private: Option<bool>,
 
@@ -291,7 +312,7 @@ pub struct Settings {
 }
 
 /// Settings for one registry host, in the `[registries."HOST"]` TOML table.
-#[derive(Debug, Default, Clone, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RegistrySettings {
     /// Overrides `tag_ttl` for this registry.
@@ -323,10 +344,7 @@ pub enum UpstreamCredential {
 impl Settings {
     /// Parses settings from TOML text; `origin` names the text in errors.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_path_buf(),
-            message: one_line(&e.to_string()),
-        })
+        parse_toml(text, origin)
     }
 
     /// Reads settings from a TOML file.
@@ -338,58 +356,32 @@ impl Settings {
         Self::from_toml(&text, path)
     }
 
-    /// The built-in defaults.
-    pub fn defaults() -> Self {
-        // The embedded file is part of the binary and covered by a unit test.
-        Self::from_toml(DEFAULT_TOML, Path::new("<built-in defaults>")).unwrap_or_default()
+    /// The built-in defaults, parsed from [`DEFAULT_TOML`].
+    pub fn defaults() -> Result<Self, ConfigError> {
+        parse_toml(DEFAULT_TOML, Path::new(BUILT_IN))
     }
 
-    /// Lays `self` over `base`: every option set in `self` wins; lists set in
-    /// `self` replace those of `base`.
-    pub fn merged_over(self, base: Settings) -> Settings {
-        fn list<T>(top: Vec<T>, base: Vec<T>) -> Vec<T> {
-            if top.is_empty() {
-                base
-            } else {
-                top
+    /// Lays `self` over `base`: every option set in `self` wins; a list, or
+    /// the `registries` table, given in `self` replaces that of `base` whole.
+    ///
+    /// Works on the serialized options, so a new option needs no line here.
+    /// Fails only for a value that cannot be serialized (a path that is not
+    /// UTF-8).
+    pub fn merged_over(self, base: Settings) -> Result<Settings, ConfigError> {
+        let mut merged = base.to_options()?;
+        for (key, value) in self.to_options()? {
+            if is_given(&value) {
+                merged.insert(key, value);
             }
         }
-        Settings {
-            listen: self.listen.or(base.listen),
-            ca_dir: self.ca_dir.or(base.ca_dir),
-            ca_cert: self.ca_cert.or(base.ca_cert),
-            ca_key: self.ca_key.or(base.ca_key),
-            upstream_ca: list(self.upstream_ca, base.upstream_ca),
-            resolve: list(self.resolve, base.resolve),
-            intercept: list(self.intercept, base.intercept),
-            other_hosts: self.other_hosts.or(base.other_hosts),
-            connect_ports: list(self.connect_ports, base.connect_ports),
-            insecure_registries: list(self.insecure_registries, base.insecure_registries),
-            log_format: self.log_format.or(base.log_format),
-            shutdown_grace: self.shutdown_grace.or(base.shutdown_grace),
-            cert_cache: self.cert_cache.or(base.cert_cache),
-            client_idle_timeout: self.client_idle_timeout.or(base.client_idle_timeout),
-            cache_dir: self.cache_dir.or(base.cache_dir),
-            cache_size: self.cache_size.or(base.cache_size),
-            tag_ttl: self.tag_ttl.or(base.tag_ttl),
-            verify_reads: self.verify_reads.or(base.verify_reads),
-            allow: list(self.allow, base.allow),
-            proxy_users: self.proxy_users.or(base.proxy_users),
-            upstream_proxy: self.upstream_proxy.or(base.upstream_proxy),
-            upstream_no_proxy: list(self.upstream_no_proxy, base.upstream_no_proxy),
-            public_ttl: self.public_ttl.or(base.public_ttl),
-            auth_ttl: self.auth_ttl.or(base.auth_ttl),
-            offline: self.offline.or(base.offline),
-            offline_share_private: self.offline_share_private.or(base.offline_share_private),
-            mirror_tls: self.mirror_tls.or(base.mirror_tls),
-            mirror_cert: self.mirror_cert.or(base.mirror_cert),
-            mirror_key: self.mirror_key.or(base.mirror_key),
-            mirror_names: list(self.mirror_names, base.mirror_names),
-            registries: if self.registries.is_empty() {
-                base.registries
-            } else {
-                self.registries
-            },
+        serde_json::from_value(serde_json::Value::Object(merged)).map_err(layer_error)
+    }
+
+    /// Every option by its TOML name; unset ones are null, empty lists `[]`.
+    fn to_options(&self) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
+        match serde_json::to_value(self).map_err(layer_error)? {
+            serde_json::Value::Object(options) => Ok(options),
+            other => Err(layer_error(format!("settings serialized as {other}"))),
         }
     }
 
@@ -400,7 +392,26 @@ impl Settings {
             Some(path) => Settings::from_file(path)?,
             None => Settings::default(),
         };
-        Ok(self.merged_over(file.merged_over(Settings::defaults())))
+        self.merged_over(file.merged_over(Settings::defaults()?)?)
+    }
+}
+
+/// Whether a serialized option was given in its layer: set, and not an empty
+/// list or table (which leave the layer below in force).
+fn is_given(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Null => false,
+        Value::Array(items) => !items.is_empty(),
+        Value::Object(entries) => !entries.is_empty(),
+        _ => true,
+    }
+}
+
+/// Settings that cannot be carried from one layer to the next.
+fn layer_error(message: impl std::fmt::Display) -> ConfigError {
+    ConfigError::Layer {
+        message: message.to_string(),
     }
 }
 
@@ -495,6 +506,34 @@ impl Config {
     pub fn tag_ttl_for(&self, registry: &str) -> Duration {
         settings_of(&self.registry_tag_ttl, registry).unwrap_or(self.tag_ttl)
     }
+
+    /// The cache's size cap in bytes: `cache_size`, or when it is unset half
+    /// the size of the filesystem holding `cache_dir` (10 GiB if that cannot
+    /// be read). Reads the filesystem, so call it once, at start.
+    pub fn cache_cap(&self) -> u64 {
+        self.cache_size
+            .unwrap_or_else(|| half_the_filesystem_holding(&self.cache_dir))
+    }
+}
+
+/// Half the size of the filesystem holding `dir`, or of its parent while
+/// `dir` does not exist yet; 10 GiB if neither can be read.
+fn half_the_filesystem_holding(dir: &Path) -> u64 {
+    const FALLBACK: u64 = 10 * 1024 * 1024 * 1024;
+    let probe = if dir.exists() {
+        dir
+    } else {
+        dir.parent().unwrap_or(Path::new("."))
+    };
+    let probe = if probe.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        probe
+    };
+    match rustix::fs::statvfs(probe) {
+        Ok(st) => (st.f_blocks.saturating_mul(st.f_frsize) / 2).max(1),
+        Err(_) => FALLBACK,
+    }
 }
 
 /// The per-registry setting for the registry keyed `registry`, from its
@@ -513,12 +552,18 @@ fn settings_of<T: Copy>(table: &HashMap<String, T>, registry: &str) -> Option<T>
 }
 
 impl Config {
-    /// Validates merged settings. Missing values take the built-in defaults.
+    /// Validates settings laid over the built-in defaults.
     pub fn from_settings(s: Settings) -> Result<Config, ConfigError> {
-        let s = s.merged_over(Settings::defaults());
+        Self::validate(s.merged_over(Settings::defaults()?)?)
+    }
+
+    /// Validates settings that already hold the built-in defaults; an option
+    /// `default.toml` should have set but did not is a
+    /// [`ConfigError::MissingDefault`].
+    fn validate(s: Settings) -> Result<Config, ConfigError> {
         let ca = match (s.ca_cert, s.ca_key) {
             (Some(cert), Some(key)) => CaSource::Files { cert, key },
-            (None, None) => CaSource::Dir(s.ca_dir.unwrap_or_else(|| PathBuf::from("certs"))),
+            (None, None) => CaSource::Dir(built_in(s.ca_dir, "ca_dir")?),
             _ => {
                 return Err(ConfigError::Value {
                     key: "ca_cert",
@@ -565,14 +610,14 @@ impl Config {
                 key: "insecure_registries",
                 message,
             })?;
-        let cert_cache = s.cert_cache.unwrap_or(1000);
+        let cert_cache = built_in(s.cert_cache, "cert_cache")?;
         if cert_cache == 0 {
             return Err(ConfigError::Value {
                 key: "cert_cache",
                 message: "must be at least 1".into(),
             });
         }
-        let client_idle_timeout = match s.client_idle_timeout.unwrap_or(30) {
+        let client_idle_timeout = match built_in(s.client_idle_timeout, "client_idle_timeout")? {
             0 => {
                 return Err(ConfigError::Value {
                     key: "client_idle_timeout",
@@ -601,9 +646,7 @@ impl Config {
                     .map(|t| (canonical_registry(host), Duration::from_secs(t)))
             })
             .collect();
-        let listen = s
-            .listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 3128)));
+        let listen = built_in(s.listen, "listen")?;
         let allow = allow_list(&s.allow, listen)?;
         let (upstream_proxy, upstream_no_proxy) =
             parent_proxy(s.upstream_proxy.as_deref(), &s.upstream_no_proxy)?;
@@ -647,35 +690,41 @@ impl Config {
             mirror_tls: s.mirror_tls,
             mirror_cert,
             mirror_names,
-            offline: s.offline.unwrap_or(false),
-            offline_share_private: s.offline_share_private.unwrap_or(false),
+            offline: built_in(s.offline, "offline")?,
+            offline_share_private: built_in(s.offline_share_private, "offline_share_private")?,
             registry_offline,
             allow,
             proxy_users: s.proxy_users,
             upstream_proxy,
             upstream_no_proxy,
-            public_ttl: Duration::from_secs(s.public_ttl.unwrap_or(600)),
-            auth_ttl: Duration::from_secs(s.auth_ttl.unwrap_or(300)),
+            public_ttl: Duration::from_secs(built_in(s.public_ttl, "public_ttl")?),
+            auth_ttl: Duration::from_secs(built_in(s.auth_ttl, "auth_ttl")?),
             credentials,
-            cache_dir: s.cache_dir.unwrap_or_else(|| PathBuf::from("cache")),
+            cache_dir: built_in(s.cache_dir, "cache_dir")?,
             cache_size,
-            tag_ttl: Duration::from_secs(s.tag_ttl.unwrap_or(60)),
+            tag_ttl: Duration::from_secs(built_in(s.tag_ttl, "tag_ttl")?),
             registry_tag_ttl,
-            verify_reads: s.verify_reads.unwrap_or(VerifyReads::First),
+            verify_reads: built_in(s.verify_reads, "verify_reads")?,
             listen,
             ca,
             upstream_ca: s.upstream_ca,
             resolve: ResolveMap::new(resolve),
             intercept: InterceptList::with_defaults(extra),
-            other_hosts: s.other_hosts.unwrap_or(OtherHosts::Tunnel),
+            other_hosts: built_in(s.other_hosts, "other_hosts")?,
             connect_ports,
             insecure_registries,
-            log_format: s.log_format.unwrap_or(LogFormat::Text),
-            shutdown_grace: Duration::from_secs(s.shutdown_grace.unwrap_or(30)),
+            log_format: built_in(s.log_format, "log_format")?,
+            shutdown_grace: Duration::from_secs(built_in(s.shutdown_grace, "shutdown_grace")?),
             cert_cache,
             client_idle_timeout,
         })
     }
+}
+
+/// The value of an option that `default.toml` sets, so that only a bug in the
+/// embedded file leaves it unset after layering.
+fn built_in<T>(value: Option<T>, key: &'static str) -> Result<T, ConfigError> {
+    value.ok_or(ConfigError::MissingDefault { key })
 }
 
 /// The client networks allowed: as configured, or by default loopback plus,
@@ -779,7 +828,7 @@ fn mirror_names(names: &[String]) -> Result<Vec<String>, ConfigError> {
         .iter()
         .map(|n| {
             let name = crate::registry::hosts::normalize_host(n);
-            if crate::tls::sni::is_dns_host_name(&name) {
+            if crate::registry::hosts::is_dns_host_name(&name) {
                 Ok(name)
             } else {
                 Err(ConfigError::Value {
@@ -789,6 +838,17 @@ fn mirror_names(names: &[String]) -> Result<Vec<String>, ConfigError> {
             }
         })
         .collect()
+}
+
+/// How [`DEFAULT_TOML`] is named in errors.
+const BUILT_IN: &str = "<built-in defaults>";
+
+/// Parses TOML text into `T`; `origin` names the text in errors.
+fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, origin: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: origin.to_path_buf(),
+        message: one_line(&e.to_string()),
+    })
 }
 
 /// Folds a multi-line message (TOML errors draw carets) into one line.
@@ -852,7 +912,7 @@ mod tests {
             intercept: vec!["b.test".into()],
             ..Settings::default()
         };
-        let config = Config::from_settings(flags.merged_over(file)).unwrap();
+        let config = Config::from_settings(flags.merged_over(file).unwrap()).unwrap();
         assert_eq!(config.listen.port(), 2);
         assert_eq!(config.connect_ports, vec![443, 8443]);
         assert!(config.intercept.matches("b.test"));
@@ -977,5 +1037,172 @@ mod tests {
         };
         let msg = Config::from_settings(s).unwrap_err().to_string();
         assert!(msg.starts_with("invalid value for resolve"), "{msg}");
+    }
+    /// Settings from TOML text, for the tables below.
+    fn toml(text: &str) -> Settings {
+        Settings::from_toml(text, Path::new("test")).unwrap()
+    }
+
+    /// The options of `s` by name, for comparing settings.
+    fn options(s: Settings) -> serde_json::Value {
+        serde_json::Value::Object(s.to_options().unwrap())
+    }
+
+    #[test]
+    fn merging_a_layer_over_another() {
+        let cases = [
+            // (top, base, merged)
+            (
+                "what is set on top wins",
+                "listen = \"127.0.0.1:2\"",
+                "listen = \"127.0.0.1:1\"\ntag_ttl = 5",
+                "listen = \"127.0.0.1:2\"\ntag_ttl = 5",
+            ),
+            (
+                "what is unset on top leaves the base",
+                "",
+                "cache_size = \"1GiB\"\nupstream_proxy = \"env\"",
+                "cache_size = \"1GiB\"\nupstream_proxy = \"env\"",
+            ),
+            (
+                "false and the empty string are set",
+                "offline = false\nupstream_proxy = \"\"",
+                "offline = true\nupstream_proxy = \"env\"",
+                "offline = false\nupstream_proxy = \"\"",
+            ),
+            (
+                "a list given on top replaces the base's, not appends",
+                "connect_ports = [8443]\nintercept = [\"b.test\"]",
+                "connect_ports = [5000, 5001]\nintercept = [\"a.test\"]",
+                "connect_ports = [8443]\nintercept = [\"b.test\"]",
+            ),
+            (
+                "an empty list on top leaves the base's",
+                "allow = []",
+                "allow = [\"10.0.0.0/8\"]",
+                "allow = [\"10.0.0.0/8\"]",
+            ),
+            (
+                "registries on top replace the base's table whole",
+                "[registries.\"ghcr.io\"]\ntag_ttl = 1",
+                "[registries.\"docker.io\"]\ntag_ttl = 2\n[registries.\"ghcr.io\"]\noffline = true",
+                "[registries.\"ghcr.io\"]\ntag_ttl = 1",
+            ),
+            (
+                "no registries on top leave the base's",
+                "tag_ttl = 3",
+                "[registries.\"docker.io\"]\ntag_ttl = 2",
+                "tag_ttl = 3\n[registries.\"docker.io\"]\ntag_ttl = 2",
+            ),
+        ];
+        for (name, top, base, merged) in cases {
+            assert_eq!(
+                options(toml(top).merged_over(toml(base)).unwrap()),
+                options(toml(merged)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn merging_a_path_that_is_not_utf8_is_an_error_not_a_panic() {
+        use std::os::unix::ffi::OsStrExt;
+        let flags = Settings {
+            ca_dir: Some(PathBuf::from(std::ffi::OsStr::from_bytes(b"ca\xff"))),
+            ..Settings::default()
+        };
+        let err = flags.merged_over(Settings::default()).unwrap_err();
+        assert!(matches!(err, ConfigError::Layer { .. }), "{err}");
+    }
+
+    #[test]
+    fn every_option_has_its_default_in_default_toml() {
+        let table: toml::Table = toml::from_str(DEFAULT_TOML).unwrap();
+        let names: Vec<String> = options(Settings::default())
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        assert!(names.len() > 30, "options found: {names:?}");
+        for name in &names {
+            // Set, or shown commented out (an option with no default value).
+            let documented = DEFAULT_TOML.lines().any(|line| {
+                line.starts_with(&format!("# {name} = "))
+                    || line.starts_with(&format!("# [{name}."))
+            });
+            assert!(
+                table.contains_key(name) || documented,
+                "{name} is neither set nor shown commented out in default.toml"
+            );
+        }
+        for key in table.keys() {
+            assert!(names.contains(key), "default.toml sets unknown {key}");
+        }
+    }
+
+    #[test]
+    fn the_embedded_defaults_parse() {
+        let defaults = Settings::defaults().expect("default.toml must parse");
+        assert_eq!(defaults.listen, Some("127.0.0.1:3128".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_default_missing_after_layering_is_an_error_naming_it() {
+        let mut defaults = Settings::defaults().unwrap();
+        defaults.tag_ttl = None;
+        let err = Config::validate(defaults).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::MissingDefault { key: "tag_ttl" }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("default.toml"), "{err}");
+    }
+
+    #[test]
+    fn cache_cap_is_cache_size_or_half_the_filesystem() {
+        let dir = tempfile::tempdir().unwrap();
+        let set = Settings {
+            cache_dir: Some(dir.path().join("cache")),
+            cache_size: Some("2GiB".into()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            Config::from_settings(set).unwrap().cache_cap(),
+            2 * 1024 * 1024 * 1024
+        );
+        let unset = Settings {
+            cache_dir: Some(dir.path().join("cache")),
+            ..Settings::default()
+        };
+        let st = rustix::fs::statvfs(dir.path()).unwrap();
+        assert_eq!(
+            Config::from_settings(unset).unwrap().cache_cap(),
+            (st.f_blocks * st.f_frsize / 2).max(1)
+        );
+    }
+
+    #[test]
+    fn the_readme_table_shows_the_defaults_of_default_toml() {
+        let table: toml::Table = toml::from_str(DEFAULT_TOML).unwrap();
+        let readme = include_str!("../../README.md");
+        // Rows like: | `tag_ttl` | `60` | what it does |
+        let rows: HashMap<&str, &str> = readme
+            .lines()
+            .filter_map(|line| {
+                let mut cells = line.split('|').map(str::trim).skip(1);
+                let key = cells.next()?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((key, cells.next()?))
+            })
+            .collect();
+        for (key, value) in &table {
+            let shown = match value {
+                toml::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            let row = rows.get(key.as_str());
+            assert!(row.is_some(), "README's option table has no row for {key}");
+            if let Some(cell) = row.and_then(|c| c.strip_prefix('`')?.strip_suffix('`')) {
+                assert_eq!(cell, shown, "README's default for {key}");
+            }
+        }
     }
 }

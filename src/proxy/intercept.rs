@@ -21,8 +21,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
-use super::access::ProxyUser;
 use super::ConnContext;
+use crate::access::ProxyUser;
+use crate::http::log::serve_request;
 use crate::serve::{self, Origin, Target};
 use crate::tls::sni::{choose_leaf, LeafChoice};
 
@@ -56,15 +57,20 @@ pub async fn serve_tunnel(
     let Some(tls) = accept_tls(&ctx, TokioIo::new(upgraded), &own, &host, None).await else {
         return;
     };
-    let app = ctx.app.clone();
+    let state = ctx.app.state.clone();
     let peer = ctx.peer;
     let target = Arc::new(Target::new(origin));
     let service = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
         if let Some(user) = proxy_user {
             req.extensions_mut().insert(user);
         }
-        let (app, target) = (app.clone(), target.clone());
-        async move { Ok::<_, Infallible>(serve::handle(&app, &target, peer, req).await) }
+        let (state, target) = (state.clone(), target.clone());
+        async move {
+            let resp = serve_request(peer, req, |req| async move {
+                serve::handle(&state, &target, req).await
+            });
+            Ok::<_, Infallible>(resp.await)
+        }
     });
     serve_http(&ctx, tls, service).await;
 }
@@ -144,7 +150,7 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<
             http::Request<hyper::body::Incoming>,
-            Response = http::Response<crate::body::Body>,
+            Response = http::Response<crate::http::body::Body>,
             Error = Infallible,
         > + Clone
         + Send
@@ -153,8 +159,8 @@ where
 {
     // HTTP/1.1: a head (and an idle keep-alive) gets client_idle_timeout in
     // all. HTTP/2: a peer that does not answer a ping within it is closed.
-    // Bodies are limited per request (crate::body::IdleLimited).
-    let idle = ctx.app.config.client_idle_timeout;
+    // Bodies are limited per request (crate::http::body::IdleLimited).
+    let idle = ctx.app.state.config.client_idle_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -6,7 +6,7 @@
 //! header, 431 when the head exceeds [`super::MAX_HEADER_BYTES`]; the
 //! connection then closes and the proxy goes on serving others.
 //!
-//! [`super::access`] is asked first: a client outside `allow` gets 403 and a
+//! [`crate::access`] is asked first: a client outside `allow` gets 403 and a
 //! closed connection, and with `proxy_users` a request without valid proxy
 //! credentials gets 407.
 
@@ -21,15 +21,15 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::access;
 use super::{intercept, tunnel, ConnContext};
-use crate::body::{self, Body};
+use crate::access;
+use crate::http::body::{self, Body};
+use crate::http::error::error_response;
+use crate::http::log::{request_target, serve_request, LogNote};
 use crate::policy::{decide_connect, decide_plain_http, Decision, PlainHttp};
 use crate::registry::hosts::normalize_host;
-use crate::serve::headers::head_too_large;
-use crate::serve::log::{logged, RequestLog};
 use crate::serve::mirror::{self, MirrorRequest};
-use crate::serve::{self, error_response, too_large, Origin, Target};
+use crate::serve::{self, Origin, Target};
 use crate::upstream::connect_tcp;
 
 /// How long a refused client may take to send its request head.
@@ -45,10 +45,11 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
         return refuse_client(stream, shutdown).await;
     }
     // A head (and an idle keep-alive) gets client_idle_timeout in all.
-    let idle = ctx.app.config.client_idle_timeout;
+    let idle = ctx.app.state.config.client_idle_timeout;
     let service = service_fn(move |req| {
         let ctx = ctx.clone();
-        async move { Ok::<_, Infallible>(route(ctx, req).await) }
+        let peer = ctx.peer;
+        async move { Ok::<_, Infallible>(serve_request(peer, req, |req| route(ctx, req)).await) }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -80,7 +81,7 @@ pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: S
     }
     let fixed = ctx.app.mirror_tls.clone();
     // A minted leaf only for regcache's own names, never for any SNI asked.
-    let mut own = ctx.app.config.mirror_names.clone();
+    let mut own = ctx.app.state.config.mirror_names.clone();
     own.push(local_name.clone());
     let Some(tls) = intercept::accept_tls(&ctx, stream, &own, &local_name, fixed).await else {
         return;
@@ -88,14 +89,8 @@ pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: S
     let service_ctx = ctx.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let ctx = service_ctx.clone();
-        async move {
-            if head_too_large(&req) {
-                let log =
-                    RequestLog::start(ctx.peer, String::new(), req.method().clone(), String::new());
-                return Ok::<_, Infallible>(logged(too_large(), log));
-            }
-            Ok(origin_form(ctx, req).await)
-        }
+        let peer = ctx.peer;
+        async move { Ok::<_, Infallible>(serve_request(peer, req, |req| origin_form(ctx, req)).await) }
     });
     intercept::serve_http(&ctx, tls, service).await;
 }
@@ -119,12 +114,9 @@ async fn refuse_client(stream: TcpStream, shutdown: tokio_util::sync::Cancellati
 async fn route(ctx: ConnContext, mut req: Request<Incoming>) -> Response<Body> {
     // Request bodies forwarded from here (plain-HTTP pass-through included)
     // are cut when the client stops sending.
-    req.extensions_mut()
-        .insert(serve::ClientIdleTimeout(ctx.app.config.client_idle_timeout));
-    if head_too_large(&req) {
-        let log = RequestLog::start(ctx.peer, String::new(), req.method().clone(), String::new());
-        return logged(too_large(), log);
-    }
+    req.extensions_mut().insert(serve::ClientIdleTimeout(
+        ctx.app.state.config.client_idle_timeout,
+    ));
     if let Some(refusal) = authenticate(&ctx, &req).await {
         return refusal;
     }
@@ -149,29 +141,16 @@ async fn origin_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
     if mirror::is_registry_path(req.uri().path()) && !missing_host {
         return mirror_mode(ctx, req).await;
     }
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("")
-        .to_string();
-    let log = RequestLog::start(
-        ctx.peer,
-        host,
-        req.method().clone(),
-        req.uri().path().into(),
-    );
-    let resp = if missing_host {
+    if missing_host {
         error_response(StatusCode::BAD_REQUEST, "missing Host header")
     } else {
         crate::admin::handle(&ctx.app, &req)
-    };
-    logged(resp, log)
+    }
 }
 
 /// Origin-form `/v2/…`: the registry-mirror and path-prefix endpoints.
 async fn mirror_mode(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
-    match mirror::resolve(&ctx.app.config, req.uri()) {
+    match mirror::resolve(&ctx.app.state.config, req.uri()) {
         Ok(MirrorRequest::Upstream { target, path }) => {
             let (mut parts, body) = req.into_parts();
             let mut uri = parts.uri.into_parts();
@@ -181,15 +160,9 @@ async fn mirror_mode(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
                 Err(e) => return error_response(StatusCode::BAD_REQUEST, &e.to_string()),
             };
             let req = Request::from_parts(parts, body);
-            serve::handle(&ctx.app, &target, ctx.peer, req).await
+            serve::handle(&ctx.app.state, &target, req).await
         }
         outcome => {
-            let log = RequestLog::start(
-                ctx.peer,
-                "mirror".into(),
-                req.method().clone(),
-                req.uri().path().into(),
-            );
             let resp = match outcome {
                 Ok(_) => mirror::base_response(),
                 Err(e) => {
@@ -197,7 +170,11 @@ async fn mirror_mode(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
                     mirror::refusal(&e)
                 }
             };
-            logged(resp, log)
+            let note = LogNote {
+                host: Some("mirror".into()),
+                ..LogNote::default()
+            };
+            note.on(resp)
         }
     }
 }
@@ -211,23 +188,9 @@ async fn authenticate(ctx: &ConnContext, req: &Request<Incoming>) -> Option<Resp
         .check(req.headers().get(http::header::PROXY_AUTHORIZATION))
         .await
         .err()?;
-    let (host, path) = match req.uri().authority() {
-        Some(authority) if req.method() == Method::CONNECT => {
-            (authority.host().to_string(), authority.to_string())
-        }
-        Some(authority) => (authority.to_string(), req.uri().path().to_string()),
-        None => (
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_string(),
-            req.uri().path().to_string(),
-        ),
-    };
+    let (host, _) = request_target(req);
     tracing::warn!(reason = %failure, method = %req.method(), host, "proxy authentication refused (407)");
-    let log = RequestLog::start(ctx.peer, host, req.method().clone(), path);
-    Some(logged(access::auth_required(), log))
+    Some(access::auth_required())
 }
 
 /// `CONNECT host:port`: intercept, tunnel or refuse.
@@ -236,22 +199,11 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
         .uri()
         .authority()
         .map(|a| (a.host().to_string(), a.port_u16()));
-    let mut log = RequestLog::start(
-        ctx.peer,
-        target.as_ref().map(|t| t.0.clone()).unwrap_or_default(),
-        Method::CONNECT,
-        req.uri().to_string(),
-    );
     let (host, port) = match target {
         Some((host, Some(port))) if !host.is_empty() => (host, port),
-        _ => {
-            return logged(
-                error_response(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target"),
-                log,
-            )
-        }
+        _ => return error_response(StatusCode::BAD_REQUEST, "CONNECT needs a host:port target"),
     };
-    match decide_connect(&ctx.app.config, &host, port) {
+    match decide_connect(&ctx.app.state.config, &host, port) {
         Decision::Refuse(refusal) => {
             tracing::warn!(
                 host,
@@ -260,10 +212,9 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
                 reason = refusal.reason,
                 "CONNECT refused"
             );
-            logged(error_response(StatusCode::FORBIDDEN, refusal.reason), log)
+            error_response(StatusCode::FORBIDDEN, refusal.reason)
         }
         Decision::Intercept => {
-            log.cache = "INTERCEPT";
             let tasks = ctx.tasks.clone();
             let proxy_user = req.extensions().get::<access::ProxyUser>().copied();
             tasks.spawn(async move {
@@ -274,25 +225,20 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
                     Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                 }
             });
-            logged(body_response(StatusCode::OK), log)
+            LogNote::cache("INTERCEPT").on(body_response(StatusCode::OK))
         }
         Decision::PassThrough => {
             let name = normalize_host(&host);
-            let upstream = match connect_tcp(ctx.app.upstream.dialer(), &name, port).await {
+            let upstream = match connect_tcp(ctx.app.state.upstream.dialer(), &name, port).await {
                 Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!(host, port, error = %e, "tunnel target unreachable");
-                    return logged(
-                        error_response(
-                            StatusCode::BAD_GATEWAY,
-                            &format!("cannot reach {host}:{port}: {e}"),
-                        ),
-                        log,
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("cannot reach {host}:{port}: {e}"),
                     );
                 }
             };
-            // The tunnel writes its own line when it closes.
-            log.discard();
             let peer = ctx.peer;
             ctx.tasks.spawn(async move {
                 match hyper::upgrade::on(req).await {
@@ -302,7 +248,12 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
                     Err(e) => tracing::debug!(error = %e, "CONNECT upgrade failed"),
                 }
             });
-            body_response(StatusCode::OK)
+            // The tunnel writes its own line when it closes.
+            let note = LogNote {
+                discard: true,
+                ..LogNote::default()
+            };
+            note.on(body_response(StatusCode::OK))
         }
     }
 }
@@ -315,52 +266,27 @@ async fn absolute_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Bod
     let authority = req.uri().authority().cloned();
     let scheme_ok = req.uri().scheme() == Some(&Scheme::HTTP);
     let (Some(authority), true) = (authority, scheme_ok) else {
-        let log = RequestLog::start(
-            ctx.peer,
-            String::new(),
-            req.method().clone(),
-            req.uri().path().into(),
-        );
-        return logged(
-            error_response(
-                StatusCode::BAD_REQUEST,
-                "absolute-form requests must be http://host/...; use CONNECT for https",
-            ),
-            log,
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "absolute-form requests must be http://host/...; use CONNECT for https",
         );
     };
     let port = authority.port_u16().unwrap_or(80);
-    let log = RequestLog::start(
-        ctx.peer,
-        authority.to_string(),
-        req.method().clone(),
-        req.uri().path().into(),
-    );
-    match decide_plain_http(&ctx.app.config, authority.host(), port) {
+    match decide_plain_http(&ctx.app.state.config, authority.host(), port) {
         PlainHttp::Refuse(refusal) => {
             tracing::warn!(host = %authority, rule = refusal.rule, reason = refusal.reason, "plain HTTP request refused (403)");
-            logged(
-                error_response(StatusCode::FORBIDDEN, &refusal.to_string()),
-                log,
-            )
+            error_response(StatusCode::FORBIDDEN, &refusal.to_string())
         }
         PlainHttp::InsecureRegistry => match Origin::http(authority.host(), port) {
-            Ok(origin) => {
-                // serve::handle writes the line.
-                log.discard();
-                serve::handle(&ctx.app, &Target::new(origin), ctx.peer, req).await
-            }
-            Err(e) => logged(error_response(StatusCode::BAD_REQUEST, &e.to_string()), log),
+            Ok(origin) => serve::handle(&ctx.app.state, &Target::new(origin), req).await,
+            Err(e) => error_response(StatusCode::BAD_REQUEST, &e.to_string()),
         },
         PlainHttp::PassThrough => {
             let origin = Origin {
                 scheme: Scheme::HTTP,
                 authority,
             };
-            logged(
-                serve::forward(&ctx.app.upstream.plain(), &origin, req).await,
-                log,
-            )
+            serve::forward(&ctx.app.state.upstream.plain(), &origin, req).await
         }
     }
 }

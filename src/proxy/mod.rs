@@ -6,7 +6,6 @@
 //! current request and close, and regcache waits up to `shutdown_grace` for
 //! them before exiting.
 
-pub mod access;
 mod intercept;
 mod listener;
 mod tunnel;
@@ -24,8 +23,8 @@ use tokio_util::task::TaskTracker;
 use crate::app::App;
 
 /// The read buffer limit given to hyper; heads are also measured against
-/// [`crate::serve::headers::MAX_HEAD_BYTES`].
-pub const MAX_HEADER_BYTES: usize = crate::serve::headers::MAX_HEAD_BYTES;
+/// [`crate::http::headers::MAX_HEAD_BYTES`].
+pub const MAX_HEADER_BYTES: usize = crate::http::headers::MAX_HEAD_BYTES;
 
 /// What every connection task carries.
 #[derive(Clone)]
@@ -60,8 +59,8 @@ pub struct Proxy {
 impl Proxy {
     /// Binds the configured listen address.
     pub async fn bind(app: Arc<App>) -> io::Result<Self> {
-        let listener = TcpListener::bind(app.config.listen).await?;
-        let mirror_tls = match app.config.mirror_tls {
+        let listener = TcpListener::bind(app.state.config.listen).await?;
+        let mirror_tls = match app.state.config.mirror_tls {
             Some(addr) => Some(TcpListener::bind(addr).await?),
             None => None,
         };
@@ -128,7 +127,7 @@ impl Proxy {
         }
         drop(self.listener);
         drop(self.mirror_tls);
-        let grace = self.app.config.shutdown_grace;
+        let grace = self.app.state.config.shutdown_grace;
         tracing::info!(
             connections = tasks.len(),
             grace_secs = grace.as_secs(),

@@ -33,8 +33,15 @@ pub fn normalize_host(host: &str) -> String {
         .to_ascii_lowercase()
 }
 
+/// Docker Hub's canonical registry name: what keys its cache entries and
+/// what image references mean when they name no registry.
+pub const DOCKER_HUB: &str = "docker.io";
+/// The host that serves Docker Hub's registry API (`docker.io` itself does
+/// not).
+pub const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
 /// Host names that all serve Docker Hub's content.
-const DOCKER_HUB_ALIASES: &[&str] = &["docker.io", "index.docker.io", "registry-1.docker.io"];
+const DOCKER_HUB_ALIASES: &[&str] = &[DOCKER_HUB, "index.docker.io", DOCKER_HUB_API];
 
 /// The cache identity of a registry host: lower-case, port kept if not 443;
 /// docker.io, index.docker.io and registry-1.docker.io all become "docker.io".
@@ -67,6 +74,26 @@ pub fn canonical_registry(authority: &str) -> String {
     match port {
         Some(port) => format!("{host}:{port}"),
         None => host,
+    }
+}
+
+/// Where the registry API of the canonical registry name `registry` (see
+/// [`canonical_registry`]) is reached: (host, port). Docker Hub's API is on
+/// [`DOCKER_HUB_API`]; otherwise the host is the name's and the port is the
+/// name's or 443. An IPv6 host keeps its brackets (`[::1]`), so that
+/// `host:port` can be written back. A port that is not a number stays part
+/// of the host (and fails wherever the host is parsed).
+pub fn upstream_host_port(registry: &str) -> (String, u16) {
+    if registry == DOCKER_HUB {
+        return (DOCKER_HUB_API.to_string(), 443);
+    }
+    match split_authority(registry) {
+        (host, Some(port)) if !host.is_empty() => match port.parse::<u16>() {
+            Ok(port) if host.contains(':') => (format!("[{host}]"), port),
+            Ok(port) => (host.to_string(), port),
+            Err(_) => (registry.to_string(), 443),
+        },
+        _ => (registry.to_string(), 443),
     }
 }
 
@@ -220,6 +247,24 @@ impl InterceptList {
     }
 }
 
+/// Whether `name` (normalised: lower case, no trailing dot) is a DNS host
+/// name: at most 253 characters, labels of 1 to 63 letters, digits and
+/// hyphens, not starting or ending with a hyphen (RFC 1123), and not an IP
+/// address.
+pub fn is_dns_host_name(name: &str) -> bool {
+    let label_ok = |l: &str| {
+        (1..=63).contains(&l.len())
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    };
+    !name.is_empty()
+        && name.len() <= 253
+        && name.parse::<std::net::IpAddr>().is_err()
+        && name.split('.').all(label_ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +323,30 @@ mod tests {
     }
 
     #[test]
+    fn upstream_host_ports_of_canonical_names() {
+        for (registry, host, port) in [
+            ("docker.io", "registry-1.docker.io", 443),
+            ("ghcr.io", "ghcr.io", 443),
+            ("localhost:5000", "localhost", 5000),
+            ("registry.local:8443", "registry.local", 8443),
+            ("docker.io:5000", "docker.io", 5000),
+            ("[::1]:5000", "[::1]", 5000),
+            ("[::1]", "[::1]", 443),
+            ("127.0.0.1:8443", "127.0.0.1", 8443),
+            ("registry.local:abc", "registry.local:abc", 443),
+            ("registry.local:", "registry.local:", 443),
+            (":5000", ":5000", 443),
+            ("", "", 443),
+        ] {
+            assert_eq!(
+                upstream_host_port(registry),
+                (host.to_string(), port),
+                "{registry:?}"
+            );
+        }
+    }
+
+    #[test]
     fn host_ports_parse_with_a_default_port() {
         let hp = |s: &str| HostPort::parse(s, 80).map(|h| h.to_string());
         assert_eq!(hp("Reg.Test:5000").unwrap(), "reg.test:5000");
@@ -304,5 +373,17 @@ mod tests {
         for bad in ["", "*.", "a..b", "a b", "*.*.x", "a/b", "x:443"] {
             assert!(bad.parse::<HostPattern>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn dns_host_name_limits() {
+        assert!(is_dns_host_name("a.b-c.example"));
+        assert!(is_dns_host_name(&"a".repeat(63)));
+        assert!(!is_dns_host_name(&"a".repeat(64)));
+        assert!(!is_dns_host_name(&format!("{}a", "a.".repeat(127))));
+        assert!(is_dns_host_name(&["a"; 127].join(".")));
+        assert!(!is_dns_host_name("ex ample.com"));
+        assert!(!is_dns_host_name("exämple.com"));
+        assert!(!is_dns_host_name("host-.example"));
     }
 }

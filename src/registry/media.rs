@@ -1,22 +1,15 @@
-//! Manifest media types, `Accept` negotiation, and the digests a manifest
-//! refers to.
+//! Manifest media types and `Accept` negotiation.
 //!
 //! A registry may hold several manifests for one tag (a Docker v2 manifest, an
 //! OCI index, …) and chooses by the request's `Accept` header, so a cached
-//! manifest is served only to a client that accepts its type. A manifest also
-//! names the blobs and child manifests it is made of ([`referenced_digests`]:
-//! what prefetch and bundles walk). Those names are pointers, never access:
-//! registries accept manifests naming digests they do not hold, so regcache
-//! links a digest to a repository only when the registry served or confirmed
-//! it there ([`crate::registry::link`]).
+//! manifest is served only to a client that accepts its type. What a
+//! manifest is made of is read by [`crate::registry::manifest`].
 //!
 //! Everything here reads untrusted bytes and never panics: bad input gives
-//! "no", an empty list, or the default type.
+//! "no" or the default type.
 
 use http::header::{HeaderMap, ACCEPT};
 use serde_json::Value;
-
-use super::digest::Digest;
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -134,38 +127,6 @@ pub fn manifest_media_type(content_type: Option<&str>, body: &[u8]) -> String {
     OCI_MANIFEST.to_string()
 }
 
-/// Every digest a manifest refers to, in document order without repeats:
-/// `config`, `layers`, `manifests` (of an index), `subject`, `blobs` (OCI
-/// artifact manifests) and `fsLayers[].blobSum` (Docker schema 1).
-///
-/// Entries whose digest does not parse are skipped; a body that is not a
-/// JSON object gives an empty list.
-pub fn referenced_digests(body: &[u8]) -> Vec<Digest> {
-    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
-    };
-    let single = |key: &str| doc.get(key).into_iter();
-    let list = |key: &str| doc.get(key).and_then(Value::as_array).into_iter().flatten();
-    let descriptors = single("config")
-        .chain(list("layers"))
-        .chain(list("manifests"))
-        .chain(single("subject"))
-        .chain(list("blobs"))
-        .filter_map(|d| d.get("digest"));
-    let schema1 = list("fsLayers").filter_map(|l| l.get("blobSum"));
-    let mut out: Vec<Digest> = Vec::new();
-    for digest in descriptors
-        .chain(schema1)
-        .filter_map(Value::as_str)
-        .filter_map(|s| s.parse::<Digest>().ok())
-    {
-        if !out.contains(&digest) {
-            out.push(digest);
-        }
-    }
-    out
-}
-
 /// Whether `media_type` is a list of manifests: an OCI index or a Docker
 /// manifest list. Parameters and case are ignored.
 pub fn is_index(media_type: &str) -> bool {
@@ -176,6 +137,7 @@ pub fn is_index(media_type: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::manifest::tests::{DOCKER_LIST, OCI_IMAGE};
     use http::HeaderValue;
 
     fn headers(values: &[&str]) -> HeaderMap {
@@ -265,116 +227,6 @@ mod tests {
         let h = headers(&[OCI_MANIFEST, DOCKER_MANIFEST_V2, DOCKER_MANIFEST_V1_SIGNED]);
         assert!(accepts(&h, DOCKER_MANIFEST_V1_SIGNED));
         assert!(!accepts(&h, DOCKER_MANIFEST_LIST));
-    }
-
-    const OCI_IMAGE: &str = r#"{
-      "schemaVersion": 2,
-      "mediaType": "application/vnd.oci.image.manifest.v1+json",
-      "config": {
-        "mediaType": "application/vnd.oci.image.config.v1+json",
-        "digest": "sha256:b5b2b2c507a0944348e0303114d8d93aaaa081732b86451d9bce1f432a537bc7",
-        "size": 7023
-      },
-      "layers": [
-        {
-          "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-          "digest": "sha256:9834876dcfb05cb167a5c24953eba58c4ac89b1adf57f28f2f9d09af107ee8f0",
-          "size": 32654
-        },
-        {
-          "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-          "digest": "sha256:3c3a4604a545cdc127456d94e421cd355bca5b528f4a9c1905b15da2eb4a4c6b",
-          "size": 16724
-        },
-        {
-          "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-          "digest": "SHA256:NOT-A-DIGEST",
-          "size": 1
-        }
-      ],
-      "subject": {
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "digest": "sha256:5b0bcabd1ed22e9fb1310cf6c2dec7cdef19f0ad69efa1f392e94a4333501270",
-        "size": 7682
-      },
-      "annotations": { "com.example.key1": "value1" }
-    }"#;
-
-    const DOCKER_LIST: &str = r#"{
-      "schemaVersion": 2,
-      "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
-      "manifests": [
-        {
-          "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-          "digest": "sha256:e692418e4cbaf90ca69d05a66403747baa33ee08806650b51fab815ad7fc331f",
-          "size": 7143,
-          "platform": { "architecture": "ppc64le", "os": "linux" }
-        },
-        {
-          "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-          "digest": "sha256:5b0bcabd1ed22e9fb1310cf6c2dec7cdef19f0ad69efa1f392e94a4333501270",
-          "size": 7682,
-          "platform": { "architecture": "amd64", "os": "linux", "features": ["sse4"] }
-        },
-        {
-          "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-          "digest": "sha256:e692418e4cbaf90ca69d05a66403747baa33ee08806650b51fab815ad7fc331f",
-          "size": 7143
-        }
-      ]
-    }"#;
-
-    fn strings(ds: Vec<Digest>) -> Vec<String> {
-        ds.iter().map(|d| d.hex()[..8].to_string()).collect()
-    }
-
-    #[test]
-    fn digests_of_an_oci_manifest() {
-        assert_eq!(
-            strings(referenced_digests(OCI_IMAGE.as_bytes())),
-            ["b5b2b2c5", "9834876d", "3c3a4604", "5b0bcabd"]
-        );
-    }
-
-    #[test]
-    fn digests_of_a_docker_manifest_list_without_repeats() {
-        assert_eq!(
-            strings(referenced_digests(DOCKER_LIST.as_bytes())),
-            ["e692418e", "5b0bcabd"]
-        );
-    }
-
-    #[test]
-    fn digests_of_schema1_and_artifact_manifests() {
-        let d = Digest::of(b"layer").to_string();
-        let schema1 = format!(r#"{{"schemaVersion":1,"fsLayers":[{{"blobSum":"{d}"}}]}}"#);
-        assert_eq!(
-            referenced_digests(schema1.as_bytes()),
-            [Digest::of(b"layer")]
-        );
-        let artifact = format!(r#"{{"blobs":[{{"digest":"{d}"}}, 7, null]}}"#);
-        assert_eq!(
-            referenced_digests(artifact.as_bytes()),
-            [Digest::of(b"layer")]
-        );
-    }
-
-    #[test]
-    fn garbage_gives_no_digests() {
-        let deep = "[".repeat(100_000);
-        for body in [
-            &b""[..],
-            b"null",
-            b"[1,2,3]",
-            b"\"sha256:e3b0\"",
-            b"{\"layers\": 5, \"config\": [], \"manifests\": {\"digest\": 1}}",
-            b"{\"config\": {\"digest\": 42}}",
-            b"\xff\xfe{",
-            b"{\"layers\":[",
-            deep.as_bytes(),
-        ] {
-            assert!(referenced_digests(body).is_empty(), "{body:?}");
-        }
     }
 
     #[test]

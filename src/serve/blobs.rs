@@ -26,37 +26,31 @@ use http::{Method, Response, StatusCode};
 use super::link::{self, Access, Kind};
 use super::range::{span, Span};
 use super::sharing;
-use super::{passthrough, upstream_uri, CacheStatus, Served};
-use crate::app::App;
-use crate::body::{self, Body};
+use super::state::State;
+use super::{passthrough, upstream_uri, CacheStatus, RepoRequest, Served};
 use crate::cache::fill::{Fill, Leader, Role};
 use crate::cache::{read, Cached};
+use crate::http::body::{self, Body};
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
-use crate::registry::name::RepoName;
 
 /// How often a request retries after a leader it followed gave up.
 const MAX_JOIN_ATTEMPTS: usize = 3;
 
 /// Serves a blob request.
-pub async fn serve(
-    app: &Arc<App>,
-    target: &super::Target,
-    name: &RepoName,
-    digest: &Digest,
-    parts: &Parts,
-) -> Served {
-    let cache = &app.cache;
-    let repo = name.as_str();
+pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
+    let (state, target, parts) = (req.state, req.target, req.parts);
+    let cache = &state.cache;
+    let repo = req.repo();
     if cache.contains(digest) {
         let facts = cache.link_facts(&target.registry, repo, digest);
-        match link::resolve(app, target, repo, digest, parts, facts, Kind::Blob).await {
+        match link::resolve(req, digest, facts, Kind::Blob).await {
             Err(refused) => return *refused,
             Ok(Access::Serve) => {
-                if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                if let Err(refused) = sharing::check(req).await {
                     return *refused;
                 }
-                if let Some(served) = from_cache(app, parts, digest).await {
+                if let Some(served) = from_cache(req, digest).await {
                     return served;
                 }
             }
@@ -66,11 +60,11 @@ pub async fn serve(
     }
     if parts.method == Method::HEAD {
         cache.count(false);
-        return forward_method(app, target, repo, digest, parts, Method::HEAD).await;
+        return forward_method(req, digest, Method::HEAD).await;
     }
     for _ in 0..MAX_JOIN_ATTEMPTS {
         match cache.join_fill(digest) {
-            Role::Leader(leader) => return lead(app, target, repo, digest, parts, leader).await,
+            Role::Leader(leader) => return lead(req, digest, leader).await,
             Role::Follower(fill) => {
                 if !fill.started().await {
                     continue;
@@ -81,15 +75,13 @@ pub async fn serve(
                 facts.linked_here |= fill
                     .origin()
                     .is_some_and(|(r, p)| *r == target.registry && p == repo);
-                match link::resolve(app, target, repo, digest, parts, facts, Kind::Blob).await {
+                match link::resolve(req, digest, facts, Kind::Blob).await {
                     Err(refused) => return *refused,
                     Ok(Access::Serve) => {}
                     // The download is another registry's bytes: ask this one.
-                    Ok(Access::Fetch) => {
-                        return forward_method(app, target, repo, digest, parts, Method::GET).await
-                    }
+                    Ok(Access::Fetch) => return forward_method(req, digest, Method::GET).await,
                 }
-                if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                if let Err(refused) = sharing::check(req).await {
                     return *refused;
                 }
                 cache.count(true);
@@ -98,28 +90,23 @@ pub async fn serve(
         }
     }
     // Upstream keeps refusing the leaders: answer as it does.
-    forward_method(app, target, repo, digest, parts, Method::GET).await
+    forward_method(req, digest, Method::GET).await
 }
 
 /// Fetches a missing blob for everyone: one upstream GET, stored as it
 /// streams to this client and to any that join.
-async fn lead(
-    app: &Arc<App>,
-    target: &super::Target,
-    repo: &str,
-    digest: &Digest,
-    parts: &Parts,
-    leader: Leader,
-) -> Served {
+async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served {
+    let (state, target, parts) = (req.state, req.target, req.parts);
+    let repo = req.repo();
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
-    let resp = match sharing::fetch_for(app, target, repo, parts, Method::GET, uri).await {
+    let resp = match sharing::fetch_for(req, Method::GET, uri).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
-    app.cache.count(false);
+    state.cache.count(false);
     if resp.status() != StatusCode::OK {
         leader.abandon();
         return Served::new(passthrough(resp), CacheStatus::Miss);
@@ -131,7 +118,7 @@ async fn lead(
     let total = content_length(resp.headers());
     // Room for a known length is held before a byte is written; without
     // room, this client gets the blob uncached (still verified).
-    let reservation = match total.map(|len| (len, app.cache.clone())) {
+    let reservation = match total.map(|len| (len, state.cache.clone())) {
         None => None,
         Some((len, cache)) => match cache.reserve(len).await {
             Ok(r) => Some(r),
@@ -169,20 +156,14 @@ async fn lead(
 /// keep failing or the running download is another registry's) and returns
 /// upstream's answer; a blob it sends is verified on the way, its last byte
 /// held back until it matched `digest` (as fills do), though not cached.
-async fn forward_method(
-    app: &Arc<App>,
-    target: &super::Target,
-    repo: &str,
-    digest: &Digest,
-    parts: &Parts,
-    method: Method,
-) -> Served {
+async fn forward_method(req: &RepoRequest<'_>, digest: &Digest, method: Method) -> Served {
+    let (target, parts) = (req.target, req.parts);
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
     let get = method == Method::GET;
-    match sharing::fetch_for(app, target, repo, parts, method, uri).await {
+    match sharing::fetch_for(req, method, uri).await {
         Ok(resp) if get && resp.status() == StatusCode::OK => {
             let total = content_length(resp.headers());
             let (head, body) = passthrough(resp).into_parts();
@@ -196,18 +177,19 @@ async fn forward_method(
 
 /// A cached blob answered with no upstream contact (offline registries);
 /// None if it is not cached or its file vanished.
-pub(crate) async fn from_cache(app: &App, parts: &Parts, digest: &Digest) -> Option<Served> {
-    let cached = app.cache.get(digest)?;
+pub(crate) async fn from_cache(req: &RepoRequest<'_>, digest: &Digest) -> Option<Served> {
+    let (state, parts) = (req.state, req.parts);
+    let cached = state.cache.get(digest)?;
     match open(&cached).await {
         Some(file) => {
-            app.cache.count(true);
+            state.cache.count(true);
             Some(Served::new(
-                from_file(app, parts, &cached, file),
+                from_file(state, parts, &cached, file),
                 CacheStatus::Hit,
             ))
         }
         None => {
-            let _ = app.cache.forget(digest).await;
+            let _ = state.cache.forget(digest).await;
             None
         }
     }
@@ -278,7 +260,7 @@ fn unsatisfiable(digest: &Digest, size: u64) -> Response<Body> {
 
 /// A cached blob, whole or in part.
 fn from_file(
-    app: &App,
+    state: &State,
     parts: &Parts,
     cached: &Cached,
     file: Arc<std::fs::File>,
@@ -289,8 +271,8 @@ fn from_file(
         let whole = start == 0 && end == size;
         if head {
             body::empty()
-        } else if read::must_verify(app.config.verify_reads, cached.is_verified(), whole) {
-            read::verifying(app.cache.clone(), cached, file)
+        } else if read::must_verify(state.config.verify_reads, cached.is_verified(), whole) {
+            read::verifying(state.cache.clone(), cached, file)
         } else {
             read::complete(file, start, end, cached.lease.clone())
         }

@@ -4,14 +4,10 @@
 //! `HEAD` in *this* repository (client's own credential) that it has it;
 //! failing both, it is fetched from the registry like a missing digest.
 
-use std::sync::Arc;
-
-use http::request::Parts;
 use http::{Method, StatusCode};
 
 use super::sharing;
-use super::{refusal, upstream_uri, CacheStatus, Served, Target};
-use crate::app::App;
+use super::{refusal, upstream_uri, CacheStatus, RepoRequest, Served};
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
 use crate::registry::link::{verdict, LinkFacts, LinkVerdict};
@@ -55,39 +51,36 @@ impl Kind {
 /// registry answers 200 links the digest to `repo`; any other answer is
 /// returned as the refusal to give the client (no bytes).
 pub async fn resolve(
-    app: &Arc<App>,
-    target: &Target,
-    repo: &str,
+    req: &RepoRequest<'_>,
     digest: &Digest,
-    parts: &Parts,
     facts: LinkFacts,
     kind: Kind,
 ) -> Result<Access, Box<Served>> {
+    let (target, repo) = (req.target, req.repo());
     match verdict(facts) {
         LinkVerdict::Serve => Ok(Access::Serve),
         LinkVerdict::Fetch => {
             tracing::info!(registry = %target.registry, repo, %digest, kind = kind.as_str(), rule = "link: cached only through another registry; asked upstream with a GET", "cached digest not linked in this registry");
             Ok(Access::Fetch)
         }
-        LinkVerdict::Confirm => confirm(app, target, repo, digest, parts, kind).await,
+        LinkVerdict::Confirm => confirm(req, digest, kind).await,
     }
 }
 
 /// Asks the registry with a `HEAD` in `repo`, with the client's own
 /// credential, whether it has `digest`.
 async fn confirm(
-    app: &Arc<App>,
-    target: &Target,
-    repo: &str,
+    req: &RepoRequest<'_>,
     digest: &Digest,
-    parts: &Parts,
     kind: Kind,
 ) -> Result<Access, Box<Served>> {
+    let (state, target, parts) = (req.state, req.target, req.parts);
+    let repo = req.repo();
     let uri = upstream_uri(target, parts)
         .map_err(|resp| Box::new(Served::new(*resp, CacheStatus::Pass)))?;
-    match sharing::fetch_for(app, target, repo, parts, Method::HEAD, uri).await {
+    match sharing::fetch_for(req, Method::HEAD, uri).await {
         Ok(resp) if resp.status() == StatusCode::OK => {
-            if let Err(e) = app
+            if let Err(e) = state
                 .cache
                 .link(&target.registry, repo, std::slice::from_ref(digest))
                 .await

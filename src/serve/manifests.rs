@@ -16,8 +16,6 @@
 //!   type, and linked to the repository. The digests it names are not: a
 //!   manifest's content never grants access to anything.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, ETAG};
 use http::request::Parts;
@@ -27,62 +25,48 @@ use http_body_util::{BodyExt, Limited};
 use super::coalesce::Turn;
 use super::link::{self, Access, Kind};
 use super::sharing;
-use super::{error_json, passthrough, upstream_uri, CacheStatus, Served, Target};
-use crate::app::App;
-use crate::body::{self, Body};
+use super::{error_json, passthrough, upstream_uri, CacheStatus, RepoRequest, Served};
 use crate::cache::freshness::{
     after_revalidation, classify, now_ms, Revalidation, TagAction, TagRecord,
 };
 use crate::cache::read::must_verify;
 use crate::cache::Cached;
+use crate::http::body::{self, Body};
 use crate::registry::digest::{Digest, DigestHasher};
 use crate::registry::error::ErrorCode;
 use crate::registry::media::{accepts, manifest_media_type};
-use crate::registry::name::RepoName;
 use crate::registry::route::Reference;
 
 /// The largest manifest regcache accepts (distribution's limit too).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Serves a manifest request.
-pub async fn serve(
-    app: &Arc<App>,
-    target: &Target,
-    name: &RepoName,
-    reference: &Reference,
-    parts: &Parts,
-) -> Served {
+pub async fn serve(req: &RepoRequest<'_>, reference: &Reference) -> Served {
     match reference {
-        Reference::Digest(digest) => by_digest(app, target, name, digest, parts).await,
-        Reference::Tag(tag) => by_tag(app, target, name, tag, parts).await,
+        Reference::Digest(digest) => by_digest(req, digest).await,
+        Reference::Tag(tag) => by_tag(req, tag).await,
     }
 }
 
-async fn by_digest(
-    app: &Arc<App>,
-    target: &Target,
-    name: &RepoName,
-    digest: &Digest,
-    parts: &Parts,
-) -> Served {
-    let cache = &app.cache;
-    let repo = name.as_str();
-    if let Some(cached) = usable(app, digest, parts) {
+async fn by_digest(req: &RepoRequest<'_>, digest: &Digest) -> Served {
+    let cache = &req.state.cache;
+    let (target, repo) = (req.target, req.repo());
+    if let Some(cached) = usable(req, digest) {
         let facts = cache.link_facts(&target.registry, repo, digest);
-        match link::resolve(app, target, repo, digest, parts, facts, Kind::Manifest).await {
+        match link::resolve(req, digest, facts, Kind::Manifest).await {
             Err(refused) => return *refused,
             Ok(Access::Serve) => {
-                if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                if let Err(refused) = sharing::check(req).await {
                     return *refused;
                 }
-                if let Some(served) = from_cache(app, &cached, parts, CacheStatus::Hit).await {
+                if let Some(served) = from_cache(req, &cached, CacheStatus::Hit).await {
                     return served;
                 }
             }
             Ok(Access::Fetch) => {}
         }
     }
-    fetch(app, target, name, None, Some(digest), parts).await
+    fetch(req, None, Some(digest)).await
 }
 
 /// How a leader's upstream lookup of a tag ended, for the requests that
@@ -96,23 +80,17 @@ pub enum TagLookup {
     Answered,
 }
 
-async fn by_tag(
-    app: &Arc<App>,
-    target: &Target,
-    name: &RepoName,
-    tag: &str,
-    parts: &Parts,
-) -> Served {
-    let repo = name.as_str();
-    if let Some(served) = fresh(app, target, repo, tag, parts).await {
+async fn by_tag(req: &RepoRequest<'_>, tag: &str) -> Served {
+    let (state, target, repo) = (req.state, req.target, req.repo());
+    if let Some(served) = fresh(req, tag).await {
         return served;
     }
     // Stale or unknown: one request asks upstream, the others wait for it
     // and are then served from what it stored.
     let key = format!("{}/{repo}:{tag}", target.registry);
-    match app.tag_lookups.join(key) {
+    match state.tag_lookups.join(key) {
         Turn::Lead(lead) => {
-            let served = ask_upstream(app, target, name, tag, parts).await;
+            let served = ask_upstream(req, tag).await;
             lead.finish(if served.cache == CacheStatus::Stale {
                 TagLookup::Unavailable
             } else {
@@ -122,74 +100,58 @@ async fn by_tag(
         }
         Turn::Follow(follow) => {
             let lookup = follow.outcome().await;
-            if let Some(served) = fresh(app, target, repo, tag, parts).await {
+            if let Some(served) = fresh(req, tag).await {
                 return served;
             }
             if lookup == Some(TagLookup::Unavailable) {
-                if let Some((_, cached)) = cached_tag(app, target, repo, tag, parts) {
-                    if let Err(refused) = sharing::check(app, target, repo, parts).await {
+                if let Some((_, cached)) = cached_tag(req, tag) {
+                    if let Err(refused) = sharing::check(req).await {
                         return *refused;
                     }
-                    return serve_stale(app, target, name, tag, &cached, parts).await;
+                    return serve_stale(req, tag, &cached).await;
                 }
             }
             // The leader's answer does not serve this request (another
             // credential or Accept, or it gave up): ask for ourselves.
-            ask_upstream(app, target, name, tag, parts).await
+            ask_upstream(req, tag).await
         }
     }
 }
 
 /// The cached manifest of a fresh tag record, if this request may have it
 /// (or the refusal if it may not); None when upstream must be asked.
-async fn fresh(
-    app: &Arc<App>,
-    target: &Target,
-    repo: &str,
-    tag: &str,
-    parts: &Parts,
-) -> Option<Served> {
-    let (record, cached) = cached_tag(app, target, repo, tag, parts)?;
-    let ttl = app.config.tag_ttl_for(&target.registry);
+async fn fresh(req: &RepoRequest<'_>, tag: &str) -> Option<Served> {
+    let (state, target) = (req.state, req.target);
+    let (record, cached) = cached_tag(req, tag)?;
+    let ttl = state.config.tag_ttl_for(&target.registry);
     if !record.is_fresh(now_ms(), ttl) {
         return None;
     }
-    if let Err(refused) = sharing::check(app, target, repo, parts).await {
+    if let Err(refused) = sharing::check(req).await {
         return Some(*refused);
     }
-    from_cache(app, &cached, parts, CacheStatus::Hit).await
+    from_cache(req, &cached, CacheStatus::Hit).await
 }
 
 /// The tag's record and its cached manifest, if both exist and the request's
 /// Accept allows the manifest's type.
-fn cached_tag(
-    app: &App,
-    target: &Target,
-    repo: &str,
-    tag: &str,
-    parts: &Parts,
-) -> Option<(TagRecord, Cached)> {
-    let record = app.cache.tag(&target.registry, repo, tag)?;
+fn cached_tag(req: &RepoRequest<'_>, tag: &str) -> Option<(TagRecord, Cached)> {
+    let record = req.state.cache.tag(&req.target.registry, req.repo(), tag)?;
     let digest = record.digest.parse::<Digest>().ok()?;
-    let cached = usable(app, &digest, parts)?;
+    let cached = usable(req, &digest)?;
     Some((record, cached))
 }
 
 /// Revalidates a stale tag with a `HEAD` (or fetches an unknown one).
-async fn ask_upstream(
-    app: &Arc<App>,
-    target: &Target,
-    name: &RepoName,
-    tag: &str,
-    parts: &Parts,
-) -> Served {
-    let cache = &app.cache;
-    let repo = name.as_str();
-    let Some((record, cached)) = cached_tag(app, target, repo, tag, parts) else {
-        return fetch(app, target, name, Some(tag), None, parts).await;
+async fn ask_upstream(req: &RepoRequest<'_>, tag: &str) -> Served {
+    let (state, target, parts) = (req.state, req.target, req.parts);
+    let cache = &state.cache;
+    let repo = req.repo();
+    let Some((record, cached)) = cached_tag(req, tag) else {
+        return fetch(req, Some(tag), None).await;
     };
     let (outcome, upstream_resp) = match upstream_uri(target, parts) {
-        Ok(uri) => match sharing::fetch_for(app, target, repo, parts, Method::HEAD, uri).await {
+        Ok(uri) => match sharing::fetch_for(req, Method::HEAD, uri).await {
             Ok(resp) => {
                 let digest = resp
                     .headers()
@@ -199,7 +161,7 @@ async fn ask_upstream(
                 (classify(resp.status(), digest), Some(resp))
             }
             Err(e) => {
-                tracing::info!(registry = %target.registry, repo, tag, error = %super::error_chain(&e), "tag revalidation failed");
+                tracing::info!(registry = %target.registry, repo, tag, error = %crate::http::error::error_chain(&e), "tag revalidation failed");
                 (Revalidation::Unavailable, None)
             }
         },
@@ -214,17 +176,17 @@ async fn ask_upstream(
             if let Err(e) = cache.set_tag(&target.registry, repo, tag, fresh).await {
                 tracing::warn!(error = %e, "cannot record tag");
             }
-            match from_cache(app, &cached, parts, CacheStatus::Revalidated).await {
+            match from_cache(req, &cached, CacheStatus::Revalidated).await {
                 Some(served) => served,
-                None => fetch(app, target, name, Some(tag), None, parts).await,
+                None => fetch(req, Some(tag), None).await,
             }
         }
-        TagAction::Refetch => fetch(app, target, name, Some(tag), None, parts).await,
+        TagAction::Refetch => fetch(req, Some(tag), None).await,
         TagAction::ServeStale => {
-            if let Err(refused) = sharing::check(app, target, repo, parts).await {
+            if let Err(refused) = sharing::check(req).await {
                 return *refused;
             }
-            serve_stale(app, target, name, tag, &cached, parts).await
+            serve_stale(req, tag, &cached).await
         }
         TagAction::PassUpstream { forget } => {
             if forget {
@@ -256,15 +218,8 @@ async fn ask_upstream(
 }
 
 /// Serves a stale cached tag with `Warning: 110` (upstream unavailable).
-async fn serve_stale(
-    app: &Arc<App>,
-    target: &Target,
-    name: &RepoName,
-    tag: &str,
-    cached: &Cached,
-    parts: &Parts,
-) -> Served {
-    match from_cache(app, cached, parts, CacheStatus::Stale).await {
+async fn serve_stale(req: &RepoRequest<'_>, tag: &str, cached: &Cached) -> Served {
+    match from_cache(req, cached, CacheStatus::Stale).await {
         Some(mut served) => {
             served.resp.headers_mut().insert(
                 http::header::WARNING,
@@ -272,14 +227,14 @@ async fn serve_stale(
             );
             served
         }
-        None => fetch(app, target, name, Some(tag), None, parts).await,
+        None => fetch(req, Some(tag), None).await,
     }
 }
 
 /// The cached manifest for `digest` if the request's Accept allows its type.
-pub(crate) fn usable(app: &App, digest: &Digest, parts: &Parts) -> Option<Cached> {
-    let cached = app.cache.get(digest)?;
-    accepts(&parts.headers, &cached.media_type).then_some(cached)
+pub(crate) fn usable(req: &RepoRequest<'_>, digest: &Digest) -> Option<Cached> {
+    let cached = req.state.cache.get(digest)?;
+    accepts(&req.parts.headers, &cached.media_type).then_some(cached)
 }
 
 /// Serves a cached manifest; None if its file vanished or no longer
@@ -287,32 +242,32 @@ pub(crate) fn usable(app: &App, digest: &Digest, parts: &Parts) -> Option<Cached
 /// damaged entry is dropped, so the caller fetches it again or answers as
 /// for a manifest not cached).
 pub(crate) async fn from_cache(
-    app: &App,
+    req: &RepoRequest<'_>,
     cached: &Cached,
-    parts: &Parts,
     status: CacheStatus,
 ) -> Option<Served> {
+    let (state, parts) = (req.state, req.parts);
     let bytes = match tokio::fs::read(&cached.path).await {
         Ok(bytes) => Bytes::from(bytes),
         Err(_) => {
-            let _ = app.cache.forget(&cached.digest).await;
+            let _ = state.cache.forget(&cached.digest).await;
             return None;
         }
     };
-    if must_verify(app.config.verify_reads, cached.is_verified(), true) {
+    if must_verify(state.config.verify_reads, cached.is_verified(), true) {
         if !cached.digest.matches(&bytes) {
             tracing::warn!(
                 digest = %cached.digest,
                 "cached manifest does not match its digest (changed on disk): not served, entry dropped"
             );
-            if let Err(e) = app.cache.drop_damaged(cached).await {
+            if let Err(e) = state.cache.drop_damaged(cached).await {
                 tracing::warn!(error = %e, "cannot drop a damaged cache entry");
             }
             return None;
         }
         cached.mark_verified();
     }
-    app.cache.count(true);
+    state.cache.count(true);
     Some(Served::new(
         manifest_response(parts, &cached.digest, &cached.media_type, bytes),
         status,
@@ -348,20 +303,15 @@ fn manifest_response(
 
 /// Fetches a manifest upstream (GET; HEAD requests on a miss are passed on as
 /// HEAD), verifies, stores, links and serves it.
-async fn fetch(
-    app: &Arc<App>,
-    target: &Target,
-    name: &RepoName,
-    tag: Option<&str>,
-    expected: Option<&Digest>,
-    parts: &Parts,
-) -> Served {
+async fn fetch(req: &RepoRequest<'_>, tag: Option<&str>, expected: Option<&Digest>) -> Served {
+    let (state, target, parts) = (req.state, req.target, req.parts);
+    let name = req.name;
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
-    app.cache.count(false);
-    let repo = name.as_str();
+    state.cache.count(false);
+    let repo = req.repo();
     // A HEAD by digest is passed on as a HEAD. A HEAD by tag (containerd
     // resolves tags that way, then GETs by digest) fetches the manifest with
     // a GET, so that the tag is recorded: this costs no extra pull, as the
@@ -372,7 +322,7 @@ async fn fetch(
         Method::GET
     };
     let head_only = method == Method::HEAD;
-    let resp = match sharing::fetch_for(app, target, repo, parts, method, uri).await {
+    let resp = match sharing::fetch_for(req, method, uri).await {
         Ok(resp) => resp,
         Err(e) => return Served::new(super::bad_gateway(target, &e), CacheStatus::Miss),
     };
@@ -388,7 +338,7 @@ async fn fetch(
     if resp.status() != StatusCode::OK {
         if resp.status() == StatusCode::NOT_FOUND {
             if let Some(tag) = tag {
-                let _ = app
+                let _ = state
                     .cache
                     .remove_tag(&target.registry, name.as_str(), tag)
                     .await;
@@ -446,7 +396,7 @@ async fn fetch(
     }
     let content_type = head.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let media_type = manifest_media_type(content_type, &bytes);
-    if let Err(e) = store(app, target, name, tag, &digest, &media_type, &bytes).await {
+    if let Err(e) = store(req, tag, &digest, &media_type, &bytes).await {
         tracing::warn!(%digest, error = %e, "cannot cache manifest");
     }
     Served::new(
@@ -456,15 +406,13 @@ async fn fetch(
 }
 
 async fn store(
-    app: &Arc<App>,
-    target: &Target,
-    name: &RepoName,
+    req: &RepoRequest<'_>,
     tag: Option<&str>,
     digest: &Digest,
     media_type: &str,
     bytes: &Bytes,
 ) -> Result<(), crate::cache::CacheError> {
-    let cache = &app.cache;
+    let (cache, target, name) = (&req.state.cache, req.target, req.name);
     cache.store_bytes(digest, bytes.clone(), media_type).await?;
     // Only the manifest itself: the digests it names are pointers that the
     // registry has not served for this repository (and may not hold).

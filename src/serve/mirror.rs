@@ -21,11 +21,14 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{Response, StatusCode, Uri};
 
 use super::{error_json, Origin, Target};
-use crate::body::{self, Body};
 use crate::config::Config;
+use crate::http::body::{self, Body};
 use crate::policy::decide_mirror;
 use crate::registry::error::{ErrorCode, RouteError};
-use crate::registry::hosts::{canonical_registry, normalize_host, HostPattern};
+use crate::registry::hosts::{
+    canonical_registry, normalize_host, upstream_host_port, HostPattern, DOCKER_HUB,
+};
+use crate::registry::reference::{docker_hub_repository, names_registry};
 
 /// What an origin-form `/v2` request is for.
 #[derive(Debug)]
@@ -68,8 +71,8 @@ pub fn resolve(config: &Config, uri: &Uri) -> Result<MirrorRequest, RouteError> 
     let (first, after) = rest.split_once('/').unwrap_or((rest, ""));
     let (registry, name_and_rest) = match ns {
         Some(ns) => (ns, rest.to_string()),
-        None if looks_like_host(first) => (first.to_string(), after.to_string()),
-        None => ("docker.io".to_string(), rest.to_string()),
+        None if names_registry(first) => (first.to_string(), after.to_string()),
+        None => (DOCKER_HUB.to_string(), rest.to_string()),
     };
     let host = normalize_host(&registry);
     let (name_part, port_part) = match host.rsplit_once(':') {
@@ -88,17 +91,17 @@ pub fn resolve(config: &Config, uri: &Uri) -> Result<MirrorRequest, RouteError> 
     }
     let canonical = canonical_registry(&host);
     let asked_port = port_part.and_then(|p| p.parse::<u16>().ok());
-    let scheme = if canonical == "docker.io" {
+    let scheme = if canonical == DOCKER_HUB {
         Scheme::HTTPS
     } else {
         decide_mirror(config, name_part, asked_port).map_err(|refusal| {
             RouteError::new(ErrorCode::Denied, format!("{canonical}: {refusal}"))
         })?
     };
-    let (upstream, name_and_rest) = if canonical == "docker.io" {
-        ("registry-1.docker.io".to_string(), hub_name(&name_and_rest))
+    let name_and_rest = if canonical == DOCKER_HUB {
+        hub_name(&name_and_rest)
     } else {
-        (canonical.clone(), name_and_rest)
+        name_and_rest
     };
     let mut path = format!("/v2/{name_and_rest}");
     if !query.is_empty() {
@@ -111,12 +114,7 @@ pub fn resolve(config: &Config, uri: &Uri) -> Result<MirrorRequest, RouteError> 
             "the path is not a valid request target",
         )
     })?;
-    let (host, port) = match upstream.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(':') && p.parse::<u16>().is_ok() && !h.is_empty() => {
-            (h.to_string(), p.parse::<u16>().unwrap_or(443))
-        }
-        _ => (upstream.clone(), 443),
-    };
+    let (host, port) = upstream_host_port(&canonical);
     let origin = if scheme == Scheme::HTTP {
         Origin::http(name_part, asked_port.unwrap_or(80))
     } else {
@@ -125,7 +123,7 @@ pub fn resolve(config: &Config, uri: &Uri) -> Result<MirrorRequest, RouteError> 
     let origin = origin.map_err(|_| {
         RouteError::new(
             ErrorCode::NameInvalid,
-            format!("{upstream:?} is not a registry host"),
+            format!("{canonical:?} is not a registry host"),
         )
     })?;
     Ok(MirrorRequest::Upstream {
@@ -142,16 +140,8 @@ fn hub_name(name_and_rest: &str) -> String {
         .filter_map(|m| name_and_rest.find(m))
         .min()
         .unwrap_or(name_and_rest.len());
-    if name_and_rest[..cut].contains('/') || cut == 0 {
-        name_and_rest.to_string()
-    } else {
-        format!("library/{name_and_rest}")
-    }
-}
-
-/// A first path component that names a registry, not a repository.
-fn looks_like_host(component: &str) -> bool {
-    component.contains('.') || component.contains(':') || component == "localhost"
+    let (name, rest) = name_and_rest.split_at(cut);
+    format!("{}{rest}", docker_hub_repository(name))
 }
 
 /// regcache's own answer to `GET /v2/`: the API is here, no token needed.

@@ -10,17 +10,15 @@
 
 pub mod blobs;
 pub mod coalesce;
-pub mod headers;
 pub mod link;
-pub mod log;
 pub mod manifests;
 pub mod mirror;
 pub mod offline;
 pub mod range;
 pub mod sharing;
+pub mod state;
 pub mod uncached;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http::header::{HeaderValue, CONTENT_TYPE};
@@ -29,14 +27,16 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 
-use crate::app::App;
-use crate::body::{self, Body};
+use crate::http::body::{self, Body};
+use crate::http::error::{error_chain, error_response, for_method};
+use crate::http::headers::{add_via, strip_hop_by_hop};
+use crate::http::log::LogNote;
 use crate::registry::error::{error_body, ErrorCode};
 use crate::registry::hosts::canonical_registry;
+use crate::registry::name::RepoName;
 use crate::registry::route::{self, Route};
 use crate::upstream::Upstream;
-use headers::{add_via, strip_hop_by_hop};
-use log::{logged, RequestLog};
+use state::State;
 
 /// Where requests on one connection go: the host the client asked for.
 #[derive(Debug, Clone)]
@@ -146,6 +146,29 @@ impl Target {
     }
 }
 
+/// One request for a repository's content (a manifest or a blob), as it
+/// passes through the phases of serving it: the shared state, the registry
+/// it is for, the repository and the client's request head.
+#[derive(Clone, Copy)]
+pub struct RepoRequest<'a> {
+    /// What serving shares.
+    pub state: &'a Arc<State>,
+    /// The registry.
+    pub target: &'a Target,
+    /// The repository.
+    pub name: &'a RepoName,
+    /// The client's request: method, path, headers (its credential among
+    /// them) and extensions.
+    pub parts: &'a Parts,
+}
+
+impl<'a> RepoRequest<'a> {
+    /// The repository's name.
+    pub fn repo(&self) -> &'a str {
+        self.name.as_str()
+    }
+}
+
 /// The cache identity of the registry at `origin` (see [`Target::new`]).
 pub fn registry_key(origin: &Origin) -> String {
     let authority = &origin.authority;
@@ -164,45 +187,33 @@ pub fn registry_key(origin: &Origin) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct ClientIdleTimeout(pub std::time::Duration);
 
-/// Marks a request whose `Proxy-Authorization` named a user of
-/// `proxy_users`: a request extension, set by the proxy on the request
-/// itself and, for a CONNECT, on every request inside its tunnel (the check
-/// covers the whole tunnel). Offline registries serve private content only
-/// to such requests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProxyUser;
-
-/// Answers one request for `target` from `client`, and logs it.
+/// Answers one request for `target`; the response carries the [`LogNote`]
+/// for its access-log line (written by [`crate::http::log::serve_request`]).
 pub async fn handle(
-    app: &Arc<App>,
+    state: &Arc<State>,
     target: &Target,
-    client: SocketAddr,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     req.extensions_mut()
-        .insert(ClientIdleTimeout(app.config.client_idle_timeout));
-    let mut log = RequestLog::start(
-        client,
-        target.origin.authority.to_string(),
-        req.method().clone(),
-        req.uri().path().to_string(),
-    );
-    let served = if headers::head_too_large(&req) {
-        Served::new(too_large(), CacheStatus::Pass)
-    } else {
-        dispatch(app, target, req).await
-    };
+        .insert(ClientIdleTimeout(state.config.client_idle_timeout));
+    let path = req.uri().path().to_string();
+    let served = dispatch(state, target, req).await;
     let mut resp = served.resp;
     if served.cache != CacheStatus::Pass {
         resp.headers_mut()
             .insert("x-cache", HeaderValue::from_static(served.cache.as_str()));
     }
-    log.cache = served.cache.as_str();
-    logged(resp, log)
+    let note = LogNote {
+        host: Some(target.origin.authority.to_string()),
+        path: Some(path),
+        cache: Some(served.cache.as_str()),
+        discard: false,
+    };
+    note.on(resp)
 }
 
-async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
-    if app.config.is_offline(&target.registry) {
+async fn dispatch(state: &Arc<State>, target: &Target, req: Request<Incoming>) -> Served {
+    if state.config.is_offline(&target.registry) {
         return match route::parse(req.uri().path()) {
             Err(e) => Served::new(
                 for_method(
@@ -213,13 +224,13 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
             ),
             Ok(route) => {
                 let (parts, _) = req.into_parts();
-                offline::serve(app, target, route, &parts).await
+                offline::serve(state, target, route, &parts).await
             }
         };
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return Served::new(
-            forward(&app.upstream, &target.origin, req).await,
+            forward(&state.upstream, &target.origin, req).await,
             CacheStatus::Pass,
         );
     }
@@ -236,15 +247,27 @@ async fn dispatch(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Se
         }
         Ok(Route::Manifest { name, reference }) => {
             let (parts, _) = req.into_parts();
-            manifests::serve(app, target, &name, &reference, &parts).await
+            let req = RepoRequest {
+                state,
+                target,
+                name: &name,
+                parts: &parts,
+            };
+            manifests::serve(&req, &reference).await
         }
-        Ok(Route::Base) => base(app, target, req).await,
+        Ok(Route::Base) => base(state, target, req).await,
         Ok(Route::Blob { name, digest }) => {
             let (parts, _) = req.into_parts();
-            blobs::serve(app, target, &name, &digest, &parts).await
+            let req = RepoRequest {
+                state,
+                target,
+                name: &name,
+                parts: &parts,
+            };
+            blobs::serve(&req, &digest).await
         }
         Ok(_) => Served::new(
-            forward(&app.upstream, &target.origin, req).await,
+            forward(&state.upstream, &target.origin, req).await,
             CacheStatus::Pass,
         ),
     }
@@ -332,23 +355,6 @@ pub fn error_json(status: StatusCode, code: ErrorCode, message: &str) -> Respons
     resp
 }
 
-/// `resp` as the answer to a `method` request: for `HEAD`, its headers and
-/// the length its body would have, without the body (which hyper's HTTP/2
-/// server would otherwise send, a protocol error for the client).
-pub fn for_method(method: &Method, resp: Response<Body>) -> Response<Body> {
-    use http_body::Body as _;
-    if method != Method::HEAD {
-        return resp;
-    }
-    let (mut parts, body) = resp.into_parts();
-    if let Some(len) = body.size_hint().exact() {
-        parts
-            .headers
-            .insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
-    }
-    Response::from_parts(parts, body::empty())
-}
-
 /// 502 for an upstream that could not be reached.
 pub fn bad_gateway(target: &Target, err: &dyn std::error::Error) -> Response<Body> {
     tracing::warn!(upstream = %target.origin.authority, error = %error_chain(err), "upstream request failed");
@@ -422,12 +428,13 @@ fn origin_uri(origin: &Origin, uri: &Uri) -> Result<Uri, http::Error> {
 /// `GET /v2/`: upstream's answer (an auth challenge, typically) when it
 /// answers; when it is down or failing, regcache's own 200 so that clients go
 /// on to pull what is cached.
-async fn base(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served {
-    match try_forward(&app.upstream, &target.origin, req).await {
+async fn base(state: &Arc<State>, target: &Target, req: Request<Incoming>) -> Served {
+    match try_forward(&state.upstream, &target.origin, req).await {
         Ok(resp) if !resp.status().is_server_error() => {
             if resp.status() == StatusCode::UNAUTHORIZED {
                 if let Some(challenge) = resp.headers().get(http::header::WWW_AUTHENTICATE) {
-                    app.sharing
+                    state
+                        .sharing
                         .remember_base_challenge(&target.registry, challenge);
                 }
             }
@@ -439,7 +446,7 @@ async fn base(app: &Arc<App>, target: &Target, req: Request<Incoming>) -> Served
                 Err(e) => error_chain(e),
             };
             tracing::info!(registry = %target.registry, reason = %why, "upstream unavailable; answering /v2/ from the cache");
-            if let Some(challenge) = app.sharing.offline_base_challenge(&target.registry) {
+            if let Some(challenge) = state.sharing.offline_base_challenge(&target.registry) {
                 // Clients only send credentials when challenged.
                 let mut resp = error_json(
                     StatusCode::UNAUTHORIZED,
@@ -467,43 +474,6 @@ fn unreachable_upstream(authority: &Authority, err: &dyn std::error::Error) -> R
         StatusCode::BAD_GATEWAY,
         &format!("regcache: cannot reach {authority}: {}", error_chain(err)),
     )
-}
-
-/// 431 for a request head over [`headers::MAX_HEAD_BYTES`].
-pub fn too_large() -> Response<Body> {
-    let mut resp = error_response(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "request headers larger than 64 KiB",
-    );
-    resp.headers_mut()
-        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-/// A short plain-text error answer.
-pub fn error_response(status: StatusCode, message: &str) -> Response<Body> {
-    let mut resp = Response::new(body::full(format!("{message}\n")));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// An error and its causes on one line: "a: b: c".
-pub fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
 }
 
 #[cfg(test)]

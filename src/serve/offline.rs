@@ -13,42 +13,21 @@
 //! `Proxy-Authorization` named a user of `proxy_users`) or, when the operator
 //! chose so, to everyone (`offline_share_private = true`); anyone else gets
 //! 403 whether or not the repository is cached, so the answer does not tell
-//! which private images are there ([`verdict`]).
+//! which private images are there
+//! ([`crate::registry::sharing::offline_verdict`]).
+
+use std::sync::Arc;
 
 use http::request::Parts;
 use http::{Method, StatusCode};
 
-use super::{blobs, error_json, manifests, mirror, CacheStatus, ProxyUser, Served, Target};
-use crate::app::App;
+use super::state::State;
+use super::{blobs, error_json, manifests, mirror, CacheStatus, RepoRequest, Served, Target};
+use crate::access::ProxyUser;
 use crate::registry::error::ErrorCode;
 use crate::registry::link::{self, LinkVerdict};
 use crate::registry::route::{Reference, Route};
-
-/// Whether an offline registry serves a repository's cached content to a
-/// request, and why.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// The repository is known public: to everyone.
-    Public,
-    /// Not known public, but the request comes from a proxy user.
-    ProxyUser,
-    /// Not known public, but `offline_share_private = true`.
-    SharedByConfig,
-    /// Not known public, and none of the above: refused.
-    Refused,
-}
-
-/// Decides who an offline registry serves: `openness` is what the cache
-/// knows of the repository (Some(true) public, Some(false) guarded, None
-/// never learnt), whatever its age, since no registry can be asked again.
-pub fn verdict(openness: Option<bool>, proxy_user: bool, share_private: bool) -> Verdict {
-    match openness {
-        Some(true) => Verdict::Public,
-        _ if proxy_user => Verdict::ProxyUser,
-        _ if share_private => Verdict::SharedByConfig,
-        _ => Verdict::Refused,
-    }
-}
+use crate::registry::sharing::{offline_verdict, OfflineVerdict, Openness};
 
 /// The 403 for a repository an offline registry does not serve to this
 /// request, with a log line naming the rule.
@@ -72,7 +51,7 @@ fn refused(target: &Target, repo: &str) -> Served {
 }
 
 /// Serves a request for an offline registry.
-pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> Served {
+pub async fn serve(state: &Arc<State>, target: &Target, route: Route, parts: &Parts) -> Served {
     let registry = &target.registry;
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return Served::new(
@@ -86,8 +65,12 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
     }
     let proxy_user = parts.extensions.get::<ProxyUser>().is_some();
     let allowed = |repo: &str| {
-        let openness = app.cache.openness(registry, repo).map(|(public, _)| public);
-        verdict(openness, proxy_user, app.config.offline_share_private) != Verdict::Refused
+        let openness = state
+            .cache
+            .openness(registry, repo)
+            .map(|(public, _)| Openness::of(public));
+        offline_verdict(openness, proxy_user, state.config.offline_share_private)
+            != OfflineVerdict::Refused
     };
     match route {
         Route::Base => Served::new(mirror::base_response(), CacheStatus::Hit),
@@ -95,21 +78,25 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
             refused(target, name.as_str())
         }
         Route::Manifest { name, reference } => {
+            let req = RepoRequest {
+                state,
+                target,
+                name: &name,
+                parts,
+            };
             let repo = name.as_str();
             let digest = match &reference {
                 Reference::Digest(d) => Some(d.clone()),
-                Reference::Tag(tag) => app
+                Reference::Tag(tag) => state
                     .cache
                     .tag(registry, repo, tag)
                     .and_then(|r| r.digest.parse().ok()),
             };
             let found = digest
-                .filter(|d| servable(app, registry, repo, d))
-                .and_then(|d| manifests::usable(app, &d, parts));
+                .filter(|d| servable(state, registry, repo, d))
+                .and_then(|d| manifests::usable(&req, &d));
             if let Some(cached) = found {
-                if let Some(served) =
-                    manifests::from_cache(app, &cached, parts, CacheStatus::Hit).await
-                {
+                if let Some(served) = manifests::from_cache(&req, &cached, CacheStatus::Hit).await {
                     return served;
                 }
             }
@@ -121,8 +108,14 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
         }
         Route::Blob { name, digest } => {
             let repo = name.as_str();
-            if servable(app, registry, repo, &digest) {
-                if let Some(served) = blobs::from_cache(app, parts, &digest).await {
+            if servable(state, registry, repo, &digest) {
+                let req = RepoRequest {
+                    state,
+                    target,
+                    name: &name,
+                    parts,
+                };
+                if let Some(served) = blobs::from_cache(&req, &digest).await {
                     return served;
                 }
             }
@@ -133,8 +126,8 @@ pub async fn serve(app: &App, target: &Target, route: Route, parts: &Parts) -> S
 }
 
 /// Whether `digest` may be served through `repo` with no registry to ask.
-fn servable(app: &App, registry: &str, repo: &str, digest: &crate::registry::Digest) -> bool {
-    link::verdict(app.cache.link_facts(registry, repo, digest)) == LinkVerdict::Serve
+fn servable(state: &State, registry: &str, repo: &str, digest: &crate::registry::Digest) -> bool {
+    link::verdict(state.cache.link_facts(registry, repo, digest)) == LinkVerdict::Serve
 }
 
 fn missing(target: &Target, what: &str, code: ErrorCode) -> Served {
@@ -147,31 +140,4 @@ fn missing(target: &Target, what: &str, code: ErrorCode) -> Served {
         ),
         CacheStatus::Miss,
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn who_an_offline_registry_serves() {
-        // (openness, proxy user, offline_share_private) -> verdict
-        let table = [
-            (Some(true), false, false, Verdict::Public),
-            (Some(true), true, true, Verdict::Public),
-            (Some(false), false, false, Verdict::Refused),
-            (None, false, false, Verdict::Refused),
-            (Some(false), true, false, Verdict::ProxyUser),
-            (None, true, true, Verdict::ProxyUser),
-            (Some(false), false, true, Verdict::SharedByConfig),
-            (None, false, true, Verdict::SharedByConfig),
-        ];
-        for (openness, user, share, want) in table {
-            assert_eq!(
-                verdict(openness, user, share),
-                want,
-                "openness {openness:?}, proxy user {user}, share {share}"
-            );
-        }
-    }
 }

@@ -1,5 +1,6 @@
-//! Who may see cached content: public repositories are shared, everything
-//! else is guarded by the upstream's own judgement of each client.
+//! Who may see cached content, the I/O half: what regcache remembers, the
+//! questions it asks the registry, and the token flow. The verdicts
+//! themselves are pure functions in [`crate::registry::sharing`].
 //!
 //! - A repository is **public** when the upstream accepts an anonymous pull.
 //!   regcache checks that itself (an anonymous `HEAD`, following a Bearer
@@ -17,31 +18,43 @@
 //!   raises rate limits and never opens what the client could not open.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use base64::Engine as _;
 use http::header::{HeaderValue, AUTHORIZATION, COOKIE, WWW_AUTHENTICATE};
-use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode};
 use sha2::{Digest as _, Sha256};
 
 use super::coalesce::{Coalescer, Turn};
-use super::{error_json, refusal, upstream_headers, upstream_uri, CacheStatus, Served, Target};
-use crate::app::App;
+use super::{
+    error_json, refusal, upstream_headers, upstream_uri, CacheStatus, RepoRequest, Served,
+};
 use crate::cache::freshness::now_ms;
+use crate::config::secret::{read_secret, SecretFileError};
 use crate::config::{Config, UpstreamCredential};
-use crate::registry::auth::{parse_challenge, pull_scope, Challenge};
+use crate::registry::auth::{parse_challenge, pull_scope, BearerChallenge, Challenge};
 use crate::registry::error::ErrorCode;
-use crate::tls::ca::check_private;
-use crate::tls::TlsError;
+use crate::registry::sharing::{
+    after_anonymous_token, after_asking, before_asking, learnt_from, probe_outcome, AnonymousToken,
+    Answer, Credential, Learnt, Openness, Probe, Verdict,
+};
 use crate::upstream::redirect::FetchError;
+use crate::upstream::token::TokenError;
 
-/// What regcache learnt about a repository's openness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Openness {
-    Public,
-    Guarded,
+/// Why regcache's own registry accounts (`[registries."HOST"]`) could not be
+/// loaded; fatal at start.
+#[derive(Debug, thiserror::Error)]
+pub enum AccountError {
+    /// A password or token file is unreadable or readable by other users.
+    #[error("registry account: {0}")]
+    Secret(#[from] SecretFileError),
+    /// The credential holds characters an `Authorization` header cannot.
+    #[error("registry account for {registry}: the credential contains characters not allowed in a header")]
+    NotAHeader {
+        /// The registry whose account it is.
+        registry: String,
+    },
 }
 
 /// What a running regcache learnt about who may see which repository.
@@ -68,7 +81,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Sharing {
     /// Reads regcache's own registry accounts (files must not be readable by
     /// other users).
-    pub fn new(config: &Config) -> Result<Self, TlsError> {
+    pub fn new(config: &Config) -> Result<Self, AccountError> {
         let mut accounts = HashMap::new();
         for (registry, credential) in &config.credentials {
             let value = match credential {
@@ -83,10 +96,10 @@ impl Sharing {
                 }
                 UpstreamCredential::Token(file) => format!("Bearer {}", read_secret(file)?),
             };
-            let mut value = HeaderValue::from_str(&value).map_err(|_| TlsError::Pem {
-                path: registry.into(),
-                message: "credential contains characters not allowed in a header".into(),
-            })?;
+            let mut value =
+                HeaderValue::from_str(&value).map_err(|_| AccountError::NotAHeader {
+                    registry: registry.clone(),
+                })?;
             value.set_sensitive(true);
             accounts.insert(registry.clone(), value);
         }
@@ -124,42 +137,30 @@ impl Sharing {
     }
 }
 
-fn read_secret(path: &std::path::Path) -> Result<String, TlsError> {
-    check_private(path)?;
-    let text = std::fs::read_to_string(path).map_err(|source| TlsError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(text.trim().to_string())
+/// What is known of the repository's openness, and whether it is still
+/// fresh (learnt within `public_ttl`).
+fn openness(req: &RepoRequest<'_>) -> Option<(Openness, bool)> {
+    let state = req.state;
+    let (public, at) = state.cache.openness(&req.target.registry, req.repo())?;
+    let fresh = now_ms().saturating_sub(at) < state.config.public_ttl.as_millis() as u64;
+    Some((Openness::of(public), fresh))
 }
 
-/// What is known of `repo`'s openness, and whether it is still fresh.
-fn openness(app: &App, target: &Target, repo: &str) -> Option<(Openness, bool)> {
-    let (public, at) = app.cache.openness(&target.registry, repo)?;
-    let fresh = now_ms().saturating_sub(at) < app.config.public_ttl.as_millis() as u64;
-    let openness = if public {
-        Openness::Public
-    } else {
-        Openness::Guarded
-    };
-    Some((openness, fresh))
+/// The key of per-repository memories: `registry/repo`.
+fn repo_key(req: &RepoRequest<'_>) -> String {
+    format!("{}/{}", req.target.registry, req.repo())
 }
 
-/// Records `repo`'s openness (and the registry's challenge, if seen).
-async fn learn_openness(
-    app: &App,
-    target: &Target,
-    repo: &str,
-    openness: Openness,
-    challenge: Option<Challenge>,
-) {
+/// Records the repository's openness (and the registry's challenge, if seen).
+async fn learn_openness(req: &RepoRequest<'_>, openness: Openness, challenge: Option<Challenge>) {
+    let state = req.state;
     if let Some(challenge) = challenge {
-        lock(&app.sharing.challenges).insert(format!("{}/{repo}", target.registry), challenge);
+        lock(&state.sharing.challenges).insert(repo_key(req), challenge);
     }
     let public = openness == Openness::Public;
-    if let Err(e) = app
+    if let Err(e) = state
         .cache
-        .set_openness(&target.registry, repo, public, now_ms())
+        .set_openness(&req.target.registry, req.repo(), public, now_ms())
         .await
     {
         tracing::warn!(error = %e, "cannot record whether a repository is public");
@@ -176,50 +177,84 @@ fn credential_key(registry: &str, repo: &str, credential: &HeaderValue) -> [u8; 
 }
 
 /// Remembers what an upstream answer to a request made for this client
-/// proves: a 200 to the client's own credential verifies it; a 200 to no
-/// credential at all makes the repository public.
-pub async fn learn(app: &Arc<App>, target: &Target, repo: &str, parts: &Parts, status: StatusCode) {
-    if status != StatusCode::OK {
-        return;
-    }
-    match parts.headers.get(AUTHORIZATION) {
-        Some(credential) => {
-            let key = credential_key(&target.registry, repo, credential);
-            lock(&app.sharing.verified).insert(key, Instant::now());
+/// proves ([`learnt_from`]).
+pub async fn learn(req: &RepoRequest<'_>, status: StatusCode) {
+    let state = req.state;
+    let credential = req.parts.headers.get(AUTHORIZATION);
+    let account = state.sharing.accounts.contains_key(&req.target.registry);
+    match learnt_from(status, credential.is_some(), account) {
+        Learnt::Credential => {
+            if let Some(credential) = credential {
+                let key = credential_key(&req.target.registry, req.repo(), credential);
+                lock(&state.sharing.verified).insert(key, Instant::now());
+            }
             // Learn soon whether everyone may see this repository, so that
             // its content is shared (and stays shared while upstream is down).
-            if !matches!(openness(app, target, repo), Some((_, true))) {
-                probe_in_background(app, target, repo, parts);
+            if !matches!(openness(req), Some((_, true))) {
+                probe_in_background(req);
             }
         }
-        None => {
-            if !app.sharing.accounts.contains_key(&target.registry) {
-                learn_openness(app, target, repo, Openness::Public, None).await;
-            }
-        }
+        Learnt::Public => learn_openness(req, Openness::Public, None).await,
+        Learnt::Nothing => {}
     }
 }
 
 /// The headers for regcache's own upstream request on behalf of this client:
 /// the client's, plus regcache's account for a public repository when the
 /// client sent no credential.
-async fn upstream_request_headers(
-    app: &App,
-    target: &Target,
-    repo: &str,
-    parts: &Parts,
-) -> HeaderMap {
-    let mut headers = upstream_headers(parts);
-    if headers.contains_key(AUTHORIZATION) || !app.sharing.accounts.contains_key(&target.registry) {
+async fn upstream_request_headers(req: &RepoRequest<'_>) -> HeaderMap {
+    let mut headers = upstream_headers(req.parts);
+    let has_account = req
+        .state
+        .sharing
+        .accounts
+        .contains_key(&req.target.registry);
+    if headers.contains_key(AUTHORIZATION) || !has_account {
         return headers;
     }
-    if public(app, target, repo, parts).await != Some(Openness::Public) {
+    if public(req).await != Some(Openness::Public) {
         return headers;
     }
-    if let Some(value) = account_authorization(app, target, repo).await {
+    if let Some(value) = account_authorization(req).await {
         headers.insert(AUTHORIZATION, value);
     }
     headers
+}
+
+/// The Bearer challenge of a 401 answer, if it has one.
+fn bearer_challenge(resp: &http::Response<hyper::body::Incoming>) -> Option<BearerChallenge> {
+    if resp.status() != StatusCode::UNAUTHORIZED {
+        return None;
+    }
+    let challenge = resp
+        .headers()
+        .get(WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_challenge)?;
+    match challenge {
+        Challenge::Bearer(bearer) => Some(bearer),
+        Challenge::Basic => None,
+    }
+}
+
+/// The one token retry: gets a pull token for the repository from the
+/// challenge's realm (with `basic`, regcache's own account, or anonymously)
+/// and sends the request once more with it. Err is the token step's failure;
+/// the caller decides what that means.
+async fn retry_with_token(
+    req: &RepoRequest<'_>,
+    bearer: &BearerChallenge,
+    basic: Option<&HeaderValue>,
+    (method, uri, mut headers): (Method, http::Uri, HeaderMap),
+) -> Result<Result<http::Response<hyper::body::Incoming>, FetchError>, TokenError> {
+    let upstream = &req.state.upstream;
+    let token = upstream
+        .bearer_token(bearer, &pull_scope(req.repo()), basic)
+        .await?;
+    let value = bearer_value(&token)
+        .ok_or_else(|| TokenError::Invalid("token not usable in a header".into()))?;
+    headers.insert(AUTHORIZATION, value);
+    Ok(upstream.fetch(method, uri, headers).await)
 }
 
 /// Sends regcache's upstream request on behalf of this client, and learns
@@ -228,78 +263,55 @@ async fn upstream_request_headers(
 /// (with its own account when configured, else anonymously) and asks again,
 /// so mirror clients and anonymous clients get public content.
 pub async fn fetch_for(
-    app: &Arc<App>,
-    target: &Target,
-    repo: &str,
-    parts: &Parts,
+    req: &RepoRequest<'_>,
     method: Method,
     uri: http::Uri,
 ) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
-    let headers = upstream_request_headers(app, target, repo, parts).await;
+    let state = req.state;
+    let headers = upstream_request_headers(req).await;
     let anonymous = !headers.contains_key(AUTHORIZATION);
-    let mut resp = app
+    let mut resp = state
         .upstream
         .fetch(method.clone(), uri.clone(), headers.clone())
         .await?;
-    if anonymous && resp.status() == StatusCode::UNAUTHORIZED {
-        let challenge = resp
-            .headers()
-            .get(WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_challenge);
-        if let Some(Challenge::Bearer(bearer)) = challenge {
-            // regcache's own account only for a repository known to be
-            // public; anything else gets an anonymous token, so that the
-            // answer is what an anonymous client would get.
-            let public = matches!(openness(app, target, repo), Some((Openness::Public, true)));
-            let account = app
-                .sharing
-                .accounts
-                .get(&target.registry)
-                .filter(|_| public);
-            let basic = account.filter(|a| a.as_bytes().starts_with(b"Basic "));
-            if let Ok(token) = app
-                .upstream
-                .bearer_token(&bearer, &pull_scope(repo), basic)
-                .await
-            {
-                if let Some(value) = bearer_value(&token) {
-                    let mut headers = headers;
-                    headers.insert(AUTHORIZATION, value);
-                    resp = app.upstream.fetch(method, uri, headers).await?;
-                }
-            }
-            lock(&app.sharing.challenges).insert(
-                format!("{}/{repo}", target.registry),
-                Challenge::Bearer(bearer),
-            );
+    if let Some(bearer) = bearer_challenge(&resp).filter(|_| anonymous) {
+        // regcache's own account only for a repository known to be
+        // public; anything else gets an anonymous token, so that the
+        // answer is what an anonymous client would get.
+        let public = matches!(openness(req), Some((Openness::Public, true)));
+        let account = state
+            .sharing
+            .accounts
+            .get(&req.target.registry)
+            .filter(|_| public);
+        let basic = account.filter(|a| a.as_bytes().starts_with(b"Basic "));
+        if let Ok(retried) = retry_with_token(req, &bearer, basic, (method, uri, headers)).await {
+            resp = retried?;
         }
+        lock(&state.sharing.challenges).insert(repo_key(req), Challenge::Bearer(bearer));
     }
-    learn(app, target, repo, parts, resp.status()).await;
+    learn(req, resp.status()).await;
     Ok(resp)
 }
 
-/// regcache's `Authorization` for `repo`: a token from the registry's realm
-/// got with the account, or the account's own value.
-async fn account_authorization(app: &App, target: &Target, repo: &str) -> Option<HeaderValue> {
-    let account = app.sharing.accounts.get(&target.registry)?;
-    let challenge = lock(&app.sharing.challenges)
-        .get(&format!("{}/{repo}", target.registry))
-        .cloned();
+/// regcache's `Authorization` for the repository: a token from the
+/// registry's realm got with the account, or the account's own value.
+async fn account_authorization(req: &RepoRequest<'_>) -> Option<HeaderValue> {
+    let state = req.state;
+    let account = state.sharing.accounts.get(&req.target.registry)?;
+    let challenge = lock(&state.sharing.challenges).get(&repo_key(req)).cloned();
     match challenge {
-        Some(Challenge::Bearer(bearer)) if account.as_bytes().starts_with(b"Basic ") => {
-            match app
-                .upstream
-                .bearer_token(&bearer, &pull_scope(repo), Some(account))
-                .await
-            {
-                Ok(token) => bearer_value(&token),
-                Err(e) => {
-                    tracing::warn!(registry = %target.registry, error = %e, "regcache's registry account got no token; asking anonymously");
-                    None
-                }
+        Some(Challenge::Bearer(bearer)) if account.as_bytes().starts_with(b"Basic ") => match state
+            .upstream
+            .bearer_token(&bearer, &pull_scope(req.repo()), Some(account))
+            .await
+        {
+            Ok(token) => bearer_value(&token),
+            Err(e) => {
+                tracing::warn!(registry = %req.target.registry, error = %e, "regcache's registry account got no token; asking anonymously");
+                None
             }
-        }
+        },
         _ => Some(account.clone()),
     }
 }
@@ -310,23 +322,20 @@ fn bearer_value(token: &str) -> Option<HeaderValue> {
     Some(value)
 }
 
-/// Whether `repo` is public: learnt within `public_ttl`, else asked anonymously.
-/// None when unknown (upstream unreachable and nothing learnt before).
-async fn public(app: &App, target: &Target, repo: &str, parts: &Parts) -> Option<Openness> {
-    let known = openness(app, target, repo);
+/// Whether the repository is public: learnt within `public_ttl`, else asked
+/// anonymously (one probe per repository however many requests wait), else
+/// what was learnt before. None when unknown (upstream unreachable and
+/// nothing learnt before).
+async fn public(req: &RepoRequest<'_>) -> Option<Openness> {
+    let known = openness(req);
     if let Some((openness, true)) = known {
         return Some(openness);
     }
-    // Concurrent requests for one repository wait for a single probe.
-    let found = match app
-        .sharing
-        .probes
-        .join(format!("{}/{repo}", target.registry))
-    {
+    let found = match req.state.sharing.probes.join(repo_key(req)) {
         Turn::Lead(lead) => {
-            let found = match probe_anonymously(app, target, repo, parts).await {
+            let found = match probe_anonymously(req).await {
                 Some((openness, challenge)) => {
-                    learn_openness(app, target, repo, openness, challenge).await;
+                    learn_openness(req, openness, challenge).await;
                     Some(openness)
                 }
                 None => None,
@@ -339,146 +348,140 @@ async fn public(app: &App, target: &Target, repo: &str, parts: &Parts) -> Option
     found.or(known.map(|(openness, _)| openness))
 }
 
-/// Starts an anonymous openness probe of `repo`, unless one is running.
-fn probe_in_background(app: &Arc<App>, target: &Target, repo: &str, parts: &Parts) {
-    let key = format!("{}/{repo}", target.registry);
-    if !lock(&app.sharing.probing).insert(key.clone()) {
+/// Starts an anonymous openness probe of the repository, unless one is
+/// running. The probe is a real request head of its own: this request's
+/// path and headers, as a `HEAD`, without the client's identity.
+fn probe_in_background(req: &RepoRequest<'_>) {
+    let key = repo_key(req);
+    let state = req.state;
+    if !lock(&state.sharing.probing).insert(key.clone()) {
         return;
     }
-    let (mut probe, ()) = http::Request::new(()).into_parts();
-    probe.method = Method::HEAD;
-    probe.uri = parts.uri.clone();
-    probe.headers = parts.headers.clone();
-    probe.headers.remove(AUTHORIZATION);
-    probe.headers.remove(COOKIE);
-    let (app, target, repo) = (app.clone(), target.clone(), repo.to_string());
+    let mut probe = http::Request::builder()
+        .method(Method::HEAD)
+        .uri(req.parts.uri.clone())
+        .body(())
+        .map(|r| r.into_parts().0);
+    if let Ok(probe) = &mut probe {
+        probe.headers = req.parts.headers.clone();
+        probe.headers.remove(AUTHORIZATION);
+        probe.headers.remove(COOKIE);
+    }
+    let (state, target, name) = (state.clone(), req.target.clone(), req.name.clone());
     tokio::spawn(async move {
-        if let Some((found, challenge)) = probe_anonymously(&app, &target, &repo, &probe).await {
-            learn_openness(&app, &target, &repo, found, challenge).await;
+        if let Ok(parts) = probe {
+            let req = RepoRequest {
+                state: &state,
+                target: &target,
+                name: &name,
+                parts: &parts,
+            };
+            if let Some((found, challenge)) = probe_anonymously(&req).await {
+                learn_openness(&req, found, challenge).await;
+            }
         }
-        lock(&app.sharing.probing).remove(&key);
+        lock(&state.sharing.probing).remove(&key);
     });
 }
 
 /// Asks upstream for this request's path with no credential (following a
 /// Bearer challenge with an anonymous token). None if upstream gave no answer
 /// that settles it.
-async fn probe_anonymously(
-    app: &App,
-    target: &Target,
-    repo: &str,
-    parts: &Parts,
-) -> Option<(Openness, Option<Challenge>)> {
-    let uri = upstream_uri(target, parts).ok()?;
-    let mut headers = upstream_headers(parts);
+async fn probe_anonymously(req: &RepoRequest<'_>) -> Option<(Openness, Option<Challenge>)> {
+    let uri = upstream_uri(req.target, req.parts).ok()?;
+    let mut headers = upstream_headers(req.parts);
     // Anonymous: nothing of the client's identity goes along.
     headers.remove(AUTHORIZATION);
     headers.remove(COOKIE);
-    let resp = app
+    let resp = req
+        .state
         .upstream
         .fetch(Method::HEAD, uri.clone(), headers.clone())
         .await
         .ok()?;
-    let status = resp.status();
     let challenge = resp
         .headers()
         .get(WWW_AUTHENTICATE)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_challenge);
-    match status {
-        StatusCode::OK => Some((Openness::Public, challenge)),
-        StatusCode::UNAUTHORIZED => match &challenge {
-            Some(Challenge::Bearer(bearer)) => {
-                let token = match app
-                    .upstream
-                    .bearer_token(bearer, &pull_scope(repo), None)
-                    .await
-                {
-                    Ok(token) => token,
-                    Err(crate::upstream::token::TokenError::Refused(_)) => {
-                        return Some((Openness::Guarded, challenge))
-                    }
-                    Err(_) => return None,
+    let bearer = bearer_challenge(&resp);
+    let openness = match (probe_outcome(resp.status(), bearer.is_some()), bearer) {
+        (Probe::Settled(openness), _) => Some(openness),
+        (Probe::Unsettled, _) => None,
+        (Probe::NeedsToken, None) => None,
+        (Probe::NeedsToken, Some(bearer)) => {
+            let token =
+                match retry_with_token(req, &bearer, None, (Method::HEAD, uri, headers)).await {
+                    Err(TokenError::Refused(_)) => AnonymousToken::Refused,
+                    Err(_) | Ok(Err(_)) => AnonymousToken::Failed,
+                    Ok(Ok(retry)) => AnonymousToken::Retried(retry.status()),
                 };
-                headers.insert(AUTHORIZATION, bearer_value(&token)?);
-                let retry = app.upstream.fetch(Method::HEAD, uri, headers).await.ok()?;
-                match retry.status() {
-                    StatusCode::OK => Some((Openness::Public, challenge)),
-                    s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => None,
-                    _ => Some((Openness::Guarded, challenge)),
-                }
-            }
-            _ => Some((Openness::Guarded, challenge)),
-        },
-        s if s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS => None,
-        _ => Some((Openness::Guarded, challenge)),
-    }
+            after_anonymous_token(token)
+        }
+    };
+    openness.map(|openness| (openness, challenge))
 }
 
-/// Decides whether this client may be served cached content of `repo`.
-/// Err holds the answer to give instead (upstream's own refusal).
-pub async fn check(
-    app: &Arc<App>,
-    target: &Target,
-    repo: &str,
-    parts: &Parts,
-) -> Result<(), Box<Served>> {
-    let credential = parts.headers.get(AUTHORIZATION);
-    let key = credential.map(|c| credential_key(&target.registry, repo, c));
-    let verified = key.and_then(|k| app.sharing.verified_at(&k));
-    if verified.is_some_and(|at| at.elapsed() < app.config.auth_ttl) {
-        return Ok(());
-    }
-    if public(app, target, repo, parts).await == Some(Openness::Public) {
+/// Decides whether this client may be served cached content of the
+/// repository ([`before_asking`], then [`after_asking`]). Err holds the
+/// answer to give instead (upstream's own refusal, or 503).
+pub async fn check(req: &RepoRequest<'_>) -> Result<(), Box<Served>> {
+    let state = req.state;
+    let (target, repo) = (req.target, req.repo());
+    let key = req
+        .parts
+        .headers
+        .get(AUTHORIZATION)
+        .map(|c| credential_key(&target.registry, repo, c));
+    let credential = match key.and_then(|k| state.sharing.verified_at(&k)) {
+        None => Credential::Unverified,
+        Some(at) if at.elapsed() < state.config.auth_ttl => Credential::Fresh,
+        Some(_) => Credential::Stale,
+    };
+    // Openness is only worth a probe when a fresh credential does not settle it.
+    let openness = match credential {
+        Credential::Fresh => None,
+        _ => public(req).await,
+    };
+    if let Verdict::Serve(_) = before_asking(credential, openness) {
         return Ok(());
     }
     // Guarded (or unknown): ask upstream with the client's own headers.
-    let uri = upstream_uri(target, parts)
+    let uri = upstream_uri(target, req.parts)
         .map_err(|resp| Box::new(Served::new(*resp, CacheStatus::Pass)))?;
-    match app
+    let answer = state
         .upstream
-        .fetch(Method::HEAD, uri, upstream_headers(parts))
+        .fetch(Method::HEAD, uri, upstream_headers(req.parts))
         .await
-    {
-        Ok(resp) if resp.status() == StatusCode::OK => {
-            learn(app, target, repo, parts, StatusCode::OK).await;
+        .ok();
+    let outcome = answer
+        .as_ref()
+        .map_or(Answer::Unavailable, |resp| Answer::of(resp.status()));
+    match (after_asking(credential, outcome), answer) {
+        (Verdict::Serve(_), _) => {
+            if outcome == Answer::Accepted {
+                learn(req, StatusCode::OK).await;
+            }
             Ok(())
         }
-        Ok(resp)
-            if resp.status().is_server_error()
-                || resp.status() == StatusCode::TOO_MANY_REQUESTS =>
-        {
-            offline_decision(verified, target, repo)
-        }
-        Ok(resp) => {
+        (Verdict::Refuse, Some(resp)) => {
             tracing::info!(registry = %target.registry, repo, status = resp.status().as_u16(), "cached content refused to a client upstream does not accept");
+            let resp = refusal(&req.parts.method, resp, ErrorCode::NameUnknown, repo);
+            Err(Box::new(Served::new(resp, CacheStatus::Miss)))
+        }
+        // Withheld (a refusal always comes with an answer).
+        _ => {
+            tracing::info!(registry = %target.registry, repo, "upstream unavailable; guarded content withheld from an unverified client");
             Err(Box::new(Served::new(
-                refusal(&parts.method, resp, ErrorCode::NameUnknown, repo),
+                error_json(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unauthorized,
+                    "upstream unavailable and this client was not verified for this repository",
+                ),
                 CacheStatus::Miss,
             )))
         }
-        Err(_) => offline_decision(verified, target, repo),
     }
-}
-
-/// Upstream gives no verdict: serve only to a credential verified before.
-fn offline_decision(
-    verified: Option<Instant>,
-    target: &Target,
-    repo: &str,
-) -> Result<(), Box<Served>> {
-    if verified.is_some() {
-        return Ok(());
-    }
-    tracing::info!(registry = %target.registry, repo, "upstream unavailable; guarded content withheld from an unverified client");
-    Err(Box::new(Served::new(
-        error_json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            ErrorCode::Unauthorized,
-            "upstream unavailable and this client was not verified for this repository",
-        ),
-        CacheStatus::Miss,
-    )))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::task::{ready, Context, Poll};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::body::{self, Body, BoxError};
+use crate::http::body::{self, Body, BoxError};
 use crate::registry::digest::{Digest, DigestHasher};
 
 /// `upstream` (a blob's 200 body) as a body that fails rather than end when

@@ -22,14 +22,9 @@ pub enum TlsError {
         /// The operating system's reason.
         source: std::io::Error,
     },
-    /// A key file is readable by other users.
-    #[error("{path} is readable by other users (mode {mode:o}); run: chmod 600 {path}")]
-    KeyExposed {
-        /// The key file.
-        path: PathBuf,
-        /// Its permission bits.
-        mode: u32,
-    },
+    /// A key file is readable by other users, or unreadable.
+    #[error(transparent)]
+    Key(#[from] crate::config::secret::SecretFileError),
     /// A PEM file holds no usable certificate or key.
     #[error("{path}: {message}")]
     Pem {
@@ -92,7 +87,7 @@ pub fn server_config_from_files(
 ) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::PrivateKeyDer;
-    ca::check_private(key)?;
+    crate::config::secret::check_private(key)?;
     let chain = read_certificates(cert)?;
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Pem {
         path: key.to_path_buf(),

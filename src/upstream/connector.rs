@@ -51,8 +51,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tower_service::Service;
 
-use crate::body::BoxError;
 use crate::config::{Config, ResolveMap};
+use crate::http::body::BoxError;
 use crate::policy::{decide_redirect_address, Refusal};
 use crate::registry::hosts::{normalize_host, HostPattern};
 

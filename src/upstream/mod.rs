@@ -1,7 +1,8 @@
 //! The client side: regcache's connections to upstream registries.
 //!
-//! One pooled hyper client speaks HTTP/1.1 or HTTP/2 (chosen by ALPN) over
-//! verified TLS, or plain HTTP for `http://` registries. Connections go where
+//! One pooled hyper client speaks HTTP/1.1 (one connection per download,
+//! see [`Upstream::new`]) over verified TLS, or plain HTTP for `http://`
+//! registries. Connections go where
 //! `--resolve` says, else through the parent proxy (`upstream_proxy`) unless
 //! the host is in `upstream_no_proxy`, else where DNS says: see [`Dialer`].
 
@@ -23,8 +24,8 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::body::Body;
 use crate::config::{Config, ResolveMap};
+use crate::http::body::Body;
 use crate::tls::{client::upstream_config, TlsError};
 
 /// An upstream request failed before a response arrived.

@@ -19,7 +19,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use super::{Upstream, UpstreamError};
-use crate::body;
+use crate::http::body;
 use crate::policy::{decide_redirect, keeps_credentials, same_origin};
 
 /// The most redirects followed for one request.

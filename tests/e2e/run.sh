@@ -46,7 +46,7 @@ SUMMARY_LOGS=("$W/regcache.log" "$W/regcache.restart.log" "$W/registry.log")
 [ "$E2E_PROXY" = tunnel ] || build_regcache
 
 # The host name must not resolve to loopback for the clients, or dockerd would
-# treat the registry as insecure and skip verification (see DESIGN.md).
+# treat the registry as insecure and skip verification (see tests/e2e/README.md).
 if getent hosts "$HUB" | grep -qE '^(127\.|::1)'; then
     fail "$HUB resolves to loopback on this machine (/etc/hosts?); the dockerd check would prove nothing"
 fi
@@ -291,7 +291,7 @@ else
     fi
 
     # Errors: an unknown tag is the upstream's 404; a malformed digest is
-    # answered 400 with an OCI error body (DESIGN.md), whatever the upstream does.
+    # answered 400 with an OCI error body (README, Security), whatever the upstream does.
     code=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/err" -w '%{http_code}' \
         "https://$HUB/v2/library/e2e-small/manifests/no-such-tag")
     if [ "$code" = 404 ]; then

@@ -181,28 +181,7 @@ fn ca_init_path_and_show() {
 
 /// Checks one bad invocation; returns what is wrong with regcache's answer.
 fn usage_error_problems(args: &[&str], mention: &str) -> Vec<String> {
-    let out = run_regcache(args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let mut problems = vec![];
-    if out.status.code() != Some(2) {
-        problems.push(format!(
-            "regcache {args:?} should exit 2; got {}; stderr:\n{stderr}",
-            out.status
-        ));
-    }
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    if lines.len() != 1 {
-        problems.push(format!(
-            "regcache {args:?} should print a one-line error; stderr has {} lines:\n{stderr}",
-            lines.len()
-        ));
-    }
-    if !lines.first().is_some_and(|l| l.contains(mention)) {
-        problems.push(format!(
-            "the error for {args:?} should mention {mention:?} on its first line; stderr:\n{stderr}"
-        ));
-    }
-    problems
+    one_line_failure_problems(args, 2, mention)
 }
 
 /// Check every case, then fail once listing all the problems.
@@ -366,4 +345,130 @@ async fn flags_override_config_file() {
     proxy
         .assert_healthy("--listen overriding the config file")
         .await;
+}
+
+// ---------------------------------------------------------------------------
+// Exit codes: 2 for usage, 1 for failures to start; defaults shown in --help
+// ---------------------------------------------------------------------------
+
+/// Checks one failing invocation: exit `code`, and a last line on stderr
+/// that names the error and mentions `mention`. A usage error (code 2) is
+/// the only line; a failure to start may follow the log lines of the start.
+/// Returns what is wrong with regcache's answer.
+fn one_line_failure_problems(args: &[&str], code: i32, mention: &str) -> Vec<String> {
+    let out = run_regcache(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut problems = vec![];
+    if out.status.code() != Some(code) {
+        problems.push(format!(
+            "regcache {args:?} should exit {code}; got {}; stderr:\n{stderr}",
+            out.status
+        ));
+    }
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    if code == 2 && lines.len() != 1 {
+        problems.push(format!(
+            "regcache {args:?} should print a one-line error; stderr has {} lines:\n{stderr}",
+            lines.len()
+        ));
+    }
+    let last = lines.last().copied().unwrap_or_default();
+    if !(last.starts_with("regcache: error: ") && last.contains(mention)) {
+        problems.push(format!(
+            "the error for {args:?} should mention {mention:?} on its last line; stderr:\n{stderr}"
+        ));
+    }
+    problems
+}
+
+#[test]
+fn invalid_config_values_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = format!("127.0.0.1:{}", free_port());
+    let d = dir.path().to_str().unwrap();
+    let file = dir.path().join("zero.toml");
+    std::fs::write(&file, "client_idle_timeout = 0\n").unwrap();
+    let f = file.to_str().unwrap();
+    assert_usage_errors(&[
+        (serve_args(&port, d, &["--cert-cache", "0"]), "cert_cache"),
+        (
+            serve_args(&port, d, &["--cache-size", "lots"]),
+            "cache_size",
+        ),
+        (
+            serve_args(&port, d, &["--config", f]),
+            "client_idle_timeout",
+        ),
+    ]);
+}
+
+#[test]
+fn failures_to_start_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    // A regular file where a directory must be: the CA cannot be created,
+    // the cache cannot be opened (whoever runs the test, root included).
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let f = file.to_str().unwrap();
+    let cache = dir.path().join("cache");
+    let c = cache.to_str().unwrap();
+    let port = format!("127.0.0.1:{}", free_port());
+    // Held for the run: the port is in use.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = taken.local_addr().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (serve_args(&port, f, &["--cache-dir", c]), "a-file"),
+        (serve_args(&port, d, &["--cache-dir", f]), "a-file"),
+        (serve_args(&busy, d, &["--cache-dir", c]), "cannot listen"),
+    ];
+    let problems: Vec<String> = cases
+        .iter()
+        .flat_map(|(args, mention)| one_line_failure_problems(args, 1, mention))
+        .collect();
+    assert!(problems.is_empty(), "{}", problems.join("\n----\n"));
+    drop(taken);
+}
+
+/// `--help` of `args`, with runs of white space (clap wraps lines) as one space.
+fn help_text(args: &[&str]) -> String {
+    let out = run_regcache(args);
+    assert!(out.status.success(), "regcache {args:?}: {}", out.status);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn help_shows_the_defaults_of_default_toml() {
+    let serve = help_text(&["serve", "--help"]);
+    for shown in [
+        "--listen <ADDR> Address of the forward proxy [default: 127.0.0.1:3128]",
+        "created on first start [default: certs]",
+        "[default: cache]",
+        "[default: tunnel]",
+        "[default: 60]",
+        "[default: first]",
+    ] {
+        assert!(
+            serve.contains(shown),
+            "serve --help lacks {shown:?}:\n{serve}"
+        );
+    }
+    let short = help_text(&["serve", "-h"]);
+    assert!(
+        short.contains("[default: 127.0.0.1:3128]"),
+        "serve -h:\n{short}"
+    );
+    let ca = help_text(&["ca", "init", "--help"]);
+    assert!(
+        ca.contains("Directory holding the regcache CA [default: certs]"),
+        "ca init --help:\n{ca}"
+    );
+    let cache = help_text(&["cache", "stats", "--help"]);
+    assert!(
+        cache.contains("Directory of the disk cache [default: cache]"),
+        "cache stats --help:\n{cache}"
+    );
 }

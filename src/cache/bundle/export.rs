@@ -29,27 +29,28 @@
 //! repositories it does not carry.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fmt;
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use indicatif::ProgressBar;
-
+use super::progress::{Progress, ProgressReader};
 use super::{
-    blob_name, children, format_withheld, human, io_err, progress_bar, read_limited, warn,
-    BundleError, Descriptor, HashingReader, LayoutIndex, CONTAINERD_NAME, INDEX_FILE, LAYOUT_FILE,
-    LAYOUT_JSON, MAX_MANIFEST, REF_NAME, REGCACHE_PUBLIC, REGCACHE_REF, REGCACHE_WITHHELD,
+    blob_name, format_withheld, io_err, read_limited, BundleError, Descriptor, HashingReader,
+    LayoutIndex, CONTAINERD_NAME, INDEX_FILE, LAYOUT_FILE, LAYOUT_JSON, MAX_MANIFEST, REF_NAME,
+    REGCACHE_PUBLIC, REGCACHE_REF, REGCACHE_WITHHELD,
 };
 use crate::cache::index::Snapshot;
-use crate::cache::offline::{self, ImageRef};
+use crate::cache::offline;
 use crate::cache::{content_file, link_key, parse_link_key, tag_key};
 use crate::registry::digest::Digest;
 use crate::registry::link::{verdict, LinkFacts, LinkVerdict};
+use crate::registry::manifest::children;
 use crate::registry::media::{manifest_media_type, OCI_INDEX};
+use crate::registry::name::RepoName;
+use crate::registry::reference::ImageRef;
 use crate::registry::route::Reference;
 
-/// What an export wrote.
+/// What an export wrote. The command line shows it (`crate::cli::report`).
 #[derive(Debug, Default)]
 pub struct ExportSummary {
     /// The images, with their top manifest's digest.
@@ -68,51 +69,6 @@ pub struct ExportSummary {
     pub private_included: Vec<ImageRef>,
     /// The bundle.
     pub output: PathBuf,
-}
-
-impl fmt::Display for ExportSummary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (image, digest) in &self.images {
-            writeln!(f, "{image}\t{digest}")?;
-        }
-        write!(
-            f,
-            "exported {} image{} ({} manifests, {} blobs, {}) to {}",
-            self.images.len(),
-            if self.images.len() == 1 { "" } else { "s" },
-            self.manifests,
-            self.blobs,
-            human(self.bytes),
-            self.output.display()
-        )?;
-        match self.missing.len() {
-            0 => {}
-            1 => write!(f, "; 1 item not in the cache was left out")?,
-            n => write!(f, "; {n} items not in the cache were left out")?,
-        }
-        match self.private_left_out.len() {
-            0 => {}
-            n => write!(
-                f,
-                "; {n} private image{} left out (--include-private exports {})",
-                if n == 1 { "" } else { "s" },
-                if n == 1 { "it" } else { "them" }
-            )?,
-        }
-        if !self.private_included.is_empty() {
-            write!(
-                f,
-                "; {} private image{} included",
-                self.private_included.len(),
-                if self.private_included.len() == 1 {
-                    ""
-                } else {
-                    "s"
-                }
-            )?;
-        }
-        writeln!(f)
-    }
 }
 
 /// What the index says about cached content.
@@ -161,7 +117,7 @@ impl Catalog {
     fn visible(&self, image: &ImageRef, digest: &Digest) -> bool {
         let mut facts = LinkFacts::default();
         for (registry, repo) in self.places.get(digest).into_iter().flatten() {
-            facts.linked_here |= *registry == image.registry && *repo == image.repository;
+            facts.linked_here |= *registry == image.registry && repo == image.repository.as_str();
             facts.public_somewhere |= self.public.contains(&format!("{registry}/{repo}"));
         }
         verdict(facts) == LinkVerdict::Serve
@@ -193,10 +149,11 @@ pub fn export(
     requested: &[String],
     output: &Path,
     include_private: bool,
+    progress: &dyn Progress,
 ) -> Result<ExportSummary, BundleError> {
     let index = offline::open(dir)?;
     let catalog = Catalog::new(dir, index.load().map_err(crate::cache::CacheError::from)?);
-    let selected = select(&catalog, requested)?;
+    let selected = select(&catalog, requested, progress)?;
     let mut images = Vec::new();
     let (mut left_out, mut included) = (Vec::new(), Vec::new());
     for (image, digest) in selected {
@@ -207,18 +164,22 @@ pub fn export(
         }
         let why = private_reason(&image, openness);
         if include_private {
-            eprintln!("regcache: warning: including private image {image} ({why}): whoever holds the bundle can read it");
+            progress.warn(&format!(
+                "including private image {image} ({why}): whoever holds the bundle can read it"
+            ));
             included.push(image.clone());
             images.push((image, digest));
         } else {
-            eprintln!("regcache: warning: left out {image}: {why} (--include-private exports it)");
+            progress.warn(&format!(
+                "left out {image}: {why} (--include-private exports it)"
+            ));
             left_out.push(image);
         }
     }
     if images.is_empty() {
         return Err(BundleError::OnlyPrivate(left_out.len()));
     }
-    let mut summary = write_bundle(&catalog, &images, output)?;
+    let mut summary = write_bundle(&catalog, &images, output, progress)?;
     summary.private_left_out = left_out;
     summary.private_included = included;
     drop(index);
@@ -235,16 +196,20 @@ fn private_reason(image: &ImageRef, openness: Option<bool>) -> String {
 }
 
 /// The images to export, with their top manifests.
-fn select(catalog: &Catalog, requested: &[String]) -> Result<Vec<(ImageRef, Digest)>, BundleError> {
+fn select(
+    catalog: &Catalog,
+    requested: &[String],
+    progress: &dyn Progress,
+) -> Result<Vec<(ImageRef, Digest)>, BundleError> {
     if requested.is_empty() {
-        return every_tag(catalog);
+        return every_tag(catalog, progress);
     }
     let mut images = Vec::new();
     for text in requested {
-        let image = ImageRef::parse(text).map_err(BundleError::Reference)?;
+        let image = ImageRef::parse(text).map_err(|e| BundleError::Reference(e.to_string()))?;
         let digest = match &image.reference {
             Reference::Tag(tag) => {
-                let key = tag_key(&image.registry, &image.repository, tag);
+                let key = tag_key(&image.registry, image.repository.as_str(), tag);
                 catalog
                     .snap
                     .tags
@@ -254,7 +219,7 @@ fn select(catalog: &Catalog, requested: &[String]) -> Result<Vec<(ImageRef, Dige
                     .ok_or_else(|| BundleError::NotCached(image.to_string()))?
             }
             Reference::Digest(d) => {
-                let link = link_key(&image.registry, &image.repository, d);
+                let link = link_key(&image.registry, image.repository.as_str(), d);
                 if !catalog.snap.links.contains(&link) {
                     return Err(BundleError::NotCached(image.to_string()));
                 }
@@ -271,24 +236,28 @@ fn select(catalog: &Catalog, requested: &[String]) -> Result<Vec<(ImageRef, Dige
     Ok(images)
 }
 
-/// Every tag whose manifest is still cached, in name order.
-fn every_tag(catalog: &Catalog) -> Result<Vec<(ImageRef, Digest)>, BundleError> {
+/// Every tag whose manifest is still cached, in name order; the others are
+/// named in a warning.
+fn every_tag(
+    catalog: &Catalog,
+    progress: &dyn Progress,
+) -> Result<Vec<(ImageRef, Digest)>, BundleError> {
     let mut tags: Vec<_> = catalog.snap.tags.iter().collect();
     tags.sort_by(|a, b| a.key.cmp(&b.key));
     let mut images = Vec::new();
     for tag in tags {
         let (Some(image), Ok(digest)) = (image_of_tag_key(&tag.key), tag.digest.parse::<Digest>())
         else {
-            eprintln!(
-                "regcache: warning: skipping {}: not expressible as an image reference",
+            progress.warn(&format!(
+                "skipping {}: not expressible as an image reference",
                 tag.key
-            );
+            ));
             continue;
         };
         if catalog.cached(&digest).is_none() {
-            eprintln!(
-                "regcache: warning: skipping {image}: its manifest {digest} is no longer cached"
-            );
+            progress.warn(&format!(
+                "skipping {image}: its manifest {digest} is no longer cached"
+            ));
             continue;
         }
         images.push((image, digest));
@@ -305,7 +274,7 @@ fn image_of_tag_key(key: &str) -> Option<ImageRef> {
     let (registry, repository) = crate::cache::split_registry(name)?;
     let image = ImageRef {
         registry: registry.to_string(),
-        repository: repository.to_string(),
+        repository: RepoName::parse(repository).ok()?,
         reference: Reference::parse(tag).ok()?,
     };
     // Only what round-trips through the bundle's annotation is exported.
@@ -334,7 +303,7 @@ fn plan(
     root: &Digest,
     written: &HashSet<Digest>,
     missing: &mut Vec<Digest>,
-    bar: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<ImagePlan, BundleError> {
     let mut out = ImagePlan::default();
     let mut seen = HashSet::new();
@@ -345,18 +314,15 @@ fn plan(
         }
         let Some(size) = catalog.cached(&digest) else {
             if !missing.contains(&digest) {
-                warn(bar, &format!("{digest} is not in the cache; left out"));
+                progress.warn(&format!("{digest} is not in the cache; left out"));
                 missing.push(digest);
             }
             continue;
         };
         if digest != *root && !catalog.visible(image, &digest) {
-            warn(
-                bar,
-                &format!(
-                    "{digest} is named by {image} but not linked to its repository; left out of it (and withheld from it on import)"
-                ),
-            );
+            progress.warn(&format!(
+                "{digest} is named by {image} but not linked to its repository; left out of it (and withheld from it on import)"
+            ));
             if !missing.contains(&digest) {
                 missing.push(digest.clone());
             }
@@ -371,7 +337,7 @@ fn plan(
             let file = File::open(&path).map_err(io_err(&path))?;
             let body = read_limited(file, MAX_MANIFEST, &format!("manifest {digest}"))?;
             for child in children(&body).into_iter().rev() {
-                stack.push((child.digest, child.manifest));
+                stack.push((child.digest.clone(), child.is_manifest()));
             }
         }
     }
@@ -393,6 +359,7 @@ fn write_bundle(
     catalog: &Catalog,
     images: &[(ImageRef, Digest)],
     output: &Path,
+    progress: &dyn Progress,
 ) -> Result<ExportSummary, BundleError> {
     let mut name = output.file_name().unwrap_or_default().to_os_string();
     name.push(".partial");
@@ -415,16 +382,22 @@ fn write_bundle(
     let mut written = HashSet::new();
     let mut descriptors = Vec::new();
     for (image, root) in images {
-        let bar = progress_bar(0, image.to_string());
-        let ImagePlan { items, withheld } =
-            plan(catalog, image, root, &written, &mut summary.missing, &bar)?;
-        bar.set_length(items.iter().map(|(_, size, _)| size).sum());
+        progress.begin(&image.to_string(), 0);
+        let ImagePlan { items, withheld } = plan(
+            catalog,
+            image,
+            root,
+            &written,
+            &mut summary.missing,
+            progress,
+        )?;
+        progress.set_total(items.iter().map(|(_, size, _)| size).sum());
         for (digest, size, manifest) in items {
             let alg = digest.algorithm();
             if dirs.insert(alg) {
                 append_dir(&mut tar, &format!("blobs/{alg}/")).map_err(werr)?;
             }
-            append_content(&mut tar, catalog, &digest, size, &bar, &partial)?;
+            append_content(&mut tar, catalog, &digest, size, progress, &partial)?;
             summary.bytes += size;
             if manifest {
                 summary.manifests += 1;
@@ -433,7 +406,7 @@ fn write_bundle(
             }
             written.insert(digest);
         }
-        bar.finish();
+        progress.end();
         descriptors.push(descriptor(catalog, image, root, &withheld)?);
         summary.images.push((image.clone(), root.clone()));
     }
@@ -531,7 +504,7 @@ fn append_content<W: Write>(
     catalog: &Catalog,
     digest: &Digest,
     size: u64,
-    bar: &ProgressBar,
+    progress: &dyn Progress,
     partial: &Path,
 ) -> Result<(), BundleError> {
     let path = content_file(&catalog.dir, digest);
@@ -543,7 +516,10 @@ fn append_content<W: Write>(
             why: format!("{actual} bytes, the index says {size}"),
         });
     }
-    let mut reader = HashingReader::new(bar.wrap_read(file).take(size), digest.algorithm());
+    let mut reader = HashingReader::new(
+        ProgressReader::new(file, progress).take(size),
+        digest.algorithm(),
+    );
     let mut h = header(tar::EntryType::Regular, size, 0o644);
     tar.append_data(&mut h, blob_name(digest), &mut reader)
         .map_err(io_err(partial))?;
@@ -567,7 +543,7 @@ mod tests {
         assert_eq!(image.to_string(), "docker.io/library/alpine:3.20");
         let image = image_of_tag_key("localhost:5000/team/app:v1").unwrap();
         assert_eq!(image.registry, "localhost:5000");
-        assert_eq!(image.repository, "team/app");
+        assert_eq!(image.repository.as_str(), "team/app");
         // An insecure registry's images (keyed `http://host:port`) have no
         // reference that round-trips through a bundle: not exported.
         assert!(image_of_tag_key("http://reg.test:5000/team/app:v1").is_none());

@@ -28,27 +28,25 @@
 //! removed on any failure; `tmp/` is also wiped whenever a cache is opened.
 
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use indicatif::ProgressBar;
-
+use super::progress::{Progress, ProgressReader};
 use super::{
-    children, classify, human, io_err, parse_withheld, progress_bar, read_limited, warn,
-    BundleError, EntryKind, LayoutIndex, CONTAINERD_NAME, MAX_INDEX, MAX_MANIFEST, REGCACHE_PUBLIC,
-    REGCACHE_REF, REGCACHE_WITHHELD,
+    classify, io_err, parse_withheld, read_limited, BundleError, EntryKind, LayoutIndex,
+    CONTAINERD_NAME, MAX_INDEX, MAX_MANIFEST, REGCACHE_PUBLIC, REGCACHE_REF, REGCACHE_WITHHELD,
 };
 use crate::cache::freshness::{now_ms, TagRecord};
-use crate::cache::offline::ImageRef;
 use crate::cache::{Cache, CacheError, Cached};
 use crate::registry::digest::Digest;
+use crate::registry::manifest::children;
 use crate::registry::media::manifest_media_type;
+use crate::registry::reference::ImageRef;
 use crate::registry::route::Reference;
 
-/// What an import added.
+/// What an import added. The command line shows it (`crate::cli::report`).
 #[derive(Debug, Default)]
 pub struct ImportSummary {
     /// The images, with their top manifest's digest.
@@ -71,42 +69,6 @@ pub struct ImportSummary {
     pub bundle: PathBuf,
 }
 
-impl fmt::Display for ImportSummary {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (image, digest) in &self.images {
-            writeln!(f, "{image}\t{digest}")?;
-        }
-        write!(
-            f,
-            "imported {} image{} ({} manifests, {} blobs, {} new; {} already cached) from {}",
-            self.images.len(),
-            if self.images.len() == 1 { "" } else { "s" },
-            self.manifests,
-            self.blobs,
-            human(self.bytes),
-            self.already,
-            self.bundle.display()
-        )?;
-        match self.missing.len() {
-            0 => {}
-            1 => write!(f, "; 1 item was not in the bundle")?,
-            n => write!(f, "; {n} items were not in the bundle")?,
-        }
-        match self.not_linked.len() {
-            0 => {}
-            1 => write!(
-                f,
-                "; 1 digest not linked to the image naming it (a pull links it)"
-            )?,
-            n => write!(
-                f,
-                "; {n} digests not linked to the images naming them (a pull links them)"
-            )?,
-        }
-        writeln!(f)
-    }
-}
-
 /// Opens the cache in `dir` (creating it) for an import, with cap `cap`.
 /// A cache that a running regcache holds is refused.
 pub fn open_cache(dir: &Path, cap: u64) -> Result<Arc<Cache>, BundleError> {
@@ -117,12 +79,17 @@ pub fn open_cache(dir: &Path, cap: u64) -> Result<Arc<Cache>, BundleError> {
 }
 
 /// Imports the bundle at `bundle` into `cache`: verifies all of it, then
-/// commits all of it.
-pub async fn import(cache: &Arc<Cache>, bundle: &Path) -> Result<ImportSummary, BundleError> {
+/// commits all of it. Reading the bundle is reported to `progress`, and so
+/// is every digest not linked or not found.
+pub async fn import(
+    cache: &Arc<Cache>,
+    bundle: &Path,
+    progress: Arc<dyn Progress>,
+) -> Result<ImportSummary, BundleError> {
     let (task_cache, path) = (cache.clone(), bundle.to_path_buf());
     let (staged, plan) = tokio::task::spawn_blocking(move || {
-        let staged = stage(&task_cache, &path)?;
-        let plan = verify(&task_cache, &staged)?;
+        let staged = stage(&task_cache, &path, progress.as_ref())?;
+        let plan = verify(&task_cache, &staged, progress.as_ref())?;
         Ok::<_, BundleError>((staged, plan))
     })
     .await
@@ -155,11 +122,14 @@ struct Staged {
 }
 
 /// Phase 1: reads the tar, staging and hashing every blob.
-fn stage(cache: &Cache, bundle: &Path) -> Result<Staged, BundleError> {
+fn stage(cache: &Cache, bundle: &Path, progress: &dyn Progress) -> Result<Staged, BundleError> {
     let file = File::open(bundle).map_err(io_err(bundle))?;
     let total = file.metadata().map_err(io_err(bundle))?.len();
-    let bar = progress_bar(total, format!("reading {}", bundle.display()));
-    let mut archive = tar::Archive::new(bar.wrap_read(BufReader::with_capacity(1 << 20, file)));
+    progress.begin(&format!("reading {}", bundle.display()), total);
+    let mut archive = tar::Archive::new(ProgressReader::new(
+        BufReader::with_capacity(1 << 20, file),
+        progress,
+    ));
     let tar_err = |e| BundleError::Io {
         path: bundle.to_path_buf(),
         source: e,
@@ -196,7 +166,7 @@ fn stage(cache: &Cache, bundle: &Path) -> Result<Staged, BundleError> {
             }
         }
     }
-    bar.finish_and_clear();
+    progress.end();
     Ok(staged)
 }
 
@@ -279,7 +249,7 @@ struct Plan {
 }
 
 /// Phase 2: checks the layout, every descriptor's size, and the names.
-fn verify(cache: &Cache, staged: &Staged) -> Result<Plan, BundleError> {
+fn verify(cache: &Cache, staged: &Staged, progress: &dyn Progress) -> Result<Plan, BundleError> {
     let layout = staged.layout.as_deref().ok_or_else(|| {
         BundleError::Layout("no oci-layout file (is this an OCI image layout?)".into())
     })?;
@@ -300,13 +270,12 @@ fn verify(cache: &Cache, staged: &Staged) -> Result<Plan, BundleError> {
     if index.manifests.is_empty() {
         return Err(BundleError::Layout("index.json names no images".into()));
     }
-    let bar = ProgressBar::hidden();
     let mut walk = Walk {
         cache,
         staged,
         plan: Plan::default(),
         planned: HashSet::new(),
-        bar: &bar,
+        progress,
     };
     for desc in &index.manifests {
         let root = desc
@@ -317,8 +286,8 @@ fn verify(cache: &Cache, staged: &Staged) -> Result<Plan, BundleError> {
         // A top manifest the bundle does not carry counts only if this cache
         // already has it for the image's repository.
         let carried = staged.blobs.contains_key(&root);
-        let linked_here =
-            cache.contains(&root) && cache.is_linked(&name.registry, &name.repository, &root);
+        let linked_here = cache.contains(&root)
+            && cache.is_linked(&name.registry, name.repository.as_str(), &root);
         if !carried && !linked_here {
             return Err(BundleError::Layout(format!(
                 "index.json names {root} ({name}), which the bundle does not contain"
@@ -365,18 +334,15 @@ fn verify(cache: &Cache, staged: &Staged) -> Result<Plan, BundleError> {
     let mut plan = walk.plan;
     for (i, held) in hold_back_unvouched(&mut plan.images) {
         let image = plan.images[i].name.clone();
-        warn(
-            &bar,
-            &format!(
-                "{image}: the bundle does not say what its exporter withheld (no {REGCACHE_WITHHELD}: \
-                 an older regcache or another tool wrote it), so only its top manifest is linked to \
-                 {}/{}; {} digests it names are not (a pull of {image} links them; a bundle \
-                 exported by this regcache links them all)",
-                image.registry,
-                image.repository,
-                held.len()
-            ),
-        );
+        progress.warn(&format!(
+            "{image}: the bundle does not say what its exporter withheld (no {REGCACHE_WITHHELD}: \
+             an older regcache or another tool wrote it), so only its top manifest is linked to \
+             {}/{}; {} digests it names are not (a pull of {image} links them; a bundle \
+             exported by this regcache links them all)",
+            image.registry,
+            image.repository,
+            held.len()
+        ));
         plan.not_linked
             .extend(held.into_iter().map(|d| (image.clone(), d)));
     }
@@ -451,7 +417,8 @@ struct Walk<'a> {
     plan: Plan,
     /// Content already in `plan.items`.
     planned: HashSet<Digest>,
-    bar: &'a ProgressBar,
+    /// Where warnings go.
+    progress: &'a dyn Progress,
 }
 
 impl Walk<'_> {
@@ -470,13 +437,10 @@ impl Walk<'_> {
         }
         let name = reach.name;
         if reach.withheld.contains(digest) {
-            warn(
-                self.bar,
-                &format!(
-                    "{digest} is named by {name} but its exporter withheld it ({name}'s repository could not see it there); not linked to {}/{}",
-                    name.registry, name.repository
-                ),
-            );
+            self.progress.warn(&format!(
+                "{digest} is named by {name} but its exporter withheld it ({name}'s repository could not see it there); not linked to {}/{}",
+                name.registry, name.repository
+            ));
             reach.held.push(digest.clone());
             return Ok(());
         }
@@ -494,24 +458,22 @@ impl Walk<'_> {
             None if self.cache.contains(digest)
                 && self
                     .cache
-                    .is_linked(&name.registry, &name.repository, digest) =>
+                    .is_linked(&name.registry, name.repository.as_str(), digest) =>
             {
                 self.cache.content_path(digest)
             }
             None if self.cache.contains(digest) => {
-                warn(
-                    self.bar,
-                    &format!(
-                        "{digest} is named by {name}, not in the bundle, and not linked to {}/{} in this cache; not linked (a pull of {name} links it)",
-                        name.registry, name.repository
-                    ),
-                );
+                self.progress.warn(&format!(
+                    "{digest} is named by {name}, not in the bundle, and not linked to {}/{} in this cache; not linked (a pull of {name} links it)",
+                    name.registry, name.repository
+                ));
                 reach.held.push(digest.clone());
                 return Ok(());
             }
             None => {
                 if !self.plan.missing.contains(digest) {
-                    warn(self.bar, &format!("{digest} is not in the bundle"));
+                    self.progress
+                        .warn(&format!("{digest} is not in the bundle"));
                     self.plan.missing.push(digest.clone());
                 }
                 return Ok(());
@@ -527,7 +489,7 @@ impl Walk<'_> {
                     &child.digest,
                     child.size,
                     &child.media_type,
-                    child.manifest,
+                    child.is_manifest(),
                     reach,
                 )?;
             }
@@ -587,7 +549,7 @@ async fn commit(
     let mut counted = HashSet::new();
     let now = now_ms();
     for image in &plan.images {
-        let (registry, repo) = (&image.name.registry, &image.name.repository);
+        let (registry, repo) = (&image.name.registry, image.name.repository.as_str());
         for d in &image.digests {
             if !carried.contains(d) && counted.insert(d.clone()) {
                 summary.already += 1;
@@ -616,8 +578,14 @@ async fn commit(
 
 #[cfg(test)]
 mod tests {
+    use super::super::progress::NoProgress;
     use super::super::{blob_name, LAYOUT_JSON, REF_NAME};
     use super::*;
+
+    /// Tests look at the summary, not at the terminal.
+    fn quiet() -> Arc<dyn Progress> {
+        Arc::new(NoProgress)
+    }
 
     /// A raw tar entry: name bytes written as they are, so tests can build
     /// what `tar::Builder` would refuse (`..`, absolute names).
@@ -714,7 +682,7 @@ mod tests {
     ) -> (Arc<Cache>, Result<ImportSummary, BundleError>) {
         let path = bundle.write(dir);
         let cache = open_cache(&dir.join("cache"), 1 << 30).unwrap();
-        let result = import(&cache, &path).await;
+        let result = import(&cache, &path, quiet()).await;
         (cache, result)
     }
 
@@ -758,7 +726,9 @@ mod tests {
         );
 
         // Importing again adds nothing.
-        let again = import(&cache, &bundle.write(dir.path())).await.unwrap();
+        let again = import(&cache, &bundle.write(dir.path()), quiet())
+            .await
+            .unwrap();
         assert_eq!((again.manifests, again.blobs, again.already), (0, 0, 3));
     }
 
@@ -819,10 +789,13 @@ mod tests {
         );
         let path = dir.path().join("empty.tar");
         std::fs::write(&path, tar.into_inner().unwrap()).unwrap();
-        let err = import(&cache, &path).await.unwrap_err().to_string();
+        let err = import(&cache, &path, quiet())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no index.json"), "{err}");
         std::fs::write(&path, b"this is not a tar file at all, not even close").unwrap();
-        assert!(import(&cache, &path).await.is_err());
+        assert!(import(&cache, &path, quiet()).await.is_err());
         assert_untouched(dir.path(), &cache);
     }
 
@@ -831,7 +804,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = Bundle::new().write(dir.path());
         let cache = open_cache(&dir.path().join("cache"), 1000).unwrap();
-        let err = import(&cache, &path).await.unwrap_err();
+        let err = import(&cache, &path, quiet()).await.unwrap_err();
         assert!(matches!(err, BundleError::TooBig { .. }), "{err}");
         assert_untouched(dir.path(), &cache);
     }
@@ -931,7 +904,7 @@ mod tests {
             &[&config, &layer, &own],
         );
         let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
-        let summary = import(&cache, &path).await.unwrap();
+        let summary = import(&cache, &path, quiet()).await.unwrap();
         assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
         assert!(cache.is_linked("docker.io", "team/secret", &l));
         for d in [Digest::of(&hostile), Digest::of(&own)] {
@@ -963,7 +936,7 @@ mod tests {
             &[&config, &layer, &own],
         );
         let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
-        let summary = import(&cache, &path).await.unwrap();
+        let summary = import(&cache, &path, quiet()).await.unwrap();
         let l = Digest::of(&layer);
         assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
         assert!(!cache.is_linked("docker.io", "attacker/pub", &Digest::of(&own)));
@@ -981,7 +954,7 @@ mod tests {
             &[&layer, &own],
         );
         let fresh = open_cache(&dir.path().join("fresh"), 1 << 30).unwrap();
-        import(&fresh, &alone).await.unwrap();
+        import(&fresh, &alone, quiet()).await.unwrap();
         assert!(!fresh.is_linked("docker.io", "attacker/pub", &l));
     }
 
@@ -995,7 +968,7 @@ mod tests {
             &[(SECRET, false, Some(String::new()), &secret)],
             &[&config, &layer],
         );
-        import(&cache, &first).await.unwrap();
+        import(&cache, &first, quiet()).await.unwrap();
         // A later bundle names the cached private layer without carrying it
         // (and withholds nothing): the cache's copy is not linked to it.
         let second = write_images(
@@ -1003,7 +976,7 @@ mod tests {
             &[(EVIL, true, Some(String::new()), &hostile)],
             &[&own],
         );
-        let summary = import(&cache, &second).await.unwrap();
+        let summary = import(&cache, &second, quiet()).await.unwrap();
         let l = Digest::of(&layer);
         assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
         assert_eq!(summary.not_linked, [(ImageRef::parse(EVIL).unwrap(), l)]);
@@ -1020,7 +993,10 @@ mod tests {
         .to_string();
         entry(&mut tar, "index.json", regular, index.as_bytes());
         std::fs::write(&third, tar.into_inner().unwrap()).unwrap();
-        let err = import(&cache, &third).await.unwrap_err().to_string();
+        let err = import(&cache, &third, quiet())
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not contain"), "{err}");
         assert!(!cache.is_linked("docker.io", "attacker/pub", &Digest::of(&secret)));
     }
@@ -1036,7 +1012,7 @@ mod tests {
                 &[&config, &layer],
             );
             let cache = open_cache(&dir.path().join(format!("c{}", bad.len())), 1 << 30).unwrap();
-            let err = import(&cache, &path).await.unwrap_err();
+            let err = import(&cache, &path, quiet()).await.unwrap_err();
             assert!(matches!(err, BundleError::Layout(_)), "{bad}: {err}");
             assert_eq!(cache.stats().links, 0);
         }

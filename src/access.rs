@@ -31,10 +31,10 @@ use http::{Method, Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
-use crate::body::Body;
+use crate::config::secret::{check_private, SecretFileError};
 use crate::config::Config;
-use crate::serve::error_response;
-use crate::tls::TlsError;
+use crate::http::body::Body;
+use crate::http::error::error_response;
 
 /// The realm named in `Proxy-Authenticate`.
 pub const REALM: &str = "regcache";
@@ -58,7 +58,7 @@ pub enum AccessError {
     },
     /// The users file is readable by other users.
     #[error("proxy_users: {0}")]
-    Exposed(#[source] TlsError),
+    Exposed(#[source] SecretFileError),
     /// A line of the users file is not `user:bcrypt-hash`.
     #[error("proxy_users file {path}, line {line}: {message}")]
     Malformed {
@@ -156,7 +156,7 @@ impl ProxyUsers {
             path: path.to_path_buf(),
             source,
         })?;
-        crate::tls::ca::check_private(path).map_err(AccessError::Exposed)?;
+        check_private(path).map_err(AccessError::Exposed)?;
         Self::parse(&text, path)
     }
 
@@ -247,7 +247,13 @@ impl ProxyUsers {
     }
 }
 
-pub use crate::serve::ProxyUser;
+/// Marks a request whose `Proxy-Authorization` named a user of
+/// `proxy_users`: a request extension, set by the proxy on the request
+/// itself and, for a CONNECT, on every request inside its tunnel (the check
+/// covers the whole tunnel). Offline registries serve private content only
+/// to such requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProxyUser;
 
 /// Both gates, built once at start from the [`Config`].
 #[derive(Debug)]

@@ -46,17 +46,18 @@
 
 pub mod export;
 pub mod import;
+pub mod progress;
 
 use std::collections::BTreeMap;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use super::CacheError;
 use crate::registry::digest::{Algorithm, Digest, DigestHasher};
+
+pub use progress::{NoProgress, Progress};
 
 /// The name of the layout marker file.
 pub const LAYOUT_FILE: &str = "oci-layout";
@@ -289,62 +290,6 @@ pub struct LayoutIndex {
     pub manifests: Vec<Descriptor>,
 }
 
-/// Something a manifest refers to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Child {
-    /// Its digest.
-    pub digest: Digest,
-    /// Its size, if the manifest says (schema 1 does not).
-    pub size: Option<u64>,
-    /// Its media type as the manifest gives it.
-    pub media_type: String,
-    /// Whether it is a manifest itself (an index's `manifests`).
-    pub manifest: bool,
-}
-
-/// What a manifest is made of: the child manifests of an index, then
-/// `config`, `layers` and `blobs` (artifacts), and `fsLayers` (schema 1),
-/// without repeats. Descriptors whose digest does not parse are left out, as
-/// regcache's proxy does; `subject` is not part of the image and left out.
-pub fn children(body: &[u8]) -> Vec<Child> {
-    let Ok(Value::Object(doc)) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
-    };
-    let list = |key: &str| doc.get(key).and_then(Value::as_array).into_iter().flatten();
-    let manifests = list("manifests").map(|d| (d, "digest", true));
-    let blobs = doc
-        .get("config")
-        .into_iter()
-        .chain(list("layers"))
-        .chain(list("blobs"))
-        .map(|d| (d, "digest", false));
-    let schema1 = list("fsLayers").map(|d| (d, "blobSum", false));
-    let mut out: Vec<Child> = Vec::new();
-    for (desc, key, manifest) in manifests.chain(blobs).chain(schema1) {
-        let Some(digest) = desc
-            .get(key)
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse::<Digest>().ok())
-        else {
-            continue;
-        };
-        if out.iter().any(|c| c.digest == digest) {
-            continue;
-        }
-        out.push(Child {
-            digest,
-            size: desc.get("size").and_then(Value::as_u64),
-            media_type: desc
-                .get("mediaType")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-            manifest,
-        });
-    }
-    out
-}
-
 /// The value of [`REGCACHE_WITHHELD`] for `digests`: comma-separated, in the
 /// order given, empty for none.
 pub fn format_withheld(digests: &[Digest]) -> String {
@@ -426,29 +371,6 @@ impl<R: Read> Read for HashingReader<R> {
         self.count += n as u64;
         Ok(n)
     }
-}
-
-/// A byte progress bar on stderr; indicatif draws nothing when stderr is not
-/// a terminal (or `TERM=dumb`), so logs stay clean.
-pub(crate) fn progress_bar(total: u64, message: String) -> ProgressBar {
-    let style = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {eta}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
-    ProgressBar::new(total)
-        .with_style(style)
-        .with_message(message)
-}
-
-/// Prints a warning on stderr without tearing a progress bar.
-pub(crate) fn warn(bar: &ProgressBar, message: &str) {
-    bar.suspend(|| eprintln!("regcache: warning: {message}"));
-}
-
-/// A human size such as `1.5 MiB`.
-pub(crate) fn human(bytes: u64) -> String {
-    bytesize::ByteSize::b(bytes).display().iec().to_string()
 }
 
 #[cfg(test)]
@@ -555,36 +477,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.len() < 400, "{err}");
-    }
-
-    #[test]
-    fn children_of_indexes_and_images() {
-        let (a, b, c) = (Digest::of(b"a"), Digest::of(b"b"), Digest::of(b"c"));
-        let index = serde_json::json!({
-            "manifests": [
-                {"mediaType": "m", "digest": a.to_string(), "size": 3},
-                {"digest": "sha256:bogus", "size": 1},
-                {"digest": a.to_string(), "size": 3},
-            ],
-            "subject": {"digest": c.to_string(), "size": 1},
-        })
-        .to_string();
-        let got = children(index.as_bytes());
-        assert_eq!(got.len(), 1);
-        assert!(got[0].manifest && got[0].digest == a && got[0].size == Some(3));
-        assert_eq!(got[0].media_type, "m");
-        let image = serde_json::json!({
-            "config": {"digest": a.to_string(), "size": 1},
-            "layers": [{"digest": b.to_string(), "size": 2}],
-            "fsLayers": [{"blobSum": c.to_string()}],
-        })
-        .to_string();
-        let got = children(image.as_bytes());
-        let digests: Vec<_> = got.iter().map(|c| c.digest.clone()).collect();
-        assert_eq!(digests, [a, b, c]);
-        assert!(got.iter().all(|c| !c.manifest));
-        assert_eq!(got[2].size, None);
-        assert!(children(b"not json").is_empty());
     }
 
     #[test]

@@ -5,7 +5,14 @@
 //! that hangs up still gets its line, marked incomplete). Only the path is
 //! logged, never the query or any header value, so credentials and signed
 //! URLs stay out of the log.
+//!
+//! [`serve_request`] is the request layer every way in goes through: it
+//! starts the line from the request, answers an oversized head with 431, and
+//! attaches the line to the handler's response. A handler that knows more
+//! (the registry a mirror path named, how the cache served it) says so in a
+//! [`LogNote`] on its response.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -13,11 +20,63 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::{Method, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 
-use crate::body::{Body, BoxError};
+use super::body::{Body, BoxError};
+use super::error::too_large;
+use super::headers::head_too_large;
+
+/// What a handler adds to its response's log line, as a response extension
+/// read (and removed) by [`logged`].
+#[derive(Debug, Clone, Default)]
+pub struct LogNote {
+    /// The host to log instead of the one the request named (the registry a
+    /// mirror path resolved to).
+    pub host: Option<String>,
+    /// The path to log instead of the request's (the registry path of a
+    /// mirror request).
+    pub path: Option<String>,
+    /// How the response was served (`HIT`, `INTERCEPT`, ...).
+    pub cache: Option<&'static str>,
+    /// No line for this request: it writes its own (a tunnel).
+    pub discard: bool,
+}
+
+impl LogNote {
+    /// A note that only names how the response was served.
+    pub fn cache(cache: &'static str) -> Self {
+        Self {
+            cache: Some(cache),
+            ..Self::default()
+        }
+    }
+
+    /// Attaches this note to `resp`.
+    pub fn on(self, mut resp: Response<Body>) -> Response<Body> {
+        resp.extensions_mut().insert(self);
+        resp
+    }
+}
+
+/// The request layer: one access-log line per request, and 431 for a head
+/// over [`super::headers::MAX_HEAD_BYTES`] before `handler` sees it.
+pub async fn serve_request<B, F, Fut>(
+    client: SocketAddr,
+    req: Request<B>,
+    handler: F,
+) -> Response<Body>
+where
+    F: FnOnce(Request<B>) -> Fut,
+    Fut: Future<Output = Response<Body>>,
+{
+    let log = RequestLog::of(client, &req);
+    if head_too_large(&req) {
+        return logged(too_large(), log);
+    }
+    logged(handler(req).await, log)
+}
 
 /// What one request log line says.
 #[derive(Debug)]
@@ -57,9 +116,10 @@ impl RequestLog {
         }
     }
 
-    /// Drops the line unwritten, for requests that log elsewhere.
-    pub fn discard(mut self) {
-        self.emit = false;
+    /// Starts timing `req`, named as [`request_target`] names it.
+    pub fn of<B>(client: SocketAddr, req: &Request<B>) -> Self {
+        let (host, path) = request_target(req);
+        Self::start(client, host, req.method().clone(), path)
     }
 }
 
@@ -84,8 +144,42 @@ impl Drop for RequestLog {
     }
 }
 
-/// Attaches `log` to `resp`: its status now, its line when the body ends.
-pub fn logged(resp: Response<Body>, mut log: RequestLog) -> Response<Body> {
+/// The host and path a log line names for `req`: the CONNECT target's host
+/// and the target itself, or the absolute-form authority (else the `Host`
+/// header) and the request path.
+pub fn request_target<B>(req: &Request<B>) -> (String, String) {
+    let uri = req.uri();
+    match uri.authority() {
+        Some(authority) if req.method() == Method::CONNECT => {
+            (authority.host().to_string(), authority.to_string())
+        }
+        Some(authority) => (authority.to_string(), uri.path().to_string()),
+        None => (
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+            uri.path().to_string(),
+        ),
+    }
+}
+
+/// Attaches `log` to `resp`: its status (and the handler's [`LogNote`]) now,
+/// its line when the body ends.
+pub fn logged(mut resp: Response<Body>, mut log: RequestLog) -> Response<Body> {
+    if let Some(note) = resp.extensions_mut().remove::<LogNote>() {
+        if note.discard {
+            log.emit = false;
+        }
+        if let Some(host) = note.host {
+            log.host = host;
+        }
+        if let Some(path) = note.path {
+            log.path = path;
+        }
+        log.cache = note.cache.unwrap_or(log.cache);
+    }
     log.status = resp.status();
     let length = resp
         .headers()

@@ -1,0 +1,9 @@
+//! What the command line shows: progress bars ([`progress`]) and the text
+//! of reports, with human-readable sizes ([`report`]).
+//!
+//! The store and the bundle code return data and report progress through
+//! [`crate::cache::bundle::Progress`]; how that looks on a terminal is
+//! decided here, above them.
+
+pub mod progress;
+pub mod report;
