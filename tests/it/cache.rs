@@ -26,7 +26,7 @@ use crate::support::registry::{
     HUB, TEAM_CRED,
 };
 use crate::support::tls::{peer_leaf, sans, tls_connect, Alpn};
-use crate::support::{free_port, send_signal, within, STEP_TIMEOUT};
+use crate::support::{free_port, send_signal, within, Signal, STEP_TIMEOUT};
 
 const MIB: usize = 1024 * 1024;
 
@@ -1987,7 +1987,7 @@ async fn kill_9_mid_download_leaves_no_partial_entry() {
     let partial = env.tmp_files();
     assert_eq!(partial.len(), 1, "one download in cache/tmp: {partial:?}");
 
-    send_signal(proxy.pid(), libc::SIGKILL);
+    send_signal(proxy.pid(), Signal::KILL);
     proxy
         .wait_exit(Duration::from_secs(10))
         .await

@@ -17,7 +17,7 @@ use crate::support::http::{basic, body_string, HttpClient};
 use crate::support::proxy::ProxyBuilder;
 use crate::support::tls::{connect_tunnel, peer_leaf, tls_connect, Alpn};
 use crate::support::upstream::{Fixture, UpstreamKind};
-use crate::support::{free_port, send_signal, within, STEP_TIMEOUT};
+use crate::support::{free_port, send_signal, within, Signal, STEP_TIMEOUT};
 use hyper::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -372,7 +372,7 @@ struct Squid {
 impl Drop for Squid {
     fn drop(&mut self) {
         // SIGTERM lets squid stop its helpers; SIGKILL if it lingers.
-        send_signal(self.child.id(), libc::SIGTERM);
+        send_signal(self.child.id(), Signal::TERM);
         for _ in 0..100 {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;

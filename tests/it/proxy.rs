@@ -15,7 +15,7 @@ use crate::support::tls::{
     connect_tunnel, issuer_subject, negotiated_alpn, peer_leaf, sans, tls_connect, Alpn,
 };
 use crate::support::upstream::{Fixture, Seen, UpstreamKind};
-use crate::support::{send_signal, within, STEP_TIMEOUT};
+use crate::support::{send_signal, within, Signal, STEP_TIMEOUT};
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1157,7 +1157,7 @@ async fn sigterm_drains_inflight_download_then_exits_zero() {
 #[tokio::test]
 async fn sigint_idle_exits_zero_promptly() {
     let mut proxy = ProxyBuilder::new().start().await;
-    send_signal(proxy.pid(), libc::SIGINT);
+    send_signal(proxy.pid(), Signal::INT);
     let status = proxy
         .wait_exit(Duration::from_secs(5))
         .await

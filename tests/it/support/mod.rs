@@ -26,6 +26,9 @@
 //! * [`pattern`]: bodies checked against a fixed pseudo-random buffer whose
 //!   length is a prime, so gigabyte transfers stay cheap in a debug build.
 
+pub use rustix::process::Signal;
+use rustix::process::{kill_process, Pid};
+
 pub mod auth;
 pub mod http;
 pub mod pattern;
@@ -56,8 +59,10 @@ pub async fn within<T>(what: &str, limit: Duration, fut: impl Future<Output = T>
 }
 
 /// Sends signal `sig` to process `pid` (one the test spawned).
-pub fn send_signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) with a pid we spawned ourselves.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
-    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
+pub fn send_signal(pid: u32, sig: Signal) {
+    let target = i32::try_from(pid).ok().and_then(Pid::from_raw);
+    let target = target.unwrap_or_else(|| panic!("{pid} is not a process id"));
+    if let Err(e) = kill_process(target, sig) {
+        panic!("kill({pid}, {sig:?}) failed: {e}");
+    }
 }

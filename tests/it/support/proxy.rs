@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use super::http::{raw_exchange, HttpClient};
 use super::registry::{Registry, HUB, REGISTRY_NAMES};
 use super::tls::{certs_from_pem, connect_tunnel_as, tls_connect, Alpn, TestCa};
-use super::{free_port, send_signal};
+use super::{free_port, send_signal, Signal};
 
 /// The regcache binary, with nothing from the test's own environment that
 /// would change what it does: no `REGCACHE_*`, no `RUST_LOG`, no proxy
@@ -258,7 +258,7 @@ impl Proxy {
 
     /// Send SIGTERM.
     pub fn sigterm(&self) {
-        send_signal(self.pid(), libc::SIGTERM);
+        send_signal(self.pid(), Signal::TERM);
     }
 
     /// Wait for the process to exit; None on timeout.
@@ -362,7 +362,7 @@ pub fn run_regcache(args: &[&str]) -> Output {
     let out = match rx.recv_timeout(Duration::from_secs(15)) {
         Ok(out) => return out.expect("wait for regcache"),
         Err(_) => {
-            send_signal(pid, libc::SIGKILL);
+            send_signal(pid, Signal::KILL);
             rx.recv()
                 .expect("the waiting thread")
                 .expect("wait for regcache")
