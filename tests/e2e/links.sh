@@ -22,7 +22,7 @@
 # those requests itself; regcache must answer the same, with no byte of the
 # private image. (Within one real registry every repository is guarded by
 # htpasswd, so the same-registry case is held by the integration tests with
-# a Bearer realm: tests/auth.rs.)
+# a Bearer realm: tests/it/auth.rs.)
 #
 # Usage:  tests/e2e/links.sh
 # Environment: REGCACHE_BIN, REGCACHE_ARGS, E2E_KEEP=1 (as auth.sh).

@@ -291,7 +291,8 @@ else
     fi
 
     # Errors: an unknown tag is the upstream's 404; a malformed digest is
-    # answered 400 with an OCI error body (README, Security), whatever the upstream does.
+    # answered 400 with an OCI error body, whatever the upstream does
+    # (docs/security.md, "Bad input gets a clear error").
     code=$(curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" -o "$W/tmp/err" -w '%{http_code}' \
         "https://$HUB/v2/library/e2e-small/manifests/no-such-tag")
     if [ "$code" = 404 ]; then
