@@ -248,7 +248,7 @@ if [ -z "$family" ]; then
         family=debian
     else
         die "cannot tell how this system manages trusted CAs (no update-ca-certificates or update-ca-trust).
-Install $tmp/ca.crt by hand; see regcache's README, 'Trust the CA'."
+Install $tmp/ca.crt by hand; see regcache's docs/clients.md, 'Trust the CA'."
     fi
 fi
 

@@ -5,7 +5,7 @@
 #   2. formatting and lint (cargo fmt --check, cargo clippy -D warnings);
 #   3. unit and integration tests (cargo test);
 #   4. the end-to-end tests with the real registry and real clients
-#      (run.sh, auth.sh, links.sh, mirror.sh);
+#      (run.sh, auth.sh, links.sh, mirror.sh, origins.sh);
 #   5. a smoke run of the benchmark (bench/run.sh --smoke: every peer started
 #      and measured once with small sizes, to keep the script working; its
 #      targets are not checked here).

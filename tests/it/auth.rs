@@ -1,4 +1,4 @@
-//! Auth-aware sharing (README, "Security", "Against other clients"): who may
+//! Auth-aware sharing (docs/security.md, "Against other clients"): who may
 //! get cached content.
 //!
 //! The upstream is Docker Hub's shape, in process: the registry host
