@@ -195,12 +195,7 @@ pub async fn prefetch(
     while let Some(reference) = manifests_todo.pop() {
         let path = format!("/v2/{name}/manifests/{reference}");
         let parts = request_parts(&path)?;
-        let req = RepoRequest {
-            state,
-            target: &target,
-            name,
-            parts: &parts,
-        };
+        let req = RepoRequest::new(state, &target, name, &parts);
         let served = manifests::serve(&req, &reference).await;
         let what = format!("{}/{name}:{reference}", target.registry);
         let (body, _, content_type) = drain(served, &what, |_| {}).await?;
@@ -232,12 +227,7 @@ pub async fn prefetch(
     for digest in blobs_todo {
         let path = format!("/v2/{name}/blobs/{digest}");
         let parts = request_parts(&path)?;
-        let req = RepoRequest {
-            state,
-            target: &target,
-            name,
-            parts: &parts,
-        };
+        let req = RepoRequest::new(state, &target, name, &parts);
         let served = blobs::serve(&req, &digest).await;
         let what = format!("{}/{name}@{digest}", target.registry);
         let mut bytes = 0;

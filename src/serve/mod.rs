@@ -163,6 +163,21 @@ pub struct RepoRequest<'a> {
 }
 
 impl<'a> RepoRequest<'a> {
+    /// A request of `parts` for the repository `name` of `target`.
+    pub fn new(
+        state: &'a Arc<State>,
+        target: &'a Target,
+        name: &'a RepoName,
+        parts: &'a Parts,
+    ) -> Self {
+        Self {
+            state,
+            target,
+            name,
+            parts,
+        }
+    }
+
     /// The repository's name.
     pub fn repo(&self) -> &'a str {
         self.name.as_str()
@@ -247,23 +262,13 @@ async fn dispatch(state: &Arc<State>, target: &Target, req: Request<Incoming>) -
         }
         Ok(Route::Manifest { name, reference }) => {
             let (parts, _) = req.into_parts();
-            let req = RepoRequest {
-                state,
-                target,
-                name: &name,
-                parts: &parts,
-            };
+            let req = RepoRequest::new(state, target, &name, &parts);
             manifests::serve(&req, &reference).await
         }
         Ok(Route::Base) => base(state, target, req).await,
         Ok(Route::Blob { name, digest }) => {
             let (parts, _) = req.into_parts();
-            let req = RepoRequest {
-                state,
-                target,
-                name: &name,
-                parts: &parts,
-            };
+            let req = RepoRequest::new(state, target, &name, &parts);
             blobs::serve(&req, &digest).await
         }
         Ok(_) => Served::new(

@@ -78,12 +78,7 @@ pub async fn serve(state: &Arc<State>, target: &Target, route: Route, parts: &Pa
             refused(target, name.as_str())
         }
         Route::Manifest { name, reference } => {
-            let req = RepoRequest {
-                state,
-                target,
-                name: &name,
-                parts,
-            };
+            let req = RepoRequest::new(state, target, &name, parts);
             let repo = name.as_str();
             let digest = match &reference {
                 Reference::Digest(d) => Some(d.clone()),
@@ -109,12 +104,7 @@ pub async fn serve(state: &Arc<State>, target: &Target, route: Route, parts: &Pa
         Route::Blob { name, digest } => {
             let repo = name.as_str();
             if servable(state, registry, repo, &digest) {
-                let req = RepoRequest {
-                    state,
-                    target,
-                    name: &name,
-                    parts,
-                };
+                let req = RepoRequest::new(state, target, &name, parts);
                 if let Some(served) = blobs::from_cache(&req, &digest).await {
                     return served;
                 }

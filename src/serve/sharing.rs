@@ -370,12 +370,7 @@ fn probe_in_background(req: &RepoRequest<'_>) {
     let (state, target, name) = (state.clone(), req.target.clone(), req.name.clone());
     tokio::spawn(async move {
         if let Ok(parts) = probe {
-            let req = RepoRequest {
-                state: &state,
-                target: &target,
-                name: &name,
-                parts: &parts,
-            };
+            let req = RepoRequest::new(&state, &target, &name, &parts);
             if let Some((found, challenge)) = probe_anonymously(&req).await {
                 learn_openness(&req, found, challenge).await;
             }
