@@ -191,7 +191,7 @@ const MAX_REDIRECT_TRIES: usize = 4;
 const MAX_REACHED: usize = 4096;
 
 /// The addresses registries were reached at, so that a registry's redirect
-/// to its own (internal) address is followed. Bounded by [`MAX_REACHED`].
+/// to its own (internal) address is followed. Bounded by `MAX_REACHED`.
 #[derive(Debug, Default)]
 pub struct ReachedAddresses {
     addrs: Mutex<HashSet<IpAddr>>,

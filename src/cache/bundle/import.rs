@@ -21,7 +21,7 @@
 //! image's `io.regcache.withheld` lists is not linked, nor visited below; a
 //! digest the bundle does not carry is linked only if the cache already
 //! links it there; and for an image without the annotation (an older
-//! bundle) only the top manifest is linked ([`hold_back_unvouched`]). Each
+//! bundle) only the top manifest is linked (`hold_back_unvouched`). Each
 //! is named in a warning and counted in the summary.
 //!
 //! Until phase 3 nothing in the cache has changed, and staged files are
