@@ -11,11 +11,12 @@ use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use regcache::app::{App, StartError};
+use regcache::cli::progress::ImageSpinners;
 use regcache::config::{
     with_defaults_in_help, CaSource, Config, ConfigError, LogFormat, Settings, DEFAULT_TOML,
 };
 use regcache::proxy::Proxy;
-use regcache::serve::state::StateError;
+use regcache::serve::state::{State, StateError};
 use regcache::tls::ca::{CERT_FILE, KEY_FILE};
 use regcache::tls::CertificateAuthority;
 use sha2::{Digest, Sha256};
@@ -381,7 +382,6 @@ fn cache_dir(args: CacheArgs) -> Result<PathBuf, Failure> {
 }
 
 fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
-    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
     let mut images = args.images;
     if let Some(file) = &args.file {
         let text = std::fs::read_to_string(file)
@@ -398,19 +398,15 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
     }
     let config = load_config(args.serve.settings, args.serve.config.as_deref())?;
     init_logging(config.log_format);
-    let app = App::new(config)?;
+    // Only what serving needs: no CA, no proxy users, no listener.
+    let state = State::new(config).map_err(StartError::from)?;
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
-    let bars = MultiProgress::new();
-    let style =
-        ProgressStyle::with_template("{prefix:30!} {bytes:>10} {binary_bytes_per_sec:>12} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_spinner());
+    let spinners = ImageSpinners::default();
     let mut failed = Vec::new();
     runtime.block_on(async {
         for image in &images {
-            let bar = bars.add(ProgressBar::new_spinner().with_style(style.clone()));
-            bar.set_prefix(image.clone());
-            match regcache::prefetch::prefetch(&app.state, image, &args.platform, |n| bar.inc(n))
-                .await
+            let bar = spinners.add(image);
+            match regcache::prefetch::prefetch(&state, image, &args.platform, |n| bar.inc(n)).await
             {
                 Ok(done) => {
                     bar.finish_with_message(format!(
@@ -429,7 +425,7 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
                 }
             }
         }
-        if let Err(e) = app.state.cache.flush().await {
+        if let Err(e) = state.cache.flush().await {
             tracing::warn!(error = %e, "cannot write cache access times");
         }
     });

@@ -1,4 +1,5 @@
-//! Byte progress bars on stderr for `regcache export` and `import`.
+//! Byte progress bars on stderr for `regcache export` and `import`, and one
+//! spinner per image for `regcache prefetch`.
 //!
 //! indicatif draws nothing when stderr is not a terminal (or `TERM=dumb`),
 //! so logs and tests see only the warnings, one
@@ -6,7 +7,7 @@
 
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 use crate::cache::bundle::Progress;
 
@@ -99,6 +100,38 @@ fn byte_bar(total: u64, message: String) -> ProgressBar {
     ProgressBar::new(total)
         .with_style(style)
         .with_message(message)
+}
+
+/// One spinner line per image on stderr for `regcache prefetch`: its name,
+/// the bytes fetched and their rate, then how it ended.
+pub struct ImageSpinners {
+    bars: MultiProgress,
+    style: ProgressStyle,
+}
+
+impl Default for ImageSpinners {
+    fn default() -> Self {
+        let style = ProgressStyle::with_template(
+            "{prefix:30!} {bytes:>10} {binary_bytes_per_sec:>12} {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_spinner());
+        Self {
+            bars: MultiProgress::new(),
+            style,
+        }
+    }
+}
+
+impl ImageSpinners {
+    /// A new spinner for `image`; `inc` it with bytes, then finish or
+    /// abandon it with a message.
+    pub fn add(&self, image: &str) -> ProgressBar {
+        let bar = self
+            .bars
+            .add(ProgressBar::new_spinner().with_style(self.style.clone()));
+        bar.set_prefix(image.to_string());
+        bar
+    }
 }
 
 #[cfg(test)]

@@ -2252,6 +2252,10 @@ async fn prefetch_fills_the_cache_and_offline_serves_it_without_upstream() {
     let (code, err) = prefetch_cli(&env, &["python:3.12"], &[]).await;
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("1 of 1 images prefetched"), "{err}");
+    assert!(
+        !env.path("ca").exists(),
+        "prefetch needs no CA and creates none"
+    );
     let (code, err) = prefetch_cli(&env, &["python:3.12", "library/nothere:1"], &[]).await;
     assert_ne!(code, 0, "a missing image fails the run");
     assert!(
