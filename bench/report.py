@@ -308,6 +308,34 @@ def main(argv):
              f"public 0 HEAD 0 GET {check(ok_p)}, guarded {nb} HEAD 0 GET {check(ok_g)}"]
         )
 
+    # 11. CPU cost per GiB served, from each peer's own process accounting
+    def cpu(x):
+        return "—" if x is None else f"{x:.2f} s"
+
+    def cheapest(key, peers):
+        own = g(f"{key}.regcache")
+        others = [g(f"{key}.{p}") for p in peers]
+        others = [x for x in others if x is not None]
+        return None if own is None or not others else own <= min(others)
+
+    row(
+        f"11. CPU per GiB served warm (user + system of the peer's processes, figure 1's GETs)",
+        cpu,
+        "cpuwarm",
+        f"regcache/nginx {rx(ratio('cpuwarm.regcache', 'cpuwarm.nginx'))}, "
+        f"/squid {rx(ratio('cpuwarm.regcache', 'cpuwarm.squid'))}, /mirror {rx(ratio('cpuwarm.regcache', 'cpuwarm.mirror'))}",
+        f"regcache cheapest of the caches {check(cheapest('cpuwarm', ('squid', 'mirror')))}",
+    )
+    row(
+        f"11. CPU per GiB served cold (figure 2's GET, fill and store included; the upstream's not)",
+        cpu,
+        "cpucold",
+        f"regcache/squid {rx(ratio('cpucold.regcache', 'cpucold.squid'))}, "
+        f"/mirror {rx(ratio('cpucold.regcache', 'cpucold.mirror'))}",
+        f"regcache cheapest of the caches {check(cheapest('cpucold', ('squid', 'mirror')))}",
+        na=("nginx",),
+    )
+
     print(header)
     print()
     print("| figure | regcache | squid | mirror | nginx | direct | ratios | target |")

@@ -539,6 +539,21 @@ rotate() {
 }
 # main pid and peak RSS (VmHWM, reset through clear_refs) of a daemon.
 pid_of() { echo "${PID_OF[$1]}"; }
+# CPU cost (figure 11): cpu_ticks PEER is the user + system clock ticks so
+# far of every process in the peer's session (each daemon runs in its own,
+# see start_bg: squid's and nginx's workers count), reaped children included;
+# "direct" is the upstream docker-registry.
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() {
+    local daemon=$1
+    [ "$daemon" = direct ] && daemon=registry
+    local sid=${PID_OF[$daemon]:-}
+    [ -n "$sid" ] || return 1
+    cat /proc/[0-9]*/stat 2>/dev/null |
+        awk -v sid="$sid" '{ sub(/^.*\) /, ""); if ($4 == sid) t += $12 + $13 + $14 + $15 } END { print t + 0 }'
+}
+# cpu_per_gib T0 T1 BYTES: CPU seconds per GiB served between two cpu_ticks.
+cpu_per_gib() { awk -v a="$1" -v b="$2" -v hz="$CLK_TCK" -v n="$3" 'BEGIN { printf "%.3f", (b - a) / hz / (n / 1073741824) }'; }
 rss_reset() { echo 5 >"/proc/$(pid_of "$1")/clear_refs" 2>/dev/null || true; }
 rss_peak_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$(pid_of "$1")/status" 2>/dev/null; }
 
@@ -582,9 +597,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
         [ "$p" = nginx ] && continue
         fresh "$p" || continue
         m=$(mark "$UPLOG")
+        c0=$(cpu_ticks "$p")
         if get "cold-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 300; then
             rec "cold.$p" "$(jf "cold-$p-r$r" wall_s)"
             quiet "$p" "$BIG_DIGEST"
+            c1=$(cpu_ticks "$p") && rec "cpucold.$p" "$(cpu_per_gib "$c0" "$c1" "$BIG_SIZE")"
             rec "coldgets.$p" "$(blob_gets "$m" "$BIG_DIGEST")"
         fi
     done
@@ -594,8 +611,11 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for p in "${ORDER[@]}"; do
         [ -z "${DOWN[$p]:-}" ] || continue
         get "warmup-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 300 >/dev/null || continue
+        c0=$(cpu_ticks "$p")
         get "warm-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 300 -n "$WARM_N" &&
-            rec "warm.$p" "$(jf "warm-$p-r$r" mib_s)"
+            rec "warm.$p" "$(jf "warm-$p-r$r" mib_s)" &&
+            c1=$(cpu_ticks "$p") &&
+            rec "cpuwarm.$p" "$(cpu_per_gib "$c0" "$c1" $((WARM_N * BIG_SIZE)))"
     done
     # The same with --verify-reads always (the warm regcache row above is the
     # default "first": its blob was verified as it was fetched).
