@@ -144,7 +144,6 @@ note "starting regcache on 127.0.0.1:$PROXYPORT: $REGCACHE_BIN serve ${serve_arg
 start_bg regcache "$W/regcache.log" env -C "$W/regcache" HOME="$W/regcache" \
     XDG_CACHE_HOME="$W/regcache/xdg-cache" XDG_CONFIG_HOME="$W/regcache/xdg-config" \
     XDG_DATA_HOME="$W/regcache/xdg-data" "$REGCACHE_BIN" serve "${serve_args[@]}"
-proxy_up() { curl -fsS --noproxy '*' --max-time 3 "$PROXY/healthz"; }
 if wait_until 30 "${PID_OF[regcache]}" proxy_up; then
     pass "regcache answers /healthz on 127.0.0.1:$PROXYPORT"
 else
@@ -157,8 +156,7 @@ if ! curl -fsS --noproxy '*' --max-time 10 -o "$CLIENT_CA" "$PROXY/ca.crt"; then
     summary
 fi
 
-CLIENT_ENV=(env HTTPS_PROXY="$PROXY" https_proxy="$PROXY" HTTP_PROXY="$PROXY" http_proxy="$PROXY"
-    SSL_CERT_FILE="$W/empty.pem" SSL_CERT_DIR="$W/empty-certs" "${ISOLATE_ENV[@]}")
+set_client_env
 SKOPEO=("${CLIENT_ENV[@]}" skopeo --policy "$W/policy.json")
 SRC=docker://$PRIV/$NAME
 # through NAME CURL_ARGS...: curl through the proxy, trusting only regcache's CA.

@@ -268,6 +268,17 @@ EOF
     "
 }
 
+# proxy_up: regcache at $PROXY answers /healthz (for wait_until).
+proxy_up() { curl -fsS --noproxy '*' --max-time 3 "$PROXY/healthz"; }
+
+# set_client_env: CLIENT_ENV, the env prefix of a client under test: every
+# proxy variable pointing at $PROXY, no system CA (each command is given the
+# trust it needs), and the isolated home and XDG directories.
+set_client_env() {
+    CLIENT_ENV=(env HTTPS_PROXY="$PROXY" https_proxy="$PROXY" HTTP_PROXY="$PROXY" http_proxy="$PROXY"
+        SSL_CERT_FILE="$W/empty.pem" SSL_CERT_DIR="$W/empty-certs" "${ISOLATE_ENV[@]}")
+}
+
 # start_registry DIR ADDR PKI [EXTRA_YAML]: Debian's docker-registry serving
 # TLS (PKI/server.pem, server.key) on ADDR, filesystem storage under DIR/data,
 # config DIR/config.yml, log $W/registry.log; EXTRA_YAML is appended as

@@ -156,7 +156,6 @@ serve_args+=(${REGCACHE_ARGS:-})
 note "starting regcache: $REGCACHE_BIN serve ${serve_args[*]}"
 start_bg regcache "$W/regcache.log" env -C "$W/regcache" HOME="$W/regcache" \
     "$REGCACHE_BIN" serve "${serve_args[@]}"
-proxy_up() { curl -fsS --noproxy '*' --max-time 3 "$PROXY/healthz"; }
 if wait_until 30 "${PID_OF[regcache]}" proxy_up; then
     pass "regcache answers /healthz"
 else
@@ -168,8 +167,7 @@ if ! curl -fsS --noproxy '*' --max-time 10 -o "$CLIENT_CA" "$PROXY/ca.crt"; then
     fail "GET /ca.crt"
     summary
 fi
-CLIENT_ENV=(env HTTPS_PROXY="$PROXY" https_proxy="$PROXY" HTTP_PROXY="$PROXY" http_proxy="$PROXY"
-    SSL_CERT_FILE="$W/empty.pem" SSL_CERT_DIR="$W/empty-certs" "${ISOLATE_ENV[@]}")
+set_client_env
 SKOPEO=("${CLIENT_ENV[@]}" skopeo --policy "$W/policy.json")
 through() { curl -sS --max-time 20 --proxy "$PROXY" --cacert "$CLIENT_CA" "$@"; }
 

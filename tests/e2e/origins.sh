@@ -154,8 +154,7 @@ start_regcache() { # start_regcache NAME LOG ARGS...
 start_regcache regcache "$W/regcache.log" "${serve_args[@]}"
 CLIENT_CA=$W/client-certs/ca.crt
 curl -fsS --noproxy '*' --max-time 10 -o "$CLIENT_CA" "$PROXY/ca.crt" || { fail "GET /ca.crt"; summary; }
-CLIENT_ENV=(env HTTPS_PROXY="$PROXY" https_proxy="$PROXY" HTTP_PROXY="$PROXY" http_proxy="$PROXY"
-    SSL_CERT_FILE="$W/empty.pem" SSL_CERT_DIR="$W/empty-certs" "${ISOLATE_ENV[@]}")
+set_client_env
 SKOPEO=("${CLIENT_ENV[@]}" skopeo --policy "$W/policy.json")
 ACCEPT='Accept: application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json'
 

@@ -156,7 +156,6 @@ else
     note "starting regcache on 127.0.0.1:$PROXYPORT: $REGCACHE_BIN serve ${serve_args[*]}"
     start_regcache "$REGCACHE_LOG"
 fi
-proxy_up() { curl -fsS --noproxy '*' --max-time 3 "$PROXY/healthz"; }
 if wait_until 30 "${PID_OF[regcache]}" proxy_up; then
     pass "$E2E_PROXY answers /healthz on 127.0.0.1:$PROXYPORT"
 else
@@ -443,8 +442,7 @@ fi
 # ------------------------------------------------------------------ skopeo
 # Clients: proxy in their environment, an empty system trust store, and only
 # the proxy's CA in their certificate directory.
-CLIENT_ENV=(env HTTPS_PROXY="$PROXY" https_proxy="$PROXY" HTTP_PROXY="$PROXY" http_proxy="$PROXY"
-    SSL_CERT_FILE="$W/empty.pem" SSL_CERT_DIR="$W/empty-certs" "${ISOLATE_ENV[@]}")
+set_client_env
 SKOPEO=("${CLIENT_ENV[@]}" skopeo --policy "$W/policy.json")
 HUBLIB=docker://$HUB/library
 
