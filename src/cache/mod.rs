@@ -97,6 +97,8 @@ struct Entry {
     lease: Arc<()>,
     /// Whether its bytes matched its digest in this run.
     verified: Arc<AtomicBool>,
+    /// The verdict of the one whole-file check run before a range is served.
+    range_check: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl Entry {
@@ -106,6 +108,7 @@ impl Entry {
             media_type: Arc::from(media_type),
             lease: Arc::new(()),
             verified: Arc::new(AtomicBool::new(verified)),
+            range_check: Arc::default(),
         }
     }
 
@@ -117,6 +120,7 @@ impl Entry {
             media_type: self.media_type.clone(),
             lease: self.lease.clone(),
             verified: self.verified.clone(),
+            range_check: self.range_check.clone(),
         }
     }
 }
@@ -136,6 +140,8 @@ pub struct Cached {
     pub lease: Arc<()>,
     /// Shared with the entry: set once its bytes matched in this run.
     verified: Arc<AtomicBool>,
+    /// Shared with the entry: see [`Cached::range_check`].
+    range_check: Arc<tokio::sync::OnceCell<bool>>,
 }
 
 impl Cached {
@@ -148,6 +154,13 @@ impl Cached {
     /// Records that the file's bytes matched the digest.
     pub fn mark_verified(&self) {
         self.verified.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the whole file matched when hashed before a range of it was
+    /// served, once per entry and run: concurrent ranges wait for the one
+    /// check ([`read::intact_for_range`]).
+    pub fn range_check(&self) -> &tokio::sync::OnceCell<bool> {
+        &self.range_check
     }
 }
 

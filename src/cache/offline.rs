@@ -167,12 +167,22 @@ pub struct VerifyReport {
 /// missing, another length than the index says, or bytes that hash to
 /// another digest. Streams the file; never holds it in memory.
 pub fn check_file(dir: &Path, digest: &Digest, size: u64) -> Option<String> {
-    use std::io::Read;
     let path = content_file(dir, digest);
-    let mut file = match std::fs::File::open(&path) {
-        Ok(f) => f,
-        Err(e) => return Some(format!("cannot open {}: {e}", path.display())),
-    };
+    match std::fs::File::open(&path) {
+        Ok(file) => check_content(file, &path, digest, size),
+        Err(e) => Some(format!("cannot open {}: {e}", path.display())),
+    }
+}
+
+/// [`check_file`] for a file already open (read from its current offset to
+/// its end; `path` only names it in the answer). Blocking: run it on the
+/// blocking pool.
+pub fn check_content(
+    mut file: impl std::io::Read,
+    path: &Path,
+    digest: &Digest,
+    size: u64,
+) -> Option<String> {
     let mut hasher = digest.hasher();
     let mut buf = vec![0u8; 1 << 20];
     let mut len = 0u64;

@@ -12,8 +12,11 @@
 //! is hashed chunk by chunk as it passes (no second read, nothing buffered),
 //! and its last chunk is held back until the digest matched. On a mismatch
 //! the body ends with an error instead of that chunk and the entry is
-//! dropped, so the next request fetches the blob again. [`must_verify`]
-//! decides when a read is checked (`verify_reads`).
+//! dropped, so the next request fetches the blob again. A range is checked
+//! before its first byte goes out ([`intact_for_range`]): the whole file is
+//! hashed on the blocking pool, and a damaged entry is dropped so that the
+//! request is answered as a miss. [`must_verify`] decides when a read is
+//! checked (`verify_reads`).
 
 use std::sync::Arc;
 
@@ -30,17 +33,70 @@ use crate::config::VerifyReads;
 use crate::http::body::{Body, BoxError};
 use crate::registry::digest::DigestHasher;
 
-/// Whether a read of a cached entry is hashed on its way out: only a read of
-/// the whole file can be checked (a range is served as is; the client checks
-/// the whole blob), under `always` every time, under `first` until the entry
-/// matched once in this run, under `never` not at all.
-pub fn must_verify(mode: VerifyReads, verified_this_run: bool, whole_file: bool) -> bool {
-    whole_file
-        && match mode {
-            VerifyReads::Always => true,
-            VerifyReads::First => !verified_this_run,
-            VerifyReads::Never => false,
-        }
+/// Whether a read of a cached entry must be checked against its digest:
+/// under `always` every time, under `first` until the entry matched once in
+/// this run, under `never` not at all. A read of the whole file is hashed as
+/// it streams ([`verifying`]); a range is served only after the whole file
+/// was hashed ([`intact_for_range`]).
+pub fn must_verify(mode: VerifyReads, verified_this_run: bool) -> bool {
+    match mode {
+        VerifyReads::Always => true,
+        VerifyReads::First => !verified_this_run,
+        VerifyReads::Never => false,
+    }
+}
+
+/// Before a range of a cached file is served: whether its bytes may go out.
+/// When `mode` asks for a check ([`must_verify`]), the whole of `file` is
+/// hashed on the blocking pool (streamed, never held in memory). On a match
+/// the entry counts as verified for this run; otherwise (other bytes, another
+/// length, a read error) the entry is dropped from `cache` and the answer is
+/// false: serve nothing from it, fetch it again. Under `first` concurrent
+/// ranges of one entry share one check; under `always` each range hashes.
+pub async fn intact_for_range(
+    cache: &Arc<Cache>,
+    cached: &Cached,
+    file: &Arc<std::fs::File>,
+    mode: VerifyReads,
+) -> bool {
+    if !must_verify(mode, cached.is_verified()) {
+        return true;
+    }
+    let check = || check_whole(cache, cached, file);
+    match mode {
+        VerifyReads::First => *cached.range_check().get_or_init(check).await,
+        _ => check().await,
+    }
+}
+
+/// Hashes all of `file`; marks the entry verified, or drops it.
+async fn check_whole(cache: &Arc<Cache>, cached: &Cached, file: &Arc<std::fs::File>) -> bool {
+    let (file, digest, path, size) = (
+        file.clone(),
+        cached.digest.clone(),
+        cached.path.clone(),
+        cached.size,
+    );
+    let why = tokio::task::spawn_blocking(move || {
+        // Opened for this request, and its body reads at positions: reading
+        // it through moves nobody else's offset.
+        super::offline::check_content(&*file, &path, &digest, size)
+    })
+    .await
+    .unwrap_or_else(|e| Some(format!("the check did not run: {e}")));
+    let Some(why) = why else {
+        cached.mark_verified();
+        return true;
+    };
+    tracing::warn!(
+        digest = %cached.digest,
+        reason = why,
+        "cached file does not match its digest (changed on disk): range not served, entry dropped, fetched again"
+    );
+    if let Err(e) = cache.drop_damaged(cached).await {
+        tracing::warn!(digest = %cached.digest, error = %e, "cannot drop a damaged cache entry");
+    }
+    false
 }
 
 /// A download failed while a client was reading it.
@@ -241,27 +297,102 @@ async fn next_chunk(r: &mut Reader) -> Result<Option<Bytes>, BoxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::digest::Digest;
     use VerifyReads::{Always, First, Never};
 
     #[test]
     fn which_reads_are_verified() {
-        // (mode, verified this run, whole file) -> hashed on the way out
+        // (mode, verified this run) -> checked before or as it is served
         let table = [
-            (First, false, true, true),
-            (First, true, true, false),
-            (First, false, false, false),
-            (Always, true, true, true),
-            (Always, false, true, true),
-            (Always, false, false, false),
-            (Never, false, true, false),
-            (Never, true, true, false),
+            (First, false, true),
+            (First, true, false),
+            (Always, true, true),
+            (Always, false, true),
+            (Never, false, false),
+            (Never, true, false),
         ];
-        for (mode, verified, whole, want) in table {
+        for (mode, verified, want) in table {
             assert_eq!(
-                must_verify(mode, verified, whole),
+                must_verify(mode, verified),
                 want,
-                "{mode:?} verified={verified} whole={whole}"
+                "{mode:?} verified={verified}"
             );
         }
+    }
+
+    /// Flips one byte of a file in place, as a disk fault would.
+    fn flip(path: &std::path::Path, at: usize) {
+        let mut bytes = std::fs::read(path).unwrap();
+        bytes[at] ^= 1;
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn open(cached: &Cached) -> Arc<std::fs::File> {
+        Arc::new(std::fs::File::open(&cached.path).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_range_check_hashes_the_whole_file_and_drops_a_damaged_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        // Larger than one read of the check, so that it takes several.
+        let blob =
+            |seed: u8| -> Vec<u8> { (0..1_500_000u32).map(|i| (i % 251) as u8 ^ seed).collect() };
+        let (good, bad, short) = (
+            Digest::of(&blob(1)),
+            Digest::of(&blob(2)),
+            Digest::of(&blob(3)),
+        );
+        {
+            let cache = Cache::open(dir.path(), 16 << 20).unwrap();
+            for seed in 1..=3 {
+                let bytes = Bytes::from(blob(seed));
+                cache
+                    .store_bytes(&Digest::of(&bytes), bytes, "")
+                    .await
+                    .unwrap();
+            }
+        }
+        // Reopened: as after a restart, nothing is verified in this run.
+        let cache = Cache::open(dir.path(), 16 << 20).unwrap();
+        let good_c = cache.get(&good).unwrap();
+        let bad_c = cache.get(&bad).unwrap();
+        let short_c = cache.get(&short).unwrap();
+        assert!(!good_c.is_verified());
+        // Damage far from the ranges a client would ask first.
+        flip(&bad_c.path, 1_499_999);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&short_c.path)
+            .unwrap();
+        f.set_len(1_000_000).unwrap();
+
+        // never: trusted, not hashed.
+        assert!(intact_for_range(&cache, &bad_c, &open(&bad_c), Never).await);
+        assert!(bad_c.range_check().get().is_none(), "not checked");
+        assert!(cache.contains(&bad));
+
+        // first: the intact file is hashed once, then counts as verified.
+        assert!(intact_for_range(&cache, &good_c, &open(&good_c), First).await);
+        assert!(cache.get(&good).unwrap().is_verified());
+        assert!(cache.contains(&good) && good_c.path.exists());
+        // always: hashed again, still intact.
+        assert!(intact_for_range(&cache, &good_c, &open(&good_c), Always).await);
+
+        // first, two ranges at once: they share one check, both are refused,
+        // and the entry is dropped.
+        let (file_a, file_b) = (open(&bad_c), open(&bad_c));
+        let (a, b) = tokio::join!(
+            intact_for_range(&cache, &bad_c, &file_a, First),
+            intact_for_range(&cache, &bad_c, &file_b, First),
+        );
+        assert!(!a && !b, "a damaged file's range is never served");
+        assert_eq!(bad_c.range_check().get(), Some(&false));
+        assert!(!cache.contains(&bad), "the damaged entry is dropped");
+        assert!(!bad_c.path.exists(), "and its file");
+
+        // always: a file cut short is refused and dropped too.
+        assert!(!intact_for_range(&cache, &short_c, &open(&short_c), Always).await);
+        assert!(!cache.contains(&short));
+        assert!(cache.contains(&good), "the intact entry stays");
     }
 }

@@ -90,10 +90,10 @@ pub enum OtherHosts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum VerifyReads {
-    /// On the first complete read of each entry after every start (and never
-    /// again in that run once it matched).
+    /// On the first read of each entry after every start (and never again in
+    /// that run once it matched).
     First,
-    /// On every complete read.
+    /// On every read.
     Always,
     /// Never: bytes at rest are trusted (a file changed on disk is served).
     Never,

@@ -131,7 +131,7 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_TAG_TTL", value_name = "SECS")]
     pub tag_ttl: Option<u64>,
 
-    /// Hash cached blobs again as they are served: on the first complete read after each start, on every one, or never
+    /// Hash cached blobs again as they are served: on the first read after each start (a range hashes the whole file first), on every one, or never
     #[arg(long, env = "REGCACHE_VERIFY_READS", value_name = "WHEN")]
     pub verify_reads: Option<VerifyReads>,
 

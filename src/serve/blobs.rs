@@ -9,10 +9,12 @@
 //!   served from the cache, otherwise upstream's answer is passed on.
 //! - Cached only through other registries: treated as missing, so the bytes
 //!   come from this registry (the rule is in [`crate::registry::link`]).
-//! - A whole-file read from the cache is hashed on its way out when
-//!   `verify_reads` asks ([`read::must_verify`]); a file whose bytes changed
-//!   on disk ends its response with an error and is fetched again by the
-//!   next request.
+//! - A read from the cache is checked when `verify_reads` asks
+//!   ([`read::must_verify`]): a whole file is hashed on its way out, and one
+//!   whose bytes changed on disk ends its response with an error and is
+//!   fetched again by the next request; for a range the whole file is hashed
+//!   first ([`read::intact_for_range`]), and a damaged entry is dropped and
+//!   the request answered as a miss.
 //! - Missing: `HEAD` is passed upstream; `GET` joins or leads the single
 //!   download of the digest ([`crate::cache::fill`]), and the digest is
 //!   linked to the repository once the download's bytes matched it.
@@ -176,23 +178,33 @@ async fn forward_method(req: &RepoRequest<'_>, digest: &Digest, method: Method) 
 }
 
 /// A cached blob answered with no upstream contact (offline registries);
-/// None if it is not cached or its file vanished.
+/// None if it is not cached, its file vanished, or a range check found its
+/// bytes changed on disk (the entry is then dropped: the caller fetches it
+/// or answers as for a blob not cached).
 pub(crate) async fn from_cache(req: &RepoRequest<'_>, digest: &Digest) -> Option<Served> {
     let (state, parts) = (req.state, req.parts);
     let cached = state.cache.get(digest)?;
-    match open(&cached).await {
-        Some(file) => {
-            state.cache.count(true);
-            Some(Served::new(
-                from_file(state, parts, &cached, file),
-                CacheStatus::Hit,
-            ))
-        }
-        None => {
-            let _ = state.cache.forget(digest).await;
-            None
-        }
+    let Some(file) = open(&cached).await else {
+        let _ = state.cache.forget(digest).await;
+        return None;
+    };
+    if is_part(parts, cached.size)
+        && !read::intact_for_range(&state.cache, &cached, &file, state.config.verify_reads).await
+    {
+        return None;
     }
+    state.cache.count(true);
+    Some(Served::new(
+        from_file(state, parts, &cached, file),
+        CacheStatus::Hit,
+    ))
+}
+
+/// Whether a request reads a part (not all) of a blob of `size` bytes.
+fn is_part(parts: &Parts, size: u64) -> bool {
+    parts.method != Method::HEAD
+        && matches!(span(&parts.headers, size),
+            Span::Part { start, end } if !(start == 0 && end == size))
 }
 
 /// Opens a cached file; None if it vanished.
@@ -258,7 +270,8 @@ fn unsatisfiable(digest: &Digest, size: u64) -> Response<Body> {
     resp
 }
 
-/// A cached blob, whole or in part.
+/// A cached blob, whole or in part (a part already checked as
+/// `verify_reads` asks).
 fn from_file(
     state: &State,
     parts: &Parts,
@@ -271,9 +284,10 @@ fn from_file(
         let whole = start == 0 && end == size;
         if head {
             body::empty()
-        } else if read::must_verify(state.config.verify_reads, cached.is_verified(), whole) {
+        } else if whole && read::must_verify(state.config.verify_reads, cached.is_verified()) {
             read::verifying(state.cache.clone(), cached, file)
         } else {
+            // A part was checked before, if it had to be (`from_cache`).
             read::complete(file, start, end, cached.lease.clone())
         }
     };

@@ -254,7 +254,7 @@ pub(crate) async fn from_cache(
             return None;
         }
     };
-    if must_verify(state.config.verify_reads, cached.is_verified(), true) {
+    if must_verify(state.config.verify_reads, cached.is_verified()) {
         if !cached.digest.matches(&bytes) {
             tracing::warn!(
                 digest = %cached.digest,

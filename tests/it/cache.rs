@@ -1837,17 +1837,6 @@ async fn a_blob_changed_on_disk_while_stopped_is_never_served_complete_and_is_fe
     // Default verify_reads = "first": the first complete read after the start
     // is hashed and its last chunk held back.
     let proxy = env.proxy().start().await;
-    // A range is served as is (the client checks the whole blob).
-    let part = request(
-        &proxy,
-        Alpn::Both,
-        Method::GET,
-        &layer_p,
-        &[("range", "bytes=0-999")],
-    )
-    .await;
-    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
-    assert_eq!(&part.body[..], &layer[..1000]);
     get_h1(&proxy, &layer_p)
         .await
         .assert_aborted(&layer, "GET of the damaged layer");
@@ -1878,6 +1867,63 @@ async fn a_blob_changed_on_disk_while_stopped_is_never_served_complete_and_is_fe
     get_manifest(&proxy, &m_p)
         .await
         .assert_served(&m, "HIT", "the manifest cached again");
+}
+
+/// `GET` of bytes 100..1100.
+async fn part_100_1099(proxy: &Proxy, path: &str) -> Got {
+    let range = [("range", "bytes=100-1099")];
+    request(proxy, Alpn::Both, Method::GET, path, &range).await
+}
+
+#[tokio::test]
+async fn a_range_of_a_blob_changed_on_disk_is_never_served_unchecked() {
+    let env = Env::new().await;
+    let (layer_p, layer, _, _, layer_d, _) = pulled_then_stopped(&env).await;
+
+    // Intact after a restart: the whole file is hashed first, then the range
+    // comes from the cache.
+    let proxy = env.proxy().args(["--shutdown-grace", "2"]).start().await;
+    let part = part_100_1099(&proxy, &layer_p).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert!(part.error.is_none(), "{:?}", part.error);
+    assert_eq!(&part.body[..], &layer[100..1100]);
+    assert_eq!(part.x_cache(), "HIT");
+    assert_eq!(env.reg.count(Method::GET, &layer_p), 1);
+    proxy.stop().await;
+
+    // Changed inside the range while stopped: the flipped byte never goes
+    // out; the entry is dropped and the range answered from a new download.
+    flip_byte(&env.content_file(&layer_d), 500);
+    let proxy = env.proxy().start().await;
+    let part = part_100_1099(&proxy, &layer_p).await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert!(part.error.is_none(), "{:?}", part.error);
+    assert!(
+        part.body[..] == layer[100..1100],
+        "the upstream's bytes, never the flipped one ({} bytes)",
+        part.body.len()
+    );
+    assert_eq!(part.x_cache(), "MISS");
+    assert_eq!(
+        part.header("content-range").as_deref(),
+        Some(format!("bytes 100-1099/{}", layer.len()).as_str())
+    );
+    assert_eq!(env.reg.count(Method::GET, &layer_p), 2, "fetched again");
+    assert!(
+        env.reg.requests(&layer_p)[1].header("range").is_none(),
+        "the whole blob is fetched again"
+    );
+    assert!(
+        proxy.stderr().contains("does not match its digest"),
+        "a log line names the rule: {}",
+        proxy.stderr()
+    );
+    // The range ended only once the download was stored: it replaced the
+    // damaged entry.
+    get(&proxy, &layer_p)
+        .await
+        .assert_served(&layer, "HIT", "cached again");
+    assert_eq!(env.reg.count(Method::GET, &layer_p), 2);
 }
 
 #[tokio::test]
