@@ -11,9 +11,13 @@
 //! match the file is renamed into the cache, otherwise it is deleted and every
 //! reader's response fails instead of completing.
 //!
-//! A fill of known length holds a [`super::Reservation`] from its start
-//! (taken by the caller before [`Leader::start`]): it becomes the entry on
-//! commit and is released when the fill fails.
+//! Every fill holds a [`super::Reservation`] (admitted by the caller before
+//! [`Leader::start`], [`Cache::admit`]) that holds nothing at first: before
+//! each batch is written the writer makes it cover the bytes the file will
+//! hold ([`Reservation::cover`], a step ahead, so one short lock per step
+//! rather than per write), evicting only for bytes that arrived. When the
+//! cap cannot hold them the fill fails like any other. The reservation
+//! becomes the entry on commit and is released when the fill fails.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
@@ -193,14 +197,15 @@ impl Leader {
     /// Starts storing `body` (upstream's 200 answer) as `digest`.
     ///
     /// `total` is the announced Content-Length; `media_type` is stored with
-    /// the entry (empty for blobs); `reservation` is the room held for it
-    /// (see [`Cache::reserve`]). Returns the fill to read from.
+    /// the entry (empty for blobs); `reservation` is its admission (see
+    /// [`Cache::admit`]), grown as the bytes are written. Returns the fill
+    /// to read from.
     pub async fn start<B>(
         mut self,
         body: B,
         total: Option<u64>,
         media_type: String,
-        reservation: Option<Reservation>,
+        reservation: Reservation,
     ) -> Result<Arc<Fill>, CacheError>
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
@@ -261,17 +266,17 @@ async fn write_fill<B>(
     temp: PathBuf,
     body: B,
     (total, media_type): (Option<u64>, String),
-    reservation: Option<Reservation>,
+    mut reservation: Reservation,
 ) where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
 {
-    let outcome = copy_and_verify(&fill, file, body, total).await;
+    let outcome = copy_and_verify(&fill, file, body, total, &mut reservation).await;
     // On failure the reservation is dropped here, released before anyone
     // hears of the failure.
     let outcome = match outcome {
         Ok(size) => cache
-            .commit_reserved(&temp, &fill.digest, size, &media_type, reservation)
+            .commit_reserved(&temp, &fill.digest, size, &media_type, Some(reservation))
             .await
             .map(|_| size),
         Err(e) => {
@@ -303,7 +308,8 @@ async fn write_fill<B>(
     cache.fills.remove(&fill);
 }
 
-/// Copies the body into `file`, hashing it; checks digest and length.
+/// Copies the body into `file`, hashing it, with `room` covering every
+/// byte before it is written; checks digest and length.
 ///
 /// Pipelined: while one batch is written and hashed on the blocking pool,
 /// the next is received (and decrypted) on the async thread. Frames are
@@ -313,6 +319,7 @@ async fn copy_and_verify<B>(
     file: Arc<std::fs::File>,
     mut body: B,
     total: Option<u64>,
+    room: &mut Reservation,
 ) -> Result<u64, CacheError>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
@@ -320,8 +327,10 @@ where
 {
     let mut writer = Writer {
         file,
+        room,
         hasher: Some(DigestHasher::new(fill.digest.algorithm())),
         written: 0,
+        queued: 0,
         in_flight: None,
     };
     let mut batch: Vec<Bytes> = Vec::new();
@@ -413,17 +422,21 @@ where
 type WriteResult = Result<(DigestHasher, u64), CacheError>;
 
 /// Appends batches to the temporary file and hashes them, one batch at a
-/// time on the blocking pool.
-struct Writer {
+/// time on the blocking pool, each within the room its reservation holds.
+struct Writer<'a> {
     file: Arc<std::fs::File>,
+    /// Grown to cover every batch before it is written.
+    room: &'a mut Reservation,
     /// The hasher, while no write holds it.
     hasher: Option<DigestHasher>,
     /// Bytes written and hashed.
     written: u64,
+    /// Bytes submitted: written, or being written.
+    queued: u64,
     in_flight: Option<tokio::task::JoinHandle<WriteResult>>,
 }
 
-impl Writer {
+impl Writer<'_> {
     /// Waits for the write in flight, if any, and counts it.
     async fn finished(&mut self) -> Result<(), CacheError> {
         let Some(task) = self.in_flight.as_mut() else {
@@ -437,8 +450,17 @@ impl Writer {
         Ok(())
     }
 
-    /// Starts writing `batch` after the write in flight has finished.
+    /// Starts writing `batch` after the write in flight has finished, once
+    /// the reservation covers it (its room made while that write runs).
     async fn submit(&mut self, batch: Vec<Bytes>) -> Result<(), CacheError> {
+        let len: u64 = batch.iter().map(|b| b.len() as u64).sum();
+        if let Err(no_room) = self.room.cover(self.queued + len).await {
+            // The write in flight was covered: let it end before the
+            // reservation goes.
+            let _ = self.finished().await;
+            return Err(no_room.into());
+        }
+        self.queued += len;
         self.finished().await?;
         let file = self.file.clone();
         let mut hasher = self

@@ -19,13 +19,22 @@
 //! least recently used entries that nobody is reading until the total fits
 //! `cache_size`.
 //!
-//! Downloads in progress count too: a fill with a known length first takes
-//! a [`Reservation`] of that length ([`Cache::reserve`]), evicting to make
-//! room before a byte is written, so that the entries plus the reservations
-//! never exceed the cap. The reservation becomes the entry when the fill
-//! commits, and is released when it fails. When no room can be made (the
-//! blob is larger than the cap, or the rest is being read or reserved) the
-//! fill does not start; the blob is streamed to its client uncached.
+//! Downloads in progress count too, and make their room only as their
+//! bytes arrive. A fill is first *admitted* ([`Cache::admit`]): a known
+//! length that can never fit (larger than the cap, or than what the entries
+//! being read and the other downloads leave) is refused and the blob is
+//! streamed to its client uncached; an admitted length is *promised* to the
+//! fill, and nothing is evicted yet. As the fill writes, its
+//! [`Reservation`] grows a step ahead of the bytes ([`Reservation::cover`],
+//! [`ROOM_STEP`], one short lock a step), evicting least recently used
+//! entries nobody reads only then, so that the entries plus the
+//! reservations never exceed the cap; an upstream that announces a large
+//! length and sends nothing evicts nothing. A fill without a length grows
+//! the same way, and fails (nothing stored, its readers' responses cut)
+//! when its bytes would pass the cap. The reservation becomes the entry
+//! when the fill commits, and is released (held and promised bytes) when
+//! it fails.
+//!
 //! Bytes at rest are not trusted across restarts: every entry loaded from the
 //! index starts *unverified* (an in-memory flag), and is hashed again as it
 //! is served ([`read::verifying`], `verify_reads`). An entry whose bytes no
@@ -77,6 +86,9 @@ pub enum CacheError {
         /// What arrived instead.
         actual: String,
     },
+    /// A download's bytes found no room under `cache_size`.
+    #[error("no room in the cache: {0}")]
+    NoRoom(#[from] NoRoom),
     /// A background task failed to run.
     #[error("cache task failed: {0}")]
     Task(String),
@@ -184,8 +196,10 @@ pub struct Stats {
 struct State {
     content: LruCache<Digest, Entry>,
     total: u64,
-    /// Bytes reserved by downloads in progress (see [`Reservation`]).
+    /// Bytes held by downloads in progress (see [`Reservation`]).
     reserved: u64,
+    /// Bytes admitted downloads announced and do not hold yet.
+    promised: u64,
     /// digest → the (registry, repository) pairs it is linked to.
     links: HashMap<Digest, HashSet<(String, String)>>,
     link_count: u64,
@@ -198,12 +212,30 @@ struct State {
     openness: HashMap<String, (bool, u64)>,
 }
 
-/// Room held in the cache for a download in progress; released when
+/// Reservations grow by at most this much per step (one lock each), so that
+/// a fill evicts no more than this ahead of the bytes it has received.
+pub const ROOM_STEP: u64 = 16 * 1024 * 1024;
+
+/// Room held in the cache for a download in progress: admitted at its
+/// start ([`Cache::admit`]), holding nothing yet, then grown as its bytes
+/// arrive ([`Reservation::grow`], [`Reservation::cover`]). Released when
 /// dropped, or turned into the entry by [`Cache::commit_reserved`].
-#[derive(Debug)]
 pub struct Reservation {
-    cache: std::sync::Weak<Cache>,
+    cache: Arc<Cache>,
+    /// Bytes held (counted in `State::reserved`).
     bytes: u64,
+    /// The announced length, if any: what is not held yet of it is promised
+    /// (counted in `State::promised`).
+    limit: Option<u64>,
+}
+
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation")
+            .field("bytes", &self.bytes)
+            .field("limit", &self.limit)
+            .finish()
+    }
 }
 
 impl Reservation {
@@ -211,21 +243,92 @@ impl Reservation {
     pub fn bytes(&self) -> u64 {
         self.bytes
     }
-}
 
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        if self.bytes == 0 {
-            return;
+    /// What is promised to this fill and not held yet.
+    fn promise(&self) -> u64 {
+        self.limit.map_or(0, |l| l.saturating_sub(self.bytes))
+    }
+
+    /// Gives the held and promised bytes back to the cache (under its lock),
+    /// leaving nothing for `Drop` to do: it may then be dropped under the lock.
+    fn release(&mut self, state: &mut State) {
+        state.reserved = state.reserved.saturating_sub(self.bytes);
+        state.promised = state.promised.saturating_sub(self.promise());
+        self.bytes = 0;
+        self.limit = None;
+    }
+
+    /// Holds `to` bytes in all, for bytes about to be written: evicts least
+    /// recently used entries nobody reads until the entries plus the
+    /// reservations fit the cap, in one short lock (files removed after it).
+    /// Fails, holding what it held, when `to` can never fit: more than the
+    /// cap, or the rest is being read, held or promised to other fills.
+    pub async fn grow(&mut self, to: u64) -> Result<(), NoRoom> {
+        if to <= self.bytes {
+            return Ok(());
         }
-        if let Some(cache) = self.cache.upgrade() {
+        let cache = self.cache.clone();
+        let victims = {
             let mut state = cache.lock();
-            state.reserved = state.reserved.saturating_sub(self.bytes);
+            let delta = to - self.bytes;
+            let room = cache.room(&state, delta);
+            let evict_bytes = plan_grow(room, self.bytes, self.limit, to)?;
+            let covered = delta.min(self.promise());
+            state.promised = state.promised.saturating_sub(covered);
+            state.reserved += delta;
+            self.bytes = to;
+            if evict_bytes == 0 {
+                Vec::new()
+            } else {
+                let budget = cache.cap.saturating_sub(state.reserved);
+                evict(&mut state, budget)
+            }
+        };
+        cache.drop_evicted(victims).await;
+        Ok(())
+    }
+
+    /// Makes sure `need` bytes are held, growing by a step ahead of them
+    /// ([`ROOM_STEP`], less for a small cache; never past the announced
+    /// length or the cap) so that most writes take no lock; when the step
+    /// does not fit, exactly `need`.
+    pub async fn cover(&mut self, need: u64) -> Result<(), NoRoom> {
+        if need <= self.bytes {
+            return Ok(());
+        }
+        let cap = self.cache.cap;
+        let target = step_target(self.bytes, need, self.limit, cap);
+        match self.grow(target).await {
+            Err(_) if target > need => self.grow(need).await,
+            done => done,
         }
     }
 }
 
-/// Why [`Cache::reserve`] could not hold the room asked for.
+/// Where a reservation holding `held` bytes grows to for `need` bytes: a
+/// step ahead ([`ROOM_STEP`], or a sixteenth of a small `cap`), clamped to
+/// the announced `limit` and the cap, never below `need`. A pure decision.
+pub fn step_target(held: u64, need: u64, limit: Option<u64>, cap: u64) -> u64 {
+    let step = ROOM_STEP.min(cap / 16).max(1);
+    held.saturating_add(step)
+        .max(need)
+        .min(limit.unwrap_or(u64::MAX))
+        .min(cap)
+        .max(need)
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.bytes == 0 && self.promise() == 0 {
+            return;
+        }
+        let cache = self.cache.clone();
+        let mut state = cache.lock();
+        self.release(&mut state);
+    }
+}
+
+/// Why a fill cannot be admitted or its reservation cannot grow.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NoRoom {
     /// Larger than `cache_size` itself.
@@ -236,7 +339,8 @@ pub enum NoRoom {
         /// The cap.
         cap: u64,
     },
-    /// The rest of the cache is being read or reserved by other downloads.
+    /// The rest of the cache is being read, or held or promised to other
+    /// downloads.
     #[error("only {free} of {want} bytes can be freed: the rest is being read or downloaded")]
     Busy {
         /// Bytes asked for.
@@ -246,26 +350,82 @@ pub enum NoRoom {
     },
 }
 
-/// Whether `want` more bytes fit under `cap` next to `total` stored and
-/// `reserved` bytes, if `evictable` bytes (entries nobody reads) may go:
-/// Ok(bytes to evict) or why not. A pure decision.
-pub fn plan_room(
-    cap: u64,
-    total: u64,
-    reserved: u64,
-    want: u64,
-    evictable: u64,
-) -> Result<u64, NoRoom> {
-    if want > cap {
-        return Err(NoRoom::TooLarge { want, cap });
+/// The cache's room as counted under its lock, for [`plan_admit`] and
+/// [`plan_grow`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Room {
+    /// `cache_size`.
+    pub cap: u64,
+    /// Bytes of the entries.
+    pub total: u64,
+    /// Of those, bytes of entries nobody reads, which may be evicted (or at
+    /// least as many as the decision needs).
+    pub evictable: u64,
+    /// Bytes held by fills for what they wrote or are writing.
+    pub reserved: u64,
+    /// Bytes admitted fills announced and do not hold yet.
+    pub promised: u64,
+}
+
+impl Room {
+    /// Bytes of entries being read: they cannot be evicted.
+    fn pinned(&self) -> u64 {
+        self.total.saturating_sub(self.evictable)
     }
-    let used = total.saturating_add(reserved);
-    let over = used.saturating_add(want).saturating_sub(cap);
-    if over > evictable {
-        let free = cap.saturating_sub(used).saturating_add(evictable);
-        return Err(NoRoom::Busy { want, free });
+
+    /// Whether `want` more bytes fit next to the entries being read, the
+    /// bytes held and `promised` (other fills' promises).
+    fn fits(&self, want: u64, promised: u64) -> Result<(), NoRoom> {
+        let used = self
+            .pinned()
+            .saturating_add(self.reserved)
+            .saturating_add(promised);
+        if used.saturating_add(want) > self.cap {
+            let free = self.cap.saturating_sub(used);
+            return Err(NoRoom::Busy { want, free });
+        }
+        Ok(())
     }
-    Ok(over)
+}
+
+/// Whether a fill announcing `len` bytes may start: it must fit under the
+/// cap next to the entries being read and what other fills hold or were
+/// promised. Admission evicts nothing: the bytes make their room as they
+/// arrive ([`plan_grow`]). A pure decision.
+pub fn plan_admit(room: Room, len: u64) -> Result<(), NoRoom> {
+    if len > room.cap {
+        return Err(NoRoom::TooLarge {
+            want: len,
+            cap: room.cap,
+        });
+    }
+    room.fits(len, room.promised)
+}
+
+/// Whether a reservation holding `held` bytes (of an announced `limit`, if
+/// any) may grow to `to`: Ok(bytes of entries to evict so that the entries
+/// plus the reservations stay within the cap; promises evict nothing) or
+/// why not: `to` is more than the cap, or does not fit next to the entries
+/// being read and what the other fills hold or were promised. A pure
+/// decision.
+pub fn plan_grow(room: Room, held: u64, limit: Option<u64>, to: u64) -> Result<u64, NoRoom> {
+    if to <= held {
+        return Ok(0);
+    }
+    if to > room.cap {
+        return Err(NoRoom::TooLarge {
+            want: to,
+            cap: room.cap,
+        });
+    }
+    let delta = to - held;
+    let own = limit.map_or(0, |l| l.saturating_sub(held));
+    room.fits(delta, room.promised.saturating_sub(own))?;
+    Ok(room
+        .total
+        .saturating_add(room.reserved)
+        .saturating_add(delta)
+        .saturating_sub(room.cap))
 }
 
 /// The cache. Shared as `Arc<Cache>`.
@@ -378,6 +538,7 @@ impl Cache {
             content,
             total,
             reserved: 0,
+            promised: 0,
             links,
             link_count,
             tags,
@@ -590,32 +751,62 @@ impl Cache {
         Ok(())
     }
 
-    /// Holds room for `bytes` about to be downloaded: evicts least recently
-    /// used entries nobody reads until entries plus reservations plus
-    /// `bytes` fit the cap, then counts `bytes` as reserved until the
-    /// returned [`Reservation`] is committed or dropped.
-    pub async fn reserve(self: &Arc<Self>, bytes: u64) -> Result<Reservation, NoRoom> {
-        let victims = {
+    /// Admits a download of `len` bytes (None: unknown), evicting nothing:
+    /// a known length must fit under the cap next to the entries being read
+    /// and what other downloads hold or were promised, and is then promised
+    /// to it. The returned [`Reservation`] holds no bytes yet; the fill
+    /// grows it as its bytes arrive ([`Reservation::cover`]).
+    pub fn admit(self: &Arc<Self>, len: Option<u64>) -> Result<Reservation, NoRoom> {
+        if let Some(len) = len {
             let mut state = self.lock();
-            let evictable = state
-                .content
-                .iter()
-                .filter(|(_, e)| Arc::strong_count(&e.lease) == 1)
-                .map(|(_, e)| e.size)
-                .sum();
-            plan_room(self.cap, state.total, state.reserved, bytes, evictable)?;
-            let budget = self
-                .cap
-                .saturating_sub(bytes)
-                .saturating_sub(state.reserved);
-            let victims = evict(&mut state, budget);
-            state.reserved += bytes;
-            victims
+            plan_admit(self.room(&state, len), len)?;
+            state.promised += len;
+        }
+        Ok(Reservation {
+            cache: self.clone(),
+            bytes: 0,
+            limit: len,
+        })
+    }
+
+    /// The room under the lock, for `want` more bytes: entries nobody reads
+    /// are counted from the least recently used only as far as `want` could
+    /// need them (none when it fits anyway), so that a step of a fill is
+    /// not a walk over the whole cache.
+    fn room(&self, state: &State, want: u64) -> Room {
+        let mut room = Room {
+            cap: self.cap,
+            total: state.total,
+            evictable: 0,
+            reserved: state.reserved,
+            promised: state.promised,
         };
-        let reservation = Reservation {
-            cache: Arc::downgrade(self),
-            bytes,
-        };
+        let short = room
+            .total
+            .saturating_add(room.reserved)
+            .saturating_add(room.promised)
+            .saturating_add(want)
+            .saturating_sub(room.cap);
+        if short > 0 {
+            let mut evictable = 0u64;
+            for (_, e) in state.content.iter().rev() {
+                if evictable >= short {
+                    break;
+                }
+                if Arc::strong_count(&e.lease) == 1 {
+                    evictable += e.size;
+                }
+            }
+            room.evictable = evictable;
+        }
+        room
+    }
+
+    /// Records entries evicted under the lock and removes their files.
+    async fn drop_evicted(&self, victims: Vec<Digest>) {
+        if victims.is_empty() {
+            return;
+        }
         let changes = victims
             .iter()
             .map(|d| Change::RemoveContent(d.to_string()))
@@ -624,12 +815,16 @@ impl Cache {
             tracing::warn!(error = %e, "cannot record evicted entries");
         }
         self.unlink(victims).await;
-        Ok(reservation)
     }
 
-    /// Bytes reserved by downloads in progress.
+    /// Bytes held by downloads in progress.
     pub fn reserved(&self) -> u64 {
         self.lock().reserved
+    }
+
+    /// Bytes admitted downloads announced and do not hold yet.
+    pub fn promised(&self) -> u64 {
+        self.lock().promised
     }
 
     /// Drops an entry whose bytes at rest no longer match its digest: its
@@ -720,9 +915,9 @@ impl Cache {
 
         let (victims, cached) = {
             let mut state = self.lock();
+            // The reservation held every byte written: it becomes the entry.
             if let Some(mut r) = reservation.take() {
-                state.reserved = state.reserved.saturating_sub(r.bytes);
-                r.bytes = 0;
+                r.release(&mut state);
             }
             let budget = self.cap.saturating_sub(size).saturating_sub(state.reserved);
             let victims = evict(&mut state, budget);
@@ -995,73 +1190,197 @@ mod tests {
     }
 
     #[test]
-    fn plan_room_counts_entries_reservations_and_what_may_be_evicted() {
+    fn admission_counts_what_is_read_held_and_promised_and_evicts_nothing() {
         use NoRoom::*;
-        /// (cap, total, reserved, want, evictable) -> bytes to evict, or why not.
-        type Case = ((u64, u64, u64, u64, u64), Result<u64, NoRoom>);
+        /// (cap, total, evictable, reserved, promised, len) -> Ok or why not.
+        type Case = ((u64, u64, u64, u64, u64, u64), Result<(), NoRoom>);
         #[rustfmt::skip]
         let cases: &[Case] = &[
-            ((100, 0, 0, 100, 0), Ok(0)),
-            ((100, 50, 0, 50, 0), Ok(0)),
-            ((100, 50, 30, 20, 0), Ok(0)),
-            ((100, 50, 30, 40, 50), Ok(20)),
-            ((100, 50, 30, 40, 10), Err(Busy { want: 40, free: 30 })),
-            ((100, 0, 100, 1, 0), Err(Busy { want: 1, free: 0 })),
-            ((100, 0, 0, 101, 0), Err(TooLarge { want: 101, cap: 100 })),
-            ((100, 90, 0, 100, 90), Ok(90)),
+            // A full cache of unread entries admits the whole cap.
+            ((100, 100, 100, 0, 0, 100), Ok(())),
+            ((100, 0, 0, 0, 0, 100), Ok(())),
+            ((100, 0, 0, 0, 0, 101), Err(TooLarge { want: 101, cap: 100 })),
+            // Entries being read are not room.
+            ((100, 100, 40, 0, 0, 41), Err(Busy { want: 41, free: 40 })),
+            ((100, 100, 40, 0, 0, 40), Ok(())),
+            // Nor is what other fills hold or were promised.
+            ((100, 50, 50, 30, 20, 50), Ok(())),
+            ((100, 50, 50, 30, 20, 51), Err(Busy { want: 51, free: 50 })),
+            ((100, 0, 0, 0, 100, 1), Err(Busy { want: 1, free: 0 })),
+            ((100, 0, 0, 0, 0, 0), Ok(())),
         ];
-        for ((cap, total, reserved, want, evictable), expected) in cases {
+        for ((cap, total, evictable, reserved, promised, len), expected) in cases {
+            let room = Room {
+                cap: *cap,
+                total: *total,
+                evictable: *evictable,
+                reserved: *reserved,
+                promised: *promised,
+            };
+            assert_eq!(&plan_admit(room, *len), expected, "{room:?} len {len}");
+        }
+    }
+
+    #[test]
+    fn growing_evicts_only_for_the_bytes_held_and_never_past_the_cap() {
+        use NoRoom::*;
+        /// ((cap, total, evictable, reserved, promised), held, limit, to) -> bytes to evict, or why not.
+        type Case = (
+            (u64, u64, u64, u64, u64),
+            u64,
+            Option<u64>,
+            u64,
+            Result<u64, NoRoom>,
+        );
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            // Full of unread entries; a fill admitted for 100 (all promised)
+            // evicts only what it grows into.
+            ((100, 100, 100, 0, 100), 0, Some(100), 10, Ok(10)),
+            ((100, 90, 90, 10, 90), 10, Some(100), 30, Ok(20)),
+            ((100, 70, 70, 30, 70), 30, Some(100), 100, Ok(70)),
+            // Already held: nothing to do.
+            ((100, 100, 100, 10, 90), 10, Some(100), 10, Ok(0)),
+            // Room to spare: nothing evicted.
+            ((100, 20, 20, 0, 50), 0, Some(50), 50, Ok(0)),
+            // Without a length: grows while entries can go, never past the cap.
+            ((100, 100, 100, 0, 0), 0, None, 60, Ok(60)),
+            ((100, 40, 40, 60, 0), 60, None, 100, Ok(40)),
+            ((100, 0, 0, 100, 0), 100, None, 101, Err(TooLarge { want: 101, cap: 100 })),
+            // Entries being read stay, and so does what is promised to others.
+            ((100, 100, 50, 0, 0), 0, None, 60, Err(Busy { want: 60, free: 50 })),
+            ((100, 0, 0, 0, 70), 0, None, 40, Err(Busy { want: 40, free: 30 })),
+            ((100, 0, 0, 0, 70), 0, None, 30, Ok(0)),
+            // Its own promise is its own: 60 promised to it, 40 to another.
+            ((100, 0, 0, 0, 100), 0, Some(60), 60, Ok(0)),
+            ((100, 50, 50, 0, 100), 0, Some(60), 60, Ok(10)),
+        ];
+        for ((cap, total, evictable, reserved, promised), held, limit, to, expected) in cases {
+            let room = Room {
+                cap: *cap,
+                total: *total,
+                evictable: *evictable,
+                reserved: *reserved,
+                promised: *promised,
+            };
             assert_eq!(
-                &plan_room(*cap, *total, *reserved, *want, *evictable),
+                &plan_grow(room, *held, *limit, *to),
                 expected,
-                "cap {cap} total {total} reserved {reserved} want {want} evictable {evictable}"
+                "{room:?} held {held} limit {limit:?} to {to}"
             );
         }
     }
 
+    #[test]
+    fn steps_run_ahead_of_the_bytes_within_the_length_and_the_cap() {
+        const GIB: u64 = 1 << 30;
+        // A big cache: ROOM_STEP ahead, clamped to the announced length.
+        assert_eq!(step_target(0, 1, None, 100 * GIB), ROOM_STEP);
+        assert_eq!(
+            step_target(ROOM_STEP, ROOM_STEP + 1, None, 100 * GIB),
+            2 * ROOM_STEP
+        );
+        assert_eq!(step_target(0, 1, Some(1000), 100 * GIB), 1000);
+        // A batch bigger than a step is covered whole.
+        assert_eq!(
+            step_target(0, 3 * ROOM_STEP, None, 100 * GIB),
+            3 * ROOM_STEP
+        );
+        // A small cache: a sixteenth of it, never past it.
+        assert_eq!(step_target(0, 1, None, 1600), 100);
+        assert_eq!(step_target(1550, 1560, None, 1600), 1600);
+        // Past the cap, the need itself (which then fails to grow).
+        assert_eq!(step_target(1600, 1700, None, 1600), 1700);
+    }
+
     #[tokio::test]
-    async fn reservations_evict_first_and_never_let_the_total_pass_the_cap() {
+    async fn admission_evicts_nothing_and_growth_evicts_as_bytes_arrive() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path(), 3000).unwrap();
         let a = put(&cache, &[1; 1000]).await;
         let b = put(&cache, &[2; 1000]).await;
+        let c = put(&cache, &[3; 1000]).await;
         let held_b = cache.get(&b).unwrap();
         let within_cap = |c: &Cache| c.stats().bytes + c.reserved() <= 3000;
 
-        // Two fills of 1000 in progress: a (not read) goes to make room, b
-        // (being read) stays.
-        let r1 = cache.reserve(1000).await.unwrap();
-        assert!(within_cap(&cache) && cache.contains(&a));
-        let r2 = cache.reserve(1000).await.unwrap();
-        assert!(within_cap(&cache));
-        assert!(!cache.contains(&a), "evicted before the fill writes");
-        assert!(!cache.content_path(&a).exists());
-        assert!(cache.contains(&b), "never evicted under a reader");
-        // No room left: everything else is read or reserved; too large.
-        assert!(matches!(cache.reserve(1).await, Err(NoRoom::Busy { .. })));
+        // Admitted for what the unread entries could make room for; nothing
+        // goes yet, and what is read or promised is no room for others.
+        assert!(matches!(cache.admit(Some(2001)), Err(NoRoom::Busy { .. })));
         assert!(matches!(
-            cache.reserve(3001).await,
+            cache.admit(Some(3001)),
             Err(NoRoom::TooLarge { .. })
         ));
-        assert_eq!(cache.reserved(), 2000);
+        let mut r1 = cache.admit(Some(2000)).unwrap();
+        assert_eq!((cache.reserved(), cache.promised()), (0, 2000));
+        assert!(matches!(cache.admit(Some(1)), Err(NoRoom::Busy { .. })));
+        assert_eq!(cache.stats().bytes, 3000, "admission evicted nothing");
 
-        // A failed fill releases its room; a committed one becomes the entry.
-        drop(r1);
-        assert_eq!(cache.reserved(), 1000);
-        let c = Digest::of(&[3; 1000]);
-        let temp = cache.temp_path(&c);
-        std::fs::write(&temp, [3; 1000]).unwrap();
+        // Its bytes arrive: the least recently used unread entry goes, only then.
+        r1.grow(500).await.unwrap();
+        assert!(within_cap(&cache));
+        assert!(!cache.contains(&a) && !cache.content_path(&a).exists());
+        assert!(cache.contains(&b) && cache.contains(&c));
+        assert_eq!((cache.reserved(), cache.promised()), (500, 1500));
+        r1.grow(2000).await.unwrap();
+        assert!(within_cap(&cache));
+        assert!(cache.contains(&b), "never evicted under a reader");
+        assert!(!cache.contains(&c));
+        assert_eq!((cache.reserved(), cache.promised()), (2000, 0));
+
+        // A fill without a length grows while there is room, never past the cap.
+        let mut r2 = cache.admit(None).unwrap();
+        assert!(matches!(r2.grow(1).await, Err(NoRoom::Busy { .. })));
+        assert_eq!(r2.bytes(), 0);
+        drop(held_b);
+        r2.grow(1000).await.unwrap();
+        assert!(!cache.contains(&b) && within_cap(&cache));
+        assert!(matches!(r2.cover(1001).await, Err(NoRoom::Busy { .. })));
+        assert!(matches!(r2.grow(3001).await, Err(NoRoom::TooLarge { .. })));
+        assert_eq!(cache.reserved(), 3000);
+
+        // A failed fill releases its room; a committed one becomes the entry
+        // (a reservation grown ahead of its bytes gives the rest back).
+        drop(r2);
+        assert_eq!(cache.reserved(), 2000);
+        let d = Digest::of(&[4; 1500]);
+        let temp = cache.temp_path(&d);
+        std::fs::write(&temp, [4; 1500]).unwrap();
         cache
-            .commit_reserved(&temp, &c, 1000, "", Some(r2))
+            .commit_reserved(&temp, &d, 1500, "", Some(r1))
             .await
             .unwrap();
-        assert_eq!(cache.reserved(), 0);
-        assert!(cache.contains(&b) && cache.contains(&c));
-        assert_eq!(cache.stats().bytes, 2000);
-        drop(held_b);
-        let _r3 = cache.reserve(2000).await.unwrap();
-        assert!(within_cap(&cache));
-        assert_eq!(cache.stats().bytes, 1000, "one entry evicted for 2000 more");
+        assert_eq!((cache.reserved(), cache.promised()), (0, 0));
+        assert_eq!(cache.stats().bytes, 1500);
+        assert!(cache.contains(&d));
+
+        // Promised but not held: released when dropped, nothing evicted.
+        let r3 = cache.admit(Some(3000)).unwrap();
+        assert_eq!(cache.promised(), 3000);
+        drop(r3);
+        assert_eq!((cache.reserved(), cache.promised()), (0, 0));
+        assert!(cache.contains(&d));
+    }
+
+    #[tokio::test]
+    async fn covering_steps_ahead_and_falls_back_to_the_bytes_needed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1600).unwrap();
+        let mut r = cache.admit(None).unwrap();
+        r.cover(10).await.unwrap();
+        assert_eq!(r.bytes(), 100, "a step (a sixteenth of a small cache)");
+        r.cover(100).await.unwrap();
+        assert_eq!(r.bytes(), 100, "covered already: no step");
+        // Another fill was promised 1000, which leaves 600 for this one.
+        let _other = cache.admit(Some(1000)).unwrap();
+        r.cover(550).await.unwrap();
+        assert_eq!(r.bytes(), 550, "a batch bigger than a step: covered whole");
+        // The step (to 650) does not fit; the bytes needed do.
+        r.cover(560).await.unwrap();
+        assert_eq!(r.bytes(), 560);
+        r.cover(600).await.unwrap();
+        assert_eq!(r.bytes(), 600);
+        assert!(matches!(r.cover(601).await, Err(NoRoom::Busy { .. })));
+        assert_eq!(cache.reserved(), 600);
     }
 
     #[tokio::test]
@@ -1073,15 +1392,15 @@ mod tests {
         let fill::Role::Leader(leader) = cache.join_fill(&digest) else {
             panic!("nobody else fills");
         };
-        let reservation = cache.reserve(2000).await.unwrap();
-        assert_eq!(cache.reserved(), 2000);
+        let reservation = cache.admit(Some(2000)).unwrap();
+        assert_eq!(cache.promised(), 2000);
         let frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::http::body::BoxError>> = vec![
             Ok(http_body::Frame::data(bytes::Bytes::from_static(&[7; 500]))),
             Err("upstream cut".into()),
         ];
         let body = StreamBody::new(futures_util::stream::iter(frames));
         let fill = leader
-            .start(body, Some(2000), String::new(), Some(reservation))
+            .start(body, Some(2000), String::new(), reservation)
             .await
             .unwrap();
         let mut rx = fill.watch();
@@ -1092,8 +1411,47 @@ mod tests {
             .phase
             .clone();
         assert!(matches!(phase, fill::Phase::Failed(_)));
-        assert_eq!(cache.reserved(), 0, "released when the fill failed");
+        assert_eq!(
+            (cache.reserved(), cache.promised()),
+            (0, 0),
+            "released when the fill failed"
+        );
         assert!(!cache.contains(&digest));
+    }
+
+    #[tokio::test]
+    async fn a_fill_without_length_past_the_cap_fails_and_releases_its_room() {
+        use http_body_util::StreamBody;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 3000).unwrap();
+        let kept = put(&cache, &[1; 1000]).await;
+        let _reader = cache.get(&kept).unwrap();
+        let content = [8u8; 2500];
+        let digest = Digest::of(&content);
+        let fill::Role::Leader(leader) = cache.join_fill(&digest) else {
+            panic!("nobody else fills");
+        };
+        let frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::http::body::BoxError>> =
+            content
+                .chunks(500)
+                .map(|c| Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(c))))
+                .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let room = cache.admit(None).unwrap();
+        let fill = leader.start(body, None, String::new(), room).await.unwrap();
+        let mut rx = fill.watch();
+        let phase = rx
+            .wait_for(|p| matches!(p.phase, fill::Phase::Failed(_) | fill::Phase::Done))
+            .await
+            .unwrap()
+            .phase
+            .clone();
+        let fill::Phase::Failed(why) = phase else {
+            panic!("2500 bytes next to 1000 being read passed a cap of 3000: {phase:?}");
+        };
+        assert!(why.contains("no room"), "{why}");
+        assert_eq!(cache.reserved(), 0);
+        assert!(!cache.contains(&digest) && cache.contains(&kept));
     }
 
     #[tokio::test]

@@ -118,22 +118,20 @@ async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served 
     // 200 with other bytes earns nothing).
     leader.set_origin(&target.registry, repo);
     let total = content_length(resp.headers());
-    // Room for a known length is held before a byte is written; without
-    // room, this client gets the blob uncached (still verified).
-    let reservation = match total.map(|len| (len, state.cache.clone())) {
-        None => None,
-        Some((len, cache)) => match cache.reserve(len).await {
-            Ok(r) => Some(r),
-            Err(no_room) => {
-                tracing::info!(%digest, error = %no_room, "not cached (cache_size): streaming the blob uncached");
-                leader.abandon();
-                let body = super::uncached::verified(resp.into_body(), digest.clone(), total);
-                return Served::new(
-                    blob_response(StatusCode::OK, digest, total, body),
-                    CacheStatus::Miss,
-                );
-            }
-        },
+    // A known length is admitted (it could fit) but evicts nothing: the
+    // fill makes room as its bytes arrive. Without admission, this client
+    // gets the blob uncached (still verified).
+    let reservation = match state.cache.admit(total) {
+        Ok(r) => r,
+        Err(no_room) => {
+            tracing::info!(%digest, error = %no_room, "not cached (cache_size): streaming the blob uncached");
+            leader.abandon();
+            let body = super::uncached::verified(resp.into_body(), digest.clone(), total);
+            return Served::new(
+                blob_response(StatusCode::OK, digest, total, body),
+                CacheStatus::Miss,
+            );
+        }
     };
     match leader
         .start(resp.into_body(), total, String::new(), reservation)

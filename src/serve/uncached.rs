@@ -1,5 +1,5 @@
 //! A blob streamed to its client without being cached: when the cache has
-//! no room for it (see [`crate::cache::Cache::reserve`]), or when it is
+//! no room for it (see [`crate::cache::Cache::admit`]), or when it is
 //! passed through from upstream (another registry's download of the digest
 //! is running, or the leaders keep failing). It is verified all the same: the bytes are hashed as they pass and the last byte (the last
 //! frame when no length was announced) is held back until digest and length

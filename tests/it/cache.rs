@@ -1658,6 +1658,157 @@ async fn concurrent_cold_fills_never_put_more_than_cache_size_on_disk() {
     assert!(proxy.stderr().contains("streaming the blob uncached"));
 }
 
+/// A hostile upstream (or a registry user's own push) announces a
+/// Content-Length as large as the whole cache and then sends nothing: the
+/// fill is admitted (it could fit) but evicts nothing until its bytes come,
+/// so a full cache stays whole and keeps serving. Once the bytes do come,
+/// they make their room and the blob is stored like any other.
+#[tokio::test]
+async fn a_hostile_content_length_evicts_nothing_before_its_bytes_arrive() {
+    let env = Env::new().await;
+    let repo = "library/hostile";
+    let cap = 3 * MIB as u64;
+    let put = |seed: u64, len: usize| {
+        let data = blob_bytes(seed, len);
+        let digest = env.reg.put_blob(repo, data.clone());
+        (data, digest)
+    };
+    let warm: Vec<_> = (0..3).map(|i| put(320 + i, MIB)).collect();
+    let (data, digest) = put(330, 3 * MIB);
+    let path = blob_path(repo, &digest);
+    let proxy = env.proxy().args(["--cache-size", "3MiB"]).start().await;
+    for (data, digest) in &warm {
+        get(&proxy, &blob_path(repo, digest))
+            .await
+            .assert_served(data, "MISS", "warm fill");
+    }
+    // The cache is full; the stalling body announces all of it.
+    env.reg.set_fault(
+        &path,
+        Fault {
+            gate_after: Some(0),
+            ..Fault::default()
+        },
+    );
+    let stalled = send_on(&proxy, HUB, Alpn::Http11, Method::GET, &path, &[]).await;
+    assert_eq!(stalled.status(), StatusCode::OK);
+    assert_eq!(
+        stalled
+            .headers()
+            .get("x-cache")
+            .map(|v| v.to_str().unwrap()),
+        Some("MISS"),
+        "a fill, not streamed uncached"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (i, (data, digest)) in warm.iter().enumerate() {
+        assert!(
+            env.content_file(digest).exists(),
+            "entry {i} evicted for bytes that never came"
+        );
+        get(&proxy, &blob_path(repo, digest)).await.assert_served(
+            data,
+            "HIT",
+            "an entry while the hostile fill stalls",
+        );
+    }
+
+    // The bytes come: they make their room as they arrive.
+    env.reg.open_gate();
+    let got = read_response(stalled).await;
+    got.assert_content(&Method::GET, &data, "the stalled blob, once sent");
+    get(&proxy, &path)
+        .await
+        .assert_served(&data, "HIT", "stored once its bytes came");
+    let on_disk = dir_bytes(&env.cache_dir().join("blobs"));
+    assert!(on_disk <= cap, "{on_disk} bytes on disk");
+    assert!(!proxy.stderr().contains("streaming the blob uncached"));
+}
+
+/// A fill without Content-Length makes its room as its bytes arrive, like
+/// one with: cached entries go for bytes that came, and when the next bytes
+/// would pass cache_size the fill fails (its client's response ends with an
+/// error, nothing is stored, its temporary file goes); the disk never holds
+/// more than the cap.
+#[tokio::test]
+async fn a_fill_without_content_length_past_cache_size_fails_and_the_cap_holds() {
+    let env = Env::new().await;
+    let repo = "library/unsized";
+    let cap = 3 * MIB as u64;
+    let warm: Vec<_> = (0..2)
+        .map(|i| {
+            let data = blob_bytes(340 + i, MIB);
+            let digest = env.reg.put_blob(repo, data.clone());
+            (data, digest)
+        })
+        .collect();
+    let data = blob_bytes(345, 3 * MIB + MIB / 2);
+    let digest = env.reg.put_blob(repo, data.clone());
+    let path = blob_path(repo, &digest);
+    let proxy = env.proxy().args(["--cache-size", "3MiB"]).start().await;
+    for (data, digest) in &warm {
+        get(&proxy, &blob_path(repo, digest))
+            .await
+            .assert_served(data, "MISS", "warm fill");
+    }
+    let gate = 3 * MIB - 128 * 1024;
+    env.reg.set_fault(
+        &path,
+        Fault {
+            no_length: true,
+            gate_after: Some(gate),
+            ..Fault::default()
+        },
+    );
+    let on_disk =
+        || dir_bytes(&env.cache_dir().join("blobs")) + dir_bytes(&env.cache_dir().join("tmp"));
+
+    let resp = send_on(&proxy, HUB, Alpn::Http11, Method::GET, &path, &[]).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Held at the gate, nearly the whole cap written: room was made for it.
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    while dir_bytes(&env.cache_dir().join("tmp")) < gate as u64 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the download never reached its gate; stderr:\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let held = on_disk();
+    assert!(
+        held <= cap,
+        "with a download of unknown length at its gate the cache holds {held} bytes on disk, \
+         more than cache_size ({cap})"
+    );
+
+    // The rest would pass the cap: the fill fails, cleanly.
+    env.reg.open_gate();
+    let got = read_response(resp).await;
+    got.assert_aborted(&data, "a download of unknown length past cache_size");
+    assert_eq!(
+        &got.body[..],
+        &data[..got.body.len()],
+        "the bytes that came are right"
+    );
+    let deadline = std::time::Instant::now() + STEP_TIMEOUT;
+    while !env.tmp_files().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tmp keeps {:?}",
+            env.tmp_files()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!env.content_file(&digest).exists(), "stored past the cap");
+    assert!(on_disk() <= cap, "after the fill: {} bytes", on_disk());
+    assert!(
+        proxy.stderr().contains("no room in the cache"),
+        "stderr:\n{}",
+        proxy.stderr()
+    );
+}
+
 #[tokio::test]
 async fn eviction_removes_the_least_recently_used_blob() {
     let env = Env::new().await;
