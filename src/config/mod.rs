@@ -149,7 +149,7 @@ pub struct Config {
     /// Leaf certificate cache capacity.
     pub cert_cache: usize,
     /// How long a client may send nothing while its request head or body
-    /// is awaited.
+    /// is awaited, or hold a connection with no request in flight.
     pub client_idle_timeout: Duration,
     /// Where the disk cache lives.
     pub cache_dir: PathBuf,

@@ -111,7 +111,7 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_SHUTDOWN_GRACE", value_name = "SECS")]
     pub shutdown_grace: Option<u64>,
 
-    /// Seconds a client may send nothing while regcache waits for its request head or body; then the request is cut
+    /// Seconds a client may send nothing while regcache waits for its request head or body (then the request is cut), or hold a connection with no request in flight (then it is closed)
     #[arg(long, env = "REGCACHE_CLIENT_IDLE_TIMEOUT", value_name = "SECS")]
     pub client_idle_timeout: Option<u64>,
 

@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::LazyConfigAcceptor;
 
+use super::idle::IdleWatch;
 use super::ConnContext;
 use crate::access::ProxyUser;
 use crate::http::log::serve_request;
@@ -144,7 +145,8 @@ where
 }
 
 /// Serves HTTP/2 or HTTP/1.1 (as ALPN chose) on `io` until the client
-/// closes or regcache shuts down.
+/// closes, it stays idle for `client_idle_timeout` (see [`super::idle`]) or
+/// regcache shuts down.
 pub async fn serve_http<IO, S>(ctx: &ConnContext, io: IO, service: S)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -157,9 +159,12 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    // HTTP/1.1: a head (and an idle keep-alive) gets client_idle_timeout in
-    // all. HTTP/2: a peer that does not answer a ping within it is closed.
-    // Bodies are limited per request (crate::http::body::IdleLimited).
+    // HTTP/1.1: a head gets client_idle_timeout in all. HTTP/2: a peer that
+    // does not answer a ping within it is closed. Both: a connection with no
+    // request in flight for it (before the first bytes, between requests, no
+    // open stream) is shut down gracefully, GOAWAY for HTTP/2, and dropped
+    // if it is still open one more client_idle_timeout later with nothing in
+    // flight. Bodies are limited per request (crate::http::body::IdleLimited).
     let idle = ctx.app.state.config.client_idle_timeout;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -172,13 +177,29 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(idle))
         .keep_alive_timeout(idle);
-    let conn = builder.serve_connection(TokioIo::new(io), service);
+    let watch = IdleWatch::new(idle);
+    let conn = builder.serve_connection(TokioIo::new(io), watch.service(service));
     tokio::pin!(conn);
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        _ = ctx.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut closing = false;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = watch.idle() => {
+                if closing {
+                    tracing::debug!("client connection still open after being asked to close; dropping it");
+                    break Ok(());
+                }
+                tracing::debug!(
+                    idle_secs = idle.as_secs(),
+                    "client connection idle for client_idle_timeout; closing it"
+                );
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = ctx.shutdown.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
         }
     };
     if let Err(e) = result {

@@ -6,6 +6,7 @@
 //! current request and close, and regcache waits up to `shutdown_grace` for
 //! them before exiting.
 
+mod idle;
 mod intercept;
 mod listener;
 mod tunnel;

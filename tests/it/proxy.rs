@@ -792,6 +792,146 @@ async fn normal_push_and_slow_download_outlast_a_short_idle_timeout() {
     }
 }
 
+/// An HTTP/2 client over an intercepted tunnel whose connection task is the
+/// test's own (it answers the proxy's pings), so that its end is seen.
+async fn h2_client_conn(
+    proxy: &Proxy,
+) -> (
+    hyper::client::conn::http2::SendRequest<ReqBody>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    let tcp = proxy.tunnel("upstream.test:443").await;
+    let tls = tls_connect(tcp, "upstream.test", vec![proxy.ca_der()], Alpn::H2, true)
+        .await
+        .unwrap();
+    assert_eq!(negotiated_alpn(&tls).as_deref(), Some("h2"));
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// `GET https://upstream.test{path}` over HTTP/2.
+fn h2_get(path: &str) -> hyper::Request<ReqBody> {
+    hyper::Request::builder()
+        .uri(format!("https://upstream.test{path}"))
+        .version(hyper::Version::HTTP_2)
+        .body(empty())
+        .unwrap()
+}
+
+/// An HTTP/2 connection that holds no stream (it answers pings, so the
+/// keep-alive never closes it) is shut down gracefully (GOAWAY) once it has
+/// been idle for client_idle_timeout, instead of holding its TLS state, task
+/// and file descriptor forever.
+#[tokio::test]
+async fn idle_h2_connection_is_closed_with_goaway_after_client_idle_timeout() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    let (mut sender, conn) = h2_client_conn(&proxy).await;
+    let resp = sender.send_request(h2_get("/bytes/1000")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_bytes(resp.into_body()).await.len(), 1000);
+    let idle_from = Instant::now();
+    let ended = tokio::time::timeout(IDLE_BOUND, conn).await;
+    let took = idle_from.elapsed();
+    let ended = ended
+        .unwrap_or_else(|_| panic!("the idle h2 connection was still open after {IDLE_BOUND:?}"));
+    ended
+        .unwrap()
+        .expect("the connection should end cleanly (GOAWAY), not with an error");
+    assert!(
+        took >= Duration::from_millis(200),
+        "closed {took:?} after its only response ended: sooner than client_idle_timeout"
+    );
+    assert!(sender.is_closed());
+    proxy.assert_healthy("after an idle h2 connection").await;
+}
+
+/// A TLS client that completes the handshake and then sends nothing (no
+/// HTTP/2 preface, no request line) is closed after client_idle_timeout, and
+/// so is a client of the proxy port that sends nothing.
+#[tokio::test]
+async fn silent_client_after_tls_is_closed_after_client_idle_timeout() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    let mut tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (_, took) = read_until_closed(&mut tcp).await;
+    assert!(took < IDLE_BOUND, "proxy port: closed after {took:?}");
+    for alpn in [Alpn::H2, Alpn::Http11] {
+        let tcp = proxy.tunnel("upstream.test:443").await;
+        let mut tls = tls_connect(tcp, "upstream.test", vec![proxy.ca_der()], alpn, true)
+            .await
+            .unwrap();
+        let (got, took) = read_until_closed(&mut tls).await;
+        assert!(took < IDLE_BOUND, "{alpn:?}: closed after {took:?}");
+        assert!(got.len() < 100, "{alpn:?}: got {got:?}");
+    }
+}
+
+/// A download over HTTP/2 that the client reads slowly, for several times
+/// client_idle_timeout, runs to its end: a stream in flight keeps its
+/// connection open (only once the proxy has sent the last byte may the idle
+/// clock start).
+#[tokio::test]
+async fn slowly_read_h2_download_outlasts_client_idle_timeout() {
+    let fx = Fixture::new(UpstreamKind::Https).await;
+    let proxy = fx
+        .proxy()
+        .args(["--client-idle-timeout", "1"])
+        .start()
+        .await;
+    let (mut sender, _conn) = h2_client_conn(&proxy).await;
+    let size: u64 = 8 * 1024 * 1024;
+    let resp = sender
+        .send_request(h2_get(&format!("/bytes/{size}")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let started = Instant::now();
+    let mut body = resp.into_body();
+    let mut check = PatternCheck::default();
+    // At most 16 KiB a frame and 10 ms between frames: 5 s or more, so the
+    // proxy's side of the stream lasts well over client_idle_timeout even
+    // with the flow-control windows full.
+    let read = async {
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+            if let Ok(data) = frame?.into_data() {
+                check.feed(&data);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok::<_, hyper::Error>(())
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(120), read).await;
+    let took = started.elapsed();
+    outcome
+        .expect("the slow read took over 120 s")
+        .unwrap_or_else(|e| {
+            panic!(
+                "the download was cut after {} bytes, {took:?}: {e:?}",
+                check.len
+            )
+        });
+    assert_eq!(check.len, size, "cut after {took:?}");
+    assert!(check.ok());
+    assert!(
+        took > Duration::from_secs(3),
+        "not slow enough to test: {took:?}"
+    );
+}
+
 #[tokio::test]
 async fn oversized_headers_are_431() {
     let proxy = ProxyBuilder::new().start().await;
