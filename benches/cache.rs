@@ -72,7 +72,7 @@ fn startup(c: &mut Criterion) {
     group.bench_function("link facts (another repository)", |b| {
         b.iter(|| {
             for d in &digests {
-                black_box(cache.link_facts("docker.io", "library/other", black_box(d)));
+                black_box(cache.link_facts("docker.io", "library/other", black_box(d), 0));
             }
         })
     });

@@ -609,7 +609,20 @@ impl Cache {
     /// What the links of `digest` say about serving it through `repo` on
     /// `registry`, for [`crate::registry::link::verdict`]: one lookup of the
     /// digest, then its repositories (never a scan of every link).
-    pub fn link_facts(&self, registry: &str, repo: &str, digest: &Digest) -> LinkFacts {
+    ///
+    /// A repository makes the digest public somewhere only if it was found
+    /// public at or after `public_since` (Unix ms): a repository made private
+    /// stops opening its digests through other repositories once that
+    /// finding is older than `public_ttl` (the caller passes
+    /// [`crate::serve::state::State::public_since`]). With no registry to ask
+    /// again (offline), 0 keeps the last finding, however old.
+    pub fn link_facts(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        public_since: u64,
+    ) -> LinkFacts {
         let state = self.lock();
         let Some(places) = state.links.get(digest) else {
             return LinkFacts::default();
@@ -627,7 +640,7 @@ impl Cache {
                 && state
                     .openness
                     .get(&format!("{r}/{p}"))
-                    .is_some_and(|(public, _)| *public);
+                    .is_some_and(|&(public, at)| public && at >= public_since);
         }
         facts
     }
@@ -1145,9 +1158,9 @@ mod tests {
             .set_openness(insecure, "library/app", true, 1)
             .await
             .unwrap();
-        let elsewhere = cache.link_facts("plain.test", "library/app", &d);
+        let elsewhere = cache.link_facts("plain.test", "library/app", &d, 0);
         assert!(!elsewhere.public_somewhere && !elsewhere.linked_in_registry);
-        let there = cache.link_facts(insecure, "library/other", &d);
+        let there = cache.link_facts(insecure, "library/other", &d, 0);
         assert!(there.public_somewhere && there.linked_in_registry);
         cache
             .link("docker.io", "library/app", std::slice::from_ref(&d))
@@ -1157,7 +1170,45 @@ mod tests {
             .set_openness("docker.io", "library/app", true, 1)
             .await
             .unwrap();
-        assert!(cache.link_facts("ghcr.io", "x/y", &d).public_somewhere);
+        assert!(cache.link_facts("ghcr.io", "x/y", &d, 0).public_somewhere);
+    }
+
+    #[tokio::test]
+    async fn a_repository_counts_as_public_somewhere_only_since_the_threshold() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        let d = put(&cache, b"layer").await;
+        cache
+            .link("docker.io", "library/once-open", std::slice::from_ref(&d))
+            .await
+            .unwrap();
+        cache
+            .set_openness("docker.io", "library/once-open", true, 5_000)
+            .await
+            .unwrap();
+        let public_since = |since| {
+            cache
+                .link_facts("docker.io", "attacker/pub", &d, since)
+                .public_somewhere
+        };
+        assert!(public_since(0), "offline: the last finding, however old");
+        assert!(
+            public_since(4_999) && public_since(5_000),
+            "found public since"
+        );
+        assert!(
+            !public_since(5_001),
+            "found public before the threshold: stale"
+        );
+        // Stale or not, the link to this registry still asks for a confirmation.
+        let stale = cache.link_facts("docker.io", "attacker/pub", &d, 5_001);
+        assert!(stale.linked_in_registry && !stale.linked_here);
+        // Found private since: never public somewhere.
+        cache
+            .set_openness("docker.io", "library/once-open", false, 6_000)
+            .await
+            .unwrap();
+        assert!(!public_since(0) && !public_since(6_000));
     }
 
     async fn put(cache: &Cache, content: &[u8]) -> Digest {

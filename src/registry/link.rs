@@ -30,16 +30,20 @@
 //!
 //! Content already public through some repository (anywhere) is served from
 //! the cache with no upstream contact: anyone could fetch it anonymously, so
-//! serving it leaks nothing. The usual check that the client may read the
-//! requested repository still applies in every case.
+//! serving it leaks nothing. "Public" is a finding younger than `public_ttl`
+//! (offline: the last finding): a repository made private since stops
+//! opening its digests elsewhere once that finding is older. The usual
+//! check that the client may read the requested repository still applies
+//! in every case.
 
 /// What the cache knows about a digest asked through one repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct LinkFacts {
     /// The digest is linked to the requested (registry, repository).
     pub linked_here: bool,
-    /// The digest is linked to some repository last found public (the
-    /// openness the cache index keeps), in any registry.
+    /// The digest is linked to some repository found public within
+    /// `public_ttl` (the openness the cache index keeps; offline, the last
+    /// finding however old), in any registry.
     pub public_somewhere: bool,
     /// The digest is linked to some repository of the requested registry.
     pub linked_in_registry: bool,

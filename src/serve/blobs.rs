@@ -45,7 +45,7 @@ pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
     let cache = &state.cache;
     let repo = req.repo();
     if cache.contains(digest) {
-        let facts = cache.link_facts(&target.registry, repo, digest);
+        let facts = cache.link_facts(&target.registry, repo, digest, state.public_since());
         match link::resolve(req, digest, facts, Kind::Blob).await {
             Err(refused) => return *refused,
             Ok(Access::Serve) => {
@@ -73,7 +73,8 @@ pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
                 }
                 // A download for this very repository serves it (its bytes
                 // are verified before the last one reaches anybody).
-                let mut facts = cache.link_facts(&target.registry, repo, digest);
+                let mut facts =
+                    cache.link_facts(&target.registry, repo, digest, state.public_since());
                 facts.linked_here |= fill
                     .origin()
                     .is_some_and(|(r, p)| *r == target.registry && p == repo);

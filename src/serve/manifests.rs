@@ -52,7 +52,7 @@ async fn by_digest(req: &RepoRequest<'_>, digest: &Digest) -> Served {
     let cache = &req.state.cache;
     let (target, repo) = (req.target, req.repo());
     if let Some(cached) = usable(req, digest) {
-        let facts = cache.link_facts(&target.registry, repo, digest);
+        let facts = cache.link_facts(&target.registry, repo, digest, req.state.public_since());
         match link::resolve(req, digest, facts, Kind::Manifest).await {
             Err(refused) => return *refused,
             Ok(Access::Serve) => {

@@ -116,8 +116,10 @@ pub async fn serve(state: &Arc<State>, target: &Target, route: Route, parts: &Pa
 }
 
 /// Whether `digest` may be served through `repo` with no registry to ask.
+/// Openness is the last finding however old (`public_since` 0): there is no
+/// registry to ask again, as for [`serve`]'s own check of the repository.
 fn servable(state: &State, registry: &str, repo: &str, digest: &crate::registry::Digest) -> bool {
-    link::verdict(state.cache.link_facts(registry, repo, digest)) == LinkVerdict::Serve
+    link::verdict(state.cache.link_facts(registry, repo, digest, 0)) == LinkVerdict::Serve
 }
 
 fn missing(target: &Target, what: &str, code: ErrorCode) -> Served {

@@ -142,7 +142,7 @@ impl Sharing {
 fn openness(req: &RepoRequest<'_>) -> Option<(Openness, bool)> {
     let state = req.state;
     let (public, at) = state.cache.openness(&req.target.registry, req.repo())?;
-    let fresh = now_ms().saturating_sub(at) < state.config.public_ttl.as_millis() as u64;
+    let fresh = at >= state.public_since();
     Some((Openness::of(public), fresh))
 }
 

@@ -2,10 +2,12 @@
 //! the [`Config`] by the composition root ([`crate::app`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::coalesce::Coalescer;
 use super::manifests::TagLookup;
 use super::sharing::{AccountError, Sharing};
+use crate::cache::freshness::now_ms;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
 use crate::tls::TlsError;
@@ -64,5 +66,38 @@ impl State {
             sharing,
             tag_lookups: Coalescer::default(),
         }))
+    }
+
+    /// The earliest time (Unix ms) a repository found public then still
+    /// counts as public: within `public_ttl` of now, the same freshness as
+    /// the repository's own requests use before asking the registry again.
+    /// For [`Cache::link_facts`].
+    pub fn public_since(&self) -> u64 {
+        public_since(now_ms(), self.config.public_ttl)
+    }
+}
+
+/// Found public at or after this (Unix ms) is found public within `ttl`
+/// of `now` (`now - at < ttl`; a `ttl` of 0 counts nothing).
+fn public_since(now: u64, ttl: Duration) -> u64 {
+    let ttl = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    now.saturating_sub(ttl).saturating_add(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_since_is_the_public_ttl_freshness() {
+        let ttl = Duration::from_secs(600);
+        let now = 1_000_000_000;
+        let since = public_since(now, ttl);
+        let fresh = |at: u64| now.saturating_sub(at) < 600_000;
+        for at in [now, now - 1, now - 599_999, now - 600_000, now - 600_001, 0] {
+            assert_eq!(at >= since, fresh(at), "found public at {at}");
+        }
+        assert_eq!(public_since(now, Duration::ZERO), now + 1, "ttl 0: none");
+        assert_eq!(public_since(5, ttl), 1, "saturates, never wraps");
     }
 }

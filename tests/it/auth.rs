@@ -923,6 +923,78 @@ async fn manifest_naming_private_digests_opens_nothing_through_a_public_reposito
     env.assert_no_secrets(&proxy);
 }
 
+/// A repository found public opens its digests through other repositories
+/// only while that finding is fresh: made private at the registry, it stops
+/// doing so once `public_ttl` is over, even though nobody asks for the
+/// repository itself (which would find it private again).
+#[tokio::test]
+async fn a_repository_made_private_stops_opening_its_digests_elsewhere_after_public_ttl() {
+    let env = Hub::new().await;
+    env.auth.public(ATTACKER_REPO);
+    // A public manifest naming library/open's digests: pointers, no links.
+    let naming = hostile_manifest(&env.open);
+    env.base
+        .reg
+        .put_manifest(ATTACKER_REPO, Some("evil"), OCI_MANIFEST, naming.clone());
+    let ttl = Duration::from_secs(2);
+    let proxy = env
+        .proxy(Realm::Intercepted)
+        .args(["--public-ttl", &ttl.as_secs().to_string()])
+        .start()
+        .await;
+
+    let mut anon = Client::anonymous(&env, &proxy, Realm::Intercepted);
+    anon.pull(&env.open).await;
+    let evil = format!("/v2/{ATTACKER_REPO}/manifests/evil");
+    anon.get(&evil).await.assert_content(
+        &Method::GET,
+        &naming,
+        "anonymous GET of the naming manifest",
+    );
+
+    // Within public_ttl: library/open's content is public somewhere, so it is
+    // served through the other public repository from the cache.
+    let through = all_paths(&env.open, ATTACKER_REPO, false);
+    for path in &through {
+        let got = anon.get(path).await;
+        got.assert_content(
+            &Method::GET,
+            want_of(&env.open, path),
+            &format!("GET {path}, library/open found public within public_ttl"),
+        );
+        assert_eq!(got.x_cache(), "HIT", "GET {path}: from the cache");
+    }
+
+    // The owner makes library/open private; nobody asks for it again.
+    env.auth.make_private(OPEN);
+    tokio::time::sleep(ttl + Duration::from_millis(500)).await;
+    // The other repository's own manifest, asked again: its openness is
+    // found anew (public, fresh), library/open's is older than public_ttl.
+    anon.get(&evil).await.assert_content(
+        &Method::GET,
+        &naming,
+        "the naming manifest, public_ttl over",
+    );
+    for path in &through {
+        for method in [Method::GET, Method::HEAD] {
+            let got = anon.request(method.clone(), path).await;
+            let what = format!("anonymous {method} {path}, public_ttl over");
+            assert!(
+                !env.open.leaked_in(&got.body),
+                "{what}: bytes of the now private {OPEN}: {}",
+                got.brief()
+            );
+            assert_eq!(
+                got.status,
+                StatusCode::NOT_FOUND,
+                "{what}: the registry answers 404 (no such content in {ATTACKER_REPO}): {}",
+                got.brief()
+            );
+        }
+    }
+    env.assert_no_secrets(&proxy);
+}
+
 #[tokio::test]
 async fn public_layers_shared_with_another_public_repository_need_no_upstream_request() {
     let env = Hub::new().await;

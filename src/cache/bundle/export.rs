@@ -113,7 +113,9 @@ impl Catalog {
     }
 
     /// Whether `image`'s repository may see `digest`: the proxy's link
-    /// verdict, with no registry to confirm anything.
+    /// verdict, with no registry to confirm anything. Openness is the last
+    /// finding however old, as offline serving keeps it (no registry to ask
+    /// again; [`Catalog::public`] chooses the images the same way).
     fn visible(&self, image: &ImageRef, digest: &Digest) -> bool {
         let mut facts = LinkFacts::default();
         for (registry, repo) in self.places.get(digest).into_iter().flatten() {
