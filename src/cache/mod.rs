@@ -459,11 +459,6 @@ pub fn parse_link_key(key: &str) -> Option<(String, String, Digest)> {
     Some((registry.to_string(), repo.to_string(), digest.parse().ok()?))
 }
 
-/// Whether a registry key names a plain-http (insecure) registry.
-fn is_plain_http(registry: &str) -> bool {
-    registry.starts_with("http://")
-}
-
 /// Splits `registry/repository` of a key into its two parts. A registry key
 /// may carry a scheme (`http://host:port`, an insecure registry), whose
 /// slashes are not the separator.
@@ -627,22 +622,17 @@ impl Cache {
         let Some(places) = state.links.get(digest) else {
             return LinkFacts::default();
         };
-        let mut facts = LinkFacts::default();
-        for (r, p) in places {
-            let same_registry = r == registry;
-            facts.linked_here |= same_registry && p == repo;
-            facts.linked_in_registry |= same_registry;
-            // Openness learnt over plain http (an insecure registry, keyed
-            // `http://…`) is anyone-on-the-path's word: it counts for that
-            // registry only, never for another.
-            let trusted = same_registry || !is_plain_http(r);
-            facts.public_somewhere |= trusted
-                && state
+        LinkFacts::of(
+            registry,
+            repo,
+            places.iter().map(|(r, p)| (r.as_str(), p.as_str())),
+            |r, p| {
+                state
                     .openness
                     .get(&format!("{r}/{p}"))
-                    .is_some_and(|&(public, at)| public && at >= public_since);
-        }
-        facts
+                    .is_some_and(|&(public, at)| public && at >= public_since)
+            },
+        )
     }
 
     /// Lets `repo` on `registry` see `digests`, persistently.

@@ -49,6 +49,36 @@ pub struct LinkFacts {
     pub linked_in_registry: bool,
 }
 
+impl LinkFacts {
+    /// The facts of a digest linked to `places` (registry, repository),
+    /// asked through `repo` on `registry`; `public(r, p)` says whether the
+    /// repository counts as public now (found public recently enough).
+    /// Openness learnt over plain http (an insecure registry, keyed
+    /// `http://…`) is anyone-on-the-path's word: it counts for that registry
+    /// only, never for another.
+    pub fn of<'a>(
+        registry: &str,
+        repo: &str,
+        places: impl IntoIterator<Item = (&'a str, &'a str)>,
+        public: impl Fn(&str, &str) -> bool,
+    ) -> Self {
+        let mut facts = LinkFacts::default();
+        for (r, p) in places {
+            let same_registry = r == registry;
+            facts.linked_here |= same_registry && p == repo;
+            facts.linked_in_registry |= same_registry;
+            let trusted = same_registry || !is_plain_http(r);
+            facts.public_somewhere |= trusted && public(r, p);
+        }
+        facts
+    }
+}
+
+/// Whether a registry key names a plain-http (insecure) registry.
+fn is_plain_http(registry: &str) -> bool {
+    registry.starts_with("http://")
+}
+
 /// What to do with a cached digest asked through a repository.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkVerdict {
@@ -122,5 +152,72 @@ mod tests {
     #[test]
     fn nothing_known_means_fetch() {
         assert_eq!(verdict(LinkFacts::default()), LinkVerdict::Fetch);
+    }
+
+    #[test]
+    fn facts_of_places_table() {
+        let public = |r: &str, p: &str| {
+            matches!(
+                (r, p),
+                ("docker.io", "library/a") | ("http://lab:5000", "x/y")
+            )
+        };
+        // (places, asked registry, asked repo) -> (linked_here, public_somewhere, linked_in_registry)
+        let table: [(&[(&str, &str)], &str, &str, (bool, bool, bool), &str); 6] = [
+            (
+                &[],
+                "docker.io",
+                "library/a",
+                (false, false, false),
+                "no places",
+            ),
+            (
+                &[("docker.io", "library/a")],
+                "docker.io",
+                "library/a",
+                (true, true, true),
+                "here and public",
+            ),
+            (
+                &[("docker.io", "library/a")],
+                "ghcr.io",
+                "o/b",
+                (false, true, false),
+                "public in another registry counts",
+            ),
+            (
+                &[("docker.io", "priv/b")],
+                "docker.io",
+                "o/c",
+                (false, false, true),
+                "guarded in this registry",
+            ),
+            (
+                &[("http://lab:5000", "x/y")],
+                "docker.io",
+                "o/c",
+                (false, false, false),
+                "plain-http openness never counts elsewhere",
+            ),
+            (
+                &[("http://lab:5000", "x/y")],
+                "http://lab:5000",
+                "x/z",
+                (false, true, true),
+                "plain-http openness counts for its own registry",
+            ),
+        ];
+        for (places, registry, repo, (here, public_somewhere, in_registry), why) in table {
+            let facts = LinkFacts::of(registry, repo, places.iter().copied(), public);
+            assert_eq!(
+                facts,
+                LinkFacts {
+                    linked_here: here,
+                    public_somewhere,
+                    linked_in_registry: in_registry,
+                },
+                "{why}"
+            );
+        }
     }
 }

@@ -117,11 +117,13 @@ impl Catalog {
     /// finding however old, as offline serving keeps it (no registry to ask
     /// again; [`Catalog::public`] chooses the images the same way).
     fn visible(&self, image: &ImageRef, digest: &Digest) -> bool {
-        let mut facts = LinkFacts::default();
-        for (registry, repo) in self.places.get(digest).into_iter().flatten() {
-            facts.linked_here |= *registry == image.registry && repo == image.repository.as_str();
-            facts.public_somewhere |= self.public.contains(&format!("{registry}/{repo}"));
-        }
+        let places = self.places.get(digest).into_iter().flatten();
+        let facts = LinkFacts::of(
+            &image.registry,
+            image.repository.as_str(),
+            places.map(|(r, p)| (r.as_str(), p.as_str())),
+            |r, p| self.public.contains(&format!("{r}/{p}")),
+        );
         verdict(facts) == LinkVerdict::Serve
     }
 
