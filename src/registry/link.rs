@@ -162,8 +162,16 @@ mod tests {
                 ("docker.io", "library/a") | ("http://lab:5000", "x/y")
             )
         };
-        // (places, asked registry, asked repo) -> (linked_here, public_somewhere, linked_in_registry)
-        let table: [(&[(&str, &str)], &str, &str, (bool, bool, bool), &str); 6] = [
+        /// (places, asked registry, asked repo) -> (linked_here,
+        /// public_somewhere, linked_in_registry), and why.
+        type Case<'a> = (
+            &'a [(&'a str, &'a str)],
+            &'a str,
+            &'a str,
+            (bool, bool, bool),
+            &'a str,
+        );
+        let table: [Case; 6] = [
             (
                 &[],
                 "docker.io",
