@@ -1,6 +1,8 @@
 //! Micro-benchmarks: opening a cache of 100,000 entries (start-up time),
 //! lookups in it (entry, repository link and link facts, as cached requests make),
-//! and the hot pure parts (route parsing, digest hashing, leaf minting).
+//! the room bookkeeping of a fill (admission and the reservation growing
+//! with its writes), and the hot pure parts (route parsing, digest hashing,
+//! leaf minting).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -105,5 +107,33 @@ fn hot_paths(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, startup, hot_paths);
+/// What a 256 MiB fill spends on its room: one admission, then the
+/// reservation covering each 64 KiB write (a lock only every step).
+fn fill_room(c: &mut Criterion) {
+    const BLOB: u64 = 256 << 20;
+    const WRITE: u64 = 64 << 10;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cache = Cache::open(dir.path(), 1 << 40).expect("open");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("fill room");
+    group.throughput(Throughput::Bytes(BLOB));
+    group.bench_function("admit and cover 256 MiB in 64 KiB writes", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let mut room = cache.admit(Some(BLOB)).expect("admitted");
+                let mut written = 0;
+                while written < BLOB {
+                    written += WRITE;
+                    room.cover(black_box(written)).await.expect("room");
+                }
+                room
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, startup, hot_paths, fill_room);
 criterion_main!(benches);
