@@ -648,16 +648,7 @@ async fn stalled_request_head_is_closed_after_client_idle_timeout() {
     let (_, took) = read_until_closed(&mut tcp).await;
     assert!(took < IDLE_BOUND, "proxy port: closed after {took:?}");
 
-    let tcp = proxy.tunnel("upstream.test:443").await;
-    let mut tls = tls_connect(
-        tcp,
-        "upstream.test",
-        vec![proxy.ca_der()],
-        Alpn::Http11,
-        true,
-    )
-    .await
-    .unwrap();
+    let mut tls = proxy.tls_in_tunnel("upstream.test", Alpn::Http11).await;
     tls.write_all(b"GET /v2/ HTTP/1.1\r\nHost: upstream.test\r\nX-Slow: a")
         .await
         .unwrap();
@@ -682,16 +673,7 @@ async fn stalled_request_body_is_cut_and_its_upstream_request_aborted() {
         .args(["--client-idle-timeout", "1"])
         .start()
         .await;
-    let tcp = proxy.tunnel("upstream.test:443").await;
-    let mut tls = tls_connect(
-        tcp,
-        "upstream.test",
-        vec![proxy.ca_der()],
-        Alpn::Http11,
-        true,
-    )
-    .await
-    .unwrap();
+    let mut tls = proxy.tls_in_tunnel("upstream.test", Alpn::Http11).await;
     tls.write_all(
         b"PUT /upload/stall-h1 HTTP/1.1\r\nHost: upstream.test\r\nContent-Length: 1000\r\n\r\nx",
     )
@@ -800,10 +782,7 @@ async fn h2_client_conn(
     hyper::client::conn::http2::SendRequest<ReqBody>,
     tokio::task::JoinHandle<Result<(), hyper::Error>>,
 ) {
-    let tcp = proxy.tunnel("upstream.test:443").await;
-    let tls = tls_connect(tcp, "upstream.test", vec![proxy.ca_der()], Alpn::H2, true)
-        .await
-        .unwrap();
+    let tls = proxy.tls_in_tunnel("upstream.test", Alpn::H2).await;
     assert_eq!(negotiated_alpn(&tls).as_deref(), Some("h2"));
     let (sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
@@ -870,10 +849,7 @@ async fn silent_client_after_tls_is_closed_after_client_idle_timeout() {
     let (_, took) = read_until_closed(&mut tcp).await;
     assert!(took < IDLE_BOUND, "proxy port: closed after {took:?}");
     for alpn in [Alpn::H2, Alpn::Http11] {
-        let tcp = proxy.tunnel("upstream.test:443").await;
-        let mut tls = tls_connect(tcp, "upstream.test", vec![proxy.ca_der()], alpn, true)
-            .await
-            .unwrap();
+        let mut tls = proxy.tls_in_tunnel("upstream.test", alpn).await;
         let (got, took) = read_until_closed(&mut tls).await;
         assert!(took < IDLE_BOUND, "{alpn:?}: closed after {took:?}");
         assert!(got.len() < 100, "{alpn:?}: got {got:?}");

@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 
 use super::http::{raw_exchange, HttpClient};
 use super::registry::{Registry, HUB, REGISTRY_NAMES};
-use super::tls::{certs_from_pem, connect_tunnel_as, tls_connect, Alpn, TestCa};
+use super::tls::{certs_from_pem, connect_tunnel_as, tls_connect, Alpn, ClientTls, TestCa};
 use super::{free_port, send_signal, Signal};
 
 /// The regcache binary, with nothing from the test's own environment that
@@ -273,6 +273,15 @@ impl Proxy {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+    }
+
+    /// A CONNECT tunnel to `host:443` with TLS inside, trusting only the
+    /// proxy's CA, with SNI and the given ALPN.
+    pub async fn tls_in_tunnel(&self, host: &str, alpn: Alpn) -> ClientTls {
+        let tcp = self.tunnel(&format!("{host}:443")).await;
+        tls_connect(tcp, host, vec![self.ca_der()], alpn, true)
+            .await
+            .unwrap_or_else(|e| panic!("TLS to {host} through the proxy: {e}"))
     }
 
     /// Open a CONNECT tunnel to `target` (e.g. `upstream.test:443`).
