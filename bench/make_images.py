@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the benchmark images as an OCI image layout, with no network access.
 
-Usage:  make_images.py OUTDIR BIG_MIB CONC_MIB LAYERS LAYER_MIB
+Usage:  make_images.py OUTDIR BIG_MIB CONC_MIB LAYERS LAYER_MIB [FILLS FILL_MIB]
 
 Writes OUTDIR (an OCI image layout) holding three references:
 
@@ -9,6 +9,8 @@ Writes OUTDIR (an OCI image layout) holding three references:
           the blob of the throughput, cold and warm figures
   conc    one layer of CONC_MIB MiB, for the concurrent cold figure
   multi   LAYERS layers of LAYER_MIB MiB each, for the skopeo copy figure
+  fills   FILLS layers of FILL_MIB MiB each (default 20 of 1 MiB), for the
+          concurrent cold fills of different blobs
 
 Layers are uncompressed tars (application/vnd.oci.image.layer.v1.tar) of
 random data, so nothing compresses them on the way and the bytes on the wire
@@ -16,7 +18,9 @@ are the blob sizes. Random, not reproducible: every run measures fresh bytes.
 
 Prints shell assignments: BIG_DIGEST, BIG_SIZE, CONC_DIGEST, CONC_SIZE (the
 layers), BIG_MANIFEST, MULTI_MANIFEST (manifest digests) and MULTI_BLOBS
-(config and layer digests of multi, space separated).
+(config and layer digests of multi, space separated), MULTI_LAYERS and
+MULTI_LAYER_SIZE (multi's layer digests and their common size), FILL_BLOBS and
+FILL_SIZE (the layers of fills and their common size).
 """
 
 import hashlib
@@ -108,11 +112,12 @@ class Layout:
 
 
 def main(argv):
-    if len(argv) != 6:
+    if len(argv) not in (6, 8):
         sys.stderr.write(__doc__)
         return 2
     out = argv[1]
-    big_mib, conc_mib, layers, layer_mib = (int(a) for a in argv[2:])
+    big_mib, conc_mib, layers, layer_mib = (int(a) for a in argv[2:6])
+    fills, fill_mib = (int(a) for a in argv[6:8]) if len(argv) == 8 else (20, 1)
     lay = Layout(out)
     big = lay.random_layer("big", big_mib)
     big_manifest, _ = lay.image("regcache bench big", [big])
@@ -120,7 +125,15 @@ def main(argv):
     conc_manifest, _ = lay.image("regcache bench conc", [conc])
     multi_layers = [lay.random_layer(f"layer{i}", layer_mib) for i in range(layers)]
     multi_manifest, multi_cfg = lay.image("regcache bench multi", multi_layers)
-    lay.write_index([("big", big_manifest), ("conc", conc_manifest), ("multi", multi_manifest)])
+    fill_layers = [lay.random_layer(f"fill{i}", fill_mib) for i in range(fills)]
+    fill_manifest, _ = lay.image("regcache bench fills", fill_layers)
+    lay.write_index([("big", big_manifest), ("conc", conc_manifest), ("multi", multi_manifest),
+                     ("fills", fill_manifest)])
+    # The clients check every body against one size.
+    for group in (multi_layers, fill_layers):
+        if len({l["size"] for l in group}) != 1:
+            sys.stderr.write("make_images.py: layers of one image differ in size\n")
+            return 1
     values = {
         "BIG_DIGEST": big["digest"],
         "BIG_SIZE": big["size"],
@@ -129,6 +142,10 @@ def main(argv):
         "BIG_MANIFEST": big_manifest["digest"],
         "MULTI_MANIFEST": multi_manifest["digest"],
         "MULTI_BLOBS": " ".join([multi_cfg["digest"]] + [l["digest"] for l in multi_layers]),
+        "MULTI_LAYERS": " ".join(l["digest"] for l in multi_layers),
+        "MULTI_LAYER_SIZE": multi_layers[0]["size"] if multi_layers else 0,
+        "FILL_BLOBS": " ".join(l["digest"] for l in fill_layers),
+        "FILL_SIZE": fill_layers[0]["size"] if fill_layers else 0,
     }
     for key, value in values.items():
         print(f"{key}='{value}'")

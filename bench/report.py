@@ -14,7 +14,7 @@ import sys
 
 PEERS = ["regcache", "squid", "mirror", "nginx", "direct"]
 COUNTS = ("coldgets.", "concgets.", "tagcold.get.", "tagcold.head.", "tagstale.get.", "tagstale.head.",
-          "wan1gets.", "wancgets.", "fpheads.", "fpgets.")
+          "wan1gets.", "wancgets.", "fpheads.", "fpgets.", "fillgets.", "fillbad.", "h2none.")
 
 
 def load(path):
@@ -61,6 +61,9 @@ def main(argv):
 
     def count(x):
         return "—" if x is None else f"{x:.0f}"
+
+    def mebi(x):
+        return "—" if x is None else f"{x:.1f}"
 
     def rx(x):
         return "?" if x is None else f"{x:.2f}×"
@@ -168,6 +171,15 @@ def main(argv):
         f"exactly 1 {check(cmp(ccg, lambda x: x == 1))}",
         na=("nginx",),
     )
+    rss3 = g("rss3.regcache")
+    row(
+        f"3. peak RSS while the {n_conc} clients get it warm (VmHWM), MiB",
+        mebi,
+        "rss3",
+        "",
+        f"regcache < 64 MiB {check(cmp(rss3, lambda x: x < 64))}",
+        na=("nginx", "direct"),
+    )
     # 9 (shown after 3). the upstream behind a shaped link
     if g("wan1.direct") is not None or g("wan1.regcache") is not None:
         wan = opts.get("wan_mbit", "?")
@@ -207,7 +219,7 @@ def main(argv):
     rss = g("rss.regcache")
     row(
         "4. peak RSS during it (VmHWM), MiB",
-        lambda x: "—" if x is None else f"{x:.1f}",
+        mebi,
         "rss",
         "",
         f"regcache < 64 MiB {check(cmp(rss, lambda x: x < 64))}",
@@ -336,6 +348,92 @@ def main(argv):
         na=("nginx",),
     )
 
+    # 12. HTTP/2 against HTTP/1.1, warm
+    def h2cells(key, fmt):
+        cells = []
+        for p in PEERS:
+            if g(f"h2none.{p}"):
+                cells.append("n/a (no h2)")
+            else:
+                cells.append(fmt(g(f"{key}.{p}")))
+        return cells
+
+    def h2ratios(num, den):
+        parts = []
+        for p in PEERS:
+            r = ratio(f"{num}.{p}", f"{den}.{p}")
+            if r is not None:
+                parts.append(f"{p} {rx(r)}")
+        return ", ".join(parts)
+
+    layers = opts["layers"]
+    r_one = ratio("h2one.regcache", "h1one.regcache")
+    rows.append(
+        [f"12. warm {big} MiB blob over HTTP/2, 1 connection ({opts['warm_n']} GETs), MiB/s"]
+        + h2cells("h2one", mib)
+        + [f"h2/h1: {h2ratios('h2one', 'h1one')}",
+           f"regcache h2 ≥ 0.95× h1 {check(cmp(r_one, lambda x: x >= 0.95))}"]
+    )
+    rows.append(
+        ["12. the same over HTTP/1.1, measured alongside, MiB/s"] + h2cells("h1one", mib) + ["", ""]
+    )
+    r_par = ratio("h2par.regcache", "h1par.regcache")
+    rows.append(
+        [f"12. warm: {layers} layers at once as {layers} streams on one HTTP/2 connection, MiB/s"]
+        + h2cells("h2par", mib)
+        + [f"h2 streams / h1 connections: {h2ratios('h2par', 'h1par')}",
+           f"regcache ≥ 1× {layers} h1 connections {check(cmp(r_par, lambda x: x >= 1))}"]
+    )
+    rows.append(
+        [f"12. the same over {layers} HTTP/1.1 connections, MiB/s"] + h2cells("h1par", mib) + ["", ""]
+    )
+
+    # 13. ctr images pull
+    row(
+        f"13. warm ctr images pull (containerd {opts.get('containerd', '?')}, native snapshotter), "
+        f"{layers} layers × {opts['layer_mib']} MiB, s",
+        secs,
+        "ctr",
+        f"regcache/direct {rx(ratio('ctr.regcache', 'ctr.direct'))}, "
+        f"/squid {rx(ratio('ctr.regcache', 'ctr.squid'))}, /mirror {rx(ratio('ctr.regcache', 'ctr.mirror'))}",
+        "",
+        na=("nginx",),
+    )
+
+    # 14. concurrent cold fills of different blobs
+    fills = opts.get("fills", "?")
+    row(
+        f"14. {fills} concurrent cold fills, {fills} different {opts.get('fill_mib', '?')} MiB blobs: wall, s",
+        secs,
+        "fill",
+        f"regcache/direct {rx(ratio('fill.regcache', 'fill.direct'))}, "
+        f"/squid {rx(ratio('fill.regcache', 'fill.squid'))}, /mirror {rx(ratio('fill.regcache', 'fill.mirror'))}",
+        "",
+        na=("nginx",),
+    )
+
+    def fillcell(p):
+        t, b = g(f"fillgets.{p}"), g(f"fillbad.{p}")
+        if t is None:
+            return "—"
+        return f"{count(t)} ({count(b)} blobs ≠ 1)"
+
+    fb = g("fillbad.regcache")
+    rows.append(
+        [f"14. upstream GETs of those blobs: total (blobs not fetched exactly once), max of rounds"]
+        + [fillcell(p) if p != "nginx" else "n/a" for p in PEERS]
+        + ["", f"regcache exactly 1 per blob {check(cmp(fb, lambda x: x == 0))}"]
+    )
+    rf = g("rssfill.regcache")
+    row(
+        "14. peak RSS during the fills and their commits (VmHWM), MiB",
+        mebi,
+        "rssfill",
+        "",
+        f"regcache < 64 MiB {check(cmp(rf, lambda x: x < 64))}",
+        na=("nginx", "direct"),
+    )
+
     print(header)
     print()
     print("| figure | regcache | squid | mirror | nginx | direct | ratios | target |")
@@ -349,7 +447,9 @@ def main(argv):
         "no interception); squid = squid-openssl, ssl-bump at step 1, blobs in cache_mem over an aufs cache_dir, "
         "collapsed_forwarding on; nginx = static file, sendfile on; direct = the upstream docker-registry. "
         f"Figure 3 delivers {n_conc}× the blob to the clients, so on loopback its wall time is bound by "
-        "delivery, not by the one upstream fetch."
+        "delivery, not by the one upstream fetch. Figure 12: bench_client's HTTP/2 announces what Go's "
+        "transport does (4 MiB stream window, 1 GiB connection window, 16 KiB frames); squid does not "
+        "offer h2 to its clients. Figure 13's pulls unpack the layers (the same cost for every peer)."
     )
     if missing:
         print()

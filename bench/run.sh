@@ -10,18 +10,20 @@
 #   squid     squid-openssl with ssl-bump, memory and disk cache sized for blobs,
 #             hosts_file mapping upstream.bench.test to UPADDR
 #   mirror    docker-registry in proxy mode (remoteurl https://UPADDR), TLS
-#   nginx     the blob file over TLS with sendfile (a static-file ceiling)
+#   nginx     the blob files over TLS with sendfile (a static-file ceiling),
+#             HTTP/2 on the same port (figure 12)
 #   direct    the upstream itself (--connect-to upstream.bench.test:443=UPADDR:443)
 #
 # Every client is target/release/examples/bench_client; skopeo for the image
-# copy figure. Each figure is measured R times, the peers interleaved within a
+# copy figure, a private containerd's ctr for the image pull figure. Each figure is measured R times, the peers interleaved within a
 # round (their order rotates), and the median is reported (upstream request
 # counts: the largest of the rounds). Prints one markdown table on stdout;
 # progress goes to stderr.
 #
 # Usage:  bench/run.sh [--smoke] [--rounds R] [--out FILE] [--keep]
 #   --smoke    short run for CI: 8 MiB blob, R=1, 10 concurrent clients,
-#              50 tag requests, 1000 cache entries; all peers still started
+#              50 tag requests, 1000 cache entries, 20 fills of 1 MiB; all
+#              peers still started
 #   --rounds R rounds per figure (default 5; 1 with --smoke)
 #   --out FILE also write the table (with its header line) to FILE
 #   --keep     keep the work directory (its path is printed)
@@ -29,10 +31,12 @@
 #   instead of `cargo build --release --bin regcache --example bench_client`;
 #   BENCH_BIG_MIB, BENCH_CONC_MIB, BENCH_CONC, BENCH_WARM_CONC,
 #   BENCH_TAG_REQS, BENCH_ENTRIES, BENCH_HANDSHAKES, BENCH_LAYERS,
-#   BENCH_LAYER_MIB, BENCH_STALE_TTL override the sizes (see below).
+#   BENCH_LAYER_MIB, BENCH_STALE_TTL, BENCH_FILLS, BENCH_FILL_MIB override
+#   the sizes (see below).
 #
 # Needs root: apt-get for missing packages (docker-registry, skopeo,
-# squid-openssl, nginx-light, openssl, curl, jq, iproute2, apache2-utils), port 443 on a loopback
+# squid-openssl, nginx-light, containerd, openssl, curl, jq, iproute2,
+# apache2-utils), port 443 on a loopback
 # address, squid's and nginx's workers under their own users. Exits non-zero
 # when something could not be measured (a peer that did not start or serve),
 # not when a target is missed: this is a benchmark, not a timed test.
@@ -80,8 +84,10 @@ if [ "$SMOKE" = 1 ]; then
     TAG_REQS=${BENCH_TAG_REQS:-50}     # figure 5 requests
     ENTRIES=${BENCH_ENTRIES:-1000}     # figure 7 cache entries
     HANDSHAKES=${BENCH_HANDSHAKES:-20} # figure 6 handshakes per host kind
-    LAYERS=${BENCH_LAYERS:-4}          # figure 8 image
+    LAYERS=${BENCH_LAYERS:-4}          # figures 8, 12, 13 image
     LAYER_MIB=${BENCH_LAYER_MIB:-1}
+    FILLS=${BENCH_FILLS:-20}           # figure 14: concurrent cold fills
+    FILL_MIB=${BENCH_FILL_MIB:-1}
     TCP_BYTES=$((64 * MIB))
 else
     : "${ROUNDS:=5}"
@@ -96,6 +102,8 @@ else
     HANDSHAKES=${BENCH_HANDSHAKES:-100}
     LAYERS=${BENCH_LAYERS:-8}
     LAYER_MIB=${BENCH_LAYER_MIB:-16}
+    FILLS=${BENCH_FILLS:-20}
+    FILL_MIB=${BENCH_FILL_MIB:-16}
     TCP_BYTES=$((1024 * MIB))
 fi
 WARM_N=3 # sequential requests per warm measurement (one connection)
@@ -134,7 +142,8 @@ die() {
 install_missing() {
     local -A need=([docker-registry]=docker-registry [skopeo]=skopeo [nginx]=nginx-light
         [openssl]=openssl [curl]=curl [jq]=jq [python3]=python3 [setsid]=util-linux
-        [ip]=iproute2 [tc]=iproute2 [htpasswd]=apache2-utils)
+        [ip]=iproute2 [tc]=iproute2 [htpasswd]=apache2-utils
+        [containerd]=containerd [ctr]=containerd)
     local cmd pkgs=()
     for cmd in "${!need[@]}"; do
         command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || pkgs+=("${need[$cmd]}")
@@ -220,16 +229,33 @@ done
 [ -n "$UPADDR" ] || die "no free 127.0.0.x:443"
 
 # --------------------------------------------------------------------- seed
-say "building the images (${BIG_MIB} MiB blob, ${CONC_MIB} MiB blob, ${LAYERS}x${LAYER_MIB} MiB layers)"
+say "building the images (${BIG_MIB} MiB blob, ${CONC_MIB} MiB blob, ${LAYERS}x${LAYER_MIB} MiB layers, ${FILLS}x${FILL_MIB} MiB fills)"
 SEED=$W/seed
 capture make-images 300 "$W/images.env" python3 "$HERE/make_images.py" "$SEED" \
-    "$BIG_MIB" "$CONC_MIB" "$LAYERS" "$LAYER_MIB" || die "make_images.py failed"
+    "$BIG_MIB" "$CONC_MIB" "$LAYERS" "$LAYER_MIB" "$FILLS" "$FILL_MIB" || die "make_images.py failed"
 # shellcheck disable=SC1091
 . "$W/images.env"
-BIG_SIZE=${BIG_SIZE:?} CONC_SIZE=${CONC_SIZE:?}
-TOTAL_MIB=$((BIG_MIB + CONC_MIB + LAYERS * LAYER_MIB))
+BIG_SIZE=${BIG_SIZE:?} CONC_SIZE=${CONC_SIZE:?} MULTI_LAYER_SIZE=${MULTI_LAYER_SIZE:?} FILL_SIZE=${FILL_SIZE:?}
+TOTAL_MIB=$((BIG_MIB + CONC_MIB + LAYERS * LAYER_MIB + FILLS * FILL_MIB))
 BIG_PATH=/v2/bench/big/blobs/$BIG_DIGEST
 CONC_PATH=/v2/bench/conc/blobs/$CONC_DIGEST
+# The layers of bench/multi (figure 12) and bench/fills (figure 14) as
+# bench_client arguments: the first path, then --path for each other one.
+paths_args() { # paths_args REPO DIGEST...: into PATHS
+    local repo=$1 d first=1
+    shift
+    PATHS=()
+    for d in "$@"; do
+        if [ "$first" = 1 ]; then PATHS+=("/v2/$repo/blobs/$d"); else PATHS+=(--path "/v2/$repo/blobs/$d"); fi
+        first=0
+    done
+}
+read -r -a MULTI_LAYER_LIST <<<"$MULTI_LAYERS"
+read -r -a FILL_LIST <<<"$FILL_BLOBS"
+paths_args bench/multi "${MULTI_LAYER_LIST[@]}"
+LAYER_PATHS=("${PATHS[@]}")
+paths_args bench/fills "${FILL_LIST[@]}"
+FILL_PATHS=("${PATHS[@]}")
 
 # ---------------------------------------------------------------------- PKI
 PKI=$W/pki
@@ -245,7 +271,7 @@ start_registry "$W/upstream" "$UPADDR:443" "$PKI"
 UPLOG=$W/registry.log
 up_ok() { curl -fsS --max-time 3 --cacert "$PKI/ca.pem" --resolve "$UPHOST:443:$UPADDR" "https://$UPHOST/v2/"; }
 wait_until 30 "${PID_OF[registry]}" up_ok || die "docker-registry did not start (see $UPLOG)"
-for ref in big conc multi; do
+for ref in big conc multi fills; do
     run "push-$ref" 300 "${SKOPEO[@]}" copy --preserve-digests --dest-cert-dir "$W/upstream-certs" \
         "oci:$SEED:$ref" "docker://$UPADDR/bench/$ref:1" || die "skopeo push of bench/$ref:1"
 done
@@ -430,6 +456,26 @@ mkdir -p "$NG/www" "$NG/tmp"
 chmod 755 "$NG" "$NG/www"
 ln "$SEED/blobs/sha256/${BIG_DIGEST#sha256:}" "$NG/www/big.bin"
 chmod 644 "$NG/www/big.bin"
+# The blobs also at their registry paths, so that every peer is asked for the
+# same URL paths (the big blob, multi's layers for figure 12).
+ng_link() { # ng_link REPO DIGEST
+    install -d -m 755 "$NG/www/v2/$1/blobs"
+    ln -f "$SEED/blobs/sha256/${2#sha256:}" "$NG/www/v2/$1/blobs/$2"
+    chmod 644 "$NG/www/v2/$1/blobs/$2"
+}
+ng_link bench/big "$BIG_DIGEST"
+for d in "${MULTI_LAYER_LIST[@]}"; do ng_link bench/multi "$d"; done
+# HTTP/2 on the same port (figure 12; HTTP/1.1 clients do not offer it in
+# ALPN): `http2 on` from nginx 1.25.1, the listen parameter before.
+NG_H2_LISTEN="" NG_H2_ON=""
+if nginx -V 2>&1 | grep -q -- --with-http_v2_module; then
+    ngv=$(nginx -v 2>&1 | sed -n 's|.*nginx/\([0-9.]*\).*|\1|p')
+    if [ -n "$ngv" ] && [ "$(printf '%s\n' 1.25.1 "$ngv" | sort -V | head -n 1)" = 1.25.1 ]; then
+        NG_H2_ON="http2 on;"
+    else
+        NG_H2_LISTEN=" http2"
+    fi
+fi
 cat >"$NG/nginx.conf" <<EOF
 worker_processes auto;
 pid $NG/nginx.pid;
@@ -447,7 +493,8 @@ http {
     scgi_temp_path $NG/tmp/scgi;
     default_type application/octet-stream;
     server {
-        listen 127.0.0.1:$NGINX_PORT ssl;
+        listen 127.0.0.1:$NGINX_PORT ssl$NG_H2_LISTEN;
+        $NG_H2_ON
         ssl_certificate $PKI/server.pem;
         ssl_certificate_key $PKI/server.key;
         root $NG/www;
@@ -508,7 +555,7 @@ client() {
     rcalways) A=("https://$UPHOST$2" --proxy "127.0.0.1:$RCA_PORT" --cacert "$W/rc/ca.pem") ;;
     squid) A=("https://$UPHOST$2" --proxy "127.0.0.1:$SQ_PORT" --cacert "$SQ/ca.pem") ;;
     mirror) A=("https://127.0.0.1:$MIRROR_PORT$2" --cacert "$PKI/ca.pem") ;;
-    nginx) A=("https://127.0.0.1:$NGINX_PORT/big.bin" --cacert "$PKI/ca.pem") ;;
+    nginx) A=("https://127.0.0.1:$NGINX_PORT$2" --cacert "$PKI/ca.pem") ;;
     direct) A=("https://$UPHOST$2" --connect-to "$UPHOST:443=$UPADDR:443" --cacert "$PKI/ca.pem") ;;
     esac
 }
@@ -583,6 +630,64 @@ startup() {
     STARTUP_S=$(elapsed "$t0" "$EPOCHREALTIME")
     stop_named rcstart || true
     [ "$ok" = 1 ]
+}
+
+# Figure 13: a private containerd (tests/e2e/lib.sh's configuration) whose
+# namespaces do not share content, so that a pull in a new namespace fetches
+# every blob again; ctr reaches regcache and squid as HTTPS_PROXY, the mirror
+# and the upstream directly (as figure 8's skopeo), through a hosts.toml each:
+# ctr speaks plain HTTP to a loopback address unless one says https (and
+# containerd 1.6 reads a hosts.toml only with a [host] table).
+CTRD=$W/containerd
+CTR_OK=0
+CTR_VERSION=""
+containerd_config "$CTRD" "$CTRD/root"
+printf '[plugins."io.containerd.metadata.v1.bolt"]\n  content_sharing_policy = "isolated"\n' >>"$CTRD/config.toml"
+say "starting a private containerd ($CTRD/c.sock)"
+start_bg containerd "$W/logs/containerd.log" containerd --config "$CTRD/config.toml"
+if wait_until 30 "${PID_OF[containerd]}" ctr -a "$CTRD/c.sock" version; then
+    CTR_OK=1
+    CTR_VERSION=$(ctr -a "$CTRD/c.sock" version 2>/dev/null | awk '/^Server:/ { s = 1 } s && /Version:/ { print $2; exit }')
+else
+    missing "private containerd did not start: $(tail -n 3 "$W/logs/containerd.log" | tr '\n' ' ' | cut -c1-300)"
+fi
+CTR_HOSTS=$W/ctr-hosts
+for h in "127.0.0.1:$MIRROR_PORT" "$UPADDR"; do
+    mkdir -p "$CTR_HOSTS/$h"
+    printf 'server = "https://%s"\n\n[host."https://%s"]\n  capabilities = ["pull", "resolve"]\n  ca = "%s"\n' \
+        "$h" "$h" "$PKI/ca.pem" >"$CTR_HOSTS/$h/hosts.toml"
+done
+# ctr_pull PEER NS: the ctr command pulling bench/multi:1 through PEER into
+# namespace NS, in CT; CT_REF is the reference.
+ctr_pull() {
+    local p=$1 ns=$2 how
+    CT=(env "${ISOLATE_ENV[@]}")
+    case $p in
+    regcache) CT+=(HTTPS_PROXY="http://127.0.0.1:$RC_PORT") how=(--tlscacert "$W/rc/ca.pem") CT_REF=$UPHOST/bench/multi:1 ;;
+    squid) CT+=(HTTPS_PROXY="http://127.0.0.1:$SQ_PORT") how=(--tlscacert "$SQ/ca.pem") CT_REF=$UPHOST/bench/multi:1 ;;
+    mirror) how=(--hosts-dir "$CTR_HOSTS") CT_REF=127.0.0.1:$MIRROR_PORT/bench/multi:1 ;;
+    direct) how=(--hosts-dir "$CTR_HOSTS") CT_REF=$UPADDR/bench/multi:1 ;;
+    esac
+    CT+=(ctr -a "$CTRD/c.sock" -n "$ns" images pull --snapshotter native "${how[@]}" "$CT_REF")
+}
+# ctr_forget NS: remove the image pulled into NS, its content and snapshots.
+ctr_forget() {
+    ctr -a "$CTRD/c.sock" -n "$1" images rm --sync "$CT_REF" >/dev/null 2>&1 || true
+}
+# h2_probe PEER: does PEER speak HTTP/2 (ALPN h2)? 0 yes, 1 no (recorded as
+# h2none.PEER), 2 the probe failed otherwise (recorded as missing).
+h2_probe() {
+    local p=$1 name=h2probe-$1-r$r
+    client "$p" "$BIG_PATH"
+    if capture "$name" 60 "$W/json/$name.json" "$BC" get "${A[@]}" --http2 --method HEAD --expect-status 200; then
+        return 0
+    fi
+    if grep -q 'did not choose h2' "$W/json/$name.json" 2>/dev/null; then
+        rec "h2none.$p" 1
+        return 1
+    fi
+    missing "$name: bench_client get --http2 -> $(head -c 300 "$W/json/$name.json" 2>/dev/null) $(tail -n 2 "$LAST_LOG" | tr '\n' ' ')"
+    return 2
 }
 
 # ------------------------------------------------------------------ rounds
@@ -673,6 +778,58 @@ for ((r = 1; r <= ROUNDS; r++)); do
         rm -rf "$W/tmp/skopeo-out"
     done
 
+    say "round $r: figure 13 (${SECONDS} s)"
+    # Figure 13: a warm ctr images pull of bench/multi:1 (cached by figure 8),
+    # after one untimed pull through the same peer; each pull into a fresh
+    # namespace, unpacked (native snapshotter), removed afterwards.
+    if [ "$CTR_OK" = 1 ]; then
+        for p in "${ORDER[@]}"; do
+            [ "$p" = nginx ] && continue
+            [ -z "${DOWN[$p]:-}" ] || continue
+            ctr_pull "$p" "warm-$p-r$r"
+            if ! run "ctr-warmup-$p-r$r" 300 "${CT[@]}"; then
+                missing "ctr images pull through $p: $(tail -n 1 "$LAST_LOG")"
+                ctr_forget "warm-$p-r$r"
+                continue
+            fi
+            ctr_forget "warm-$p-r$r"
+            ctr_pull "$p" "pull-$p-r$r"
+            t0=$EPOCHREALTIME
+            if run "ctr-$p-r$r" 300 "${CT[@]}"; then
+                rec "ctr.$p" "$(elapsed "$t0" "$EPOCHREALTIME")"
+            else
+                missing "ctr images pull through $p: $(tail -n 1 "$LAST_LOG")"
+            fi
+            ctr_forget "pull-$p-r$r"
+        done
+    fi
+
+    say "round $r: figure 12 (${SECONDS} s)"
+    # Figure 12: HTTP/2 against HTTP/1.1 from the same peer, warm: the big
+    # blob (WARM_N sequential GETs on one connection; which protocol goes
+    # first alternates by round), and multi's LAYERS layers at once, as
+    # LAYERS streams on one HTTP/2 connection against LAYERS HTTP/1.1
+    # connections (WARM_N GETs each). Peers that do not offer h2 are n/a.
+    for p in "${ORDER[@]}"; do
+        [ -z "${DOWN[$p]:-}" ] || continue
+        h2_probe "$p" || continue
+        if [ $((r % 2)) = 1 ]; then protos=(h1 h2); else protos=(h2 h1); fi
+        for proto in "${protos[@]}"; do
+            h2opt=()
+            [ "$proto" = h2 ] && h2opt=(--http2)
+            get "h2one-$proto-$p-r$r" "$p" "$BIG_PATH" "$BIG_SIZE" 300 -n "$WARM_N" "${h2opt[@]}" &&
+                rec "${proto}one.$p" "$(jf "h2one-$proto-$p-r$r" mib_s)"
+        done
+        get "h2par-warmup-$p-r$r" "$p" "${LAYER_PATHS[0]}" "$MULTI_LAYER_SIZE" 300 "${LAYER_PATHS[@]:1}" \
+            -c "$LAYERS" -n "$LAYERS" >/dev/null || continue
+        for proto in "${protos[@]}"; do
+            if [ "$proto" = h2 ]; then par=(--http2 --streams "$LAYERS" -c 1); else par=(-c "$LAYERS"); fi
+            get "h2par-$proto-$p-r$r" "$p" "${LAYER_PATHS[0]}" "$MULTI_LAYER_SIZE" 300 "${LAYER_PATHS[@]:1}" \
+                "${par[@]}" -n $((LAYERS * WARM_N)) &&
+                rec "${proto}par.$p" "$(jf "h2par-$proto-$p-r$r" mib_s)"
+        done
+    done
+
     say "round $r: figure 5 (${SECONDS} s)"
     # Figure 5: TAG_REQS concurrent GETs of one tag, never seen (cold) and
     # cached but stale; upstream manifest GETs and HEADs for that tag.
@@ -748,10 +905,41 @@ for ((r = 1; r <= ROUNDS; r++)); do
             quiet "$p" "$CONC_DIGEST"
             rec "concgets.$p" "$(blob_gets "$m" "$CONC_DIGEST")"
             # The same clients again, now warm: the delivery floor of the
-            # cold figure (100x the blob, encrypted once per client).
+            # cold figure (100x the blob, encrypted once per client); the
+            # caches' peak RSS while they serve it.
+            [ "$p" = direct ] || rss_reset "$p"
             if get "concwarm$CONC-$p-r$r" "$p" "$CONC_PATH" "$CONC_SIZE" 900 -c "$CONC" -n "$CONC"; then
                 rec "concwarm.$p" "$(jf "concwarm$CONC-$p-r$r" wall_s)"
+                [ "$p" = direct ] || rec "rss3.$p" "$(rss_peak_mib "$p")"
             fi
+        fi
+    done
+
+    say "round $r: figure 14 (${SECONDS} s)"
+    # Figure 14: FILLS clients at once, each on a different cold blob (the
+    # layers of bench/fills, fresh caches): wall time, the upstream GETs of
+    # each blob, and the peers' peak RSS over the fills and their commits.
+    for p in "${ORDER[@]}"; do
+        [ "$p" = nginx ] && continue
+        fresh "$p" || continue
+        [ "$p" = direct ] || rss_reset "$p"
+        m=$(mark "$UPLOG")
+        if get "fill$FILLS-$p-r$r" "$p" "${FILL_PATHS[0]}" "$FILL_SIZE" 600 "${FILL_PATHS[@]:1}" \
+            -c "$FILLS" -n "$FILLS"; then
+            rec "fill.$p" "$(jf "fill$FILLS-$p-r$r" wall_s)"
+            if [ "$p" = mirror ]; then
+                for d in "${FILL_LIST[@]}"; do mirror_stored "$d" || true; done
+            fi
+            settle
+            [ "$p" = direct ] || rec "rssfill.$p" "$(rss_peak_mib "$p")"
+            total=0 bad=0
+            for d in "${FILL_LIST[@]}"; do
+                n=$(blob_gets "$m" "$d")
+                total=$((total + n))
+                [ "$n" = 1 ] || bad=$((bad + 1))
+            done
+            rec "fillgets.$p" "$total"
+            rec "fillbad.$p" "$bad"
         fi
     done
 done
@@ -935,6 +1123,7 @@ python3 "$HERE/report.py" "$W/results.tsv" "$W/missing.txt" "$HEADER" \
     big_mib="$BIG_MIB" conc_mib="$CONC_MIB" conc="$CONC" warm_conc="$WARM_CONC" tag_reqs="$TAG_REQS" \
     entries="$ENTRIES" handshakes="$HANDSHAKES" layers="$LAYERS" layer_mib="$LAYER_MIB" warm_n="$WARM_N" \
     stale_ttl="$STALE_TTL" wan_mbit="$WAN_MBIT" multi_blobs="$(wc -w <<<"$MULTI_BLOBS")" \
+    fills="$FILLS" fill_mib="$FILL_MIB" containerd="${CTR_VERSION:-?}" \
     >"$W/table.md"
 cat "$W/table.md"
 [ -z "$OUT" ] || cp "$W/table.md" "$OUT"

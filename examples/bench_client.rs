@@ -1,27 +1,33 @@
 //! `bench_client`: the load generator and meter used by `bench/run.sh`.
 //!
 //! It compares regcache with other proxies and servers: `get` fetches a URL
-//! many times (optionally through an HTTP `CONNECT` proxy, HTTP/1.1 over
-//! rustls) and reports throughput and latency; `handshake` times
+//! many times (optionally through an HTTP `CONNECT` proxy, HTTP/1.1 or, with
+//! `--http2`, HTTP/2 over rustls) and reports throughput and latency;
+//! `handshake` times
 //! CONNECT + TLS handshakes through a proxy; `tcp` and `tls-ceiling` measure
 //! the machine's and this client's own ceilings; `fill-cache` builds a large
 //! regcache cache index for start-up timing. Every mode prints exactly one
 //! JSON object on stdout. Exit code 1 when a request failed, 2 on a usage
 //! error.
 
+use std::convert::Infallible;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Empty};
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::body::{Frame, Incoming};
+use hyper::client::conn::{http1, http2};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
@@ -36,6 +42,10 @@ const CHUNK: usize = 1 << 20;
 
 /// Read buffer under the TLS client, so rustls's small reads are not syscalls.
 const TLS_READ_BUF: usize = 256 << 10;
+
+/// ALPN protocol ids.
+const ALPN_H2: &[u8] = b"h2";
+const ALPN_H1: &[u8] = b"http/1.1";
 
 #[derive(Parser)]
 #[command(
@@ -64,9 +74,12 @@ enum Cmd {
         /// Body size of each response.
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
-        /// Concurrent connections, one request each.
+        /// Concurrent connections, one request each (one per stream with
+        /// --http2 --streams).
         #[arg(short = 'c', long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
         concurrency: u64,
+        #[command(flatten)]
+        h2: H2Args,
     },
     /// Create a regcache cache directory whose index holds N entries.
     FillCache {
@@ -118,6 +131,66 @@ struct GetArgs {
     /// Per-request timeout in seconds.
     #[arg(long, default_value_t = 600.0)]
     timeout: f64,
+    /// Another path on the same server (repeatable): request i asks for the
+    /// i-th of URL's path and these, in turn (--expect-bytes applies to all).
+    #[arg(long)]
+    path: Vec<String>,
+    #[command(flatten)]
+    h2: H2Args,
+}
+
+/// HTTP/2: the protocol and the client's receive settings. The defaults are
+/// those of Go's HTTP/2 transport (golang.org/x/net/http2, as in containerd,
+/// dockerd, skopeo, buildkit): a 4 MiB stream window
+/// (`transportDefaultStreamFlow`), a connection window raised by 1 GiB
+/// (`transportDefaultConnFlow`) and 16 KiB frames (`MaxReadFrameSize` unset).
+#[derive(clap::Args, Clone)]
+struct H2Args {
+    /// Speak HTTP/2 (ALPN h2; an error if the server does not choose it).
+    #[arg(long)]
+    http2: bool,
+    /// With --http2: concurrent streams on each connection; the requests
+    /// are spread over connections x streams.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    streams: u64,
+    /// With --http2: the stream receive window (SETTINGS_INITIAL_WINDOW_SIZE).
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u32).range(1..=0x7fff_ffff))]
+    h2_stream_window: u32,
+    /// With --http2: the connection receive window.
+    #[arg(long, default_value_t = (1 << 30) + 65_535, value_parser = clap::value_parser!(u32).range(65_535..=0x7fff_ffff))]
+    h2_conn_window: u32,
+    /// With --http2: the largest frame the client accepts
+    /// (SETTINGS_MAX_FRAME_SIZE), which bounds the server's DATA frames.
+    #[arg(long, default_value_t = 16 << 10, value_parser = clap::value_parser!(u32).range(16_384..=16_777_215))]
+    h2_frame: u32,
+}
+
+impl H2Args {
+    /// The HTTP/2 settings when --http2 was given; a usage error when an
+    /// HTTP/2 option was given without it.
+    fn settings(&self) -> Result<Option<H2Settings>, Usage> {
+        if !self.http2 {
+            if self.streams != 1 {
+                return Err(Usage("--streams needs --http2".into()));
+            }
+            return Ok(None);
+        }
+        Ok(Some(H2Settings {
+            streams: self.streams,
+            stream_window: self.h2_stream_window,
+            conn_window: self.h2_conn_window,
+            frame: self.h2_frame,
+        }))
+    }
+}
+
+/// What an HTTP/2 connection of the client announces and carries.
+#[derive(Clone, Copy)]
+struct H2Settings {
+    streams: u64,
+    stream_window: u32,
+    conn_window: u32,
+    frame: u32,
 }
 
 #[derive(clap::Args)]
@@ -148,9 +221,13 @@ fn main() -> ExitCode {
         Cmd::Get(args) => runtime().and_then(|rt| rt.block_on(get_main(args))),
         Cmd::Handshake(args) => runtime().and_then(|rt| rt.block_on(handshake_main(args))),
         Cmd::Tcp { bytes } => tcp_main(bytes),
-        Cmd::TlsCeiling { bytes, concurrency } => {
-            runtime().and_then(|rt| rt.block_on(tls_ceiling_main(bytes, concurrency)))
-        }
+        Cmd::TlsCeiling {
+            bytes,
+            concurrency,
+            h2,
+        } => h2.settings().and_then(|h2| {
+            runtime().and_then(|rt| rt.block_on(tls_ceiling_main(bytes, concurrency, h2)))
+        }),
         Cmd::FillCache { dir, entries } => fill_cache_main(&dir, entries),
     };
     match result {
@@ -190,6 +267,10 @@ struct GetReport {
     lat_p99_s: Option<f64>,
     lat_max_s: Option<f64>,
     first_error: Option<String>,
+    /// "h2" or "http/1.1".
+    proto: &'static str,
+    /// Concurrent streams per connection (1 for HTTP/1.1).
+    streams: u64,
 }
 
 #[derive(Serialize)]
@@ -227,8 +308,16 @@ struct Target {
     /// TLS settings and server name; None for plain HTTP.
     tls: Option<(TlsConnector, ServerName<'static>)>,
     method: Method,
-    path: String,
+    /// Request paths, taken in turn (the `next` counter).
+    paths: Vec<String>,
+    next: AtomicU64,
+    /// `http` or `https`, for HTTP/2's `:scheme`.
+    scheme: &'static str,
+    /// HTTP/2 when set.
+    h2: Option<H2Settings>,
     host_header: String,
+    /// HOST[:PORT] of the URL, HTTP/2's `:authority`.
+    authority: String,
     headers: Vec<(hyper::header::HeaderName, hyper::header::HeaderValue)>,
     new_connection: bool,
     expect_status: StatusCode,
@@ -243,6 +332,12 @@ impl Target {
             first.get_or_insert(e);
         }
     }
+
+    /// The path of the next request.
+    fn next_path(&self) -> &str {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        &self.paths[i % self.paths.len()]
+    }
 }
 
 #[derive(Default)]
@@ -256,7 +351,8 @@ struct WorkerStats {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, Usage> {
+/// A rustls client offering `alpn` (most preferred first).
+fn client_config(roots: RootCertStore, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, Usage> {
     // regcache's provider offers AES-128-GCM first, as the Go clients
     // (containerd, docker, skopeo) do on machines with AES hardware.
     let mut config = ClientConfig::builder_with_provider(regcache::tls::provider())
@@ -264,7 +360,7 @@ fn client_config(roots: RootCertStore) -> Result<Arc<ClientConfig>, Usage> {
         .map_err(|e| Usage(format!("TLS config: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     // Every handshake is a full one, as for Go clients (containerd, docker).
     config.resumption = Resumption::disabled();
     Ok(Arc::new(config))
@@ -352,11 +448,23 @@ async fn get_main(args: GetArgs) -> Result<ExitCode, Usage> {
         None => (resolve(&target_addr).await?, None),
     };
 
+    let h2 = args.h2.settings()?;
+    if h2.is_some() && args.new_connection {
+        return Err(Usage(
+            "--http2 with --new-connection is not supported".into(),
+        ));
+    }
+    // With --http2, ALPN offers h2 first, as the Go clients do.
+    let alpn: &[&[u8]] = if h2.is_some() {
+        &[ALPN_H2, ALPN_H1]
+    } else {
+        &[ALPN_H1]
+    };
     let tls = if tls_scheme && !args.insecure_plain {
         if args.cacert.is_empty() {
             return Err(Usage("https:// needs at least one --cacert".into()));
         }
-        let config = client_config(load_roots(&args.cacert)?)?;
+        let config = client_config(load_roots(&args.cacert)?, alpn)?;
         let name = ServerName::try_from(bare_host(&host).to_string())
             .map_err(|e| Usage(format!("bad server name {host}: {e}")))?;
         Some((TlsConnector::from(config), name))
@@ -391,7 +499,15 @@ async fn get_main(args: GetArgs) -> Result<ExitCode, Usage> {
         } else {
             Method::GET
         },
-        path,
+        paths: std::iter::once(path).chain(args.path).collect(),
+        next: AtomicU64::new(0),
+        scheme: if tls_scheme && !args.insecure_plain {
+            "https"
+        } else {
+            "http"
+        },
+        h2,
+        authority: host_header.clone(),
         host_header: if has_host { String::new() } else { host_header },
         headers,
         new_connection: args.new_connection,
@@ -405,28 +521,36 @@ async fn get_main(args: GetArgs) -> Result<ExitCode, Usage> {
     Ok(code)
 }
 
-/// Runs `requests` requests spread over `concurrency` workers, prints the
-/// JSON report, and returns the exit code.
+/// Runs `requests` requests spread over `concurrency` connections (each
+/// carrying `streams` concurrent requests with HTTP/2), prints the JSON
+/// report, and returns the exit code.
 async fn run_load(target: Arc<Target>, concurrency: u64, requests: u64) -> ExitCode {
+    let streams = target.h2.map_or(1, |h| h.streams);
+    let slots = concurrency * streams;
+    // Requests of slot i: an even share, the first ones taking the rest.
+    let share = |i: u64| requests / slots + u64::from(i < requests % slots);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..concurrency {
-        let count = requests / concurrency + u64::from(w < requests % concurrency);
-        if count == 0 {
-            continue;
-        }
+    for c in 0..concurrency {
         let target = target.clone();
-        tasks.push(tokio::spawn(worker(target, count)));
+        if target.h2.is_some() {
+            let counts: Vec<u64> = (0..streams).map(|s| share(c * streams + s)).collect();
+            if counts.iter().all(|&n| n == 0) {
+                continue;
+            }
+            tasks.push(tokio::spawn(h2_connection(target, counts)));
+        } else {
+            let count = share(c);
+            if count == 0 {
+                continue;
+            }
+            tasks.push(tokio::spawn(worker(target, count)));
+        }
     }
     let mut total = WorkerStats::default();
     for task in tasks {
         match task.await {
-            Ok(s) => {
-                total.ok += s.ok;
-                total.failed += s.failed;
-                total.bytes += s.bytes;
-                total.latencies.extend(s.latencies);
-            }
+            Ok(s) => total.add(s),
             Err(e) => {
                 target.record_error(format!("worker panicked: {e}"));
             }
@@ -449,6 +573,12 @@ async fn run_load(target: Arc<Target>, concurrency: u64, requests: u64) -> ExitC
         lat_p99_s: lat.as_ref().map(|l| l.p99),
         lat_max_s: lat.as_ref().map(|l| l.max),
         first_error,
+        proto: if target.h2.is_some() {
+            "h2"
+        } else {
+            "http/1.1"
+        },
+        streams,
     });
     if total.failed > 0 {
         ExitCode::from(1)
@@ -482,9 +612,34 @@ impl Summary {
     }
 }
 
+impl WorkerStats {
+    fn add(&mut self, s: WorkerStats) {
+        self.ok += s.ok;
+        self.failed += s.failed;
+        self.bytes += s.bytes;
+        self.latencies.extend(s.latencies);
+    }
+
+    /// Counts one request that ended with `result` after `start`.
+    fn record(&mut self, target: &Target, start: Instant, result: Result<(), String>) {
+        match result {
+            Ok(()) => {
+                self.ok += 1;
+                self.latencies.push(start.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                self.failed += 1;
+                target.record_error(e);
+            }
+        }
+    }
+}
+
+/// `count` HTTP/1.1 requests one after another, on one keep-alive
+/// connection (reopened when the server closes it).
 async fn worker(target: Arc<Target>, count: u64) -> WorkerStats {
     let mut stats = WorkerStats::default();
-    let mut conn: Option<SendRequest<Empty<Bytes>>> = None;
+    let mut conn: Option<http1::SendRequest<Empty<Bytes>>> = None;
     for _ in 0..count {
         let start = Instant::now();
         let mut bytes = 0u64;
@@ -493,33 +648,104 @@ async fn worker(target: Arc<Target>, count: u64) -> WorkerStats {
                 .await
                 .unwrap_or_else(|_| Err(format!("timed out after {:?}", target.timeout)));
         stats.bytes += bytes;
-        match result {
-            Ok(()) => {
-                stats.ok += 1;
-                stats.latencies.push(start.elapsed().as_secs_f64());
+        if result.is_err() {
+            conn = None;
+        }
+        stats.record(&target, start, result);
+    }
+    stats
+}
+
+/// One HTTP/2 connection carrying `counts.len()` streams at a time, stream
+/// slot i sending `counts[i]` requests one after another.
+async fn h2_connection(target: Arc<Target>, counts: Vec<u64>) -> WorkerStats {
+    let mut stats = WorkerStats::default();
+    let opened = tokio::time::timeout(target.timeout, open_h2(&target))
+        .await
+        .unwrap_or_else(|_| Err(format!("connect timed out after {:?}", target.timeout)));
+    let sender = match opened {
+        Ok(s) => s,
+        Err(e) => {
+            stats.failed = counts.iter().sum();
+            target.record_error(e);
+            return stats;
+        }
+    };
+    let mut slots = Vec::new();
+    for count in counts.into_iter().filter(|&n| n > 0) {
+        let target = target.clone();
+        let mut sender = sender.clone();
+        slots.push(tokio::spawn(async move {
+            let mut stats = WorkerStats::default();
+            for _ in 0..count {
+                let start = Instant::now();
+                let mut bytes = 0u64;
+                let result = tokio::time::timeout(
+                    target.timeout,
+                    h2_request(&target, &mut sender, &mut bytes),
+                )
+                .await
+                .unwrap_or_else(|_| Err(format!("timed out after {:?}", target.timeout)));
+                stats.bytes += bytes;
+                stats.record(&target, start, result);
             }
-            Err(e) => {
-                stats.failed += 1;
-                conn = None;
-                target.record_error(e);
-            }
+            stats
+        }));
+    }
+    for slot in slots {
+        match slot.await {
+            Ok(s) => stats.add(s),
+            Err(e) => target.record_error(format!("stream task panicked: {e}")),
         }
     }
     stats
 }
 
 /// Opens TCP (+CONNECT) (+TLS) and an HTTP/1.1 connection on it.
-async fn open(target: &Target) -> Result<SendRequest<Empty<Bytes>>, String> {
-    let io = open_stream(
+async fn open(target: &Target) -> Result<http1::SendRequest<Empty<Bytes>>, String> {
+    let (io, _) = open_stream(
         &target.dial,
         target.connect.as_deref(),
         target.tls.as_ref().map(|(c, n)| (c, n)),
     )
     .await?;
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+    let (sender, conn) = http1::Builder::new()
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        // Errors show up on the request side.
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+/// Opens TCP (+CONNECT) (+TLS, where the server must choose h2) and an
+/// HTTP/2 connection with the target's receive settings.
+async fn open_h2(target: &Target) -> Result<http2::SendRequest<Empty<Bytes>>, String> {
+    let settings = target
+        .h2
+        .ok_or_else(|| "HTTP/2 connection without --http2".to_string())?;
+    let (io, alpn) = open_stream(
+        &target.dial,
+        target.connect.as_deref(),
+        target.tls.as_ref().map(|(c, n)| (c, n)),
+    )
+    .await?;
+    if target.tls.is_some() && alpn.as_deref() != Some(ALPN_H2) {
+        return Err(format!(
+            "the server did not choose h2 (ALPN: {})",
+            alpn.as_deref()
+                .map_or("none".into(), |p| String::from_utf8_lossy(p).into_owned())
+        ));
+    }
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(settings.stream_window)
+        .initial_connection_window_size(settings.conn_window)
+        .max_frame_size(settings.frame)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
     tokio::spawn(async move {
         // Errors show up on the request side.
         let _ = conn.await;
@@ -581,11 +807,13 @@ async fn tunnel(stream: &mut TcpStream, authority: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Opens TCP, CONNECT through `connect` when set, and TLS when set; returns
+/// the stream and the ALPN protocol the server chose.
 async fn open_stream(
     addrs: &[SocketAddr],
     connect: Option<&str>,
     tls: Option<(&TlsConnector, &ServerName<'static>)>,
-) -> Result<Box<dyn Io>, String> {
+) -> Result<(Box<dyn Io>, Option<Vec<u8>>), String> {
     let mut stream = dial(addrs).await?;
     if let Some(authority) = connect {
         tunnel(&mut stream, authority).await?;
@@ -599,15 +827,69 @@ async fn open_stream(
                 .connect(name.clone(), stream)
                 .await
                 .map_err(|e| format!("TLS handshake: {e}"))?;
-            Ok(Box::new(tls))
+            let alpn = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+            Ok((Box::new(tls), alpn))
         }
-        None => Ok(Box::new(stream)),
+        None => Ok((Box::new(stream), None)),
     }
+}
+
+/// The request for the target's next path; `absolute` gives the URI the
+/// scheme and authority (HTTP/2's `:scheme` and `:authority`).
+fn build_request(target: &Target, absolute: bool) -> Result<Request<Empty<Bytes>>, String> {
+    let path = target.next_path();
+    let mut builder = Request::builder().method(target.method.clone());
+    if absolute {
+        builder = builder.uri(format!("{}://{}{path}", target.scheme, target.authority));
+    } else {
+        builder = builder.uri(path);
+        if !target.host_header.is_empty() {
+            builder = builder.header(hyper::header::HOST, target.host_header.as_str());
+        }
+    }
+    for (name, value) in &target.headers {
+        builder = builder.header(name, value);
+    }
+    builder
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))
+}
+
+/// Reads the body of `resp` (counting into `bytes`) and checks it against
+/// the expected status and size.
+async fn check_response(
+    target: &Target,
+    resp: Response<Incoming>,
+    bytes: &mut u64,
+) -> Result<(), String> {
+    let status = resp.status();
+    if target.method != Method::HEAD {
+        let mut body = resp.into_body();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| format!("body error after {} bytes: {e}", *bytes))?;
+            if let Some(data) = frame.data_ref() {
+                *bytes += data.len() as u64;
+            }
+        }
+    }
+    if status != target.expect_status {
+        return Err(format!(
+            "status {} (expected {})",
+            status.as_u16(),
+            target.expect_status.as_u16()
+        ));
+    }
+    if let Some(want) = target.expect_bytes {
+        if *bytes != want {
+            return Err(format!("body of {} bytes, expected {want}", *bytes));
+        }
+    }
+    Ok(())
 }
 
 async fn one_request(
     target: &Target,
-    conn: &mut Option<SendRequest<Empty<Bytes>>>,
+    conn: &mut Option<http1::SendRequest<Empty<Bytes>>>,
     bytes: &mut u64,
 ) -> Result<(), String> {
     let reused = conn.is_some() && !target.new_connection;
@@ -626,61 +908,46 @@ async fn one_request(
             .await
             .map_err(|e| format!("connection: {e}"))?;
     }
-
-    let mut builder = Request::builder()
-        .method(target.method.clone())
-        .uri(target.path.as_str());
-    if !target.host_header.is_empty() {
-        builder = builder.header(hyper::header::HOST, target.host_header.as_str());
-    }
-    for (name, value) in &target.headers {
-        builder = builder.header(name, value);
-    }
-    let req = builder
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| format!("request: {e}"))?;
+    let req = build_request(target, false)?;
     let resp = sender
         .send_request(req)
         .await
         .map_err(|e| format!("request: {e}"))?;
-    let status = resp.status();
     let keep_alive = !resp
         .headers()
         .get(hyper::header::CONNECTION)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.eq_ignore_ascii_case("close"));
-    if target.method != Method::HEAD {
-        let mut body = resp.into_body();
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| format!("body error after {} bytes: {e}", *bytes))?;
-            if let Some(data) = frame.data_ref() {
-                *bytes += data.len() as u64;
-            }
-        }
-    }
+    let result = check_response(target, resp, bytes).await;
     if !target.new_connection && keep_alive {
         *conn = Some(sender);
     }
-    if status != target.expect_status {
-        return Err(format!(
-            "status {} (expected {})",
-            status.as_u16(),
-            target.expect_status.as_u16()
-        ));
-    }
-    if let Some(want) = target.expect_bytes {
-        if *bytes != want {
-            return Err(format!("body of {} bytes, expected {want}", *bytes));
-        }
-    }
-    Ok(())
+    result
+}
+
+/// One request on a stream of an HTTP/2 connection.
+async fn h2_request(
+    target: &Target,
+    sender: &mut http2::SendRequest<Empty<Bytes>>,
+    bytes: &mut u64,
+) -> Result<(), String> {
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("HTTP/2 connection: {e}"))?;
+    let req = build_request(target, true)?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    check_response(target, resp, bytes).await
 }
 
 // ---------------------------------------------------------------- handshake
 
 async fn handshake_main(args: HandshakeArgs) -> Result<ExitCode, Usage> {
     let dial_addrs = resolve(&args.proxy).await?;
-    let connector = TlsConnector::from(client_config(load_roots(&args.cacert)?)?);
+    let connector = TlsConnector::from(client_config(load_roots(&args.cacert)?, &[ALPN_H1])?);
     let mut times = Vec::new();
     let mut failed = 0u64;
     let mut first_error: Option<String> = None;
@@ -698,7 +965,7 @@ async fn handshake_main(args: HandshakeArgs) -> Result<ExitCode, Usage> {
         .unwrap_or_else(|_| Err("timed out after 60 s".into()));
         let elapsed = start.elapsed().as_secs_f64();
         match result {
-            Ok(mut stream) => {
+            Ok((mut stream, _)) => {
                 times.push(elapsed);
                 let _ = stream.shutdown().await;
             }
@@ -778,7 +1045,15 @@ fn tcp_main(bytes: u64) -> Result<ExitCode, Usage> {
 
 // ---------------------------------------------------------------- tls-ceiling
 
-async fn tls_ceiling_main(bytes: u64, concurrency: u64) -> Result<ExitCode, Usage> {
+/// The in-process server's HTTP/2 send buffer per stream: generous, so that
+/// the ceiling is the client's (hyper's default is 400 KiB).
+const CEILING_H2_SEND_BUF: usize = 4 << 20;
+
+async fn tls_ceiling_main(
+    bytes: u64,
+    concurrency: u64,
+    h2: Option<H2Settings>,
+) -> Result<ExitCode, Usage> {
     const NAME: &str = "tls-ceiling.bench.test";
     let key = rcgen::generate_simple_self_signed(vec![NAME.to_string()])
         .map_err(|e| Usage(format!("rcgen: {e}")))?;
@@ -790,7 +1065,7 @@ async fn tls_ceiling_main(bytes: u64, concurrency: u64) -> Result<ExitCode, Usag
         .with_no_client_auth()
         .with_single_cert(vec![cert_der.clone()], key_der)
         .map_err(|e| Usage(format!("TLS server config: {e}")))?;
-    server.alpn_protocols = vec![b"http/1.1".to_vec()];
+    server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_H1.to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(server));
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -798,14 +1073,29 @@ async fn tls_ceiling_main(bytes: u64, concurrency: u64) -> Result<ExitCode, Usag
     let addr = listener
         .local_addr()
         .map_err(|e| Usage(format!("local address: {e}")))?;
-    let payload: Arc<[u8]> = vec![0x5au8; CHUNK].into();
+    let payload = Bytes::from(vec![0x5au8; CHUNK]);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let _ = stream.set_nodelay(true);
             let acceptor = acceptor.clone();
             let payload = payload.clone();
             tokio::spawn(async move {
-                if let Ok(tls) = acceptor.accept(stream).await {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                if tls.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
+                    let service = hyper::service::service_fn(move |_req| {
+                        let body = Repeat {
+                            left: bytes,
+                            chunk: payload.clone(),
+                        };
+                        async move { Ok::<_, Infallible>(Response::new(body)) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_send_buf_size(CEILING_H2_SEND_BUF)
+                        .serve_connection(TokioIo::new(tls), service)
+                        .await;
+                } else {
                     let _ = serve_static(tls, bytes, &payload).await;
                 }
             });
@@ -818,13 +1108,22 @@ async fn tls_ceiling_main(bytes: u64, concurrency: u64) -> Result<ExitCode, Usag
         .map_err(|e| Usage(format!("root store: {e}")))?;
     let name =
         ServerName::try_from(NAME.to_string()).map_err(|e| Usage(format!("server name: {e}")))?;
+    let alpn: &[&[u8]] = if h2.is_some() {
+        &[ALPN_H2, ALPN_H1]
+    } else {
+        &[ALPN_H1]
+    };
     let target = Arc::new(Target {
         dial: vec![addr],
         connect: None,
-        tls: Some((TlsConnector::from(client_config(roots)?), name)),
+        tls: Some((TlsConnector::from(client_config(roots, alpn)?), name)),
         method: Method::GET,
-        path: "/blob".into(),
+        paths: vec!["/blob".into()],
+        next: AtomicU64::new(0),
+        scheme: "https",
+        h2,
         host_header: NAME.into(),
+        authority: NAME.into(),
         headers: Vec::new(),
         new_connection: false,
         expect_status: StatusCode::OK,
@@ -832,7 +1131,39 @@ async fn tls_ceiling_main(bytes: u64, concurrency: u64) -> Result<ExitCode, Usag
         timeout: Duration::from_secs(3600),
         first_error: Mutex::new(None),
     });
-    Ok(run_load(target, concurrency, concurrency).await)
+    let requests = concurrency * h2.map_or(1, |h| h.streams);
+    Ok(run_load(target, concurrency, requests).await)
+}
+
+/// A response body of `left` bytes, `chunk` repeated.
+struct Repeat {
+    left: u64,
+    chunk: Bytes,
+}
+
+impl hyper::body::Body for Repeat {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(self.chunk.len() as u64);
+        self.left -= n;
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n as usize)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left == 0
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.left)
+    }
 }
 
 /// Answers each HTTP/1.1 request on `io` with `len` bytes of `payload`.
