@@ -425,7 +425,7 @@ impl Metrics {
         );
         r.register(
             "regcache_connections_open",
-            "Client connections open on the proxy port",
+            "Client connections open on the proxy port and mirror_tls",
             m.connections_open.clone(),
         );
         r.register(
@@ -612,10 +612,23 @@ impl Metrics {
         self.certificates_minted.inc();
     }
 
-    /// regcache refused a client by `reason`: `allow`, `proxy_auth`, or the
-    /// policy rule (`connect_ports`, `other_hosts`, ...).
+    /// regcache refused a client by `reason`: `allow` (the client's address),
+    /// `proxy_auth` (no or wrong proxy credentials), `port` or `host` (see
+    /// [`Metrics::refused_by_policy`]).
     pub fn denied(&self, reason: &'static str) {
         self.denied.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// regcache refused a CONNECT or plain-HTTP request by the policy `rule`
+    /// (the option that refused it): `port` for the port rules
+    /// (`connect_ports`, `plain_http_port`), `host` for the others
+    /// (`other_hosts`, `intercept`, `insecure_registries`).
+    pub fn refused_by_policy(&self, rule: &str) {
+        self.denied(if rule.contains("port") {
+            "port"
+        } else {
+            "host"
+        });
     }
 }
 
