@@ -10,6 +10,7 @@ mod bundle;
 mod cache;
 mod cli;
 mod harness;
+mod metrics;
 mod origins;
 mod parent_proxy;
 mod proxy;

@@ -172,6 +172,20 @@ pub struct Fault {
     pub redirect: Option<(u16, String)>,
     /// Send the body without Content-Length (chunked on HTTP/1.1).
     pub no_length: bool,
+    /// Extra response headers (name, value) on GET and HEAD answers, content
+    /// or status alike (`ratelimit-remaining`, say).
+    pub headers: Vec<(String, String)>,
+}
+
+/// `fault`'s extra headers added to `r`.
+fn with_fault_headers(mut r: Response<RespBody>, fault: &Fault) -> Response<RespBody> {
+    for (k, v) in &fault.headers {
+        r.headers_mut().append(
+            hyper::header::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            HeaderValue::from_str(v).unwrap(),
+        );
+    }
+    r
 }
 
 /// One request as the registry saw it.
@@ -650,7 +664,7 @@ async fn handle(
         fault.get_status
     };
     if let Some(status) = forced {
-        return status_only(&method, status, &path);
+        return with_fault_headers(status_only(&method, status, &path), &fault);
     }
     let Some(res) = resource else {
         return status_only(&method, 404, &path);
@@ -699,5 +713,5 @@ async fn handle(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
-    r
+    with_fault_headers(r, &fault)
 }
