@@ -18,6 +18,7 @@ declare -A PROVIDER=(
     [python3]=python3
     [setsid]=util-linux
     [timeout]=coreutils
+    [promtool]=prometheus
 )
 
 missing=()
@@ -53,6 +54,25 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+
+# Debian's prometheus package starts its service on install (listening on
+# every interface, port 9090). The tests run promtool, and prometheus
+# themselves on loopback, never the service: a policy-rc.d that refuses starts
+# keeps it from starting (invoke-rc.d and deb-systemd-invoke both ask it),
+# and the service is disabled afterwards so that it does not start at boot.
+own_policy=""
+if printf '%s\n' "${packages[@]}" | grep -qx prometheus && [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# install-deps.sh: no service starts while installing\nexit 101\n' \
+        | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
+    "${SUDO[@]}" chmod 755 /usr/sbin/policy-rc.d
+    own_policy=/usr/sbin/policy-rc.d
+fi
+remove_policy() {
+    if [ -n "$own_policy" ]; then
+        "${SUDO[@]}" rm -f "$own_policy"
+    fi
+}
+trap remove_policy EXIT
 # Refresh the package lists once, only when they were never fetched (fresh
 # image) or when the install fails for lack of a candidate.
 if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
@@ -61,4 +81,13 @@ if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
 elif ! "${SUDO[@]}" apt-get install -y --no-install-recommends "${packages[@]}"; then
     "${SUDO[@]}" apt-get update
     "${SUDO[@]}" apt-get install -y --no-install-recommends "${packages[@]}"
+fi
+
+if printf '%s\n' "${packages[@]}" | grep -qx prometheus; then
+    if [ -d /run/systemd/system ]; then
+        "${SUDO[@]}" systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    elif [ -x /etc/init.d/prometheus ]; then
+        "${SUDO[@]}" /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+        "${SUDO[@]}" update-rc.d prometheus disable >/dev/null 2>&1 || true
+    fi
 fi

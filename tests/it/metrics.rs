@@ -395,3 +395,54 @@ async fn a_client_outside_allow_gets_no_metrics() {
     assert!(!body.contains("regcache_"), "metrics leaked: {body}");
     wait_for(metrics, &[(denied, before + 1.0)]).await;
 }
+
+#[tokio::test]
+async fn failed_downloads_count_by_reason_and_evictions_are_counted() {
+    let env = Env::new().await;
+    let mib = 1024 * 1024;
+    let put = |seed, fault: Option<Fault>| {
+        let data = blob_bytes(seed, 2 * mib);
+        let path = blob_path("library/alpine", &env.reg.put_blob("library/alpine", data));
+        if let Some(fault) = fault {
+            env.reg.set_fault(&path, fault);
+        }
+        path
+    };
+    let corrupt = put(
+        51,
+        Some(Fault {
+            corrupt_at: Some(1000),
+            ..Fault::default()
+        }),
+    );
+    let cut = put(
+        52,
+        Some(Fault {
+            cut_after: Some(300_000),
+            ..Fault::default()
+        }),
+    );
+    let (first, second) = (put(53, None), put(54, None));
+    let proxy = env.proxy().args(["--cache-size", "3MiB"]).start().await;
+    for path in [&corrupt, &cut] {
+        let got = pull(&proxy, path).await;
+        assert!(got.error.is_some(), "{path}: the client sees the failure");
+    }
+    // Two 2 MiB blobs under a 3 MiB cap: the second evicts the first.
+    for path in [&first, &second] {
+        assert_eq!(pull(&proxy, path).await.x_cache(), "MISS");
+    }
+    let reason = |r| series("regcache_fill_failures_total", &[("reason", r)]);
+    wait_for(
+        proxy.addr,
+        &[
+            (reason("digest_mismatch"), 1.0),
+            (reason("upstream_error"), 1.0),
+            ("regcache_cache_evictions_total".into(), 1.0),
+            (series("regcache_cache_entries", &[("kind", "blob")]), 1.0),
+            ("regcache_cache_size_bytes".into(), (2 * mib) as f64),
+            ("regcache_cache_capacity_bytes".into(), (3 * mib) as f64),
+        ],
+    )
+    .await;
+}
