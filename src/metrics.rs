@@ -287,6 +287,21 @@ impl Collector for ProcessCollector {
     }
 }
 
+/// The `reason`s of `regcache_fill_failures_total`.
+pub const FILL_FAILURE_REASONS: [&str; 5] = [
+    "digest_mismatch",
+    "truncated",
+    "upstream_error",
+    "disk_full",
+    "other",
+];
+
+/// The `reason`s of `regcache_denied_total`.
+pub const DENIED_REASONS: [&str; 4] = ["allow", "proxy_auth", "port", "host"];
+
+/// The `result`s of `regcache_tls_handshakes_total`.
+pub const TLS_RESULTS: [&str; 3] = ["ok", "failed", "refused"];
+
 /// Every metric regcache exposes.
 pub struct Metrics {
     registry: Registry,
@@ -445,6 +460,17 @@ impl Metrics {
         );
         r.register_collector(Box::new(m.cache.clone()));
         r.register_collector(Box::new(ProcessCollector));
+        // The fixed label sets start at 0, so that rates and alerts over
+        // them have a series before the first event.
+        for reason in FILL_FAILURE_REASONS {
+            let _ = m.fill_failures.get_or_create(&ReasonLabel { reason });
+        }
+        for reason in DENIED_REASONS {
+            let _ = m.denied.get_or_create(&ReasonLabel { reason });
+        }
+        for result in TLS_RESULTS {
+            let _ = m.tls_handshakes.get_or_create(&ResultLabel { result });
+        }
         Self { registry: r, ..m }
     }
 
@@ -581,8 +607,7 @@ impl Metrics {
         self.evictions.inc_by(n);
     }
 
-    /// A download into the cache failed: `digest_mismatch`, `truncated`,
-    /// `upstream_error` or `disk_full`.
+    /// A download into the cache failed: one of [`FILL_FAILURE_REASONS`].
     pub fn fill_failed(&self, reason: &'static str) {
         self.fill_failures
             .get_or_create(&ReasonLabel { reason })
@@ -828,6 +853,9 @@ mod tests {
             "process_resident_memory_bytes ",
             "process_cpu_seconds_total ",
             "process_open_fds ",
+            "regcache_fill_failures_total{reason=\"digest_mismatch\"} 0",
+            "regcache_denied_total{reason=\"proxy_auth\"} 0",
+            "regcache_tls_handshakes_total{result=\"refused\"} 0",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
