@@ -22,6 +22,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["config"],
     &["http"],
     &["registry"],
+    &["metrics"],
 ];
 
 /// The layer index of a top-level module (0 is the top).

@@ -13,6 +13,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod policy;
 pub mod prefetch;
 pub mod proxy;

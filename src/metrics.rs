@@ -1,0 +1,652 @@
+//! Prometheus metrics: the one place they are defined and recorded.
+//!
+//! Every layer records through [`get`] (one process-wide [`Metrics`]): the
+//! access log ([`crate::http::log`]) once per request when its response
+//! ends, the upstream client once per upstream response, the proxy per
+//! connection, handshake and refusal, the cache per eviction or failed
+//! fill. Recording is a hash lookup and an atomic add; no lock is held per
+//! chunk. Gauges of the cache are read when scraped, from the
+//! [`CacheGauges`] given to [`Metrics::set_cache`].
+//!
+//! Labels stay bounded: the canonical registry host, the kind of request
+//! (`manifest`, `blob`, `other`), a result or reason from a fixed set;
+//! never a repository, tag or client address. docs/metrics.md lists every
+//! metric.
+//!
+//! This module is the lowest layer: it names no other module of the crate,
+//! so every layer may record.
+
+use std::fmt;
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// The `Content-Type` of [`Metrics::render`]: the Prometheus text format.
+pub const CONTENT_TYPE: &str = prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// Labels of `regcache_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    registry: String,
+    kind: &'static str,
+    result: &'static str,
+}
+
+/// Labels of `regcache_request_duration_seconds`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DurationLabels {
+    kind: &'static str,
+    result: &'static str,
+}
+
+/// Labels of `regcache_served_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServedLabels {
+    registry: String,
+    source: &'static str,
+}
+
+/// Labels of `regcache_upstream_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    registry: String,
+    method: String,
+    code: String,
+}
+
+/// A `registry` label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistryLabel {
+    registry: String,
+}
+
+/// A `reason` label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+/// A `result` label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+/// A `kind` label alone.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+/// What the cache tells a scrape (see [`CacheGauges`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheSnapshot {
+    /// Bytes of the content entries.
+    pub size_bytes: u64,
+    /// The cache's capacity in bytes.
+    pub capacity_bytes: u64,
+    /// Content entries that are manifests (or indexes).
+    pub manifests: u64,
+    /// Content entries that are blobs.
+    pub blobs: u64,
+    /// Downloads into the cache in progress.
+    pub fills_in_progress: u64,
+}
+
+/// The cache as a source of gauges, read at scrape time.
+pub trait CacheGauges: Send + Sync {
+    /// The numbers now.
+    fn snapshot(&self) -> CacheSnapshot;
+}
+
+/// Reads the cache's gauges when scraped.
+#[derive(Default)]
+struct CacheCollector {
+    source: RwLock<Option<Arc<dyn CacheGauges>>>,
+}
+
+impl fmt::Debug for CacheCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CacheCollector")
+    }
+}
+
+impl Collector for CacheCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let source = self
+            .source
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(source) = source else {
+            return Ok(());
+        };
+        let s = source.snapshot();
+        let gauges: [(&str, &str, u64); 3] = [
+            (
+                "regcache_cache_size_bytes",
+                "Bytes of the content in the cache.",
+                s.size_bytes,
+            ),
+            (
+                "regcache_cache_capacity_bytes",
+                "The cache's capacity in bytes.",
+                s.capacity_bytes,
+            ),
+            (
+                "regcache_fills_in_progress",
+                "Downloads into the cache in progress.",
+                s.fills_in_progress,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(clamp(value));
+            let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            gauge.encode(metric)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "regcache_cache_entries",
+            "Content entries in the cache, by kind.",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (kind, value) in [("manifest", s.manifests), ("blob", s.blobs)] {
+            let gauge = ConstGauge::new(clamp(value));
+            gauge.encode(metric.encode_family(&KindLabel { kind })?)?;
+        }
+        Ok(())
+    }
+}
+
+fn clamp(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// Every metric regcache exposes.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    request_duration: Family<DurationLabels, Histogram>,
+    served_bytes: Family<ServedLabels, Counter>,
+    upstream_requests: Family<UpstreamLabels, Counter>,
+    upstream_duration: Family<RegistryLabel, Histogram>,
+    upstream_up: Family<RegistryLabel, Gauge>,
+    ratelimit_limit: Family<RegistryLabel, Gauge>,
+    ratelimit_remaining: Family<RegistryLabel, Gauge>,
+    ratelimit_window: Family<RegistryLabel, Gauge>,
+    throttled: Family<RegistryLabel, Counter>,
+    evictions: Counter,
+    fill_failures: Family<ReasonLabel, Counter>,
+    verify_failures: Counter,
+    connections_open: Gauge,
+    tls_handshakes: Family<ResultLabel, Counter>,
+    certificates_minted: Counter,
+    denied: Family<ReasonLabel, Counter>,
+    cache: Arc<CacheCollector>,
+}
+
+fn request_histogram() -> Histogram {
+    // 1 ms to about 65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+/// The process's metrics.
+pub fn get() -> &'static Metrics {
+    &METRICS
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let m = Self {
+            registry: Registry::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(request_histogram),
+            served_bytes: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_duration: Family::new_with_constructor(request_histogram),
+            upstream_up: Family::default(),
+            ratelimit_limit: Family::default(),
+            ratelimit_remaining: Family::default(),
+            ratelimit_window: Family::default(),
+            throttled: Family::default(),
+            evictions: Counter::default(),
+            fill_failures: Family::default(),
+            verify_failures: Counter::default(),
+            connections_open: Gauge::default(),
+            tls_handshakes: Family::default(),
+            certificates_minted: Counter::default(),
+            denied: Family::default(),
+            cache: Arc::default(),
+        };
+        let mut r = Registry::default();
+        r.register(
+            "regcache_build",
+            "regcache's version.",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+        );
+        r.register(
+            "regcache_requests",
+            "Client requests answered, by registry, kind and result.",
+            m.requests.clone(),
+        );
+        r.register(
+            "regcache_request_duration_seconds",
+            "Time from a client request to the end of its response body.",
+            m.request_duration.clone(),
+        );
+        r.register(
+            "regcache_served_bytes",
+            "Response body bytes sent to clients, from the cache or from upstream.",
+            m.served_bytes.clone(),
+        );
+        r.register(
+            "regcache_upstream_requests",
+            "Requests sent to upstream registries, by status code (error: no response).",
+            m.upstream_requests.clone(),
+        );
+        r.register(
+            "regcache_upstream_request_duration_seconds",
+            "Time until an upstream registry's response head arrived.",
+            m.upstream_duration.clone(),
+        );
+        r.register(
+            "regcache_upstream_up",
+            "1 if the last contact with the registry got a response below 500, else 0.",
+            m.upstream_up.clone(),
+        );
+        r.register(
+            "regcache_upstream_ratelimit_limit",
+            "The pull limit the registry last announced (ratelimit-limit).",
+            m.ratelimit_limit.clone(),
+        );
+        r.register(
+            "regcache_upstream_ratelimit_remaining",
+            "The pulls the registry last said remain (ratelimit-remaining).",
+            m.ratelimit_remaining.clone(),
+        );
+        r.register(
+            "regcache_upstream_ratelimit_window_seconds",
+            "The window of the registry's pull limit (w= of ratelimit-limit).",
+            m.ratelimit_window.clone(),
+        );
+        r.register(
+            "regcache_upstream_throttled",
+            "Upstream answers 429 Too Many Requests.",
+            m.throttled.clone(),
+        );
+        r.register(
+            "regcache_cache_evictions",
+            "Content entries evicted to make room.",
+            m.evictions.clone(),
+        );
+        r.register(
+            "regcache_fill_failures",
+            "Downloads into the cache that failed, by reason.",
+            m.fill_failures.clone(),
+        );
+        r.register(
+            "regcache_verify_failures",
+            "Cached files found not to match their digest when read.",
+            m.verify_failures.clone(),
+        );
+        r.register(
+            "regcache_connections_open",
+            "Client connections open on the proxy port.",
+            m.connections_open.clone(),
+        );
+        r.register(
+            "regcache_tls_handshakes",
+            "TLS handshakes with clients (intercepted hosts, mirror_tls), by result.",
+            m.tls_handshakes.clone(),
+        );
+        r.register(
+            "regcache_certificates_minted",
+            "Leaf certificates minted by regcache's CA.",
+            m.certificates_minted.clone(),
+        );
+        r.register(
+            "regcache_denied",
+            "Requests or connections refused by regcache, by the rule that refused them.",
+            m.denied.clone(),
+        );
+        r.register_collector(Box::new(m.cache.clone()));
+        Self { registry: r, ..m }
+    }
+
+    /// The metrics in the Prometheus text format ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Reads the cache's gauges from `source` from now on.
+    pub fn set_cache(&self, source: Arc<dyn CacheGauges>) {
+        *self.cache.source.write().unwrap_or_else(|p| p.into_inner()) = Some(source);
+    }
+
+    /// One client request answered: `registry` is the canonical host (empty
+    /// if the request was for none), `path` the request path, `cache` how
+    /// it was served (the access log's `cache` field), `bytes` the body
+    /// bytes sent.
+    pub fn request(
+        &self,
+        registry: &str,
+        path: &str,
+        cache: &str,
+        status: u16,
+        bytes: u64,
+        elapsed: Duration,
+    ) {
+        let kind = kind_of(path);
+        let result = result_of(cache, status);
+        self.requests
+            .get_or_create(&RequestLabels {
+                registry: registry.to_string(),
+                kind,
+                result,
+            })
+            .inc();
+        self.request_duration
+            .get_or_create(&DurationLabels { kind, result })
+            .observe(elapsed.as_secs_f64());
+        if bytes > 0 {
+            let source = match result {
+                "hit" | "coalesced" | "stale" | "revalidated" => "cache",
+                _ => "upstream",
+            };
+            self.served_bytes
+                .get_or_create(&ServedLabels {
+                    registry: registry.to_string(),
+                    source,
+                })
+                .inc_by(bytes);
+        }
+    }
+
+    /// An upstream registry answered `status` (with `headers`) after
+    /// `elapsed`; `registry` is its canonical host.
+    pub fn upstream_response(
+        &self,
+        registry: &str,
+        method: &str,
+        status: u16,
+        headers: &http::HeaderMap,
+        elapsed: Duration,
+    ) {
+        self.upstream(registry, method, &status.to_string(), elapsed, status < 500);
+        let label = RegistryLabel {
+            registry: registry.to_string(),
+        };
+        if status == 429 {
+            self.throttled.get_or_create(&label).inc();
+        }
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        if let Some(limit) = header("ratelimit-limit").and_then(parse_ratelimit) {
+            self.ratelimit_limit
+                .get_or_create(&label)
+                .set(clamp(limit.quota));
+            if let Some(w) = limit.window_seconds {
+                self.ratelimit_window.get_or_create(&label).set(clamp(w));
+            }
+        }
+        if let Some(remaining) = header("ratelimit-remaining").and_then(parse_ratelimit) {
+            self.ratelimit_remaining
+                .get_or_create(&label)
+                .set(clamp(remaining.quota));
+        }
+    }
+
+    /// An upstream request to `registry` failed without a response.
+    pub fn upstream_failed(&self, registry: &str, method: &str, elapsed: Duration) {
+        self.upstream(registry, method, "error", elapsed, false);
+    }
+
+    fn upstream(&self, registry: &str, method: &str, code: &str, elapsed: Duration, up: bool) {
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                registry: registry.to_string(),
+                method: method.to_string(),
+                code: code.to_string(),
+            })
+            .inc();
+        let label = RegistryLabel {
+            registry: registry.to_string(),
+        };
+        self.upstream_duration
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
+        self.upstream_up.get_or_create(&label).set(i64::from(up));
+    }
+
+    /// `n` content entries were evicted.
+    pub fn evicted(&self, n: u64) {
+        self.evictions.inc_by(n);
+    }
+
+    /// A download into the cache failed: `digest_mismatch`, `truncated`,
+    /// `upstream_error` or `disk_full`.
+    pub fn fill_failed(&self, reason: &'static str) {
+        self.fill_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    /// A cached file did not match its digest.
+    pub fn verify_failed(&self) {
+        self.verify_failures.inc();
+    }
+
+    /// A client connection opened; it counts as open until the guard drops.
+    pub fn connection(&self) -> ConnectionGuard {
+        self.connections_open.inc();
+        ConnectionGuard(self.connections_open.clone())
+    }
+
+    /// A client TLS handshake ended: `ok`, `failed` or `refused`.
+    pub fn tls_handshake(&self, result: &'static str) {
+        self.tls_handshakes
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// A leaf certificate was minted.
+    pub fn certificate_minted(&self) {
+        self.certificates_minted.inc();
+    }
+
+    /// regcache refused a client by `reason`: `allow`, `proxy_auth`, or the
+    /// policy rule (`connect_ports`, `other_hosts`, ...).
+    pub fn denied(&self, reason: &'static str) {
+        self.denied.get_or_create(&ReasonLabel { reason }).inc();
+    }
+}
+
+/// Counts a client connection as open while it lives.
+#[derive(Debug)]
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// The `kind` label of a registry request path.
+pub fn kind_of(path: &str) -> &'static str {
+    if path.contains("/manifests/") {
+        "manifest"
+    } else if path.contains("/blobs/") && !path.contains("/blobs/uploads") {
+        "blob"
+    } else {
+        "other"
+    }
+}
+
+/// The `result` label of a request served as `cache` (the access log's
+/// field) with `status`: `error` for a 5xx, the cache status when there is
+/// one, `denied` for a refusal (401, 403, 407), else `pass` (forwarded
+/// untouched: not a cacheable request).
+pub fn result_of(cache: &str, status: u16) -> &'static str {
+    if status >= 500 {
+        return "error";
+    }
+    match cache {
+        "HIT" => "hit",
+        "MISS" => "miss",
+        "COALESCED" => "coalesced",
+        "STALE" => "stale",
+        "REVALIDATED" => "revalidated",
+        _ if matches!(status, 401 | 403 | 407) => "denied",
+        _ => "pass",
+    }
+}
+
+/// A `ratelimit-limit` or `ratelimit-remaining` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// The number: the limit, or what remains of it.
+    pub quota: u64,
+    /// The window (`w=`) in seconds, if given.
+    pub window_seconds: Option<u64>,
+}
+
+/// Parses a rate-limit header value as Docker Hub sends it (`100;w=21600`)
+/// or as the IETF draft writes it, a list whose first item is the quota in
+/// force and whose others describe policies (`100, 100;w=21600`,
+/// `10, 10;w=1, 50;w=60`). The window is the first item's `w=`, else the
+/// `w=` of the policy whose quota is the first item's. None if the first
+/// item is not a number.
+pub fn parse_ratelimit(value: &str) -> Option<RateLimit> {
+    let mut items = value.split(',').map(parse_item);
+    let (quota, window) = items.next()??;
+    let window_seconds = window.or_else(|| {
+        items
+            .flatten()
+            .find(|(q, w)| *q == quota && w.is_some())
+            .and_then(|(_, w)| w)
+    });
+    Some(RateLimit {
+        quota,
+        window_seconds,
+    })
+}
+
+/// One list item: `N` or `N;w=S` (other parameters ignored).
+fn parse_item(item: &str) -> Option<(u64, Option<u64>)> {
+    let mut parts = item.split(';');
+    let quota = parts.next()?.trim().parse().ok()?;
+    let window = parts
+        .filter_map(|p| p.trim().split_once('='))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("w"))
+        .and_then(|(_, v)| v.trim().trim_matches('"').parse().ok());
+    Some((quota, window))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_headers_are_read_in_their_real_forms() {
+        let rl = |quota, w| {
+            Some(RateLimit {
+                quota,
+                window_seconds: w,
+            })
+        };
+        let table: &[(&str, Option<RateLimit>)] = &[
+            // Docker Hub, anonymous and authenticated.
+            ("100;w=21600", rl(100, Some(21600))),
+            ("76;w=21600", rl(76, Some(21600))),
+            ("200;w=21600", rl(200, Some(21600))),
+            ("0;w=21600", rl(0, Some(21600))),
+            // The IETF draft's list: the quota, then its policies.
+            ("100, 100;w=21600", rl(100, Some(21600))),
+            ("10, 10;w=1, 50;w=60", rl(10, Some(1))),
+            ("50, 10;w=1, 50;w=60", rl(50, Some(60))),
+            // Spacing, other parameters, quoted values.
+            (" 100 ; w=21600 ", rl(100, Some(21600))),
+            ("100;W=\"3600\"", rl(100, Some(3600))),
+            ("100;comment=\"x\";w=60", rl(100, Some(60))),
+            // No window.
+            ("100", rl(100, None)),
+            ("100, 50;w=60", rl(100, None)),
+            // Not rate limits.
+            ("", None),
+            ("unlimited", None),
+            ("-1;w=60", None),
+            (";w=60", None),
+        ];
+        for (value, want) in table {
+            assert_eq!(parse_ratelimit(value), *want, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn results_and_kinds_come_from_the_fixed_sets() {
+        let table = [
+            ("HIT", 200, "hit"),
+            ("HIT", 206, "hit"),
+            ("MISS", 200, "miss"),
+            ("MISS", 404, "miss"),
+            ("COALESCED", 200, "coalesced"),
+            ("STALE", 200, "stale"),
+            ("REVALIDATED", 200, "revalidated"),
+            ("MISS", 502, "error"),
+            ("-", 500, "error"),
+            ("-", 407, "denied"),
+            ("-", 403, "denied"),
+            ("-", 401, "denied"),
+            ("-", 200, "pass"),
+            ("INTERCEPT", 200, "pass"),
+        ];
+        for (cache, status, want) in table {
+            assert_eq!(result_of(cache, status), want, "{cache} {status}");
+        }
+        assert_eq!(kind_of("/v2/library/alpine/manifests/3.20"), "manifest");
+        assert_eq!(kind_of("/v2/library/alpine/blobs/sha256:ab"), "blob");
+        assert_eq!(kind_of("/v2/library/alpine/blobs/uploads/"), "other");
+        assert_eq!(kind_of("/v2/"), "other");
+    }
+
+    #[test]
+    fn render_names_every_family_in_the_text_format() {
+        let m = Metrics::new();
+        m.request(
+            "docker.io",
+            "/v2/a/blobs/sha256:x",
+            "HIT",
+            200,
+            10,
+            Duration::from_millis(3),
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
+        headers.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
+        m.upstream_response("docker.io", "GET", 200, &headers, Duration::from_millis(1));
+        let text = m.render();
+        for line in [
+            "regcache_requests_total{registry=\"docker.io\",kind=\"blob\",result=\"hit\"} 1",
+            "regcache_served_bytes_total{registry=\"docker.io\",source=\"cache\"} 10",
+            "regcache_upstream_ratelimit_limit{registry=\"docker.io\"} 100",
+            "regcache_upstream_ratelimit_remaining{registry=\"docker.io\"} 76",
+            "regcache_upstream_ratelimit_window_seconds{registry=\"docker.io\"} 21600",
+            "regcache_upstream_up{registry=\"docker.io\"} 1",
+            "regcache_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+}
