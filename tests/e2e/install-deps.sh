@@ -18,6 +18,8 @@ declare -A PROVIDER=(
     [python3]=python3
     [setsid]=util-linux
     [timeout]=coreutils
+    [prometheus]=prometheus
+    [promtool]=prometheus
 )
 
 missing=()
@@ -53,6 +55,29 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+
+# Debian's prometheus starts prometheus.service on install, listening on
+# every address (and recommends prometheus-node-exporter, which does too).
+# The tests start their own, on loopback: while installing, a policy-rc.d
+# forbids starting services (unless one is already in place, as in
+# containers), and afterwards the unit is stopped and disabled.
+POLICY_RC=/usr/sbin/policy-rc.d
+OUR_POLICY=
+if [[ " ${packages[*]} " == *" prometheus "* ]] && [ ! -e "$POLICY_RC" ]; then
+    printf '#!/bin/sh\n# Written by regcache tests/e2e/install-deps.sh while installing; removed after.\nexit 101\n' |
+        "${SUDO[@]}" tee "$POLICY_RC" >/dev/null
+    "${SUDO[@]}" chmod 755 "$POLICY_RC"
+    OUR_POLICY=1
+fi
+after_install() {
+    if [ -n "$OUR_POLICY" ]; then
+        "${SUDO[@]}" rm -f "$POLICY_RC"
+    fi
+    if [[ " ${packages[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        "${SUDO[@]}" systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true
+    fi
+}
+trap after_install EXIT
 # Refresh the package lists once, only when they were never fetched (fresh
 # image) or when the install fails for lack of a candidate.
 if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
