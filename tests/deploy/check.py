@@ -84,9 +84,17 @@ def names_source(path):
             errors.append(f"{path}: cannot tell the type of {name} ({arg.strip()[:40]})")
             continue
         names.update(name + s for s in SUFFIXES[kind])
-    collector = re.search(r"impl Collector for \w+ \{(.*?)\n\}", src, re.S)
-    if collector:
-        names.update(re.findall(r'"(regcache_[a-z0-9_]+)"', collector.group(1)))
+    # Collectors name their metrics as literals; one is a counter when a
+    # ConstCounter or MetricType::Counter is made between the literal before
+    # it and the one after, else a gauge.
+    for block in re.findall(r"impl Collector for \w+ \{(.*?)\n\}", src, re.S):
+        found = list(re.finditer(r'"((?:regcache|process)_[a-z0-9_]+)"', block))
+        for i, m in enumerate(found):
+            start = found[i - 1].end() if i else 0
+            end = found[i + 1].start() if i + 1 < len(found) else len(block)
+            window = block[start:end]
+            kind = "counter" if re.search(r"ConstCounter|MetricType::Counter", window) else "gauge"
+            names.update(m.group(1) + s for s in SUFFIXES[kind])
     if not names:
         errors.append(f"{path}: no metric found")
     fail(errors) if errors else None
