@@ -1,6 +1,9 @@
 //! regcache's own pages on the proxy port (origin-form requests):
-//! `/ca.crt` (the CA to trust), `/healthz`, and `/setup` (a script that makes
-//! a host trust the CA: `curl -fsSL http://regcache:3128/setup | sudo sh`).
+//! `/ca.crt` (the CA to trust), `/healthz`, `/metrics` (Prometheus, see
+//! [`crate::metrics`]) and `/setup` (a script that makes a host trust the
+//! CA: `curl -fsSL http://regcache:3128/setup | sudo sh`); and the pages of
+//! the `metrics_listen` address, `/metrics` and `/healthz` alone
+//! ([`handle_metrics_listen`]).
 
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
@@ -13,7 +16,7 @@ use crate::http::error::error_response;
 const SETUP_SCRIPT: &str = include_str!("../deploy/setup.sh");
 
 /// Answers an origin-form request to the proxy port.
-pub fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
+pub async fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -21,6 +24,7 @@ pub fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
         );
     }
     match req.uri().path() {
+        "/metrics" => metrics().await,
         "/ca.crt" => {
             let mut resp = text(app.ca.cert_pem().to_string(), "application/x-pem-file");
             resp.headers_mut().insert(
@@ -36,7 +40,35 @@ pub fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
         }
         _ => error_response(
             StatusCode::NOT_FOUND,
-            "regcache is a proxy: set HTTPS_PROXY to this address. Pages here: /ca.crt /healthz /setup",
+            "regcache is a proxy: set HTTPS_PROXY to this address. Pages here: /ca.crt /healthz /metrics /setup",
+        ),
+    }
+}
+
+/// Answers a request to the `metrics_listen` address: `/metrics` and
+/// `/healthz`, nothing else.
+pub async fn handle_metrics_listen<B>(req: &Request<B>) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are served here",
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => metrics().await,
+        "/healthz" => text("ok\n".into(), "text/plain; charset=utf-8"),
+        _ => error_response(StatusCode::NOT_FOUND, "Pages here: /metrics /healthz"),
+    }
+}
+
+/// `GET /metrics`: every metric in the Prometheus text format, rendered on
+/// the blocking pool (the process collector reads `/proc`).
+async fn metrics() -> Response<Body> {
+    match tokio::task::spawn_blocking(|| crate::metrics::get().render()).await {
+        Ok(page) => text(page, crate::metrics::CONTENT_TYPE),
+        Err(e) => error_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot render the metrics: {e}"),
         ),
     }
 }

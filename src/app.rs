@@ -50,6 +50,7 @@ impl App {
             None => None,
         };
         let state = State::new(config)?;
+        crate::metrics::get().set_cache(state.cache.clone());
         Ok(Arc::new(Self {
             state,
             ca,

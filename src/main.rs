@@ -321,6 +321,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         if let Some(mirror) = proxy.mirror_addr() {
             tracing::info!(%mirror, "registry mirror over HTTPS: https://{mirror}/v2/");
         }
+        if let Some(metrics) = proxy.metrics_addr() {
+            tracing::info!(%metrics, "Prometheus metrics: http://{metrics}/metrics");
+        }
         tracing::info!(
             %addr,
             ca = %app.ca.cert_path().display(),

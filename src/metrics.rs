@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -170,6 +170,123 @@ fn clamp(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
 
+/// The `process_*` metrics of the Prometheus client libraries, read from
+/// `/proc/self` when scraped (prometheus-client has no process collector):
+/// CPU seconds, resident and virtual memory, open and maximum file
+/// descriptors, start time. On a system without `/proc` it reports nothing.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// What [`ProcessCollector`] read.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct ProcessStat {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+    virtual_bytes: u64,
+    start_time_seconds: u64,
+}
+
+/// Reads `/proc/self/stat` text (`pid (comm) state ...`): user plus system
+/// CPU time, virtual size, resident pages, and the start time in ticks since
+/// boot, converted with `ticks` per second, `page` bytes and `boot_time`
+/// (seconds since the epoch). None if the text is not of that form.
+fn parse_stat(stat: &str, ticks: u64, page: u64, boot_time: u64) -> Option<ProcessStat> {
+    // The command name may hold spaces and parentheses: fields start after
+    // the last ')'. Field 3 (state) is index 0 here.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+    let ticks = ticks.max(1);
+    let cpu = field(14)?.saturating_add(field(15)?);
+    Some(ProcessStat {
+        cpu_seconds: cpu as f64 / ticks as f64,
+        virtual_bytes: field(23)?,
+        resident_bytes: field(24)?.saturating_mul(page),
+        start_time_seconds: boot_time.saturating_add(field(22)? / ticks),
+    })
+}
+
+/// The `btime` line of `/proc/stat`: when the system booted.
+fn boot_time(proc_stat: &str) -> Option<u64> {
+    proc_stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| boot_time(&s))
+            .unwrap_or(0);
+        let stat = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|s| {
+                parse_stat(
+                    &s,
+                    rustix::param::clock_ticks_per_second(),
+                    rustix::param::page_size() as u64,
+                    boot,
+                )
+            });
+        if let Some(stat) = stat {
+            let cpu = ConstCounter::new(stat.cpu_seconds);
+            let metric = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                None,
+                cpu.metric_type(),
+            )?;
+            cpu.encode(metric)?;
+            for (name, help, value) in [
+                (
+                    "process_resident_memory_bytes",
+                    "Resident memory size in bytes.",
+                    stat.resident_bytes,
+                ),
+                (
+                    "process_virtual_memory_bytes",
+                    "Virtual memory size in bytes.",
+                    stat.virtual_bytes,
+                ),
+                (
+                    "process_start_time_seconds",
+                    "Start time of the process since unix epoch in seconds.",
+                    stat.start_time_seconds,
+                ),
+            ] {
+                let gauge = ConstGauge::new(clamp(value));
+                let metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+                gauge.encode(metric)?;
+            }
+        }
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // The directory handle itself is one of them.
+            let open = dir.count().saturating_sub(1) as u64;
+            let gauge = ConstGauge::new(clamp(open));
+            let metric = encoder.encode_descriptor(
+                "process_open_fds",
+                "Number of open file descriptors.",
+                None,
+                gauge.metric_type(),
+            )?;
+            gauge.encode(metric)?;
+        }
+        if let Some(max) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+            let gauge = ConstGauge::new(clamp(max));
+            let metric = encoder.encode_descriptor(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                None,
+                gauge.metric_type(),
+            )?;
+            gauge.encode(metric)?;
+        }
+        Ok(())
+    }
+}
+
 /// Every metric regcache exposes.
 pub struct Metrics {
     registry: Registry,
@@ -178,6 +295,7 @@ pub struct Metrics {
     served_bytes: Family<ServedLabels, Counter>,
     upstream_requests: Family<UpstreamLabels, Counter>,
     upstream_duration: Family<RegistryLabel, Histogram>,
+    upstream_bytes: Family<RegistryLabel, Counter>,
     upstream_up: Family<RegistryLabel, Gauge>,
     ratelimit_limit: Family<RegistryLabel, Gauge>,
     ratelimit_remaining: Family<RegistryLabel, Gauge>,
@@ -214,6 +332,7 @@ impl Metrics {
             served_bytes: Family::default(),
             upstream_requests: Family::default(),
             upstream_duration: Family::new_with_constructor(request_histogram),
+            upstream_bytes: Family::default(),
             upstream_up: Family::default(),
             ratelimit_limit: Family::default(),
             ratelimit_remaining: Family::default(),
@@ -231,95 +350,101 @@ impl Metrics {
         let mut r = Registry::default();
         r.register(
             "regcache_build",
-            "regcache's version.",
+            "regcache's version",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         r.register(
             "regcache_requests",
-            "Client requests answered, by registry, kind and result.",
+            "Client requests answered, by registry, kind and result",
             m.requests.clone(),
         );
         r.register(
             "regcache_request_duration_seconds",
-            "Time from a client request to the end of its response body.",
+            "Time from a client request to the end of its response body",
             m.request_duration.clone(),
         );
         r.register(
             "regcache_served_bytes",
-            "Response body bytes sent to clients, from the cache or from upstream.",
+            "Response body bytes sent to clients, from the cache or from upstream",
             m.served_bytes.clone(),
         );
         r.register(
             "regcache_upstream_requests",
-            "Requests sent to upstream registries, by status code (error: no response).",
+            "Requests sent to upstream registries, by status code (error: no response)",
             m.upstream_requests.clone(),
         );
         r.register(
             "regcache_upstream_request_duration_seconds",
-            "Time until an upstream registry's response head arrived.",
+            "Time until an upstream registry's response head arrived",
             m.upstream_duration.clone(),
         );
         r.register(
+            "regcache_upstream_bytes",
+            "Response body bytes received from upstream registries (and the CDNs they redirect to)",
+            m.upstream_bytes.clone(),
+        );
+        r.register(
             "regcache_upstream_up",
-            "1 if the last contact with the registry got a response below 500, else 0.",
+            "1 if the last contact with the registry got a response below 500, else 0",
             m.upstream_up.clone(),
         );
         r.register(
             "regcache_upstream_ratelimit_limit",
-            "The pull limit the registry last announced (ratelimit-limit).",
+            "The pull limit the registry last announced (ratelimit-limit)",
             m.ratelimit_limit.clone(),
         );
         r.register(
             "regcache_upstream_ratelimit_remaining",
-            "The pulls the registry last said remain (ratelimit-remaining).",
+            "The pulls the registry last said remain (ratelimit-remaining)",
             m.ratelimit_remaining.clone(),
         );
         r.register(
             "regcache_upstream_ratelimit_window_seconds",
-            "The window of the registry's pull limit (w= of ratelimit-limit).",
+            "The window of the registry's pull limit (w= of ratelimit-limit)",
             m.ratelimit_window.clone(),
         );
         r.register(
             "regcache_upstream_throttled",
-            "Upstream answers 429 Too Many Requests.",
+            "Upstream answers 429 Too Many Requests",
             m.throttled.clone(),
         );
         r.register(
             "regcache_cache_evictions",
-            "Content entries evicted to make room.",
+            "Content entries evicted to make room",
             m.evictions.clone(),
         );
         r.register(
             "regcache_fill_failures",
-            "Downloads into the cache that failed, by reason.",
+            "Downloads into the cache that failed, by reason",
             m.fill_failures.clone(),
         );
         r.register(
             "regcache_verify_failures",
-            "Cached files found not to match their digest when read.",
+            "Cached files found not to match their digest when read",
             m.verify_failures.clone(),
         );
         r.register(
             "regcache_connections_open",
-            "Client connections open on the proxy port.",
+            "Client connections open on the proxy port and mirror_tls",
             m.connections_open.clone(),
         );
         r.register(
             "regcache_tls_handshakes",
-            "TLS handshakes with clients (intercepted hosts, mirror_tls), by result.",
+            "TLS handshakes with clients (intercepted hosts, mirror_tls), by result",
             m.tls_handshakes.clone(),
         );
         r.register(
             "regcache_certificates_minted",
-            "Leaf certificates minted by regcache's CA.",
+            "Leaf certificates minted by regcache's CA",
             m.certificates_minted.clone(),
         );
         r.register(
             "regcache_denied",
-            "Requests or connections refused by regcache, by the rule that refused them.",
+            "Requests or connections refused by regcache, by the rule that refused them",
             m.denied.clone(),
         );
         r.register_collector(Box::new(m.cache.clone()));
+        r.register_collector(Box::new(ProcessCollector));
         Self { registry: r, ..m }
     }
 
@@ -337,9 +462,12 @@ impl Metrics {
     }
 
     /// One client request answered: `registry` is the canonical host (empty
-    /// if the request was for none), `path` the request path, `cache` how
-    /// it was served (the access log's `cache` field), `bytes` the body
-    /// bytes sent.
+    /// if the request was for none: regcache's own pages, refusals before a
+    /// registry was known), `path` the request path, `cache` how it was
+    /// served (the access log's `cache` field), `bytes` the body bytes sent.
+    /// Served bytes count only for a registry's content: from the cache for
+    /// the cache's results, from upstream for `miss` and `pass`; never for
+    /// refusals and errors.
     pub fn request(
         &self,
         registry: &str,
@@ -361,11 +489,13 @@ impl Metrics {
         self.request_duration
             .get_or_create(&DurationLabels { kind, result })
             .observe(elapsed.as_secs_f64());
-        if bytes > 0 {
-            let source = match result {
-                "hit" | "coalesced" | "stale" | "revalidated" => "cache",
-                _ => "upstream",
-            };
+        let source = match result {
+            "hit" | "coalesced" | "stale" | "revalidated" => "cache",
+            "miss" | "pass" => "upstream",
+            // Refusals and errors: not content, from either.
+            _ => return,
+        };
+        if bytes > 0 && !registry.is_empty() {
             self.served_bytes
                 .get_or_create(&ServedLabels {
                     registry: registry.to_string(),
@@ -375,12 +505,15 @@ impl Metrics {
         }
     }
 
-    /// An upstream registry answered `status` (with `headers`) after
-    /// `elapsed`; `registry` is its canonical host.
+    /// An upstream registry answered `status` (with `headers`) to `method
+    /// path` after `elapsed`; `registry` is its canonical host. The rate
+    /// limit gauges follow the `ratelimit-*` headers of manifest GETs and
+    /// HEADs only (where Docker Hub sends them); a 429 counts as throttled.
     pub fn upstream_response(
         &self,
         registry: &str,
         method: &str,
+        path: &str,
         status: u16,
         headers: &http::HeaderMap,
         elapsed: Duration,
@@ -391,6 +524,9 @@ impl Metrics {
         };
         if status == 429 {
             self.throttled.get_or_create(&label).inc();
+        }
+        if !matches!(method, "GET" | "HEAD") || kind_of(path) != "manifest" {
+            return;
         }
         let header = |name| headers.get(name).and_then(|v| v.to_str().ok());
         if let Some(limit) = header("ratelimit-limit").and_then(parse_ratelimit) {
@@ -430,6 +566,16 @@ impl Metrics {
         self.upstream_up.get_or_create(&label).set(i64::from(up));
     }
 
+    /// `n` body bytes arrived from `registry` (once per response, when its
+    /// body ends or is dropped).
+    pub fn upstream_bytes(&self, registry: &str, n: u64) {
+        self.upstream_bytes
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_string(),
+            })
+            .inc_by(n);
+    }
+
     /// `n` content entries were evicted.
     pub fn evicted(&self, n: u64) {
         self.evictions.inc_by(n);
@@ -466,10 +612,23 @@ impl Metrics {
         self.certificates_minted.inc();
     }
 
-    /// regcache refused a client by `reason`: `allow`, `proxy_auth`, or the
-    /// policy rule (`connect_ports`, `other_hosts`, ...).
+    /// regcache refused a client by `reason`: `allow` (the client's address),
+    /// `proxy_auth` (no or wrong proxy credentials), `port` or `host` (see
+    /// [`Metrics::refused_by_policy`]).
     pub fn denied(&self, reason: &'static str) {
         self.denied.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// regcache refused a CONNECT or plain-HTTP request by the policy `rule`
+    /// (the option that refused it): `port` for the port rules
+    /// (`connect_ports`, `plain_http_port`), `host` for the others
+    /// (`other_hosts`, `intercept`, `insecure_registries`).
+    pub fn refused_by_policy(&self, rule: &str) {
+        self.denied(if rule.contains("port") {
+            "port"
+        } else {
+            "host"
+        });
     }
 }
 
@@ -635,7 +794,26 @@ mod tests {
         let mut headers = http::HeaderMap::new();
         headers.insert("ratelimit-limit", "100;w=21600".parse().unwrap());
         headers.insert("ratelimit-remaining", "76;w=21600".parse().unwrap());
-        m.upstream_response("docker.io", "GET", 200, &headers, Duration::from_millis(1));
+        m.upstream_response(
+            "docker.io",
+            "GET",
+            "/v2/library/alpine/manifests/3.20",
+            200,
+            &headers,
+            Duration::from_millis(1),
+        );
+        // Rate-limit headers on a blob answer are not Docker Hub's pull
+        // count: ignored.
+        headers.insert("ratelimit-remaining", "5;w=21600".parse().unwrap());
+        m.upstream_response(
+            "docker.io",
+            "GET",
+            "/v2/library/alpine/blobs/sha256:ab",
+            200,
+            &headers,
+            Duration::from_millis(1),
+        );
+        m.upstream_bytes("docker.io", 7);
         let text = m.render();
         for line in [
             "regcache_requests_total{registry=\"docker.io\",kind=\"blob\",result=\"hit\"} 1",
@@ -644,9 +822,32 @@ mod tests {
             "regcache_upstream_ratelimit_remaining{registry=\"docker.io\"} 76",
             "regcache_upstream_ratelimit_window_seconds{registry=\"docker.io\"} 21600",
             "regcache_upstream_up{registry=\"docker.io\"} 1",
+            "regcache_upstream_bytes_total{registry=\"docker.io\"} 7",
             "regcache_build_info{version=\"",
+            "# HELP regcache_requests_total Client requests answered, by registry, kind and result.\n",
+            "process_resident_memory_bytes ",
+            "process_cpu_seconds_total ",
+            "process_open_fds ",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn process_stat_is_read_past_a_command_with_spaces() {
+        // A real line of /proc/self/stat, its command name made awkward.
+        let stat = "4242 (reg (cache) x) S 1 4242 4242 0 -1 4194560 1535 0 0 0 \
+                    250 50 0 0 20 0 9 0 8000 123456789 2048 18446744073709551615 1 1 0 0 0 0 0 \
+                    4096 17664 0 0 0 17 1 0 0 0 0 0";
+        let got = parse_stat(stat, 100, 4096, 1_700_000_000).unwrap();
+        assert_eq!(got.cpu_seconds, 3.0);
+        assert_eq!(got.virtual_bytes, 123_456_789);
+        assert_eq!(got.resident_bytes, 2048 * 4096);
+        assert_eq!(got.start_time_seconds, 1_700_000_080);
+        assert_eq!(parse_stat("garbage", 100, 4096, 0), None);
+        assert_eq!(
+            boot_time("cpu 1 2\nbtime 1700000000\nprocesses 5\n"),
+            Some(1_700_000_000)
+        );
     }
 }

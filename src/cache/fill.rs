@@ -278,7 +278,8 @@ async fn write_fill<B>(
         Ok(size) => cache
             .commit_reserved(&temp, &fill.digest, size, &media_type, Some(reservation))
             .await
-            .map(|_| size),
+            .map(|_| size)
+            .map_err(Failure::from),
         Err(e) => {
             drop(reservation);
             Err(e)
@@ -299,13 +300,51 @@ async fn write_fill<B>(
             tracing::debug!(digest = %fill.digest, size, "download verified and stored");
             fill.update(|p| p.phase = Phase::Done);
         }
-        Err(e) => {
-            tracing::warn!(digest = %fill.digest, error = %e, "download failed; nothing stored");
+        Err(Failure { reason, error: e }) => {
+            crate::metrics::get().fill_failed(reason);
+            tracing::warn!(digest = %fill.digest, error = %e, reason, "download failed; nothing stored");
             let _ = tokio::fs::remove_file(&temp).await;
             fill.update(|p| p.phase = Phase::Failed(Arc::from(e.to_string())));
         }
     }
     cache.fills.remove(&fill);
+}
+
+/// A failed fill: the error, and its `regcache_fill_failures_total` reason.
+#[derive(Debug)]
+struct Failure {
+    reason: &'static str,
+    error: CacheError,
+}
+
+impl Failure {
+    fn new(reason: &'static str, error: CacheError) -> Self {
+        Self { reason, error }
+    }
+}
+
+/// A local failure (writing, committing): `disk_full` when the cache or the
+/// disk had no room, else `other`. Upstream's failures are tagged where
+/// they are found.
+impl From<CacheError> for Failure {
+    fn from(error: CacheError) -> Self {
+        Failure::new(local_failure_reason(&error), error)
+    }
+}
+
+/// The reason of a fill's local failure: `disk_full` for no room under
+/// `cache_size` or on the disk (ENOSPC, EDQUOT), else `other`.
+fn local_failure_reason(error: &CacheError) -> &'static str {
+    match error {
+        CacheError::NoRoom(_) => "disk_full",
+        CacheError::Io { source, .. }
+            if source.kind() == std::io::ErrorKind::StorageFull
+                || source.kind() == std::io::ErrorKind::QuotaExceeded =>
+        {
+            "disk_full"
+        }
+        _ => "other",
+    }
 }
 
 /// Copies the body into `file`, hashing it, with `room` covering every
@@ -320,7 +359,7 @@ async fn copy_and_verify<B>(
     mut body: B,
     total: Option<u64>,
     room: &mut Reservation,
-) -> Result<u64, CacheError>
+) -> Result<u64, Failure>
 where
     B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
     B::Error: Into<BoxError> + Send,
@@ -336,9 +375,14 @@ where
     let mut batch: Vec<Bytes> = Vec::new();
     let mut batched = 0usize;
     let mut received = 0u64;
-    let mismatch = |actual: String| CacheError::Mismatch {
-        expected: fill.digest.to_string(),
-        actual,
+    let mismatch = |reason, actual: String| {
+        Failure::new(
+            reason,
+            CacheError::Mismatch {
+                expected: fill.digest.to_string(),
+                actual,
+            },
+        )
     };
     loop {
         let wait = if batch.is_empty() {
@@ -359,13 +403,17 @@ where
             Ok(Some(Ok(frame))) => Some(frame),
             Ok(Some(Err(e))) => {
                 let e: BoxError = e.into();
-                return Err(mismatch(format!(
-                    "upstream body failed after {received} bytes: {e}"
-                )));
+                return Err(mismatch(
+                    "upstream_error",
+                    format!("upstream body failed after {received} bytes: {e}"),
+                ));
             }
             Ok(None) => None,
             Err(_) if batch.is_empty() => {
-                return Err(mismatch(format!("upstream stalled after {received} bytes")))
+                return Err(mismatch(
+                    "upstream_error",
+                    format!("upstream stalled after {received} bytes"),
+                ))
             }
             Err(_) => {
                 // Idle: write what we have so readers can go on.
@@ -379,10 +427,13 @@ where
         if let Some(data) = frame.and_then(|f| f.into_data().ok()) {
             received += data.len() as u64;
             if total.is_some_and(|t| received > t) {
-                return Err(mismatch(format!(
-                    "upstream sent more than the announced {} bytes",
-                    total.unwrap_or(0)
-                )));
+                return Err(mismatch(
+                    "truncated",
+                    format!(
+                        "upstream sent more than the announced {} bytes",
+                        total.unwrap_or(0)
+                    ),
+                ));
             }
             if !data.is_empty() {
                 batched += data.len();
@@ -403,9 +454,10 @@ where
     fill.update(|p| p.written = written);
     if let Some(t) = total {
         if written != t {
-            return Err(mismatch(format!(
-                "{written} bytes instead of the announced {t}"
-            )));
+            return Err(mismatch(
+                "truncated",
+                format!("{written} bytes instead of the announced {t}"),
+            ));
         }
     }
     let actual = writer
@@ -414,7 +466,10 @@ where
         .map(DigestHasher::finish)
         .ok_or_else(|| CacheError::Task("hasher lost".into()))?;
     if actual != fill.digest {
-        return Err(mismatch(format!("the bytes hash to {actual}")));
+        return Err(mismatch(
+            "digest_mismatch",
+            format!("the bytes hash to {actual}"),
+        ));
     }
     Ok(written)
 }

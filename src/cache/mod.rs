@@ -1061,6 +1061,27 @@ impl Cache {
     }
 }
 
+/// The cache's gauges, read when `/metrics` is scraped: one short lock and
+/// a walk over the entries (a hash-table iteration, no I/O).
+impl crate::metrics::CacheGauges for Cache {
+    fn snapshot(&self) -> crate::metrics::CacheSnapshot {
+        let fills_in_progress = self.fills.len() as u64;
+        let state = self.lock();
+        let manifests = state
+            .content
+            .iter()
+            .filter(|(_, e)| crate::registry::media::is_manifest(&e.media_type))
+            .count() as u64;
+        crate::metrics::CacheSnapshot {
+            size_bytes: state.total,
+            capacity_bytes: self.cap,
+            manifests,
+            blobs: (state.content.len() as u64).saturating_sub(manifests),
+            fills_in_progress,
+        }
+    }
+}
+
 /// The entries of a directory (none if it does not exist).
 fn read_dir(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
     match std::fs::read_dir(dir) {
@@ -1098,6 +1119,7 @@ fn evict(state: &mut State, budget: u64) -> Vec<Digest> {
         state.touched.remove(&digest);
         victims.push(digest);
     }
+    crate::metrics::get().evicted(victims.len() as u64);
     victims
 }
 

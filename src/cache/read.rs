@@ -88,6 +88,7 @@ async fn check_whole(cache: &Arc<Cache>, cached: &Cached, file: &Arc<std::fs::Fi
         cached.mark_verified();
         return true;
     };
+    crate::metrics::get().verify_failed();
     tracing::warn!(
         digest = %cached.digest,
         reason = why,
@@ -147,6 +148,7 @@ impl Check {
     /// error that ends the body.
     fn damaged(&self, why: String) -> BoxError {
         let digest = self.cached.digest.to_string();
+        crate::metrics::get().verify_failed();
         tracing::warn!(
             digest,
             reason = why,

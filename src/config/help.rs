@@ -48,10 +48,11 @@ fn with_suffix(help: Option<String>, suffix: &str) -> String {
 }
 
 /// How a default is written after `default:`; None for what has no single
-/// value to show (an empty list, a table).
+/// value to show (an empty string or list, a table).
 fn shown_default(value: &toml::Value) -> Option<String> {
     use toml::Value;
     match value {
+        Value::String(text) if text.is_empty() => None,
         Value::String(text) => Some(text.clone()),
         Value::Array(items) if items.is_empty() => None,
         Value::Array(items) => items
@@ -144,6 +145,7 @@ mod tests {
             ("allow", None),
             ("intercept", None),
             ("mirror_tls", None),
+            ("metrics_listen", None),
         ];
         for (id, want) in cases {
             let help = help_of(&command, id);

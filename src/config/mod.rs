@@ -181,6 +181,8 @@ pub struct Config {
     pub offline_share_private: bool,
     /// HTTPS listener for the mirror endpoints.
     pub mirror_tls: Option<SocketAddr>,
+    /// Listener for `/metrics` and `/healthz` alone (None: off).
+    pub metrics_listen: Option<SocketAddr>,
     /// Its certificate and key, if not minted by the regcache CA.
     pub mirror_cert: Option<(PathBuf, PathBuf)>,
     /// Host names a minted `mirror_tls` leaf may be for (normalised).
@@ -380,8 +382,16 @@ impl Config {
             }
         };
         let mirror_names = mirror_names(&s.mirror_names)?;
+        let metrics_listen = match s.metrics_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse().map_err(|e| ConfigError::Value {
+                key: "metrics_listen",
+                message: format!("{addr:?} is not an address and port ({e})"),
+            })?),
+        };
         Ok(Config {
             mirror_tls: s.mirror_tls,
+            metrics_listen,
             mirror_cert,
             mirror_names,
             offline: built_in(s.offline, "offline")?,

@@ -175,6 +175,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_MIRROR_TLS", value_name = "ADDR")]
     pub mirror_tls: Option<SocketAddr>,
 
+    /// Serve /metrics (Prometheus) and /healthz on this address too, to any client that reaches it; empty: off
+    #[arg(long, env = "REGCACHE_METRICS_LISTEN", value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
     /// Certificate (PEM) for mirror_tls instead of one minted by the regcache CA (needs --mirror-key)
     #[arg(
         long,

@@ -40,6 +40,9 @@ pub struct LogNote {
     pub path: Option<String>,
     /// How the response was served (`HIT`, `INTERCEPT`, ...).
     pub cache: Option<&'static str>,
+    /// The canonical registry the request was served for (the `registry`
+    /// label of its metrics).
+    pub registry: Option<String>,
     /// No line for this request: it writes its own (a tunnel).
     pub discard: bool,
 }
@@ -93,6 +96,8 @@ pub struct RequestLog {
     pub status: StatusCode,
     /// How the response was served: `-` for a pass-through.
     pub cache: &'static str,
+    /// The canonical registry, when the serve layer named one.
+    pub registry: Option<String>,
     started: Instant,
     bytes: u64,
     complete: bool,
@@ -109,6 +114,7 @@ impl RequestLog {
             path,
             status: StatusCode::OK,
             cache: "-",
+            registry: None,
             started: Instant::now(),
             bytes: 0,
             complete: false,
@@ -128,6 +134,20 @@ impl Drop for RequestLog {
         if !self.emit {
             return;
         }
+        let elapsed = self.started.elapsed();
+        let status = self.status.as_u16();
+        // A CONNECT's own answer is not a request for content (the requests
+        // inside the tunnel are); its refusal is.
+        if self.method != Method::CONNECT || status >= 400 {
+            crate::metrics::get().request(
+                self.registry.as_deref().unwrap_or(""),
+                &self.path,
+                self.cache,
+                status,
+                self.bytes,
+                elapsed,
+            );
+        }
         tracing::info!(
             target: "regcache::access",
             client = %self.client,
@@ -136,7 +156,7 @@ impl Drop for RequestLog {
             path = %self.path,
             status = self.status.as_u16(),
             bytes = self.bytes,
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            duration_ms = elapsed.as_millis() as u64,
             cache = self.cache,
             complete = self.complete,
             "request"
@@ -179,6 +199,9 @@ pub fn logged(mut resp: Response<Body>, mut log: RequestLog) -> Response<Body> {
             log.path = path;
         }
         log.cache = note.cache.unwrap_or(log.cache);
+        if note.registry.is_some() {
+            log.registry = note.registry;
+        }
     }
     log.status = resp.status();
     let length = resp

@@ -104,10 +104,12 @@ where
     let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
+            crate::metrics::get().tls_handshake("failed");
             tracing::info!(host = fallback, error = %e, "client did not start TLS");
             return None;
         }
         Err(_) => {
+            crate::metrics::get().tls_handshake("failed");
             tracing::info!(host = fallback, "client did not start TLS in time");
             return None;
         }
@@ -120,11 +122,13 @@ where
             LeafChoice::Mint(name) => match ctx.app.minter.server_config(&name) {
                 Ok(config) => config,
                 Err(e) => {
+                    crate::metrics::get().tls_handshake("failed");
                     tracing::warn!(host = %name, error = %e, "cannot mint a certificate");
                     return None;
                 }
             },
             LeafChoice::Refuse(rule) => {
+                crate::metrics::get().tls_handshake("refused");
                 tracing::warn!(
                     host = fallback,
                     sni = sni.as_deref().unwrap_or(""),
@@ -142,12 +146,17 @@ where
         },
     };
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
-        Ok(Ok(tls)) => Some(tls),
+        Ok(Ok(tls)) => {
+            crate::metrics::get().tls_handshake("ok");
+            Some(tls)
+        }
         Ok(Err(e)) => {
+            crate::metrics::get().tls_handshake("failed");
             tracing::info!(host = %name, error = %e, "TLS handshake failed{}", trust_hint(&e));
             None
         }
         Err(_) => {
+            crate::metrics::get().tls_handshake("failed");
             tracing::info!(host = %name, "TLS handshake timed out");
             None
         }

@@ -38,9 +38,11 @@ const REFUSED_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Serves one client connection on the proxy port.
 #[tracing::instrument(name = "conn", skip_all, fields(client = %ctx.peer))]
 pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
+    let _open = crate::metrics::get().connection();
     let shutdown = ctx.shutdown.clone();
     let client_ip = ctx.peer.ip().to_canonical();
     if !ctx.app.access.nets.allows(client_ip) {
+        crate::metrics::get().denied("allow");
         tracing::warn!(%client_ip, "client address not in allow; answering 403 and closing");
         return refuse_client(stream, shutdown).await;
     }
@@ -74,8 +76,10 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
 /// registry API (mirror and path-prefix forms) and regcache's own pages.
 #[tracing::instrument(name = "mirror", skip_all, fields(client = %ctx.peer))]
 pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: String) {
+    let _open = crate::metrics::get().connection();
     let client_ip = ctx.peer.ip().to_canonical();
     if !ctx.app.access.nets.allows(client_ip) {
+        crate::metrics::get().denied("allow");
         tracing::warn!(%client_ip, "client address not in allow; closing");
         return;
     }
@@ -93,6 +97,38 @@ pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: S
         async move { Ok::<_, Infallible>(serve_request(peer, req, |req| origin_form(ctx, req)).await) }
     });
     intercept::serve_http(&ctx, tls, service).await;
+}
+
+/// Serves one connection on the `metrics_listen` address: `/metrics` and
+/// `/healthz` ([`crate::admin::handle_metrics_listen`]), to any client
+/// (the address itself is the operator's access rule).
+#[tracing::instrument(name = "metrics", skip_all, fields(client = %ctx.peer))]
+pub async fn serve_metrics_listen(ctx: ConnContext, stream: TcpStream) {
+    let peer = ctx.peer;
+    let service = service_fn(move |req: Request<Incoming>| async move {
+        Ok::<_, Infallible>(
+            serve_request(peer, req, |req| async move {
+                crate::admin::handle_metrics_listen(&req).await
+            })
+            .await,
+        )
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.app.state.config.client_idle_timeout)
+        .max_buf_size(super::MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = ctx.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "metrics connection ended with an error");
+    }
 }
 
 /// Answers one request of a client outside `allow` with 403, then closes.
@@ -144,7 +180,7 @@ async fn origin_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
     if missing_host {
         error_response(StatusCode::BAD_REQUEST, "missing Host header")
     } else {
-        crate::admin::handle(&ctx.app, &req)
+        crate::admin::handle(&ctx.app, &req).await
     }
 }
 
@@ -189,6 +225,7 @@ async fn authenticate(ctx: &ConnContext, req: &Request<Incoming>) -> Option<Resp
         .await
         .err()?;
     let (host, _) = request_target(req);
+    crate::metrics::get().denied("proxy_auth");
     tracing::warn!(reason = %failure, method = %req.method(), host, "proxy authentication refused (407)");
     Some(access::auth_required())
 }
@@ -205,6 +242,7 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
     };
     match decide_connect(&ctx.app.state.config, &host, port) {
         Decision::Refuse(refusal) => {
+            crate::metrics::get().refused_by_policy(refusal.rule);
             tracing::warn!(
                 host,
                 port,
@@ -274,6 +312,7 @@ async fn absolute_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Bod
     let port = authority.port_u16().unwrap_or(80);
     match decide_plain_http(&ctx.app.state.config, authority.host(), port) {
         PlainHttp::Refuse(refusal) => {
+            crate::metrics::get().refused_by_policy(refusal.rule);
             tracing::warn!(host = %authority, rule = refusal.rule, reason = refusal.reason, "plain HTTP request refused (403)");
             error_response(StatusCode::FORBIDDEN, &refusal.to_string())
         }

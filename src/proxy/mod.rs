@@ -78,6 +78,7 @@ pub struct Proxy {
     app: Arc<App>,
     listener: TcpListener,
     mirror_tls: Option<TcpListener>,
+    metrics: Option<TcpListener>,
 }
 
 impl Proxy {
@@ -88,16 +89,26 @@ impl Proxy {
             Some(addr) => Some(listen(addr)?),
             None => None,
         };
+        let metrics = match app.state.config.metrics_listen {
+            Some(addr) => Some(listen(addr)?),
+            None => None,
+        };
         Ok(Self {
             app,
             listener,
             mirror_tls,
+            metrics,
         })
     }
 
     /// The address of the `mirror_tls` listener, if any.
     pub fn mirror_addr(&self) -> Option<SocketAddr> {
         self.mirror_tls.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The address of the `metrics_listen` listener, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The address actually bound (useful with port 0).
@@ -146,11 +157,27 @@ impl Proxy {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
+                accepted = accept_optional(self.metrics.as_ref()) => match accepted {
+                    Ok((stream, peer)) => {
+                        let ctx = ConnContext {
+                            app: self.app.clone(),
+                            peer,
+                            tasks: tasks.clone(),
+                            shutdown: shutdown.clone(),
+                        };
+                        tasks.spawn(listener::serve_metrics_listen(ctx, stream));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed on metrics_listen");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
                 _ = &mut signal => break,
             }
         }
         drop(self.listener);
         drop(self.mirror_tls);
+        drop(self.metrics);
         let grace = self.app.state.config.shutdown_grace;
         tracing::info!(
             connections = tasks.len(),

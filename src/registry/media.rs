@@ -127,6 +127,21 @@ pub fn manifest_media_type(content_type: Option<&str>, body: &[u8]) -> String {
     OCI_MANIFEST.to_string()
 }
 
+/// Whether `media_type` is one of the manifest (or index) types above, as
+/// opposed to a blob's. Parameters and case are ignored.
+pub fn is_manifest(media_type: &str) -> bool {
+    let mt = essence(media_type);
+    [
+        OCI_MANIFEST,
+        OCI_INDEX,
+        DOCKER_MANIFEST_V2,
+        DOCKER_MANIFEST_LIST,
+        DOCKER_MANIFEST_V1_SIGNED,
+        DOCKER_MANIFEST_V1,
+    ]
+    .contains(&mt.as_str())
+}
+
 /// Whether `media_type` is a list of manifests: an OCI index or a Docker
 /// manifest list. Parameters and case are ignored.
 pub fn is_index(media_type: &str) -> bool {

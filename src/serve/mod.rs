@@ -35,7 +35,7 @@ use crate::registry::error::{error_body, ErrorCode};
 use crate::registry::hosts::canonical_registry;
 use crate::registry::name::RepoName;
 use crate::registry::route::{self, Route};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamBody};
 use state::State;
 
 /// Where requests on one connection go: the host the client asked for.
@@ -222,6 +222,7 @@ pub async fn handle(
         host: Some(target.origin.authority.to_string()),
         path: Some(path),
         cache: Some(served.cache.as_str()),
+        registry: Some(target.registry.clone()),
         discard: false,
     };
     note.on(resp)
@@ -313,7 +314,7 @@ pub fn upstream_headers(parts: &Parts) -> HeaderMap {
 }
 
 /// Upstream's answer, passed on with hop-by-hop headers removed.
-pub fn passthrough(resp: Response<Incoming>) -> Response<Body> {
+pub fn passthrough(resp: Response<UpstreamBody>) -> Response<Body> {
     let (mut parts, incoming) = resp.into_parts();
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers);
@@ -327,7 +328,7 @@ pub fn passthrough(resp: Response<Incoming>) -> Response<Body> {
 /// describes a body that is not there).
 pub fn refusal(
     method: &Method,
-    head: Response<Incoming>,
+    head: Response<UpstreamBody>,
     not_found: ErrorCode,
     what: &str,
 ) -> Response<Body> {

@@ -222,7 +222,9 @@ async fn upstream_request_headers(req: &RepoRequest<'_>) -> HeaderMap {
 }
 
 /// The Bearer challenge of a 401 answer, if it has one.
-fn bearer_challenge(resp: &http::Response<hyper::body::Incoming>) -> Option<BearerChallenge> {
+fn bearer_challenge(
+    resp: &http::Response<crate::upstream::UpstreamBody>,
+) -> Option<BearerChallenge> {
     if resp.status() != StatusCode::UNAUTHORIZED {
         return None;
     }
@@ -246,7 +248,7 @@ async fn retry_with_token(
     bearer: &BearerChallenge,
     basic: Option<&HeaderValue>,
     (method, uri, mut headers): (Method, http::Uri, HeaderMap),
-) -> Result<Result<http::Response<hyper::body::Incoming>, FetchError>, TokenError> {
+) -> Result<Result<http::Response<crate::upstream::UpstreamBody>, FetchError>, TokenError> {
     let upstream = &req.state.upstream;
     let token = upstream
         .bearer_token(bearer, &pull_scope(req.repo()), basic)
@@ -266,7 +268,7 @@ pub async fn fetch_for(
     req: &RepoRequest<'_>,
     method: Method,
     uri: http::Uri,
-) -> Result<http::Response<hyper::body::Incoming>, FetchError> {
+) -> Result<http::Response<crate::upstream::UpstreamBody>, FetchError> {
     let state = req.state;
     let headers = upstream_request_headers(req).await;
     let anonymous = !headers.contains_key(AUTHORIZATION);

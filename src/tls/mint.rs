@@ -67,6 +67,7 @@ impl LeafMinter {
             }
         }
         let minted = self.mint(&host, now)?;
+        crate::metrics::get().certificate_minted();
         let config = minted.config.clone();
         self.lock().put(host, minted);
         Ok(config)

@@ -14,13 +14,11 @@
 //! origin (scheme, host and port) of the first request: CDN URLs carry their
 //! own signature.
 
-use http::header::{AUTHORIZATION, COOKIE, LOCATION};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
-
-use super::{Upstream, UpstreamError};
+use super::{exchange, registry_label, Upstream, UpstreamBody, UpstreamError};
 use crate::http::body;
 use crate::policy::{decide_redirect, keeps_credentials, same_origin};
+use http::header::{AUTHORIZATION, COOKIE, LOCATION};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 
 /// The most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 5;
@@ -52,7 +50,7 @@ impl Upstream {
         method: Method,
         uri: Uri,
         headers: HeaderMap,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<Response<UpstreamBody>, FetchError> {
         self.fetch_from(method, uri, headers, Trust::Registry).await
     }
 
@@ -64,7 +62,7 @@ impl Upstream {
         method: Method,
         uri: Uri,
         headers: HeaderMap,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<Response<UpstreamBody>, FetchError> {
         self.fetch_from(method, uri, headers, Trust::Named).await
     }
 
@@ -74,8 +72,11 @@ impl Upstream {
         uri: Uri,
         headers: HeaderMap,
         trust: Trust,
-    ) -> Result<Response<Incoming>, FetchError> {
+    ) -> Result<Response<UpstreamBody>, FetchError> {
         let start = uri.clone();
+        // Every hop (a CDN, a token realm's redirects) counts for the host
+        // the fetch started at.
+        let registry = self.recorded.then(|| registry_label(&start));
         let mut uri = uri;
         let mut headers = headers;
         for _ in 0..=MAX_REDIRECTS {
@@ -83,14 +84,12 @@ impl Upstream {
             *req.method_mut() = method.clone();
             *req.uri_mut() = uri.clone();
             *req.headers_mut() = headers.clone();
-            let resp = if trust == Trust::Registry && same_origin(&start, &uri) {
-                self.send(req).await?
+            let client = if trust == Trust::Registry && same_origin(&start, &uri) {
+                &self.client
             } else {
-                self.redirect_client
-                    .request(req)
-                    .await
-                    .map_err(UpstreamError::from)?
+                &self.redirect_client
             };
+            let resp = exchange(client, req, registry.clone()).await?;
             if !is_redirect(resp.status()) {
                 return Ok(resp);
             }
