@@ -4,9 +4,12 @@
 #      containerd, docker.io, ...) via tests/e2e/install-deps.sh;
 #   2. formatting and lint (cargo fmt --check, cargo clippy -D warnings);
 #   3. unit and integration tests (cargo test);
-#   4. the end-to-end tests with the real registry and real clients
-#      (run.sh, auth.sh, links.sh, mirror.sh, origins.sh);
-#   5. a smoke run of the benchmark (bench/run.sh --smoke: every peer started
+#   4. the monitoring files of deploy/ (tests/deploy/check.sh: promtool on
+#      the alert rules and their unit tests, the scrape config, the Grafana
+#      dashboard's metric names, the kustomize component's ServiceMonitor);
+#   5. the end-to-end tests with the real registry and real clients
+#      (run.sh, auth.sh, links.sh, mirror.sh, origins.sh, metrics.sh);
+#   6. a smoke run of the benchmark (bench/run.sh --smoke: every peer started
 #      and measured once with small sizes, to keep the script working; its
 #      targets are not checked here).
 # Needs root (or sudo) for apt-get and for the private dockerd/containerd.
@@ -36,6 +39,9 @@ cargo build --locked
 step "cargo test"
 cargo test --locked
 
+step "monitoring files (promtool check/test rules, scrape config, dashboard metric names, ServiceMonitor)"
+tests/deploy/check.sh
+
 step "end-to-end test (real registry, skopeo, ctr, dockerd)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/run.sh
 
@@ -50,6 +56,9 @@ $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/mirror.sh
 
 step "end-to-end test of registry origins (plain-http twin of a TLS docker-registry, insecure_registries, no relay)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/origins.sh
+
+step "end-to-end test of metrics (a real Prometheus scrapes regcache; promtool check metrics; the dashboard's expressions and the alert rules live)"
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/metrics.sh
 
 step "benchmark smoke run (bench/run.sh --smoke: squid, distribution mirror, nginx, direct, regcache; one small round)"
 cargo build --locked --example bench_client

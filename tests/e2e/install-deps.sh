@@ -18,6 +18,7 @@ declare -A PROVIDER=(
     [python3]=python3
     [setsid]=util-linux
     [timeout]=coreutils
+    [prometheus]=prometheus
     [promtool]=prometheus
 )
 
@@ -55,24 +56,28 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 
-# Debian's prometheus package starts its service on install (listening on
-# every interface, port 9090). The tests run promtool, and prometheus
-# themselves on loopback, never the service: a policy-rc.d that refuses starts
-# keeps it from starting (invoke-rc.d and deb-systemd-invoke both ask it),
-# and the service is disabled afterwards so that it does not start at boot.
-own_policy=""
-if printf '%s\n' "${packages[@]}" | grep -qx prometheus && [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\n# install-deps.sh: no service starts while installing\nexit 101\n' \
-        | "${SUDO[@]}" tee /usr/sbin/policy-rc.d >/dev/null
-    "${SUDO[@]}" chmod 755 /usr/sbin/policy-rc.d
-    own_policy=/usr/sbin/policy-rc.d
+# Debian's prometheus starts prometheus.service on install, listening on
+# every address (and recommends prometheus-node-exporter, which does too).
+# The tests start their own, on loopback: while installing, a policy-rc.d
+# forbids starting services (unless one is already in place, as in
+# containers), and afterwards the unit is stopped and disabled.
+POLICY_RC=/usr/sbin/policy-rc.d
+OUR_POLICY=
+if [[ " ${packages[*]} " == *" prometheus "* ]] && [ ! -e "$POLICY_RC" ]; then
+    printf '#!/bin/sh\n# Written by regcache tests/e2e/install-deps.sh while installing; removed after.\nexit 101\n' |
+        "${SUDO[@]}" tee "$POLICY_RC" >/dev/null
+    "${SUDO[@]}" chmod 755 "$POLICY_RC"
+    OUR_POLICY=1
 fi
-remove_policy() {
-    if [ -n "$own_policy" ]; then
-        "${SUDO[@]}" rm -f "$own_policy"
+after_install() {
+    if [ -n "$OUR_POLICY" ]; then
+        "${SUDO[@]}" rm -f "$POLICY_RC"
+    fi
+    if [[ " ${packages[*]} " == *" prometheus "* ]] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+        "${SUDO[@]}" systemctl disable --now prometheus.service prometheus-node-exporter.service >/dev/null 2>&1 || true
     fi
 }
-trap remove_policy EXIT
+trap after_install EXIT
 # Refresh the package lists once, only when they were never fetched (fresh
 # image) or when the install fails for lack of a candidate.
 if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then

@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Checks of deploy/grafana and deploy/prometheus that need no Prometheus.
+
+Run by tests/deploy/check.sh (offline) and tests/e2e/metrics.sh (with a
+live scrape). Each subcommand prints what it found wrong and exits 1 if
+anything was:
+
+  names-source SRC              the sample names src/metrics.rs exposes
+  names-scrape FILE             the sample names in a /metrics text
+  dashboard JSON NAMES RULES    the dashboard's structure; every metric its
+                                expressions name is in NAMES (a file, one name
+                                a line); writes the expressions, variables
+                                substituted, as a rule file RULES for
+                                `promtool check rules` to parse
+  exprs JSON                    the dashboard's expressions, substituted, as
+                                JSON lines {"title", "expr"} (for queries
+                                against a live Prometheus)
+  names-in FILE NAMES           every regcache_* name in FILE is in NAMES
+  servicemonitor YAML           in rendered manifests, each ServiceMonitor
+                                selects a Service of its namespace and names
+                                one of its ports
+
+Standard library only, except servicemonitor (PyYAML).
+"""
+
+import json
+import re
+import sys
+
+# A metric name as PromQL writes it (after a non-name character).
+NAME_RE = re.compile(r"(?<![A-Za-z0-9_:])((?:regcache|process)_[a-z0-9_]+)")
+
+# Grafana's variables, as the checks substitute them.
+GRAFANA_VARS = {
+    "$__rate_interval": "5m",
+    "$__interval": "1m",
+    "$__range": "1h",
+    "${__range}": "1h",
+    "$instance": ".*",
+    "${instance}": ".*",
+    "$registry": ".*",
+    "${registry}": ".*",
+}
+
+SUFFIXES = {
+    "counter": ["_total"],
+    "gauge": [""],
+    "histogram": ["_bucket", "_sum", "_count"],
+    "info": ["_info"],
+}
+
+
+def fail(errors):
+    for e in errors:
+        print(f"check.py: {e}", file=sys.stderr)
+    sys.exit(1 if errors else 0)
+
+
+def names_source(path):
+    """Sample names from src/metrics.rs: each `r.register("name", "help",
+    m.field.clone())` with the field's type from `struct Metrics`, Info for
+    `Info::new`, and the collector's literal gauge names."""
+    src = open(path, encoding="utf-8").read()
+    src = src.split("#[cfg(test)]", 1)[0]
+    src = "\n".join(re.sub(r"//.*", "", line) for line in src.splitlines())
+    struct = re.search(r"pub struct Metrics \{(.*?)\n\}", src, re.S)
+    if not struct:
+        fail([f"{path}: no `pub struct Metrics`"])
+    types = {}
+    for field, ty in re.findall(r"^\s*(\w+):\s*(.+?),\s*$", struct.group(1), re.M):
+        last = re.findall(r"\b(Counter|Gauge|Histogram)\b", ty)
+        types[field] = last[-1].lower() if last else None
+    names = set()
+    errors = []
+    string = r'"(?:[^"\\]|\\.)*"'
+    call = r'\.register\(\s*"(\w+)"\s*,\s*' + string + r"\s*,\s*([^;]*?)\)\s*;"
+    for name, arg in re.findall(call, src, re.S):
+        m = re.match(r"m\.(\w+)\.clone\(\)", arg.strip())
+        if arg.strip().startswith("Info::new"):
+            kind = "info"
+        elif m and types.get(m.group(1)):
+            kind = types[m.group(1)]
+        else:
+            errors.append(f"{path}: cannot tell the type of {name} ({arg.strip()[:40]})")
+            continue
+        names.update(name + s for s in SUFFIXES[kind])
+    # Collectors name their metrics as literals; one is a counter when a
+    # ConstCounter or MetricType::Counter is made between the literal before
+    # it and the one after, else a gauge.
+    for block in re.findall(r"impl Collector for \w+ \{(.*?)\n\}", src, re.S):
+        found = list(re.finditer(r'"((?:regcache|process)_[a-z0-9_]+)"', block))
+        for i, m in enumerate(found):
+            start = found[i - 1].end() if i else 0
+            end = found[i + 1].start() if i + 1 < len(found) else len(block)
+            window = block[start:end]
+            kind = "counter" if re.search(r"ConstCounter|MetricType::Counter", window) else "gauge"
+            names.update(m.group(1) + s for s in SUFFIXES[kind])
+    if not names:
+        errors.append(f"{path}: no metric found")
+    fail(errors) if errors else None
+    return names
+
+
+def names_scrape(path):
+    """Sample names in a Prometheus text exposition: every sample, and what
+    each `# TYPE` line's family exposes (families with no sample yet)."""
+    names = set()
+    for line in open(path, encoding="utf-8"):
+        line = line.strip()
+        if line.startswith("# TYPE "):
+            parts = line.split()
+            if len(parts) >= 4:
+                fam, kind = parts[2], parts[3]
+                for s in SUFFIXES.get(kind, [""]):
+                    names.add(fam if fam.endswith(s) and s else fam + s)
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{\s]", line, 1)[0])
+    return names
+
+
+def substitute(expr):
+    for k in sorted(GRAFANA_VARS, key=len, reverse=True):
+        expr = expr.replace(k, GRAFANA_VARS[k])
+    return expr
+
+
+def panels_of(dash):
+    for p in dash.get("panels", []):
+        yield p
+        yield from p.get("panels", [])
+
+
+def dashboard(path, names_file, rules_out):
+    dash = json.load(open(path, encoding="utf-8"))
+    names = set(open(names_file, encoding="utf-8").read().split())
+    errors = []
+    inputs = [i.get("name") for i in dash.get("__inputs", [])]
+    if "DS_PROMETHEUS" not in inputs:
+        errors.append("no DS_PROMETHEUS in __inputs")
+    if not isinstance(dash.get("schemaVersion"), int) or dash["schemaVersion"] < 36:
+        errors.append(f"schemaVersion {dash.get('schemaVersion')!r}: want 36 or later")
+    if not dash.get("uid") or not dash.get("title"):
+        errors.append("no uid or title")
+    ids = set()
+    exprs = []
+    for p in panels_of(dash):
+        title = p.get("title", "?")
+        if p.get("id") in ids:
+            errors.append(f"panel {title!r}: id {p.get('id')} used twice")
+        ids.add(p.get("id"))
+        g = p.get("gridPos", {})
+        if not all(isinstance(g.get(k), int) for k in "hwxy") or g["x"] + g["w"] > 24:
+            errors.append(f"panel {title!r}: bad gridPos {g}")
+        if p.get("type") == "row":
+            continue
+        targets = p.get("targets") or []
+        if not targets:
+            errors.append(f"panel {title!r}: no targets")
+        if not p.get("description"):
+            errors.append(f"panel {title!r}: no description")
+        for t in targets:
+            ds = t.get("datasource") or p.get("datasource") or {}
+            if ds.get("uid") != "${DS_PROMETHEUS}":
+                errors.append(f"panel {title!r}: datasource {ds} is not ${{DS_PROMETHEUS}}")
+            expr = t.get("expr", "")
+            if not expr.strip():
+                errors.append(f"panel {title!r} target {t.get('refId')}: no expr")
+                continue
+            found = NAME_RE.findall(expr)
+            if not found:
+                errors.append(f"panel {title!r}: {expr!r} names no regcache metric")
+            for n in found:
+                if n not in names:
+                    errors.append(f"panel {title!r}: {n} is not a metric regcache exposes")
+            exprs.append((title, substitute(expr)))
+    for v in dash.get("templating", {}).get("list", []):
+        q = v.get("definition", "")
+        for n in NAME_RE.findall(q):
+            if n not in names:
+                errors.append(f"variable {v.get('name')!r}: {n} is not a metric regcache exposes")
+    # PromQL syntax: each expression as a recording rule, for promtool.
+    with open(rules_out, "w", encoding="utf-8") as f:
+        f.write("groups:\n  - name: dashboard\n    rules:\n")
+        for i, (title, expr) in enumerate(exprs):
+            f.write(f"      - record: dashboard:expr_{i}\n")
+            f.write(f"        expr: {json.dumps(expr)}\n")
+    print(f"dashboard: {len(list(panels_of(dash)))} panels, {len(exprs)} expressions")
+    fail(errors)
+
+
+def exprs(path):
+    dash = json.load(open(path, encoding="utf-8"))
+    for p in panels_of(dash):
+        for t in p.get("targets") or []:
+            if t.get("expr"):
+                print(json.dumps({"title": p.get("title"), "expr": substitute(t["expr"])}))
+
+
+def names_in(path, names_file):
+    names = set(open(names_file, encoding="utf-8").read().split())
+    errors = []
+    seen = 0
+    for no, line in enumerate(open(path, encoding="utf-8"), 1):
+        line = re.sub(r"^\s*#.*", "", line)
+        for n in NAME_RE.findall(line):
+            seen += 1
+            if n not in names:
+                errors.append(f"{path}:{no}: {n} is not a metric regcache exposes")
+    if not seen:
+        errors.append(f"{path}: names no regcache metric")
+    print(f"{path}: {seen} metric names")
+    fail(errors)
+
+
+def servicemonitor(path):
+    import yaml  # noqa: PLC0415 (only this check needs it)
+
+    docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
+    services = [d for d in docs if d.get("kind") == "Service" and d.get("apiVersion") == "v1"]
+    monitors = [d for d in docs if d.get("kind") == "ServiceMonitor"]
+    errors = []
+    if not monitors:
+        errors.append(f"{path}: no ServiceMonitor")
+    for sm in monitors:
+        name = sm.get("metadata", {}).get("name")
+        if sm.get("apiVersion") != "monitoring.coreos.com/v1":
+            errors.append(f"ServiceMonitor {name}: apiVersion {sm.get('apiVersion')}")
+        ns = sm.get("metadata", {}).get("namespace")
+        spec = sm.get("spec") or {}
+        want = (spec.get("selector") or {}).get("matchLabels") or {}
+        if not want:
+            errors.append(f"ServiceMonitor {name}: no spec.selector.matchLabels")
+        namespaces = (spec.get("namespaceSelector") or {}).get("matchNames") or [ns]
+        selected = [
+            s
+            for s in services
+            if s.get("metadata", {}).get("namespace") in namespaces
+            and all((s.get("metadata", {}).get("labels") or {}).get(k) == v for k, v in want.items())
+        ]
+        if not selected:
+            errors.append(f"ServiceMonitor {name}: selects no Service in {namespaces}")
+        endpoints = spec.get("endpoints") or []
+        if not endpoints:
+            errors.append(f"ServiceMonitor {name}: no endpoints")
+        for e in endpoints:
+            if e.get("path", "/metrics") != "/metrics":
+                errors.append(f"ServiceMonitor {name}: path {e.get('path')} is not /metrics")
+            for s in selected:
+                ports = [p.get("name") for p in s.get("spec", {}).get("ports", [])]
+                if e.get("port") not in ports:
+                    errors.append(f"ServiceMonitor {name}: port {e.get('port')!r} is not one of Service "
+                                  f"{s['metadata']['name']}'s ports {ports}")
+        print(f"ServiceMonitor {name}: selects {[s['metadata']['name'] for s in selected]}")
+    fail(errors)
+
+
+def main(argv):
+    cmd, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
+    if cmd == "names-source" and len(args) == 1:
+        print("\n".join(sorted(names_source(args[0]))))
+    elif cmd == "names-scrape" and len(args) == 1:
+        print("\n".join(sorted(names_scrape(args[0]))))
+    elif cmd == "dashboard" and len(args) == 3:
+        dashboard(*args)
+    elif cmd == "exprs" and len(args) == 1:
+        exprs(args[0])
+    elif cmd == "names-in" and len(args) == 2:
+        names_in(*args)
+    elif cmd == "servicemonitor" and len(args) == 1:
+        servicemonitor(args[0])
+    else:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
