@@ -13,7 +13,7 @@ use regcache::registry::media::OCI_MANIFEST;
 
 use crate::support::http::{read_response, Got, HttpClient};
 use crate::support::pattern::blob_bytes;
-use crate::support::proxy::{regcache_cli, write_file, Env, Proxy};
+use crate::support::proxy::{regcache_cli, users_file, write_file, Env, Proxy};
 use crate::support::registry::{blob_path, image_manifest, manifest_path, ACCEPT_ALL, HUB};
 use crate::support::tls::Alpn;
 
@@ -113,6 +113,17 @@ async fn cache_commands_show_and_remove_while_the_proxy_serves() {
     assert_eq!(code, 0, "cache rm while serving: {err}");
     assert!(
         out.contains("tag docker.io/library/alpine:3.20") && out.contains(&p.m_d),
+        "{out}"
+    );
+    // The serving regcache forgot them at once: its numbers and listing say so.
+    let (_, out, _) = cache_cli(&dir, &["stats"]);
+    assert!(
+        out.contains("entries:    2") && out.contains("tags:       0"),
+        "{out}"
+    );
+    let (_, out, _) = cache_cli(&dir, &["ls"]);
+    assert!(
+        !out.contains("alpine:3.20") && !out.contains(&p.m_d),
         "{out}"
     );
     let manifest_gets = env.reg.count(Method::GET, &manifest_path(REPO, "3.20"));
@@ -255,6 +266,30 @@ async fn the_api_answers_json_and_refuses_wrong_methods_and_references() {
         "every call is logged:\n{log}"
     );
     proxy.assert_healthy("the admin API calls").await;
+}
+
+#[tokio::test]
+async fn with_proxy_users_the_api_keeps_its_own_rule() {
+    let env = Env::new().await;
+    let users = users_file(env.dir.path(), &[("ci", "pw")], 0o600);
+    let proxy = env
+        .proxy()
+        .args(["--proxy-users", users.to_str().unwrap()])
+        .start()
+        .await;
+    // Proxy users guard the proxy, not the API: loopback needs no credentials.
+    let got = api(proxy.addr, Method::GET, "/api/v1/stats", &[]).await;
+    assert_eq!(got.status, StatusCode::OK, "{}", got.brief());
+    let (code, out, err) = cache_cli(&env.cache_dir(), &["stats"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("entries:    0"), "{out}");
+    let got = api(proxy.addr, Method::GET, "/v2/", &[]).await;
+    assert_eq!(
+        got.status,
+        StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+        "{}",
+        got.brief()
+    );
 }
 
 #[tokio::test]
