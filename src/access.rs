@@ -278,10 +278,11 @@ impl Access {
     }
 
     /// The users whose credentials `req` must carry, or `None` when it needs
-    /// none (no users file, or one of the open set-up pages).
+    /// none (no users file, one of the open set-up pages, or the admin API,
+    /// which has its own rule: loopback or its bearer token).
     pub fn users_for<B>(&self, req: &Request<B>) -> Option<&ProxyUsers> {
         let users = self.users.as_ref()?;
-        (!is_open_page(req)).then_some(users)
+        (!is_open_page(req) && !is_admin_api(req)).then_some(users)
     }
 }
 
@@ -291,6 +292,16 @@ pub fn is_open_page<B>(req: &Request<B>) -> bool {
         && req.uri().scheme().is_none()
         && req.uri().authority().is_none()
         && OPEN_PAGES.contains(&req.uri().path())
+}
+
+/// Whether `req` is an origin-form request for the admin API (`/api/v1/…`,
+/// see `crate::admin::api`).
+pub fn is_admin_api<B>(req: &Request<B>) -> bool {
+    let path = req.uri().path();
+    req.method() != Method::CONNECT
+        && req.uri().scheme().is_none()
+        && req.uri().authority().is_none()
+        && (path.starts_with("/api/v1/") || path == "/api/v1")
 }
 
 /// The 407 answer asking for proxy credentials.

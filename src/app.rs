@@ -22,6 +22,23 @@ pub enum StartError {
     /// The proxy users file could not be loaded.
     #[error(transparent)]
     Access(#[from] AccessError),
+    /// The `admin_token_file` could not be read, is empty, or its group or
+    /// other users can read it.
+    #[error("admin_token_file: {0}")]
+    AdminToken(String),
+}
+
+/// The token in `path`: readable by its owner only, and not empty.
+fn read_admin_token(path: &std::path::Path) -> Result<String, StartError> {
+    let token = crate::config::secret::read_owner_secret(path)
+        .map_err(|e| StartError::AdminToken(e.to_string()))?;
+    if token.is_empty() {
+        return Err(StartError::AdminToken(format!(
+            "{} is empty",
+            path.display()
+        )));
+    }
+    Ok(token)
 }
 
 /// Everything connection tasks share. Held in an `Arc`.
@@ -36,6 +53,11 @@ pub struct App {
     pub access: Access,
     /// The operator's certificate for `mirror_tls` (None: minted per name).
     pub mirror_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The admin API's bearer token, from `admin_token_file` (None: the API
+    /// answers loopback clients only).
+    pub admin_token: Option<String>,
+    /// When this App was built (the admin API's uptime).
+    pub started: std::time::Instant,
 }
 
 impl App {
@@ -43,6 +65,10 @@ impl App {
     /// call before serving.
     pub fn new(config: Config) -> Result<Arc<Self>, StartError> {
         let access = Access::from_config(&config)?;
+        let admin_token = match &config.admin_token_file {
+            Some(path) => Some(read_admin_token(path)?),
+            None => None,
+        };
         let ca = Arc::new(CertificateAuthority::load_or_create(&config.ca)?);
         let minter = LeafMinter::new(ca.clone(), config.cert_cache)?;
         let mirror_tls = match &config.mirror_cert {
@@ -57,6 +83,8 @@ impl App {
             minter,
             access,
             mirror_tls,
+            admin_token,
+            started: std::time::Instant::now(),
         }))
     }
 

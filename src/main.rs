@@ -39,7 +39,7 @@ enum Command {
     /// Manage regcache's certificate authority
     #[command(subcommand)]
     Ca(CaCommand),
-    /// Inspect or clear the disk cache (while regcache is stopped)
+    /// Inspect or clear the disk cache (through the running regcache's admin API if one holds it)
     #[command(subcommand)]
     Cache(CacheCommand),
     /// Write cached images to one tar file (an OCI image layout) for an air-gapped regcache
@@ -236,7 +236,9 @@ impl From<StartError> for Failure {
     /// start error is regcache failing to start.
     fn from(e: StartError) -> Self {
         match e {
-            StartError::Access(_) | StartError::State(StateError::Account(_)) => Failure::usage(e),
+            StartError::Access(_)
+            | StartError::AdminToken(_)
+            | StartError::State(StateError::Account(_)) => Failure::usage(e),
             StartError::Tls(_) | StartError::State(_) => Failure::runtime(e),
         }
     }
@@ -329,9 +331,14 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             ca = %app.ca.cert_path().display(),
             "listening; clients use HTTPS_PROXY=http://{addr} and trust http://{addr}/ca.crt"
         );
+        let cache_dir = app.config().cache_dir.clone();
+        if let Err(e) = regcache::admin::api::write_discovery(&cache_dir, addr).await {
+            tracing::warn!(error = %e, "cannot write the admin API address into cache_dir; `regcache cache` commands will not find this regcache");
+        }
         let upkeep = tokio::spawn(app.clone().maintain(started));
         proxy.run(shutdown_signal()).await;
         upkeep.abort();
+        regcache::admin::api::remove_discovery(&cache_dir, addr).await;
         if let Err(e) = app.state.cache.flush().await {
             tracing::warn!(error = %e, "cannot write cache access times");
         }
@@ -483,30 +490,95 @@ fn import(args: ImportArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Where `cache stats|ls|rm|purge` find the cache: on disk, or held by a
+/// running regcache that is asked through its admin API.
+enum Holder {
+    /// No regcache has it open: the index, opened here.
+    Disk(regcache::cache::index::Index),
+    /// A running regcache holds it.
+    Running(regcache::cli::remote::Remote),
+}
+
+/// Opens the index of `config`'s cache, or finds the regcache holding it.
+fn holder(config: &Config) -> Result<Holder, Failure> {
+    use regcache::cache::{offline, CacheError};
+    match offline::open(&config.cache_dir) {
+        Ok(index) => Ok(Holder::Disk(index)),
+        Err(CacheError::InUse(_)) => {
+            let token = config.admin_token_file.as_ref().map(|path| {
+                regcache::config::secret::read_owner_secret(path).map_err(|e| e.to_string())
+            });
+            regcache::cli::remote::Remote::find(&config.cache_dir, token)
+                .map(Holder::Running)
+                .map_err(Failure::runtime)
+        }
+        Err(e) => Err(Failure::runtime(e)),
+    }
+}
+
 fn cache(cmd: CacheCommand) -> Result<(), Failure> {
     use regcache::cache::offline;
     match cmd {
-        CacheCommand::Stats { cache } => {
-            let index = offline::open(&cache_dir(cache)?).map_err(Failure::runtime)?;
-            let snap = index.load().map_err(Failure::runtime)?;
-            print!("{}", offline::stats(&snap));
-        }
-        CacheCommand::Ls { cache } => {
-            let index = offline::open(&cache_dir(cache)?).map_err(Failure::runtime)?;
-            let snap = index.load().map_err(Failure::runtime)?;
-            print!("{}", offline::list(&snap));
-        }
+        CacheCommand::Stats { cache } => match holder(&cache_config(cache)?)? {
+            Holder::Disk(index) => {
+                let snap = index.load().map_err(Failure::runtime)?;
+                print!("{}", offline::stats(&snap));
+            }
+            Holder::Running(remote) => {
+                print!("{}", remote.stats().map_err(Failure::runtime)?);
+            }
+        },
+        CacheCommand::Ls { cache } => match holder(&cache_config(cache)?)? {
+            Holder::Disk(index) => {
+                let snap = index.load().map_err(Failure::runtime)?;
+                print!("{}", offline::list(&snap));
+            }
+            Holder::Running(remote) => {
+                let images = remote.images().map_err(Failure::runtime)?;
+                let snap = regcache::cache::index::Snapshot {
+                    tags: images.tags,
+                    content: images.content,
+                    ..Default::default()
+                };
+                print!("{}", offline::list(&snap));
+            }
+        },
         CacheCommand::Rm { cache, target } => {
-            let dir = cache_dir(cache)?;
-            let index = offline::open(&dir).map_err(Failure::runtime)?;
-            let snap = index.load().map_err(Failure::runtime)?;
-            let removed =
-                offline::remove(&dir, &index, &snap, &target).map_err(Failure::runtime)?;
-            print!("removed:\n{removed}");
+            let config = cache_config(cache)?;
+            let lines = match holder(&config)? {
+                Holder::Disk(index) => {
+                    let snap = index.load().map_err(Failure::runtime)?;
+                    offline::remove(&config.cache_dir, &index, &snap, &target)
+                        .map_err(Failure::runtime)?
+                        .lines()
+                }
+                Holder::Running(remote) => {
+                    remote.remove(&target).map_err(Failure::runtime)?.removed
+                }
+            };
+            println!("removed:");
+            for line in lines {
+                println!("{line}");
+            }
         }
         CacheCommand::Purge { cache } => {
-            let dir = cache_dir(cache)?;
-            offline::purge(&dir).map_err(Failure::runtime)?;
+            let config = cache_config(cache)?;
+            let dir = config.cache_dir.clone();
+            match holder(&config)? {
+                Holder::Disk(index) => {
+                    drop(index);
+                    offline::purge(&dir).map_err(Failure::runtime)?;
+                }
+                Holder::Running(remote) => {
+                    let purged = remote.purge().map_err(Failure::runtime)?;
+                    eprintln!(
+                        "the running regcache at {} removed {} entries ({} bytes)",
+                        remote.addr(),
+                        purged.entries,
+                        purged.bytes
+                    );
+                }
+            }
             println!("purged {}", dir.display());
         }
         CacheCommand::Verify { cache } => {

@@ -42,23 +42,25 @@ pub const SCHEMA_VERSION: u64 = 2;
 /// An index problem.
 pub type IndexError = redb::Error;
 
-/// One content entry as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One content entry as stored (and as the admin API lists it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ContentRow {
     /// `sha256:…`.
     pub digest: String,
     /// Size in bytes.
     pub size: u64,
     /// Last access, Unix seconds.
+    #[serde(rename = "last_used")]
     pub last_access: u64,
     /// Media type of a manifest, empty for blobs.
     pub media_type: String,
 }
 
-/// One tag as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One tag as stored (and as the admin API lists it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TagRow {
     /// `registry/repository:tag`.
+    #[serde(rename = "image")]
     pub key: String,
     /// The digest the tag named.
     pub digest: String,
@@ -113,6 +115,8 @@ pub enum Change {
     Count(&'static str, u64),
     /// Record whether a repository is public, and when that was learnt.
     PutOpenness(String, bool, u64),
+    /// Remove everything: content, links, tags, counters, openness.
+    Clear,
 }
 
 /// The open database.
@@ -248,6 +252,13 @@ impl Index {
                     }
                     Change::PutOpenness(key, public, at) => {
                         openness.insert(key.as_str(), (*public, *at))?;
+                    }
+                    Change::Clear => {
+                        content.retain(|_, _| false)?;
+                        links.retain(|_, _| false)?;
+                        tags.retain(|_, _| false)?;
+                        counters.retain(|_, _| false)?;
+                        openness.retain(|_, _| false)?;
                     }
                     Change::Count(name, n) => {
                         let now = counters.get(*name)?.map(|v| v.value()).unwrap_or(0);

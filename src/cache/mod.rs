@@ -92,6 +92,9 @@ pub enum CacheError {
     /// A background task failed to run.
     #[error("cache task failed: {0}")]
     Task(String),
+    /// Another process (a running regcache) has the index open.
+    #[error("{0}: a running regcache has this cache open; stop it first")]
+    InUse(PathBuf),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
@@ -1052,6 +1055,96 @@ impl Cache {
         }
     }
 
+    /// `cache rm` on the running cache: decided by
+    /// [`offline::plan_remove`] on the memory, under its lock, which is
+    /// changed at once (the next request misses), then written through to
+    /// the index and the content file removed.
+    pub async fn remove(&self, target: &str) -> Result<offline::Removal, offline::RemoveError> {
+        let removal = {
+            let mut state = self.lock();
+            let removal = offline::plan_remove(&*state, target)?;
+            if let Some(key) = &removal.tag {
+                state.tags.remove(key);
+            }
+            if let Some(d) = &removal.content {
+                if let Some(e) = state.content.pop(d) {
+                    state.total -= e.size;
+                }
+                state.touched.remove(d);
+            }
+            let linked = removal.content.clone().or_else(|| {
+                let (_, _, d) = parse_link_key(removal.links.first()?)?;
+                Some(d)
+            });
+            if let Some(places) = linked.and_then(|d| state.links.remove(&d)) {
+                state.link_count -= places.len() as u64;
+            }
+            removal
+        };
+        self.persist(removal.changes()).await?;
+        if let Some(d) = &removal.content {
+            self.remove_files(vec![self.content_path(d)]).await;
+        }
+        Ok(removal)
+    }
+
+    /// `cache purge` on the running cache: forgets every entry, link, tag,
+    /// counter and openness finding, in memory at once and in the index,
+    /// then removes the content files. Downloads in progress go on and are
+    /// stored when complete. Returns the entries and bytes removed.
+    pub async fn purge(&self) -> Result<(u64, u64), CacheError> {
+        let (paths, bytes) = {
+            let mut state = self.lock();
+            let paths: Vec<PathBuf> = state
+                .content
+                .iter()
+                .map(|(d, _)| self.content_path(d))
+                .collect();
+            let bytes = state.total;
+            state.content.clear();
+            state.total = 0;
+            state.links.clear();
+            state.link_count = 0;
+            state.tags.clear();
+            state.touched.clear();
+            state.hits = 0;
+            state.misses = 0;
+            state.flushed_hits = 0;
+            state.flushed_misses = 0;
+            state.openness.clear();
+            (paths, bytes)
+        };
+        let entries = paths.len() as u64;
+        self.persist(vec![Change::Clear]).await?;
+        self.remove_files(paths).await;
+        Ok((entries, bytes))
+    }
+
+    /// The index as it is now (access times and counters flushed first),
+    /// for `cache ls` on the running cache ([`offline::list`]).
+    pub async fn snapshot(&self) -> Result<index::Snapshot, CacheError> {
+        self.flush().await?;
+        let index = self.index.clone();
+        blocking(move || index.load().map_err(CacheError::from)).await
+    }
+
+    /// Removes files off the async threads; one already gone is fine.
+    async fn remove_files(&self, paths: Vec<PathBuf>) {
+        let _ = blocking(move || {
+            for p in paths {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(path = %p.display(), error = %e, "cannot remove cache file")
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await;
+    }
+
     async fn persist(&self, changes: Vec<Change>) -> Result<(), CacheError> {
         if changes.is_empty() {
             return Ok(());
@@ -1079,6 +1172,23 @@ impl crate::metrics::CacheGauges for Cache {
             blobs: (state.content.len() as u64).saturating_sub(manifests),
             fills_in_progress,
         }
+    }
+}
+
+impl offline::Contents for State {
+    fn tag_digest(&self, key: &str) -> Option<String> {
+        self.tags.get(key).map(|t| t.digest.clone())
+    }
+
+    fn has_content(&self, digest: &Digest) -> bool {
+        self.content.contains(digest)
+    }
+
+    fn links_of(&self, digest: &Digest) -> Vec<String> {
+        self.links
+            .get(digest)
+            .map(|places| places.iter().map(|(r, p)| link_key(r, p, digest)).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -1135,6 +1245,81 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn remove_and_purge_change_the_running_cache_and_its_index_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        let manifest = Digest::of(b"manifest");
+        let blob = Digest::of(b"blob");
+        for (d, bytes, media) in [
+            (
+                &manifest,
+                &b"manifest"[..],
+                "application/vnd.oci.image.manifest.v1+json",
+            ),
+            (&blob, &b"blob"[..], ""),
+        ] {
+            cache
+                .store_bytes(d, bytes::Bytes::copy_from_slice(bytes), media)
+                .await
+                .unwrap();
+            cache
+                .link("docker.io", "library/alpine", std::slice::from_ref(d))
+                .await
+                .unwrap();
+        }
+        let record = TagRecord {
+            digest: manifest.to_string(),
+            fetched_at_ms: 1,
+        };
+        cache
+            .set_tag("docker.io", "library/alpine", "3.20", record)
+            .await
+            .unwrap();
+        assert_eq!(cache.stats().links, 2);
+
+        // By tag: the tag, its manifest and the manifest's links, at once.
+        let removed = cache.remove("alpine:3.20").await.unwrap();
+        assert_eq!(
+            removed.lines(),
+            [
+                "tag docker.io/library/alpine:3.20".to_string(),
+                format!("content {manifest}")
+            ]
+        );
+        assert!(cache.get(&manifest).is_none());
+        assert!(cache.tag("docker.io", "library/alpine", "3.20").is_none());
+        assert!(!cache.is_linked("docker.io", "library/alpine", &manifest));
+        assert!(!content_file(dir.path(), &manifest).exists());
+        let stats = cache.stats();
+        assert_eq!((stats.entries, stats.tags, stats.links), (1, 0, 1));
+        let snap = cache.snapshot().await.unwrap();
+        assert_eq!(offline::stats(&snap), stats.clone().into());
+
+        assert!(matches!(
+            cache.remove("alpine:3.20").await,
+            Err(offline::RemoveError::NotCached(_))
+        ));
+        assert!(matches!(
+            cache.remove("Not A Ref!").await,
+            Err(offline::RemoveError::BadTarget(_))
+        ));
+
+        cache.count(true);
+        assert_eq!(cache.purge().await.unwrap(), (1, 4));
+        assert!(cache.get(&blob).is_none());
+        assert!(!content_file(dir.path(), &blob).exists());
+        assert_eq!(cache.stats(), Stats::default());
+        let snap = cache.snapshot().await.unwrap();
+        assert_eq!(offline::stats(&snap), offline::CacheStats::default());
+        // Stored again after a purge, as any pull would.
+        cache
+            .store_bytes(&blob, bytes::Bytes::from_static(b"blob"), "")
+            .await
+            .unwrap();
+        assert_eq!(cache.stats().entries, 1);
+    }
 
     #[test]
     fn link_keys_read_back_whatever_the_registry_scheme() {

@@ -1,8 +1,10 @@
 //! `regcache cache stats|ls|rm|purge|verify`: the cache on disk, read and
 //! changed by the command line while no regcache serves it.
 //!
-//! The index cannot be opened twice, so these commands tell the operator to
-//! stop a running regcache first rather than race it.
+//! The index cannot be opened twice: [`open`] fails with
+//! [`CacheError::InUse`] while a regcache serves the cache, and the command
+//! line then asks that regcache through its admin API, which runs the same
+//! decisions ([`stats`], [`list`], [`plan_remove`]) on the live cache.
 
 use std::path::Path;
 
@@ -27,17 +29,14 @@ pub fn open(dir: &Path) -> Result<Index, CacheError> {
         });
     }
     Index::open(&path).map_err(|e| match e {
-        redb::Error::DatabaseAlreadyOpen => CacheError::Io {
-            path: path.clone(),
-            source: std::io::Error::other("a running regcache has this cache open; stop it first"),
-        },
+        redb::Error::DatabaseAlreadyOpen => CacheError::InUse(path.clone()),
         other => CacheError::Index(other),
     })
 }
 
 /// What `cache stats` reports: the index's totals and counters. The
-/// command line shows it (`crate::cli::report`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// command line shows it (`crate::cli::report`); the admin API sends it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     /// Content entries.
     pub entries: usize,
@@ -58,6 +57,20 @@ impl CacheStats {
     pub fn hit_percent(&self) -> Option<f64> {
         let asked = self.hits + self.misses;
         (asked > 0).then(|| 100.0 * self.hits as f64 / asked as f64)
+    }
+}
+
+impl From<super::Stats> for CacheStats {
+    /// The numbers of a running cache.
+    fn from(s: super::Stats) -> Self {
+        Self {
+            entries: s.entries as usize,
+            bytes: s.bytes,
+            tags: s.tags as usize,
+            links: s.links as usize,
+            hits: s.hits,
+            misses: s.misses,
+        }
     }
 }
 
@@ -92,17 +105,96 @@ pub fn list(snap: &Snapshot) -> Listing<'_> {
     Listing { tags, content }
 }
 
-/// `cache rm`: removes a digest (content and links) or an image tag (the tag
-/// and its manifest). Returns what was removed, one per line.
-pub fn remove(
-    dir: &Path,
-    index: &Index,
-    snap: &Snapshot,
-    target: &str,
-) -> Result<String, CacheError> {
-    let mut changes = Vec::new();
-    let mut files = Vec::new();
-    let mut report = String::new();
+/// Why `cache rm` removed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    /// The target is neither a digest nor an image reference with a tag.
+    #[error("{0:?} is neither a digest nor an image reference")]
+    BadTarget(String),
+    /// Nothing of the target is cached.
+    #[error("{0} is not cached")]
+    NotCached(String),
+    /// The index or a file could not be changed.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// What `cache rm` needs to know of a cache: the index on disk (a
+/// [`Snapshot`]) or a running cache's memory.
+pub trait Contents {
+    /// The digest the tag `key` names, if the tag is cached.
+    fn tag_digest(&self, key: &str) -> Option<String>;
+    /// Whether content `digest` is cached.
+    fn has_content(&self, digest: &Digest) -> bool;
+    /// The link keys of `digest`.
+    fn links_of(&self, digest: &Digest) -> Vec<String>;
+}
+
+impl Contents for Snapshot {
+    fn tag_digest(&self, key: &str) -> Option<String> {
+        self.tags
+            .iter()
+            .find(|t| t.key == key)
+            .map(|t| t.digest.clone())
+    }
+
+    fn has_content(&self, digest: &Digest) -> bool {
+        let text = digest.to_string();
+        self.content.iter().any(|r| r.digest == text)
+    }
+
+    fn links_of(&self, digest: &Digest) -> Vec<String> {
+        let suffix = format!("@{digest}");
+        self.links
+            .iter()
+            .filter(|l| l.ends_with(&suffix))
+            .cloned()
+            .collect()
+    }
+}
+
+/// What `cache rm` removes, decided before anything changes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Removal {
+    /// The tag key removed, if the target was an image tag.
+    pub tag: Option<String>,
+    /// The content removed (its file goes too).
+    pub content: Option<Digest>,
+    /// The link keys of that content, removed with it.
+    pub links: Vec<String>,
+}
+
+impl Removal {
+    /// The index changes that carry it out.
+    pub fn changes(&self) -> Vec<Change> {
+        let mut changes = Vec::new();
+        if let Some(key) = &self.tag {
+            changes.push(Change::RemoveTag(key.clone()));
+        }
+        if let Some(d) = &self.content {
+            changes.push(Change::RemoveContent(d.to_string()));
+        }
+        changes.extend(self.links.iter().cloned().map(Change::RemoveLink));
+        changes
+    }
+
+    /// What was removed, one `tag KEY` or `content DIGEST` line each.
+    pub fn lines(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        if let Some(key) = &self.tag {
+            lines.push(format!("tag {key}"));
+        }
+        if let Some(d) = &self.content {
+            lines.push(format!("content {d}"));
+        }
+        lines
+    }
+}
+
+/// `cache rm`, decided: a digest (its content and links) or an image tag
+/// (the tag, its manifest and the manifest's links).
+pub fn plan_remove(cache: &impl Contents, target: &str) -> Result<Removal, RemoveError> {
+    let mut removal = Removal::default();
     let digest = match target.parse::<Digest>() {
         Ok(d) => Some(d),
         Err(_) => {
@@ -110,45 +202,41 @@ pub fn remove(
             let (image, tag) = image
                 .as_ref()
                 .and_then(|image| Some((image, image.tag()?)))
-                .ok_or_else(|| {
-                    CacheError::Task(format!(
-                        "{target:?} is neither a digest nor an image reference"
-                    ))
-                })?;
+                .ok_or_else(|| RemoveError::BadTarget(target.to_string()))?;
             let key = super::tag_key(&image.registry, image.repository.as_str(), tag);
-            let row = snap
-                .tags
-                .iter()
-                .find(|t| t.key == key)
-                .ok_or_else(|| CacheError::Task(format!("{key} is not cached")))?;
-            changes.push(Change::RemoveTag(key.clone()));
-            report += &format!("tag {key}\n");
-            row.digest.parse::<Digest>().ok()
+            let digest = cache
+                .tag_digest(&key)
+                .ok_or_else(|| RemoveError::NotCached(key.clone()))?;
+            removal.tag = Some(key);
+            digest.parse::<Digest>().ok()
         }
     };
     if let Some(d) = digest {
-        let text = d.to_string();
-        if snap.content.iter().any(|r| r.digest == text) {
-            changes.push(Change::RemoveContent(text.clone()));
-            files.push(content_file(dir, &d));
-            report += &format!("content {text}\n");
+        if cache.has_content(&d) {
+            removal.content = Some(d.clone());
         }
-        for link in snap
-            .links
-            .iter()
-            .filter(|l| l.ends_with(&format!("@{text}")))
-        {
-            changes.push(Change::RemoveLink(link.clone()));
-        }
+        removal.links = cache.links_of(&d);
     }
-    if changes.is_empty() {
-        return Err(CacheError::Task(format!("{target} is not cached")));
+    if removal.tag.is_none() && removal.content.is_none() && removal.links.is_empty() {
+        return Err(RemoveError::NotCached(target.to_string()));
     }
-    index.apply(&changes)?;
-    for f in files {
-        let _ = std::fs::remove_file(f);
+    Ok(removal)
+}
+
+/// `cache rm` on the index in `dir`: removes a digest (content and links)
+/// or an image tag (the tag and its manifest). Returns what was removed.
+pub fn remove(
+    dir: &Path,
+    index: &Index,
+    snap: &Snapshot,
+    target: &str,
+) -> Result<Removal, RemoveError> {
+    let removal = plan_remove(snap, target)?;
+    index.apply(&removal.changes()).map_err(CacheError::from)?;
+    if let Some(d) = &removal.content {
+        let _ = std::fs::remove_file(content_file(dir, d));
     }
-    Ok(report)
+    Ok(removal)
 }
 
 /// What `cache verify` found. The command line shows it

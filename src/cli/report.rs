@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use crate::admin::api::LiveStats;
 use crate::cache::bundle::export::ExportSummary;
 use crate::cache::bundle::import::ImportSummary;
 use crate::cache::offline::{CacheStats, Listing, VerifyReport};
@@ -39,6 +40,23 @@ impl fmt::Display for CacheStats {
             self.links,
             self.hits,
             self.misses,
+        )
+    }
+}
+
+impl fmt::Display for LiveStats {
+    /// What [`CacheStats`] shows, then the running regcache's numbers.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}capacity:   {} ({})\nfilling:    {} downloads, {}\nuptime:     {}s\nversion:    {}\n",
+            self.cache,
+            self.capacity_bytes,
+            human(self.capacity_bytes),
+            self.fills_in_progress,
+            human(self.filling_bytes),
+            self.uptime_seconds,
+            self.version,
         )
     }
 }

@@ -165,6 +165,8 @@ pub struct Config {
     pub allow: Vec<ipnet::IpNet>,
     /// htpasswd file of proxy users; None: no Proxy-Authorization needed.
     pub proxy_users: Option<PathBuf>,
+    /// File of the admin API's bearer token; None: loopback clients only.
+    pub admin_token_file: Option<PathBuf>,
     /// Parent proxy for upstream traffic: `http://[user:pass@]host:port`.
     pub upstream_proxy: Option<http::Uri>,
     /// Hosts reached directly despite `upstream_proxy`.
@@ -399,6 +401,7 @@ impl Config {
             registry_offline,
             allow,
             proxy_users: s.proxy_users,
+            admin_token_file: s.admin_token_file,
             upstream_proxy,
             upstream_no_proxy,
             public_ttl: Duration::from_secs(built_in(s.public_ttl, "public_ttl")?),

@@ -149,6 +149,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_PROXY_USERS", value_name = "FILE")]
     pub proxy_users: Option<PathBuf>,
 
+    /// File holding the admin API's bearer token (readable by its owner only); unset: the API answers loopback clients only
+    #[arg(long, env = "REGCACHE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
     /// Parent proxy for regcache's own upstream traffic, http://[user:pass@]host:port, or "env" to use HTTPS_PROXY/NO_PROXY
     #[arg(long, env = "REGCACHE_UPSTREAM_PROXY", value_name = "URL")]
     pub upstream_proxy: Option<String>,

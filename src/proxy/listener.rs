@@ -179,6 +179,8 @@ async fn origin_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
     }
     if missing_host {
         error_response(StatusCode::BAD_REQUEST, "missing Host header")
+    } else if crate::admin::api::is_api_path(req.uri().path()) {
+        crate::admin::api::handle(&ctx.app, ctx.peer, &req).await
     } else {
         crate::admin::handle(&ctx.app, &req).await
     }

@@ -52,6 +52,7 @@ pub struct ProxyBuilder {
     env: Vec<(String, String)>,
     no_listen_flag: bool,
     ready_status: u16,
+    listen_ip: std::net::IpAddr,
 }
 
 impl Default for ProxyBuilder {
@@ -69,6 +70,7 @@ impl ProxyBuilder {
             env: vec![],
             no_listen_flag: false,
             ready_status: 200,
+            listen_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
     }
     /// One more command-line argument.
@@ -120,6 +122,13 @@ impl ProxyBuilder {
         self
     }
 
+    /// Listen on `ip` (a local address) instead of 127.0.0.1; the harness
+    /// checks readiness there too.
+    pub fn listen_ip(mut self, ip: std::net::IpAddr) -> Self {
+        self.listen_ip = ip;
+        self
+    }
+
     /// Start regcache on a free port and wait until it is ready.
     pub async fn start(self) -> Proxy {
         let port = free_port();
@@ -138,7 +147,7 @@ impl ProxyBuilder {
         cmd.arg("serve");
         if !self.no_listen_flag {
             cmd.arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
+                .arg(SocketAddr::new(self.listen_ip, port).to_string())
                 .arg("--ca-dir")
                 .arg(&ca_dir);
         }
@@ -150,7 +159,7 @@ impl ProxyBuilder {
         }
         let child = cmd.spawn().expect("spawn regcache");
         let mut proxy = Proxy {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            addr: SocketAddr::new(self.listen_ip, port),
             child: Some(child),
             ca_dir,
             stderr_path,

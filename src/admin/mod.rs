@@ -1,9 +1,11 @@
 //! regcache's own pages on the proxy port (origin-form requests):
 //! `/ca.crt` (the CA to trust), `/healthz`, `/metrics` (Prometheus, see
 //! [`crate::metrics`]) and `/setup` (a script that makes a host trust the
-//! CA: `curl -fsSL http://regcache:3128/setup | sudo sh`); and the pages of
-//! the `metrics_listen` address, `/metrics` and `/healthz` alone
-//! ([`handle_metrics_listen`]).
+//! CA: `curl -fsSL http://regcache:3128/setup | sudo sh`); the admin API
+//! under `/api/v1/` ([`api`]); and the pages of the `metrics_listen`
+//! address, `/metrics` and `/healthz` alone ([`handle_metrics_listen`]).
+
+pub mod api;
 
 use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
@@ -13,7 +15,7 @@ use crate::http::body::{self, Body};
 use crate::http::error::error_response;
 
 /// The host set-up script, with `@REGCACHE_URL@` to fill in.
-const SETUP_SCRIPT: &str = include_str!("../deploy/setup.sh");
+const SETUP_SCRIPT: &str = include_str!("../../deploy/setup.sh");
 
 /// Answers an origin-form request to the proxy port.
 pub async fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
