@@ -436,6 +436,10 @@ pub struct Cache {
     state: Mutex<State>,
     /// Downloads in progress, one per digest.
     pub fills: SingleFlight,
+    /// Held for writing by a test to keep verified downloads from being
+    /// committed (each commit holds it for reading).
+    #[cfg(test)]
+    commit_gate: tokio::sync::RwLock<()>,
 }
 
 /// The file of `digest` in the cache at `dir`: `blobs/<alg>/<2 hex>/<hex>`.
@@ -554,6 +558,8 @@ impl Cache {
             index: Arc::new(index),
             state: Mutex::new(state),
             fills: SingleFlight::default(),
+            #[cfg(test)]
+            commit_gate: tokio::sync::RwLock::new(()),
         }))
     }
 
@@ -1113,6 +1119,7 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn link_keys_read_back_whatever_the_registry_scheme() {
@@ -1458,6 +1465,60 @@ mod tests {
             "released when the fill failed"
         );
         assert!(!cache.contains(&digest));
+    }
+
+    #[tokio::test]
+    async fn a_verified_download_ends_for_its_readers_before_its_entry_is_committed() {
+        use http_body_util::{BodyExt, StreamBody};
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        let content = [5u8; 3000];
+        let digest = Digest::of(&content);
+        let fill::Role::Leader(leader) = cache.join_fill(&digest) else {
+            panic!("nobody else fills");
+        };
+        let frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::http::body::BoxError>> =
+            content
+                .chunks(1000)
+                .map(|c| Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(c))))
+                .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let room = cache.admit(Some(3000)).unwrap();
+        // Commits wait while this is held.
+        let gate = cache.commit_gate.write().await;
+        let fill = leader.start(body, Some(3000), String::new(), room).await.unwrap();
+        let file = fill.file().unwrap();
+        let whole = read::growing(fill.clone(), file, 0, 3000);
+        let got = tokio::time::timeout(Duration::from_secs(5), whole.collect())
+            .await
+            .expect("the last byte goes once the bytes matched, before the commit")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&got[..], &content[..]);
+        assert!(fill.committing() && !cache.contains(&digest));
+        // A request arriving now waits for the entry, and so does shutdown.
+        let waiting = {
+            let cache = cache.clone();
+            let digest = digest.clone();
+            tokio::spawn(async move { cache.committed(&digest).await })
+        };
+        let settling = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.commits_settled().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished() && !settling.is_finished());
+        drop(gate);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("committed returns once the entry is in")
+            .unwrap();
+        assert!(cache.contains(&digest), "committed: the entry is there");
+        tokio::time::timeout(Duration::from_secs(5), settling)
+            .await
+            .expect("no commit pending")
+            .unwrap();
+        assert!(!fill.committing());
     }
 
     #[tokio::test]
