@@ -344,8 +344,19 @@ async fn write_fill<B>(
             fill.update(|p| p.verified = true);
             #[cfg(test)]
             let _gate = cache.commit_gate.read().await;
+            // The registry served these bytes for its repository and they
+            // matched: that earns the link, made with the entry, so that
+            // nobody finds one without the other.
+            let origin = fill.origin().map(|(r, p)| (r.as_str(), p.as_str()));
             cache
-                .commit_reserved(&temp, &fill.digest, size, &media_type, Some(reservation))
+                .commit_reserved(
+                    &temp,
+                    &fill.digest,
+                    size,
+                    &media_type,
+                    Some(reservation),
+                    origin,
+                )
                 .await
                 .map(|_| size)
         }
@@ -354,16 +365,6 @@ async fn write_fill<B>(
             Err(e)
         }
     };
-    // The registry served these bytes for its repository and they matched:
-    // that earns the link, before any reader sees the download complete.
-    if let (Ok(_), Some((registry, repo))) = (&outcome, fill.origin()) {
-        if let Err(e) = cache
-            .link(registry, repo, std::slice::from_ref(&fill.digest))
-            .await
-        {
-            tracing::warn!(error = %e, "cannot record link");
-        }
-    }
     match outcome {
         Ok(size) => {
             tracing::debug!(digest = %fill.digest, size, "download verified and stored");

@@ -451,6 +451,25 @@ pub fn content_file(dir: &Path, digest: &Digest) -> PathBuf {
         .join(hex)
 }
 
+/// Links each of `digests` to (`registry`, `repo`) in `state`; returns the
+/// index changes for the links that are new.
+fn add_links(state: &mut State, registry: &str, repo: &str, digests: &[Digest]) -> Vec<Change> {
+    let place = (registry.to_string(), repo.to_string());
+    let mut changes = Vec::new();
+    for d in digests {
+        if state
+            .links
+            .entry(d.clone())
+            .or_default()
+            .insert(place.clone())
+        {
+            state.link_count += 1;
+            changes.push(Change::PutLink(link_key(registry, repo, d)));
+        }
+    }
+    changes
+}
+
 /// The link key for (registry, repository, digest).
 pub fn link_key(registry: &str, repo: &str, digest: &Digest) -> String {
     format!("{registry}/{repo}@{digest}")
@@ -648,23 +667,7 @@ impl Cache {
         repo: &str,
         digests: &[Digest],
     ) -> Result<(), CacheError> {
-        let changes: Vec<Change> = {
-            let mut state = self.lock();
-            let place = (registry.to_string(), repo.to_string());
-            let mut changes = Vec::new();
-            for d in digests {
-                if state
-                    .links
-                    .entry(d.clone())
-                    .or_default()
-                    .insert(place.clone())
-                {
-                    state.link_count += 1;
-                    changes.push(Change::PutLink(link_key(registry, repo, d)));
-                }
-            }
-            changes
-        };
+        let changes = add_links(&mut self.lock(), registry, repo, digests);
         self.persist(changes).await
     }
 
@@ -885,12 +888,14 @@ impl Cache {
         size: u64,
         media_type: &str,
     ) -> Result<Option<Cached>, CacheError> {
-        self.commit_reserved(temp, digest, size, media_type, None)
+        self.commit_reserved(temp, digest, size, media_type, None, None)
             .await
     }
 
     /// [`Cache::commit`] for a download that held `reservation`: the
-    /// reservation becomes the entry (released whatever the outcome).
+    /// reservation becomes the entry (released whatever the outcome), and
+    /// `link_to` (registry, repository), the place whose upstream served the
+    /// bytes, is linked to it in the same update of memory and index.
     pub async fn commit_reserved(
         &self,
         temp: &Path,
@@ -898,11 +903,16 @@ impl Cache {
         size: u64,
         media_type: &str,
         reservation: Option<Reservation>,
+        link_to: Option<(&str, &str)>,
     ) -> Result<Option<Cached>, CacheError> {
         // Released (also on early returns) once the entry is counted.
         let mut reservation = reservation;
         if let Some(cached) = self.get(digest) {
             let _ = tokio::fs::remove_file(temp).await;
+            if let Some((registry, repo)) = link_to {
+                self.link(registry, repo, std::slice::from_ref(digest))
+                    .await?;
+            }
             return Ok(Some(cached));
         }
         if size > self.cap {
@@ -922,7 +932,7 @@ impl Cache {
         })
         .await?;
 
-        let (victims, cached) = {
+        let (victims, cached, links) = {
             let mut state = self.lock();
             // The reservation held every byte written: it becomes the entry.
             if let Some(mut r) = reservation.take() {
@@ -935,7 +945,13 @@ impl Cache {
             let cached = entry.handle(&self.dir, digest);
             state.total += size;
             state.content.put(digest.clone(), entry);
-            (victims, cached)
+            let links = match link_to {
+                Some((registry, repo)) => {
+                    add_links(&mut state, registry, repo, std::slice::from_ref(digest))
+                }
+                None => Vec::new(),
+            };
+            (victims, cached, links)
         };
         let mut changes: Vec<Change> = victims
             .iter()
@@ -947,6 +963,7 @@ impl Cache {
             last_access: unix_secs(),
             media_type: media_type.to_string(),
         }));
+        changes.extend(links);
         self.persist(changes).await?;
         self.unlink(victims).await;
         Ok(Some(cached))
@@ -1394,7 +1411,7 @@ mod tests {
         let temp = cache.temp_path(&d);
         std::fs::write(&temp, [4; 1500]).unwrap();
         cache
-            .commit_reserved(&temp, &d, 1500, "", Some(r1))
+            .commit_reserved(&temp, &d, 1500, "", Some(r1), None)
             .await
             .unwrap();
         assert_eq!((cache.reserved(), cache.promised()), (0, 0));
@@ -1486,7 +1503,10 @@ mod tests {
         let room = cache.admit(Some(3000)).unwrap();
         // Commits wait while this is held.
         let gate = cache.commit_gate.write().await;
-        let fill = leader.start(body, Some(3000), String::new(), room).await.unwrap();
+        let fill = leader
+            .start(body, Some(3000), String::new(), room)
+            .await
+            .unwrap();
         let file = fill.file().unwrap();
         let whole = read::growing(fill.clone(), file, 0, 3000);
         let got = tokio::time::timeout(Duration::from_secs(5), whole.collect())
