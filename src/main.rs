@@ -338,6 +338,17 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         let upkeep = tokio::spawn(app.clone().maintain(started));
         proxy.run(shutdown_signal()).await;
         upkeep.abort();
+        // Clients got the last byte of a download once it matched; its
+        // entry is committed just after. Let those commits end.
+        let grace = app.state.config.shutdown_grace;
+        if tokio::time::timeout(grace, app.state.cache.commits_settled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "shutdown grace period over; downloads still being committed are dropped"
+            );
+        }
         regcache::admin::api::remove_discovery(&cache_dir, addr).await;
         if let Err(e) = app.state.cache.flush().await {
             tracing::warn!(error = %e, "cannot write cache access times");

@@ -236,6 +236,9 @@ pub async fn prefetch(
             on_bytes(n);
         })
         .await?;
+        // The last byte came once the digest matched; the entry is
+        // committed right after. Wait for it: this process may exit next.
+        state.cache.committed(&digest).await;
         fetched.blobs += 1;
         fetched.bytes += bytes;
         fetched.already_cached += usize::from(hit);

@@ -8,8 +8,13 @@
 //! as it goes and publishes its progress on a watch channel. Everyone,
 //! leader's client included, reads the file at its own pace up to what has
 //! been written. When the body ends, digest and length are checked: on a
-//! match the file is renamed into the cache, otherwise it is deleted and every
-//! reader's response fails instead of completing.
+//! match the download is marked verified, so readers may send the last byte
+//! at once, and then the file is made durable and renamed into the cache
+//! (the entry, not the response, is what must survive a crash); otherwise it
+//! is deleted and every reader's response fails instead of completing.
+//! Requests that arrive while a verified download is being committed wait
+//! for the commit ([`Cache::committed`]), and so do shutdown and `prefetch`
+//! ([`Cache::commits_settled`]).
 //!
 //! Every fill holds a [`super::Reservation`] (admitted by the caller before
 //! [`Leader::start`], [`Cache::admit`]) that holds nothing at first: before
@@ -65,6 +70,10 @@ pub struct Progress {
     pub written: u64,
     /// The announced length, if upstream sent one.
     pub total: Option<u64>,
+    /// Every byte was written and the whole matched the digest and the
+    /// announced length: readers may send all of it, whatever the commit
+    /// that follows does (set once, never cleared).
+    pub verified: bool,
 }
 
 /// One download in flight.
@@ -98,6 +107,20 @@ impl Fill {
         started
     }
 
+    /// Whether the bytes matched and the entry is being committed now.
+    pub fn committing(&self) -> bool {
+        let p = self.progress.borrow();
+        p.verified && !matches!(p.phase, Phase::Done | Phase::Failed(_))
+    }
+
+    /// Waits until the download ended, committed or failed.
+    pub async fn ended(&self) {
+        let mut rx = self.watch();
+        let _ = rx
+            .wait_for(|p| matches!(p.phase, Phase::Done | Phase::Failed(_) | Phase::Abandoned))
+            .await;
+    }
+
     /// The (registry, repository) the bytes come from, once the leader set it.
     pub fn origin(&self) -> Option<&(String, String)> {
         self.origin.get()
@@ -129,6 +152,20 @@ impl SingleFlight {
         self.lock().is_empty()
     }
 
+    /// The downloads whose bytes matched and whose entries are being
+    /// committed.
+    fn committing(&self) -> Vec<Arc<Fill>> {
+        self.lock()
+            .values()
+            .filter(|f| f.committing())
+            .cloned()
+            .collect()
+    }
+
+    fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        self.lock().get(digest).cloned()
+    }
+
     fn remove(&self, fill: &Arc<Fill>) {
         let mut fills = self.lock();
         if fills
@@ -157,6 +194,30 @@ pub struct Leader {
 }
 
 impl Cache {
+    /// Waits while a download of `digest` whose bytes matched is being
+    /// committed, so that the caller finds the entry (or, if the commit
+    /// failed, nothing) rather than the download.
+    pub async fn committed(&self, digest: &Digest) {
+        let fill = self.fills.get(digest);
+        if let Some(fill) = fill.filter(|f| f.committing()) {
+            fill.ended().await;
+        }
+    }
+
+    /// Waits until no verified download is still being committed: before
+    /// the process exits, so that what clients received is in the cache.
+    pub async fn commits_settled(&self) {
+        loop {
+            let pending = self.fills.committing();
+            if pending.is_empty() {
+                return;
+            }
+            for fill in pending {
+                fill.ended().await;
+            }
+        }
+    }
+
     /// Joins the download of `digest`, or becomes its leader.
     pub fn join_fill(self: &Arc<Self>, digest: &Digest) -> Role {
         let mut fills = self.fills.lock();
@@ -167,6 +228,7 @@ impl Cache {
             phase: Phase::Connecting,
             written: 0,
             total: None,
+            verified: false,
         });
         let fill = Arc::new(Fill {
             digest: digest.clone(),
@@ -275,26 +337,35 @@ async fn write_fill<B>(
     // On failure the reservation is dropped here, released before anyone
     // hears of the failure.
     let outcome = match outcome {
-        Ok(size) => cache
-            .commit_reserved(&temp, &fill.digest, size, &media_type, Some(reservation))
-            .await
-            .map(|_| size)
-            .map_err(Failure::from),
+        Ok(size) => {
+            // The bytes matched: readers may finish while the entry is made
+            // durable (fsync, rename, index), which is what a crash must not
+            // lose or corrupt.
+            fill.update(|p| p.verified = true);
+            #[cfg(test)]
+            let _gate = cache.commit_gate.read().await;
+            // The registry served these bytes for its repository and they
+            // matched: that earns the link, made with the entry, so that
+            // nobody finds one without the other.
+            let origin = fill.origin().map(|(r, p)| (r.as_str(), p.as_str()));
+            cache
+                .commit_reserved(
+                    &temp,
+                    &fill.digest,
+                    size,
+                    &media_type,
+                    Some(reservation),
+                    origin,
+                )
+                .await
+                .map(|_| size)
+                .map_err(Failure::from)
+        }
         Err(e) => {
             drop(reservation);
             Err(e)
         }
     };
-    // The registry served these bytes for its repository and they matched:
-    // that earns the link, before any reader sees the download complete.
-    if let (Ok(_), Some((registry, repo))) = (&outcome, fill.origin()) {
-        if let Err(e) = cache
-            .link(registry, repo, std::slice::from_ref(&fill.digest))
-            .await
-        {
-            tracing::warn!(error = %e, "cannot record link");
-        }
-    }
     match outcome {
         Ok(size) => {
             tracing::debug!(digest = %fill.digest, size, "download verified and stored");

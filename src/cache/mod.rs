@@ -439,6 +439,10 @@ pub struct Cache {
     state: Mutex<State>,
     /// Downloads in progress, one per digest.
     pub fills: SingleFlight,
+    /// Held for writing by a test to keep verified downloads from being
+    /// committed (each commit holds it for reading).
+    #[cfg(test)]
+    commit_gate: tokio::sync::RwLock<()>,
 }
 
 /// The file of `digest` in the cache at `dir`: `blobs/<alg>/<2 hex>/<hex>`.
@@ -448,6 +452,25 @@ pub fn content_file(dir: &Path, digest: &Digest) -> PathBuf {
         .join(digest.algorithm().as_str())
         .join(&hex[..2])
         .join(hex)
+}
+
+/// Links each of `digests` to (`registry`, `repo`) in `state`; returns the
+/// index changes for the links that are new.
+fn add_links(state: &mut State, registry: &str, repo: &str, digests: &[Digest]) -> Vec<Change> {
+    let place = (registry.to_string(), repo.to_string());
+    let mut changes = Vec::new();
+    for d in digests {
+        if state
+            .links
+            .entry(d.clone())
+            .or_default()
+            .insert(place.clone())
+        {
+            state.link_count += 1;
+            changes.push(Change::PutLink(link_key(registry, repo, d)));
+        }
+    }
+    changes
 }
 
 /// The link key for (registry, repository, digest).
@@ -557,6 +580,8 @@ impl Cache {
             index: Arc::new(index),
             state: Mutex::new(state),
             fills: SingleFlight::default(),
+            #[cfg(test)]
+            commit_gate: tokio::sync::RwLock::new(()),
         }))
     }
 
@@ -645,23 +670,7 @@ impl Cache {
         repo: &str,
         digests: &[Digest],
     ) -> Result<(), CacheError> {
-        let changes: Vec<Change> = {
-            let mut state = self.lock();
-            let place = (registry.to_string(), repo.to_string());
-            let mut changes = Vec::new();
-            for d in digests {
-                if state
-                    .links
-                    .entry(d.clone())
-                    .or_default()
-                    .insert(place.clone())
-                {
-                    state.link_count += 1;
-                    changes.push(Change::PutLink(link_key(registry, repo, d)));
-                }
-            }
-            changes
-        };
+        let changes = add_links(&mut self.lock(), registry, repo, digests);
         self.persist(changes).await
     }
 
@@ -882,12 +891,14 @@ impl Cache {
         size: u64,
         media_type: &str,
     ) -> Result<Option<Cached>, CacheError> {
-        self.commit_reserved(temp, digest, size, media_type, None)
+        self.commit_reserved(temp, digest, size, media_type, None, None)
             .await
     }
 
     /// [`Cache::commit`] for a download that held `reservation`: the
-    /// reservation becomes the entry (released whatever the outcome).
+    /// reservation becomes the entry (released whatever the outcome), and
+    /// `link_to` (registry, repository), the place whose upstream served the
+    /// bytes, is linked to it in the same update of memory and index.
     pub async fn commit_reserved(
         &self,
         temp: &Path,
@@ -895,11 +906,16 @@ impl Cache {
         size: u64,
         media_type: &str,
         reservation: Option<Reservation>,
+        link_to: Option<(&str, &str)>,
     ) -> Result<Option<Cached>, CacheError> {
         // Released (also on early returns) once the entry is counted.
         let mut reservation = reservation;
         if let Some(cached) = self.get(digest) {
             let _ = tokio::fs::remove_file(temp).await;
+            if let Some((registry, repo)) = link_to {
+                self.link(registry, repo, std::slice::from_ref(digest))
+                    .await?;
+            }
             return Ok(Some(cached));
         }
         if size > self.cap {
@@ -919,7 +935,7 @@ impl Cache {
         })
         .await?;
 
-        let (victims, cached) = {
+        let (victims, cached, links) = {
             let mut state = self.lock();
             // The reservation held every byte written: it becomes the entry.
             if let Some(mut r) = reservation.take() {
@@ -932,7 +948,13 @@ impl Cache {
             let cached = entry.handle(&self.dir, digest);
             state.total += size;
             state.content.put(digest.clone(), entry);
-            (victims, cached)
+            let links = match link_to {
+                Some((registry, repo)) => {
+                    add_links(&mut state, registry, repo, std::slice::from_ref(digest))
+                }
+                None => Vec::new(),
+            };
+            (victims, cached, links)
         };
         let mut changes: Vec<Change> = victims
             .iter()
@@ -944,6 +966,7 @@ impl Cache {
             last_access: unix_secs(),
             media_type: media_type.to_string(),
         }));
+        changes.extend(links);
         self.persist(changes).await?;
         self.unlink(victims).await;
         Ok(Some(cached))
@@ -1245,6 +1268,7 @@ pub async fn blocking<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn remove_and_purge_change_the_running_cache_and_its_index_at_once() {
@@ -1594,7 +1618,7 @@ mod tests {
         let temp = cache.temp_path(&d);
         std::fs::write(&temp, [4; 1500]).unwrap();
         cache
-            .commit_reserved(&temp, &d, 1500, "", Some(r1))
+            .commit_reserved(&temp, &d, 1500, "", Some(r1), None)
             .await
             .unwrap();
         assert_eq!((cache.reserved(), cache.promised()), (0, 0));
@@ -1665,6 +1689,63 @@ mod tests {
             "released when the fill failed"
         );
         assert!(!cache.contains(&digest));
+    }
+
+    #[tokio::test]
+    async fn a_verified_download_ends_for_its_readers_before_its_entry_is_committed() {
+        use http_body_util::{BodyExt, StreamBody};
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        let content = [5u8; 3000];
+        let digest = Digest::of(&content);
+        let fill::Role::Leader(leader) = cache.join_fill(&digest) else {
+            panic!("nobody else fills");
+        };
+        let frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::http::body::BoxError>> =
+            content
+                .chunks(1000)
+                .map(|c| Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(c))))
+                .collect();
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let room = cache.admit(Some(3000)).unwrap();
+        // Commits wait while this is held.
+        let gate = cache.commit_gate.write().await;
+        let fill = leader
+            .start(body, Some(3000), String::new(), room)
+            .await
+            .unwrap();
+        let file = fill.file().unwrap();
+        let whole = read::growing(fill.clone(), file, 0, 3000);
+        let got = tokio::time::timeout(Duration::from_secs(5), whole.collect())
+            .await
+            .expect("the last byte goes once the bytes matched, before the commit")
+            .unwrap()
+            .to_bytes();
+        assert_eq!(&got[..], &content[..]);
+        assert!(fill.committing() && !cache.contains(&digest));
+        // A request arriving now waits for the entry, and so does shutdown.
+        let waiting = {
+            let cache = cache.clone();
+            let digest = digest.clone();
+            tokio::spawn(async move { cache.committed(&digest).await })
+        };
+        let settling = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.commits_settled().await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished() && !settling.is_finished());
+        drop(gate);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("committed returns once the entry is in")
+            .unwrap();
+        assert!(cache.contains(&digest), "committed: the entry is there");
+        tokio::time::timeout(Duration::from_secs(5), settling)
+            .await
+            .expect("no commit pending")
+            .unwrap();
+        assert!(!fill.committing());
     }
 
     #[tokio::test]

@@ -234,6 +234,11 @@ fn readable(r: &mut Reader) -> Result<Option<u64>, BoxError> {
         return Ok(Some(r.end));
     };
     let p = rx.borrow_and_update();
+    if p.verified {
+        // Every byte matched: all of it may go, whether or not the commit
+        // that follows succeeds (the open file stays readable).
+        return Ok(Some(r.end.min(p.written)));
+    }
     match &p.phase {
         Phase::Done => Ok(Some(r.end.min(p.written))),
         Phase::Failed(reason) => Err(Box::new(FillFailed {
@@ -280,8 +285,12 @@ async fn next_chunk(r: &mut Reader) -> Result<Option<Bytes>, BoxError> {
         // Nothing new to read yet.
         match &mut r.growing {
             Some((fill, rx)) => {
-                if rx.borrow().phase == Phase::Done {
-                    // Done and everything read (unknown length): finished.
+                let finished = {
+                    let p = rx.borrow();
+                    p.verified || p.phase == Phase::Done
+                };
+                if finished {
+                    // Verified and everything read (unknown length): finished.
                     return Ok(None);
                 }
                 if rx.changed().await.is_err() {

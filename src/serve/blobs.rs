@@ -44,6 +44,11 @@ pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
     let (state, target, parts) = (req.state, req.target, req.parts);
     let cache = &state.cache;
     let repo = req.repo();
+    if !cache.contains(digest) {
+        // A download that just matched may be committing: its entry is a
+        // moment away.
+        cache.committed(digest).await;
+    }
     if cache.contains(digest) {
         let facts = cache.link_facts(&target.registry, repo, digest, state.public_since());
         match link::resolve(req, digest, facts, Kind::Blob).await {

@@ -191,10 +191,8 @@ async fn blob_miss_is_stored_then_hit_with_headers_and_log() {
     assert_eq!(miss.header("docker-content-digest"), Some(digest.clone()));
     assert_eq!(miss.content_length(), Some(data.len()));
     assert_eq!(env.reg.count(Method::GET, &path), 1);
-    assert!(
-        env.content_file(&digest).exists(),
-        "the verified blob should be in cache/blobs"
-    );
+    // The verified blob is stored in cache/blobs.
+    env.stored(&digest).await;
 
     // Second GET over HTTP/2: from disk.
     let hit = get(&proxy, &path).await;
@@ -1681,6 +1679,8 @@ async fn a_hostile_content_length_evicts_nothing_before_its_bytes_arrive() {
         get(&proxy, &blob_path(repo, digest))
             .await
             .assert_served(data, "MISS", "warm fill");
+        // Committed: an entry that may be evicted, no longer a download's room.
+        env.stored(digest).await;
     }
     // The cache is full; the stalling body announces all of it.
     env.reg.set_fault(
@@ -1835,6 +1835,7 @@ async fn eviction_removes_the_least_recently_used_blob() {
     get(&proxy, &p(3))
         .await
         .assert_served(&blobs[3].0, "MISS", "D");
+    env.stored(&blobs[3].1).await;
 
     assert!(
         !env.content_file(&blobs[1].1).exists(),

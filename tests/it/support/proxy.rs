@@ -493,6 +493,22 @@ impl Env {
             .join(&hex[..2])
             .join(hex)
     }
+
+    /// Waits (up to 10 s) until `digest` is stored: a client gets a
+    /// download's last byte once the bytes matched, and the entry is
+    /// committed (fsync, rename, index) just after.
+    pub async fn stored(&self, digest: &str) -> PathBuf {
+        let path = self.content_file(digest);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !path.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{digest} was not stored within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        path
+    }
 }
 
 /// The names in `dir` (none when it does not exist).
