@@ -142,14 +142,18 @@ impl SingleFlight {
         self.fills.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Number of downloads in flight.
+    /// Number of downloads whose bytes are still arriving (one whose bytes
+    /// all came and matched, its entry being committed, is not counted).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock()
+            .values()
+            .filter(|f| !f.progress.borrow().verified)
+            .count()
     }
 
-    /// Whether no download is in flight.
+    /// Whether no download's bytes are still arriving.
     pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.len() == 0
     }
 
     /// The downloads whose bytes matched and whose entries are being
@@ -160,6 +164,11 @@ impl SingleFlight {
             .filter(|f| f.committing())
             .cloned()
             .collect()
+    }
+
+    /// Whether any download is being committed.
+    pub fn any_committing(&self) -> bool {
+        self.lock().values().any(|f| f.committing())
     }
 
     fn get(&self, digest: &Digest) -> Option<Arc<Fill>> {

@@ -301,6 +301,19 @@ impl Reservation {
         }
         let cap = self.cache.cap;
         let target = step_target(self.bytes, need, self.limit, cap);
+        match self.grow_to(target, need).await {
+            // Room held by downloads whose entries are being committed is
+            // a moment from being evictable: wait for them, try once more.
+            Err(NoRoom::Busy { .. }) if self.cache.fills.any_committing() => {
+                self.cache.commits_settled().await;
+                self.grow_to(target, need).await
+            }
+            done => done,
+        }
+    }
+
+    /// Grows to `target`, or to `need` when the step does not fit.
+    async fn grow_to(&mut self, target: u64, need: u64) -> Result<(), NoRoom> {
         match self.grow(target).await {
             Err(_) if target > need => self.grow(need).await,
             done => done,
@@ -772,6 +785,22 @@ impl Cache {
     /// to it. The returned [`Reservation`] holds no bytes yet; the fill
     /// grows it as its bytes arrive ([`Reservation::cover`]).
     pub fn admit(self: &Arc<Self>, len: Option<u64>) -> Result<Reservation, NoRoom> {
+        self.try_admit(len)
+    }
+
+    /// [`Cache::admit`], waiting first for the downloads being committed
+    /// when they hold the room it lacks (their entries can then be evicted).
+    pub async fn admit_soon(self: &Arc<Self>, len: Option<u64>) -> Result<Reservation, NoRoom> {
+        match self.try_admit(len) {
+            Err(NoRoom::Busy { .. }) if self.fills.any_committing() => {
+                self.commits_settled().await;
+                self.try_admit(len)
+            }
+            done => done,
+        }
+    }
+
+    fn try_admit(self: &Arc<Self>, len: Option<u64>) -> Result<Reservation, NoRoom> {
         if let Some(len) = len {
             let mut state = self.lock();
             plan_admit(self.room(&state, len), len)?;
@@ -1723,6 +1752,7 @@ mod tests {
             .to_bytes();
         assert_eq!(&got[..], &content[..]);
         assert!(fill.committing() && !cache.contains(&digest));
+        assert!(cache.fills.is_empty(), "its bytes are no longer arriving");
         // A request arriving now waits for the entry, and so does shutdown.
         let waiting = {
             let cache = cache.clone();
@@ -1746,6 +1776,70 @@ mod tests {
             .expect("no commit pending")
             .unwrap();
         assert!(!fill.committing());
+    }
+
+    /// Starts a fill of 2000 bytes of `byte` and waits until its bytes
+    /// matched; with the commit gate held by the caller it stays committing.
+    async fn committing_fill(cache: &Arc<Cache>, byte: u8) -> Arc<fill::Fill> {
+        use http_body_util::StreamBody;
+        let content = [byte; 2000];
+        let fill::Role::Leader(leader) = cache.join_fill(&Digest::of(&content)) else {
+            panic!("nobody else fills");
+        };
+        let frames: Vec<Result<http_body::Frame<bytes::Bytes>, crate::http::body::BoxError>> =
+            vec![Ok(http_body::Frame::data(bytes::Bytes::copy_from_slice(
+                &content,
+            )))];
+        let body = StreamBody::new(futures_util::stream::iter(frames));
+        let room = cache.admit(Some(2000)).unwrap();
+        let fill = leader
+            .start(body, Some(2000), String::new(), room)
+            .await
+            .unwrap();
+        fill.watch().wait_for(|p| p.verified).await.unwrap();
+        fill
+    }
+
+    #[tokio::test]
+    async fn admission_waits_for_room_held_by_a_download_being_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 3000).unwrap();
+        let gate = cache.commit_gate.write().await;
+        let held = committing_fill(&cache, 6).await;
+        // Its 2000 bytes are held while it commits: 2000 more do not fit yet.
+        assert!(matches!(cache.admit(Some(2000)), Err(NoRoom::Busy { .. })));
+        let next = {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.admit_soon(Some(2000)).await.map(|r| r.promise()) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!next.is_finished(), "waits for the commit");
+        drop(gate);
+        let admitted = tokio::time::timeout(Duration::from_secs(5), next).await;
+        assert!(matches!(admitted, Ok(Ok(Ok(2000)))), "{admitted:?}");
+        assert!(
+            cache.contains(&held.digest),
+            "committed, and evicted only as bytes come"
+        );
+    }
+
+    #[tokio::test]
+    async fn growing_waits_for_room_held_by_a_download_being_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 3000).unwrap();
+        let gate = cache.commit_gate.write().await;
+        let held = committing_fill(&cache, 7).await;
+        let mut room = cache.admit(None).unwrap();
+        let growing = tokio::spawn(async move { room.cover(1500).await.map(|_| room.bytes()) });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!growing.is_finished(), "waits for the commit");
+        drop(gate);
+        let grown = tokio::time::timeout(Duration::from_secs(5), growing).await;
+        assert!(matches!(grown, Ok(Ok(Ok(b))) if b >= 1500), "{grown:?}");
+        assert!(
+            !cache.contains(&held.digest),
+            "the committed entry made the room"
+        );
     }
 
     #[tokio::test]

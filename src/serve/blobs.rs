@@ -127,7 +127,7 @@ async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served 
     // A known length is admitted (it could fit) but evicts nothing: the
     // fill makes room as its bytes arrive. Without admission, this client
     // gets the blob uncached (still verified).
-    let reservation = match state.cache.admit(total) {
+    let reservation = match state.cache.admit_soon(total).await {
         Ok(r) => r,
         Err(no_room) => {
             tracing::info!(%digest, error = %no_room, "not cached (cache_size): streaming the blob uncached");

@@ -49,6 +49,7 @@ async fn pull_alpine(env: &Env, proxy: &Proxy) -> Pulled {
         pull(proxy, &blob_path(REPO, d))
             .await
             .assert_served(data, "MISS", "blob");
+        env.stored(d).await;
     }
     Pulled { m_d, m, blobs }
 }

@@ -1679,8 +1679,6 @@ async fn a_hostile_content_length_evicts_nothing_before_its_bytes_arrive() {
         get(&proxy, &blob_path(repo, digest))
             .await
             .assert_served(data, "MISS", "warm fill");
-        // Committed: an entry that may be evicted, no longer a download's room.
-        env.stored(digest).await;
     }
     // The cache is full; the stalling body announces all of it.
     env.reg.set_fault(
