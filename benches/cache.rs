@@ -6,6 +6,7 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use regcache::cache::index::{Change, ContentRow, Index};
@@ -135,5 +136,27 @@ fn fill_room(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, startup, hot_paths, fill_room);
+/// What the metrics add to each request: the access log's recording when a
+/// response ends (counter, histogram, served bytes), and one upstream
+/// answer. Nothing is recorded per chunk.
+fn metrics_recording(c: &mut Criterion) {
+    let m = regcache::metrics::get();
+    let mut group = c.benchmark_group("metrics");
+    group.bench_function("record one finished blob request", |b| {
+        b.iter(|| {
+            m.request(
+                black_box("docker.io"),
+                black_box("/v2/library/alpine/blobs/sha256:0123"),
+                black_box("HIT"),
+                200,
+                black_box(256 << 20),
+                Duration::from_millis(120),
+            )
+        })
+    });
+    group.bench_function("render a scrape", |b| b.iter(|| m.render().len()));
+    group.finish();
+}
+
+criterion_group!(benches, startup, hot_paths, fill_room, metrics_recording);
 criterion_main!(benches);
