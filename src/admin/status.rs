@@ -163,7 +163,7 @@ fn saved(h: &mut String, s: &StatusSnapshot) {
     let _ = write!(
         h,
         "</div><p class=\"muted\">Hit ratio: requests served from the cache (hit, coalesced, stale, revalidated) \
-         of those and the misses and errors. Over the cache's whole life: {} of {} hits.</p></section>",
+         of those and the misses and errors. Over the cache's whole life: {} of {} requests.</p></section>",
         percent(c.hit_percent()),
         c.hits + c.misses,
     );
@@ -209,6 +209,7 @@ fn upstreams(h: &mut String, s: &StatusSnapshot) {
     for u in &s.upstreams {
         let (class, state) = if u.up { ("up", "up") } else { ("down", "down") };
         let latency = match u.mean_latency_seconds {
+            Some(l) if l < 0.01 => format!("{:.1} ms", l * 1000.0),
             Some(l) => format!("{:.0} ms", l * 1000.0),
             None => "–".into(),
         };

@@ -54,7 +54,7 @@ pub struct Event {
     /// When, in seconds since the Unix epoch.
     pub at_unix: u64,
     /// `error` (a 5xx answered), `refused` (401, 403, 407 answered),
-    /// `throttled` (429 answered), `upstream` (an upstream registry failed
+    /// `bad request` (400 answered), `throttled` (429 answered), `upstream` (an upstream registry failed
     /// or throttled), `fill` (a download into the cache failed).
     pub kind: &'static str,
     /// What it was about: `registry/repository`, else the registry and
@@ -241,6 +241,7 @@ impl Activity {
             ("error", _) => "error",
             ("denied", _) => "refused",
             (_, 429) => "throttled",
+            (_, 400) => "bad request",
             _ => return,
         };
         inner.push(Event {
