@@ -87,6 +87,7 @@ th,td{text-align:left;padding:.3rem .45rem;border-bottom:1px solid #eef0f2;verti
 th{font-weight:600;color:#444;font-size:.85rem}\
 .scroll{overflow-x:auto}\
 .name{overflow-wrap:anywhere;word-break:break-word}\
+.host{white-space:nowrap}\
 .num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}\
 .bar{height:.85rem;background:#e3e6ea;border-radius:4px;overflow:hidden;margin:.35rem 0}\
 .bar span{display:block;height:100%;background:#2e7d32}\
@@ -162,8 +163,8 @@ fn saved(h: &mut String, s: &StatusSnapshot) {
     let c = &s.stats.cache;
     let _ = write!(
         h,
-        "</div><p class=\"muted\">Hit ratio: requests served from the cache (hit, coalesced, stale, revalidated) \
-         of those and the misses and errors. Over the cache's whole life: {} of {} requests.</p></section>",
+        "</div><p class=\"muted\">Hit ratio: requests answered from the cache (hit, coalesced, stale, revalidated) \
+         among those, the misses and the errors. Over the cache's life, all runs: {} of {} requests.</p></section>",
         percent(c.hit_percent()),
         c.hits + c.misses,
     );
@@ -183,12 +184,13 @@ fn cache(h: &mut String, s: &StatusSnapshot) {
         h,
         "<section><h2>Cache</h2><div class=\"big\" id=\"cache-fill\">{share:.1}%</div>\
          <div class=\"bar{full}\" role=\"img\" aria-label=\"cache {share:.0}% full\"><span style=\"width:{share:.1}%\"></span></div>\
-         <div>{} of {} · {} entries · {} tags</div>\
+         <div>{} of {} · {} entries · {} tag{}</div>\
          <div class=\"muted\">{} download{} in progress holding {}</div></section>",
         bytes(used),
         bytes(cap),
         st.cache.entries,
         st.cache.tags,
+        if st.cache.tags == 1 { "" } else { "s" },
         st.fills_in_progress,
         if st.fills_in_progress == 1 { "" } else { "s" },
         bytes(st.filling_bytes),
@@ -227,7 +229,7 @@ fn upstreams(h: &mut String, s: &StatusSnapshot) {
         };
         let _ = write!(
             h,
-            "<tr><td class=\"name\">{}</td><td class=\"{class}\">{state}</td><td>{}</td>\
+            "<tr><td class=\"host\">{}</td><td class=\"{class}\">{state}</td><td>{}</td>\
              <td class=\"num\">{latency}</td><td class=\"num\">{}</td><td>{}</td><td class=\"num\">{}</td></tr>",
             escape(&u.registry),
             ago(s.now_unix, u.last_contact_unix),
@@ -255,8 +257,9 @@ fn top(h: &mut String, a: &ActivitySnapshot) {
     }
     let _ = write!(
         h,
-        "</tbody></table><p class=\"muted\">Since start; {} names counted.</p></section>",
-        a.names_counted
+        "</tbody></table><p class=\"muted\">Since start; {} name{} counted.</p></section>",
+        a.names_counted,
+        if a.names_counted == 1 { "" } else { "s" },
     );
 }
 

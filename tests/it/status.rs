@@ -130,7 +130,7 @@ async fn after_pulls_the_page_shows_hit_ratio_upstream_and_images_escaped_and_bo
         &[
             "id=\"hit-ratio-today\">66.7%<",
             "id=\"hit-ratio-start\">66.7%<",
-            "<td class=\"name\">docker.io</td><td class=\"up\">up</td>",
+            "<td class=\"host\">docker.io</td><td class=\"up\">up</td>",
             "docker.io/library/alpine</td><td class=\"num\">3<",
         ],
     )
