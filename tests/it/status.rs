@@ -15,7 +15,7 @@ use crate::admin::Netns;
 use crate::support::http::{raw, read_response, Got, HttpClient};
 use crate::support::pattern::blob_bytes;
 use crate::support::proxy::{write_file, Env, Proxy};
-use crate::support::registry::{blob_path, manifest_path, oci_manifest, ACCEPT_ALL, HUB};
+use crate::support::registry::{blob_path, manifest_path, oci_manifest, Fault, ACCEPT_ALL, HUB};
 use crate::support::tls::Alpn;
 
 /// What Chromium sends as `Accept` for a page.
@@ -229,4 +229,46 @@ async fn from_another_host_the_page_needs_the_admin_token() {
     let (status, body) = ns.curl("GET", &url, &[html, "Authorization: Bearer s3cret-t0ken"]);
     assert_eq!(status, 403, "{body}");
     assert!(body.contains("loopback clients only"), "{body}");
+}
+
+#[tokio::test]
+async fn a_download_in_flight_shows_its_progress() {
+    let env = Env::new().await;
+    let blob = blob_bytes(91, 1024 * 1024);
+    let digest = env.reg.put_blob("library/busybox", blob.clone());
+    let blob_at = blob_path("library/busybox", &digest);
+    // The download stops after 256 KiB until the gate opens.
+    env.reg.set_fault(
+        &blob_at,
+        Fault {
+            gate_after: Some(256 * 1024),
+            ..Fault::default()
+        },
+    );
+    let proxy = env.proxy().start().await;
+    let mut client = proxy.intercepted(HUB, Alpn::Http11).await;
+    let resp = client.get(&blob_at).await;
+    let hex = digest.strip_prefix("sha256:").unwrap_or(&digest);
+    let page = page_with(
+        proxy.addr,
+        &[
+            &format!("<code>{}</code> docker.io/library/busybox", &hex[..12]),
+            "256.0 KiB / 1.0 MiB · streaming",
+            "1 download in progress",
+        ],
+    )
+    .await;
+    assert_eq!(rows(&page, "fills"), 1, "{page}");
+    env.reg.open_gate();
+    read_response(resp)
+        .await
+        .assert_served(&blob, "MISS", "the download, once the gate opened");
+    page_with(
+        proxy.addr,
+        &[
+            "0 downloads in progress",
+            "<h2>Downloads in progress</h2><p class=\"muted\">None.</p>",
+        ],
+    )
+    .await;
 }
