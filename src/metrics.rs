@@ -13,11 +13,20 @@
 //! never a repository, tag or client address. docs/metrics.md lists every
 //! metric.
 //!
+//! Beside them, [`activity`] keeps what the status page shows of recent
+//! traffic (totals today, the most requested images, recent errors), fed
+//! from the same recording points; [`Metrics::upstreams`] reads each
+//! upstream registry's state back from the metrics themselves.
+//!
 //! This module is the lowest layer: it names no other module of the crate,
 //! so every layer may record.
 
+pub mod activity;
+
+use std::collections::BTreeMap;
+
 use std::fmt;
-use std::sync::{Arc, LazyLock, RwLock};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
@@ -324,6 +333,43 @@ pub struct Metrics {
     certificates_minted: Counter,
     denied: Family<ReasonLabel, Counter>,
     cache: Arc<CacheCollector>,
+    activity: activity::Activity,
+    /// The upstream registries contacted, with the last contact and the
+    /// latency sum (prometheus-client does not read a histogram back).
+    contacts: Mutex<BTreeMap<String, Contact>>,
+}
+
+/// What [`Metrics::upstreams`] keeps of one registry's contacts.
+#[derive(Debug, Clone, Copy, Default)]
+struct Contact {
+    last_unix: u64,
+    requests: u64,
+    seconds: f64,
+}
+
+/// One upstream registry as the status page shows it, read from the
+/// metrics ([`Metrics::upstreams`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamStatus {
+    /// The canonical registry host.
+    pub registry: String,
+    /// Whether the last contact got a response below 500
+    /// (`regcache_upstream_up`).
+    pub up: bool,
+    /// When that was, in seconds since the epoch.
+    pub last_contact_unix: u64,
+    /// Requests sent (as the upstream duration histogram counts them).
+    pub requests: u64,
+    /// Their mean time to the response head, in seconds.
+    pub mean_latency_seconds: Option<f64>,
+    /// The pull limit last announced.
+    pub ratelimit_limit: Option<i64>,
+    /// What remains of it.
+    pub ratelimit_remaining: Option<i64>,
+    /// Its window in seconds.
+    pub ratelimit_window_seconds: Option<i64>,
+    /// 429 answers received.
+    pub throttled: u64,
 }
 
 fn request_histogram() -> Histogram {
@@ -361,6 +407,8 @@ impl Metrics {
             certificates_minted: Counter::default(),
             denied: Family::default(),
             cache: Arc::default(),
+            activity: activity::Activity::default(),
+            contacts: Mutex::default(),
         };
         let mut r = Registry::default();
         r.register(
@@ -515,6 +563,14 @@ impl Metrics {
         self.request_duration
             .get_or_create(&DurationLabels { kind, result })
             .observe(elapsed.as_secs_f64());
+        self.activity.request(&activity::Ended {
+            registry,
+            path,
+            kind,
+            result,
+            status,
+            bytes,
+        });
         let source = match result {
             "hit" | "coalesced" | "stale" | "revalidated" => "cache",
             "miss" | "pass" => "upstream",
@@ -551,6 +607,18 @@ impl Metrics {
         if status == 429 {
             self.throttled.get_or_create(&label).inc();
         }
+        if status == 429 || status >= 500 {
+            let reason = http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("");
+            self.activity.event(
+                "upstream",
+                &activity::target(registry, path),
+                Some(status),
+                &format!("{method}: {reason}"),
+            );
+        }
         if !matches!(method, "GET" | "HEAD") || kind_of(path) != "manifest" {
             return;
         }
@@ -573,6 +641,12 @@ impl Metrics {
     /// An upstream request to `registry` failed without a response.
     pub fn upstream_failed(&self, registry: &str, method: &str, elapsed: Duration) {
         self.upstream(registry, method, "error", elapsed, false);
+        self.activity.event(
+            "upstream",
+            &format!("{registry} {method}"),
+            None,
+            "no response",
+        );
     }
 
     fn upstream(&self, registry: &str, method: &str, code: &str, elapsed: Duration, up: bool) {
@@ -590,6 +664,51 @@ impl Metrics {
             .get_or_create(&label)
             .observe(elapsed.as_secs_f64());
         self.upstream_up.get_or_create(&label).set(i64::from(up));
+        let mut contacts = self.contacts.lock().unwrap_or_else(|p| p.into_inner());
+        let contact = match contacts.get_mut(registry) {
+            Some(c) => c,
+            None => contacts.entry(registry.to_string()).or_default(),
+        };
+        contact.last_unix = activity::now_unix();
+        contact.requests += 1;
+        contact.seconds += elapsed.as_secs_f64();
+    }
+
+    /// Each upstream registry contacted since start, by name.
+    pub fn upstreams(&self) -> Vec<UpstreamStatus> {
+        let contacts: Vec<(String, Contact)> = self
+            .contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        contacts
+            .into_iter()
+            .map(|(registry, c)| {
+                let label = RegistryLabel {
+                    registry: registry.clone(),
+                };
+                let gauge = |f: &Family<RegistryLabel, Gauge>| f.get(&label).map(|g| g.get());
+                UpstreamStatus {
+                    up: gauge(&self.upstream_up) == Some(1),
+                    last_contact_unix: c.last_unix,
+                    requests: c.requests,
+                    mean_latency_seconds: (c.requests > 0).then(|| c.seconds / c.requests as f64),
+                    ratelimit_limit: gauge(&self.ratelimit_limit),
+                    ratelimit_remaining: gauge(&self.ratelimit_remaining),
+                    ratelimit_window_seconds: gauge(&self.ratelimit_window),
+                    throttled: self.throttled.get(&label).map(|c| c.get()).unwrap_or(0),
+                    registry,
+                }
+            })
+            .collect()
+    }
+
+    /// What the status page shows of recent traffic, with the `top` most
+    /// requested images.
+    pub fn activity(&self, top: usize) -> activity::ActivitySnapshot {
+        self.activity.snapshot(top)
     }
 
     /// `n` body bytes arrived from `registry` (once per response, when its
@@ -608,10 +727,13 @@ impl Metrics {
     }
 
     /// A download into the cache failed: one of [`FILL_FAILURE_REASONS`].
-    pub fn fill_failed(&self, reason: &'static str) {
+    /// `what` names it for the status page (image and digest).
+    pub fn fill_failed(&self, reason: &'static str, what: &str) {
         self.fill_failures
             .get_or_create(&ReasonLabel { reason })
             .inc();
+        self.activity
+            .event("fill", what, None, &format!("download failed: {reason}"));
     }
 
     /// A cached file did not match its digest.
@@ -642,6 +764,15 @@ impl Metrics {
     /// [`Metrics::refused_by_policy`]).
     pub fn denied(&self, reason: &'static str) {
         self.denied.get_or_create(&ReasonLabel { reason }).inc();
+        // The others answer a request, which the access log records.
+        if reason == "allow" {
+            self.activity.event(
+                "refused",
+                "",
+                None,
+                "client address not in allow (connection closed)",
+            );
+        }
     }
 
     /// regcache refused a CONNECT or plain-HTTP request by the policy `rule`

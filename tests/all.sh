@@ -8,7 +8,8 @@
 #      the alert rules and their unit tests, the scrape config, the Grafana
 #      dashboard's metric names, the kustomize component's ServiceMonitor);
 #   5. the end-to-end tests with the real registry and real clients
-#      (run.sh, auth.sh, links.sh, mirror.sh, origins.sh, metrics.sh);
+#      (run.sh, auth.sh, links.sh, mirror.sh, origins.sh, metrics.sh,
+#      status.sh);
 #   6. a smoke run of the benchmark (bench/run.sh --smoke: every peer started
 #      and measured once with small sizes, to keep the script working; its
 #      targets are not checked here).
@@ -59,6 +60,9 @@ $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/origins.sh
 
 step "end-to-end test of metrics (a real Prometheus scrapes regcache; promtool check metrics; the dashboard's expressions and the alert rules live)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/metrics.sh
+
+step "end-to-end test of the status page (headless chromium loads / after two pulls; a narrow screenshot in target/e2e-artifacts/status.png)"
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/status.sh
 
 step "benchmark smoke run (bench/run.sh --smoke: squid, distribution mirror, nginx, direct, regcache; one small round)"
 cargo build --locked --example bench_client

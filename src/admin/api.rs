@@ -206,6 +206,19 @@ pub async fn handle<B>(app: &App, peer: SocketAddr, req: &Request<B>) -> Respons
     resp
 }
 
+/// The numbers of `GET /api/v1/stats` now (the status page shows them too).
+pub fn live_stats(app: &App) -> LiveStats {
+    let cache = &app.state.cache;
+    LiveStats {
+        cache: cache.stats().into(),
+        capacity_bytes: cache.cap(),
+        filling_bytes: cache.reserved() + cache.promised(),
+        fills_in_progress: cache.fills.len() as u64,
+        uptime_seconds: app.started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
 /// The endpoint for an allowed call.
 async fn route(app: &App, method: &Method, path: &str) -> Response<Body> {
     let cache = &app.state.cache;
@@ -215,18 +228,7 @@ async fn route(app: &App, method: &Method, path: &str) -> Response<Body> {
             if method != Method::GET {
                 return not_allowed("GET");
             }
-            let fills = cache.fills.len() as u64;
-            json(
-                StatusCode::OK,
-                &LiveStats {
-                    cache: cache.stats().into(),
-                    capacity_bytes: cache.cap(),
-                    filling_bytes: cache.reserved() + cache.promised(),
-                    fills_in_progress: fills,
-                    uptime_seconds: app.started.elapsed().as_secs(),
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                },
-            )
+            json(StatusCode::OK, &live_stats(app))
         }
         "images" => {
             if method != Method::GET {

@@ -1,13 +1,20 @@
 //! regcache's own pages on the proxy port (origin-form requests):
 //! `/ca.crt` (the CA to trust), `/healthz`, `/metrics` (Prometheus, see
 //! [`crate::metrics`]) and `/setup` (a script that makes a host trust the
-//! CA: `curl -fsSL http://regcache:3128/setup | sudo sh`); the admin API
-//! under `/api/v1/` ([`api`]); and the pages of the `metrics_listen`
-//! address, `/metrics` and `/healthz` alone ([`handle_metrics_listen`]).
+//! CA: `curl -fsSL http://regcache:3128/setup | sudo sh`); the status page
+//! at `/` for a browser ([`status`], with the admin API's access rule); the
+//! admin API under `/api/v1/` ([`api`]); and the pages of the
+//! `metrics_listen` address, `/metrics` and `/healthz` alone
+//! ([`handle_metrics_listen`]).
 
 pub mod api;
+pub mod status;
 
-use http::header::{HeaderValue, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE};
+use std::net::SocketAddr;
+
+use http::header::{
+    HeaderValue, ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONTENT_DISPOSITION, CONTENT_TYPE,
+};
 use http::{Method, Request, Response, StatusCode};
 
 use crate::app::App;
@@ -17,8 +24,13 @@ use crate::http::error::error_response;
 /// The host set-up script, with `@REGCACHE_URL@` to fill in.
 const SETUP_SCRIPT: &str = include_str!("../../deploy/setup.sh");
 
-/// Answers an origin-form request to the proxy port.
-pub async fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
+/// The answer to a client that does not want the status page, or to a
+/// path regcache does not serve.
+const HINT: &str =
+    "regcache is a proxy: set HTTPS_PROXY to this address. Pages here: /ca.crt /healthz /metrics /setup";
+
+/// Answers an origin-form request from `peer` to the proxy port.
+pub async fn handle<B>(app: &App, peer: SocketAddr, req: &Request<B>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return error_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -37,14 +49,60 @@ pub async fn handle<B>(app: &App, req: &Request<B>) -> Response<Body> {
         }
         "/healthz" => text("ok\n".into(), "text/plain; charset=utf-8"),
         "/setup" => {
-            let url = format!("http://{}", safe_host(req).unwrap_or_else(|| app.state.config.listen.to_string()));
-            text(SETUP_SCRIPT.replace("@REGCACHE_URL@", &url), "text/x-shellscript; charset=utf-8")
+            let url = format!(
+                "http://{}",
+                safe_host(req).unwrap_or_else(|| app.state.config.listen.to_string())
+            );
+            text(
+                SETUP_SCRIPT.replace("@REGCACHE_URL@", &url),
+                "text/x-shellscript; charset=utf-8",
+            )
         }
-        _ => error_response(
-            StatusCode::NOT_FOUND,
-            "regcache is a proxy: set HTTPS_PROXY to this address. Pages here: /ca.crt /healthz /metrics /setup",
-        ),
+        "/" if wants_html(req) => status_page(app, peer, req),
+        _ => error_response(StatusCode::NOT_FOUND, HINT),
     }
+}
+
+/// Whether the client asks for HTML (a browser): its `Accept` names
+/// `text/html`.
+pub fn wants_html<B>(req: &Request<B>) -> bool {
+    req.headers().get_all(ACCEPT).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.to_ascii_lowercase().contains("text/html"))
+    })
+}
+
+/// `GET /` for a browser: the status page, to whom the admin API answers
+/// ([`api::decide`]); a 403 page for others.
+fn status_page<B>(app: &App, peer: SocketAddr, req: &Request<B>) -> Response<Body> {
+    let authorization = req.headers().get(AUTHORIZATION).map(HeaderValue::as_bytes);
+    let verdict = api::decide(peer.ip(), authorization, app.admin_token.as_deref());
+    let html = "text/html; charset=utf-8";
+    let (status, page) = match verdict {
+        api::Verdict::Loopback | api::Verdict::Token => {
+            (StatusCode::OK, status::render(&status::snapshot(app)))
+        }
+        api::Verdict::Forbidden => (
+            StatusCode::FORBIDDEN,
+            status::forbidden(
+                "The status page shows image names, so it answers as the admin API does: \
+                 loopback clients only, as no admin_token_file is set.",
+            ),
+        ),
+        api::Verdict::Unauthorized => (
+            StatusCode::FORBIDDEN,
+            status::forbidden(
+                "The status page shows image names, so it answers as the admin API does: \
+                 loopback clients, or requests sending Authorization: Bearer with the token of admin_token_file.",
+            ),
+        ),
+    };
+    if !verdict.allowed() {
+        tracing::info!(%peer, access = ?verdict, "status page refused");
+    }
+    let mut resp = text(page, html);
+    *resp.status_mut() = status;
+    resp
 }
 
 /// Answers a request to the `metrics_listen` address: `/metrics` and

@@ -131,6 +131,22 @@ impl Fill {
     }
 }
 
+/// One download in flight as [`SingleFlight::progress`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FillProgress {
+    /// The digest being downloaded (`sha256:…`).
+    pub digest: String,
+    /// The (registry, repository) it comes from, once known.
+    pub origin: Option<(String, String)>,
+    /// Bytes written so far.
+    pub written: u64,
+    /// The announced length, if any.
+    pub total: Option<u64>,
+    /// `connecting`, `streaming`, `committing`, `done`, `failed` or
+    /// `abandoned`.
+    pub phase: &'static str,
+}
+
 /// The downloads in flight, by digest.
 #[derive(Default)]
 pub struct SingleFlight {
@@ -154,6 +170,34 @@ impl SingleFlight {
     /// Whether no download's bytes are still arriving.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Where each download in flight stands (the status page), by digest.
+    pub fn progress(&self) -> Vec<FillProgress> {
+        let fills: Vec<Arc<Fill>> = self.lock().values().cloned().collect();
+        let mut out: Vec<FillProgress> = fills
+            .iter()
+            .map(|f| {
+                let p = f.progress.borrow();
+                let phase = match &p.phase {
+                    Phase::Connecting => "connecting",
+                    Phase::Streaming if p.verified => "committing",
+                    Phase::Streaming => "streaming",
+                    Phase::Done => "done",
+                    Phase::Failed(_) => "failed",
+                    Phase::Abandoned => "abandoned",
+                };
+                FillProgress {
+                    digest: f.digest.to_string(),
+                    origin: f.origin().cloned(),
+                    written: p.written,
+                    total: p.total,
+                    phase,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out
     }
 
     /// The downloads whose bytes matched and whose entries are being
@@ -381,7 +425,11 @@ async fn write_fill<B>(
             fill.update(|p| p.phase = Phase::Done);
         }
         Err(Failure { reason, error: e }) => {
-            crate::metrics::get().fill_failed(reason);
+            let what = match fill.origin() {
+                Some((registry, repo)) => format!("{registry}/{repo} {}", fill.digest),
+                None => fill.digest.to_string(),
+            };
+            crate::metrics::get().fill_failed(reason, &what);
             tracing::warn!(digest = %fill.digest, error = %e, reason, "download failed; nothing stored");
             let _ = tokio::fs::remove_file(&temp).await;
             fill.update(|p| p.phase = Phase::Failed(Arc::from(e.to_string())));

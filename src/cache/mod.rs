@@ -62,7 +62,7 @@ use crate::registry::link::LinkFacts;
 use freshness::TagRecord;
 use index::{Change, ContentRow, Index, TagRow};
 
-pub use fill::SingleFlight;
+pub use fill::{FillProgress, SingleFlight};
 
 /// A cache problem.
 #[derive(Debug, thiserror::Error)]

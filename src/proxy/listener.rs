@@ -182,7 +182,7 @@ async fn origin_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
     } else if crate::admin::api::is_api_path(req.uri().path()) {
         crate::admin::api::handle(&ctx.app, ctx.peer, &req).await
     } else {
-        crate::admin::handle(&ctx.app, &req).await
+        crate::admin::handle(&ctx.app, ctx.peer, &req).await
     }
 }
 

@@ -20,6 +20,7 @@ declare -A PROVIDER=(
     [timeout]=coreutils
     [prometheus]=prometheus
     [promtool]=prometheus
+    [chromium]=chromium
 )
 
 missing=()

@@ -317,16 +317,16 @@ async fn a_token_file_its_group_can_read_stops_regcache_at_start() {
 
 /// A network namespace with a veth pair: the host side `host`, the
 /// namespace side `peer`. Removed (with the pair) when dropped.
-struct Netns {
+pub(crate) struct Netns {
     name: String,
-    host: IpAddr,
-    peer: IpAddr,
+    pub(crate) host: IpAddr,
+    pub(crate) peer: IpAddr,
 }
 
 impl Netns {
     /// A namespace for this test, or None (with the reason printed) where
     /// namespaces cannot be made (not root, no `ip`).
-    fn create() -> Option<Netns> {
+    pub(crate) fn create() -> Option<Netns> {
         let id = std::process::id();
         let name = format!("rcadm{}", id % 100_000);
         let net = 16 + id % 200;
@@ -374,7 +374,7 @@ impl Netns {
     }
 
     /// `curl` from inside the namespace: (HTTP status, body).
-    fn curl(&self, method: &str, url: &str, headers: &[&str]) -> (u16, String) {
+    pub(crate) fn curl(&self, method: &str, url: &str, headers: &[&str]) -> (u16, String) {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name, "curl", "-sS", "-X", method])
             .args(["--noproxy", "*", "-w", "\n%{http_code}"]);

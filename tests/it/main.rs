@@ -15,4 +15,5 @@ mod metrics;
 mod origins;
 mod parent_proxy;
 mod proxy;
+mod status;
 mod stream;
