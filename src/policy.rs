@@ -19,11 +19,17 @@
 //!   and not on a loopback, link-local or private address unless a registry
 //!   is reached there (a `--resolve` entry says so, or it resolved there).
 //!   A client's credential follows a redirect only to the same origin.
+//! - **Own-listener rule.** regcache never relays to itself: a connection
+//!   it opens (a tunnel, a plain pass-through, a registry or redirect
+//!   target) that lands on one of its own listening sockets is refused
+//!   ([`decide_connected`]). Otherwise a client could reach regcache's
+//!   loopback-only pages (the admin API, the status page) through the proxy,
+//!   its request arriving from 127.0.0.1, or make regcache loop.
 //!
 //! Each refusal names its rule ([`Refusal::rule`]) for the log line.
 
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use http::uri::Scheme;
 use http::Uri;
@@ -83,6 +89,10 @@ const REDIRECT_ADDRESS: Refusal = Refusal {
     rule: "redirect_address",
     reason: "redirect or token realm at a loopback, link-local or private address refused \
              (map that host with --resolve to allow it)",
+};
+const OWN_LISTENER: Refusal = Refusal {
+    rule: "own_listener",
+    reason: "regcache does not relay to itself",
 };
 const REALM_SCHEME: Refusal = Refusal {
     rule: "realm_scheme",
@@ -331,6 +341,30 @@ pub fn decide_redirect_address(
     }
 }
 
+/// Decides a connection regcache opened, once connected: from its own
+/// address `local` to `peer`. Refused when `peer` is one of regcache's own
+/// `listeners`: the same address, or the same port on a listener bound to
+/// every address (`0.0.0.0`, `[::]`) when `peer` is on this host (loopback,
+/// or the very address the connection left from, as the kernel picks for a
+/// destination on this host).
+pub fn decide_connected(
+    peer: SocketAddr,
+    local: IpAddr,
+    listeners: &[SocketAddr],
+) -> Result<(), Refusal> {
+    let ip = peer.ip().to_canonical();
+    let on_this_host = ip.is_loopback() || ip == local.to_canonical();
+    let own = listeners.iter().any(|listener| {
+        let bound = listener.ip().to_canonical();
+        listener.port() == peer.port() && (bound == ip || (bound.is_unspecified() && on_this_host))
+    });
+    if own {
+        Err(OWN_LISTENER)
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,5 +584,46 @@ mod tests {
             assert!(!is_internal(ip), "{ip}");
             assert!(decide_redirect_address(ip, false, false).is_ok());
         }
+    }
+
+    #[test]
+    fn connected_table() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let proxy = a("127.0.0.1:3128");
+        let wildcard = a("0.0.0.0:80");
+        let wildcard6 = a("[::]:5443");
+        let veth = a("192.0.2.2:8080");
+        let listeners = [proxy, wildcard, wildcard6, veth];
+        // (peer, local address of the connection, refused?)
+        let cases = [
+            ("127.0.0.1:3128", "127.0.0.1", true),
+            ("127.0.0.1:3129", "127.0.0.1", false),
+            ("127.0.0.2:3128", "127.0.0.1", false),
+            ("[::ffff:127.0.0.1]:3128", "::ffff:127.0.0.1", true),
+            // A wildcard listener: any address of this host.
+            ("127.0.0.1:80", "127.0.0.1", true),
+            ("127.9.9.9:80", "127.0.0.1", true),
+            ("192.0.2.2:80", "192.0.2.2", true),
+            ("[::1]:80", "::1", true),
+            // ...but another host on that port is a real server.
+            ("192.0.2.9:80", "192.0.2.2", false),
+            ("93.184.216.34:80", "10.0.0.5", false),
+            ("[::1]:5443", "::1", true),
+            ("10.0.0.5:5443", "10.0.0.5", true),
+            ("[2001:db8::1]:5443", "2001:db8::2", false),
+            // A listener on one address.
+            ("192.0.2.2:8080", "192.0.2.2", true),
+            ("127.0.0.1:8080", "127.0.0.1", false),
+            ("192.0.2.3:8080", "192.0.2.2", false),
+        ];
+        for (peer, local, refused) in cases {
+            let verdict = decide_connected(a(peer), ip(local), &listeners);
+            assert_eq!(verdict.is_err(), refused, "{peer} from {local}");
+            if let Err(refusal) = verdict {
+                assert_eq!(refusal.rule, "own_listener");
+            }
+        }
+        assert!(decide_connected(proxy, ip("127.0.0.1"), &[]).is_ok());
     }
 }

@@ -5,7 +5,8 @@
 //! at `/` for a browser ([`status`], with the admin API's access rule); the
 //! admin API under `/api/v1/` ([`api`]); and the pages of the
 //! `metrics_listen` address, `/metrics` and `/healthz` alone
-//! ([`handle_metrics_listen`]).
+//! ([`handle_metrics_listen`]); and those of the `mirror_tls` port,
+//! `/ca.crt` and `/healthz` beside the registry API ([`handle_mirror_tls`]).
 
 pub mod api;
 pub mod status;
@@ -31,23 +32,13 @@ const HINT: &str =
 
 /// Answers an origin-form request from `peer` to the proxy port.
 pub async fn handle<B>(app: &App, peer: SocketAddr, req: &Request<B>) -> Response<Body> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET and HEAD are served here",
-        );
+    if let Some(refused) = refuse_method(req) {
+        return refused;
     }
     match req.uri().path() {
         "/metrics" => metrics().await,
-        "/ca.crt" => {
-            let mut resp = text(app.ca.cert_pem().to_string(), "application/x-pem-file");
-            resp.headers_mut().insert(
-                CONTENT_DISPOSITION,
-                HeaderValue::from_static("attachment; filename=\"regcache-ca.crt\""),
-            );
-            resp
-        }
-        "/healthz" => text("ok\n".into(), "text/plain; charset=utf-8"),
+        "/ca.crt" => ca_cert(app),
+        "/healthz" => healthz(),
         "/setup" => {
             let url = format!(
                 "http://{}",
@@ -108,17 +99,57 @@ fn status_page<B>(app: &App, peer: SocketAddr, req: &Request<B>) -> Response<Bod
 /// Answers a request to the `metrics_listen` address: `/metrics` and
 /// `/healthz`, nothing else.
 pub async fn handle_metrics_listen<B>(req: &Request<B>) -> Response<Body> {
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return error_response(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "only GET and HEAD are served here",
-        );
+    if let Some(refused) = refuse_method(req) {
+        return refused;
     }
     match req.uri().path() {
         "/metrics" => metrics().await,
-        "/healthz" => text("ok\n".into(), "text/plain; charset=utf-8"),
+        "/healthz" => healthz(),
         _ => error_response(StatusCode::NOT_FOUND, "Pages here: /metrics /healthz"),
     }
+}
+
+/// Answers a request to the `mirror_tls` port that is not for the
+/// registry API: `/ca.crt` and `/healthz` only. The status page and the
+/// admin API stay on the proxy port, where their access rule is kept.
+pub fn handle_mirror_tls<B>(app: &App, req: &Request<B>) -> Response<Body> {
+    if let Some(refused) = refuse_method(req) {
+        return refused;
+    }
+    match req.uri().path() {
+        "/ca.crt" => ca_cert(app),
+        "/healthz" => healthz(),
+        _ => error_response(
+            StatusCode::NOT_FOUND,
+            "this port serves the registry API (/v2/); regcache's pages are on the proxy port",
+        ),
+    }
+}
+
+/// 405 for a method other than GET and HEAD.
+fn refuse_method<B>(req: &Request<B>) -> Option<Response<Body>> {
+    let read = req.method() == Method::GET || req.method() == Method::HEAD;
+    (!read).then(|| {
+        error_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET and HEAD are served here",
+        )
+    })
+}
+
+/// `GET /ca.crt`: the CA certificate, as a download.
+fn ca_cert(app: &App) -> Response<Body> {
+    let mut resp = text(app.ca.cert_pem().to_string(), "application/x-pem-file");
+    resp.headers_mut().insert(
+        CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"regcache-ca.crt\""),
+    );
+    resp
+}
+
+/// `GET /healthz`.
+fn healthz() -> Response<Body> {
+    text("ok\n".into(), "text/plain; charset=utf-8")
 }
 
 /// `GET /metrics`: every metric in the Prometheus text format, rendered on

@@ -30,7 +30,7 @@ use crate::policy::{decide_connect, decide_plain_http, Decision, PlainHttp};
 use crate::registry::hosts::normalize_host;
 use crate::serve::mirror::{self, MirrorRequest};
 use crate::serve::{self, Origin, Target};
-use crate::upstream::connect_tcp;
+use crate::upstream::{connect_tcp, RelayToSelf};
 
 /// How long a refused client may take to send its request head.
 const REFUSED_READ_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,7 +73,7 @@ pub async fn serve_client(ctx: ConnContext, stream: TcpStream) {
 }
 
 /// Serves one client connection on the `mirror_tls` port: TLS, then the
-/// registry API (mirror and path-prefix forms) and regcache's own pages.
+/// registry API (mirror and path-prefix forms), `/ca.crt` and `/healthz`.
 #[tracing::instrument(name = "mirror", skip_all, fields(client = %ctx.peer))]
 pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: String) {
     let _open = crate::metrics::get().connection();
@@ -94,7 +94,7 @@ pub async fn serve_mirror_tls(ctx: ConnContext, stream: TcpStream, local_name: S
     let service = service_fn(move |req: Request<Incoming>| {
         let ctx = service_ctx.clone();
         let peer = ctx.peer;
-        async move { Ok::<_, Infallible>(serve_request(peer, req, |req| origin_form(ctx, req)).await) }
+        async move { Ok::<_, Infallible>(serve_request(peer, req, |req| mirror_port(ctx, req)).await) }
     });
     intercept::serve_http(&ctx, tls, service).await;
 }
@@ -172,8 +172,7 @@ async fn route(ctx: ConnContext, mut req: Request<Incoming>) -> Response<Body> {
 /// Origin-form requests: the registry API (mirror and prefix forms) or
 /// regcache's own pages.
 async fn origin_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
-    let missing_host =
-        req.version() == Version::HTTP_11 && !req.headers().contains_key(http::header::HOST);
+    let missing_host = missing_host(&req);
     if mirror::is_registry_path(req.uri().path()) && !missing_host {
         return mirror_mode(ctx, req).await;
     }
@@ -184,6 +183,23 @@ async fn origin_form(ctx: ConnContext, req: Request<Incoming>) -> Response<Body>
     } else {
         crate::admin::handle(&ctx.app, ctx.peer, &req).await
     }
+}
+
+/// A request on the `mirror_tls` port: the registry API (mirror and prefix
+/// forms), else the few pages served there.
+async fn mirror_port(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
+    if missing_host(&req) {
+        error_response(StatusCode::BAD_REQUEST, "missing Host header")
+    } else if mirror::is_registry_path(req.uri().path()) {
+        mirror_mode(ctx, req).await
+    } else {
+        crate::admin::handle_mirror_tls(&ctx.app, &req)
+    }
+}
+
+/// An HTTP/1.1 request without the Host header it must carry.
+fn missing_host<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11 && !req.headers().contains_key(http::header::HOST)
 }
 
 /// Origin-form `/v2/…`: the registry-mirror and path-prefix endpoints.
@@ -272,6 +288,10 @@ async fn connect(ctx: ConnContext, req: Request<Incoming>) -> Response<Body> {
             let upstream = match connect_tcp(ctx.app.state.upstream.dialer(), &name, port).await {
                 Ok(stream) => stream,
                 Err(e) => {
+                    if let Some(own) = RelayToSelf::in_chain(&e) {
+                        crate::metrics::get().refused_by_policy(own.refusal.rule);
+                        return error_response(StatusCode::FORBIDDEN, own.refusal.reason);
+                    }
                     tracing::warn!(host, port, error = %e, "tunnel target unreachable");
                     return error_response(
                         StatusCode::BAD_GATEWAY,

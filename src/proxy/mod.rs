@@ -93,6 +93,14 @@ impl Proxy {
             Some(addr) => Some(listen(addr)?),
             None => None,
         };
+        // What regcache's own connections may never reach (a wildcard
+        // address stands for every address of this host).
+        let own = [Some(&listener), mirror_tls.as_ref(), metrics.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(TcpListener::local_addr)
+            .collect::<io::Result<Vec<_>>>()?;
+        app.state.upstream.dialer().own_listeners().set(own);
         Ok(Self {
             app,
             listener,

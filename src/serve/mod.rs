@@ -474,7 +474,14 @@ async fn base(state: &Arc<State>, target: &Target, req: Request<Incoming>) -> Se
 }
 
 /// 502 naming the upstream that could not be reached.
-fn unreachable_upstream(authority: &Authority, err: &dyn std::error::Error) -> Response<Body> {
+fn unreachable_upstream(
+    authority: &Authority,
+    err: &(dyn std::error::Error + 'static),
+) -> Response<Body> {
+    if let Some(own) = crate::upstream::RelayToSelf::in_chain(err) {
+        crate::metrics::get().refused_by_policy(own.refusal.rule);
+        return error_response(StatusCode::FORBIDDEN, own.refusal.reason);
+    }
     tracing::warn!(upstream = %authority, error = %error_chain(err), "upstream request failed");
     error_response(
         StatusCode::BAD_GATEWAY,

@@ -26,6 +26,13 @@
 //! ([`crate::policy::decide_redirect_address`]). Plain pass-through requests
 //! neither remember nor check.
 //!
+//! No connection a [`Dialer`] makes directly may land on regcache's own
+//! listeners ([`OwnListeners`], [`crate::policy::decide_connected`]): each
+//! is checked once connected, by its actual peer address, so that no name,
+//! `--resolve` entry or DNS answer can point regcache at itself. Through a
+//! parent proxy, the peer is the parent, and where it connects is its own
+//! business.
+//!
 //! The parent's answer is read with `peek` and only its head is consumed, so
 //! whatever the far end sends first (an SSH banner through a plain tunnel,
 //! say) stays in the socket for whoever reads next. The proxy's password is
@@ -37,7 +44,7 @@ use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -53,7 +60,7 @@ use tower_service::Service;
 
 use crate::config::{Config, ResolveMap};
 use crate::http::body::BoxError;
-use crate::policy::{decide_redirect_address, Refusal};
+use crate::policy::{decide_connected, decide_redirect_address, Refusal};
 use crate::registry::hosts::{normalize_host, HostPattern};
 
 /// How long establishing a connection may take, including the whole CONNECT
@@ -231,6 +238,62 @@ pub struct AddressRefused {
     refusal: Refusal,
 }
 
+/// regcache's own listening addresses (proxy, `mirror_tls`,
+/// `metrics_listen`), known once they are bound: connections that reach one
+/// are refused. Empty until [`OwnListeners::set`].
+#[derive(Debug, Default)]
+pub struct OwnListeners {
+    addrs: RwLock<Vec<SocketAddr>>,
+}
+
+impl OwnListeners {
+    /// Records the addresses regcache listens on.
+    pub fn set(&self, addrs: Vec<SocketAddr>) {
+        *self.addrs.write().unwrap_or_else(|p| p.into_inner()) = addrs;
+    }
+
+    /// Refuses `stream` when it is connected to one of them.
+    pub fn check(&self, stream: &TcpStream) -> Result<(), RelayToSelf> {
+        let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else {
+            // Not connected any more: the first read or write will say so.
+            return Ok(());
+        };
+        let addrs = self.addrs.read().unwrap_or_else(|p| p.into_inner());
+        decide_connected(peer, local.ip(), &addrs).map_err(|refusal| {
+            tracing::warn!(%peer, rule = refusal.rule, "connection to regcache's own listener refused");
+            RelayToSelf { peer, refusal }
+        })
+    }
+}
+
+/// A connection reached one of regcache's own listeners and was dropped.
+#[derive(Debug, thiserror::Error)]
+#[error("{peer} is regcache itself: {refusal}")]
+pub struct RelayToSelf {
+    peer: SocketAddr,
+    /// The rule that refused it.
+    pub refusal: Refusal,
+}
+
+impl RelayToSelf {
+    /// The [`RelayToSelf`] somewhere in `err`'s chain of sources, also
+    /// inside an [`io::Error`] (whose `source` skips what it wraps).
+    pub fn in_chain<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a RelayToSelf> {
+        let mut next = Some(err);
+        while let Some(e) = next {
+            let wrapped = e
+                .downcast_ref::<io::Error>()
+                .and_then(io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<RelayToSelf>());
+            if let Some(found) = e.downcast_ref::<RelayToSelf>().or(wrapped) {
+                return Some(found);
+            }
+            next = e.source();
+        }
+        None
+    }
+}
+
 /// What a [`ResolvingConnector`] is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -249,6 +312,7 @@ pub struct Dialer {
     resolve: Arc<ResolveMap>,
     parent: Option<Arc<ParentProxy>>,
     reached: Arc<ReachedAddresses>,
+    own: Arc<OwnListeners>,
 }
 
 impl Dialer {
@@ -258,6 +322,7 @@ impl Dialer {
             resolve: Arc::new(resolve),
             parent: parent.map(Arc::new),
             reached: Arc::default(),
+            own: Arc::default(),
         }
     }
 
@@ -278,6 +343,11 @@ impl Dialer {
     /// The addresses registries were reached at.
     pub fn reached(&self) -> &ReachedAddresses {
         &self.reached
+    }
+
+    /// regcache's own listeners, which its connections may not reach.
+    pub fn own_listeners(&self) -> &OwnListeners {
+        &self.own
     }
 
     /// The parent proxy, if one is configured.
@@ -530,7 +600,10 @@ impl ResolvingConnector {
                 tries += 1;
                 let uri: Uri = format!("http://{addr}").parse()?;
                 match inner.call(uri).await {
-                    Ok(stream) => return Ok(stream),
+                    Ok(stream) => {
+                        dialer.own.check(stream.inner())?;
+                        return Ok(stream);
+                    }
                     Err(e) => failed = Some(e.into()),
                 }
             }
@@ -614,8 +687,10 @@ impl Service<Uri> for ResolvingConnector {
             Err(e) => return Box::pin(async move { Err(e.into()) }),
         };
         let reached = (self.mode == Mode::Registry).then(|| self.dialer.reached.clone());
+        let own = self.dialer.own.clone();
         Box::pin(async move {
             let stream = connecting.await?;
+            own.check(stream.inner())?;
             if let (Some(reached), Ok(peer)) = (reached, stream.inner().peer_addr()) {
                 reached.insert(peer.ip());
             }
@@ -638,6 +713,10 @@ pub async fn connect_tcp(dialer: &Dialer, host: &str, port: u16) -> io::Result<T
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         stream.set_nodelay(true)?;
+        dialer
+            .own
+            .check(&stream)
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
         Ok(stream)
     };
     match dialer.route(host, port) {

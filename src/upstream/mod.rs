@@ -17,8 +17,9 @@ pub mod redirect;
 pub mod token;
 
 pub use connector::{
-    connect_tcp, AddressRefused, Dialer, HandshakeError, Mode, ParentProxy, ParentProxyError,
-    ReachedAddresses, ResolvingConnector, CONNECT_TIMEOUT, MAX_PROXY_REPLY_BYTES,
+    connect_tcp, AddressRefused, Dialer, HandshakeError, Mode, OwnListeners, ParentProxy,
+    ParentProxyError, ReachedAddresses, RelayToSelf, ResolvingConnector, CONNECT_TIMEOUT,
+    MAX_PROXY_REPLY_BYTES,
 };
 
 use std::pin::Pin;

@@ -375,12 +375,20 @@ impl Netns {
 
     /// `curl` from inside the namespace: (HTTP status, body).
     pub(crate) fn curl(&self, method: &str, url: &str, headers: &[&str]) -> (u16, String) {
+        let mut args = vec!["--noproxy", "*"];
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        self.curl_with(method, url, &args)
+    }
+
+    /// `curl` from inside the namespace with these options (`--proxy URL`,
+    /// say): (HTTP status, body).
+    pub(crate) fn curl_with(&self, method: &str, url: &str, options: &[&str]) -> (u16, String) {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name, "curl", "-sS", "-X", method])
-            .args(["--noproxy", "*", "-w", "\n%{http_code}"]);
-        for h in headers {
-            cmd.args(["-H", h]);
-        }
+            .args(["-w", "\n%{http_code}"])
+            .args(options);
         let out = cmd.arg(url).output().expect("run curl in the namespace");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));

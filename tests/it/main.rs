@@ -15,5 +15,6 @@ mod metrics;
 mod origins;
 mod parent_proxy;
 mod proxy;
+mod relay;
 mod status;
 mod stream;
