@@ -16,7 +16,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["serve"],
     &["access"],
     &["upstream"],
-    &["cache"],
+    &["cache", "shared"],
     &["tls"],
     &["policy"],
     &["config"],

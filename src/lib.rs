@@ -19,6 +19,7 @@ pub mod prefetch;
 pub mod proxy;
 pub mod registry;
 pub mod serve;
+pub mod shared;
 pub mod tls;
 pub mod upstream;
 

@@ -311,6 +311,28 @@ pub const DENIED_REASONS: [&str; 4] = ["allow", "proxy_auth", "port", "host"];
 /// The `result`s of `regcache_tls_handshakes_total`.
 pub const TLS_RESULTS: [&str; 3] = ["ok", "failed", "refused"];
 
+/// Labels of `regcache_shared_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SharedLabels {
+    op: &'static str,
+    result: &'static str,
+}
+
+/// Labels of `regcache_shared_bytes_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+/// Labels of `regcache_shared_up`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabel {
+    store: String,
+}
+
+/// The `op`s of `regcache_shared_requests_total`.
+pub const SHARED_OPS: [&str; 4] = ["get", "head", "put", "delete"];
+
 /// Every metric regcache exposes.
 pub struct Metrics {
     registry: Registry,
@@ -332,6 +354,9 @@ pub struct Metrics {
     tls_handshakes: Family<ResultLabel, Counter>,
     certificates_minted: Counter,
     denied: Family<ReasonLabel, Counter>,
+    shared_requests: Family<SharedLabels, Counter>,
+    shared_bytes: Family<DirectionLabel, Counter>,
+    shared_up: Family<StoreLabel, Gauge>,
     cache: Arc<CacheCollector>,
     activity: activity::Activity,
     /// The upstream registries contacted, with the last contact and the
@@ -406,6 +431,9 @@ impl Metrics {
             tls_handshakes: Family::default(),
             certificates_minted: Counter::default(),
             denied: Family::default(),
+            shared_requests: Family::default(),
+            shared_bytes: Family::default(),
+            shared_up: Family::default(),
             cache: Arc::default(),
             activity: activity::Activity::default(),
             contacts: Mutex::default(),
@@ -506,6 +534,21 @@ impl Metrics {
             "Requests or connections refused by regcache, by the rule that refused them",
             m.denied.clone(),
         );
+        r.register(
+            "regcache_shared_requests",
+            "Requests to the shared store (shared_store), by operation and result (ok, missing, error)",
+            m.shared_requests.clone(),
+        );
+        r.register(
+            "regcache_shared_bytes",
+            "Bytes read from (in) and written to (out) the shared store",
+            m.shared_bytes.clone(),
+        );
+        r.register(
+            "regcache_shared_up",
+            "Whether the last request to the shared store succeeded (only with shared_store)",
+            m.shared_up.clone(),
+        );
         r.register_collector(Box::new(m.cache.clone()));
         r.register_collector(Box::new(ProcessCollector));
         // The fixed label sets start at 0, so that rates and alerts over
@@ -572,7 +615,7 @@ impl Metrics {
             bytes,
         });
         let source = match result {
-            "hit" | "coalesced" | "stale" | "revalidated" => "cache",
+            "hit" | "shared" | "coalesced" | "stale" | "revalidated" => "cache",
             "miss" | "pass" => "upstream",
             // Refusals and errors: not content, from either.
             _ => return,
@@ -736,6 +779,31 @@ impl Metrics {
             .event("fill", what, None, &format!("download failed: {reason}"));
     }
 
+    /// A request to the shared store ended: `op` one of [`SHARED_OPS`],
+    /// `result` `ok`, `missing` (no such object) or `error`.
+    pub fn shared_request(&self, op: &'static str, result: &'static str) {
+        self.shared_requests
+            .get_or_create(&SharedLabels { op, result })
+            .inc();
+    }
+
+    /// `n` bytes moved between regcache and the shared store: `in` (read
+    /// from it) or `out` (written to it).
+    pub fn shared_bytes(&self, direction: &'static str, n: u64) {
+        self.shared_bytes
+            .get_or_create(&DirectionLabel { direction })
+            .inc_by(n);
+    }
+
+    /// Whether the shared store `store` (its URL) answered the last request.
+    pub fn shared_up(&self, store: &str, up: bool) {
+        self.shared_up
+            .get_or_create(&StoreLabel {
+                store: store.to_string(),
+            })
+            .set(i64::from(up));
+    }
+
     /// A cached file did not match its digest.
     pub fn verify_failed(&self) {
         self.verify_failures.inc();
@@ -819,6 +887,7 @@ pub fn result_of(cache: &str, status: u16) -> &'static str {
     }
     match cache {
         "HIT" => "hit",
+        "SHARED" => "shared",
         "MISS" => "miss",
         "COALESCED" => "coalesced",
         "STALE" => "stale",
@@ -914,6 +983,7 @@ mod tests {
         let table = [
             ("HIT", 200, "hit"),
             ("HIT", 206, "hit"),
+            ("SHARED", 200, "shared"),
             ("MISS", 200, "miss"),
             ("MISS", 404, "miss"),
             ("COALESCED", 200, "coalesced"),

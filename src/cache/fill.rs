@@ -74,6 +74,9 @@ pub struct Progress {
     /// announced length: readers may send all of it, whatever the commit
     /// that follows does (set once, never cleared).
     pub verified: bool,
+    /// Why the download failed (a `regcache_fill_failures_total` reason:
+    /// `digest_mismatch`, `truncated`, …), once it did.
+    pub failure: Option<&'static str>,
 }
 
 /// One download in flight.
@@ -282,6 +285,7 @@ impl Cache {
             written: 0,
             total: None,
             verified: false,
+            failure: None,
         });
         let fill = Arc::new(Fill {
             digest: digest.clone(),
@@ -432,7 +436,10 @@ async fn write_fill<B>(
             crate::metrics::get().fill_failed(reason, &what);
             tracing::warn!(digest = %fill.digest, error = %e, reason, "download failed; nothing stored");
             let _ = tokio::fs::remove_file(&temp).await;
-            fill.update(|p| p.phase = Phase::Failed(Arc::from(e.to_string())));
+            fill.update(|p| {
+                p.phase = Phase::Failed(Arc::from(e.to_string()));
+                p.failure = Some(reason);
+            });
         }
     }
     cache.fills.remove(&fill);

@@ -146,6 +146,7 @@ mod tests {
             ("intercept", None),
             ("mirror_tls", None),
             ("metrics_listen", None),
+            ("shared_store", None),
         ];
         for (id, want) in cases {
             let help = help_of(&command, id);

@@ -185,6 +185,8 @@ pub struct Config {
     pub mirror_tls: Option<SocketAddr>,
     /// Listener for `/metrics` and `/healthz` alone (None: off).
     pub metrics_listen: Option<SocketAddr>,
+    /// The shared tier's `s3://BUCKET/PREFIX` (None: off).
+    pub shared_store: Option<String>,
     /// Its certificate and key, if not minted by the regcache CA.
     pub mirror_cert: Option<(PathBuf, PathBuf)>,
     /// Host names a minted `mirror_tls` leaf may be for (normalised).
@@ -391,9 +393,14 @@ impl Config {
                 message: format!("{addr:?} is not an address and port ({e})"),
             })?),
         };
+        let shared_store = match s.shared_store.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(url) => Some(shared_store_url(url)?),
+        };
         Ok(Config {
             mirror_tls: s.mirror_tls,
             metrics_listen,
+            shared_store,
             mirror_cert,
             mirror_names,
             offline: built_in(s.offline, "offline")?,
@@ -545,6 +552,38 @@ fn mirror_names(names: &[String]) -> Result<Vec<String>, ConfigError> {
             }
         })
         .collect()
+}
+
+/// Checks a `shared_store` URL: `s3://BUCKET` or `s3://BUCKET/PREFIX`,
+/// without credentials in it (they come from the environment).
+fn shared_store_url(url: &str) -> Result<String, ConfigError> {
+    let invalid = |why: &str| ConfigError::Value {
+        key: "shared_store",
+        message: format!("{url:?} {why}: use s3://BUCKET/PREFIX"),
+    };
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| invalid("is not an s3:// URL"))?;
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let bucket_ok = (3..=63).contains(&bucket.len())
+        && bucket
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if !bucket_ok {
+        return Err(invalid(
+            "does not name a bucket (3 to 63 of a-z, 0-9, '-', '.')",
+        ));
+    }
+    let prefix_ok = prefix.split('/').filter(|p| !p.is_empty()).all(|p| {
+        p != "."
+            && p != ".."
+            && p.bytes()
+                .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+    });
+    if !prefix_ok || url.contains('@') {
+        return Err(invalid("has a prefix that is not a plain path"));
+    }
+    Ok(url.trim_end_matches('/').to_string())
 }
 
 #[cfg(test)]

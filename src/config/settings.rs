@@ -183,6 +183,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_METRICS_LISTEN", value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 
+    /// Shared tier behind the disk cache, s3://BUCKET/PREFIX (credentials, region and endpoint from AWS_* variables); empty: off
+    #[arg(long, env = "REGCACHE_SHARED_STORE", value_name = "URL")]
+    pub shared_store: Option<String>,
+
     /// Certificate (PEM) for mirror_tls instead of one minted by the regcache CA (needs --mirror-key)
     #[arg(
         long,

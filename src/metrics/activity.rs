@@ -216,7 +216,7 @@ impl Activity {
         let mut inner = self.lock();
         inner.roll(now);
         let add = |t: &mut Totals| match r.result {
-            "hit" | "coalesced" | "stale" | "revalidated" => {
+            "hit" | "shared" | "coalesced" | "stale" | "revalidated" => {
                 t.from_cache += 1;
                 t.bytes_from_cache += r.bytes;
             }

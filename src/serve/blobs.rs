@@ -18,6 +18,10 @@
 //! - Missing: `HEAD` is passed upstream; `GET` joins or leads the single
 //!   download of the digest ([`crate::cache::fill`]), and the digest is
 //!   linked to the repository once the download's bytes matched it.
+//! - With a shared tier ([`crate::shared`]): the leader of a missing blob
+//!   reads it from the tier when the tier has it and the registry confirms
+//!   it for this repository (a `HEAD` with the client's credential); a blob
+//!   fetched from upstream is uploaded to the tier once committed.
 
 use std::sync::Arc;
 
@@ -31,10 +35,11 @@ use super::sharing;
 use super::state::State;
 use super::{passthrough, upstream_uri, CacheStatus, RepoRequest, Served};
 use crate::cache::fill::{Fill, Leader, Role};
-use crate::cache::{read, Cached};
+use crate::cache::{read, Cache, Cached};
 use crate::http::body::{self, Body};
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
+use crate::shared::SharedStore;
 
 /// How often a request retries after a leader it followed gave up.
 const MAX_JOIN_ATTEMPTS: usize = 3;
@@ -101,11 +106,19 @@ pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
     forward_method(req, digest, Method::GET).await
 }
 
-/// Fetches a missing blob for everyone: one upstream GET, stored as it
-/// streams to this client and to any that join.
+/// Fetches a missing blob for everyone: from the shared tier when it has
+/// it and the registry confirms it for this repository, else one upstream
+/// GET; stored as it streams to this client and to any that join.
 async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served {
     let (state, target, parts) = (req.state, req.target, req.parts);
     let repo = req.repo();
+    let leader = match &state.shared {
+        Some(shared) => match from_shared(req, digest, leader, shared).await {
+            Ok(served) => return served,
+            Err(leader) => leader,
+        },
+        None => leader,
+    };
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
@@ -143,7 +156,12 @@ async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served 
         .start(resp.into_body(), total, String::new(), reservation)
         .await
     {
-        Ok(fill) => Served::new(from_fill(parts, digest, &fill), CacheStatus::Miss),
+        Ok(fill) => {
+            if let Some(shared) = &state.shared {
+                write_behind(state.cache.clone(), shared.clone(), fill.clone());
+            }
+            Served::new(from_fill(parts, digest, &fill), CacheStatus::Miss)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot start download");
             Served::new(
@@ -156,6 +174,92 @@ async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served 
             )
         }
     }
+}
+
+/// A local miss that the shared tier holds: served from it once the
+/// registry confirmed the digest for this repository with the client's own
+/// credential (a `HEAD`, which Docker Hub does not count as a pull), and
+/// stored locally as it streams, verified like an upstream body. Hands the
+/// leader back when the tier does not have it, does not answer, or the
+/// registry does not confirm (the caller's GET then answers as the registry
+/// does).
+async fn from_shared(
+    req: &RepoRequest<'_>,
+    digest: &Digest,
+    leader: Leader,
+    shared: &Arc<SharedStore>,
+) -> Result<Served, Leader> {
+    let (state, target, parts) = (req.state, req.target, req.parts);
+    let Some(object) = shared.open(digest).await else {
+        return Err(leader);
+    };
+    let Ok(uri) = upstream_uri(target, parts) else {
+        return Err(leader);
+    };
+    // The tier holds bytes, not trust.
+    match sharing::fetch_for(req, Method::HEAD, uri).await {
+        Ok(resp) if resp.status() == StatusCode::OK => {}
+        _ => return Err(leader),
+    }
+    let Ok(reservation) = state.cache.admit_soon(Some(object.size)).await else {
+        return Err(leader);
+    };
+    // Confirmed for this repository: the digest is linked to it once the
+    // bytes matched, as for an upstream download.
+    leader.set_origin(&target.registry, req.repo());
+    match leader
+        .start(object.body, Some(object.size), String::new(), reservation)
+        .await
+    {
+        Ok(fill) => {
+            let (shared, fill_for_check) = (shared.clone(), fill.clone());
+            tokio::spawn(async move {
+                fill_for_check.ended().await;
+                if fill_for_check.watch().borrow().failure == Some("digest_mismatch") {
+                    shared.discard(&fill_for_check.digest).await;
+                }
+            });
+            state.cache.count(true);
+            Ok(Served::new(
+                from_fill(parts, digest, &fill),
+                CacheStatus::Shared,
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start download");
+            Ok(Served::new(
+                super::error_json(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Unsupported,
+                    "cache write failed",
+                ),
+                CacheStatus::Miss,
+            ))
+        }
+    }
+}
+
+/// Once `fill` (an upstream download) is committed, its entry is uploaded
+/// to the shared tier, in the background.
+fn write_behind(cache: Arc<Cache>, shared: Arc<SharedStore>, fill: Arc<Fill>) {
+    tokio::spawn(async move {
+        fill.ended().await;
+        let digest = &fill.digest;
+        cache.committed(digest).await;
+        // Failed, or already evicted: nothing to share.
+        let Some(cached) = cache.get(digest) else {
+            return;
+        };
+        match shared.upload(digest, &cached.path).await {
+            Ok(true) => {
+                tracing::debug!(%digest, store = shared.name(), "uploaded to the shared tier")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::info!(%digest, store = shared.name(), error = %e, "not uploaded to the shared tier")
+            }
+        }
+    });
 }
 
 /// Passes a request upstream (a HEAD on a miss, or a GET when the leaders

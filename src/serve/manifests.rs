@@ -12,6 +12,9 @@
 //!   upstream unreachable, 5xx or 429, served stale with `Warning: 110`;
 //!   404, answered 404 and the tag forgotten. Concurrent requests for one
 //!   stale or unknown tag make a single upstream request ([`super::coalesce`]).
+//! - With a shared tier ([`crate::shared`]), a manifest missing here is
+//!   first looked for there, by the digest a `HEAD` upstream names for this
+//!   request (no counted pull); one fetched upstream is uploaded to it.
 //! - A fetched manifest is verified against its digest, stored with its media
 //!   type, and linked to the repository. The digests it names are not: a
 //!   manifest's content never grants access to anything.
@@ -36,6 +39,7 @@ use crate::registry::digest::{Digest, DigestHasher};
 use crate::registry::error::ErrorCode;
 use crate::registry::media::{accepts, manifest_media_type};
 use crate::registry::route::Reference;
+use crate::shared::SharedStore;
 
 /// The largest manifest regcache accepts (distribution's limit too).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -310,6 +314,12 @@ async fn fetch(req: &RepoRequest<'_>, tag: Option<&str>, expected: Option<&Diges
         Ok(uri) => uri,
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
+    let wants_body = parts.method == Method::GET || tag.is_some();
+    if let (Some(shared), true) = (&state.shared, wants_body) {
+        if let Some(served) = from_shared(req, tag, expected, shared, uri.clone()).await {
+            return served;
+        }
+    }
     state.cache.count(false);
     let repo = req.repo();
     // A HEAD by digest is passed on as a HEAD. A HEAD by tag (containerd
@@ -399,10 +409,78 @@ async fn fetch(req: &RepoRequest<'_>, tag: Option<&str>, expected: Option<&Diges
     if let Err(e) = store(req, tag, &digest, &media_type, &bytes).await {
         tracing::warn!(%digest, error = %e, "cannot cache manifest");
     }
+    if let Some(shared) = &state.shared {
+        let (shared, digest, bytes, media_type) = (
+            shared.clone(),
+            digest.clone(),
+            bytes.clone(),
+            media_type.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = shared.put_bytes(&digest, bytes, &media_type).await {
+                tracing::info!(%digest, store = shared.name(), error = %e, "manifest not uploaded to the shared tier");
+            }
+        });
+    }
     Served::new(
         manifest_response(parts, &digest, &media_type, bytes),
         CacheStatus::Miss,
     )
+}
+
+/// A manifest the shared tier holds, served once the registry named its
+/// digest for this request: a `HEAD` with the client's credential and
+/// `Accept` (which Docker Hub does not count as a pull). The bytes are
+/// checked against that digest (an object that does not match is deleted
+/// from the tier), then stored, linked and tagged as if fetched. None:
+/// fetch it upstream.
+async fn from_shared(
+    req: &RepoRequest<'_>,
+    tag: Option<&str>,
+    expected: Option<&Digest>,
+    shared: &SharedStore,
+    uri: http::Uri,
+) -> Option<Served> {
+    let (state, parts) = (req.state, req.parts);
+    let resp = sharing::fetch_for(req, Method::HEAD, uri).await.ok()?;
+    if resp.status() != StatusCode::OK {
+        return None;
+    }
+    let named = resp
+        .headers()
+        .get("docker-content-digest")?
+        .to_str()
+        .ok()?
+        .parse::<Digest>()
+        .ok()?;
+    if expected.is_some_and(|e| *e != named) {
+        return None;
+    }
+    let object = shared.open(&named).await?;
+    if object.size > MAX_MANIFEST_BYTES as u64 {
+        return None;
+    }
+    let bytes = Limited::new(object.body, MAX_MANIFEST_BYTES)
+        .collect()
+        .await
+        .ok()?
+        .to_bytes();
+    if !named.matches(&bytes) {
+        shared.discard(&named).await;
+        return None;
+    }
+    let media_type = manifest_media_type(object.content_type.as_deref(), &bytes);
+    if !accepts(&parts.headers, &media_type) {
+        return None;
+    }
+    if let Err(e) = store(req, tag, &named, &media_type, &bytes).await {
+        tracing::warn!(digest = %named, error = %e, "cannot cache manifest");
+    }
+    state.cache.count(true);
+    Some(Served::new(
+        manifest_response(parts, &named, &media_type, bytes),
+        CacheStatus::Shared,
+    ))
 }
 
 async fn store(

@@ -83,6 +83,9 @@ pub const STALE_WARNING: &str = "110 regcache \"Response is Stale\"";
 pub enum CacheStatus {
     /// From the cache, no upstream contact (or only an access check).
     Hit,
+    /// From the shared tier (`shared_store`), after the registry confirmed
+    /// the client's access, and stored locally.
+    Shared,
     /// From upstream (and stored, when cacheable).
     Miss,
     /// A stale cached copy, upstream being unavailable.
@@ -100,6 +103,7 @@ impl CacheStatus {
     pub fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
+            CacheStatus::Shared => "SHARED",
             CacheStatus::Miss => "MISS",
             CacheStatus::Stale => "STALE",
             CacheStatus::Revalidated => "REVALIDATED",

@@ -10,6 +10,7 @@ use super::sharing::{AccountError, Sharing};
 use crate::cache::freshness::now_ms;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
+use crate::shared::{SharedStore, SharedStoreError};
 use crate::tls::TlsError;
 use crate::upstream::Upstream;
 
@@ -25,6 +26,9 @@ pub enum StateError {
     /// regcache's own registry accounts could not be loaded.
     #[error(transparent)]
     Account(#[from] AccountError),
+    /// The shared tier could not be set up.
+    #[error(transparent)]
+    Shared(#[from] SharedStoreError),
 }
 
 /// The serving state: configuration, upstream client, cache, what regcache
@@ -41,6 +45,8 @@ pub struct State {
     pub sharing: Sharing,
     /// Upstream lookups of stale or unknown tags, one per tag at a time.
     pub tag_lookups: Coalescer<TagLookup>,
+    /// The shared tier behind the disk cache (`shared_store`), if any.
+    pub shared: Option<Arc<SharedStore>>,
 }
 
 impl State {
@@ -51,6 +57,14 @@ impl State {
         let sharing = Sharing::new(&config)?;
         let cap = config.cache_cap();
         let cache = Cache::open(&config.cache_dir, cap)?;
+        let shared = match &config.shared_store {
+            Some(url) => {
+                let shared = SharedStore::from_url(url)?;
+                tracing::info!(store = shared.name(), "shared tier behind the disk cache");
+                Some(Arc::new(shared))
+            }
+            None => None,
+        };
         let stats = cache.stats();
         tracing::info!(
             dir = %config.cache_dir.display(),
@@ -65,6 +79,7 @@ impl State {
             cache,
             sharing,
             tag_lookups: Coalescer::default(),
+            shared,
         }))
     }
 

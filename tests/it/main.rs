@@ -16,5 +16,6 @@ mod origins;
 mod parent_proxy;
 mod proxy;
 mod relay;
+mod shared;
 mod status;
 mod stream;

@@ -34,6 +34,7 @@ pub mod http;
 pub mod pattern;
 pub mod proxy;
 pub mod registry;
+pub mod s3;
 pub mod tls;
 pub mod upstream;
 

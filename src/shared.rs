@@ -1,0 +1,561 @@
+//! The shared tier: one S3-compatible bucket behind the disk caches of many
+//! nodes (`shared_store = "s3://BUCKET/PREFIX"`), through the `object_store`
+//! crate.
+//!
+//! The bucket holds content only, named by digest:
+//! `PREFIX/blobs/sha256/<hex>`, the same bytes as a local `blobs/` file.
+//!
+//! - **Write behind.** A blob reaches the bucket only from a local entry
+//!   whose digest matched, after it was committed, as one multipart upload
+//!   that is completed only once the file, hashed again on its way out, still
+//!   matched ([`SharedStore::upload`]); an upload that fails or does not
+//!   match is aborted, so no node ever reads a partial or unverified object.
+//! - **Read through.** A node that misses locally streams the object
+//!   ([`SharedStore::open`]) into a local download, which verifies it like an
+//!   upstream body before its last byte reaches a client. An object that does
+//!   not match is deleted ([`SharedStore::discard`]) and the blob fetched
+//!   from the registry again.
+//! - **Bytes, not trust.** Nothing here decides who may see what:
+//!   [`crate::serve`] asks the registry for the client's repository before
+//!   it serves anything read from the bucket.
+//! - **Degraded, not down.** A failed request marks the tier down (logged
+//!   once, `regcache_shared_up` 0) and the caller goes on without it; the next
+//!   request that succeeds marks it up again.
+//!
+//! Credentials, region and endpoint come from the environment as for every
+//! S3 client (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
+//! `AWS_ENDPOINT_URL`); plain `http` only to a loopback endpoint or with
+//! `AWS_ALLOW_HTTP=true`. Errors name the store as `s3://BUCKET/PREFIX`, never
+//! with a credential.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt as _;
+use http_body_util::StreamBody;
+use hyper::body::Frame;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path as StorePath;
+use object_store::{
+    Attribute, Attributes, ClientOptions, ObjectStore, ObjectStoreExt as _, PutOptions, PutPayload,
+    RetryConfig, WriteMultipart,
+};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::Semaphore;
+
+use crate::registry::digest::Digest;
+
+/// Uploads at a time: each holds up to two parts in memory.
+const MAX_UPLOADS: usize = 2;
+
+/// The part size of an upload (S3's smallest part but the last is 5 MiB).
+const PART_BYTES: usize = 8 * 1024 * 1024;
+
+/// How much of a local file is read at a time for an upload.
+const READ_BYTES: usize = 1024 * 1024;
+
+/// How long one request to the store may take to answer (a part of an
+/// upload included), and how long a download from it may stall.
+const OP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection to the store may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How many distrusted digests are remembered (then forgotten at once).
+const MAX_DISTRUSTED: usize = 1024;
+
+/// After a failure, how long reads skip the tier before trying it again
+/// (uploads, in the background, always try).
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+/// The shared store could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SharedStoreError {
+    /// The S3 client could not be built from the URL and the environment.
+    #[error("shared_store {store}: {source}")]
+    Setup {
+        /// The store, as `s3://BUCKET/PREFIX`.
+        store: String,
+        /// What object_store said.
+        source: object_store::Error,
+    },
+    /// The endpoint is plain http on an address that is not loopback.
+    #[error(
+        "shared_store {store}: the endpoint {endpoint} is plain http, which would send the \
+         store's credentials in the clear; use https, or set AWS_ALLOW_HTTP=true"
+    )]
+    PlainHttp {
+        /// The store, as `s3://BUCKET/PREFIX`.
+        store: String,
+        /// The endpoint URL.
+        endpoint: String,
+    },
+}
+
+/// An object of the shared tier, ready to stream.
+pub struct SharedObject {
+    /// Its length in bytes, as the store reports it.
+    pub size: u64,
+    /// The `Content-Type` it was stored with (manifests carry theirs).
+    pub content_type: Option<String>,
+    /// Its bytes.
+    pub body: SharedBody,
+}
+
+/// The body of a [`SharedObject`]: its bytes as HTTP body frames.
+pub type SharedBody =
+    StreamBody<futures_util::stream::BoxStream<'static, Result<Frame<Bytes>, object_store::Error>>>;
+
+/// The shared tier. Cheap to share (`Arc`).
+pub struct SharedStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    /// `s3://BUCKET/PREFIX`, for logs and the `store` label.
+    name: String,
+    up: AtomicBool,
+    /// When the last failure was, while the tier is down.
+    down_since: Mutex<Option<Instant>>,
+    /// Digests whose object did not match, not read again until this node
+    /// uploads them (the delete may fail or race a retry).
+    distrusted: Mutex<HashSet<Digest>>,
+    uploads: Semaphore,
+}
+
+impl SharedStore {
+    /// The store of `url` (`s3://BUCKET[/PREFIX]`, checked by the
+    /// configuration), with credentials, region and endpoint from the
+    /// environment.
+    pub fn from_url(url: &str) -> Result<Self, SharedStoreError> {
+        // reqwest's rustls needs a process-wide provider: ring, as
+        // everywhere else in regcache. Already installed is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let rest = url.strip_prefix("s3://").unwrap_or(url);
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        // No overall timeout (a large blob takes as long as it takes): each
+        // request's answer and each stall of a download are timed here.
+        let client = ClientOptions::new()
+            .with_connect_timeout(CONNECT_TIMEOUT)
+            .with_timeout_disabled();
+        let retry = RetryConfig {
+            max_retries: 2,
+            retry_timeout: Duration::from_secs(10),
+            ..RetryConfig::default()
+        };
+        let mut builder = AmazonS3Builder::from_env()
+            .with_client_options(client)
+            .with_retry(retry)
+            .with_bucket_name(bucket)
+            .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch);
+        if let Some(endpoint) = builder.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+            let allowed = std::env::var("AWS_ALLOW_HTTP").is_ok_and(|v| v == "true");
+            if endpoint.starts_with("http://") && !allowed {
+                if !is_loopback_url(&endpoint) {
+                    return Err(SharedStoreError::PlainHttp {
+                        store: url.to_string(),
+                        endpoint,
+                    });
+                }
+                builder = builder.with_allow_http(true);
+            }
+        }
+        let store = builder.build().map_err(|source| SharedStoreError::Setup {
+            store: url.to_string(),
+            source,
+        })?;
+        Ok(Self::with_store(Arc::new(store), url, prefix))
+    }
+
+    /// A shared tier on `store` (any object store: tests use an in-memory
+    /// one), named `name`, its objects under `prefix`.
+    pub fn with_store(store: Arc<dyn ObjectStore>, name: &str, prefix: &str) -> Self {
+        let prefix = prefix.trim_matches('/');
+        let shared = Self {
+            store,
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            name: name.to_string(),
+            up: AtomicBool::new(true),
+            down_since: Mutex::new(None),
+            distrusted: Mutex::default(),
+            uploads: Semaphore::new(MAX_UPLOADS),
+        };
+        crate::metrics::get().shared_up(&shared.name, true);
+        shared
+    }
+
+    /// The store, as `s3://BUCKET/PREFIX`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the last request to the store succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// The object key of `digest`.
+    pub fn key(&self, digest: &Digest) -> StorePath {
+        StorePath::from(format!(
+            "{}blobs/{}/{}",
+            self.prefix,
+            digest.algorithm().as_str(),
+            digest.hex()
+        ))
+    }
+
+    /// Records a request's outcome: metrics, and the up/down state (a
+    /// change of which is logged once).
+    fn outcome<T>(&self, op: &'static str, result: &object_store::Result<T>) -> Result<(), ()> {
+        let (label, ok) = match result {
+            Ok(_) => ("ok", true),
+            Err(object_store::Error::NotFound { .. }) => ("missing", true),
+            Err(_) => ("error", false),
+        };
+        crate::metrics::get().shared_request(op, label);
+        *self.down_since.lock().unwrap_or_else(|p| p.into_inner()) = (!ok).then(Instant::now);
+        let was = self.up.swap(ok, Ordering::Relaxed);
+        if was != ok {
+            crate::metrics::get().shared_up(&self.name, ok);
+            match result {
+                Err(e) if !ok => {
+                    tracing::warn!(store = %self.name, error = %e, "shared store unreachable: going on without it")
+                }
+                _ => tracing::info!(store = %self.name, "shared store answers again"),
+            }
+        }
+        if ok {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    /// Whether reads should skip the tier: it failed less than
+    /// [`RETRY_AFTER`] ago.
+    fn resting(&self) -> bool {
+        let since = *lock(&self.down_since);
+        since.is_some_and(|t| t.elapsed() < RETRY_AFTER)
+    }
+
+    /// The object of `digest`, if the store has it and answers. A download
+    /// that stalls for [`OP_TIMEOUT`] ends with an error.
+    pub async fn open(&self, digest: &Digest) -> Option<SharedObject> {
+        if self.resting() || lock(&self.distrusted).contains(digest) {
+            return None;
+        }
+        let result = timed(self.store.get(&self.key(digest))).await;
+        self.outcome("get", &result).ok()?;
+        let got = result.ok()?;
+        let size = got.meta.size;
+        let content_type = got
+            .attributes
+            .get(&Attribute::ContentType)
+            .map(|v| v.as_ref().to_string());
+        let stream = stalling(got.into_stream())
+            .map(|chunk| {
+                chunk.map(|bytes| {
+                    crate::metrics::get().shared_bytes("in", bytes.len() as u64);
+                    Frame::data(bytes)
+                })
+            })
+            .boxed();
+        Some(SharedObject {
+            size,
+            content_type,
+            body: StreamBody::new(stream),
+        })
+    }
+
+    /// Whether the store holds an object for `digest` (of any size); None
+    /// when it does not answer.
+    pub async fn holds(&self, digest: &Digest) -> Option<bool> {
+        let result = timed(self.store.head(&self.key(digest))).await;
+        self.outcome("head", &result).ok()?;
+        Some(result.is_ok())
+    }
+
+    /// Deletes the object of `digest` (its bytes did not match); until this
+    /// node uploads it again, it is not read from the tier.
+    pub async fn discard(&self, digest: &Digest) {
+        {
+            let mut distrusted = lock(&self.distrusted);
+            if distrusted.len() >= MAX_DISTRUSTED {
+                distrusted.clear();
+            }
+            distrusted.insert(digest.clone());
+        }
+        let result = timed(self.store.delete(&self.key(digest))).await;
+        if self.outcome("delete", &result).is_ok() {
+            tracing::warn!(store = %self.name, %digest, "shared object did not match its digest: deleted");
+        }
+    }
+
+    /// Stores `bytes`, which matched `digest`, as one object with
+    /// `content_type` (a manifest: small enough for one request), unless
+    /// the store already holds it. Returns whether an object was written.
+    pub async fn put_bytes(
+        &self,
+        digest: &Digest,
+        bytes: Bytes,
+        content_type: &str,
+    ) -> Result<bool, UploadError> {
+        if !digest.matches(&bytes) {
+            return Err(UploadError::Mismatch);
+        }
+        if self.holds(digest).await.ok_or(UploadError::Unreachable)? {
+            return Ok(false);
+        }
+        let mut attributes = Attributes::new();
+        attributes.insert(Attribute::ContentType, content_type.to_string().into());
+        let options = PutOptions {
+            attributes,
+            ..PutOptions::default()
+        };
+        let len = bytes.len() as u64;
+        let result = timed(self.store.put_opts(
+            &self.key(digest),
+            PutPayload::from(bytes),
+            options,
+        ))
+        .await;
+        self.outcome("put", &result)
+            .map_err(|()| UploadError::Unreachable)?;
+        lock(&self.distrusted).remove(digest);
+        crate::metrics::get().shared_bytes("out", len);
+        Ok(true)
+    }
+
+    /// Uploads the local file `path`, the committed entry of `digest`, as
+    /// one object, unless the store already holds it. The file is hashed
+    /// on its way out and the upload completed only if it still matched.
+    /// Returns whether an object was written.
+    pub async fn upload(&self, digest: &Digest, path: &Path) -> Result<bool, UploadError> {
+        let _turn = self
+            .uploads
+            .acquire()
+            .await
+            .map_err(|_| UploadError::Closed)?;
+        if self.holds(digest).await.ok_or(UploadError::Unreachable)? {
+            return Ok(false);
+        }
+        let mut file = tokio::fs::File::open(path)
+            .await
+            .map_err(UploadError::Read)?;
+        let key = self.key(digest);
+        let result = timed(self.store.put_multipart(&key)).await;
+        self.outcome("put", &result)
+            .map_err(|()| UploadError::Unreachable)?;
+        let Ok(upload) = result else {
+            return Err(UploadError::Unreachable);
+        };
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_BYTES);
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; READ_BYTES];
+        let mut sent = 0u64;
+        loop {
+            let n = match file.read(&mut buf).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(UploadError::Read(e));
+                }
+            };
+            hasher.update(&buf[..n]);
+            writer.write(&buf[..n]);
+            sent += n as u64;
+            if let Err(e) = timed(writer.wait_for_capacity(1)).await {
+                let _ = self.outcome::<()>("put", &Err(e));
+                return Err(UploadError::Unreachable);
+            }
+        }
+        if hex(&hasher.finalize()) != digest.hex() {
+            let _ = writer.abort().await;
+            return Err(UploadError::Mismatch);
+        }
+        let done = timed(writer.finish()).await;
+        self.outcome("put", &done)
+            .map_err(|()| UploadError::Unreachable)?;
+        lock(&self.distrusted).remove(digest);
+        crate::metrics::get().shared_bytes("out", sent);
+        Ok(true)
+    }
+}
+
+/// Why an upload to the shared tier did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// The store did not answer, or refused (logged by the tier).
+    #[error("the shared store did not take it")]
+    Unreachable,
+    /// The local file could not be read.
+    #[error("cannot read the local file: {0}")]
+    Read(std::io::Error),
+    /// The local file no longer matches its digest.
+    #[error("the local file no longer matches its digest")]
+    Mismatch,
+    /// regcache is shutting down.
+    #[error("shutting down")]
+    Closed,
+}
+
+/// Locks `mutex`, also after a panic elsewhere.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `request`, or a timeout error after [`OP_TIMEOUT`].
+async fn timed<T>(
+    request: impl std::future::Future<Output = object_store::Result<T>>,
+) -> object_store::Result<T> {
+    tokio::time::timeout(OP_TIMEOUT, request)
+        .await
+        .unwrap_or_else(|_| Err(timeout_error()))
+}
+
+fn timeout_error() -> object_store::Error {
+    object_store::Error::Generic {
+        store: "shared_store",
+        source: format!("no answer within {} s", OP_TIMEOUT.as_secs()).into(),
+    }
+}
+
+/// `stream`, ending with a timeout error when no chunk comes for
+/// [`OP_TIMEOUT`].
+fn stalling(
+    stream: BoxStream<'static, object_store::Result<Bytes>>,
+) -> BoxStream<'static, object_store::Result<Bytes>> {
+    futures_util::stream::unfold(Some(stream), |state| async move {
+        let mut stream = state?;
+        match tokio::time::timeout(OP_TIMEOUT, stream.next()).await {
+            Ok(Some(item)) => Some((item, Some(stream))),
+            Ok(None) => None,
+            Err(_) => Some((Err(timeout_error()), None)),
+        }
+    })
+    .boxed()
+}
+
+/// Lower-case hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether an `http://host[:port]/…` URL names a loopback host.
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use object_store::memory::InMemory;
+
+    fn digest_of(data: &[u8]) -> Digest {
+        Digest::of(data)
+    }
+
+    #[tokio::test]
+    async fn an_upload_is_read_back_byte_for_byte_and_made_once() {
+        let store = Arc::new(InMemory::new());
+        let shared = SharedStore::with_store(store.clone(), "s3://test/p", "p");
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3 * PART_BYTES as u32 / 2).map(|i| i as u8).collect();
+        let digest = digest_of(&data);
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(shared.holds(&digest).await, Some(false));
+        assert!(shared.open(&digest).await.is_none());
+        assert!(shared.upload(&digest, &path).await.unwrap());
+        assert!(
+            !shared.upload(&digest, &path).await.unwrap(),
+            "already there"
+        );
+        let key = format!("p/blobs/sha256/{}", digest.hex());
+        assert_eq!(shared.key(&digest).as_ref(), key);
+        let object = shared.open(&digest).await.unwrap();
+        assert_eq!(object.size, data.len() as u64);
+        let got = http_body_util::BodyExt::collect(object.body)
+            .await
+            .unwrap()
+            .to_bytes();
+        assert_eq!(got.as_ref(), data.as_slice());
+        shared.discard(&digest).await;
+        assert_eq!(shared.holds(&digest).await, Some(false));
+    }
+
+    #[tokio::test]
+    async fn a_manifest_keeps_its_media_type() {
+        let shared = SharedStore::with_store(Arc::new(InMemory::new()), "s3://test", "");
+        let manifest = Bytes::from_static(b"{\"schemaVersion\":2}");
+        let digest = digest_of(&manifest);
+        let media = "application/vnd.oci.image.manifest.v1+json";
+        assert!(shared
+            .put_bytes(&digest, manifest.clone(), media)
+            .await
+            .unwrap());
+        assert!(!shared
+            .put_bytes(&digest, manifest.clone(), media)
+            .await
+            .unwrap());
+        let object = shared.open(&digest).await.unwrap();
+        assert_eq!(object.content_type.as_deref(), Some(media));
+        assert!(matches!(
+            shared
+                .put_bytes(&digest_of(b"other"), manifest, media)
+                .await,
+            Err(UploadError::Mismatch)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_file_that_no_longer_matches_is_never_uploaded() {
+        let store = Arc::new(InMemory::new());
+        let shared = SharedStore::with_store(store, "s3://test", "");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, b"changed on disk").unwrap();
+        let digest = digest_of(b"what was committed");
+        assert!(matches!(
+            shared.upload(&digest, &path).await,
+            Err(UploadError::Mismatch)
+        ));
+        assert_eq!(shared.holds(&digest).await, Some(false));
+        assert_eq!(
+            shared.key(&digest).as_ref(),
+            format!("blobs/sha256/{}", digest.hex())
+        );
+    }
+
+    #[test]
+    fn plain_http_is_for_loopback_endpoints() {
+        for (url, loopback) in [
+            ("http://127.0.0.1:8333", true),
+            ("http://127.9.0.1:8333/", true),
+            ("http://localhost:9000", true),
+            ("http://[::1]:9000", true),
+            ("http://minio.internal:9000", false),
+            ("http://10.0.0.5:9000", false),
+            ("not a url", false),
+        ] {
+            assert_eq!(is_loopback_url(url), loopback, "{url}");
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! Many nodes on one shared tier (`shared_store`), on a real S3 server
+//! (SeaweedFS): what one node fetched, another serves without an upstream
+//! GET, after the registry confirmed the client's access with a HEAD; a
+//! wrong object in the store is never completed and is replaced; a store
+//! that stops answering leaves every node serving, and is used again when
+//! it is back.
+
+use bytes::Bytes;
+use hyper::Method;
+use regcache::registry::media::OCI_MANIFEST;
+
+use crate::support::http::{read_response, Got};
+use crate::support::pattern::blob_bytes;
+use crate::support::proxy::{Env, Proxy};
+use crate::support::registry::{
+    blob_path, image_manifest, manifest_path, ACCEPT_ALL, HUB, TEAM_CRED,
+};
+use crate::support::s3::Seaweed;
+use crate::support::tls::Alpn;
+
+/// One image: the manifest (digest, bytes) and its blobs.
+struct Image {
+    repo: &'static str,
+    m_d: String,
+    m: Bytes,
+    blobs: Vec<(String, Bytes)>,
+}
+
+/// Puts an image of one 300 kB layer in the registry, tagged `1`.
+fn put_image(env: &Env, repo: &'static str, seed: u64) -> Image {
+    let layer = blob_bytes(seed, 300_000);
+    let layer_d = env.reg.put_blob(repo, layer.clone());
+    let config = blob_bytes(seed + 1, 600);
+    let config_d = env.reg.put_blob(repo, config.clone());
+    let m = image_manifest(
+        OCI_MANIFEST,
+        (&config_d, config.len()),
+        &[(&layer_d, layer.len())],
+    );
+    let m_d = env
+        .reg
+        .put_manifest(repo, Some("1"), OCI_MANIFEST, m.clone());
+    Image {
+        repo,
+        m_d,
+        m,
+        blobs: vec![(config_d, config), (layer_d, layer)],
+    }
+}
+
+/// A GET through `proxy` (intercepted), with `authorization` if given.
+async fn pull(proxy: &Proxy, path: &str, authorization: Option<&str>) -> Got {
+    let mut client = proxy.intercepted(HUB, Alpn::Http11).await;
+    let mut headers = vec![("accept", ACCEPT_ALL)];
+    if let Some(credential) = authorization {
+        headers.push(("authorization", credential));
+    }
+    let req = client.request(Method::GET, path, &headers);
+    read_response(client.send(req).await).await
+}
+
+/// Pulls `image` (manifest by tag, then each blob) through `proxy`,
+/// expecting `x_cache` for each.
+async fn pull_image(proxy: &Proxy, image: &Image, auth: Option<&str>, x_cache: &str) {
+    pull(proxy, &manifest_path(image.repo, "1"), auth)
+        .await
+        .assert_served(&image.m, x_cache, "manifest by tag");
+    for (d, data) in &image.blobs {
+        pull(proxy, &blob_path(image.repo, d), auth)
+            .await
+            .assert_served(data, x_cache, "blob");
+    }
+}
+
+/// Waits until the tier holds the image's manifest and blobs.
+async fn wait_shared(s3: &Seaweed, prefix: &str, image: &Image) {
+    s3.wait_object(prefix, &image.m_d, &image.m).await;
+    for (d, data) in &image.blobs {
+        s3.wait_object(prefix, d, data).await;
+    }
+}
+
+/// Upstream GETs of the image's manifest (by tag or digest) and blobs.
+fn upstream_gets(env: &Env, image: &Image) -> usize {
+    let mut paths = vec![
+        manifest_path(image.repo, "1"),
+        manifest_path(image.repo, &image.m_d),
+    ];
+    paths.extend(image.blobs.iter().map(|(d, _)| blob_path(image.repo, d)));
+    paths.iter().map(|p| env.reg.count(Method::GET, p)).sum()
+}
+
+#[tokio::test]
+async fn an_image_pulled_through_one_node_comes_from_the_tier_on_the_others() {
+    let s3 = Seaweed::start("regcache-one");
+    let env = Env::new().await;
+    let image = put_image(&env, "library/alpine", 10);
+    let a = s3.node(env.proxy_on(&env.path("a")), "site").start().await;
+    let b = s3.node(env.proxy_on(&env.path("b")), "site").start().await;
+    let c = s3.node(env.proxy_on(&env.path("c")), "site").start().await;
+
+    pull_image(&a, &image, None, "MISS").await;
+    assert_eq!(upstream_gets(&env, &image), 3, "{:?}", env.reg.summary());
+    wait_shared(&s3, "site", &image).await;
+
+    pull_image(&b, &image, None, "SHARED").await;
+    pull_image(&c, &image, None, "SHARED").await;
+    assert_eq!(
+        upstream_gets(&env, &image),
+        3,
+        "nodes B and C made no upstream GET: {:?}",
+        env.reg.summary()
+    );
+    let heads = env.reg.count(Method::HEAD, &manifest_path(image.repo, "1"));
+    // Each node that never saw the tag asks for its digest with a HEAD
+    // (not counted as a pull); only A, which found nothing in the tier,
+    // then fetched it.
+    assert_eq!(heads, 3, "one HEAD of the tag per node");
+    // Now in B's own cache.
+    pull_image(&b, &image, None, "HIT").await;
+    let metrics = read_response(
+        crate::support::http::HttpClient::plain_h1(b.addr, "127.0.0.1")
+            .await
+            .get("/metrics")
+            .await,
+    )
+    .await
+    .text();
+    assert!(
+        metrics.contains("regcache_shared_up{store=\"s3://regcache-one/site\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("regcache_shared_requests_total{op=\"get\",result=\"ok\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn private_content_in_the_tier_is_refused_to_a_client_the_registry_refuses() {
+    let s3 = Seaweed::start("regcache-private");
+    let env = Env::new().await;
+    env.reg.guard_team();
+    let image = put_image(&env, "team/app", 20);
+    let a = s3.node(env.proxy_on(&env.path("a")), "p").start().await;
+    let b = s3.node(env.proxy_on(&env.path("b")), "p").start().await;
+    pull_image(&a, &image, Some(TEAM_CRED), "MISS").await;
+    wait_shared(&s3, "p", &image).await;
+
+    // An anonymous client of node B: the registry's 401, none of the bytes.
+    let got = pull(&b, &manifest_path(image.repo, "1"), None).await;
+    assert_eq!(got.status, 401, "manifest: {}", got.brief());
+    assert!(!crate::support::http::contains(&got.body, &image.m[..20]));
+    for (d, data) in &image.blobs {
+        let got = pull(&b, &blob_path(image.repo, d), None).await;
+        assert_eq!(got.status, 401, "blob: {}", got.brief());
+        assert!(
+            got.body.len() < data.len() && !crate::support::http::contains(&got.body, &data[..64])
+        );
+    }
+    // With the credential the registry accepts: from the tier.
+    pull_image(&b, &image, Some(TEAM_CRED), "SHARED").await;
+}
+
+#[tokio::test]
+async fn a_wrong_object_in_the_tier_is_never_completed_and_is_replaced() {
+    let s3 = Seaweed::start("regcache-wrong");
+    let env = Env::new().await;
+    let image = put_image(&env, "library/busybox", 30);
+    let a = s3.node(env.proxy_on(&env.path("a")), "w").start().await;
+    pull_image(&a, &image, None, "MISS").await;
+    wait_shared(&s3, "w", &image).await;
+    let (layer_d, layer) = &image.blobs[1];
+    let mut wrong = layer.to_vec();
+    wrong[150_000] ^= 0xff;
+    s3.overwrite("w", layer_d, Bytes::from(wrong)).await;
+
+    let b = s3.node(env.proxy_on(&env.path("b")), "w").start().await;
+    let got = pull(&b, &blob_path(image.repo, layer_d), None).await;
+    got.assert_aborted(layer, "a layer read from a damaged shared object");
+    // Dropped from the tier; the retry fetches it upstream, and the right
+    // bytes go back to the tier.
+    let retry = pull(&b, &blob_path(image.repo, layer_d), None).await;
+    retry.assert_served(layer, "MISS", "the retry");
+    s3.wait_object("w", layer_d, layer).await;
+    assert_eq!(
+        env.reg.count(Method::GET, &blob_path(image.repo, layer_d)),
+        2
+    );
+}
+
+#[tokio::test]
+async fn with_the_store_down_nodes_serve_and_fetch_then_use_it_again() {
+    let mut s3 = Seaweed::start("regcache-down");
+    let env = Env::new().await;
+    let one = put_image(&env, "library/one", 40);
+    let two = put_image(&env, "library/two", 50);
+    let a = s3.node(env.proxy_on(&env.path("a")), "d").start().await;
+    let b = s3.node(env.proxy_on(&env.path("b")), "d").start().await;
+    pull_image(&a, &one, None, "MISS").await;
+    wait_shared(&s3, "d", &one).await;
+
+    s3.kill();
+    // A serves what it has; B fetches what it misses from upstream.
+    pull_image(&a, &one, None, "HIT").await;
+    pull_image(&b, &one, None, "MISS").await;
+    b.wait_for_log("shared store unreachable").await;
+
+    s3.restart();
+    // Used again, without a restart of regcache: B's new pull reaches the
+    // tier, and a node that never saw it gets it from there.
+    pull_image(&b, &two, None, "MISS").await;
+    wait_shared(&s3, "d", &two).await;
+    pull_image(&a, &two, None, "SHARED").await;
+    assert!(
+        b.stderr().contains("shared store answers again"),
+        "{}",
+        b.stderr()
+    );
+}
