@@ -30,7 +30,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,6 +125,9 @@ pub struct SharedStore {
     /// uploads them (the delete may fail or race a retry).
     distrusted: Mutex<HashSet<Digest>>,
     uploads: Semaphore,
+    /// Objects read from the tier, and uploaded to it, since start.
+    reads: AtomicU64,
+    written: AtomicU64,
 }
 
 impl SharedStore {
@@ -187,6 +190,8 @@ impl SharedStore {
             down_since: Mutex::new(None),
             distrusted: Mutex::default(),
             uploads: Semaphore::new(MAX_UPLOADS),
+            reads: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         };
         crate::metrics::get().shared_up(&shared.name, true);
         shared
@@ -200,6 +205,17 @@ impl SharedStore {
     /// Whether the last request to the store succeeded.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Objects read from the tier since start (each a local miss it
+    /// answered).
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    /// Objects this node wrote to the tier since start.
+    pub fn written(&self) -> u64 {
+        self.written.load(Ordering::Relaxed)
     }
 
     /// The object key of `digest`.
@@ -255,6 +271,7 @@ impl SharedStore {
         let result = timed(self.store.get(&self.key(digest))).await;
         self.outcome("get", &result).ok()?;
         let got = result.ok()?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         let size = got.meta.size;
         let content_type = got
             .attributes
@@ -330,6 +347,7 @@ impl SharedStore {
         self.outcome("put", &result)
             .map_err(|()| UploadError::Unreachable)?;
         lock(&self.distrusted).remove(digest);
+        self.written.fetch_add(1, Ordering::Relaxed);
         crate::metrics::get().shared_bytes("out", len);
         Ok(true)
     }
@@ -386,6 +404,7 @@ impl SharedStore {
         self.outcome("put", &done)
             .map_err(|()| UploadError::Unreachable)?;
         lock(&self.distrusted).remove(digest);
+        self.written.fetch_add(1, Ordering::Relaxed);
         crate::metrics::get().shared_bytes("out", sent);
         Ok(true)
     }

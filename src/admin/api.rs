@@ -62,6 +62,22 @@ pub struct LiveStats {
     pub uptime_seconds: u64,
     /// regcache's version.
     pub version: String,
+    /// The shared tier, when `shared_store` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedStats>,
+}
+
+/// The shared tier in `GET /api/v1/stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SharedStats {
+    /// `s3://BUCKET/PREFIX`.
+    pub store: String,
+    /// Whether its last request succeeded.
+    pub reachable: bool,
+    /// Objects read from it since start (local misses it answered).
+    pub reads: u64,
+    /// Objects this node uploaded to it since start.
+    pub uploads: u64,
 }
 
 /// `GET /api/v1/images`: tags by name, then content, the most recently
@@ -216,6 +232,12 @@ pub fn live_stats(app: &App) -> LiveStats {
         fills_in_progress: cache.fills.len() as u64,
         uptime_seconds: app.started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").to_string(),
+        shared: app.state.shared.as_ref().map(|shared| SharedStats {
+            store: shared.name().to_string(),
+            reachable: shared.is_up(),
+            reads: shared.reads(),
+            uploads: shared.written(),
+        }),
     }
 }
 
@@ -480,13 +502,30 @@ mod tests {
             fills_in_progress: 0,
             uptime_seconds: 5,
             version: "0.1.0".into(),
+            shared: None,
         };
         let text = serde_json::to_string(&stats).unwrap();
         assert!(
             text.starts_with("{\"entries\":3,\"bytes\":1000,\"tags\":1"),
             "{text}"
         );
+        assert!(!text.contains("shared"), "{text}");
         let back: LiveStats = serde_json::from_str(&text).unwrap();
         assert_eq!(back, stats);
+        let tiered = LiveStats {
+            shared: Some(SharedStats {
+                store: "s3://b/p".into(),
+                reachable: true,
+                reads: 4,
+                uploads: 2,
+            }),
+            ..stats
+        };
+        let text = serde_json::to_string(&tiered).unwrap();
+        assert!(
+            text.contains("\"shared\":{\"store\":\"s3://b/p\",\"reachable\":true,\"reads\":4"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<LiveStats>(&text).unwrap(), tiered);
     }
 }

@@ -180,12 +180,23 @@ fn cache(h: &mut String, s: &StatusSnapshot) {
         0.0
     };
     let full = if share >= 90.0 { " full" } else { "" };
+    let tier = match &st.shared {
+        Some(t) => format!(
+            "<div id=\"shared\">shared tier {}: <span class=\"{}\">{}</span> · {} read · {} uploaded</div>",
+            escape(&t.store),
+            if t.reachable { "up" } else { "down" },
+            if t.reachable { "reachable" } else { "unreachable" },
+            t.reads,
+            t.uploads,
+        ),
+        None => String::new(),
+    };
     let _ = write!(
         h,
         "<section><h2>Cache</h2><div class=\"big\" id=\"cache-fill\">{share:.1}%</div>\
          <div class=\"bar{full}\" role=\"img\" aria-label=\"cache {share:.0}% full\"><span style=\"width:{share:.1}%\"></span></div>\
          <div>{} of {} · {} entries · {} tag{}</div>\
-         <div class=\"muted\">{} download{} in progress holding {}</div></section>",
+         <div class=\"muted\">{} download{} in progress holding {}</div>{tier}</section>",
         bytes(used),
         bytes(cap),
         st.cache.entries,
@@ -391,6 +402,7 @@ mod tests {
                 fills_in_progress: 0,
                 uptime_seconds: 3725,
                 version: "0.1.0".into(),
+                shared: None,
             },
             fills: vec![],
             upstreams: vec![],
@@ -501,7 +513,17 @@ mod tests {
         s.fills[0].origin = Some(("r".into(), hostile.into()));
         s.fills[0].digest = format!("sha256:{hostile}");
         s.stats.version = hostile.into();
+        s.stats.shared = Some(crate::admin::api::SharedStats {
+            store: hostile.into(),
+            reachable: false,
+            reads: 7,
+            uploads: 1,
+        });
         let page = render(&s);
+        assert!(
+            page.contains("<span class=\"down\">unreachable</span> · 7 read"),
+            "the tier is shown"
+        );
         assert!(!page.contains("<script"), "{page}");
         assert!(!page.contains("alert(\"x\")"), "{page}");
         assert!(page.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"));

@@ -57,7 +57,20 @@ impl fmt::Display for LiveStats {
             human(self.filling_bytes),
             self.uptime_seconds,
             self.version,
-        )
+        )?;
+        if let Some(t) = &self.shared {
+            let state = if t.reachable {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            };
+            writeln!(
+                f,
+                "shared:     {} ({state}), {} read, {} uploaded since start",
+                t.store, t.reads, t.uploads
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -134,6 +134,22 @@ async fn an_image_pulled_through_one_node_comes_from_the_tier_on_the_others() {
         metrics.contains("regcache_shared_requests_total{op=\"get\",result=\"ok\"} 3"),
         "{metrics}"
     );
+    let stats = read_response(
+        crate::support::http::HttpClient::plain_h1(b.addr, "127.0.0.1")
+            .await
+            .get("/api/v1/stats")
+            .await,
+    )
+    .await
+    .text();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(
+        stats["shared"]["store"], "s3://regcache-one/site",
+        "{stats}"
+    );
+    assert_eq!(stats["shared"]["reachable"], true, "{stats}");
+    assert_eq!(stats["shared"]["reads"], 3, "{stats}");
+    assert_eq!(stats["shared"]["uploads"], 0, "B uploaded nothing: {stats}");
 }
 
 #[tokio::test]
