@@ -9,7 +9,7 @@ use bytes::Bytes;
 use hyper::Method;
 use regcache::registry::media::OCI_MANIFEST;
 
-use crate::support::http::{read_response, Got};
+use crate::support::http::{read_response, Got, HttpClient};
 use crate::support::pattern::blob_bytes;
 use crate::support::proxy::{Env, Proxy};
 use crate::support::registry::{
@@ -57,6 +57,12 @@ async fn pull(proxy: &Proxy, path: &str, authorization: Option<&str>) -> Got {
     }
     let req = client.request(Method::GET, path, &headers);
     read_response(client.send(req).await).await
+}
+
+/// One of regcache's own pages on the proxy port, as text.
+async fn page(proxy: &Proxy, path: &str) -> String {
+    let mut client = HttpClient::plain_h1(proxy.addr, "127.0.0.1").await;
+    read_response(client.get(path).await).await.text()
 }
 
 /// Pulls `image` (manifest by tag, then each blob) through `proxy`,
@@ -118,14 +124,7 @@ async fn an_image_pulled_through_one_node_comes_from_the_tier_on_the_others() {
     assert_eq!(heads, 3, "one HEAD of the tag per node");
     // Now in B's own cache.
     pull_image(&b, &image, None, "HIT").await;
-    let metrics = read_response(
-        crate::support::http::HttpClient::plain_h1(b.addr, "127.0.0.1")
-            .await
-            .get("/metrics")
-            .await,
-    )
-    .await
-    .text();
+    let metrics = page(&b, "/metrics").await;
     assert!(
         metrics.contains("regcache_shared_up{store=\"s3://regcache-one/site\"} 1"),
         "{metrics}"
@@ -134,14 +133,7 @@ async fn an_image_pulled_through_one_node_comes_from_the_tier_on_the_others() {
         metrics.contains("regcache_shared_requests_total{op=\"get\",result=\"ok\"} 3"),
         "{metrics}"
     );
-    let stats = read_response(
-        crate::support::http::HttpClient::plain_h1(b.addr, "127.0.0.1")
-            .await
-            .get("/api/v1/stats")
-            .await,
-    )
-    .await
-    .text();
+    let stats = page(&b, "/api/v1/stats").await;
     let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
     assert_eq!(
         stats["shared"]["store"], "s3://regcache-one/site",
