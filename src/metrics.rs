@@ -357,6 +357,7 @@ pub struct Metrics {
     shared_requests: Family<SharedLabels, Counter>,
     shared_bytes: Family<DirectionLabel, Counter>,
     shared_up: Family<StoreLabel, Gauge>,
+    leases: Family<ResultLabel, Counter>,
     cache: Arc<CacheCollector>,
     activity: activity::Activity,
     /// The upstream registries contacted, with the last contact and the
@@ -434,6 +435,7 @@ impl Metrics {
             shared_requests: Family::default(),
             shared_bytes: Family::default(),
             shared_up: Family::default(),
+            leases: Family::default(),
             cache: Arc::default(),
             activity: activity::Activity::default(),
             contacts: Mutex::default(),
@@ -548,6 +550,11 @@ impl Metrics {
             "regcache_shared_up",
             "Whether the last request to the shared store succeeded (only with shared_store)",
             m.shared_up.clone(),
+        );
+        r.register(
+            "regcache_leases",
+            "Claims of a cluster-wide fetch in the shared store: won, held (another node fetches), taken_over (an expired lease), lost (a renewal refused)",
+            m.leases.clone(),
         );
         r.register_collector(Box::new(m.cache.clone()));
         r.register_collector(Box::new(ProcessCollector));
@@ -793,6 +800,12 @@ impl Metrics {
         self.shared_bytes
             .get_or_create(&DirectionLabel { direction })
             .inc_by(n);
+    }
+
+    /// A lease claim ended with `result`: `won`, `held`, `taken_over`,
+    /// `lost`.
+    pub fn lease(&self, result: &'static str) {
+        self.leases.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Whether the shared store `store` (its URL) answered the last request.

@@ -42,8 +42,8 @@ use hyper::body::Frame;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as StorePath;
 use object_store::{
-    Attribute, Attributes, ClientOptions, ObjectStore, ObjectStoreExt as _, PutOptions, PutPayload,
-    RetryConfig, WriteMultipart,
+    Attribute, Attributes, ClientOptions, ObjectStore, ObjectStoreExt as _, PutMode, PutOptions,
+    PutPayload, PutResult, RetryConfig, UpdateVersion, WriteMultipart,
 };
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt as _;
@@ -128,6 +128,8 @@ pub struct SharedStore {
     /// Objects read from the tier, and uploaded to it, since start.
     reads: AtomicU64,
     written: AtomicU64,
+    /// This node's name in leases.
+    node: String,
 }
 
 impl SharedStore {
@@ -192,6 +194,7 @@ impl SharedStore {
             uploads: Semaphore::new(MAX_UPLOADS),
             reads: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            node: node_name(),
         };
         crate::metrics::get().shared_up(&shared.name, true);
         shared
@@ -410,6 +413,204 @@ impl SharedStore {
     }
 }
 
+/// How long a lease lasts unless renewed; renewed every third of it.
+pub const LEASE_TTL: Duration = Duration::from_secs(15);
+
+/// How often a node waiting for another node's fetch looks again.
+pub const LEASE_POLL: Duration = Duration::from_millis(200);
+
+/// The outcome of [`SharedStore::claim`].
+pub enum Claim {
+    /// This node fetches the digest for the cluster; drop the lease (after
+    /// the upload) to release it.
+    Won(Lease),
+    /// Another node holds a live lease: wait for the object.
+    Held,
+    /// The store cannot say (unreachable, or no conditional create): fetch
+    /// it without the cluster.
+    Unavailable,
+}
+
+/// This node's claim to fetch one digest for the cluster: an object
+/// created with a conditional write (`If-None-Match: *`) holding the node
+/// and an expiry, renewed while held, deleted when dropped.
+pub struct Lease {
+    store: Arc<dyn ObjectStore>,
+    key: StorePath,
+    renew: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.renew.abort();
+        let (store, key) = (self.store.clone(), self.key.clone());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = timed(store.delete(&key)).await;
+            });
+        }
+    }
+}
+
+/// What a lease object holds.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LeaseBody {
+    /// Which node holds it (host name and process).
+    node: String,
+    /// Until when, in Unix milliseconds.
+    expires_unix_ms: u64,
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// This node's name in leases: host name and process id (read once, at
+/// start).
+fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}", host.trim(), std::process::id())
+}
+
+fn lease_payload(node: &str) -> PutPayload {
+    let body = LeaseBody {
+        node: node.to_string(),
+        expires_unix_ms: now_unix_ms() + LEASE_TTL.as_millis() as u64,
+    };
+    PutPayload::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+impl SharedStore {
+    /// The lease key of `digest`.
+    fn lease_key(&self, digest: &Digest) -> StorePath {
+        StorePath::from(format!(
+            "{}leases/{}/{}",
+            self.prefix,
+            digest.algorithm().as_str(),
+            digest.hex()
+        ))
+    }
+
+    /// Claims the fetch of `digest` for the cluster: creates its lease, or
+    /// takes over one that expired (a conditional update on the ETag read,
+    /// so that of several nodes one wins).
+    pub async fn claim(&self, digest: &Digest) -> Claim {
+        let key = self.lease_key(digest);
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let created = timed(self.store.put_opts(&key, lease_payload(&self.node), create)).await;
+        let version = match created {
+            Ok(put) => Some(put),
+            Err(object_store::Error::AlreadyExists { .. }) => None,
+            Err(e) => {
+                let _ = self.outcome::<()>("put", &Err(e));
+                return Claim::Unavailable;
+            }
+        };
+        let put = match version {
+            Some(put) => put,
+            None => match self.take_over(&key).await {
+                Some(Some(put)) => put,
+                Some(None) => return Claim::Held,
+                None => return Claim::Unavailable,
+            },
+        };
+        crate::metrics::get().lease("won");
+        let renew = tokio::spawn(renew(
+            self.store.clone(),
+            key.clone(),
+            put,
+            self.node.clone(),
+        ));
+        Claim::Won(Lease {
+            store: self.store.clone(),
+            key,
+            renew,
+        })
+    }
+
+    /// The lease at `key` exists: Some(Some(put)) when it had expired and
+    /// this node took it over, Some(None) when it is live (or another node
+    /// took it over first), None when the store does not answer.
+    async fn take_over(&self, key: &StorePath) -> Option<Option<PutResult>> {
+        let got = timed(self.store.get(key)).await;
+        let got = match got {
+            Ok(got) => got,
+            // Released meanwhile: live for whoever claims it next.
+            Err(object_store::Error::NotFound { .. }) => return Some(None),
+            Err(e) => {
+                let _ = self.outcome::<()>("get", &Err(e));
+                return None;
+            }
+        };
+        let e_tag = got.meta.e_tag.clone();
+        let version = got.meta.version.clone();
+        let bytes = timed(got.bytes()).await.ok()?;
+        let expired = serde_json::from_slice::<LeaseBody>(&bytes)
+            .map_or(true, |lease| lease.expires_unix_ms < now_unix_ms());
+        if !expired {
+            crate::metrics::get().lease("held");
+            return Some(None);
+        }
+        let update = PutOptions {
+            mode: PutMode::Update(UpdateVersion { e_tag, version }),
+            ..PutOptions::default()
+        };
+        match timed(self.store.put_opts(key, lease_payload(&self.node), update)).await {
+            Ok(put) => {
+                crate::metrics::get().lease("taken_over");
+                tracing::info!(store = %self.name, key = %key, "took over an expired lease");
+                Some(Some(put))
+            }
+            Err(_) => Some(None),
+        }
+    }
+
+    /// Whether a live lease for `digest` exists; None when the store does
+    /// not answer.
+    pub async fn lease_live(&self, digest: &Digest) -> Option<bool> {
+        let got = timed(self.store.get(&self.lease_key(digest))).await;
+        let got = match got {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Some(false),
+            Err(_) => return None,
+        };
+        let bytes = timed(got.bytes()).await.ok()?;
+        Some(
+            serde_json::from_slice::<LeaseBody>(&bytes)
+                .is_ok_and(|lease| lease.expires_unix_ms >= now_unix_ms()),
+        )
+    }
+}
+
+/// Renews a lease every third of [`LEASE_TTL`] until aborted, or until the
+/// store refuses (another node took it over: this node's fetch goes on,
+/// and its upload is as good as anyone's).
+async fn renew(store: Arc<dyn ObjectStore>, key: StorePath, mut put: PutResult, node: String) {
+    loop {
+        tokio::time::sleep(LEASE_TTL / 3).await;
+        let update = PutOptions {
+            mode: PutMode::Update(UpdateVersion {
+                e_tag: put.e_tag.clone(),
+                version: put.version.clone(),
+            }),
+            ..PutOptions::default()
+        };
+        match timed(store.put_opts(&key, lease_payload(&node), update)).await {
+            Ok(next) => put = next,
+            Err(e) => {
+                crate::metrics::get().lease("lost");
+                tracing::warn!(key = %key, error = %e, "lease renewal refused or failed");
+                return;
+            }
+        }
+    }
+}
+
 /// Why an upload to the shared tier did not happen.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
@@ -561,6 +762,46 @@ mod tests {
             shared.key(&digest).as_ref(),
             format!("blobs/sha256/{}", digest.hex())
         );
+    }
+
+    #[tokio::test]
+    async fn one_node_wins_the_lease_until_it_is_released_or_expires() {
+        let store = Arc::new(InMemory::new());
+        let a = SharedStore::with_store(store.clone(), "s3://test", "p");
+        let b = SharedStore::with_store(store.clone(), "s3://test", "p");
+        let digest = digest_of(b"a cold blob");
+        let Claim::Won(lease) = a.claim(&digest).await else {
+            panic!("the first claim wins");
+        };
+        assert!(matches!(b.claim(&digest).await, Claim::Held));
+        assert_eq!(b.lease_live(&digest).await, Some(true));
+        drop(lease);
+        // The release is a spawned delete.
+        for _ in 0..100 {
+            if b.lease_live(&digest).await == Some(false) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let Claim::Won(_lease) = b.claim(&digest).await else {
+            panic!("a released lease can be claimed");
+        };
+        // An expired lease is taken over, by one node only.
+        let other = digest_of(b"another blob");
+        let expired = serde_json::to_vec(&LeaseBody {
+            node: "dead:1".into(),
+            expires_unix_ms: now_unix_ms() - 1,
+        })
+        .unwrap();
+        store
+            .put(&a.lease_key(&other), PutPayload::from(expired))
+            .await
+            .unwrap();
+        assert_eq!(a.lease_live(&other).await, Some(false));
+        let Claim::Won(_taken) = a.claim(&other).await else {
+            panic!("an expired lease is taken over");
+        };
+        assert!(matches!(b.claim(&other).await, Claim::Held));
     }
 
     #[test]

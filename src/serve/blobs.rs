@@ -20,8 +20,10 @@
 //!   linked to the repository once the download's bytes matched it.
 //! - With a shared tier ([`crate::shared`]): the leader of a missing blob
 //!   reads it from the tier when the tier has it and the registry confirms
-//!   it for this repository (a `HEAD` with the client's credential); a blob
-//!   fetched from upstream is uploaded to the tier once committed.
+//!   it for this repository (a `HEAD` with the client's credential). When
+//!   the tier does not have it, one node of the cluster fetches it (the one
+//!   whose lease was created first) and uploads it once committed; the
+//!   others wait for the object and read it from the tier.
 
 use std::sync::Arc;
 
@@ -39,7 +41,7 @@ use crate::cache::{read, Cache, Cached};
 use crate::http::body::{self, Body};
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
-use crate::shared::SharedStore;
+use crate::shared::{Claim, Lease, SharedObject, SharedStore, LEASE_POLL};
 
 /// How often a request retries after a leader it followed gave up.
 const MAX_JOIN_ATTEMPTS: usize = 3;
@@ -112,12 +114,12 @@ pub async fn serve(req: &RepoRequest<'_>, digest: &Digest) -> Served {
 async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served {
     let (state, target, parts) = (req.state, req.target, req.parts);
     let repo = req.repo();
-    let leader = match &state.shared {
+    let (leader, lease) = match &state.shared {
         Some(shared) => match from_shared(req, digest, leader, shared).await {
             Ok(served) => return served,
-            Err(leader) => leader,
+            Err(back) => back,
         },
-        None => leader,
+        None => (leader, None),
     };
     let uri = match upstream_uri(target, parts) {
         Ok(uri) => uri,
@@ -158,7 +160,7 @@ async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served 
     {
         Ok(fill) => {
             if let Some(shared) = &state.shared {
-                write_behind(state.cache.clone(), shared.clone(), fill.clone());
+                write_behind(state.cache.clone(), shared.clone(), fill.clone(), lease);
             }
             Served::new(from_fill(parts, digest, &fill), CacheStatus::Miss)
         }
@@ -176,33 +178,86 @@ async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served 
     }
 }
 
-/// A local miss that the shared tier holds: served from it once the
-/// registry confirmed the digest for this repository with the client's own
+/// The longest a client waits for another node's fetch of a blob before
+/// this node fetches it itself.
+const MAX_CLUSTER_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A local miss, with a shared tier. When the tier holds the digest, or
+/// another node of the cluster is fetching it (a live lease: this node
+/// waits until the object is there), the blob is served from the tier once
+/// the registry confirmed it for this repository with the client's own
 /// credential (a `HEAD`, which Docker Hub does not count as a pull), and
 /// stored locally as it streams, verified like an upstream body. Hands the
-/// leader back when the tier does not have it, does not answer, or the
-/// registry does not confirm (the caller's GET then answers as the registry
-/// does).
+/// leader back to fetch upstream, with the lease when this node won the
+/// fetch for the cluster; also when the tier does not answer or the
+/// registry does not confirm (the caller's GET then answers as the
+/// registry does).
 async fn from_shared(
     req: &RepoRequest<'_>,
     digest: &Digest,
     leader: Leader,
     shared: &Arc<SharedStore>,
-) -> Result<Served, Leader> {
-    let (state, target, parts) = (req.state, req.target, req.parts);
-    let Some(object) = shared.open(digest).await else {
-        return Err(leader);
-    };
-    let Ok(uri) = upstream_uri(target, parts) else {
-        return Err(leader);
-    };
-    // The tier holds bytes, not trust.
-    match sharing::fetch_for(req, Method::HEAD, uri).await {
-        Ok(resp) if resp.status() == StatusCode::OK => {}
-        _ => return Err(leader),
+) -> Result<Served, (Leader, Option<Lease>)> {
+    let started = std::time::Instant::now();
+    let mut confirmed = false;
+    loop {
+        if let Some(object) = shared.open(digest).await {
+            if !confirmed && !confirm(req).await {
+                return Err((leader, None));
+            }
+            return fill_from_shared(req, digest, leader, shared, object).await;
+        }
+        match shared.claim(digest).await {
+            Claim::Won(lease) => return Err((leader, Some(lease))),
+            Claim::Unavailable => return Err((leader, None)),
+            Claim::Held => {}
+        }
+        // The tier holds bytes, not trust: no waiting for a refused client.
+        if !confirmed && !confirm(req).await {
+            return Err((leader, None));
+        }
+        confirmed = true;
+        tracing::debug!(%digest, "another node fetches it: waiting for the shared tier");
+        loop {
+            if started.elapsed() > MAX_CLUSTER_WAIT {
+                return Err((leader, None));
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+            if shared.holds(digest).await == Some(true) {
+                break;
+            }
+            match shared.lease_live(digest).await {
+                Some(true) => continue,
+                // Released or expired without an object: claim it again.
+                Some(false) => break,
+                None => return Err((leader, None)),
+            }
+        }
     }
+}
+
+/// Whether the registry confirms the requested blob for this repository
+/// and client (a `HEAD` with the client's credential).
+async fn confirm(req: &RepoRequest<'_>) -> bool {
+    let Ok(uri) = upstream_uri(req.target, req.parts) else {
+        return false;
+    };
+    matches!(sharing::fetch_for(req, Method::HEAD, uri).await,
+        Ok(resp) if resp.status() == StatusCode::OK)
+}
+
+/// Starts the local download of `object`, read from the shared tier; an
+/// object that turns out not to match its digest is deleted there.
+async fn fill_from_shared(
+    req: &RepoRequest<'_>,
+    digest: &Digest,
+    leader: Leader,
+    shared: &Arc<SharedStore>,
+    object: SharedObject,
+) -> Result<Served, (Leader, Option<Lease>)> {
+    let (state, target, parts) = (req.state, req.target, req.parts);
     let Ok(reservation) = state.cache.admit_soon(Some(object.size)).await else {
-        return Err(leader);
+        return Err((leader, None));
     };
     // Confirmed for this repository: the digest is linked to it once the
     // bytes matched, as for an upstream download.
@@ -241,8 +296,16 @@ async fn from_shared(
 
 /// Once `fill` (an upstream download) is committed, its entry is uploaded
 /// to the shared tier, in the background.
-fn write_behind(cache: Arc<Cache>, shared: Arc<SharedStore>, fill: Arc<Fill>) {
+/// The cluster's lease of the fetch, if this node holds it, is released
+/// once the upload is done (or failed: another node then fetches it).
+fn write_behind(
+    cache: Arc<Cache>,
+    shared: Arc<SharedStore>,
+    fill: Arc<Fill>,
+    lease: Option<Lease>,
+) {
     tokio::spawn(async move {
+        let _lease = lease;
         fill.ended().await;
         let digest = &fill.digest;
         cache.committed(digest).await;

@@ -13,7 +13,7 @@ use crate::support::http::{read_response, Got, HttpClient};
 use crate::support::pattern::blob_bytes;
 use crate::support::proxy::{Env, Proxy};
 use crate::support::registry::{
-    blob_path, image_manifest, manifest_path, ACCEPT_ALL, HUB, TEAM_CRED,
+    blob_path, image_manifest, manifest_path, Fault, ACCEPT_ALL, HUB, TEAM_CRED,
 };
 use crate::support::s3::Seaweed;
 use crate::support::tls::Alpn;
@@ -225,4 +225,99 @@ async fn with_the_store_down_nodes_serve_and_fetch_then_use_it_again() {
         "{}",
         b.stderr()
     );
+}
+
+/// A 2 MiB blob whose upstream body stops after 512 KiB until the gate
+/// opens.
+fn put_held_blob(env: &Env, repo: &str, seed: u64) -> (String, Bytes) {
+    let data = blob_bytes(seed, 2 * 1024 * 1024);
+    let digest = env.reg.put_blob(repo, data.clone());
+    env.reg.set_fault(
+        &blob_path(repo, &digest),
+        Fault {
+            gate_after: Some(512 * 1024),
+            ..Fault::default()
+        },
+    );
+    (digest, data)
+}
+
+#[tokio::test]
+async fn a_blob_missing_everywhere_is_fetched_once_for_the_cluster() {
+    let s3 = Seaweed::start("regcache-once");
+    let env = Env::new().await;
+    let repo = "library/big";
+    let (digest, data) = put_held_blob(&env, repo, 60);
+    let path = blob_path(repo, &digest);
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let node = s3.node(env.proxy_on(&env.path(name)), "once").start().await;
+        nodes.push(std::sync::Arc::new(node));
+    }
+    let mut clients = Vec::new();
+    for i in 0..30 {
+        let (node, path) = (nodes[i % 3].clone(), path.clone());
+        clients.push(tokio::spawn(async move { pull(&node, &path, None).await }));
+    }
+    env.reg.wait_count(Method::GET, &path, 1).await;
+    // Every node has asked by now (the others wait on the lease).
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    env.reg.open_gate();
+    for client in clients {
+        let got = client.await.unwrap();
+        got.assert_content(&Method::GET, &data, "a client of the cluster");
+    }
+    assert_eq!(
+        env.reg.count(Method::GET, &path),
+        1,
+        "one upstream GET for three nodes and 30 clients: {:?}",
+        env.reg.summary()
+    );
+}
+
+#[tokio::test]
+async fn a_fetcher_killed_mid_fetch_hands_the_blob_to_another_node() {
+    let s3 = Seaweed::start("regcache-kill");
+    let env = Env::new().await;
+    let repo = "library/big";
+    let (digest, data) = put_held_blob(&env, repo, 70);
+    let path = blob_path(repo, &digest);
+    let a = std::sync::Arc::new(s3.node(env.proxy_on(&env.path("a")), "k").start().await);
+    let b = s3.node(env.proxy_on(&env.path("b")), "k").start().await;
+    let a_client = {
+        let (a, path) = (a.clone(), path.clone());
+        tokio::spawn(async move { pull(&a, &path, None).await })
+    };
+    env.reg.wait_count(Method::GET, &path, 1).await;
+    // B's client waits for A's fetch...
+    let b_client = {
+        let path = path.clone();
+        let b = std::sync::Arc::new(b);
+        let waiting = b.clone();
+        (
+            tokio::spawn(async move { pull(&waiting, &path, None).await }),
+            b,
+        )
+    };
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    // ...and A dies with the lease held.
+    crate::support::send_signal(a.pid(), crate::support::Signal::KILL);
+    let cut = a_client.await.unwrap();
+    cut.assert_aborted(&data, "A's own client");
+    env.reg.open_gate();
+    // The lease expires; B takes over and fetches it itself.
+    let got = b_client.0.await.unwrap();
+    got.assert_content(&Method::GET, &data, "B's client after the takeover");
+    assert_eq!(
+        env.reg.count(Method::GET, &path),
+        2,
+        "{:?}",
+        env.reg.summary()
+    );
+    assert!(
+        b_client.1.stderr().contains("took over an expired lease"),
+        "{}",
+        b_client.1.stderr()
+    );
+    s3.wait_object("k", &digest, &data).await;
 }
