@@ -19,8 +19,17 @@ anything was:
   servicemonitor YAML           in rendered manifests, each ServiceMonitor
                                 selects a Service of its namespace and names
                                 one of its ports
+  many-nodes YAML               in rendered manifests (deploy/kubernetes/
+                                many-nodes): no StatefulSet; one Deployment of
+                                3 replicas whose container takes
+                                REGCACHE_SHARED_STORE and the AWS_* keys from
+                                the Secret regcache-shared-store, probes
+                                /healthz, and caps REGCACHE_CACHE_SIZE below
+                                its cache emptyDir's sizeLimit; a
+                                PodDisruptionBudget and the Service select its
+                                pods
 
-Standard library only, except servicemonitor (PyYAML).
+Standard library only, except servicemonitor and many-nodes (PyYAML).
 """
 
 import json
@@ -254,6 +263,88 @@ def servicemonitor(path):
     fail(errors)
 
 
+def quantity(text):
+    """Bytes in a Kubernetes quantity (20Gi, 500M) or a regcache size (16GiB)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGTP]?)(i?)B?\s*", str(text))
+    if not m:
+        return None
+    base = 1024 if m.group(3) else 1000
+    return float(m.group(1)) * base ** " KMGTP".index(m.group(2) or " ")
+
+
+def selects(selector, labels):
+    """Whether a matchLabels selector (non-empty) matches labels."""
+    want = (selector or {}).get("matchLabels") or {}
+    return bool(want) and all((labels or {}).get(k) == v for k, v in want.items())
+
+
+def many_nodes(path):
+    import yaml  # noqa: PLC0415 (only this check needs it)
+
+    docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
+    kinds = {}
+    for d in docs:
+        kinds.setdefault(d.get("kind"), []).append(d)
+    errors = []
+    if kinds.get("StatefulSet"):
+        errors.append(f"{path}: a StatefulSet ({[d['metadata']['name'] for d in kinds['StatefulSet']]})")
+    deployments = kinds.get("Deployment", [])
+    if len(deployments) != 1:
+        fail(errors + [f"{path}: {len(deployments)} Deployments, want 1"])
+    dep = deployments[0]
+    name = dep["metadata"]["name"]
+    ns = dep["metadata"].get("namespace")
+    spec = dep.get("spec") or {}
+    if spec.get("replicas") != 3:
+        errors.append(f"Deployment {name}: replicas {spec.get('replicas')}, want 3")
+    pod_labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    if not selects(spec.get("selector"), pod_labels):
+        errors.append(f"Deployment {name}: its selector does not match its pod template")
+    pod = (spec.get("template") or {}).get("spec") or {}
+    containers = pod.get("containers") or []
+    rc = [c for c in containers if c.get("name") == "regcache"]
+    if not rc:
+        fail(errors + [f"Deployment {name}: no container regcache"])
+    c = rc[0]
+    env = {e["name"]: e for e in c.get("env") or []}
+    for var in ["REGCACHE_SHARED_STORE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"]:
+        ref = ((env.get(var) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        if ref.get("name") != "regcache-shared-store" or ref.get("key") != var:
+            errors.append(f"container regcache: {var} is not from secretKeyRef regcache-shared-store/{var}")
+        elif ref.get("optional"):
+            errors.append(f"container regcache: {var}'s secretKeyRef is optional")
+    for probe in ["readinessProbe", "livenessProbe"]:
+        get = (c.get(probe) or {}).get("httpGet") or {}
+        ports = [p.get("name") for p in c.get("ports") or []] + [p.get("containerPort") for p in c.get("ports") or []]
+        if get.get("path") != "/healthz" or get.get("port") not in ports:
+            errors.append(f"container regcache: {probe} is not httpGet /healthz on one of its ports")
+    mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts") or []}
+    volumes = {v.get("name"): v for v in pod.get("volumes") or []}
+    cache = volumes.get(mounts.get("/var/lib/regcache")) or {}
+    limit = quantity((cache.get("emptyDir") or {}).get("sizeLimit"))
+    size = quantity((env.get("REGCACHE_CACHE_SIZE") or {}).get("value"))
+    if limit is None:
+        errors.append("the volume at /var/lib/regcache is not an emptyDir with a sizeLimit")
+    elif size is None or size >= limit:
+        errors.append(f"REGCACHE_CACHE_SIZE {size} is not below the cache emptyDir's sizeLimit {limit}")
+    pdbs = [p for p in kinds.get("PodDisruptionBudget", [])
+            if p["metadata"].get("namespace") == ns and selects(p.get("spec", {}).get("selector"), pod_labels)]
+    if not pdbs:
+        errors.append(f"no PodDisruptionBudget in {ns} selects Deployment {name}'s pods")
+    for p in pdbs:
+        s = p.get("spec") or {}
+        if s.get("minAvailable") not in (None, 2) or s.get("maxUnavailable") not in (None, 1) or \
+                (s.get("minAvailable") is None) == (s.get("maxUnavailable") is None):
+            errors.append(f"PodDisruptionBudget {p['metadata']['name']}: want minAvailable 2 or maxUnavailable 1")
+    services = [s for s in kinds.get("Service", [])
+                if s["metadata"].get("namespace") == ns and selects({"matchLabels": s.get("spec", {}).get("selector")}, pod_labels)]
+    if not services:
+        errors.append(f"no Service in {ns} selects Deployment {name}'s pods")
+    print(f"Deployment {name}: {spec.get('replicas')} replicas; PDBs {[p['metadata']['name'] for p in pdbs]}; "
+          f"Services {[s['metadata']['name'] for s in services]}")
+    fail(errors)
+
+
 def main(argv):
     cmd, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
     if cmd == "names-source" and len(args) == 1:
@@ -268,6 +359,8 @@ def main(argv):
         names_in(*args)
     elif cmd == "servicemonitor" and len(args) == 1:
         servicemonitor(args[0])
+    elif cmd == "many-nodes" and len(args) == 1:
+        many_nodes(args[0])
     else:
         print(__doc__, file=sys.stderr)
         sys.exit(2)

@@ -13,9 +13,19 @@
 #     (a pinned PyPI package, in a venv under target/), and the ServiceMonitor
 #     selects the Service and names one of its ports. The ServiceMonitor's own
 #     schema (a CRD) is not checked: no offline schema for it ships here;
+#   - deploy/kubernetes/many-nodes renders, alone and with deploy/prometheus;
+#     it, and its many-nodes/secret.example.yaml, pass kubernetes-validate
+#     --strict; it has no StatefulSet and one Deployment of 3 replicas whose
+#     container takes REGCACHE_SHARED_STORE and AWS_* from secretKeyRefs to
+#     regcache-shared-store, probes /healthz and keeps REGCACHE_CACHE_SIZE below
+#     its emptyDir's sizeLimit; a PodDisruptionBudget and the Service select
+#     its pods (check.py many-nodes). The single-node render keeps its
+#     StatefulSet and has no Deployment;
 #   - negative controls: a broken rule threshold makes promtool test rules
 #     fail, a misspelt metric in the dashboard makes the name check fail, a
-#     ServiceMonitor naming no port of the Service fails.
+#     ServiceMonitor naming no port of the Service fails; the many-nodes check
+#     fails on the single-node render, on a PDB that selects other pods, and
+#     on AWS_ACCESS_KEY_ID from another key.
 # Prints one PASS/FAIL line per check and "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -121,6 +131,56 @@ else
         else
             refute "negative control: a ServiceMonitor port the Service lacks is caught" \
                 "$VENV/bin/python" tests/deploy/check.py servicemonitor "$T/bad-sm.yaml"
+        fi
+    fi
+
+    # ---------------------------------------------------- kubernetes: many nodes
+    M=deploy/kubernetes/many-nodes
+    check "kustomize: the single-node render has a StatefulSet and no Deployment" \
+        sh -c 'kubectl kustomize deploy/kubernetes >"$1" && grep -qx "kind: StatefulSet" "$1" && ! grep -qx "kind: Deployment" "$1"' \
+        sh "$T/single.yaml"
+    if kubectl kustomize "$M" >"$T/many.yaml" 2>"$T/out"; then
+        pass "kustomize: $M renders"
+    else
+        fail "kustomize: $M renders"
+        indent <"$T/out"
+    fi
+    mkdir -p "$T/km"
+    rel=$(realpath --relative-to="$T/km" "$REPO/deploy")
+    printf 'apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - %s/kubernetes/many-nodes\ncomponents:\n  - %s/prometheus\n' \
+        "$rel" "$rel" >"$T/km/kustomization.yaml"
+    if kubectl kustomize "$T/km" >"$T/many-sm.yaml" 2>"$T/out"; then
+        pass "kustomize: $M with the deploy/prometheus component renders"
+    else
+        fail "kustomize: $M with the deploy/prometheus component renders"
+        indent <"$T/out"
+    fi
+    if [ -x "$VENV/bin/kubernetes-validate" ]; then
+        check "kubernetes-validate --strict $M (Namespace, ConfigMap, Service, Deployment, PodDisruptionBudget)" \
+            "$VENV/bin/kubernetes-validate" --strict --quiet --no-warn "$T/many.yaml"
+        check "kubernetes-validate --strict $M/secret.example.yaml" \
+            "$VENV/bin/kubernetes-validate" --strict --quiet --no-warn "$M/secret.example.yaml"
+        check "$M: 3 replicas, the Secret's env, /healthz probes, cache under sizeLimit, PDB and Service select the pods, no StatefulSet" \
+            "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/many.yaml"
+        check "$M with deploy/prometheus: the ServiceMonitor selects the Service and names its port" \
+            "$VENV/bin/python" tests/deploy/check.py servicemonitor "$T/many-sm.yaml"
+        refute "negative control: the many-nodes check fails on the single-node render" \
+            "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/single.yaml"
+        # The PDB's selector, wherever kustomize put it, made to select other pods.
+        awk '/^kind: PodDisruptionBudget/ {p = 1} /^---/ {p = 0} p && /^      app.kubernetes.io\/name: regcache$/ {sub(/regcache$/, "other")} {print}' \
+            "$T/many.yaml" >"$T/bad-pdb.yaml"
+        if cmp -s "$T/many.yaml" "$T/bad-pdb.yaml"; then
+            fail "negative control: the PDB's selector was found to break"
+        else
+            refute "negative control: a PDB selecting other pods is caught" \
+                "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/bad-pdb.yaml"
+        fi
+        sed 's/^\( *key:\) AWS_ACCESS_KEY_ID$/\1 access-key/' "$T/many.yaml" >"$T/bad-env.yaml"
+        if cmp -s "$T/many.yaml" "$T/bad-env.yaml"; then
+            fail "negative control: AWS_ACCESS_KEY_ID's secretKeyRef was found to break"
+        else
+            refute "negative control: AWS_ACCESS_KEY_ID from another key of the Secret is caught" \
+                "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/bad-env.yaml"
         fi
     fi
 fi
