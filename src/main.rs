@@ -17,6 +17,7 @@ use regcache::config::{
 };
 use regcache::proxy::Proxy;
 use regcache::serve::state::{State, StateError};
+use regcache::shared::{CreateProbe, SharedStore};
 use regcache::tls::ca::{CERT_FILE, KEY_FILE};
 use regcache::tls::CertificateAuthority;
 use sha2::{Digest, Sha256};
@@ -309,6 +310,41 @@ fn load_config(flags: Settings, config_file: Option<&Path>) -> Result<Config, Fa
     Ok(Config::from_settings(flags.layered(config_file)?)?)
 }
 
+/// The start-up probe of the shared store: a store that ignores
+/// conditional create stops regcache (exit 2) unless
+/// `shared_single_flight = false`; one that does not answer is used when
+/// it does.
+async fn check_shared_store(shared: &SharedStore, single_flight: bool) -> Result<(), Failure> {
+    match shared.probe_conditional_create().await {
+        CreateProbe::Enforced if single_flight => {
+            tracing::info!(
+                store = shared.name(),
+                "shared store enforces conditional create: one upstream fetch per cluster"
+            );
+        }
+        CreateProbe::Enforced => shared.without_leases(),
+        CreateProbe::Ignored if single_flight => {
+            return Err(Failure::usage(format!(
+                "shared_store {}: the store ignores conditional writes (If-None-Match: *), so nodes \
+                 cannot agree on one fetcher; use a store that enforces them, or set \
+                 shared_single_flight = false to let each node fetch on its own",
+                shared.name()
+            )));
+        }
+        CreateProbe::Ignored => {
+            tracing::warn!(store = shared.name(), "shared store ignores conditional writes: each node fetches on its own (shared_single_flight = false)");
+            shared.without_leases();
+        }
+        CreateProbe::Unreachable(error) => {
+            tracing::warn!(store = shared.name(), %error, "shared store not reachable at start: serving without it until it answers");
+            if !single_flight {
+                shared.without_leases();
+            }
+        }
+    }
+    Ok(())
+}
+
 fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = load_config(args.settings, args.config.as_deref())?;
     init_logging(config.log_format);
@@ -316,6 +352,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let started = std::time::SystemTime::now();
     let app = App::new(config)?;
     runtime.block_on(async move {
+        if let Some(shared) = &app.state.shared {
+            check_shared_store(shared, app.config().shared_single_flight).await?;
+        }
         let proxy = Proxy::bind(app.clone()).await.map_err(|e| {
             Failure::runtime(format!("cannot listen on {}: {e}", app.config().listen))
         })?;

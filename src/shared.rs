@@ -130,6 +130,8 @@ pub struct SharedStore {
     written: AtomicU64,
     /// This node's name in leases.
     node: String,
+    /// Set when leases are not used.
+    leases_off: AtomicBool,
 }
 
 impl SharedStore {
@@ -195,6 +197,7 @@ impl SharedStore {
             reads: AtomicU64::new(0),
             written: AtomicU64::new(0),
             node: node_name(),
+            leases_off: AtomicBool::new(false),
         };
         crate::metrics::get().shared_up(&shared.name, true);
         shared
@@ -497,6 +500,9 @@ impl SharedStore {
     /// takes over one that expired (a conditional update on the ETag read,
     /// so that of several nodes one wins).
     pub async fn claim(&self, digest: &Digest) -> Claim {
+        if self.leases_off.load(Ordering::Relaxed) {
+            return Claim::Unavailable;
+        }
         let key = self.lease_key(digest);
         let create = PutOptions {
             mode: PutMode::Create,
@@ -584,6 +590,54 @@ impl SharedStore {
             serde_json::from_slice::<LeaseBody>(&bytes)
                 .is_ok_and(|lease| lease.expires_unix_ms >= now_unix_ms()),
         )
+    }
+}
+
+/// What the start-up probe found about conditional writes.
+#[derive(Debug)]
+pub enum CreateProbe {
+    /// A second create of one key was refused: leases work.
+    Enforced,
+    /// The store overwrote the key (it ignores `If-None-Match`: Garage
+    /// 2.5 does): leases would let several nodes fetch at once.
+    Ignored,
+    /// The store did not answer; the tier is used when it does.
+    Unreachable(String),
+}
+
+impl SharedStore {
+    /// Creates one probe object twice with `If-None-Match: *`, then
+    /// deletes it: whether the store enforces conditional create, which
+    /// the cluster-wide lease relies on.
+    pub async fn probe_conditional_create(&self) -> CreateProbe {
+        let key = StorePath::from(format!(
+            "{}leases/probe-{}-{}",
+            self.prefix,
+            self.node.replace(':', "-"),
+            now_unix_ms()
+        ));
+        let create = || PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        let payload = || PutPayload::from_static(b"probe");
+        if let Err(e) = timed(self.store.put_opts(&key, payload(), create())).await {
+            return CreateProbe::Unreachable(e.to_string());
+        }
+        let second = timed(self.store.put_opts(&key, payload(), create())).await;
+        let _ = timed(self.store.delete(&key)).await;
+        match second {
+            Err(object_store::Error::AlreadyExists { .. }) => CreateProbe::Enforced,
+            Ok(_) => CreateProbe::Ignored,
+            Err(e) => CreateProbe::Unreachable(e.to_string()),
+        }
+    }
+
+    /// Stops claiming leases: each node fetches on its own
+    /// (`shared_single_flight = false`, or a store without conditional
+    /// create).
+    pub fn without_leases(&self) {
+        self.leases_off.store(true, Ordering::Relaxed);
     }
 }
 
@@ -802,6 +856,18 @@ mod tests {
             panic!("an expired lease is taken over");
         };
         assert!(matches!(b.claim(&other).await, Claim::Held));
+    }
+
+    #[tokio::test]
+    async fn the_probe_finds_conditional_create_enforced_and_leases_can_be_off() {
+        let shared = SharedStore::with_store(Arc::new(InMemory::new()), "s3://test", "");
+        assert!(matches!(
+            shared.probe_conditional_create().await,
+            CreateProbe::Enforced
+        ));
+        let digest = digest_of(b"x");
+        shared.without_leases();
+        assert!(matches!(shared.claim(&digest).await, Claim::Unavailable));
     }
 
     #[test]

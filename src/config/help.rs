@@ -139,6 +139,7 @@ mod tests {
             ("auth_ttl", Some("300")),
             ("offline", Some("false")),
             ("offline_share_private", Some("false")),
+            ("shared_single_flight", Some("true")),
             // Unset or empty in default.toml: no default to show.
             ("ca_cert", None),
             ("cache_size", None),

@@ -187,6 +187,8 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The shared tier's `s3://BUCKET/PREFIX` (None: off).
     pub shared_store: Option<String>,
+    /// One upstream fetch per cluster through leases in the shared tier.
+    pub shared_single_flight: bool,
     /// Its certificate and key, if not minted by the regcache CA.
     pub mirror_cert: Option<(PathBuf, PathBuf)>,
     /// Host names a minted `mirror_tls` leaf may be for (normalised).
@@ -401,6 +403,7 @@ impl Config {
             mirror_tls: s.mirror_tls,
             metrics_listen,
             shared_store,
+            shared_single_flight: built_in(s.shared_single_flight, "shared_single_flight")?,
             mirror_cert,
             mirror_names,
             offline: built_in(s.offline, "offline")?,

@@ -187,6 +187,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_SHARED_STORE", value_name = "URL")]
     pub shared_store: Option<String>,
 
+    /// With shared_store: one upstream fetch per cluster through lease objects (needs a store that enforces If-None-Match); false: one per node
+    #[arg(long, env = "REGCACHE_SHARED_SINGLE_FLIGHT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub shared_single_flight: Option<bool>,
+
     /// Certificate (PEM) for mirror_tls instead of one minted by the regcache CA (needs --mirror-key)
     #[arg(
         long,

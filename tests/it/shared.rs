@@ -105,6 +105,11 @@ async fn an_image_pulled_through_one_node_comes_from_the_tier_on_the_others() {
     let b = s3.node(env.proxy_on(&env.path("b")), "site").start().await;
     let c = s3.node(env.proxy_on(&env.path("c")), "site").start().await;
 
+    assert!(
+        a.stderr().contains("shared store enforces conditional create"),
+        "the start-up probe: {}",
+        a.stderr()
+    );
     pull_image(&a, &image, None, "MISS").await;
     assert_eq!(upstream_gets(&env, &image), 3, "{:?}", env.reg.summary());
     wait_shared(&s3, "site", &image).await;
