@@ -9,7 +9,9 @@
 #      dashboard's metric names, the kustomize component's ServiceMonitor);
 #   5. the end-to-end tests with the real registry and real clients
 #      (run.sh, auth.sh, links.sh, mirror.sh, origins.sh, metrics.sh,
-#      status.sh);
+#      status.sh), the probe of the S3 server the shared tier is tested on
+#      (s3_probe.sh: SeaweedFS on loopback) and the shared tier itself
+#      (shared.sh: three regcache nodes on one SeaweedFS bucket);
 #   6. a smoke run of the benchmark (bench/run.sh --smoke: every peer started
 #      and measured once with small sizes, to keep the script working; its
 #      targets are not checked here).
@@ -63,6 +65,12 @@ $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/metrics.sh
 
 step "end-to-end test of the status page (headless chromium loads / after two pulls; a narrow screenshot in target/e2e-artifacts/status.png)"
 $SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/status.sh
+
+step "probe of the S3 server of the shared-tier tests (SeaweedFS on loopback: signing, conditional writes, multipart, restart)"
+$SUDO tests/e2e/s3_probe.sh
+
+step "end-to-end test of the shared tier (SeaweedFS, three regcache nodes, public and htpasswd registries, skopeo; store down and back)"
+$SUDO env REGCACHE_BIN="$PWD/target/debug/regcache" tests/e2e/shared.sh
 
 step "benchmark smoke run (bench/run.sh --smoke: squid, distribution mirror, nginx, direct, regcache; one small round)"
 cargo build --locked --example bench_client

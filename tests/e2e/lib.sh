@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Shared helpers of the end-to-end scripts (run.sh, auth.sh, mirror.sh).
+# Shared helpers of the end-to-end scripts (run.sh, auth.sh, mirror.sh, shared.sh, ...).
 # Sourced, not run: it defines functions and variables, installs the EXIT
 # trap that stops every daemon started with start_bg, and clears the proxy
 # variables of the environment. Nothing here starts anything.
@@ -279,12 +279,13 @@ set_client_env() {
         SSL_CERT_FILE="$W/empty.pem" SSL_CERT_DIR="$W/empty-certs" "${ISOLATE_ENV[@]}")
 }
 
-# start_registry DIR ADDR PKI [EXTRA_YAML]: Debian's docker-registry serving
-# TLS (PKI/server.pem, server.key) on ADDR, filesystem storage under DIR/data,
-# config DIR/config.yml, log $W/registry.log; EXTRA_YAML is appended as
-# top-level configuration (an auth: section, say). Started as daemon "registry".
+# start_registry DIR ADDR PKI [EXTRA_YAML] [NAME]: Debian's docker-registry
+# serving TLS (PKI/server.pem, server.key) on ADDR, filesystem storage under
+# DIR/data, config DIR/config.yml, log $W/NAME.log; EXTRA_YAML is appended as
+# top-level configuration (an auth: section, say). Started as daemon NAME
+# ("registry" unless given: a second instance needs another).
 start_registry() {
-    local dir=$1 addr=$2 pki=$3 extra=${4:-}
+    local dir=$1 addr=$2 pki=$3 extra=${4:-} name=${5:-registry}
     mkdir -p "$dir/data"
     cat >"$dir/config.yml" <<EOF
 version: 0.1
@@ -311,7 +312,7 @@ http:
     X-Content-Type-Options: [nosniff]
 $extra
 EOF
-    start_bg registry "$W/registry.log" docker-registry serve "$dir/config.yml"
+    start_bg "$name" "$W/$name.log" docker-registry serve "$dir/config.yml"
 }
 
 # containerd_config DIR ROOT: DIR/config.toml for a private containerd with
