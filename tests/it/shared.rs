@@ -106,7 +106,8 @@ async fn an_image_pulled_through_one_node_comes_from_the_tier_on_the_others() {
     let c = s3.node(env.proxy_on(&env.path("c")), "site").start().await;
 
     assert!(
-        a.stderr().contains("shared store enforces conditional create"),
+        a.stderr()
+            .contains("shared store enforces conditional create"),
         "the start-up probe: {}",
         a.stderr()
     );
