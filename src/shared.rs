@@ -500,7 +500,8 @@ impl SharedStore {
     /// takes over one that expired (a conditional update on the ETag read,
     /// so that of several nodes one wins).
     pub async fn claim(&self, digest: &Digest) -> Claim {
-        if self.leases_off.load(Ordering::Relaxed) {
+        // A store that just failed is not asked again for a while.
+        if self.leases_off.load(Ordering::Relaxed) || self.resting() {
             return Claim::Unavailable;
         }
         let key = self.lease_key(digest);
