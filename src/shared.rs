@@ -419,6 +419,10 @@ impl SharedStore {
 /// How long a lease lasts unless renewed; renewed every third of it.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 
+/// The longest a client waits for another node's fetch before this node
+/// fetches it itself.
+pub const MAX_CLUSTER_WAIT: Duration = Duration::from_secs(300);
+
 /// How often a node waiting for another node's fetch looks again.
 pub const LEASE_POLL: Duration = Duration::from_millis(200);
 
@@ -432,6 +436,18 @@ pub enum Claim {
     /// The store cannot say (unreachable, or no conditional create): fetch
     /// it without the cluster.
     Unavailable,
+}
+
+/// How [`SharedStore::wait_for_fetch`] ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Waited {
+    /// The object is in the tier.
+    Present,
+    /// The lease went away without the object: claim it again.
+    Released,
+    /// The store stopped answering, or the wait was too long: fetch it
+    /// without the cluster.
+    GaveUp,
 }
 
 /// This node's claim to fetch one digest for the cluster: an object
@@ -574,6 +590,32 @@ impl SharedStore {
                 Some(Some(put))
             }
             Err(_) => Some(None),
+        }
+    }
+
+    /// Waits while another node's lease of `digest` is live, until the
+    /// object is in the tier ([`Waited::Present`]), the lease is gone or
+    /// expired without it ([`Waited::Released`]: claim again), the store
+    /// stops answering, or `limit` has passed since `started`.
+    pub async fn wait_for_fetch(
+        &self,
+        digest: &Digest,
+        started: Instant,
+        limit: Duration,
+    ) -> Waited {
+        loop {
+            if started.elapsed() > limit {
+                return Waited::GaveUp;
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+            if self.holds(digest).await == Some(true) {
+                return Waited::Present;
+            }
+            match self.lease_live(digest).await {
+                Some(true) => continue,
+                Some(false) => return Waited::Released,
+                None => return Waited::GaveUp,
+            }
         }
     }
 

@@ -41,7 +41,7 @@ use crate::cache::{read, Cache, Cached};
 use crate::http::body::{self, Body};
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
-use crate::shared::{Claim, Lease, SharedObject, SharedStore, LEASE_POLL};
+use crate::shared::{Claim, Lease, SharedObject, SharedStore, Waited, MAX_CLUSTER_WAIT};
 
 /// How often a request retries after a leader it followed gave up.
 const MAX_JOIN_ATTEMPTS: usize = 3;
@@ -178,10 +178,6 @@ async fn lead(req: &RepoRequest<'_>, digest: &Digest, leader: Leader) -> Served 
     }
 }
 
-/// The longest a client waits for another node's fetch of a blob before
-/// this node fetches it itself.
-const MAX_CLUSTER_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
-
 /// A local miss, with a shared tier. When the tier holds the digest, or
 /// another node of the cluster is fetching it (a live lease: this node
 /// waits until the object is there), the blob is served from the tier once
@@ -218,20 +214,12 @@ async fn from_shared(
         }
         confirmed = true;
         tracing::debug!(%digest, "another node fetches it: waiting for the shared tier");
-        loop {
-            if started.elapsed() > MAX_CLUSTER_WAIT {
-                return Err((leader, None));
-            }
-            tokio::time::sleep(LEASE_POLL).await;
-            if shared.holds(digest).await == Some(true) {
-                break;
-            }
-            match shared.lease_live(digest).await {
-                Some(true) => continue,
-                // Released or expired without an object: claim it again.
-                Some(false) => break,
-                None => return Err((leader, None)),
-            }
+        match shared
+            .wait_for_fetch(digest, started, MAX_CLUSTER_WAIT)
+            .await
+        {
+            Waited::Present | Waited::Released => {}
+            Waited::GaveUp => return Err((leader, None)),
         }
     }
 }

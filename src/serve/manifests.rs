@@ -14,7 +14,8 @@
 //!   stale or unknown tag make a single upstream request ([`super::coalesce`]).
 //! - With a shared tier ([`crate::shared`]), a manifest missing here is
 //!   first looked for there, by the digest a `HEAD` upstream names for this
-//!   request (no counted pull); one fetched upstream is uploaded to it.
+//!   request (no counted pull); missing there too, one node of the cluster
+//!   fetches it (its lease) and uploads it, while the others wait for it.
 //! - A fetched manifest is verified against its digest, stored with its media
 //!   type, and linked to the repository. The digests it names are not: a
 //!   manifest's content never grants access to anything.
@@ -39,7 +40,7 @@ use crate::registry::digest::{Digest, DigestHasher};
 use crate::registry::error::ErrorCode;
 use crate::registry::media::{accepts, manifest_media_type};
 use crate::registry::route::Reference;
-use crate::shared::SharedStore;
+use crate::shared::{Claim, Lease, SharedObject, SharedStore, Waited, MAX_CLUSTER_WAIT};
 
 /// The largest manifest regcache accepts (distribution's limit too).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
@@ -315,9 +316,11 @@ async fn fetch(req: &RepoRequest<'_>, tag: Option<&str>, expected: Option<&Diges
         Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
     let wants_body = parts.method == Method::GET || tag.is_some();
+    let mut lease = None;
     if let (Some(shared), true) = (&state.shared, wants_body) {
-        if let Some(served) = from_shared(req, tag, expected, shared, uri.clone()).await {
-            return served;
+        match from_shared(req, tag, expected, shared, uri.clone()).await {
+            Ok(served) => return served,
+            Err(won) => lease = won,
         }
     }
     state.cache.count(false);
@@ -417,6 +420,8 @@ async fn fetch(req: &RepoRequest<'_>, tag: Option<&str>, expected: Option<&Diges
             media_type.clone(),
         );
         tokio::spawn(async move {
+            // The cluster's lease, if this node holds it, goes after the put.
+            let _lease = lease;
             if let Err(e) = shared.put_bytes(&digest, bytes, &media_type).await {
                 tracing::info!(%digest, store = shared.name(), error = %e, "manifest not uploaded to the shared tier");
             }
@@ -440,23 +445,57 @@ async fn from_shared(
     expected: Option<&Digest>,
     shared: &SharedStore,
     uri: http::Uri,
-) -> Option<Served> {
-    let (state, parts) = (req.state, req.parts);
-    let resp = sharing::fetch_for(req, Method::HEAD, uri).await.ok()?;
+) -> Result<Served, Option<Lease>> {
+    let resp = sharing::fetch_for(req, Method::HEAD, uri)
+        .await
+        .map_err(|_| None)?;
     if resp.status() != StatusCode::OK {
-        return None;
+        return Err(None);
     }
     let named = resp
         .headers()
-        .get("docker-content-digest")?
-        .to_str()
-        .ok()?
-        .parse::<Digest>()
-        .ok()?;
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<Digest>().ok())
+        .ok_or(None)?;
     if expected.is_some_and(|e| *e != named) {
-        return None;
+        return Err(None);
     }
-    let object = shared.open(&named).await?;
+    // As for blobs: the tier has it, or one node of the cluster GETs it
+    // (a counted pull) while the others wait for the object.
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(object) = shared.open(&named).await {
+            return serve_object(req, tag, shared, &named, object)
+                .await
+                .ok_or(None);
+        }
+        match shared.claim(&named).await {
+            Claim::Won(lease) => return Err(Some(lease)),
+            Claim::Unavailable => return Err(None),
+            Claim::Held => {}
+        }
+        match shared
+            .wait_for_fetch(&named, started, MAX_CLUSTER_WAIT)
+            .await
+        {
+            Waited::Present | Waited::Released => {}
+            Waited::GaveUp => return Err(None),
+        }
+    }
+}
+
+/// Serves the manifest `named` from `object`, read from the shared tier:
+/// checked against its digest (deleted there if it does not match), then
+/// stored, linked and tagged as if fetched. None: fetch it upstream.
+async fn serve_object(
+    req: &RepoRequest<'_>,
+    tag: Option<&str>,
+    shared: &SharedStore,
+    named: &Digest,
+    object: SharedObject,
+) -> Option<Served> {
+    let (state, parts) = (req.state, req.parts);
     if object.size > MAX_MANIFEST_BYTES as u64 {
         return None;
     }
@@ -466,19 +505,19 @@ async fn from_shared(
         .ok()?
         .to_bytes();
     if !named.matches(&bytes) {
-        shared.discard(&named).await;
+        shared.discard(named).await;
         return None;
     }
     let media_type = manifest_media_type(object.content_type.as_deref(), &bytes);
     if !accepts(&parts.headers, &media_type) {
         return None;
     }
-    if let Err(e) = store(req, tag, &named, &media_type, &bytes).await {
+    if let Err(e) = store(req, tag, named, &media_type, &bytes).await {
         tracing::warn!(digest = %named, error = %e, "cannot cache manifest");
     }
     state.cache.count(true);
     Some(Served::new(
-        manifest_response(parts, &named, &media_type, bytes),
+        manifest_response(parts, named, &media_type, bytes),
         CacheStatus::Shared,
     ))
 }

@@ -327,3 +327,39 @@ async fn a_fetcher_killed_mid_fetch_hands_the_blob_to_another_node() {
     );
     s3.wait_object("k", &digest, &data).await;
 }
+
+#[tokio::test]
+async fn a_new_tag_asked_on_every_node_at_once_is_one_counted_pull() {
+    let s3 = Seaweed::start("regcache-tag");
+    let env = Env::new().await;
+    let image = put_image(&env, "library/hot", 80);
+    let tag_path = manifest_path(image.repo, "1");
+    // The manifest GET (a counted pull) is slow; its HEAD is not.
+    env.reg.set_fault(
+        &tag_path,
+        Fault {
+            head_delay: Some(std::time::Duration::from_secs(1)),
+            ..Fault::default()
+        },
+    );
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let node = s3.node(env.proxy_on(&env.path(name)), "tag").start().await;
+        nodes.push(std::sync::Arc::new(node));
+    }
+    let mut clients = Vec::new();
+    for i in 0..15 {
+        let (node, path) = (nodes[i % 3].clone(), tag_path.clone());
+        clients.push(tokio::spawn(async move { pull(&node, &path, None).await }));
+    }
+    for client in clients {
+        let got = client.await.unwrap();
+        got.assert_content(&Method::GET, &image.m, "the manifest by tag");
+    }
+    assert_eq!(
+        env.reg.count(Method::GET, &tag_path),
+        1,
+        "one GET of the tag for the cluster: {:?}",
+        env.reg.summary()
+    );
+}
