@@ -354,6 +354,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     runtime.block_on(async move {
         if let Some(shared) = &app.state.shared {
             check_shared_store(shared, app.config().shared_single_flight).await?;
+            tokio::spawn(shared.clone().retry_uploads());
         }
         let proxy = Proxy::bind(app.clone()).await.map_err(|e| {
             Failure::runtime(format!("cannot listen on {}: {e}", app.config().listen))

@@ -28,8 +28,8 @@
 //! `AWS_ALLOW_HTTP=true`. Errors name the store as `s3://BUCKET/PREFIX`, never
 //! with a credential.
 
-use std::collections::HashSet;
-use std::path::Path;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,6 +66,9 @@ const OP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a connection to the store may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// How many uploads the store did not take are remembered for a retry.
+const MAX_PENDING: usize = 4096;
 
 /// How many distrusted digests are remembered (then forgotten at once).
 const MAX_DISTRUSTED: usize = 1024;
@@ -128,6 +131,8 @@ pub struct SharedStore {
     /// Objects read from the tier, and uploaded to it, since start.
     reads: AtomicU64,
     written: AtomicU64,
+    /// Uploads the store did not take, by digest: the local file.
+    pending: Mutex<HashMap<Digest, PathBuf>>,
     /// This node's name in leases.
     node: String,
     /// Set when leases are not used.
@@ -196,6 +201,7 @@ impl SharedStore {
             uploads: Semaphore::new(MAX_UPLOADS),
             reads: AtomicU64::new(0),
             written: AtomicU64::new(0),
+            pending: Mutex::default(),
             node: node_name(),
             leases_off: AtomicBool::new(false),
         };
@@ -362,7 +368,48 @@ impl SharedStore {
     /// one object, unless the store already holds it. The file is hashed
     /// on its way out and the upload completed only if it still matched.
     /// Returns whether an object was written.
+    /// An upload the store did not take (it was down) is tried again
+    /// later ([`SharedStore::retry_uploads`]).
     pub async fn upload(&self, digest: &Digest, path: &Path) -> Result<bool, UploadError> {
+        let result = self.try_upload(digest, path).await;
+        if matches!(result, Err(UploadError::Unreachable)) {
+            let mut pending = lock(&self.pending);
+            if pending.len() < MAX_PENDING {
+                pending.insert(digest.clone(), path.to_path_buf());
+            }
+        }
+        result
+    }
+
+    /// Tries the uploads the store did not take again, every
+    /// [`RETRY_AFTER`] while any wait, until regcache stops. The files are
+    /// the cache's, named by digest: one evicted meanwhile is skipped, and
+    /// each is hashed again on its way out.
+    pub async fn retry_uploads(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(RETRY_AFTER).await;
+            if self.resting() || lock(&self.pending).is_empty() {
+                continue;
+            }
+            let pending = std::mem::take(&mut *lock(&self.pending));
+            let mut left = pending.into_iter();
+            for (digest, path) in left.by_ref() {
+                match self.try_upload(&digest, &path).await {
+                    Err(UploadError::Unreachable) => {
+                        lock(&self.pending).insert(digest, path);
+                        break;
+                    }
+                    Ok(true) => {
+                        tracing::info!(%digest, store = %self.name, "uploaded to the shared tier after it came back")
+                    }
+                    _ => {}
+                }
+            }
+            lock(&self.pending).extend(left);
+        }
+    }
+
+    async fn try_upload(&self, digest: &Digest, path: &Path) -> Result<bool, UploadError> {
         let _turn = self
             .uploads
             .acquire()

@@ -209,6 +209,7 @@ async fn with_the_store_down_nodes_serve_and_fetch_then_use_it_again() {
     let env = Env::new().await;
     let one = put_image(&env, "library/one", 40);
     let two = put_image(&env, "library/two", 50);
+    let three = put_image(&env, "library/three", 55);
     let a = s3.node(env.proxy_on(&env.path("a")), "d").start().await;
     let b = s3.node(env.proxy_on(&env.path("b")), "d").start().await;
     pull_image(&a, &one, None, "MISS").await;
@@ -220,7 +221,15 @@ async fn with_the_store_down_nodes_serve_and_fetch_then_use_it_again() {
     pull_image(&b, &one, None, "MISS").await;
     b.wait_for_log("shared store unreachable").await;
 
+    // An image only B fetches while the store is down.
+    pull_image(&b, &three, None, "MISS").await;
+
     s3.restart();
+    // Its blobs reach the tier once the store answers.
+    for (d, data) in &three.blobs {
+        s3.wait_object("d", d, data).await;
+    }
+    assert!(b.stderr().contains("after it came back"), "{}", b.stderr());
     // Used again, without a restart of regcache: B's new pull reaches the
     // tier, and a node that never saw it gets it from there.
     pull_image(&b, &two, None, "MISS").await;
