@@ -68,13 +68,18 @@ async fn page(proxy: &Proxy, path: &str) -> String {
 /// Pulls `image` (manifest by tag, then each blob) through `proxy`,
 /// expecting `x_cache` for each.
 async fn pull_image(proxy: &Proxy, image: &Image, auth: Option<&str>, x_cache: &str) {
-    pull(proxy, &manifest_path(image.repo, "1"), auth)
-        .await
-        .assert_served(&image.m, x_cache, "manifest by tag");
+    let served = |got: Got, want: &[u8], what: &str| {
+        if got.status != 200 || got.error.is_some() {
+            // What the node logged, to explain the failure below.
+            eprintln!("{what} failed; the node's log:\n{}", proxy.stderr());
+        }
+        got.assert_served(want, x_cache, what);
+    };
+    let got = pull(proxy, &manifest_path(image.repo, "1"), auth).await;
+    served(got, &image.m, "manifest by tag");
     for (d, data) in &image.blobs {
-        pull(proxy, &blob_path(image.repo, d), auth)
-            .await
-            .assert_served(data, x_cache, "blob");
+        let got = pull(proxy, &blob_path(image.repo, d), auth).await;
+        served(got, data, "blob");
     }
 }
 
