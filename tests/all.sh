@@ -40,7 +40,8 @@ step "cargo build"
 cargo build --locked
 
 step "cargo test"
-cargo test --locked
+# No backtraces: a failing test's message stays at the end of the output.
+RUST_BACKTRACE=0 cargo test --locked
 
 step "monitoring files (promtool check/test rules, scrape config, dashboard metric names, ServiceMonitor)"
 tests/deploy/check.sh

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use super::http::{raw_exchange, HttpClient};
 use super::registry::{Registry, HUB, REGISTRY_NAMES};
 use super::tls::{certs_from_pem, connect_tunnel_as, tls_connect, Alpn, ClientTls, TestCa};
-use super::{free_port, send_signal, Signal};
+use super::{send_signal, Signal};
 
 /// The regcache binary, with nothing from the test's own environment that
 /// would change what it does: no `REGCACHE_*`, no `RUST_LOG`, no proxy
@@ -129,13 +129,20 @@ impl ProxyBuilder {
         self
     }
 
-    /// Start regcache on a free port and wait until it is ready.
+    /// Start regcache on a port the kernel picks (`--listen IP:0`; the
+    /// address is read from its log) and wait until it is ready. A port
+    /// picked by the test could be taken by another test's regcache in the
+    /// meantime, and the harness would then talk to that one.
     pub async fn start(self) -> Proxy {
-        let port = free_port();
-        self.start_on(port).await
+        assert!(
+            !self.no_listen_flag,
+            "without_listen_flags needs start_on(port): the port is in the config"
+        );
+        self.start_on(0).await
     }
 
-    /// Start regcache on `port` and wait until it is ready.
+    /// Start regcache on `port` (0: one the kernel picks) and wait until it
+    /// is ready.
     pub async fn start_on(self, port: u16) -> Proxy {
         let tmp = tempfile::tempdir().unwrap();
         let ca_dir = self.ca_dir.clone().unwrap_or_else(|| tmp.path().join("ca"));
@@ -215,8 +222,12 @@ impl Proxy {
             .expect("ca.crt holds a certificate")
     }
 
+    /// Waits until this process logged where it listens (so the port is its
+    /// own, not another test's) and `GET /healthz` there answers
+    /// `ready_status`.
     async fn wait_ready(&mut self, ready_status: u16) {
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut listening = None;
         loop {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!(
@@ -224,7 +235,20 @@ impl Proxy {
                     self.stderr()
                 );
             }
-            if self.healthz_within(Duration::from_secs(2)).await == ready_status {
+            if listening.is_none() {
+                listening = logged_listen_addr(&self.stderr());
+                if let Some(addr) = listening {
+                    assert!(
+                        self.addr.port() == 0 || self.addr.port() == addr.port(),
+                        "regcache logged {addr}, started on {}",
+                        self.addr
+                    );
+                    self.addr = addr;
+                }
+            }
+            if listening.is_some()
+                && self.healthz_within(Duration::from_secs(2)).await == ready_status
+            {
                 return;
             }
             if Instant::now() > deadline {
@@ -556,4 +580,12 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
             }
         })
         .collect()
+}
+
+/// The address regcache's start-up line names (`HTTPS_PROXY=http://ADDR`),
+/// in either log format.
+fn logged_listen_addr(log: &str) -> Option<SocketAddr> {
+    let (_, rest) = log.split_once("HTTPS_PROXY=http://")?;
+    let end = rest.find(|c: char| c.is_whitespace() || c == '"')?;
+    rest[..end].parse().ok()
 }
