@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use crate::access::{Access, AccessError};
 use crate::config::Config;
+use crate::peer::PeerServer;
 use crate::serve::state::{State, StateError};
+use crate::tls::peer::PeerTls;
 use crate::tls::{CertificateAuthority, LeafMinter, TlsError};
 
 /// Why regcache could not start.
@@ -56,6 +58,8 @@ pub struct App {
     /// The admin API's bearer token, from `admin_token_file` (None: the API
     /// answers loopback clients only).
     pub admin_token: Option<String>,
+    /// The peer endpoint of this node (`peer_listen`), if any.
+    pub peer_server: Option<PeerServer>,
     /// When this App was built (the admin API's uptime).
     pub started: std::time::Instant,
 }
@@ -75,7 +79,17 @@ impl App {
             Some((cert, key)) => Some(crate::tls::server_config_from_files(cert, key)?),
             None => None,
         };
-        let state = State::new(config)?;
+        // Nodes of one cluster share the CA; with a shared tier each mints
+        // its peer certificate from it.
+        let peer_tls = match config.shared_store {
+            Some(_) => Some(PeerTls::new(&ca)?),
+            None => None,
+        };
+        let serves_peers = config.peer.is_some();
+        let state = State::new(config, peer_tls.as_ref())?;
+        let peer_server = peer_tls
+            .filter(|_| serves_peers)
+            .map(|tls| PeerServer::new(state.cache.clone(), &tls));
         crate::metrics::get().set_cache(state.cache.clone());
         Ok(Arc::new(Self {
             state,
@@ -84,6 +98,7 @@ impl App {
             access,
             mirror_tls,
             admin_token,
+            peer_server,
             started: std::time::Instant::now(),
         }))
     }

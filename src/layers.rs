@@ -15,7 +15,7 @@ pub const LAYERS: &[&[&str]] = &[
     &["app"],
     &["serve"],
     &["access"],
-    &["upstream"],
+    &["upstream", "peer"],
     &["cache", "shared"],
     &["tls"],
     &["policy"],

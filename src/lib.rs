@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod peer;
 pub mod policy;
 pub mod prefetch;
 pub mod proxy;

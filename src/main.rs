@@ -363,6 +363,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         if let Some(mirror) = proxy.mirror_addr() {
             tracing::info!(%mirror, "registry mirror over HTTPS: https://{mirror}/v2/");
         }
+        if let (Some(peer), Some(endpoint)) = (proxy.peer_addr(), &app.config().peer) {
+            tracing::info!(%peer, advertised = %endpoint.advertise, "peer endpoint for the other nodes (mutual TLS, the regcache CA)");
+        }
         if let Some(metrics) = proxy.metrics_addr() {
             tracing::info!(%metrics, "Prometheus metrics: http://{metrics}/metrics");
         }
@@ -460,7 +463,7 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
     let config = load_config(args.serve.settings, args.serve.config.as_deref())?;
     init_logging(config.log_format);
     // Only what serving needs: no CA, no proxy users, no listener.
-    let state = State::new(config).map_err(StartError::from)?;
+    let state = State::new(config, None).map_err(StartError::from)?;
     let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
     let spinners = ImageSpinners::default();
     let mut failed = Vec::new();

@@ -318,6 +318,13 @@ struct SharedLabels {
     result: &'static str,
 }
 
+/// Labels of `regcache_peer_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PeerLabels {
+    role: &'static str,
+    result: &'static str,
+}
+
 /// Labels of `regcache_shared_bytes_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
@@ -358,6 +365,7 @@ pub struct Metrics {
     shared_bytes: Family<DirectionLabel, Counter>,
     shared_up: Family<StoreLabel, Gauge>,
     leases: Family<ResultLabel, Counter>,
+    peer_requests: Family<PeerLabels, Counter>,
     cache: Arc<CacheCollector>,
     activity: activity::Activity,
     /// The upstream registries contacted, with the last contact and the
@@ -436,6 +444,7 @@ impl Metrics {
             shared_bytes: Family::default(),
             shared_up: Family::default(),
             leases: Family::default(),
+            peer_requests: Family::default(),
             cache: Arc::default(),
             activity: activity::Activity::default(),
             contacts: Mutex::default(),
@@ -556,6 +565,11 @@ impl Metrics {
             "Claims of a cluster-wide fetch in the shared store: won, held (another node fetches), taken_over (an expired lease), lost (a renewal refused)",
             m.leases.clone(),
         );
+        r.register(
+            "regcache_peer_requests",
+            "Requests of the peer endpoint between nodes, by role (served: this node answered; fetched: this node asked) and result (ok, missing, refused, error)",
+            m.peer_requests.clone(),
+        );
         r.register_collector(Box::new(m.cache.clone()));
         r.register_collector(Box::new(ProcessCollector));
         // The fixed label sets start at 0, so that rates and alerts over
@@ -622,7 +636,7 @@ impl Metrics {
             bytes,
         });
         let source = match result {
-            "hit" | "shared" | "coalesced" | "stale" | "revalidated" => "cache",
+            "hit" | "shared" | "peer" | "coalesced" | "stale" | "revalidated" => "cache",
             "miss" | "pass" => "upstream",
             // Refusals and errors: not content, from either.
             _ => return,
@@ -808,6 +822,15 @@ impl Metrics {
         self.leases.get_or_create(&ResultLabel { result }).inc();
     }
 
+    /// A request of the peer endpoint ended: `role` `served` or `fetched`,
+    /// `result` `ok`, `missing` (not being fetched there), `refused` (not a
+    /// node of the cluster) or `error`.
+    pub fn peer_request(&self, role: &'static str, result: &'static str) {
+        self.peer_requests
+            .get_or_create(&PeerLabels { role, result })
+            .inc();
+    }
+
     /// Whether the shared store `store` (its URL) answered the last request.
     pub fn shared_up(&self, store: &str, up: bool) {
         self.shared_up
@@ -901,6 +924,7 @@ pub fn result_of(cache: &str, status: u16) -> &'static str {
     match cache {
         "HIT" => "hit",
         "SHARED" => "shared",
+        "PEER" => "peer",
         "MISS" => "miss",
         "COALESCED" => "coalesced",
         "STALE" => "stale",
@@ -997,6 +1021,7 @@ mod tests {
             ("HIT", 200, "hit"),
             ("HIT", 206, "hit"),
             ("SHARED", 200, "shared"),
+            ("PEER", 200, "peer"),
             ("MISS", 200, "miss"),
             ("MISS", 404, "miss"),
             ("COALESCED", 200, "coalesced"),

@@ -135,6 +135,8 @@ pub struct SharedStore {
     pending: Mutex<HashMap<Digest, PathBuf>>,
     /// This node's name in leases.
     node: String,
+    /// This node's peer endpoint (`host:port`), named in its leases.
+    peer: Option<String>,
     /// Set when leases are not used.
     leases_off: AtomicBool,
 }
@@ -203,10 +205,18 @@ impl SharedStore {
             written: AtomicU64::new(0),
             pending: Mutex::default(),
             node: node_name(),
+            peer: None,
             leases_off: AtomicBool::new(false),
         };
         crate::metrics::get().shared_up(&shared.name, true);
         shared
+    }
+
+    /// Names `addr` (`host:port`, this node's peer endpoint) in the
+    /// leases this node creates, so that the other nodes stream a fetch
+    /// from it while it arrives.
+    pub fn advertise_peer(&mut self, addr: &str) {
+        self.peer = Some(addr.to_string());
     }
 
     /// The store, as `s3://BUCKET/PREFIX`.
@@ -478,8 +488,10 @@ pub enum Claim {
     /// This node fetches the digest for the cluster; drop the lease (after
     /// the upload) to release it.
     Won(Lease),
-    /// Another node holds a live lease: wait for the object.
-    Held,
+    /// Another node holds a live lease: wait for the object, or stream it
+    /// from that node's peer endpoint (`host:port`) when the lease names
+    /// one.
+    Held(Option<String>),
     /// The store cannot say (unreachable, or no conditional create): fetch
     /// it without the cluster.
     Unavailable,
@@ -518,11 +530,25 @@ impl Drop for Lease {
     }
 }
 
+/// What [`SharedStore::take_over`] found.
+enum TakeOver {
+    /// The lease had expired: this node holds it now.
+    Won(PutResult),
+    /// It is live (or another node took it over first), naming that
+    /// node's peer endpoint if it has one.
+    Live(Option<String>),
+    /// The store does not answer.
+    Unanswered,
+}
+
 /// What a lease object holds.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct LeaseBody {
     /// Which node holds it (host name and process).
     node: String,
+    /// Its peer endpoint (`host:port`), if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    peer: Option<String>,
     /// Until when, in Unix milliseconds.
     expires_unix_ms: u64,
 }
@@ -540,9 +566,16 @@ fn node_name() -> String {
     format!("{}:{}", host.trim(), std::process::id())
 }
 
-fn lease_payload(node: &str) -> PutPayload {
+/// A fresh lease payload each time it is called (a renewal extends the
+/// expiry).
+fn lease_payload_of(node: String, peer: Option<String>) -> impl Fn() -> PutPayload {
+    move || lease_payload(&node, peer.as_deref())
+}
+
+fn lease_payload(node: &str, peer: Option<&str>) -> PutPayload {
     let body = LeaseBody {
         node: node.to_string(),
+        peer: peer.map(str::to_string),
         expires_unix_ms: now_unix_ms() + LEASE_TTL.as_millis() as u64,
     };
     PutPayload::from(serde_json::to_vec(&body).unwrap_or_default())
@@ -572,7 +605,12 @@ impl SharedStore {
             mode: PutMode::Create,
             ..PutOptions::default()
         };
-        let created = timed(self.store.put_opts(&key, lease_payload(&self.node), create)).await;
+        let created = timed(self.store.put_opts(
+            &key,
+            lease_payload(&self.node, self.peer.as_deref()),
+            create,
+        ))
+        .await;
         let version = match created {
             Ok(put) => Some(put),
             Err(object_store::Error::AlreadyExists { .. }) => None,
@@ -584,9 +622,9 @@ impl SharedStore {
         let put = match version {
             Some(put) => put,
             None => match self.take_over(&key).await {
-                Some(Some(put)) => put,
-                Some(None) => return Claim::Held,
-                None => return Claim::Unavailable,
+                TakeOver::Won(put) => put,
+                TakeOver::Live(peer) => return Claim::Held(peer),
+                TakeOver::Unanswered => return Claim::Unavailable,
             },
         };
         crate::metrics::get().lease("won");
@@ -594,7 +632,7 @@ impl SharedStore {
             self.store.clone(),
             key.clone(),
             put,
-            self.node.clone(),
+            lease_payload_of(self.node.clone(), self.peer.clone()),
         ));
         Claim::Won(Lease {
             store: self.store.clone(),
@@ -603,40 +641,45 @@ impl SharedStore {
         })
     }
 
-    /// The lease at `key` exists: Some(Some(put)) when it had expired and
-    /// this node took it over, Some(None) when it is live (or another node
-    /// took it over first), None when the store does not answer.
-    async fn take_over(&self, key: &StorePath) -> Option<Option<PutResult>> {
+    /// The lease at `key` exists: take it over if it expired.
+    async fn take_over(&self, key: &StorePath) -> TakeOver {
         let got = timed(self.store.get(key)).await;
         let got = match got {
             Ok(got) => got,
             // Released meanwhile: live for whoever claims it next.
-            Err(object_store::Error::NotFound { .. }) => return Some(None),
+            Err(object_store::Error::NotFound { .. }) => return TakeOver::Live(None),
             Err(e) => {
                 let _ = self.outcome::<()>("get", &Err(e));
-                return None;
+                return TakeOver::Unanswered;
             }
         };
         let e_tag = got.meta.e_tag.clone();
         let version = got.meta.version.clone();
-        let bytes = timed(got.bytes()).await.ok()?;
-        let expired = serde_json::from_slice::<LeaseBody>(&bytes)
-            .map_or(true, |lease| lease.expires_unix_ms < now_unix_ms());
-        if !expired {
+        let Ok(bytes) = timed(got.bytes()).await else {
+            return TakeOver::Unanswered;
+        };
+        let lease = serde_json::from_slice::<LeaseBody>(&bytes).ok();
+        if let Some(lease) = lease.filter(|l| l.expires_unix_ms >= now_unix_ms()) {
             crate::metrics::get().lease("held");
-            return Some(None);
+            return TakeOver::Live(lease.peer);
         }
         let update = PutOptions {
             mode: PutMode::Update(UpdateVersion { e_tag, version }),
             ..PutOptions::default()
         };
-        match timed(self.store.put_opts(key, lease_payload(&self.node), update)).await {
+        match timed(self.store.put_opts(
+            key,
+            lease_payload(&self.node, self.peer.as_deref()),
+            update,
+        ))
+        .await
+        {
             Ok(put) => {
                 crate::metrics::get().lease("taken_over");
                 tracing::info!(store = %self.name, key = %key, "took over an expired lease");
-                Some(Some(put))
+                TakeOver::Won(put)
             }
-            Err(_) => Some(None),
+            Err(_) => TakeOver::Live(None),
         }
     }
 
@@ -734,7 +777,12 @@ impl SharedStore {
 /// Renews a lease every third of [`LEASE_TTL`] until aborted, or until the
 /// store refuses (another node took it over: this node's fetch goes on,
 /// and its upload is as good as anyone's).
-async fn renew(store: Arc<dyn ObjectStore>, key: StorePath, mut put: PutResult, node: String) {
+async fn renew(
+    store: Arc<dyn ObjectStore>,
+    key: StorePath,
+    mut put: PutResult,
+    payload: impl Fn() -> PutPayload,
+) {
     loop {
         tokio::time::sleep(LEASE_TTL / 3).await;
         let update = PutOptions {
@@ -744,7 +792,7 @@ async fn renew(store: Arc<dyn ObjectStore>, key: StorePath, mut put: PutResult, 
             }),
             ..PutOptions::default()
         };
-        match timed(store.put_opts(&key, lease_payload(&node), update)).await {
+        match timed(store.put_opts(&key, payload(), update)).await {
             Ok(next) => put = next,
             Err(e) => {
                 crate::metrics::get().lease("lost");
@@ -911,13 +959,17 @@ mod tests {
     #[tokio::test]
     async fn one_node_wins_the_lease_until_it_is_released_or_expires() {
         let store = Arc::new(InMemory::new());
-        let a = SharedStore::with_store(store.clone(), "s3://test", "p");
+        let mut a = SharedStore::with_store(store.clone(), "s3://test", "p");
+        a.advertise_peer("10.0.0.5:3130");
         let b = SharedStore::with_store(store.clone(), "s3://test", "p");
         let digest = digest_of(b"a cold blob");
         let Claim::Won(lease) = a.claim(&digest).await else {
             panic!("the first claim wins");
         };
-        assert!(matches!(b.claim(&digest).await, Claim::Held));
+        // The holder's peer endpoint, for the others to stream from.
+        assert!(
+            matches!(b.claim(&digest).await, Claim::Held(Some(peer)) if peer == "10.0.0.5:3130")
+        );
         assert_eq!(b.lease_live(&digest).await, Some(true));
         drop(lease);
         // The release is a spawned delete.
@@ -934,6 +986,7 @@ mod tests {
         let other = digest_of(b"another blob");
         let expired = serde_json::to_vec(&LeaseBody {
             node: "dead:1".into(),
+            peer: None,
             expires_unix_ms: now_unix_ms() - 1,
         })
         .unwrap();
@@ -945,7 +998,7 @@ mod tests {
         let Claim::Won(_taken) = a.claim(&other).await else {
             panic!("an expired lease is taken over");
         };
-        assert!(matches!(b.claim(&other).await, Claim::Held));
+        assert!(matches!(b.claim(&other).await, Claim::Held(_)));
     }
 
     #[tokio::test]

@@ -274,6 +274,12 @@ impl Cache {
         }
     }
 
+    /// The download of `digest` under way (or about to start), if any,
+    /// without joining it.
+    pub fn running_fill(&self, digest: &Digest) -> Option<Arc<Fill>> {
+        self.fills.get(digest)
+    }
+
     /// Joins the download of `digest`, or becomes its leader.
     pub fn join_fill(self: &Arc<Self>, digest: &Digest) -> Role {
         let mut fills = self.fills.lock();

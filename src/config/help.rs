@@ -148,6 +148,8 @@ mod tests {
             ("mirror_tls", None),
             ("metrics_listen", None),
             ("shared_store", None),
+            ("peer_listen", None),
+            ("peer_advertise", None),
         ];
         for (id, want) in cases {
             let help = help_of(&command, id);

@@ -189,6 +189,9 @@ pub struct Config {
     pub shared_store: Option<String>,
     /// One upstream fetch per cluster through leases in the shared tier.
     pub shared_single_flight: bool,
+    /// The peer endpoint: where it listens and the `host:port` other nodes
+    /// dial (None: off).
+    pub peer: Option<PeerEndpoint>,
     /// Its certificate and key, if not minted by the regcache CA.
     pub mirror_cert: Option<(PathBuf, PathBuf)>,
     /// Host names a minted `mirror_tls` leaf may be for (normalised).
@@ -399,7 +402,13 @@ impl Config {
             None | Some("") => None,
             Some(url) => Some(shared_store_url(url)?),
         };
+        let peer = peer_endpoint(
+            s.peer_listen.as_deref(),
+            s.peer_advertise.as_deref(),
+            shared_store.is_some(),
+        )?;
         Ok(Config {
+            peer,
             mirror_tls: s.mirror_tls,
             metrics_listen,
             shared_store,
@@ -555,6 +564,67 @@ fn mirror_names(names: &[String]) -> Result<Vec<String>, ConfigError> {
             }
         })
         .collect()
+}
+
+/// Where the peer endpoint listens, and the address other nodes dial.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEndpoint {
+    /// The listening address.
+    pub listen: SocketAddr,
+    /// `host:port` written into this node's leases.
+    pub advertise: String,
+}
+
+/// Checks `peer_listen` and `peer_advertise`: the endpoint needs a shared
+/// tier (leases name it), and an address other nodes can dial (a wildcard
+/// listener needs `peer_advertise`).
+fn peer_endpoint(
+    listen: Option<&str>,
+    advertise: Option<&str>,
+    shared: bool,
+) -> Result<Option<PeerEndpoint>, ConfigError> {
+    let listen = match listen.map(str::trim) {
+        None | Some("") => return Ok(None),
+        Some(addr) => addr.parse::<SocketAddr>().map_err(|e| ConfigError::Value {
+            key: "peer_listen",
+            message: format!("{addr:?} is not an address and port ({e})"),
+        })?,
+    };
+    if !shared {
+        return Err(ConfigError::Value {
+            key: "peer_listen",
+            message: "the peer endpoint serves the nodes of a shared tier: set shared_store too"
+                .into(),
+        });
+    }
+    let advertise = match advertise.map(str::trim) {
+        Some(a) if !a.is_empty() => {
+            let ok = a.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty()
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+                    && !host.contains(['/', '@', '?', '#', ' '])
+            });
+            if !ok {
+                return Err(ConfigError::Value {
+                    key: "peer_advertise",
+                    message: format!("{a:?} is not host:port"),
+                });
+            }
+            a.to_string()
+        }
+        _ if listen.ip().is_unspecified() || listen.port() == 0 => {
+            return Err(ConfigError::Value {
+                key: "peer_advertise",
+                message: format!(
+                    "peer_listen {listen} is not an address other nodes can dial: set \
+                     peer_advertise (e.g. the pod's IP and port, 10.0.0.5:{})",
+                    listen.port()
+                ),
+            })
+        }
+        _ => listen.to_string(),
+    };
+    Ok(Some(PeerEndpoint { listen, advertise }))
 }
 
 /// Checks a `shared_store` URL: `s3://BUCKET` or `s3://BUCKET/PREFIX`,
@@ -792,5 +862,41 @@ mod tests {
             Config::from_settings(unset).unwrap().cache_cap(),
             (st.f_blocks * st.f_frsize / 2).max(1)
         );
+    }
+
+    #[test]
+    fn the_peer_endpoint_needs_a_shared_tier_and_an_address_to_dial() {
+        let ok = |listen, advertise| peer_endpoint(Some(listen), advertise, true);
+        assert_eq!(
+            peer_endpoint(None, Some("10.0.0.5:3130"), true).unwrap(),
+            None
+        );
+        assert_eq!(peer_endpoint(Some(""), None, false).unwrap(), None);
+        assert!(peer_endpoint(Some("127.0.0.1:3130"), None, false).is_err());
+        assert_eq!(
+            ok("10.0.0.5:3130", None).unwrap(),
+            Some(PeerEndpoint {
+                listen: "10.0.0.5:3130".parse().unwrap(),
+                advertise: "10.0.0.5:3130".into()
+            })
+        );
+        assert_eq!(
+            ok("0.0.0.0:3130", Some("node-1.regcache:3130"))
+                .unwrap()
+                .map(|p| p.advertise),
+            Some("node-1.regcache:3130".into())
+        );
+        for (listen, advertise) in [
+            ("0.0.0.0:3130", None),
+            ("[::]:3130", Some("")),
+            ("10.0.0.5:0", None),
+            ("10.0.0.5:3130", Some("no-port")),
+            ("10.0.0.5:3130", Some("host:0")),
+            ("10.0.0.5:3130", Some("evil@host:3130")),
+            ("10.0.0.5:3130", Some(":3130")),
+            ("not an address", None),
+        ] {
+            assert!(ok(listen, advertise).is_err(), "{listen} {advertise:?}");
+        }
     }
 }

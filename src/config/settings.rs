@@ -187,6 +187,14 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_SHARED_STORE", value_name = "URL")]
     pub shared_store: Option<String>,
 
+    /// With shared_store: serve blobs being fetched to the other nodes over mutual TLS (the regcache CA) on this address; empty: off
+    #[arg(long, env = "REGCACHE_PEER_LISTEN", value_name = "ADDR")]
+    pub peer_listen: Option<String>,
+
+    /// The address other nodes dial for peer_listen, host:port (e.g. the pod IP); empty: peer_listen's own address
+    #[arg(long, env = "REGCACHE_PEER_ADVERTISE", value_name = "HOST:PORT")]
+    pub peer_advertise: Option<String>,
+
     /// With shared_store: one upstream fetch per cluster through lease objects (needs a store that enforces If-None-Match); false: one per node
     #[arg(long, env = "REGCACHE_SHARED_SINGLE_FLIGHT", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub shared_single_flight: Option<bool>,

@@ -216,7 +216,7 @@ impl Activity {
         let mut inner = self.lock();
         inner.roll(now);
         let add = |t: &mut Totals| match r.result {
-            "hit" | "shared" | "coalesced" | "stale" | "revalidated" => {
+            "hit" | "shared" | "peer" | "coalesced" | "stale" | "revalidated" => {
                 t.from_cache += 1;
                 t.bytes_from_cache += r.bytes;
             }

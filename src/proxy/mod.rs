@@ -79,6 +79,7 @@ pub struct Proxy {
     listener: TcpListener,
     mirror_tls: Option<TcpListener>,
     metrics: Option<TcpListener>,
+    peer: Option<TcpListener>,
 }
 
 impl Proxy {
@@ -93,20 +94,36 @@ impl Proxy {
             Some(addr) => Some(listen(addr)?),
             None => None,
         };
+        let peer = match &app.state.config.peer {
+            Some(endpoint) if app.peer_server.is_some() => Some(listen(endpoint.listen)?),
+            _ => None,
+        };
         // What regcache's own connections may never reach (a wildcard
-        // address stands for every address of this host).
-        let own = [Some(&listener), mirror_tls.as_ref(), metrics.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(TcpListener::local_addr)
-            .collect::<io::Result<Vec<_>>>()?;
+        // address stands for every address of this host). The peer
+        // endpoint is called directly, never through the dialer.
+        let own = [
+            Some(&listener),
+            mirror_tls.as_ref(),
+            metrics.as_ref(),
+            peer.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(TcpListener::local_addr)
+        .collect::<io::Result<Vec<_>>>()?;
         app.state.upstream.dialer().own_listeners().set(own);
         Ok(Self {
             app,
             listener,
             mirror_tls,
             metrics,
+            peer,
         })
+    }
+
+    /// The address of the peer endpoint (`peer_listen`), if any.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// The address of the `mirror_tls` listener, if any.
@@ -180,12 +197,28 @@ impl Proxy {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
+                accepted = accept_optional(self.peer.as_ref()) => match accepted {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        let (app, shutdown) = (self.app.clone(), shutdown.clone());
+                        tasks.spawn(async move {
+                            if let Some(server) = &app.peer_server {
+                                server.serve(stream, shutdown).await;
+                            }
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed on peer_listen");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
                 _ = &mut signal => break,
             }
         }
         drop(self.listener);
         drop(self.mirror_tls);
         drop(self.metrics);
+        drop(self.peer);
         let grace = self.app.state.config.shutdown_grace;
         tracing::info!(
             connections = tasks.len(),

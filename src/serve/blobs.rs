@@ -41,7 +41,7 @@ use crate::cache::{read, Cache, Cached};
 use crate::http::body::{self, Body};
 use crate::registry::digest::Digest;
 use crate::registry::error::ErrorCode;
-use crate::shared::{Claim, Lease, SharedObject, SharedStore, Waited, MAX_CLUSTER_WAIT};
+use crate::shared::{Claim, Lease, SharedStore, Waited, MAX_CLUSTER_WAIT};
 
 /// How often a request retries after a leader it followed gave up.
 const MAX_JOIN_ATTEMPTS: usize = 3;
@@ -201,18 +201,25 @@ async fn from_shared(
             if !confirmed && !confirm(req).await {
                 return Err((leader, None));
             }
-            return fill_from_shared(req, digest, leader, shared, object).await;
+            let source = Source::Tier(shared.clone());
+            return fill_from(req, digest, leader, source, Some(object.size), object.body).await;
         }
-        match shared.claim(digest).await {
+        let peer = match shared.claim(digest).await {
             Claim::Won(lease) => return Err((leader, Some(lease))),
             Claim::Unavailable => return Err((leader, None)),
-            Claim::Held => {}
-        }
+            Claim::Held(peer) => peer,
+        };
         // The tier holds bytes, not trust: no waiting for a refused client.
         if !confirmed && !confirm(req).await {
             return Err((leader, None));
         }
         confirmed = true;
+        // The fetching node streams it while it arrives there.
+        if let (Some(addr), Some(peers)) = (peer, &req.state.peers) {
+            if let Some(blob) = peers.open(&addr, digest).await {
+                return fill_from(req, digest, leader, Source::Peer, blob.size, blob.body).await;
+            }
+        }
         tracing::debug!(%digest, "another node fetches it: waiting for the shared tier");
         match shared
             .wait_for_fetch(digest, started, MAX_CLUSTER_WAIT)
@@ -234,39 +241,53 @@ async fn confirm(req: &RepoRequest<'_>) -> bool {
         Ok(resp) if resp.status() == StatusCode::OK)
 }
 
-/// Starts the local download of `object`, read from the shared tier; an
-/// object that turns out not to match its digest is deleted there.
-async fn fill_from_shared(
+/// Where a blob that missed locally is read from, within the cluster.
+enum Source {
+    /// The shared tier: an object that turns out not to match its digest
+    /// is deleted there.
+    Tier(Arc<SharedStore>),
+    /// The peer endpoint of the node fetching it.
+    Peer,
+}
+
+/// Starts the local download of `body` (`size` bytes, if known), read from
+/// within the cluster and verified like an upstream body.
+async fn fill_from<B>(
     req: &RepoRequest<'_>,
     digest: &Digest,
     leader: Leader,
-    shared: &Arc<SharedStore>,
-    object: SharedObject,
-) -> Result<Served, (Leader, Option<Lease>)> {
+    source: Source,
+    size: Option<u64>,
+    body: B,
+) -> Result<Served, (Leader, Option<Lease>)>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Unpin + 'static,
+    B::Error: Into<crate::http::body::BoxError> + Send,
+{
     let (state, target, parts) = (req.state, req.target, req.parts);
-    let Ok(reservation) = state.cache.admit_soon(Some(object.size)).await else {
+    let Ok(reservation) = state.cache.admit_soon(size).await else {
         return Err((leader, None));
     };
     // Confirmed for this repository: the digest is linked to it once the
     // bytes matched, as for an upstream download.
     leader.set_origin(&target.registry, req.repo());
-    match leader
-        .start(object.body, Some(object.size), String::new(), reservation)
-        .await
-    {
+    match leader.start(body, size, String::new(), reservation).await {
         Ok(fill) => {
-            let (shared, fill_for_check) = (shared.clone(), fill.clone());
-            tokio::spawn(async move {
-                fill_for_check.ended().await;
-                if fill_for_check.watch().borrow().failure == Some("digest_mismatch") {
-                    shared.discard(&fill_for_check.digest).await;
+            let status = match source {
+                Source::Tier(shared) => {
+                    let fill_for_check = fill.clone();
+                    tokio::spawn(async move {
+                        fill_for_check.ended().await;
+                        if fill_for_check.watch().borrow().failure == Some("digest_mismatch") {
+                            shared.discard(&fill_for_check.digest).await;
+                        }
+                    });
+                    CacheStatus::Shared
                 }
-            });
+                Source::Peer => CacheStatus::Peer,
+            };
             state.cache.count(true);
-            Ok(Served::new(
-                from_fill(parts, digest, &fill),
-                CacheStatus::Shared,
-            ))
+            Ok(Served::new(from_fill(parts, digest, &fill), status))
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot start download");

@@ -473,7 +473,7 @@ async fn from_shared(
         match shared.claim(&named).await {
             Claim::Won(lease) => return Err(Some(lease)),
             Claim::Unavailable => return Err(None),
-            Claim::Held => {}
+            Claim::Held(_) => {}
         }
         match shared
             .wait_for_fetch(&named, started, MAX_CLUSTER_WAIT)

@@ -86,6 +86,10 @@ pub enum CacheStatus {
     /// From the shared tier (`shared_store`), after the registry confirmed
     /// the client's access, and stored locally.
     Shared,
+    /// Streamed from the node fetching it for the cluster (the peer
+    /// endpoint), after the registry confirmed the client's access, and
+    /// stored locally.
+    Peer,
     /// From upstream (and stored, when cacheable).
     Miss,
     /// A stale cached copy, upstream being unavailable.
@@ -104,6 +108,7 @@ impl CacheStatus {
         match self {
             CacheStatus::Hit => "HIT",
             CacheStatus::Shared => "SHARED",
+            CacheStatus::Peer => "PEER",
             CacheStatus::Miss => "MISS",
             CacheStatus::Stale => "STALE",
             CacheStatus::Revalidated => "REVALIDATED",

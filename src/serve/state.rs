@@ -10,7 +10,9 @@ use super::sharing::{AccountError, Sharing};
 use crate::cache::freshness::now_ms;
 use crate::cache::{Cache, CacheError};
 use crate::config::Config;
+use crate::peer::PeerClient;
 use crate::shared::{SharedStore, SharedStoreError};
+use crate::tls::peer::PeerTls;
 use crate::tls::TlsError;
 use crate::upstream::Upstream;
 
@@ -47,24 +49,35 @@ pub struct State {
     pub tag_lookups: Coalescer<TagLookup>,
     /// The shared tier behind the disk cache (`shared_store`), if any.
     pub shared: Option<Arc<SharedStore>>,
+    /// Calls to the peer endpoints of the other nodes (with a shared tier
+    /// and this node's peer TLS).
+    pub peers: Option<PeerClient>,
 }
 
 impl State {
     /// Builds the upstream client, reads regcache's registry accounts and
-    /// opens the cache. Blocking: call before serving.
-    pub fn new(config: Config) -> Result<Arc<Self>, StateError> {
+    /// opens the cache; with `peer_tls`, other nodes' peer endpoints are
+    /// used. Blocking: call before serving.
+    pub fn new(config: Config, peer_tls: Option<&PeerTls>) -> Result<Arc<Self>, StateError> {
         let upstream = Upstream::new(&config)?;
         let sharing = Sharing::new(&config)?;
         let cap = config.cache_cap();
         let cache = Cache::open(&config.cache_dir, cap)?;
         let shared = match &config.shared_store {
             Some(url) => {
-                let shared = SharedStore::from_url(url)?;
+                let mut shared = SharedStore::from_url(url)?;
+                if let Some(peer) = &config.peer {
+                    shared.advertise_peer(&peer.advertise);
+                }
                 tracing::info!(store = shared.name(), "shared tier behind the disk cache");
                 Some(Arc::new(shared))
             }
             None => None,
         };
+        let advertised = config.peer.as_ref().map(|p| p.advertise.clone());
+        let peers = peer_tls
+            .filter(|_| shared.is_some())
+            .map(|tls| PeerClient::new(tls, advertised));
         let stats = cache.stats();
         tracing::info!(
             dir = %config.cache_dir.display(),
@@ -80,6 +93,7 @@ impl State {
             sharing,
             tag_lookups: Coalescer::default(),
             shared,
+            peers,
         }))
     }
 

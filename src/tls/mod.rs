@@ -1,9 +1,11 @@
 //! TLS: regcache's certificate authority, the leaf certificates it mints for
-//! intercepted hosts, and the trust used for upstream connections.
+//! intercepted hosts, the trust used for upstream connections, and the
+//! mutual TLS between the nodes of a cluster.
 
 pub mod ca;
 pub mod client;
 pub mod mint;
+pub mod peer;
 pub mod sni;
 
 use std::path::PathBuf;

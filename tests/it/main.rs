@@ -14,6 +14,7 @@ mod harness;
 mod metrics;
 mod origins;
 mod parent_proxy;
+mod peer;
 mod proxy;
 mod relay;
 mod shared;

@@ -49,7 +49,7 @@ fn put_image(env: &Env, repo: &'static str, seed: u64) -> Image {
 }
 
 /// A GET through `proxy` (intercepted), with `authorization` if given.
-async fn pull(proxy: &Proxy, path: &str, authorization: Option<&str>) -> Got {
+pub(crate) async fn pull(proxy: &Proxy, path: &str, authorization: Option<&str>) -> Got {
     let mut client = proxy.intercepted(HUB, Alpn::Http11).await;
     let mut headers = vec![("accept", ACCEPT_ALL)];
     if let Some(credential) = authorization {
@@ -249,7 +249,7 @@ async fn with_the_store_down_nodes_serve_and_fetch_then_use_it_again() {
 
 /// A 2 MiB blob whose upstream body stops after 512 KiB until the gate
 /// opens.
-fn put_held_blob(env: &Env, repo: &str, seed: u64) -> (String, Bytes) {
+pub(crate) fn put_held_blob(env: &Env, repo: &str, seed: u64) -> (String, Bytes) {
     let data = blob_bytes(seed, 2 * 1024 * 1024);
     let digest = env.reg.put_blob(repo, data.clone());
     env.reg.set_fault(
