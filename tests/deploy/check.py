@@ -340,9 +340,49 @@ def many_nodes(path):
                 if s["metadata"].get("namespace") == ns and selects({"matchLabels": s.get("spec", {}).get("selector")}, pod_labels)]
     if not services:
         errors.append(f"no Service in {ns} selects Deployment {name}'s pods")
+    errors += peer_endpoint(c, kinds, ns, pod_labels)
     print(f"Deployment {name}: {spec.get('replicas')} replicas; PDBs {[p['metadata']['name'] for p in pdbs]}; "
           f"Services {[s['metadata']['name'] for s in services]}")
     fail(errors)
+
+
+def peer_endpoint(c, kinds, ns, pod_labels):
+    """The peer endpoint: REGCACHE_PEER_LISTEN on a container port, advertised
+    as the pod's IP (POD_IP from the downward API, defined before it is
+    used), and a NetworkPolicy that lets only the regcache pods reach it."""
+    errors = []
+    names = [e["name"] for e in c.get("env") or []]
+    env = {e["name"]: e for e in c.get("env") or []}
+    listen = (env.get("REGCACHE_PEER_LISTEN") or {}).get("value") or ""
+    port = listen.rsplit(":", 1)[-1]
+    if not port.isdigit():
+        return [f"container regcache: REGCACHE_PEER_LISTEN {listen!r} has no port"]
+    port = int(port)
+    if port not in [p.get("containerPort") for p in c.get("ports") or []]:
+        errors.append(f"container regcache: the peer port {port} is not a container port")
+    ip = ((env.get("POD_IP") or {}).get("valueFrom") or {}).get("fieldRef") or {}
+    advertise = (env.get("REGCACHE_PEER_ADVERTISE") or {}).get("value")
+    if ip.get("fieldPath") != "status.podIP":
+        errors.append("container regcache: POD_IP is not the downward API's status.podIP")
+    elif advertise != f"$(POD_IP):{port}":
+        errors.append(f"container regcache: REGCACHE_PEER_ADVERTISE {advertise!r}, want $(POD_IP):{port}")
+    elif names.index("POD_IP") > names.index("REGCACHE_PEER_ADVERTISE"):
+        errors.append("container regcache: POD_IP is defined after REGCACHE_PEER_ADVERTISE uses it")
+    policies = [p for p in kinds.get("NetworkPolicy", [])
+                if p["metadata"].get("namespace") == ns and selects(p.get("spec", {}).get("podSelector"), pod_labels)]
+    if not policies:
+        return errors + [f"no NetworkPolicy in {ns} selects the regcache pods (the peer port is open to all)"]
+    for pol in policies:
+        for rule in pol["spec"].get("ingress") or []:
+            ports = [p.get("port") for p in rule.get("ports") or []]
+            if ports and port not in ports:
+                continue
+            sources = rule.get("from") or []
+            if not sources or any(not selects(f.get("podSelector"), pod_labels) or "namespaceSelector" in f
+                                  or "ipBlock" in f for f in sources):
+                errors.append(f"NetworkPolicy {pol['metadata']['name']}: the peer port {port} is reachable "
+                              f"by others than the regcache pods")
+    return errors
 
 
 def main(argv):

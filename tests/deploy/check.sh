@@ -18,14 +18,17 @@
 #     --strict; it has no StatefulSet and one Deployment of 3 replicas whose
 #     container takes REGCACHE_SHARED_STORE and AWS_* from secretKeyRefs to
 #     regcache-shared-store, probes /healthz and keeps REGCACHE_CACHE_SIZE below
-#     its emptyDir's sizeLimit; a PodDisruptionBudget and the Service select
-#     its pods (check.py many-nodes). The single-node render keeps its
+#     its emptyDir's sizeLimit, listens for peers on a container port and
+#     advertises the pod's IP; a PodDisruptionBudget and the Service select
+#     its pods, and a NetworkPolicy admits only them to the peer port
+#     (check.py many-nodes). The single-node render keeps its
 #     StatefulSet and has no Deployment;
 #   - negative controls: a broken rule threshold makes promtool test rules
 #     fail, a misspelt metric in the dashboard makes the name check fail, a
 #     ServiceMonitor naming no port of the Service fails; the many-nodes check
 #     fails on the single-node render, on a PDB that selects other pods, and
-#     on AWS_ACCESS_KEY_ID from another key.
+#     on AWS_ACCESS_KEY_ID from another key, and on a peer port open to any
+#     address.
 # Prints one PASS/FAIL line per check and "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -156,7 +159,7 @@ else
         indent <"$T/out"
     fi
     if [ -x "$VENV/bin/kubernetes-validate" ]; then
-        check "kubernetes-validate --strict $M (Namespace, ConfigMap, Service, Deployment, PodDisruptionBudget)" \
+        check "kubernetes-validate --strict $M (Namespace, ConfigMap, Service, Deployment, PodDisruptionBudget, NetworkPolicy)" \
             "$VENV/bin/kubernetes-validate" --strict --quiet --no-warn "$T/many.yaml"
         check "kubernetes-validate --strict $M/secret.example.yaml" \
             "$VENV/bin/kubernetes-validate" --strict --quiet --no-warn "$M/secret.example.yaml"
@@ -181,6 +184,19 @@ else
         else
             refute "negative control: AWS_ACCESS_KEY_ID from another key of the Secret is caught" \
                 "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/bad-env.yaml"
+        fi
+        # The peer port's NetworkPolicy rule opened to everyone.
+        python3 - "$T/many.yaml" "$T/bad-peer.yaml" <<'PY'
+import sys
+text = open(sys.argv[1], encoding="utf-8").read()
+marker = "  - from:\n    - podSelector:\n        matchLabels:\n          app.kubernetes.io/name: regcache\n"
+open(sys.argv[2], "w", encoding="utf-8").write(text.replace(marker, "  - from:\n    - ipBlock:\n        cidr: 0.0.0.0/0\n", 1))
+PY
+        if cmp -s "$T/many.yaml" "$T/bad-peer.yaml"; then
+            fail "negative control: the NetworkPolicy's peer rule was found to break"
+        else
+            refute "negative control: a peer port open to any address is caught" \
+                "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/bad-peer.yaml"
         fi
     fi
 fi
