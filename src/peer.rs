@@ -210,6 +210,8 @@ pub struct PeerBlob {
 /// Calls to the peer endpoints of the other nodes.
 pub struct PeerClient {
     tls: TlsConnector,
+    /// Blobs streamed from other nodes since start.
+    reads: std::sync::atomic::AtomicU64,
     /// This node's own advertised address: never called.
     own: Option<String>,
 }
@@ -220,8 +222,14 @@ impl PeerClient {
     pub fn new(tls: &PeerTls, own: Option<String>) -> Self {
         Self {
             tls: TlsConnector::from(tls.client.clone()),
+            reads: std::sync::atomic::AtomicU64::new(0),
             own,
         }
+    }
+
+    /// Blobs streamed from other nodes' endpoints since start.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Streams `digest` from the node at `addr` (`host:port`), if that
@@ -234,6 +242,8 @@ impl PeerClient {
         match self.request(addr, digest).await {
             Ok(Some(blob)) => {
                 crate::metrics::get().peer_request("fetched", "ok");
+                self.reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Some(blob)
             }
             Ok(None) => {

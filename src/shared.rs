@@ -139,6 +139,8 @@ pub struct SharedStore {
     peer: Option<String>,
     /// Set when leases are not used.
     leases_off: AtomicBool,
+    /// Leases this node holds now.
+    leases_held: Arc<AtomicU64>,
 }
 
 impl SharedStore {
@@ -207,6 +209,7 @@ impl SharedStore {
             node: node_name(),
             peer: None,
             leases_off: AtomicBool::new(false),
+            leases_held: Arc::default(),
         };
         crate::metrics::get().shared_up(&shared.name, true);
         shared
@@ -233,6 +236,11 @@ impl SharedStore {
     /// answered).
     pub fn reads(&self) -> u64 {
         self.reads.load(Ordering::Relaxed)
+    }
+
+    /// The cluster's fetches this node holds the lease of now.
+    pub fn leases_held(&self) -> u64 {
+        self.leases_held.load(Ordering::Relaxed)
     }
 
     /// Objects this node wrote to the tier since start.
@@ -516,10 +524,12 @@ pub struct Lease {
     store: Arc<dyn ObjectStore>,
     key: StorePath,
     renew: tokio::task::JoinHandle<()>,
+    held: Arc<AtomicU64>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.held.fetch_sub(1, Ordering::Relaxed);
         self.renew.abort();
         let (store, key) = (self.store.clone(), self.key.clone());
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -634,10 +644,12 @@ impl SharedStore {
             put,
             lease_payload_of(self.node.clone(), self.peer.clone()),
         ));
+        self.leases_held.fetch_add(1, Ordering::Relaxed);
         Claim::Won(Lease {
             store: self.store.clone(),
             key,
             renew,
+            held: self.leases_held.clone(),
         })
     }
 

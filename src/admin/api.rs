@@ -78,6 +78,12 @@ pub struct SharedStats {
     pub reads: u64,
     /// Objects this node uploaded to it since start.
     pub uploads: u64,
+    /// Blobs streamed from other nodes' peer endpoints since start.
+    #[serde(default)]
+    pub from_peers: u64,
+    /// The cluster's fetches this node holds the lease of now.
+    #[serde(default)]
+    pub leases_held: u64,
 }
 
 /// `GET /api/v1/images`: tags by name, then content, the most recently
@@ -237,6 +243,8 @@ pub fn live_stats(app: &App) -> LiveStats {
             reachable: shared.is_up(),
             reads: shared.reads(),
             uploads: shared.written(),
+            from_peers: app.state.peers.as_ref().map_or(0, |p| p.reads()),
+            leases_held: shared.leases_held(),
         }),
     }
 }
@@ -518,6 +526,8 @@ mod tests {
                 reachable: true,
                 reads: 4,
                 uploads: 2,
+                from_peers: 3,
+                leases_held: 1,
             }),
             ..stats
         };

@@ -182,12 +182,14 @@ fn cache(h: &mut String, s: &StatusSnapshot) {
     let full = if share >= 90.0 { " full" } else { "" };
     let tier = match &st.shared {
         Some(t) => format!(
-            "<div id=\"shared\">shared tier {}: <span class=\"{}\">{}</span> · {} read · {} uploaded</div>",
+            "<div id=\"shared\">shared tier {}: <span class=\"{}\">{}</span> · {} read · {} uploaded · {} from peers · {} leases held</div>",
             escape(&t.store),
             if t.reachable { "up" } else { "down" },
             if t.reachable { "reachable" } else { "unreachable" },
             t.reads,
             t.uploads,
+            t.from_peers,
+            t.leases_held,
         ),
         None => String::new(),
     };
@@ -518,10 +520,14 @@ mod tests {
             reachable: false,
             reads: 7,
             uploads: 1,
+            from_peers: 2,
+            leases_held: 3,
         });
         let page = render(&s);
         assert!(
-            page.contains("<span class=\"down\">unreachable</span> · 7 read"),
+            page.contains(
+                "<span class=\"down\">unreachable</span> · 7 read · 1 uploaded · 2 from peers · 3 leases held"
+            ),
             "the tier is shown"
         );
         assert!(!page.contains("<script"), "{page}");

@@ -66,8 +66,8 @@ impl fmt::Display for LiveStats {
             };
             writeln!(
                 f,
-                "shared:     {} ({state}), {} read, {} uploaded since start",
-                t.store, t.reads, t.uploads
+                "shared:     {} ({state}), {} read, {} uploaded, {} from peers since start; {} leases held",
+                t.store, t.reads, t.uploads, t.from_peers, t.leases_held
             )?;
         }
         Ok(())

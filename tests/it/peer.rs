@@ -84,6 +84,12 @@ async fn read_rest(mut body: Incoming, mut got: BytesMut) -> Result<Bytes, (usiz
     }
 }
 
+/// One of regcache's own pages on the proxy port, as text.
+async fn page(proxy: &Proxy, path: &str) -> String {
+    let mut client = crate::support::http::HttpClient::plain_h1(proxy.addr, "127.0.0.1").await;
+    read_response(client.get(path).await).await.text()
+}
+
 fn header(resp: &Response<Incoming>, name: &str) -> String {
     resp.headers()
         .get(name)
@@ -145,14 +151,12 @@ async fn a_blob_being_fetched_streams_to_the_other_nodes_from_the_fetcher() {
             .await
             .assert_served(&data, "HIT", "again");
     }
-    let metrics = read_response(
-        crate::support::http::HttpClient::plain_h1(a.addr, "127.0.0.1")
-            .await
-            .get("/metrics")
-            .await,
-    )
-    .await
-    .text();
+    for node in [&b, &c] {
+        let stats = page(node, "/api/v1/stats").await;
+        let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+        assert_eq!(stats["shared"]["from_peers"], 1, "{stats}");
+    }
+    let metrics = page(&a, "/metrics").await;
     assert!(
         metrics.contains("regcache_peer_requests_total{role=\"served\",result=\"ok\"} 2"),
         "{}",
