@@ -377,3 +377,116 @@ async fn a_new_tag_asked_on_every_node_at_once_is_one_counted_pull() {
         env.reg.summary()
     );
 }
+
+/// An S3 endpoint on loopback that takes every PUT (`If-None-Match: *`
+/// ignored, as Garage 2.5 does) and DELETE, and has no object: a store on
+/// which nodes could not agree on one fetcher. Returns its address and how
+/// many PUTs carried `If-None-Match`.
+async fn store_ignoring_conditional_writes() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conditional = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = conditional.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let seen = seen.clone();
+                        async move {
+                            let mut resp =
+                                hyper::Response::new(http_body_util::Full::new(Bytes::new()));
+                            match *req.method() {
+                                Method::PUT => {
+                                    if req.headers().contains_key("if-none-match") {
+                                        seen.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                    resp.headers_mut().insert(
+                                        "etag",
+                                        hyper::header::HeaderValue::from_static("\"1\""),
+                                    );
+                                }
+                                Method::DELETE => {
+                                    *resp.status_mut() = hyper::StatusCode::NO_CONTENT
+                                }
+                                _ => *resp.status_mut() = hyper::StatusCode::NOT_FOUND,
+                            }
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, conditional)
+}
+
+#[tokio::test]
+async fn a_store_that_ignores_conditional_writes_stops_regcache_unless_single_flight_is_off() {
+    let (store, conditional) = store_ignoring_conditional_writes().await;
+    let env = Env::new().await;
+    let node = |dir: &str| {
+        env.proxy_on(&env.path(dir))
+            .args(["--shared-store", "s3://garage-like/p"])
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("AWS_REGION", "garage")
+            .env("AWS_ENDPOINT_URL", &format!("http://{store}"))
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = crate::support::proxy::regcache_command();
+    cmd.current_dir(tmp.path())
+        .args(["serve", "--listen", "127.0.0.1:0", "--ca-dir"])
+        .arg(env.path("ca-refused"))
+        .args(["--cache-dir"])
+        .arg(tmp.path().join("cache"))
+        .args(["--shared-store", "s3://garage-like/p"])
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "garage")
+        .env("AWS_ENDPOINT_URL", format!("http://{store}"));
+    // Not std's output(): the fake store answers on this runtime.
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
+    let refused = crate::support::within(
+        "regcache refusing the store",
+        std::time::Duration::from_secs(30),
+        cmd.output(),
+    )
+    .await
+    .expect("run regcache");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("ignores conditional writes")
+            && stderr.contains("shared_single_flight = false"),
+        "the reason and the way out: {stderr}"
+    );
+    assert!(
+        conditional.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the probe sent conditional creates"
+    );
+    // Told to run without cluster-wide single flight: it serves.
+    let running = node("b")
+        .args(["--shared-single-flight", "false"])
+        .start()
+        .await;
+    assert!(
+        running
+            .stderr()
+            .contains("each node fetches on its own (shared_single_flight = false)"),
+        "{}",
+        running.stderr()
+    );
+}
