@@ -10,7 +10,8 @@
 #             "concurrent" image with its 8 MiB layer)
 #   nodes     regcache serve A, B, C (later D and E), each with its own
 #             port and cache directory, all with one CA (A's, copied) and
-#             --shared-store s3://regcache-e2e/site, --resolve for both
+#             --shared-store s3://regcache-e2e/site, --peer-listen
+#             127.0.0.1:<free port> (the peer endpoint), --resolve for both
 #             registry names, --upstream-ca the test CA
 #   clients   skopeo and curl with HTTPS_PROXY=http://127.0.0.1:<node port>,
 #             trusting only regcache's CA; the registry names never resolve
@@ -25,7 +26,15 @@
 #   3. Private: alice pulls through A; through B without credentials curl
 #      gets 401 for the manifest (tag, digest) and every blob, and no bytes;
 #      alice through B is served from the tier (SHARED, no upstream GET).
-#   4. Store stopped: B and C serve their own cache (HIT); a node with an
+#   4. Peers: one cold 256 MiB blob (library/e2e-big, random bytes, pushed
+#      with the registry's upload API) asked for by 90 curl clients at once,
+#      30 through each of A, B, C: every client's body (piped into
+#      sha256sum, never on disk) has the blob's sha256; the registry's access
+#      log shows exactly one GET of it; exactly one node logs cache=MISS for
+#      it, each other node logs cache=PEER for some of its clients (the rest
+#      are COALESCED or HIT on that node), and the fetching node's /metrics shows
+#      regcache_peer_requests_total{role="served",result="ok"} >= 1.
+#   5. Store stopped: B and C serve their own cache (HIT); a node with an
 #      empty cache (D) pulls from the registry (MISS) and logs "shared store
 #      unreachable" once; the store restarted on the same directory: a fresh
 #      node (E) reads from it (SHARED); A pulls the multi image, and B (never
@@ -39,6 +48,8 @@
 #   REGCACHE_ARGS  extra arguments for every `regcache serve`
 #   WEED_BIN       a weed binary instead of the pinned one
 #   E2E_KEEP=1     keep the work directory (its path is printed)
+#   E2E_PEER_MIB, E2E_PEER_CLIENTS
+#                  check 4's blob size in MiB (256) and clients per node (30)
 #
 # Prints PASS/FAIL per check and ends with the line "N passed, M failed";
 # the exit status is non-zero when anything failed.
@@ -185,7 +196,7 @@ done
 pass "seeded library/e2e-small:1, library/e2e-multi:1 and $PRIV/$PNAME:1"
 
 # ----------------------------------------------------------------- nodes
-declare -A PORT_OF=()
+declare -A PORT_OF=() PEER_PORT_OF=()
 CA_DIR=""
 start_node() { # start_node NAME: a regcache node with a fresh cache dir, log $W/node-NAME.log
     local n=$1 port
@@ -194,7 +205,8 @@ start_node() { # start_node NAME: a regcache node with a fresh cache dir, log $W
     mkdir -p "$W/node-$n/certs"
     # One CA for every node (A's), so that the clients trust one.
     [ -n "$CA_DIR" ] && cp -p "$CA_DIR/ca.crt" "$CA_DIR/ca.key" "$W/node-$n/certs/"
-    local args=(--listen "127.0.0.1:$port" --ca-dir "$W/node-$n/certs" --cache-dir "$W/node-$n/cache"
+    PEER_PORT_OF[$n]=$(free_port)
+    local args=(--listen "127.0.0.1:$port" --peer-listen "127.0.0.1:${PEER_PORT_OF[$n]}" --ca-dir "$W/node-$n/certs" --cache-dir "$W/node-$n/cache"
         --upstream-ca "$PKI/ca.pem" --intercept "$PRIV"
         --resolve "$HUB=127.0.0.1:$REGPORT" --resolve "$PRIV=127.0.0.1:$PRIVPORT"
         --shared-store "s3://$BUCKET/$PREFIX")
@@ -367,92 +379,204 @@ else
     indent <"$W/tmp/upstream"
 fi
 
-# ------------------------------------------------- 4. store down, then back
+# ------------------------------------------------- 4. peers: one cold blob, 90 clients
+BIG=library/e2e-big
+BIG_MIB=${E2E_PEER_MIB:-256}
+BIG_CLIENTS=${E2E_PEER_CLIENTS:-30} # per node
+mkdir -p "$W/big"
+# The data straight to a file (never in bash's memory), then its digest.
+head -c "$((BIG_MIB << 20))" /dev/urandom >"$W/big/blob"
+BIG_DIGEST=sha256:$(sha256sum <"$W/big/blob" | cut -d' ' -f1)
+# Pushed with the registry's upload API (POST, then PUT of the whole body
+# with ?digest=), straight to the registry, not through a node.
+reg_direct() {
+    curl -sS --noproxy '*' --max-time 120 --cacert "$PKI/ca.pem" \
+        --resolve "$HUB:$REGPORT:127.0.0.1" "$@"
+}
+loc=$(reg_direct -o /dev/null -D - -X POST "https://$HUB:$REGPORT/v2/$BIG/blobs/uploads/" |
+    tr -d '\r' | sed -n 's/^[Ll]ocation: //p')
+[ "${loc:0:1}" = / ] && loc=https://$HUB:$REGPORT$loc
+case $loc in *\?*) sep='&' ;; *) sep='?' ;; esac
+code=$(reg_direct -o "$W/tmp/put" -w '%{http_code}' -X PUT -H 'Content-Type: application/octet-stream' \
+    -T "$W/big/blob" "$loc${sep}digest=$BIG_DIGEST")
+if [ "$code" = 201 ] && [ "$(reg_direct -o /dev/null -w '%{http_code}' -I "https://$HUB:$REGPORT/v2/$BIG/blobs/$BIG_DIGEST")" = 200 ]; then
+    pass "4. pushed a $BIG_MIB MiB random blob ${BIG_DIGEST:0:19}… to $BIG"
+    rm -f "$W/big/blob"
+    # big_client NODE I: one client through NODE, its body's sha256 (never
+    # written to disk) in $W/big/got-NODE-I, curl's status in rc-NODE-I.
+    big_client() {
+        curl -sS --max-time 150 --proxy "http://127.0.0.1:${PORT_OF[$1]}" --cacert "$CLIENT_CERTS/ca.crt" \
+            "https://$HUB/v2/$BIG/blobs/$BIG_DIGEST" 2>"$W/big/err-$1-$2" |
+            sha256sum | cut -d' ' -f1 >"$W/big/got-$1-$2"
+        echo "${PIPESTATUS[0]}" >"$W/big/rc-$1-$2"
+    }
+    reg_mark=$(mark "$W/registry.log")
+    declare -A big_mark=()
+    for n in A B C; do big_mark[$n]=$(mark "$W/node-$n.log"); done
+    t0=$SECONDS
+    pids=()
+    for i in $(seq 1 "$BIG_CLIENTS"); do
+        for n in A B C; do
+            big_client "$n" "$i" &
+            pids+=($!)
+        done
+    done
+    wait "${pids[@]}"
+    secs=$((SECONDS - t0))
+    bad=""
+    right=0
+    for n in A B C; do
+        for i in $(seq 1 "$BIG_CLIENTS"); do
+            got=$(cat "$W/big/got-$n-$i" 2>/dev/null)
+            rc=$(cat "$W/big/rc-$n-$i" 2>/dev/null)
+            if [ "sha256:$got" = "$BIG_DIGEST" ] && [ "$rc" = 0 ]; then
+                right=$((right + 1))
+            else
+                bad="$bad $n$i(curl=$rc $(head -c 80 "$W/big/err-$n-$i" | tr '\n' ' '))"
+            fi
+        done
+    done
+    if [ -z "$bad" ]; then
+        pass "4. $((3 * BIG_CLIENTS)) clients at once ($BIG_CLIENTS through each of A, B, C): every body has the blob's sha256 (${secs} s)"
+    else
+        fail "4. $right of $((3 * BIG_CLIENTS)) clients got the right bytes; wrong:${bad:0:1500}"
+    fi
+    sleep 0.5
+    since "$W/registry.log" "$reg_mark" | grep -F "/v2/$BIG/blobs/$BIG_DIGEST" >"$W/tmp/upstream"
+    big_gets=$(grep -c '"GET ' "$W/tmp/upstream")
+    if [ "$big_gets" = 1 ]; then
+        pass "4. the registry's access log shows exactly one GET of the blob ($(grep -c '"HEAD ' "$W/tmp/upstream") HEAD)"
+    else
+        fail "4. the registry's access log shows $big_gets GET of the blob (expected 1)"
+        indent <"$W/tmp/upstream" | head -n 20
+    fi
+    # big_counts NODE: "MISS:1 PEER:29 ..." for the blob's GETs in NODE's log.
+    big_counts() {
+        since "$W/node-$1.log" "${big_mark[$1]}" | grep 'regcache::access' |
+            grep -F "path=/v2/$BIG/blobs/$BIG_DIGEST " | grep -E 'method="?GET' |
+            sed -n 's/.*cache="\{0,1\}\([A-Z_-]*\).*/\1/p' | sort | uniq -c |
+            awk '{ printf "%s%s:%s", sep, $2, $1; sep = " " }'
+    }
+    fetcher=""
+    for n in A B C; do
+        counts=$(big_counts "$n")
+        note "node $n: ${counts:-no access log line for the blob}"
+        case " $counts " in *" MISS:"*) fetcher="$fetcher$n" ;; esac
+    done
+    if [ "${#fetcher}" = 1 ]; then
+        pass "4. one node fetched the blob upstream (cache=MISS): $fetcher"
+        for n in A B C; do
+            [ "$n" = "$fetcher" ] && continue
+            counts=$(big_counts "$n")
+            if [[ " $counts " == *" PEER:"* ]]; then
+                pass "4. $n (not the fetcher) served clients from $fetcher's peer endpoint: $counts"
+            else
+                fail "4. $n (not the fetcher) logged no cache=PEER for the blob: ${counts:-nothing}"
+            fi
+        done
+        curl -fsS --noproxy '*' --max-time 10 -o "$W/tmp/metrics" "http://127.0.0.1:${PORT_OF[$fetcher]}/metrics"
+        served=$(grep -E '^regcache_peer_requests_total\{' "$W/tmp/metrics" |
+            grep -F 'role="served"' | grep -F 'result="ok"' | awk '{s += $NF} END {print s + 0}')
+        if [ "$served" -ge 1 ]; then
+            pass "4. $fetcher's /metrics: regcache_peer_requests_total{role=\"served\",result=\"ok\"} $served"
+        else
+            fail "4. $fetcher's /metrics: no regcache_peer_requests_total{role=\"served\",result=\"ok\"} >= 1"
+            grep -F regcache_peer_requests_total "$W/tmp/metrics" | indent
+        fi
+    else
+        fail "4. nodes that logged cache=MISS for the blob: '${fetcher}' (expected exactly one)"
+    fi
+else
+    fail "4. push of the $BIG_MIB MiB blob to $BIG: PUT $code $(head -c 300 "$W/tmp/put")"
+    rm -f "$W/big/blob"
+fi
+
+# ------------------------------------------------- 5. store down, then back
 note "stopping SeaweedFS"
 stop_seaweedfs
 for n in B C; do
     node_mark=$(mark "$W/node-$n.log")
     if pull "$n" "small-$n-2" "$SMALL"; then
-        check_digest "4. store down: skopeo through $n pulls library/e2e-small:1 again" "$SMALL_DIGEST" "$GOT"
+        check_digest "5. store down: skopeo through $n pulls library/e2e-small:1 again" "$SMALL_DIGEST" "$GOT"
     else
-        fail "4. store down: skopeo through $n pull of library/e2e-small:1"
+        fail "5. store down: skopeo through $n pull of library/e2e-small:1"
         show_last
     fi
     # The tag may be revalidated upstream; the blobs are the node's own.
     # shellcheck disable=SC2086
     if served_as "$n" "$node_mark" HIT library/e2e-small - $SMALL_BLOBS; then
-        pass "4. store down: $n serves every blob from its own cache (cache=HIT; the tag: $(cache_of "$n" "$node_mark" library/e2e-small manifests 1))"
+        pass "5. store down: $n serves every blob from its own cache (cache=HIT; the tag: $(cache_of "$n" "$node_mark" library/e2e-small manifests 1))"
     else
-        fail "4. store down: $n, not cache=HIT:$BAD"
+        fail "5. store down: $n, not cache=HIT:$BAD"
     fi
 done
 start_node D
 reg_mark=$(mark "$W/registry.log")
 t0=$SECONDS
 if pull D small-D "$SMALL"; then
-    check_digest "4. store down: node D (empty cache) pulls library/e2e-small:1 in $((SECONDS - t0)) s" \
+    check_digest "5. store down: node D (empty cache) pulls library/e2e-small:1 in $((SECONDS - t0)) s" \
         "$SMALL_DIGEST" "$GOT"
 else
-    fail "4. store down: node D pull of library/e2e-small:1"
+    fail "5. store down: node D pull of library/e2e-small:1"
     show_last
 fi
 upstream_requests "$W/registry.log" "$reg_mark" library/e2e-small
 # shellcheck disable=SC2086
 if served_as D 0 MISS library/e2e-small 1 $SMALL_BLOBS && [ "$UP_GETS" -gt 0 ]; then
-    pass "4. store down: D's log says cache=MISS for the manifest and every blob ($UP_GETS GET upstream)"
+    pass "5. store down: D's log says cache=MISS for the manifest and every blob ($UP_GETS GET upstream)"
 else
-    fail "4. store down: D, not cache=MISS:$BAD; $UP_GETS GET upstream"
+    fail "5. store down: D, not cache=MISS:$BAD; $UP_GETS GET upstream"
 fi
 sleep 0.5
 down=$(grep -c 'shared store unreachable: going on without it' "$W/node-D.log")
 if [ "$down" = 1 ]; then
-    pass "4. store down: D logs \"shared store unreachable: going on without it\" once"
+    pass "5. store down: D logs \"shared store unreachable: going on without it\" once"
 else
-    fail "4. store down: D logs \"shared store unreachable\" $down times (expected once)"
+    fail "5. store down: D logs \"shared store unreachable\" $down times (expected once)"
 fi
 
 note "starting SeaweedFS again on the same directory"
 if start_seaweedfs "$W/s3" 2>"$W/logs/weed-restart.log"; then
-    pass "4. SeaweedFS restarted on the same directory (ready after ${SEAWEEDFS_READY_MS} ms)"
+    pass "5. SeaweedFS restarted on the same directory (ready after ${SEAWEEDFS_READY_MS} ms)"
 else
-    fail "4. SeaweedFS restart"
+    fail "5. SeaweedFS restart"
     indent <"$W/logs/weed-restart.log"
     summary
 fi
 start_node E
 if pull E small-E "$SMALL"; then
-    check_digest "4. store back: node E (fresh) pulls library/e2e-small:1" "$SMALL_DIGEST" "$GOT"
+    check_digest "5. store back: node E (fresh) pulls library/e2e-small:1" "$SMALL_DIGEST" "$GOT"
 else
-    fail "4. store back: node E pull of library/e2e-small:1"
+    fail "5. store back: node E pull of library/e2e-small:1"
     show_last
 fi
 # shellcheck disable=SC2086
 if served_as E 0 SHARED library/e2e-small 1 $SMALL_BLOBS; then
-    pass "4. store back: E's log says cache=SHARED for the manifest and every blob"
+    pass "5. store back: E's log says cache=SHARED for the manifest and every blob"
 else
-    fail "4. store back: E, not cache=SHARED:$BAD"
+    fail "5. store back: E, not cache=SHARED:$BAD"
 fi
 # Something new in the tier, read by B (never restarted) and D (which saw
 # the store down).
 if pull A multi-A "$MULTI"; then
-    check_digest "4. store back: A pulls library/e2e-multi:1" "$MULTI_HOST_DIGEST" "$GOT"
+    check_digest "5. store back: A pulls library/e2e-multi:1" "$MULTI_HOST_DIGEST" "$GOT"
 else
-    fail "4. store back: A pull of library/e2e-multi:1"
+    fail "5. store back: A pull of library/e2e-multi:1"
     show_last
 fi
 # shellcheck disable=SC2086
 if wait_until 20 "" in_bucket "$MULTI_DIGEST" "$MULTI_HOST_DIGEST" $MULTI_BLOBS; then
-    pass "4. store back: the bucket holds library/e2e-multi:1 (index, manifest, blobs) from A"
+    pass "5. store back: the bucket holds library/e2e-multi:1 (index, manifest, blobs) from A"
 else
-    fail "4. store back: the bucket lacks objects of library/e2e-multi:1 after 20 s"
+    fail "5. store back: the bucket lacks objects of library/e2e-multi:1 after 20 s"
 fi
 for n in B D; do
     reg_mark=$(mark "$W/registry.log")
     node_mark=$(mark "$W/node-$n.log")
     if pull "$n" "multi-$n" "$MULTI"; then
-        check_digest "4. store back: $n pulls library/e2e-multi:1" "$MULTI_HOST_DIGEST" "$GOT"
+        check_digest "5. store back: $n pulls library/e2e-multi:1" "$MULTI_HOST_DIGEST" "$GOT"
     else
-        fail "4. store back: $n pull of library/e2e-multi:1"
+        fail "5. store back: $n pull of library/e2e-multi:1"
         show_last
     fi
     upstream_requests "$W/registry.log" "$reg_mark" library/e2e-multi
@@ -461,16 +585,16 @@ for n in B D; do
     got=$(cache_of "$n" "$node_mark" library/e2e-multi manifests "$MULTI_HOST_DIGEST")
     [ "$got" = SHARED ] || BAD="$BAD manifest:${MULTI_HOST_DIGEST:7:12}=${got:-none}"
     if [ -z "$BAD" ] && [ "$UP_GETS" = 0 ]; then
-        pass "4. store back: $n's log says cache=SHARED for the index, the manifest and every blob it lacked, no GET upstream"
+        pass "5. store back: $n's log says cache=SHARED for the index, the manifest and every blob it lacked, no GET upstream"
     else
-        fail "4. store back: $n, not cache=SHARED:$BAD; $UP_GETS GET upstream"
+        fail "5. store back: $n, not cache=SHARED:$BAD; $UP_GETS GET upstream"
         indent <"$W/tmp/upstream"
     fi
 done
 if grep -q 'shared store answers again' "$W/node-D.log"; then
-    pass "4. store back: D logs \"shared store answers again\""
+    pass "5. store back: D logs \"shared store answers again\""
 else
-    fail "4. store back: D never logged \"shared store answers again\""
+    fail "5. store back: D never logged \"shared store answers again\""
 fi
 
 if grep -hE 'panicked at|stack backtrace' "$W"/node-*.log >"$W/tmp/panics"; then
