@@ -244,6 +244,7 @@ async fn fill_from_shared(
     object: SharedObject,
 ) -> Result<Served, (Leader, Option<Lease>)> {
     let (state, target, parts) = (req.state, req.target, req.parts);
+    shared.touch(digest);
     let Ok(reservation) = state.cache.admit_soon(Some(object.size)).await else {
         return Err((leader, None));
     };
@@ -352,6 +353,7 @@ pub(crate) async fn from_cache(req: &RepoRequest<'_>, digest: &Digest) -> Option
     {
         return None;
     }
+    crate::shared::touch(state.shared.as_deref(), digest);
     state.cache.count(true);
     Some(Served::new(
         from_file(state, parts, &cached, file),
