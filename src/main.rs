@@ -1,5 +1,6 @@
 //! The `regcache` command line: `serve`, `prefetch`, `ca init|show|path`,
-//! `cache stats|ls|rm|purge|verify`, `export`, `import` and `config`.
+//! `cache stats|ls|rm|purge|verify`, `shared gc`, `export`, `import` and
+//! `config`.
 //!
 //! A failure ends with one line on stderr, `regcache: error: …`; its
 //! [`Failure`] kind decides the exit code: 2 (the usage code) when what the
@@ -43,6 +44,9 @@ enum Command {
     /// Inspect or clear the disk cache (through the running regcache's admin API if one holds it)
     #[command(subcommand)]
     Cache(CacheCommand),
+    /// Look after the shared tier (shared_store) of many nodes
+    #[command(subcommand)]
+    Shared(SharedCommand),
     /// Write cached images to one tar file (an OCI image layout) for an air-gapped regcache
     Export(ExportArgs),
     /// Load a bundle from `regcache export` into the cache (while regcache is stopped)
@@ -96,6 +100,28 @@ enum CacheCommand {
         #[command(flatten)]
         cache: CacheArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum SharedCommand {
+    /// Delete the objects no node used for DURATION (run it daily; leased objects are kept)
+    Gc(GcArgs),
+}
+
+#[derive(Args)]
+struct GcArgs {
+    /// TOML configuration file to take shared_store from
+    #[arg(long, env = "REGCACHE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The shared tier: s3://BUCKET/PREFIX (credentials and endpoint from AWS_* variables)
+    #[arg(long, env = "REGCACHE_SHARED_STORE", value_name = "URL")]
+    shared_store: Option<String>,
+    /// Delete objects whose last use is older than this: 30d, 12h, 90m (over a day: nodes mark a use once a day)
+    #[arg(long, value_name = "DURATION", value_parser = regcache::shared::gc::parse_duration)]
+    unused_for: std::time::Duration,
+    /// List what would be deleted; delete nothing
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Args)]
@@ -265,6 +291,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Ca(cmd) => ca(cmd),
         Command::Cache(cmd) => cache(cmd),
+        Command::Shared(SharedCommand::Gc(args)) => shared_gc(args),
         Command::Export(args) => export(args),
         Command::Import(args) => import(args),
         Command::Prefetch(args) => prefetch(*args),
@@ -500,6 +527,49 @@ fn prefetch(args: PrefetchArgs) -> Result<(), Failure> {
     } else {
         Err(Failure::runtime(format!("failed: {}", failed.join(", "))))
     }
+}
+
+/// `regcache shared gc`: one garbage collection of the shared tier; the
+/// deleted objects (or, with --dry-run, those that would be) on stdout,
+/// then a summary. Exit code 1 when the store cannot be listed or a
+/// delete failed.
+fn shared_gc(args: GcArgs) -> Result<(), Failure> {
+    use regcache::shared::gc::GcOptions;
+    let flags = Settings {
+        shared_store: args.shared_store,
+        ..Settings::default()
+    };
+    let config = load_config(flags, args.config.as_deref())?;
+    init_logging(config.log_format);
+    let Some(url) = config.shared_store else {
+        return Err(Failure::usage(
+            "no shared_store to collect: give --shared-store s3://BUCKET/PREFIX, REGCACHE_SHARED_STORE or shared_store in --config",
+        ));
+    };
+    let shared = SharedStore::from_url(&url).map_err(Failure::usage)?;
+    let options = GcOptions {
+        unused_for: args.unused_for,
+        dry_run: args.dry_run,
+    };
+    let verb = if args.dry_run {
+        "would delete"
+    } else {
+        "deleted"
+    };
+    let runtime = tokio::runtime::Runtime::new().map_err(Failure::runtime)?;
+    let report = runtime
+        .block_on(shared.gc(&options, |key, size| {
+            println!("{verb} {key} ({size} bytes)");
+        }))
+        .map_err(Failure::runtime)?;
+    print!("{report}");
+    if report.failed > 0 {
+        return Err(Failure::runtime(format!(
+            "shared_store {url}: {} deletes failed",
+            report.failed
+        )));
+    }
+    Ok(())
 }
 
 fn bundle_failure(e: regcache::cache::bundle::BundleError) -> Failure {

@@ -338,7 +338,7 @@ struct StoreLabel {
 }
 
 /// The `op`s of `regcache_shared_requests_total`.
-pub const SHARED_OPS: [&str; 4] = ["get", "head", "put", "delete"];
+pub const SHARED_OPS: [&str; 5] = ["get", "head", "put", "delete", "touch"];
 
 /// Every metric regcache exposes.
 pub struct Metrics {

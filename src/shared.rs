@@ -22,6 +22,12 @@
 //!   once, `regcache_shared_up` 0) and the caller goes on without it; the next
 //!   request that succeeds marks it up again.
 //!
+//! - **Bounded.** S3 keeps no access time, so a node records a use of a
+//!   digest (read from the tier, or served from its own cache) as an empty
+//!   marker object `PREFIX/used/sha256/<hex>`, at most once a day per digest
+//!   ([`SharedStore::touch`]); `regcache shared gc` ([`gc`]) deletes what no
+//!   node used for a while.
+//!
 //! Credentials, region and endpoint come from the environment as for every
 //! S3 client (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`,
 //! `AWS_ENDPOINT_URL`); plain `http` only to a loopback endpoint or with
@@ -51,6 +57,8 @@ use tokio::sync::Semaphore;
 
 use crate::registry::digest::Digest;
 
+pub mod gc;
+
 /// Uploads at a time: each holds up to two parts in memory.
 const MAX_UPLOADS: usize = 2;
 
@@ -72,6 +80,14 @@ const MAX_PENDING: usize = 4096;
 
 /// How many distrusted digests are remembered (then forgotten at once).
 const MAX_DISTRUSTED: usize = 1024;
+
+/// How often a node records one use of a digest (an upload makes the
+/// object itself fresh). `regcache shared gc --unused-for` must be well
+/// over this.
+pub const TOUCH_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// How many digests' last touch are remembered (then forgotten at once).
+const MAX_TOUCHED: usize = 100_000;
 
 /// After a failure, how long reads skip the tier before trying it again
 /// (uploads, in the background, always try).
@@ -141,6 +157,8 @@ pub struct SharedStore {
     leases_off: AtomicBool,
     /// Leases this node holds now.
     leases_held: Arc<AtomicU64>,
+    /// When this node last wrote the use marker of a digest.
+    touched: Arc<Mutex<HashMap<Digest, Instant>>>,
 }
 
 impl SharedStore {
@@ -210,6 +228,7 @@ impl SharedStore {
             peer: None,
             leases_off: AtomicBool::new(false),
             leases_held: Arc::default(),
+            touched: Arc::default(),
         };
         crate::metrics::get().shared_up(&shared.name, true);
         shared
@@ -256,6 +275,55 @@ impl SharedStore {
             digest.algorithm().as_str(),
             digest.hex()
         ))
+    }
+
+    /// The use marker key of `digest`: an empty object whose
+    /// LastModified is the last use any node recorded.
+    pub fn marker_key(&self, digest: &Digest) -> StorePath {
+        StorePath::from(format!(
+            "{}used/{}/{}",
+            self.prefix,
+            digest.algorithm().as_str(),
+            digest.hex()
+        ))
+    }
+
+    /// Records that this node used `digest` (read it from the tier, or
+    /// served it from its own cache): writes its marker in the background,
+    /// unless this node did so in the last [`TOUCH_EVERY`] or the tier is
+    /// resting after a failure. A failed write is counted
+    /// (`regcache_shared_requests_total{op="touch"}`) and forgotten, so the
+    /// next use tries again.
+    pub fn touch(&self, digest: &Digest) {
+        if self.resting() {
+            return;
+        }
+        {
+            let mut touched = lock(&self.touched);
+            if touched
+                .get(digest)
+                .is_some_and(|at| at.elapsed() < TOUCH_EVERY)
+            {
+                return;
+            }
+            if touched.len() >= MAX_TOUCHED {
+                touched.clear();
+            }
+            touched.insert(digest.clone(), Instant::now());
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, key) = (self.store.clone(), self.marker_key(digest));
+        let (touched, digest) = (self.touched.clone(), digest.clone());
+        runtime.spawn(async move {
+            let result = timed(store.put(&key, PutPayload::new())).await;
+            let label = if result.is_ok() { "ok" } else { "error" };
+            crate::metrics::get().shared_request("touch", label);
+            if result.is_err() {
+                lock(&touched).remove(&digest);
+            }
+        });
     }
 
     /// Records a request's outcome: metrics, and the up/down state (a
@@ -738,6 +806,13 @@ impl SharedStore {
     }
 }
 
+/// [`SharedStore::touch`] on the tier, if there is one.
+pub fn touch(shared: Option<&SharedStore>, digest: &Digest) {
+    if let Some(shared) = shared {
+        shared.touch(digest);
+    }
+}
+
 /// What the start-up probe found about conditional writes.
 #[derive(Debug)]
 pub enum CreateProbe {
@@ -1023,6 +1098,29 @@ mod tests {
         let digest = digest_of(b"x");
         shared.without_leases();
         assert!(matches!(shared.claim(&digest).await, Claim::Unavailable));
+    }
+
+    #[tokio::test]
+    async fn a_use_writes_the_marker_once_a_day() {
+        let store = Arc::new(InMemory::new());
+        let shared = SharedStore::with_store(store.clone(), "s3://test/p", "p");
+        let digest = digest_of(b"used");
+        let key = shared.marker_key(&digest);
+        assert_eq!(key.as_ref(), format!("p/used/sha256/{}", digest.hex()));
+        shared.touch(&digest);
+        let mut first = None;
+        for _ in 0..100 {
+            if let Ok(meta) = store.head(&key).await {
+                first = Some(meta.last_modified);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let first = first.expect("the marker is written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        touch(Some(&shared), &digest);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(store.head(&key).await.unwrap().last_modified, first);
     }
 
     #[test]

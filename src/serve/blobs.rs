@@ -265,6 +265,9 @@ where
     B::Error: Into<crate::http::body::BoxError> + Send,
 {
     let (state, target, parts) = (req.state, req.target, req.parts);
+    if let Source::Tier(shared) = &source {
+        shared.touch(digest);
+    }
     let Ok(reservation) = state.cache.admit_soon(size).await else {
         return Err((leader, None));
     };
@@ -373,6 +376,7 @@ pub(crate) async fn from_cache(req: &RepoRequest<'_>, digest: &Digest) -> Option
     {
         return None;
     }
+    crate::shared::touch(state.shared.as_deref(), digest);
     state.cache.count(true);
     Some(Served::new(
         from_file(state, parts, &cached, file),

@@ -272,6 +272,7 @@ pub(crate) async fn from_cache(
         }
         cached.mark_verified();
     }
+    crate::shared::touch(state.shared.as_deref(), &cached.digest);
     state.cache.count(true);
     Some(Served::new(
         manifest_response(parts, &cached.digest, &cached.media_type, bytes),
@@ -508,6 +509,7 @@ async fn serve_object(
         shared.discard(named).await;
         return None;
     }
+    shared.touch(named);
     let media_type = manifest_media_type(object.content_type.as_deref(), &bytes);
     if !accepts(&parts.headers, &media_type) {
         return None;

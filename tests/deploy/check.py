@@ -341,6 +341,20 @@ def many_nodes(path):
     if not services:
         errors.append(f"no Service in {ns} selects Deployment {name}'s pods")
     errors += peer_endpoint(c, kinds, ns, pod_labels)
+    gcs = [j for j in kinds.get("CronJob", []) if j["metadata"].get("namespace") == ns]
+    gc_ok = False
+    for j in gcs:
+        jpod = (((j.get("spec") or {}).get("jobTemplate") or {}).get("spec") or {}).get("template") or {}
+        for gc in (jpod.get("spec") or {}).get("containers") or []:
+            cmd = (gc.get("command") or []) + (gc.get("args") or [])
+            genv = {e["name"]: e for e in gc.get("env") or []}
+            refs = [((genv.get(v) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+                    for v in ["REGCACHE_SHARED_STORE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"]]
+            if cmd[1:3] == ["shared", "gc"] and "--unused-for" in cmd and "--dry-run" not in cmd and \
+                    all(r.get("name") == "regcache-shared-store" for r in refs):
+                gc_ok = True
+    if not gc_ok:
+        errors.append(f"no CronJob in {ns} runs `regcache shared gc --unused-for` with the Secret's store")
     print(f"Deployment {name}: {spec.get('replicas')} replicas; PDBs {[p['metadata']['name'] for p in pdbs]}; "
           f"Services {[s['metadata']['name'] for s in services]}")
     fail(errors)

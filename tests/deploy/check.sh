@@ -20,15 +20,16 @@
 #     regcache-shared-store, probes /healthz and keeps REGCACHE_CACHE_SIZE below
 #     its emptyDir's sizeLimit, listens for peers on a container port and
 #     advertises the pod's IP; a PodDisruptionBudget and the Service select
-#     its pods, and a NetworkPolicy admits only them to the peer port
-#     (check.py many-nodes). The single-node render keeps its
+#     its pods, a NetworkPolicy admits only them to the peer port, and a
+#     CronJob runs `regcache shared gc --unused-for` with the store from the
+#     same Secret (check.py many-nodes). The single-node render keeps its
 #     StatefulSet and has no Deployment;
 #   - negative controls: a broken rule threshold makes promtool test rules
 #     fail, a misspelt metric in the dashboard makes the name check fail, a
 #     ServiceMonitor naming no port of the Service fails; the many-nodes check
-#     fails on the single-node render, on a PDB that selects other pods, and
-#     on AWS_ACCESS_KEY_ID from another key, and on a peer port open to any
-#     address.
+#     fails on the single-node render, on a PDB that selects other pods, on
+#     AWS_ACCESS_KEY_ID from another key, on a peer port open to any
+#     address, and on a gc CronJob made a dry run.
 # Prints one PASS/FAIL line per check and "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -159,11 +160,11 @@ else
         indent <"$T/out"
     fi
     if [ -x "$VENV/bin/kubernetes-validate" ]; then
-        check "kubernetes-validate --strict $M (Namespace, ConfigMap, Service, Deployment, PodDisruptionBudget, NetworkPolicy)" \
+        check "kubernetes-validate --strict $M (Namespace, ConfigMap, Service, Deployment, PodDisruptionBudget, NetworkPolicy, CronJob)" \
             "$VENV/bin/kubernetes-validate" --strict --quiet --no-warn "$T/many.yaml"
         check "kubernetes-validate --strict $M/secret.example.yaml" \
             "$VENV/bin/kubernetes-validate" --strict --quiet --no-warn "$M/secret.example.yaml"
-        check "$M: 3 replicas, the Secret's env, /healthz probes, cache under sizeLimit, PDB and Service select the pods, no StatefulSet" \
+        check "$M: 3 replicas, the Secret's env, /healthz probes, cache under sizeLimit, PDB and Service select the pods, no StatefulSet, a daily shared gc" \
             "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/many.yaml"
         check "$M with deploy/prometheus: the ServiceMonitor selects the Service and names its port" \
             "$VENV/bin/python" tests/deploy/check.py servicemonitor "$T/many-sm.yaml"
@@ -177,6 +178,13 @@ else
         else
             refute "negative control: a PDB selecting other pods is caught" \
                 "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/bad-pdb.yaml"
+        fi
+        sed 's/^\( *- \)--unused-for$/\1--dry-run/' "$T/many.yaml" >"$T/bad-gc.yaml"
+        if cmp -s "$T/many.yaml" "$T/bad-gc.yaml"; then
+            fail "negative control: the gc CronJob's --unused-for was found to break"
+        else
+            refute "negative control: a gc CronJob that is a dry run is caught" \
+                "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/bad-gc.yaml"
         fi
         sed 's/^\( *key:\) AWS_ACCESS_KEY_ID$/\1 access-key/' "$T/many.yaml" >"$T/bad-env.yaml"
         if cmp -s "$T/many.yaml" "$T/bad-env.yaml"; then

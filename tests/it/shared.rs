@@ -3,7 +3,8 @@
 //! GET, after the registry confirmed the client's access with a HEAD; a
 //! wrong object in the store is never completed and is replaced; a store
 //! that stops answering leaves every node serving, and is used again when
-//! it is back.
+//! it is back. `regcache shared gc` deletes what no node used for a while,
+//! and a node marks each use, also of what it serves from its own cache.
 
 use bytes::Bytes;
 use hyper::Method;
@@ -489,4 +490,165 @@ async fn a_store_that_ignores_conditional_writes_stops_regcache_unless_single_fl
         "{}",
         running.stderr()
     );
+}
+
+/// Now, in Unix milliseconds.
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The digests of an image: its manifest, then its blobs.
+fn digests(image: &Image) -> Vec<&str> {
+    let mut all = vec![image.m_d.as_str()];
+    all.extend(image.blobs.iter().map(|(d, _)| d.as_str()));
+    all
+}
+
+/// The object key of `digest` under `prefix`, as gc prints it.
+fn object_key(prefix: &str, digest: &str) -> String {
+    format!(
+        "{prefix}/blobs/sha256/{}",
+        digest.trim_start_matches("sha256:")
+    )
+}
+
+#[tokio::test]
+async fn gc_deletes_what_no_node_used_and_keeps_what_one_did() {
+    let s3 = Seaweed::start("regcache-gc");
+    let env = Env::new().await;
+    let used = put_image(&env, "library/used", 90);
+    let unused = put_image(&env, "library/unused", 95);
+    let a = s3.node(env.proxy_on(&env.path("a")), "gc").start().await;
+    pull_image(&a, &used, None, "MISS").await;
+    pull_image(&a, &unused, None, "MISS").await;
+    wait_shared(&s3, "gc", &used).await;
+    wait_shared(&s3, "gc", &unused).await;
+    // A node fetching the unused image's config holds its lease; a
+    // crashed node left one that expired two hours ago.
+    let leased = unused.blobs[0].0.as_str();
+    s3.put_lease("gc", leased, now_unix_ms() + 600_000).await;
+    let crashed = format!("sha256:{}", "ab".repeat(32));
+    s3.put_lease("gc", &crashed, now_unix_ms() - 2 * 3_600_000)
+        .await;
+
+    // SeaweedFS cannot backdate an object: a tiny duration, then a wait.
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    // A new node reads the used image from the tier: its use is marked.
+    let b = s3.node(env.proxy_on(&env.path("b")), "gc").start().await;
+    pull_image(&b, &used, None, "SHARED").await;
+    for d in digests(&used) {
+        s3.wait_marker("gc", d).await;
+    }
+
+    let (code, out, err) = s3.gc("gc", &["--unused-for", "5s", "--dry-run"]);
+    assert_eq!(code, 0, "dry run: {out}{err}");
+    for d in [&unused.m_d, &unused.blobs[1].0] {
+        assert!(
+            out.contains(&format!("would delete {}", object_key("gc", d))),
+            "{out}"
+        );
+    }
+    for d in digests(&used).into_iter().chain([leased]) {
+        assert!(!out.contains(&object_key("gc", d)), "{d} kept: {out}");
+    }
+    assert!(out.contains("would delete: 2 objects"), "{out}");
+    wait_shared(&s3, "gc", &unused).await;
+    assert!(
+        s3.has_lease("gc", &crashed).await,
+        "a dry run deletes nothing"
+    );
+
+    let (code, out, err) = s3.gc("gc", &["--unused-for", "5s"]);
+    assert_eq!(code, 0, "gc: {out}{err}");
+    assert!(out.contains("deleted: 2 objects"), "{out}");
+    assert!(out.contains("1 stale leases"), "{out}");
+    assert!(s3.object("gc", &unused.m_d).await.is_none(), "{out}");
+    assert!(s3.object("gc", &unused.blobs[1].0).await.is_none(), "{out}");
+    assert!(
+        s3.object("gc", leased).await.is_some(),
+        "a leased object is kept"
+    );
+    assert!(s3.has_lease("gc", leased).await);
+    assert!(
+        !s3.has_lease("gc", &crashed).await,
+        "the stale lease is gone"
+    );
+    wait_shared(&s3, "gc", &used).await;
+    // What gc deleted is fetched from the registry again.
+    let c = s3.node(env.proxy_on(&env.path("c")), "gc").start().await;
+    let got = pull(&c, &blob_path(unused.repo, &unused.blobs[1].0), None).await;
+    got.assert_served(&unused.blobs[1].1, "MISS", "a deleted layer");
+}
+
+#[tokio::test]
+async fn a_node_serving_from_its_own_cache_marks_the_use_in_the_tier() {
+    let s3 = Seaweed::start("regcache-touch");
+    let env = Env::new().await;
+    let image = put_image(&env, "library/touched", 100);
+    let a = s3.node(env.proxy_on(&env.path("a")), "t").start().await;
+    pull_image(&a, &image, None, "MISS").await;
+    wait_shared(&s3, "t", &image).await;
+    for d in digests(&image) {
+        assert!(
+            s3.marker("t", d).await.is_none(),
+            "an upload is fresh: no marker"
+        );
+    }
+    pull_image(&a, &image, None, "HIT").await;
+    for d in digests(&image) {
+        s3.wait_marker("t", d).await;
+    }
+    let metrics = page(&a, "/metrics").await;
+    assert!(
+        metrics.contains("regcache_shared_requests_total{op=\"touch\",result=\"ok\"} 3"),
+        "{metrics}"
+    );
+    // Once a day: a second hit writes nothing.
+    let first = s3.marker("t", &image.blobs[1].0).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    pull_image(&a, &image, None, "HIT").await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let again = s3.marker("t", &image.blobs[1].0).await.unwrap();
+    assert_eq!(again.last_modified, first.last_modified);
+}
+
+#[test]
+fn gc_without_a_reachable_store_fails_with_a_clear_message() {
+    use crate::support::proxy::regcache_command;
+    // A loopback port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = regcache_command()
+        .args(["shared", "gc", "--unused-for", "30d"])
+        .args(["--shared-store", "s3://nowhere/p"])
+        .env("AWS_ACCESS_KEY_ID", "k")
+        .env("AWS_SECRET_ACCESS_KEY", "s")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("regcache: error: shared_store s3://nowhere/p: cannot list"),
+        "{err}"
+    );
+    let out = regcache_command()
+        .args(["shared", "gc", "--unused-for", "30d"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("no shared_store"), "{err}");
+    let out = regcache_command()
+        .args(["shared", "gc", "--unused-for", "30 days"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }

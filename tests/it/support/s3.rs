@@ -11,9 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use object_store::aws::AmazonS3Builder;
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, ObjectStoreExt as _, PutPayload};
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt as _, PutPayload};
 
-use super::proxy::ProxyBuilder;
+use super::proxy::{regcache_command, ProxyBuilder};
 
 /// The script that installs and starts SeaweedFS.
 fn script() -> PathBuf {
@@ -175,6 +175,65 @@ impl Seaweed {
             .put(&key(prefix, digest), PutPayload::from(bytes))
             .await
             .expect("overwrite the object");
+    }
+}
+
+impl Seaweed {
+    /// The use marker of `digest` under `prefix`, if any.
+    pub async fn marker(&self, prefix: &str, digest: &str) -> Option<ObjectMeta> {
+        let (algorithm, hex) = digest.split_once(':').expect("algorithm:hex");
+        let key = StorePath::from(format!("{prefix}/used/{algorithm}/{hex}"));
+        self.client().head(&key).await.ok()
+    }
+
+    /// Waits (up to 10 s) until the tier holds the use marker of `digest`.
+    pub async fn wait_marker(&self, prefix: &str, digest: &str) {
+        for _ in 0..100 {
+            if self.marker(prefix, digest).await.is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no use marker of {digest} in the shared tier");
+    }
+
+    /// Writes a lease of `digest` under `prefix` that expires (or
+    /// expired) at `expires_unix_ms`, as a node would.
+    pub async fn put_lease(&self, prefix: &str, digest: &str, expires_unix_ms: u64) {
+        let (algorithm, hex) = digest.split_once(':').expect("algorithm:hex");
+        let key = StorePath::from(format!("{prefix}/leases/{algorithm}/{hex}"));
+        let body = format!(r#"{{"node":"test:1","expires_unix_ms":{expires_unix_ms}}}"#);
+        self.client()
+            .put(&key, PutPayload::from(body.into_bytes()))
+            .await
+            .expect("put a lease");
+    }
+
+    /// Whether the lease of `digest` under `prefix` exists.
+    pub async fn has_lease(&self, prefix: &str, digest: &str) -> bool {
+        let (algorithm, hex) = digest.split_once(':').expect("algorithm:hex");
+        let key = StorePath::from(format!("{prefix}/leases/{algorithm}/{hex}"));
+        self.client().head(&key).await.is_ok()
+    }
+
+    /// Runs `regcache shared gc ARGS` on `s3://BUCKET/PREFIX` (at most
+    /// 60 s): (exit code, stdout, stderr).
+    pub fn gc(&self, prefix: &str, args: &[&str]) -> (i32, String, String) {
+        let out = regcache_command()
+            .args(["shared", "gc", "--shared-store"])
+            .arg(format!("s3://{}/{prefix}", self.bucket))
+            .args(args)
+            .env("AWS_ACCESS_KEY_ID", &self.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret_key)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT_URL", &self.endpoint)
+            .output()
+            .expect("run regcache shared gc");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 }
 
