@@ -14,7 +14,8 @@ import sys
 
 PEERS = ["regcache", "squid", "mirror", "nginx", "direct"]
 COUNTS = ("coldgets.", "concgets.", "tagcold.get.", "tagcold.head.", "tagstale.get.", "tagstale.head.",
-          "wan1gets.", "wancgets.", "fpheads.", "fpgets.", "fillgets.", "fillbad.", "h2none.")
+          "wan1gets.", "wancgets.", "fpheads.", "fpgets.", "fillgets.", "fillbad.", "h2none.",
+          "shloopgets.", "shwangets.", "shwarmgets.")
 
 
 def load(path):
@@ -434,6 +435,45 @@ def main(argv):
         na=("nginx", "direct"),
     )
 
+    # 15. nodes on one S3 bucket
+    sh_conc = opts.get("sh_conc", "?")
+    wan = opts.get("wan_mbit", "?")
+    for net, where in (("loop", "loopback"), ("wan", f"the upstream behind the {wan} Mbit/s link")):
+        if net == "wan" and g("shwanskipped") is not None:
+            rows.append([f"15. the same over {where}", "skipped (BENCH_SHARED_WAN=0)", "", "", "", "", "", ""])
+            continue
+        r_rc, r_mi = ratio(f"sh{net}.regcache", f"sh1{net}.direct"), ratio(f"sh{net}.mirror", f"sh1{net}.direct")
+        target = f"≤ 1.5× one cold direct GET {check(cmp(r_rc, lambda x: x <= 1.5))}" if net == "wan" else ""
+        rows.append(
+            [f"15. 3 nodes on one S3 bucket, {sh_conc} clients round-robin over them, one cold {conc} MiB blob, "
+             f"{where}: wall, s (direct: one cold GET)",
+             secs(g(f"sh{net}.regcache")), "n/a", secs(g(f"sh{net}.mirror")), "n/a", secs(g(f"sh1{net}.direct")),
+             f"÷ one cold direct GET: regcache {rx(r_rc)}, mirrors {rx(r_mi)}", target]
+        )
+        cg = g(f"sh{net}gets.regcache")
+        rows.append(
+            [f"15. upstream GETs of that blob, {where} (max of rounds)",
+             count(cg), "n/a", count(g(f"sh{net}gets.mirror")), "n/a", "n/a", "",
+             f"regcache exactly 1 {check(cmp(cg, lambda x: x == 1))}"]
+        )
+    r_sh = ratio("shwarm.regcache", "shhit.regcache")
+    rows.append(
+        [f"15. warm {big} MiB blob, a node with an empty cache reading it from the bucket "
+         "(regcache: cache=SHARED; mirror: its only storage), 1 GET, MiB/s",
+         mib(g("shwarm.regcache")), "n/a", mib(g("shwarm.mirror")), "n/a", "n/a",
+         f"SHARED/HIT: regcache {rx(r_sh)}; regcache/mirror {rx(ratio('shwarm.regcache', 'shwarm.mirror'))}; "
+         f"upstream blob GETs: regcache {count(g('shwarmgets.regcache'))}, mirror {count(g('shwarmgets.mirror'))}",
+         ""]
+    )
+    rows.append(
+        [f"15. the same node reading it again from its own disk (cache=HIT), {opts['warm_n']} GETs, MiB/s",
+         mib(g("shhit.regcache")), "n/a", "n/a", "n/a", "n/a", "", ""]
+    )
+
+    figures = [f for f in opts.get("figures", "").split(",") if f]
+    if figures:
+        rows = [r for r in rows if r[0].split(".", 1)[0] in figures]
+
     print(header)
     print()
     print("| figure | regcache | squid | mirror | nginx | direct | ratios | target |")
@@ -449,7 +489,10 @@ def main(argv):
         f"Figure 3 delivers {n_conc}× the blob to the clients, so on loopback its wall time is bound by "
         "delivery, not by the one upstream fetch. Figure 12: bench_client's HTTP/2 announces what Go's "
         "transport does (4 MiB stream window, 1 GiB connection window, 16 KiB frames); squid does not "
-        "offer h2 to its clients. Figure 13's pulls unpack the layers (the same cost for every peer)."
+        "offer h2 to its clients. Figure 13's pulls unpack the layers (the same cost for every peer). "
+        "Figure 15: SeaweedFS on loopback; regcache = three nodes with --shared-store on one bucket; "
+        "mirror = three docker-registry proxies whose s3 storage driver shares one bucket (redirect "
+        "disabled); direct = one cold GET from the upstream, the ratios' base."
     )
     if missing:
         print()

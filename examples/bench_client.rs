@@ -104,6 +104,12 @@ struct GetArgs {
     /// HOST:PORT=ADDR:PORT: dial ADDR:PORT for HOST:PORT, keeping SNI and Host.
     #[arg(long)]
     connect_to: Vec<String>,
+    /// HOST:PORT (repeatable): new connections dial these in turn (the
+    /// first connection the first one, and so on) instead of the proxy, or
+    /// with no --proxy instead of the server (SNI and Host stay the URL's):
+    /// clients spread round-robin over several nodes.
+    #[arg(long)]
+    spread: Vec<String>,
     /// Concurrent workers, each with its own connection.
     #[arg(short = 'c', long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     concurrency: u64,
@@ -301,8 +307,10 @@ struct FillReport {
 
 /// Everything a worker needs to open connections and send requests.
 struct Target {
-    /// Addresses to dial: the proxy, or the server.
-    dial: Vec<SocketAddr>,
+    /// Addresses to dial: the proxy, or the server; with --spread one list
+    /// per node, taken in turn by new connections (`next_dial`).
+    dial: Vec<Vec<SocketAddr>>,
+    next_dial: AtomicU64,
     /// CONNECT authority when going through a proxy.
     connect: Option<String>,
     /// TLS settings and server name; None for plain HTTP.
@@ -327,6 +335,13 @@ struct Target {
 }
 
 impl Target {
+    /// The addresses a new connection dials: the next node in turn.
+    fn next_addrs(&self) -> &[SocketAddr] {
+        let n = self.dial.len() as u64;
+        let i = self.next_dial.fetch_add(1, Ordering::Relaxed) % n.max(1);
+        self.dial.get(i as usize).map_or(&[], Vec::as_slice)
+    }
+
     fn record_error(&self, e: String) {
         if let Ok(mut first) = self.first_error.lock() {
             first.get_or_insert(e);
@@ -443,10 +458,16 @@ async fn get_main(args: GetArgs) -> Result<ExitCode, Usage> {
         }
     }
 
-    let (dial, connect) = match &args.proxy {
-        Some(proxy) => (resolve(proxy).await?, Some(target_addr)),
-        None => (resolve(&target_addr).await?, None),
+    let (mut dial, connect) = match &args.proxy {
+        Some(proxy) => (vec![resolve(proxy).await?], Some(target_addr)),
+        None => (vec![resolve(&target_addr).await?], None),
     };
+    if !args.spread.is_empty() {
+        dial.clear();
+        for node in &args.spread {
+            dial.push(resolve(node).await?);
+        }
+    }
 
     let h2 = args.h2.settings()?;
     if h2.is_some() && args.new_connection {
@@ -492,6 +513,7 @@ async fn get_main(args: GetArgs) -> Result<ExitCode, Usage> {
 
     let target = Arc::new(Target {
         dial,
+        next_dial: AtomicU64::new(0),
         connect,
         tls,
         method: if args.method == "HEAD" {
@@ -704,7 +726,7 @@ async fn h2_connection(target: Arc<Target>, counts: Vec<u64>) -> WorkerStats {
 /// Opens TCP (+CONNECT) (+TLS) and an HTTP/1.1 connection on it.
 async fn open(target: &Target) -> Result<http1::SendRequest<Empty<Bytes>>, String> {
     let (io, _) = open_stream(
-        &target.dial,
+        target.next_addrs(),
         target.connect.as_deref(),
         target.tls.as_ref().map(|(c, n)| (c, n)),
     )
@@ -727,7 +749,7 @@ async fn open_h2(target: &Target) -> Result<http2::SendRequest<Empty<Bytes>>, St
         .h2
         .ok_or_else(|| "HTTP/2 connection without --http2".to_string())?;
     let (io, alpn) = open_stream(
-        &target.dial,
+        target.next_addrs(),
         target.connect.as_deref(),
         target.tls.as_ref().map(|(c, n)| (c, n)),
     )
@@ -1114,7 +1136,8 @@ async fn tls_ceiling_main(
         &[ALPN_H1]
     };
     let target = Arc::new(Target {
-        dial: vec![addr],
+        dial: vec![vec![addr]],
+        next_dial: AtomicU64::new(0),
         connect: None,
         tls: Some((TlsConnector::from(client_config(roots, alpn)?), name)),
         method: Method::GET,
