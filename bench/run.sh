@@ -1190,6 +1190,9 @@ fi
 # mirror reads it from the bucket, its only storage.
 SH_PEERS=(regcache mirror)
 SH_PORTS=("$(free_port)" "$(free_port)" "$(free_port)")
+# Each regcache node's peer endpoint: the fetching node streams the blob to
+# the other two while it arrives.
+SH_PEER_PORTS=("$(free_port)" "$(free_port)" "$(free_port)")
 SH_LOG=()
 # The nodes' S3 settings are theirs alone: no AWS_* of the caller's (the
 # AWS SDK in docker-registry panics on an AWS_CA_BUNDLE with its transport).
@@ -1234,7 +1237,8 @@ sh_start() {
             saved=("${REGCACHE_ARGS[@]}")
             REGCACHE_ARGS=(--ca-dir "$W/rc/certs" --upstream-ca "$PKI/ca.pem" --resolve "$UPHOST=$up:443"
                 --intercept "$UPHOST")
-            regcache_cmd "${SH_PORTS[$i]}" "$W/rc/sh-cache-$GEN" --shared-store "s3://regcache/$prefix"
+            regcache_cmd "${SH_PORTS[$i]}" "$W/rc/sh-cache-$GEN" --shared-store "s3://regcache/$prefix" \
+                --peer-listen "127.0.0.1:${SH_PEER_PORTS[$i]}"
             REGCACHE_ARGS=("${saved[@]}")
             SH_LOG[i]=$W/logs/regcache-sh$i-$GEN.log
             start_bg "sh$i" "${SH_LOG[$i]}" env "${SH_NOAWS[@]}" AWS_ACCESS_KEY_ID="$S3_ACCESS_KEY" \
