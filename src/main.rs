@@ -55,6 +55,22 @@ enum Command {
     Prefetch(Box<PrefetchArgs>),
     /// Print the built-in configuration, a starting point for --config
     Config,
+    /// Check the image rules ([[rules]]) of the configuration
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Say which rule an image matches and what it does (alpine, ghcr.io/org/tool@sha256:…)
+    Test {
+        /// TOML configuration file holding the rules
+        #[arg(long, env = "REGCACHE_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Image references
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -117,7 +133,7 @@ struct GcArgs {
     #[arg(long, env = "REGCACHE_SHARED_STORE", value_name = "URL")]
     shared_store: Option<String>,
     /// Delete objects whose last use is older than this: 30d, 12h, 90m (over a day: nodes mark a use once a day)
-    #[arg(long, value_name = "DURATION", value_parser = regcache::shared::gc::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = regcache::config::parse_duration)]
     unused_for: std::time::Duration,
     /// List what would be deleted; delete nothing
     #[arg(long)]
@@ -299,6 +315,7 @@ fn main() -> ExitCode {
             print!("{DEFAULT_TOML}");
             Ok(())
         }
+        Command::Rules(RulesCommand::Test { config, images }) => rules_test(config, &images),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -460,6 +477,22 @@ fn init_logging(format: LogFormat) {
 }
 
 /// The configuration `serve` would use for the cache with these flags.
+/// `regcache rules test`: one line per image, as [`regcache::registry::rules::Rules::explain`] says.
+fn rules_test(config: Option<PathBuf>, images: &[String]) -> Result<(), Failure> {
+    let config = load_config(Settings::default(), config.as_deref())?;
+    for image in images {
+        let image = regcache::registry::ImageRef::parse(image)
+            .map_err(|e| Failure::usage(format!("{image:?}: {e}")))?;
+        println!(
+            "{}",
+            config
+                .rules
+                .explain(&image.registry, image.repository.as_str())
+        );
+    }
+    Ok(())
+}
+
 fn cache_config(args: CacheArgs) -> Result<Config, Failure> {
     let flags = Settings {
         cache_dir: args.cache_dir,
@@ -607,6 +640,7 @@ fn import(args: ImportArgs) -> Result<(), Failure> {
         .block_on(import::import(
             &cache,
             &args.bundle,
+            &config.rules,
             std::sync::Arc::new(regcache::cli::progress::ByteBars::clearing_finished()),
         ))
         .map_err(bundle_failure)?;

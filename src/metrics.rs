@@ -83,6 +83,12 @@ struct ReasonLabel {
     reason: &'static str,
 }
 
+/// The `rule` label of `regcache_rule_denials_total`: a rule's number.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RuleLabel {
+    rule: String,
+}
+
 /// A `result` label alone.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
@@ -306,7 +312,7 @@ pub const FILL_FAILURE_REASONS: [&str; 5] = [
 ];
 
 /// The `reason`s of `regcache_denied_total`.
-pub const DENIED_REASONS: [&str; 4] = ["allow", "proxy_auth", "port", "host"];
+pub const DENIED_REASONS: [&str; 5] = ["allow", "proxy_auth", "port", "host", "rule"];
 
 /// The `result`s of `regcache_tls_handshakes_total`.
 pub const TLS_RESULTS: [&str; 3] = ["ok", "failed", "refused"];
@@ -361,6 +367,7 @@ pub struct Metrics {
     tls_handshakes: Family<ResultLabel, Counter>,
     certificates_minted: Counter,
     denied: Family<ReasonLabel, Counter>,
+    rule_denials: Family<RuleLabel, Counter>,
     shared_requests: Family<SharedLabels, Counter>,
     shared_bytes: Family<DirectionLabel, Counter>,
     shared_up: Family<StoreLabel, Gauge>,
@@ -440,6 +447,7 @@ impl Metrics {
             tls_handshakes: Family::default(),
             certificates_minted: Counter::default(),
             denied: Family::default(),
+            rule_denials: Family::default(),
             shared_requests: Family::default(),
             shared_bytes: Family::default(),
             shared_up: Family::default(),
@@ -544,6 +552,11 @@ impl Metrics {
             "regcache_denied",
             "Requests or connections refused by regcache, by the rule that refused them",
             m.denied.clone(),
+        );
+        r.register(
+            "regcache_rule_denials",
+            "Requests refused by an image rule ([[rules]] action = \"deny\"), by the rule's number",
+            m.rule_denials.clone(),
         );
         r.register(
             "regcache_shared_requests",
@@ -877,6 +890,17 @@ impl Metrics {
                 "client address not in allow (connection closed)",
             );
         }
+    }
+
+    /// regcache refused a request for a repository by the image rule
+    /// numbered `rule` (`regcache_denied_total{reason="rule"}` as well).
+    pub fn denied_by_rule(&self, rule: usize) {
+        self.denied("rule");
+        self.rule_denials
+            .get_or_create(&RuleLabel {
+                rule: rule.to_string(),
+            })
+            .inc();
     }
 
     /// regcache refused a CONNECT or plain-HTTP request by the policy `rule`

@@ -49,6 +49,9 @@ pub enum PrefetchError {
         /// Its body, shortened.
         detail: String,
     },
+    /// An image rule refuses the image or says it is never stored.
+    #[error("{0}")]
+    Ruled(String),
     /// A body broke off.
     #[error("{what}: {reason}")]
     Body {
@@ -189,13 +192,30 @@ pub async fn prefetch(
 ) -> Result<Fetched, PrefetchError> {
     let Source { image, target } = parse(reference)?;
     let name = &image.repository;
+    let rules = &state.config.rules;
+    let rule = rules.decide(&target.registry, name.as_str());
+    if rule.is_denied() {
+        return Err(PrefetchError::Ruled(rules.denial_message(
+            &rule,
+            &target.registry,
+            name.as_str(),
+        )));
+    }
+    if !rule.cache {
+        let which = rule.rule.and_then(|n| rules.rule(n));
+        return Err(PrefetchError::Ruled(format!(
+            "{}/{name} is never stored: {} says cache = false",
+            target.registry,
+            which.map_or_else(|| "a rule".to_string(), ToString::to_string)
+        )));
+    }
     let mut fetched = Fetched::default();
     let mut manifests_todo = vec![image.reference.clone()];
     let mut blobs_todo: Vec<Digest> = Vec::new();
     while let Some(reference) = manifests_todo.pop() {
         let path = format!("/v2/{name}/manifests/{reference}");
         let parts = request_parts(&path)?;
-        let req = RepoRequest::new(state, &target, name, &parts);
+        let req = RepoRequest::new(state, &target, name, &parts, rule);
         let served = manifests::serve(&req, &reference).await;
         let what = format!("{}/{name}:{reference}", target.registry);
         let (body, _, content_type) = drain(served, &what, |_| {}).await?;
@@ -227,7 +247,7 @@ pub async fn prefetch(
     for digest in blobs_todo {
         let path = format!("/v2/{name}/blobs/{digest}");
         let parts = request_parts(&path)?;
-        let req = RepoRequest::new(state, &target, name, &parts);
+        let req = RepoRequest::new(state, &target, name, &parts, rule);
         let served = blobs::serve(&req, &digest).await;
         let what = format!("{}/{name}@{digest}", target.registry);
         let mut bytes = 0;

@@ -14,15 +14,17 @@
 //! that file, reported as [`ConfigError::MissingDefault`]), and `--help`
 //! shows the defaults it reads from there ([`with_defaults_in_help`]).
 
+mod duration;
 mod help;
 mod resolve;
 pub mod secret;
 mod settings;
 
+pub use duration::parse_duration;
 pub use help::with_defaults_in_help;
 pub use resolve::{ResolveEntry, ResolveMap};
 use settings::{parse_toml, BUILT_IN};
-pub use settings::{RegistrySettings, Settings, UpstreamCredential, DEFAULT_TOML};
+pub use settings::{RegistrySettings, RuleSettings, Settings, UpstreamCredential, DEFAULT_TOML};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,6 +35,7 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use crate::registry::hosts::{canonical_registry, HostPattern, HostPort, InterceptList};
+use crate::registry::rules::{Decision, RuleSpec, Rules};
 
 /// A configuration problem, written for the person at the terminal.
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +201,8 @@ pub struct Config {
     pub mirror_names: Vec<String>,
     /// Per-registry `offline`, by canonical registry name.
     pub registry_offline: HashMap<String, bool>,
+    /// The image rules (`[[rules]]`), first match wins.
+    pub rules: Rules,
 }
 
 impl Config {
@@ -210,6 +215,14 @@ impl Config {
     /// The tag freshness for `registry` (a canonical registry name).
     pub fn tag_ttl_for(&self, registry: &str) -> Duration {
         settings_of(&self.registry_tag_ttl, registry).unwrap_or(self.tag_ttl)
+    }
+
+    /// The tag freshness for a repository of `registry` the rules decided
+    /// `decision` for: the rule's `tag_ttl`, else the registry's.
+    pub fn tag_ttl_of(&self, registry: &str, decision: &Decision) -> Duration {
+        decision
+            .tag_ttl
+            .unwrap_or_else(|| self.tag_ttl_for(registry))
     }
 
     /// The cache's size cap in bytes: `cache_size`, or when it is unset half
@@ -380,6 +393,7 @@ impl Config {
             .iter()
             .filter_map(|(host, r)| r.offline.map(|o| (canonical_registry(host), o)))
             .collect();
+        let rules = rules_of(&s.rules)?;
         let mirror_cert = match (s.mirror_cert, s.mirror_key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
@@ -418,6 +432,7 @@ impl Config {
             offline: built_in(s.offline, "offline")?,
             offline_share_private: built_in(s.offline_share_private, "offline_share_private")?,
             registry_offline,
+            rules,
             allow,
             proxy_users: s.proxy_users,
             admin_token_file: s.admin_token_file,
@@ -445,6 +460,36 @@ impl Config {
             client_idle_timeout,
         })
     }
+}
+
+/// The `[[rules]]` tables compiled, in order; a bad pattern or duration
+/// names its rule.
+fn rules_of(tables: &[RuleSettings]) -> Result<Rules, ConfigError> {
+    let mut specs = Vec::with_capacity(tables.len());
+    for (i, table) in tables.iter().enumerate() {
+        let max_unused = match &table.max_unused {
+            None => None,
+            Some(text) => Some(parse_duration(text).map_err(|e| ConfigError::Value {
+                key: "rules",
+                message: format!(
+                    "rule {} (match = {:?}): max_unused: {e}",
+                    i + 1,
+                    table.pattern
+                ),
+            })?),
+        };
+        specs.push(RuleSpec {
+            pattern: table.pattern.clone(),
+            action: table.action,
+            cache: table.cache.unwrap_or(true),
+            tag_ttl: table.tag_ttl.map(Duration::from_secs),
+            max_unused,
+        });
+    }
+    Rules::new(specs).map_err(|e| ConfigError::Value {
+        key: "rules",
+        message: e.to_string(),
+    })
 }
 
 /// The value of an option that `default.toml` sets, so that only a bug in the

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, LogFormat, OtherHosts, VerifyReads};
+use crate::registry::rules::Action;
 
 /// The built-in configuration, also printed by `regcache config`.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -239,6 +240,30 @@ pub struct Settings {
     #[arg(skip)]
     #[serde(default)]
     pub registries: HashMap<String, RegistrySettings>,
+
+    /// Image rules (TOML only), first match wins: [[rules]] match = "ghcr.io/acme/**"
+    #[arg(skip)]
+    #[serde(default)]
+    pub rules: Vec<RuleSettings>,
+}
+
+/// One `[[rules]]` table: a `registry/repository` glob and what it says
+/// (see [`crate::registry::rules`]).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSettings {
+    /// The glob, e.g. `docker.io/library/*`; `**` spans slashes.
+    #[serde(rename = "match")]
+    pub pattern: String,
+    /// `allow` (the default) or `deny`.
+    #[serde(default)]
+    pub action: Action,
+    /// `false`: pass requests through, never store (default true).
+    pub cache: Option<bool>,
+    /// Seconds a cached tag of the repository is fresh (overrides tag_ttl).
+    pub tag_ttl: Option<u64>,
+    /// Entries unread for this long are removed ("30d"; overrides max_unused).
+    pub max_unused: Option<String>,
 }
 
 /// Settings for one registry host, in the `[registries."HOST"]` TOML table.
@@ -471,6 +496,7 @@ mod tests {
             let documented = DEFAULT_TOML.lines().any(|line| {
                 line.starts_with(&format!("# {name} = "))
                     || line.starts_with(&format!("# [{name}."))
+                    || line.starts_with(&format!("# [[{name}]]"))
             });
             assert!(
                 table.contains_key(name) || documented,

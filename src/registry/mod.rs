@@ -13,6 +13,7 @@ pub mod media;
 pub mod name;
 pub mod reference;
 pub mod route;
+pub mod rules;
 pub mod sharing;
 
 pub use digest::{Algorithm, Digest, DigestError, DigestHasher};

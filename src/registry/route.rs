@@ -181,6 +181,30 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     }
 }
 
+/// The words that end a repository name in a `/v2/` path:
+/// `/v2/<name>/manifests/…`, `…/blobs/…` (and `blobs/uploads/…`),
+/// `…/tags/list`, `…/referrers/…`.
+pub const NAME_ENDS: [&str; 4] = ["/manifests/", "/blobs/", "/tags/", "/referrers/"];
+
+/// The repository a `/v2/` path is about, whatever it asks of it: a
+/// manifest or blob by tag or digest, an upload, the tag list, referrers.
+/// `None` for a path that names no repository (`/v2/`, `/v2/_catalog`,
+/// non-`/v2` paths); an error for an invalid name or an escaping path.
+///
+/// The name ends at the last of [`NAME_ENDS`], as [`parse`] splits names
+/// from the right, and as the registries' routers match (their name pattern
+/// is greedy): `/v2/a/blobs/b/manifests/latest` is about `a/blobs/b`.
+pub fn repository_of(path: &str) -> Option<Result<RepoName, RouteError>> {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    let rest = path.strip_prefix("/v2/")?;
+    if let Err(e) = check_not_escaping(path, rest) {
+        return Some(Err(e));
+    }
+    let slashed = format!("/{rest}");
+    let end = NAME_ENDS.iter().filter_map(|m| slashed.rfind(m)).max()?;
+    Some(RepoName::parse(&slashed[1..end.max(1)]))
+}
+
 /// Refuses a `/v2/` path with dot segments or encoded separators.
 fn check_not_escaping(path: &str, rest: &str) -> Result<(), RouteError> {
     let dot_segment = rest.split('/').any(|seg| seg == "." || seg == "..");
@@ -470,6 +494,40 @@ mod tests {
             assert!(!name.contains("..") && !name.contains('%'), "{path:?}");
             let without_query = path.split(['?', '#']).next().unwrap_or_default();
             assert_eq!(format!("/v2/{name}/{tail}"), without_query);
+        }
+    }
+
+    #[test]
+    fn every_path_about_a_repository_names_it() {
+        let table = [
+            ("/v2/library/alpine/manifests/3.20", Some("library/alpine")),
+            (
+                "/v2/library/alpine/manifests/sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                Some("library/alpine"),
+            ),
+            ("/v2/a/b/blobs/sha256:abc", Some("a/b")),
+            ("/v2/a/b/blobs/uploads/", Some("a/b")),
+            ("/v2/a/b/blobs/uploads/1234-abcd?_state=x", Some("a/b")),
+            ("/v2/a/tags/list?n=10", Some("a")),
+            ("/v2/a/referrers/sha256:abc?artifactType=x", Some("a")),
+            ("/v2/a/blobs/b/manifests/latest", Some("a/blobs/b")),
+            ("/v2/a/manifests/b/tags/list", Some("a/manifests/b")),
+            ("/v2/", None),
+            ("/v2/_catalog", None),
+            ("/token", None),
+        ];
+        for (path, want) in table {
+            let got = repository_of(path).map(|r| r.map(|n| n.as_str().to_string()));
+            assert_eq!(got, want.map(|w| Ok(w.to_string())), "{path}");
+        }
+        for bad in [
+            "/v2/Upper/tags/list",
+            "/v2/a/../b/tags/list",
+            "/v2/a%2fb/blobs/uploads/",
+            "/v2//manifests/x",
+            "/v2/manifests/x",
+        ] {
+            assert!(matches!(repository_of(bad), Some(Err(_))), "{bad}");
         }
     }
 }

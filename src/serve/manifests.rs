@@ -128,7 +128,7 @@ async fn by_tag(req: &RepoRequest<'_>, tag: &str) -> Served {
 async fn fresh(req: &RepoRequest<'_>, tag: &str) -> Option<Served> {
     let (state, target) = (req.state, req.target);
     let (record, cached) = cached_tag(req, tag)?;
-    let ttl = state.config.tag_ttl_for(&target.registry);
+    let ttl = state.config.tag_ttl_of(&target.registry, &req.rule);
     if !record.is_fresh(now_ms(), ttl) {
         return None;
     }

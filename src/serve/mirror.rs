@@ -134,8 +134,7 @@ pub fn resolve(config: &Config, uri: &Uri) -> Result<MirrorRequest, RouteError> 
 
 /// Docker Hub's short names: `alpine/manifests/3` is `library/alpine/…`.
 fn hub_name(name_and_rest: &str) -> String {
-    let markers = ["/manifests/", "/blobs/", "/tags/", "/referrers/"];
-    let cut = markers
+    let cut = crate::registry::route::NAME_ENDS
         .iter()
         .filter_map(|m| name_and_rest.find(m))
         .min()

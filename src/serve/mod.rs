@@ -35,6 +35,7 @@ use crate::registry::error::{error_body, ErrorCode};
 use crate::registry::hosts::canonical_registry;
 use crate::registry::name::RepoName;
 use crate::registry::route::{self, Route};
+use crate::registry::rules::Decision;
 use crate::upstream::{Upstream, UpstreamBody};
 use state::State;
 
@@ -169,21 +170,27 @@ pub struct RepoRequest<'a> {
     /// The client's request: method, path, headers (its credential among
     /// them) and extensions.
     pub parts: &'a Parts,
+    /// What the operator's rules say about the repository, decided once
+    /// for the request ([`crate::registry::rules::Rules::decide`]).
+    pub rule: Decision,
 }
 
 impl<'a> RepoRequest<'a> {
-    /// A request of `parts` for the repository `name` of `target`.
+    /// A request of `parts` for the repository `name` of `target`, which
+    /// the rules decided `rule` for.
     pub fn new(
         state: &'a Arc<State>,
         target: &'a Target,
         name: &'a RepoName,
         parts: &'a Parts,
+        rule: Decision,
     ) -> Self {
         Self {
             state,
             target,
             name,
             parts,
+            rule,
         }
     }
 
@@ -238,47 +245,44 @@ pub async fn handle(
 }
 
 async fn dispatch(state: &Arc<State>, target: &Target, req: Request<Incoming>) -> Served {
+    let rule = match route::repository_of(req.uri().path()) {
+        None => Decision::DEFAULT,
+        Some(Err(e)) => return route_error(&req, &e),
+        Some(Ok(name)) => {
+            let rule = state.config.rules.decide(&target.registry, name.as_str());
+            if rule.is_denied() {
+                return denied(state, target, &name, rule, req.method());
+            }
+            rule
+        }
+    };
     if state.config.is_offline(&target.registry) {
         return match route::parse(req.uri().path()) {
-            Err(e) => Served::new(
-                for_method(
-                    req.method(),
-                    error_json(e.code.status(), e.code, &e.message),
-                ),
-                CacheStatus::Pass,
-            ),
+            Err(e) => route_error(&req, &e),
             Ok(route) => {
                 let (parts, _) = req.into_parts();
-                offline::serve(state, target, route, &parts).await
+                offline::serve(state, target, route, &parts, rule).await
             }
         };
     }
-    if req.method() != Method::GET && req.method() != Method::HEAD {
+    let bypass = !rule.cache || (req.method() != Method::GET && req.method() != Method::HEAD);
+    if bypass {
         return Served::new(
             forward(&state.upstream, &target.origin, req).await,
             CacheStatus::Pass,
         );
     }
     match route::parse(req.uri().path()) {
-        Err(e) => {
-            tracing::info!(path = %req.uri().path(), code = %e.code, error = %e.message, "answered a registry request without asking upstream");
-            Served::new(
-                for_method(
-                    req.method(),
-                    error_json(e.code.status(), e.code, &e.message),
-                ),
-                CacheStatus::Pass,
-            )
-        }
+        Err(e) => route_error(&req, &e),
         Ok(Route::Manifest { name, reference }) => {
             let (parts, _) = req.into_parts();
-            let req = RepoRequest::new(state, target, &name, &parts);
+            let req = RepoRequest::new(state, target, &name, &parts, rule);
             manifests::serve(&req, &reference).await
         }
         Ok(Route::Base) => base(state, target, req).await,
         Ok(Route::Blob { name, digest }) => {
             let (parts, _) = req.into_parts();
-            let req = RepoRequest::new(state, target, &name, &parts);
+            let req = RepoRequest::new(state, target, &name, &parts, rule);
             blobs::serve(&req, &digest).await
         }
         Ok(_) => Served::new(
@@ -286,6 +290,42 @@ async fn dispatch(state: &Arc<State>, target: &Target, req: Request<Incoming>) -
             CacheStatus::Pass,
         ),
     }
+}
+
+/// The registry's error answer to a path regcache will not send on.
+fn route_error(req: &Request<Incoming>, e: &crate::registry::RouteError) -> Served {
+    tracing::info!(path = %req.uri().path(), code = %e.code, error = %e.message, "answered a registry request without asking upstream");
+    Served::new(
+        for_method(
+            req.method(),
+            error_json(e.code.status(), e.code, &e.message),
+        ),
+        CacheStatus::Pass,
+    )
+}
+
+/// 403 `DENIED` for a repository an operator's rule denies, logged and
+/// counted; the message names the repository and the rule, which docker,
+/// containerd and podman print.
+fn denied(
+    state: &State,
+    target: &Target,
+    name: &RepoName,
+    rule: Decision,
+    method: &Method,
+) -> Served {
+    let rules = &state.config.rules;
+    let message = rules.denial_message(&rule, &target.registry, name.as_str());
+    let number = rule.rule.unwrap_or_default();
+    tracing::info!(registry = %target.registry, repository = %name, rule = number, "refused by an image rule");
+    crate::metrics::get().denied_by_rule(number);
+    Served::new(
+        for_method(
+            method,
+            error_json(StatusCode::FORBIDDEN, ErrorCode::Denied, &message),
+        ),
+        CacheStatus::Pass,
+    )
 }
 
 /// The upstream URL for a request's path and query.

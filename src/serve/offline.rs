@@ -27,6 +27,7 @@ use crate::access::ProxyUser;
 use crate::registry::error::ErrorCode;
 use crate::registry::link::{self, LinkVerdict};
 use crate::registry::route::{Reference, Route};
+use crate::registry::rules::Decision;
 use crate::registry::sharing::{offline_verdict, OfflineVerdict, Openness};
 
 /// The 403 for a repository an offline registry does not serve to this
@@ -51,7 +52,13 @@ fn refused(target: &Target, repo: &str) -> Served {
 }
 
 /// Serves a request for an offline registry.
-pub async fn serve(state: &Arc<State>, target: &Target, route: Route, parts: &Parts) -> Served {
+pub async fn serve(
+    state: &Arc<State>,
+    target: &Target,
+    route: Route,
+    parts: &Parts,
+    rule: Decision,
+) -> Served {
     let registry = &target.registry;
     if parts.method != Method::GET && parts.method != Method::HEAD {
         return Served::new(
@@ -78,7 +85,7 @@ pub async fn serve(state: &Arc<State>, target: &Target, route: Route, parts: &Pa
             refused(target, name.as_str())
         }
         Route::Manifest { name, reference } => {
-            let req = RepoRequest::new(state, target, &name, parts);
+            let req = RepoRequest::new(state, target, &name, parts, rule);
             let repo = name.as_str();
             let digest = match &reference {
                 Reference::Digest(d) => Some(d.clone()),
@@ -104,7 +111,7 @@ pub async fn serve(state: &Arc<State>, target: &Target, route: Route, parts: &Pa
         Route::Blob { name, digest } => {
             let repo = name.as_str();
             if servable(state, registry, repo, &digest) {
-                let req = RepoRequest::new(state, target, &name, parts);
+                let req = RepoRequest::new(state, target, &name, parts, rule);
                 if let Some(served) = blobs::from_cache(&req, &digest).await {
                     return served;
                 }

@@ -369,10 +369,15 @@ fn probe_in_background(req: &RepoRequest<'_>) {
         probe.headers.remove(AUTHORIZATION);
         probe.headers.remove(COOKIE);
     }
-    let (state, target, name) = (state.clone(), req.target.clone(), req.name.clone());
+    let (state, target, name, rule) = (
+        state.clone(),
+        req.target.clone(),
+        req.name.clone(),
+        req.rule,
+    );
     tokio::spawn(async move {
         if let Ok(parts) = probe {
-            let req = RepoRequest::new(&state, &target, &name, &parts);
+            let req = RepoRequest::new(&state, &target, &name, &parts, rule);
             if let Some((found, challenge)) = probe_anonymously(&req).await {
                 learn_openness(&req, found, challenge).await;
             }

@@ -45,6 +45,7 @@ use crate::registry::manifest::children;
 use crate::registry::media::manifest_media_type;
 use crate::registry::reference::ImageRef;
 use crate::registry::route::Reference;
+use crate::registry::rules::Rules;
 
 /// What an import added. The command line shows it (`crate::cli::report`).
 #[derive(Debug, Default)]
@@ -80,16 +81,18 @@ pub fn open_cache(dir: &Path, cap: u64) -> Result<Arc<Cache>, BundleError> {
 
 /// Imports the bundle at `bundle` into `cache`: verifies all of it, then
 /// commits all of it. Reading the bundle is reported to `progress`, and so
-/// is every digest not linked or not found.
+/// is every digest not linked or not found. An image that the operator's
+/// `rules` deny, or say is never stored, refuses the whole bundle.
 pub async fn import(
     cache: &Arc<Cache>,
     bundle: &Path,
+    rules: &Rules,
     progress: Arc<dyn Progress>,
 ) -> Result<ImportSummary, BundleError> {
-    let (task_cache, path) = (cache.clone(), bundle.to_path_buf());
+    let (task_cache, path, rules) = (cache.clone(), bundle.to_path_buf(), rules.clone());
     let (staged, plan) = tokio::task::spawn_blocking(move || {
         let staged = stage(&task_cache, &path, progress.as_ref())?;
-        let plan = verify(&task_cache, &staged, progress.as_ref())?;
+        let plan = verify(&task_cache, &staged, &rules, progress.as_ref())?;
         Ok::<_, BundleError>((staged, plan))
     })
     .await
@@ -249,7 +252,12 @@ struct Plan {
 }
 
 /// Phase 2: checks the layout, every descriptor's size, and the names.
-fn verify(cache: &Cache, staged: &Staged, progress: &dyn Progress) -> Result<Plan, BundleError> {
+fn verify(
+    cache: &Cache,
+    staged: &Staged,
+    rules: &Rules,
+    progress: &dyn Progress,
+) -> Result<Plan, BundleError> {
     let layout = staged.layout.as_deref().ok_or_else(|| {
         BundleError::Layout("no oci-layout file (is this an OCI image layout?)".into())
     })?;
@@ -283,6 +291,7 @@ fn verify(cache: &Cache, staged: &Staged, progress: &dyn Progress) -> Result<Pla
             .parse::<Digest>()
             .map_err(|e| BundleError::Layout(format!("index.json: {e}")))?;
         let name = image_name(&desc.annotations, &root)?;
+        check_rules(rules, &name)?;
         // A top manifest the bundle does not carry counts only if this cache
         // already has it for the image's repository.
         let carried = staged.blobs.contains_key(&root);
@@ -359,6 +368,26 @@ fn verify(cache: &Cache, staged: &Staged, progress: &dyn Progress) -> Result<Pla
         });
     }
     Ok(plan)
+}
+
+/// Refuses an image the rules deny or never store, naming the rule.
+fn check_rules(rules: &Rules, name: &ImageRef) -> Result<(), BundleError> {
+    let (registry, repo) = (&name.registry, name.repository.as_str());
+    let rule = rules.decide(registry, repo);
+    let why = if rule.is_denied() {
+        rules.denial_message(&rule, registry, repo)
+    } else if !rule.cache {
+        let which = rule.rule.and_then(|n| rules.rule(n));
+        format!(
+            "{registry}/{repo} is never stored: {} says cache = false",
+            which.map_or_else(|| "a rule".to_string(), ToString::to_string)
+        )
+    } else {
+        return Ok(());
+    };
+    Err(BundleError::Layout(format!(
+        "{name}: {why}; nothing was imported"
+    )))
 }
 
 /// Where an image goes: its `io.regcache.ref` (or containerd's name).
@@ -682,7 +711,7 @@ mod tests {
     ) -> (Arc<Cache>, Result<ImportSummary, BundleError>) {
         let path = bundle.write(dir);
         let cache = open_cache(&dir.join("cache"), 1 << 30).unwrap();
-        let result = import(&cache, &path, quiet()).await;
+        let result = import(&cache, &path, &Rules::default(), quiet()).await;
         (cache, result)
     }
 
@@ -726,10 +755,40 @@ mod tests {
         );
 
         // Importing again adds nothing.
-        let again = import(&cache, &bundle.write(dir.path()), quiet())
-            .await
-            .unwrap();
+        let again = import(
+            &cache,
+            &bundle.write(dir.path()),
+            &Rules::default(),
+            quiet(),
+        )
+        .await
+        .unwrap();
         assert_eq!((again.manifests, again.blobs, again.already), (0, 0, 3));
+    }
+
+    #[tokio::test]
+    async fn an_image_the_rules_deny_or_never_store_refuses_the_bundle() {
+        use crate::registry::rules::{Action, RuleSpec};
+        for (action, cache_it, says) in [
+            (Action::Deny, true, "is denied by regcache: rule 1"),
+            (Action::Allow, false, "is never stored: rule 1"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let bundle = Bundle::new();
+            let path = bundle.write(dir.path());
+            let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
+            let rules = Rules::new(vec![RuleSpec {
+                pattern: "library/*".into(),
+                action,
+                cache: cache_it,
+                tag_ttl: None,
+                max_unused: None,
+            }])
+            .unwrap();
+            let err = import(&cache, &path, &rules, quiet()).await.unwrap_err();
+            assert!(err.to_string().contains(says), "{err}");
+            assert_untouched(dir.path(), &cache);
+        }
     }
 
     #[tokio::test]
@@ -789,13 +848,15 @@ mod tests {
         );
         let path = dir.path().join("empty.tar");
         std::fs::write(&path, tar.into_inner().unwrap()).unwrap();
-        let err = import(&cache, &path, quiet())
+        let err = import(&cache, &path, &Rules::default(), quiet())
             .await
             .unwrap_err()
             .to_string();
         assert!(err.contains("no index.json"), "{err}");
         std::fs::write(&path, b"this is not a tar file at all, not even close").unwrap();
-        assert!(import(&cache, &path, quiet()).await.is_err());
+        assert!(import(&cache, &path, &Rules::default(), quiet())
+            .await
+            .is_err());
         assert_untouched(dir.path(), &cache);
     }
 
@@ -804,7 +865,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = Bundle::new().write(dir.path());
         let cache = open_cache(&dir.path().join("cache"), 1000).unwrap();
-        let err = import(&cache, &path, quiet()).await.unwrap_err();
+        let err = import(&cache, &path, &Rules::default(), quiet())
+            .await
+            .unwrap_err();
         assert!(matches!(err, BundleError::TooBig { .. }), "{err}");
         assert_untouched(dir.path(), &cache);
     }
@@ -904,7 +967,9 @@ mod tests {
             &[&config, &layer, &own],
         );
         let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
-        let summary = import(&cache, &path, quiet()).await.unwrap();
+        let summary = import(&cache, &path, &Rules::default(), quiet())
+            .await
+            .unwrap();
         assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
         assert!(cache.is_linked("docker.io", "team/secret", &l));
         for d in [Digest::of(&hostile), Digest::of(&own)] {
@@ -936,7 +1001,9 @@ mod tests {
             &[&config, &layer, &own],
         );
         let cache = open_cache(&dir.path().join("cache"), 1 << 30).unwrap();
-        let summary = import(&cache, &path, quiet()).await.unwrap();
+        let summary = import(&cache, &path, &Rules::default(), quiet())
+            .await
+            .unwrap();
         let l = Digest::of(&layer);
         assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
         assert!(!cache.is_linked("docker.io", "attacker/pub", &Digest::of(&own)));
@@ -954,7 +1021,9 @@ mod tests {
             &[&layer, &own],
         );
         let fresh = open_cache(&dir.path().join("fresh"), 1 << 30).unwrap();
-        import(&fresh, &alone, quiet()).await.unwrap();
+        import(&fresh, &alone, &Rules::default(), quiet())
+            .await
+            .unwrap();
         assert!(!fresh.is_linked("docker.io", "attacker/pub", &l));
     }
 
@@ -968,7 +1037,9 @@ mod tests {
             &[(SECRET, false, Some(String::new()), &secret)],
             &[&config, &layer],
         );
-        import(&cache, &first, quiet()).await.unwrap();
+        import(&cache, &first, &Rules::default(), quiet())
+            .await
+            .unwrap();
         // A later bundle names the cached private layer without carrying it
         // (and withholds nothing): the cache's copy is not linked to it.
         let second = write_images(
@@ -976,7 +1047,9 @@ mod tests {
             &[(EVIL, true, Some(String::new()), &hostile)],
             &[&own],
         );
-        let summary = import(&cache, &second, quiet()).await.unwrap();
+        let summary = import(&cache, &second, &Rules::default(), quiet())
+            .await
+            .unwrap();
         let l = Digest::of(&layer);
         assert!(!cache.is_linked("docker.io", "attacker/pub", &l));
         assert_eq!(summary.not_linked, [(ImageRef::parse(EVIL).unwrap(), l)]);
@@ -993,7 +1066,7 @@ mod tests {
         .to_string();
         entry(&mut tar, "index.json", regular, index.as_bytes());
         std::fs::write(&third, tar.into_inner().unwrap()).unwrap();
-        let err = import(&cache, &third, quiet())
+        let err = import(&cache, &third, &Rules::default(), quiet())
             .await
             .unwrap_err()
             .to_string();
@@ -1012,7 +1085,9 @@ mod tests {
                 &[&config, &layer],
             );
             let cache = open_cache(&dir.path().join(format!("c{}", bad.len())), 1 << 30).unwrap();
-            let err = import(&cache, &path, quiet()).await.unwrap_err();
+            let err = import(&cache, &path, &Rules::default(), quiet())
+                .await
+                .unwrap_err();
             assert!(matches!(err, BundleError::Layout(_)), "{bad}: {err}");
             assert_eq!(cache.stats().links, 0);
         }
