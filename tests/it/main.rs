@@ -17,6 +17,7 @@ mod parent_proxy;
 mod peer;
 mod proxy;
 mod relay;
+mod rules;
 mod shared;
 mod status;
 mod stream;
