@@ -40,7 +40,7 @@ HUB=registry-1.docker.io
 
 # ------------------------------------------------------------------- set-up
 setup_workdir regcache-e2e
-SUMMARY_LOGS=("$W/regcache.log" "$W/regcache.restart.log" "$W/registry.log")
+SUMMARY_LOGS=("$W/regcache.log" "$W/regcache.restart.log" "$W/regcache-rules.log" "$W/registry.log")
 
 # Build first, so that the clock of every later wait starts with a binary.
 [ "$E2E_PROXY" = tunnel ] || build_regcache
@@ -492,6 +492,58 @@ PY
 else
     fail "skopeo copy --all e2e-multi:1 via proxy"
     show_last
+fi
+
+# ------------------------------------------------------------ image rules
+# A regcache with the same CA (the clients trust it) and rules that allow
+# library/e2e-small and deny everything else: skopeo prints the registry
+# error regcache answers, naming the rule, by tag and by digest.
+if [ "$E2E_PROXY" != tunnel ]; then
+    RPORT=$(free_port)
+    RP=http://127.0.0.1:$RPORT
+    mkdir -p "$W/regcache-rules"
+    printf '[[rules]]\nmatch = "library/e2e-small"\n[[rules]]\nmatch = "**"\naction = "deny"\n' \
+        >"$W/regcache-rules/regcache.toml"
+    start_bg regcache-rules "$W/regcache-rules.log" env -C "$W/regcache-rules" "$REGCACHE_BIN" serve \
+        --config "$W/regcache-rules/regcache.toml" --listen "127.0.0.1:$RPORT" --ca-dir "$W/regcache/certs" \
+        --cache-dir "$W/regcache-rules/cache" --upstream-ca "$PKI/ca.pem" --resolve "$HUB=127.0.0.1:$REGPORT"
+    rules_up() { curl -fsS --noproxy '*' --max-time 3 "$RP/healthz"; }
+    if wait_until 30 "${PID_OF[regcache-rules]}" rules_up; then
+        SKOPEO_RULES=(env HTTPS_PROXY="$RP" https_proxy="$RP" HTTP_PROXY="$RP" http_proxy="$RP"
+            SSL_CERT_FILE="$W/empty.pem" SSL_CERT_DIR="$W/empty-certs" "${ISOLATE_ENV[@]}"
+            skopeo --policy "$W/policy.json")
+        for ref in "e2e-multi:1" "e2e-multi@$MULTI_DIGEST"; do
+            if run "rules-denied" 60 "${SKOPEO_RULES[@]}" inspect --raw --cert-dir "$W/client-certs" "$HUBLIB/$ref"; then
+                fail "skopeo inspect $ref through a regcache whose rules deny it succeeded"
+            elif grep -q 'docker.io/library/e2e-multi is denied by regcache: rule 2 (match = ..\*\*' "$LAST_LOG"; then
+                pass "skopeo inspect $ref is denied with a message naming the repository and the rule"
+            else
+                fail "skopeo inspect $ref: no readable denial"
+                show_last
+            fi
+        done
+        # The manifest only: blobs fetched again here would count against the
+        # one-upstream-fetch-per-blob check below.
+        if capture rules-allowed 60 "$W/tmp/raw" "${SKOPEO_RULES[@]}" inspect --raw --cert-dir "$W/client-certs" \
+            "$HUBLIB/e2e-small:1"; then
+            check_digest "skopeo inspect e2e-small:1 through the rules regcache (allowed by rule 1)" "$SMALL_DIGEST" \
+                "$(sha256_of <"$W/tmp/raw")"
+        else
+            fail "skopeo inspect e2e-small:1 through the rules regcache"
+            show_last
+        fi
+        denials=$(curl -fsS --noproxy '*' --max-time 5 "$RP/metrics" |
+            sed -n 's/^regcache_rule_denials_total{rule="2"} //p')
+        if [ "${denials:-0}" -ge 2 ] && grep -q 'refused by an image rule' "$W/regcache-rules.log"; then
+            pass "each denial is logged and counted (regcache_rule_denials_total{rule=\"2\"} $denials)"
+        else
+            fail "denials not counted or logged: '${denials}'"
+        fi
+    else
+        fail "the regcache with image rules did not start"
+        tail -n 10 "$W/regcache-rules.log" | indent
+    fi
+    stop_named regcache-rules
 fi
 
 # ------------------------------------------------- concurrent first pulls
