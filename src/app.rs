@@ -30,6 +30,43 @@ pub enum StartError {
     AdminToken(String),
 }
 
+impl App {
+    /// Removes content not read for its `max_unused`, every
+    /// [`crate::cache::retention::period`] of the shortest limit; the rules
+    /// give each repository's limit. Runs beside serving: the cache lock is
+    /// held only to pick and to remove (see [`crate::cache::Cache::remove_unused`]).
+    async fn retain(self: Arc<Self>, shortest: Duration) {
+        let every = crate::cache::retention::period(shortest);
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let config = self.config();
+        let limit_for = |registry: &str, repo: &str| config.rules.decide(registry, repo).max_unused;
+        loop {
+            tick.tick().await;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let cache = &self.state.cache;
+            match cache
+                .remove_unused(now, shortest, &limit_for, config.max_unused)
+                .await
+            {
+                Ok(removed) if removed.is_empty() => {}
+                Ok(removed) => {
+                    crate::metrics::get().removed_unused(removed.entries, removed.bytes);
+                    tracing::info!(
+                        entries = removed.entries,
+                        bytes = removed.bytes,
+                        tags = removed.tags,
+                        "removed content not read for max_unused"
+                    );
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot remove unused cache content"),
+            }
+        }
+    }
+}
+
 /// The token in `path`: readable by its owner only, and not empty.
 fn read_admin_token(path: &std::path::Path) -> Result<String, StartError> {
     let token = crate::config::secret::read_owner_secret(path)
@@ -109,8 +146,12 @@ impl App {
     }
 
     /// Background upkeep: removes orphaned files once, then writes access
-    /// times and counters every 30 s.
+    /// times and counters every 30 s; with `max_unused` (global or in a
+    /// rule), removes unused content beside it ([`App::retain`]).
     pub async fn maintain(self: Arc<Self>, started: std::time::SystemTime) {
+        if let Some(shortest) = self.config().shortest_max_unused() {
+            tokio::spawn(self.clone().retain(shortest));
+        }
         let cache = &self.state.cache;
         match cache.sweep_orphans(started).await {
             Ok(0) => {}

@@ -368,6 +368,8 @@ pub struct Metrics {
     certificates_minted: Counter,
     denied: Family<ReasonLabel, Counter>,
     rule_denials: Family<RuleLabel, Counter>,
+    unused_entries: Counter,
+    unused_bytes: Counter,
     shared_requests: Family<SharedLabels, Counter>,
     shared_bytes: Family<DirectionLabel, Counter>,
     shared_up: Family<StoreLabel, Gauge>,
@@ -448,6 +450,8 @@ impl Metrics {
             certificates_minted: Counter::default(),
             denied: Family::default(),
             rule_denials: Family::default(),
+            unused_entries: Counter::default(),
+            unused_bytes: Counter::default(),
             shared_requests: Family::default(),
             shared_bytes: Family::default(),
             shared_up: Family::default(),
@@ -557,6 +561,16 @@ impl Metrics {
             "regcache_rule_denials",
             "Requests refused by an image rule ([[rules]] action = \"deny\"), by the rule's number",
             m.rule_denials.clone(),
+        );
+        r.register(
+            "regcache_unused_removed_entries",
+            "Cache entries removed because nobody read them for max_unused",
+            m.unused_entries.clone(),
+        );
+        r.register(
+            "regcache_unused_removed_bytes",
+            "Bytes of the entries removed because nobody read them for max_unused",
+            m.unused_bytes.clone(),
         );
         r.register(
             "regcache_shared_requests",
@@ -890,6 +904,13 @@ impl Metrics {
                 "client address not in allow (connection closed)",
             );
         }
+    }
+
+    /// The retention pass removed `entries` entries of `bytes` bytes not
+    /// read for their `max_unused`.
+    pub fn removed_unused(&self, entries: u64, bytes: u64) {
+        self.unused_entries.inc_by(entries);
+        self.unused_bytes.inc_by(bytes);
     }
 
     /// regcache refused a request for a repository by the image rule

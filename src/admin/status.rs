@@ -193,12 +193,25 @@ fn cache(h: &mut String, s: &StatusSnapshot) {
         ),
         None => String::new(),
     };
+    let c = &st.cache;
+    let unused = if c.unused_entries + c.unused_tags > 0 {
+        format!(
+            "<div class=\"muted\" id=\"unused\">removed as unused (max_unused): {} entr{} ({}), {} tag{}</div>",
+            c.unused_entries,
+            if c.unused_entries == 1 { "y" } else { "ies" },
+            bytes(c.unused_bytes),
+            c.unused_tags,
+            if c.unused_tags == 1 { "" } else { "s" },
+        )
+    } else {
+        String::new()
+    };
     let _ = write!(
         h,
         "<section><h2>Cache</h2><div class=\"big\" id=\"cache-fill\">{share:.1}%</div>\
          <div class=\"bar{full}\" role=\"img\" aria-label=\"cache {share:.0}% full\"><span style=\"width:{share:.1}%\"></span></div>\
          <div>{} of {} · {} entries · {} tag{}</div>\
-         <div class=\"muted\">{} download{} in progress holding {}</div>{tier}</section>",
+         <div class=\"muted\">{} download{} in progress holding {}</div>{unused}{tier}</section>",
         bytes(used),
         bytes(cap),
         st.cache.entries,
@@ -398,6 +411,9 @@ mod tests {
                     links: 0,
                     hits: 0,
                     misses: 0,
+                    unused_entries: 0,
+                    unused_bytes: 0,
+                    unused_tags: 0,
                 },
                 capacity_bytes: 10 << 30,
                 filling_bytes: 0,

@@ -47,6 +47,7 @@ pub mod freshness;
 pub mod index;
 pub mod offline;
 pub mod read;
+pub mod retention;
 
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -114,12 +115,15 @@ struct Entry {
     verified: Arc<AtomicBool>,
     /// The verdict of the one whole-file check run before a range is served.
     range_check: Arc<tokio::sync::OnceCell<bool>>,
+    /// When it was last read or stored, Unix seconds (for `max_unused`).
+    last_used: u64,
 }
 
 impl Entry {
-    fn new(size: u64, media_type: &str, verified: bool) -> Self {
+    fn new(size: u64, media_type: &str, verified: bool, last_used: u64) -> Self {
         Self {
             size,
+            last_used,
             media_type: Arc::from(media_type),
             lease: Arc::new(()),
             verified: Arc::new(AtomicBool::new(verified)),
@@ -194,6 +198,8 @@ pub struct Stats {
     pub hits: u64,
     /// Requests that went upstream (persisted).
     pub misses: u64,
+    /// What `max_unused` removed, over the cache's life (persisted).
+    pub unused: retention::Removed,
 }
 
 struct State {
@@ -213,6 +219,8 @@ struct State {
     flushed_hits: u64,
     flushed_misses: u64,
     openness: HashMap<String, (bool, u64)>,
+    /// What `max_unused` removed, over the cache's life.
+    unused: retention::Removed,
 }
 
 /// Reservations grow by at most this much per step (one lock each), so that
@@ -535,6 +543,12 @@ impl Cache {
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         let snap = index.load()?;
         let (hits, misses) = (snap.counter("hits"), snap.counter("misses"));
+        let [entries, bytes, tags] = retention::COUNTERS.map(|c| snap.counter(c));
+        let unused = retention::Removed {
+            entries,
+            bytes,
+            tags,
+        };
 
         let mut rows = snap.content;
         rows.sort_by_key(|r| r.last_access);
@@ -546,7 +560,10 @@ impl Cache {
             };
             total += row.size;
             // Bytes at rest are checked again before they count as verified.
-            content.put(digest, Entry::new(row.size, &row.media_type, false));
+            content.put(
+                digest,
+                Entry::new(row.size, &row.media_type, false, row.last_access),
+            );
         }
         let tags = snap
             .tags
@@ -586,6 +603,7 @@ impl Cache {
                 .into_iter()
                 .map(|(k, public, at)| (k, (public, at)))
                 .collect(),
+            unused,
         };
         Ok(Arc::new(Self {
             dir: dir.to_path_buf(),
@@ -624,7 +642,9 @@ impl Cache {
     /// The cached content for `digest`, marking it recently used.
     pub fn get(&self, digest: &Digest) -> Option<Cached> {
         let mut state = self.lock();
-        let cached = state.content.get(digest)?.handle(&self.dir, digest);
+        let entry = state.content.get_mut(digest)?;
+        entry.last_used = unix_secs();
+        let cached = entry.handle(&self.dir, digest);
         state.touched.insert(digest.clone());
         Some(cached)
     }
@@ -973,7 +993,7 @@ impl Cache {
             let budget = self.cap.saturating_sub(size).saturating_sub(state.reserved);
             let victims = evict(&mut state, budget);
             // The caller hashed these bytes on their way in.
-            let entry = Entry::new(size, media_type, true);
+            let entry = Entry::new(size, media_type, true, unix_secs());
             let cached = entry.handle(&self.dir, digest);
             state.total += size;
             state.content.put(digest.clone(), entry);
@@ -1104,7 +1124,123 @@ impl Cache {
             links: state.link_count,
             hits: state.hits,
             misses: state.misses,
+            unused: state.unused,
         }
+    }
+
+    /// Removes the entries nobody is reading that went unread longer than
+    /// their limit at `now` (Unix seconds; [`retention::limit_of`] with the
+    /// rules' `limit_for` and the `global` limit; none is shorter than
+    /// `shortest`), then the tags whose manifest is no longer cached.
+    ///
+    /// The lock is held only to pick the candidates (unread for `shortest`)
+    /// and to remove them; their limits are worked out between the two, and
+    /// an entry read meanwhile stays. Memory changes at once; the index
+    /// next, entries before their files (as eviction does), with the
+    /// counters `cache stats` shows.
+    pub async fn remove_unused(
+        &self,
+        now: u64,
+        shortest: std::time::Duration,
+        limit_for: &(dyn Fn(&str, &str) -> Option<std::time::Duration> + Sync),
+        global: Option<std::time::Duration>,
+    ) -> Result<retention::Removed, CacheError> {
+        type Candidate = (Digest, u64, Vec<(String, String)>);
+        let candidates: Vec<Candidate> = {
+            let state = self.lock();
+            state
+                .content
+                .iter()
+                .filter(|(_, e)| retention::is_unused(e.last_used, now, shortest))
+                .map(|(d, e)| {
+                    let places = state.links.get(d).into_iter().flatten().cloned().collect();
+                    (d.clone(), e.last_used, places)
+                })
+                .collect()
+        };
+        let mut limits: HashMap<(String, String), Option<std::time::Duration>> = HashMap::new();
+        let expired: Vec<(Digest, u64)> = candidates
+            .into_iter()
+            .filter(|(_, last_used, places)| {
+                for place in places {
+                    limits
+                        .entry(place.clone())
+                        .or_insert_with(|| limit_for(&place.0, &place.1));
+                }
+                let limit_of_place = |r: &str, p: &str| {
+                    limits
+                        .get(&(r.to_string(), p.to_string()))
+                        .copied()
+                        .flatten()
+                };
+                let places = places.iter().map(|(r, p)| (r.as_str(), p.as_str()));
+                retention::limit_of(places, &limit_of_place, global)
+                    .is_some_and(|limit| retention::is_unused(*last_used, now, limit))
+            })
+            .map(|(d, last_used, _)| (d, last_used))
+            .collect();
+        let (victims, tags, removed) = {
+            let mut state = self.lock();
+            let mut removed = retention::Removed::default();
+            let mut victims = Vec::new();
+            for (digest, last_used) in expired {
+                let idle = state
+                    .content
+                    .peek(&digest)
+                    .is_some_and(|e| e.last_used == last_used && Arc::strong_count(&e.lease) == 1);
+                if !idle {
+                    continue;
+                }
+                if let Some(e) = state.content.pop(&digest) {
+                    state.total -= e.size;
+                    state.touched.remove(&digest);
+                    removed.entries += 1;
+                    removed.bytes += e.size;
+                    victims.push(digest);
+                }
+            }
+            let State { content, tags, .. } = &*state;
+            let gone: Vec<String> = tags
+                .iter()
+                .filter(|(_, t)| {
+                    t.digest
+                        .parse::<Digest>()
+                        .map_or(true, |d| !content.contains(&d))
+                })
+                .map(|(k, _)| k.clone())
+                .collect();
+            for key in &gone {
+                state.tags.remove(key);
+            }
+            removed.tags = gone.len() as u64;
+            let total = &mut state.unused;
+            total.entries += removed.entries;
+            total.bytes += removed.bytes;
+            total.tags += removed.tags;
+            (victims, gone, removed)
+        };
+        if removed.is_empty() {
+            return Ok(removed);
+        }
+        let mut changes: Vec<Change> = victims
+            .iter()
+            .map(|d| Change::RemoveContent(d.to_string()))
+            .chain(tags.into_iter().map(Change::RemoveTag))
+            .collect();
+        let [entries, bytes, tags] = retention::COUNTERS;
+        for (name, n) in [
+            (entries, removed.entries),
+            (bytes, removed.bytes),
+            (tags, removed.tags),
+        ] {
+            if n > 0 {
+                changes.push(Change::Count(name, n));
+            }
+        }
+        self.persist(changes).await?;
+        let paths = victims.iter().map(|d| self.content_path(d)).collect();
+        self.remove_files(paths).await;
+        Ok(removed)
     }
 
     /// `cache rm` on the running cache: decided by
@@ -1164,6 +1300,7 @@ impl Cache {
             state.flushed_hits = 0;
             state.flushed_misses = 0;
             state.openness.clear();
+            state.unused = retention::Removed::default();
             (paths, bytes)
         };
         let entries = paths.len() as u64;
@@ -1298,6 +1435,102 @@ pub async fn blocking<T: Send + 'static>(
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn unused_entries_go_after_their_limit_and_used_or_read_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 20).unwrap();
+        let store = |name: &'static [u8], repo: &'static str| {
+            let cache = cache.clone();
+            async move {
+                let d = Digest::of(name);
+                let media = if name.starts_with(b"m") {
+                    "application/vnd.oci.image.manifest.v1+json"
+                } else {
+                    ""
+                };
+                cache
+                    .store_bytes(&d, bytes::Bytes::from_static(name), media)
+                    .await
+                    .unwrap();
+                cache
+                    .link("docker.io", repo, std::slice::from_ref(&d))
+                    .await
+                    .unwrap();
+                d
+            }
+        };
+        let old_manifest = store(b"m-old", "library/old").await;
+        let old_blob = store(b"old blob", "library/old").await;
+        let used = store(b"used blob", "library/used").await;
+        let patient = store(b"patient blob", "acme/tool").await;
+        let held = store(b"held blob", "library/old").await;
+        let tag = |digest: &Digest| TagRecord {
+            digest: digest.to_string(),
+            fetched_at_ms: 1,
+        };
+        cache
+            .set_tag("docker.io", "library/old", "1", tag(&old_manifest))
+            .await
+            .unwrap();
+        let start = unix_secs();
+        let day = Duration::from_secs(86_400);
+        // acme/tool's rule keeps it 90 days; everything else 30 (global).
+        let rules = |_: &str, repo: &str| (repo == "acme/tool").then_some(90 * day);
+        let pass = |now: u64| {
+            let cache = cache.clone();
+            async move {
+                cache
+                    .remove_unused(now, 30 * day, &rules, Some(30 * day))
+                    .await
+                    .unwrap()
+            }
+        };
+
+        // Twenty days on: nothing has gone unread for 30.
+        assert!(pass(start + 20 * 86_400).await.is_empty());
+        // Read `used` on day 20 (the clock of the test), hold `held`.
+        cache.lock().content.get_mut(&used).unwrap().last_used = start + 20 * 86_400;
+        let reader = cache.get(&held).unwrap();
+
+        // Day 31: the unread old image goes, with its tag; the rest stays.
+        let removed = pass(start + 31 * 86_400).await;
+        let old_bytes = (b"m-old".len() + b"old blob".len()) as u64;
+        assert_eq!(
+            removed,
+            retention::Removed {
+                entries: 2,
+                bytes: old_bytes,
+                tags: 1
+            }
+        );
+        for (d, kept) in [
+            (&old_manifest, false),
+            (&old_blob, false),
+            (&used, true),
+            (&patient, true),
+            (&held, true),
+        ] {
+            assert_eq!(cache.contains(d), kept, "{d} in memory");
+            assert_eq!(cache.content_path(d).exists(), kept, "{d} on disk");
+        }
+        assert!(cache.tag("docker.io", "library/old", "1").is_none());
+        drop(reader);
+
+        // Day 91: `used` (read on day 20) and the released `held` are past
+        // 30 days; acme/tool's blob is past its 90.
+        let removed = pass(start + 91 * 86_400).await;
+        assert_eq!(removed.entries, 3);
+        assert_eq!(cache.stats().entries, 0);
+        let total = cache.stats().unused;
+        assert_eq!((total.entries, total.tags), (5, 1));
+
+        // The totals survive a restart (they are index counters).
+        drop(cache);
+        let again = Cache::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(again.stats().unused, total);
+        assert_eq!(again.stats().entries, 0);
+    }
 
     #[tokio::test]
     async fn remove_and_purge_change_the_running_cache_and_its_index_at_once() {

@@ -50,6 +50,15 @@ pub struct CacheStats {
     pub hits: u64,
     /// Requests that went upstream.
     pub misses: u64,
+    /// Entries removed because nobody read them for `max_unused`.
+    #[serde(default)]
+    pub unused_entries: u64,
+    /// Their bytes.
+    #[serde(default)]
+    pub unused_bytes: u64,
+    /// Tags dropped with their manifest.
+    #[serde(default)]
+    pub unused_tags: u64,
 }
 
 impl CacheStats {
@@ -70,6 +79,9 @@ impl From<super::Stats> for CacheStats {
             links: s.links as usize,
             hits: s.hits,
             misses: s.misses,
+            unused_entries: s.unused.entries,
+            unused_bytes: s.unused.bytes,
+            unused_tags: s.unused.tags,
         }
     }
 }
@@ -83,6 +95,9 @@ pub fn stats(snap: &Snapshot) -> CacheStats {
         links: snap.links.len(),
         hits: snap.counter("hits"),
         misses: snap.counter("misses"),
+        unused_entries: snap.counter(super::retention::COUNTERS[0]),
+        unused_bytes: snap.counter(super::retention::COUNTERS[1]),
+        unused_tags: snap.counter(super::retention::COUNTERS[2]),
     }
 }
 

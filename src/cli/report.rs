@@ -32,7 +32,8 @@ impl fmt::Display for CacheStats {
         };
         write!(
             f,
-            "entries:    {}\nbytes:      {} ({})\ntags:       {}\nlinks:      {}\nhits:       {}\nmisses:     {}\nhit ratio:  {ratio}\n",
+            "entries:    {}\nbytes:      {} ({})\ntags:       {}\nlinks:      {}\nhits:       {}\nmisses:     {}\nhit ratio:  {ratio}\n\
+             unused:     {} entries ({}) and {} tags removed (max_unused)\n",
             self.entries,
             self.bytes,
             human(self.bytes),
@@ -40,6 +41,9 @@ impl fmt::Display for CacheStats {
             self.links,
             self.hits,
             self.misses,
+            self.unused_entries,
+            human(self.unused_bytes),
+            self.unused_tags,
         )
     }
 }
@@ -255,12 +259,14 @@ mod tests {
         assert_eq!(
             stats(&snap).to_string(),
             "entries:    3\nbytes:      5244433 (5.0 MiB)\ntags:       2\nlinks:      2\n\
-             hits:       2\nmisses:     1\nhit ratio:  66.7%\n"
+             hits:       2\nmisses:     1\nhit ratio:  66.7%\n\
+             unused:     0 entries (0 B) and 0 tags removed (max_unused)\n"
         );
         assert_eq!(
             stats(&Snapshot::default()).to_string(),
             "entries:    0\nbytes:      0 (0 B)\ntags:       0\nlinks:      0\n\
-             hits:       0\nmisses:     0\nhit ratio:  unknown\n"
+             hits:       0\nmisses:     0\nhit ratio:  unknown\n\
+             unused:     0 entries (0 B) and 0 tags removed (max_unused)\n"
         );
         assert_eq!(
             list(&snap).to_string(),

@@ -162,6 +162,9 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// Per-registry tag freshness, by canonical registry name.
     pub registry_tag_ttl: HashMap<String, Duration>,
+    /// Cached content unread for this long is removed (None: kept until
+    /// `cache_size` needs the room); rules may set their own.
+    pub max_unused: Option<Duration>,
     /// When cached blobs are hashed again as they are served.
     pub verify_reads: VerifyReads,
     /// Client networks allowed to use the proxy.
@@ -223,6 +226,17 @@ impl Config {
         decision
             .tag_ttl
             .unwrap_or_else(|| self.tag_ttl_for(registry))
+    }
+
+    /// The shortest `max_unused` of the configuration, global or of a rule:
+    /// how often retention must look (None: it is off).
+    pub fn shortest_max_unused(&self) -> Option<Duration> {
+        self.rules
+            .rules()
+            .iter()
+            .filter_map(|r| r.spec.max_unused)
+            .chain(self.max_unused)
+            .min()
     }
 
     /// The cache's size cap in bytes: `cache_size`, or when it is unset half
@@ -394,6 +408,13 @@ impl Config {
             .filter_map(|(host, r)| r.offline.map(|o| (canonical_registry(host), o)))
             .collect();
         let rules = rules_of(&s.rules)?;
+        let max_unused = match s.max_unused.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(text) => Some(parse_duration(text).map_err(|message| ConfigError::Value {
+                key: "max_unused",
+                message,
+            })?),
+        };
         let mirror_cert = match (s.mirror_cert, s.mirror_key) {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
@@ -445,6 +466,7 @@ impl Config {
             cache_size,
             tag_ttl: Duration::from_secs(built_in(s.tag_ttl, "tag_ttl")?),
             registry_tag_ttl,
+            max_unused,
             verify_reads: built_in(s.verify_reads, "verify_reads")?,
             listen,
             ca,

@@ -132,6 +132,10 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_TAG_TTL", value_name = "SECS")]
     pub tag_ttl: Option<u64>,
 
+    /// Remove cached content not read for this long, e.g. 30d (even below cache_size)
+    #[arg(long, env = "REGCACHE_MAX_UNUSED", value_name = "DURATION")]
+    pub max_unused: Option<String>,
+
     /// Hash cached blobs again as they are served: on the first read after each start (a range hashes the whole file first), on every one, or never
     #[arg(long, env = "REGCACHE_VERIFY_READS", value_name = "WHEN")]
     pub verify_reads: Option<VerifyReads>,

@@ -112,7 +112,7 @@ async fn a_denied_repository_is_refused_by_tag_digest_and_every_way_in_without_a
         assert_denied(&got, method, "2", &format!("{method} {path}"));
     }
     for path in [
-        format!("/v2/evil/tool/manifests/latest?ns=docker.io"),
+        "/v2/evil/tool/manifests/latest?ns=docker.io".to_string(),
         format!("/v2/evil/tool/blobs/{blob}?ns=index.docker.io"),
         format!("/v2/docker.io/evil/tool/manifests/{evil_m}"),
         format!("/v2/index.docker.io/evil/tool/blobs/{blob}"),
@@ -267,4 +267,83 @@ async fn rules_test_says_which_rule_matches_and_a_bad_rule_stops_the_start() {
         stderr.contains("rule 1 (match = \"nginx:1.25\")") && stderr.contains("not a tag"),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn max_unused_removes_what_nobody_read_and_keeps_what_is_used_or_ruled_longer() {
+    let env = Env::new().await;
+    let (_, _, old) = put_image(&env, "library/old", 70);
+    let (_, _, used) = put_image(&env, "library/used", 80);
+    let (_, _, kept) = put_image(&env, "acme/kept", 90);
+    let config = config_file(
+        &env,
+        "max_unused = \"2s\"\n[[rules]]\nmatch = \"acme/*\"\nmax_unused = \"1h\"\n",
+    );
+    let proxy = env.proxy().arg("--config").arg(config).start().await;
+
+    let blob = |repo: &str, d: &str| blob_path(repo, d);
+    let (old_d, old_b) = &old[1];
+    let (used_d, used_b) = &used[1];
+    let (kept_d, kept_b) = &kept[1];
+    let old_tag = manifest_path("library/old", "latest");
+    intercepted(&proxy, Method::GET, &old_tag).await;
+    for (repo, d, b) in [
+        ("library/old", old_d, old_b),
+        ("library/used", used_d, used_b),
+        ("acme/kept", kept_d, kept_b),
+    ] {
+        intercepted(&proxy, Method::GET, &blob(repo, d))
+            .await
+            .assert_served(b, "MISS", repo);
+        env.stored(d).await;
+    }
+
+    // Read library/used every half second while library/old goes unread
+    // past its 2 s; the retention pass runs every second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while env.content_file(old_d).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unread blob was never removed; stderr:\n{}",
+            proxy.stderr()
+        );
+        intercepted(&proxy, Method::GET, &blob("library/used", used_d))
+            .await
+            .assert_served(used_b, "HIT", "the blob in use");
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    proxy
+        .wait_for_log("removed content not read for max_unused")
+        .await;
+    intercepted(&proxy, Method::GET, &blob("library/used", used_d))
+        .await
+        .assert_served(used_b, "HIT", "the blob in use stays");
+    intercepted(&proxy, Method::GET, &blob("acme/kept", kept_d))
+        .await
+        .assert_served(kept_b, "HIT", "its rule keeps acme/kept an hour");
+    intercepted(&proxy, Method::GET, &blob("library/old", old_d))
+        .await
+        .assert_served(old_b, "MISS", "the removed blob is fetched again");
+
+    // `cache stats` (through the running regcache) shows what went: the
+    // old image's manifest and blobs, and its tag.
+    let dir = env.cache_dir();
+    let (code, stdout, stderr) = crate::support::proxy::regcache_cli(&[
+        "cache",
+        "stats",
+        "--cache-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("unused:"))
+        .unwrap_or_else(|| panic!("no unused line: {stdout}"));
+    let entries: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert!(entries >= 2, "{line}");
+    assert!(line.contains("and 1 tags removed"), "{line}");
 }
