@@ -423,8 +423,19 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             tracing::warn!(error = %e, "cannot write the admin API address into cache_dir; `regcache cache` commands will not find this regcache");
         }
         let upkeep = tokio::spawn(app.clone().maintain(started));
+        let warm = app.config().prefetch_file.clone().map(|file| {
+            let every = app.config().prefetch_interval;
+            tokio::spawn(regcache::prefetch::warm::keep_warm(
+                app.state.clone(),
+                file,
+                every,
+            ))
+        });
         proxy.run(shutdown_signal()).await;
         upkeep.abort();
+        if let Some(warm) = warm {
+            warm.abort();
+        }
         // Clients got the last byte of a download once it matched; its
         // entry is committed just after. Let those commits end.
         let grace = app.state.config.shutdown_grace;

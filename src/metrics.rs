@@ -317,6 +317,24 @@ pub const DENIED_REASONS: [&str; 5] = ["allow", "proxy_auth", "port", "host", "r
 /// The `result`s of `regcache_tls_handshakes_total`.
 pub const TLS_RESULTS: [&str; 3] = ["ok", "failed", "refused"];
 
+/// The last keep-warm run (`prefetch_file`), for the status page and the
+/// admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WarmStatus {
+    /// When it ended, Unix seconds.
+    pub last_run_unix: u64,
+    /// Images it checked.
+    pub images: u64,
+    /// Of those, found unchanged upstream and complete in the cache.
+    pub unchanged: u64,
+    /// Fetched because they changed or something of them was missing.
+    pub updated: u64,
+    /// That could not be checked or fetched (bad lines included).
+    pub failed: u64,
+    /// The last failure's message.
+    pub last_error: Option<String>,
+}
+
 /// Labels of `regcache_shared_requests_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SharedLabels {
@@ -370,6 +388,9 @@ pub struct Metrics {
     rule_denials: Family<RuleLabel, Counter>,
     unused_entries: Counter,
     unused_bytes: Counter,
+    warm_images: Family<ResultLabel, Counter>,
+    warm_last_run: Gauge,
+    warm: Mutex<Option<WarmStatus>>,
     shared_requests: Family<SharedLabels, Counter>,
     shared_bytes: Family<DirectionLabel, Counter>,
     shared_up: Family<StoreLabel, Gauge>,
@@ -452,6 +473,9 @@ impl Metrics {
             rule_denials: Family::default(),
             unused_entries: Counter::default(),
             unused_bytes: Counter::default(),
+            warm_images: Family::default(),
+            warm_last_run: Gauge::default(),
+            warm: Mutex::new(None),
             shared_requests: Family::default(),
             shared_bytes: Family::default(),
             shared_up: Family::default(),
@@ -561,6 +585,16 @@ impl Metrics {
             "regcache_rule_denials",
             "Requests refused by an image rule ([[rules]] action = \"deny\"), by the rule's number",
             m.rule_denials.clone(),
+        );
+        r.register(
+            "regcache_warm_images",
+            "Images of prefetch_file checked by keep-warm runs, by result (unchanged, updated, failed)",
+            m.warm_images.clone(),
+        );
+        r.register(
+            "regcache_warm_last_run_timestamp_seconds",
+            "When the last keep-warm run (prefetch_file) ended, Unix seconds",
+            m.warm_last_run.clone(),
         );
         r.register(
             "regcache_unused_removed_entries",
@@ -904,6 +938,25 @@ impl Metrics {
                 "client address not in allow (connection closed)",
             );
         }
+    }
+
+    /// A keep-warm run checked one image: `unchanged`, `updated` or `failed`.
+    pub fn warm_image(&self, result: &'static str) {
+        self.warm_images
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    /// A keep-warm run ended; `status` is what the status page shows.
+    pub fn warm_run_done(&self, status: WarmStatus) {
+        self.warm_last_run
+            .set(i64::try_from(status.last_run_unix).unwrap_or(i64::MAX));
+        *self.warm.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
+    }
+
+    /// The last keep-warm run, if one ended.
+    pub fn warm_status(&self) -> Option<WarmStatus> {
+        self.warm.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The retention pass removed `entries` entries of `bytes` bytes not

@@ -65,6 +65,9 @@ pub struct LiveStats {
     /// The shared tier, when `shared_store` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared: Option<SharedStats>,
+    /// The last keep-warm run (`prefetch_file`), once one ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<crate::metrics::WarmStatus>,
 }
 
 /// The shared tier in `GET /api/v1/stats`.
@@ -246,6 +249,7 @@ pub fn live_stats(app: &App) -> LiveStats {
             from_peers: app.state.peers.as_ref().map_or(0, |p| p.reads()),
             leases_held: shared.leases_held(),
         }),
+        warm: crate::metrics::get().warm_status(),
     }
 }
 
@@ -514,6 +518,7 @@ mod tests {
             uptime_seconds: 5,
             version: "0.1.0".into(),
             shared: None,
+            warm: None,
         };
         let text = serde_json::to_string(&stats).unwrap();
         assert!(
@@ -532,6 +537,7 @@ mod tests {
                 from_peers: 3,
                 leases_held: 1,
             }),
+            warm: None,
             ..stats
         };
         let text = serde_json::to_string(&tiered).unwrap();

@@ -115,6 +115,7 @@ pub fn render(s: &StatusSnapshot) -> String {
     );
     saved(&mut h, s);
     cache(&mut h, s);
+    warm(&mut h, s);
     upstreams(&mut h, s);
     top(&mut h, &s.activity);
     fills(&mut h, &s.fills);
@@ -220,6 +221,33 @@ fn cache(h: &mut String, s: &StatusSnapshot) {
         st.fills_in_progress,
         if st.fills_in_progress == 1 { "" } else { "s" },
         bytes(st.filling_bytes),
+    );
+}
+
+/// The keep-warm list's last run, when `prefetch_file` is set and one ended.
+fn warm(h: &mut String, s: &StatusSnapshot) {
+    let Some(w) = &s.stats.warm else {
+        return;
+    };
+    let error = match &w.last_error {
+        Some(e) if w.failed > 0 => format!(
+            "<div class=\"muted\" id=\"warm-error\">last failure: {}</div>",
+            escape(e)
+        ),
+        _ => String::new(),
+    };
+    let _ = write!(
+        h,
+        "<section><h2>Keep warm</h2><div id=\"warm\">last run {} ({}): {} image{} · {} unchanged · {} updated · \
+         <span class=\"{}\">{} failed</span></div>{error}</section>",
+        utc(w.last_run_unix),
+        ago(s.now_unix, w.last_run_unix),
+        w.images,
+        if w.images == 1 { "" } else { "s" },
+        w.unchanged,
+        w.updated,
+        if w.failed > 0 { "down" } else { "up" },
+        w.failed,
     );
 }
 
@@ -421,6 +449,7 @@ mod tests {
                 uptime_seconds: 3725,
                 version: "0.1.0".into(),
                 shared: None,
+                warm: None,
             },
             fills: vec![],
             upstreams: vec![],
@@ -577,6 +606,33 @@ mod tests {
             page.matches("</table>").count()
         );
         assert_eq!(page.matches("<tr>").count(), page.matches("</tr>").count());
+    }
+
+    #[test]
+    fn keep_warm_and_unused_removals_show_when_there_are_any() {
+        let mut s = empty();
+        let page = render(&s);
+        assert!(!page.contains("Keep warm") && !page.contains("id=\"unused\""));
+        s.stats.warm = Some(crate::metrics::WarmStatus {
+            last_run_unix: s.now_unix - 60,
+            images: 3,
+            unchanged: 1,
+            updated: 1,
+            failed: 1,
+            last_error: Some("<x>: the registry answered 404".into()),
+        });
+        s.stats.cache.unused_entries = 2;
+        s.stats.cache.unused_bytes = 2048;
+        s.stats.cache.unused_tags = 1;
+        let page = render(&s);
+        assert!(
+            page.contains(
+                "3 images · 1 unchanged · 1 updated · <span class=\"down\">1 failed</span>"
+            ),
+            "{page}"
+        );
+        assert!(page.contains("last failure: &lt;x&gt;: the registry answered 404"));
+        assert!(page.contains("removed as unused (max_unused): 2 entries (2.0 KiB), 1 tag"));
     }
 
     #[test]

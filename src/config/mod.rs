@@ -162,6 +162,10 @@ pub struct Config {
     pub tag_ttl: Duration,
     /// Per-registry tag freshness, by canonical registry name.
     pub registry_tag_ttl: HashMap<String, Duration>,
+    /// The keep-warm list (None: off).
+    pub prefetch_file: Option<PathBuf>,
+    /// How often its images are refreshed.
+    pub prefetch_interval: Duration,
     /// Cached content unread for this long is removed (None: kept until
     /// `cache_size` needs the room); rules may set their own.
     pub max_unused: Option<Duration>,
@@ -408,6 +412,15 @@ impl Config {
             .filter_map(|(host, r)| r.offline.map(|o| (canonical_registry(host), o)))
             .collect();
         let rules = rules_of(&s.rules)?;
+        let prefetch_interval = built_in(s.prefetch_interval, "prefetch_interval")?;
+        let prefetch_interval = parse_duration(&prefetch_interval)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| ConfigError::Value {
+                key: "prefetch_interval",
+                message: format!("{prefetch_interval:?} is not a duration like 6h, 30m or 45s"),
+            })?;
+        let prefetch_file = s.prefetch_file.filter(|p| !p.as_os_str().is_empty());
         let max_unused = match s.max_unused.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(text) => Some(parse_duration(text).map_err(|message| ConfigError::Value {
@@ -467,6 +480,8 @@ impl Config {
             tag_ttl: Duration::from_secs(built_in(s.tag_ttl, "tag_ttl")?),
             registry_tag_ttl,
             max_unused,
+            prefetch_file,
+            prefetch_interval,
             verify_reads: built_in(s.verify_reads, "verify_reads")?,
             listen,
             ca,

@@ -132,6 +132,14 @@ pub struct Settings {
     #[arg(long, env = "REGCACHE_TAG_TTL", value_name = "SECS")]
     pub tag_ttl: Option<u64>,
 
+    /// Keep these images warm: a file of image references, refreshed every prefetch_interval
+    #[arg(long, env = "REGCACHE_PREFETCH_FILE", value_name = "FILE")]
+    pub prefetch_file: Option<PathBuf>,
+
+    /// How often the prefetch_file images are refreshed, e.g. 6h
+    #[arg(long, env = "REGCACHE_PREFETCH_INTERVAL", value_name = "DURATION")]
+    pub prefetch_interval: Option<String>,
+
     /// Remove cached content not read for this long, e.g. 30d (even below cache_size)
     #[arg(long, env = "REGCACHE_MAX_UNUSED", value_name = "DURATION")]
     pub max_unused: Option<String>,

@@ -347,3 +347,112 @@ async fn max_unused_removes_what_nobody_read_and_keeps_what_is_used_or_ruled_lon
     assert!(entries >= 2, "{line}");
     assert!(line.contains("and 1 tags removed"), "{line}");
 }
+
+/// Waits until regcache logged `needle` at least `n` times.
+async fn wait_for_count(proxy: &Proxy, needle: &str, n: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while proxy.stderr().matches(needle).count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{needle:?} not logged {n} times; stderr:\n{}",
+            proxy.stderr()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_warm_list_is_checked_with_heads_only_and_fetched_when_it_changed() {
+    let env = Env::new().await;
+    let (_, _, warm) = put_image(&env, "library/warm", 100);
+    let (_, pinned_m, pinned) = put_image(&env, "library/pinned", 110);
+    // A two-platform index; only arm64 is kept warm.
+    let mut platform = Vec::new();
+    for (seed, arch) in [(120, "amd64"), (130, "arm64")] {
+        let layer = blob_bytes(seed, 3000);
+        let config = blob_bytes(seed + 1, 100);
+        let m = oci_manifest(&config, &[&layer]);
+        let layer_d = env.reg.put_blob("library/multi", layer);
+        env.reg.put_blob("library/multi", config);
+        env.reg
+            .put_manifest("library/multi", None, OCI_MANIFEST, m.clone());
+        platform.push((m, arch, layer_d));
+    }
+    let index = regcache::registry::media::OCI_INDEX;
+    let pairs: Vec<(&[u8], &str)> = platform.iter().map(|(m, a, _)| (&m[..], *a)).collect();
+    env.reg.put_manifest(
+        "library/multi",
+        Some("1"),
+        index,
+        crate::support::registry::oci_index(&pairs),
+    );
+    let list = env.path("warm.txt");
+    std::fs::write(
+        &list,
+        format!(
+            "# kept warm\nlibrary/warm:latest\nlibrary/pinned@{pinned_m}\n\
+             library/multi:1 --platform linux/arm64\nUPPER:case\n"
+        ),
+    )
+    .unwrap();
+    let config = config_file(
+        &env,
+        &format!(
+            "tag_ttl = 3600\nprefetch_file = {:?}\nprefetch_interval = \"1s\"\n",
+            list.to_str().unwrap()
+        ),
+    );
+    let proxy = env.proxy().arg("--config").arg(config).start().await;
+
+    // The first run fetches everything listed, arm64 only of the index.
+    wait_for_count(&proxy, "keep-warm run done", 1).await;
+    for (d, _) in warm.iter().chain(&pinned) {
+        env.stored(d).await;
+    }
+    env.stored(&platform[1].2).await;
+    assert!(
+        !env.content_file(&platform[0].2).exists(),
+        "amd64 is not kept"
+    );
+    assert!(
+        proxy.stderr().contains("line 5: UPPER:case"),
+        "the bad line is named; stderr:\n{}",
+        proxy.stderr()
+    );
+
+    // Two more runs with nothing changed: HEADs of the tags, nothing else,
+    // although the tags are fresh for an hour.
+    let before = env.reg.seen().len();
+    let runs = proxy.stderr().matches("keep-warm run done").count();
+    wait_for_count(&proxy, "keep-warm run done", runs + 2).await;
+    let asked: Vec<String> = env.reg.seen()[before..]
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(!asked.is_empty(), "each run asks upstream");
+    assert!(
+        asked
+            .iter()
+            .all(|a| a == "HEAD /v2/library/warm/manifests/latest"
+                || a == "HEAD /v2/library/multi/manifests/1"),
+        "only HEADs of the tags: {asked:?}"
+    );
+
+    // The tag changes upstream: the next run fetches the new image.
+    let (_, new_m, new_blobs) = put_image(&env, "library/warm", 140);
+    for (d, _) in &new_blobs {
+        env.stored(d).await;
+    }
+    env.stored(&new_m).await;
+
+    // Visible in the metrics and the admin API.
+    let metrics = origin_form(&proxy, "/metrics").await.text();
+    for result in ["unchanged", "updated", "failed"] {
+        let line = format!("regcache_warm_images_total{{result=\"{result}\"}}");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+    let stats = origin_form(&proxy, "/api/v1/stats").await.text();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert!(stats["warm"]["unchanged"].as_u64() > Some(0), "{stats}");
+    assert!(stats["warm"]["failed"].as_u64() >= Some(1), "{stats}");
+}

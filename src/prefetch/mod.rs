@@ -27,6 +27,8 @@ use crate::registry::route::Reference;
 use crate::serve::state::State;
 use crate::serve::{blobs, manifests, Origin, RepoRequest, Served, Target};
 
+pub mod warm;
+
 /// Every manifest type regcache understands, for the `Accept` header.
 const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
     application/vnd.docker.distribution.manifest.list.v2+json, \
@@ -107,12 +109,32 @@ impl Platform {
     }
 }
 
+/// The manifests of the image index `body` for `platforms` (`linux/amd64`,
+/// …; every one when empty); the error says why the index is unreadable.
+pub fn index_platforms(body: &[u8], platforms: &[String]) -> Result<Vec<Digest>, String> {
+    let doc: IndexDoc =
+        serde_json::from_slice(body).map_err(|e| format!("unreadable index ({e})"))?;
+    Ok(doc
+        .manifests
+        .into_iter()
+        .filter(|entry| {
+            platforms.is_empty()
+                || entry
+                    .platform
+                    .as_ref()
+                    .is_some_and(|p| platforms.iter().any(|w| p.matches(w)))
+        })
+        .filter_map(|entry| entry.digest.parse::<Digest>().ok())
+        .collect())
+}
+
 /// An image to prefetch: what it names, and the upstream it comes from.
 struct Source {
     image: ImageRef,
     target: Target,
 }
 
+/// The image `reference` names and the upstream target it comes from.
 fn parse(reference: &str) -> Result<Source, PrefetchError> {
     let bad = || PrefetchError::BadReference(reference.to_string());
     let image = ImageRef::parse(reference).map_err(|_| bad())?;
@@ -124,9 +146,15 @@ fn parse(reference: &str) -> Result<Source, PrefetchError> {
     })
 }
 
+/// A GET request head for `path`, as a client accepting every manifest type sends it.
 fn request_parts(path: &str) -> Result<Parts, PrefetchError> {
+    request_head(Method::GET, path)
+}
+
+/// A request head of `method` for `path`, accepting every manifest type.
+fn request_head(method: Method, path: &str) -> Result<Parts, PrefetchError> {
     let req = Request::builder()
-        .method(Method::GET)
+        .method(method)
         .uri(path)
         .header(ACCEPT, ACCEPT_ALL)
         .body(())
@@ -222,20 +250,12 @@ pub async fn prefetch(
         fetched.manifests += 1;
         let media_type = manifest_media_type(content_type.as_deref(), &body);
         if is_index(&media_type) {
-            let doc: IndexDoc = serde_json::from_slice(&body).map_err(|e| PrefetchError::Body {
-                what: what.clone(),
-                reason: format!("unreadable index ({e})"),
-            })?;
-            for entry in doc.manifests {
-                let wanted = platforms.is_empty()
-                    || entry
-                        .platform
-                        .as_ref()
-                        .is_some_and(|p| platforms.iter().any(|w| p.matches(w)));
-                if let (true, Ok(d)) = (wanted, entry.digest.parse::<Digest>()) {
-                    manifests_todo.push(Reference::Digest(d));
-                }
-            }
+            let chosen =
+                index_platforms(&body, platforms).map_err(|reason| PrefetchError::Body {
+                    what: what.clone(),
+                    reason,
+                })?;
+            manifests_todo.extend(chosen.into_iter().map(Reference::Digest));
         } else {
             for child in children(&body) {
                 if !blobs_todo.contains(&child.digest) {
