@@ -8,13 +8,14 @@
 //! | `/v2/` or `/v2`                   | [`Route::Base`]        |
 //! | `/v2/<name>/manifests/<reference>`| [`Route::Manifest`]    |
 //! | `/v2/<name>/blobs/<digest>`       | [`Route::Blob`]        |
+//! | `/v2/<name>/referrers/<digest>`   | [`Route::Referrers`]   |
 //! | anything else                     | [`Route::Other`]       |
 //!
 //! A name may itself contain `manifests` or `blobs` components
 //! (`/v2/a/blobs/b/manifests/latest` is the manifest `latest` of repository
 //! `a/blobs/b`), so the name is split off from the right: the route is chosen
 //! by the last two path segments. Blob uploads (`…/blobs/uploads/…`), tag
-//! lists, referrers and the catalog are [`Route::Other`].
+//! lists and the catalog are [`Route::Other`].
 //!
 //! [`parse`] takes the raw request path, still percent-encoded. It does not
 //! decode: no valid name, tag or digest contains `%`, so an encoded character
@@ -135,7 +136,15 @@ pub enum Route {
         /// The blob's digest.
         digest: Digest,
     },
-    /// Any other path (`/v2/…/tags/list`, referrers, blob uploads, the
+    /// `/v2/<name>/referrers/<digest>` (OCI 1.1; a query such as
+    /// `artifactType=` stays on the request).
+    Referrers {
+        /// The repository.
+        name: RepoName,
+        /// The manifest whose referrers are asked for.
+        digest: Digest,
+    },
+    /// Any other path (`/v2/…/tags/list`, blob uploads, the
     /// catalog, non-`/v2` paths): passed through to the upstream untouched,
     /// never looked up in the cache.
     Other,
@@ -168,6 +177,13 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
             let name = RepoName::parse(name)?;
             let reference = Reference::parse(last)?;
             Ok(Route::Manifest { name, reference })
+        }
+        "referrers" if !last.is_empty() => {
+            let name = RepoName::parse(name)?;
+            let digest = last.parse().map_err(|e: super::digest::DigestError| {
+                RouteError::new(ErrorCode::DigestInvalid, e.to_string())
+            })?;
+            Ok(Route::Referrers { name, digest })
         }
         // `blobs/uploads` and other non-digest words belong to the push API.
         "blobs" if last.contains(':') => {
@@ -256,7 +272,6 @@ mod tests {
             "/v2/a/tags/list",
             "/v2/library/alpine/tags/list",
             "/v2/Bad_Name/tags/list",
-            "/v2/a/referrers/sha256:abc",
             "/v2/a/blobs/uploads/",
             "/v2/a/blobs/uploads/uuid",
             "/v2/a/blobs/uploads/3f2a-11ee/extra",
@@ -276,6 +291,22 @@ mod tests {
         ] {
             assert_eq!(parse(other).unwrap(), Route::Other, "{other:?}");
         }
+    }
+
+    #[test]
+    fn referrers_of_a_digest() {
+        assert_eq!(
+            parse(&format!(
+                "/v2/org/tool/referrers/{D}?artifactType=application%2Fx"
+            ))
+            .unwrap(),
+            Route::Referrers {
+                name: name("org/tool"),
+                digest: digest()
+            }
+        );
+        assert_eq!(code("/v2/a/referrers/sha256:abc"), ErrorCode::DigestInvalid);
+        assert_eq!(code("/v2/A/referrers/sha256:abc"), ErrorCode::NameInvalid);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! in absolute form): the policy brain.
 //!
 //! [`handle`] parses the path ([`crate::registry::route`]): manifest and blob
-//! reads go to [`manifests`] and [`blobs`], which decide between the cache
+//! reads go to [`manifests`] and [`blobs`] (and referrers lists to
+//! [`referrers`]), which decide between the cache
 //! and upstream; a hostile or malformed name or digest gets a 400 in the
 //! registry's JSON error format without reaching upstream or the disk;
 //! everything else (`/v2/`, tags/list, pushes, ...) is forwarded untouched
@@ -15,6 +16,7 @@ pub mod manifests;
 pub mod mirror;
 pub mod offline;
 pub mod range;
+pub mod referrers;
 pub mod sharing;
 pub mod state;
 pub mod uncached;
@@ -284,6 +286,11 @@ async fn dispatch(state: &Arc<State>, target: &Target, req: Request<Incoming>) -
             let (parts, _) = req.into_parts();
             let req = RepoRequest::new(state, target, &name, &parts, rule);
             blobs::serve(&req, &digest).await
+        }
+        Ok(Route::Referrers { name, digest }) => {
+            let (parts, _) = req.into_parts();
+            let req = RepoRequest::new(state, target, &name, &parts, rule);
+            referrers::serve(&req, &digest).await
         }
         Ok(_) => Served::new(
             forward(&state.upstream, &target.origin, req).await,

@@ -81,7 +81,9 @@ pub async fn serve(
     };
     match route {
         Route::Base => Served::new(mirror::base_response(), CacheStatus::Hit),
-        Route::Manifest { name, .. } | Route::Blob { name, .. } if !allowed(name.as_str()) => {
+        Route::Manifest { name, .. } | Route::Blob { name, .. } | Route::Referrers { name, .. }
+            if !allowed(name.as_str()) =>
+        {
             refused(target, name.as_str())
         }
         Route::Manifest { name, reference } => {
@@ -117,6 +119,17 @@ pub async fn serve(
                 }
             }
             missing(target, &format!("{repo}@{digest}"), ErrorCode::BlobUnknown)
+        }
+        Route::Referrers { name, digest } => {
+            let req = RepoRequest::new(state, target, &name, parts, rule);
+            if let Some(served) = super::referrers::offline(&req, &digest).await {
+                return served;
+            }
+            missing(
+                target,
+                &format!("the referrers of {}@{digest}", name.as_str()),
+                ErrorCode::ManifestUnknown,
+            )
         }
         Route::Other => missing(target, "this request", ErrorCode::Unsupported),
     }

@@ -6,6 +6,7 @@ mod support;
 
 mod access;
 mod admin;
+mod artifacts;
 mod auth;
 mod bundle;
 mod cache;
