@@ -87,7 +87,7 @@ pub async fn serve(req: &RepoRequest<'_>, subject: &Digest) -> Served {
     }
     let uri = match whole_list_uri(req) {
         Ok(uri) => uri,
-        Err(resp) => return Served::new(resp, CacheStatus::Pass),
+        Err(resp) => return Served::new(*resp, CacheStatus::Pass),
     };
     state.cache.count(false);
     let resp = match sharing::fetch_for(req, Method::GET, uri).await {
@@ -250,7 +250,7 @@ fn respond(req: &RepoRequest<'_>, whole: Bytes) -> Response<body::Body> {
 }
 
 /// The upstream URL of the whole list: the request's path, no query.
-fn whole_list_uri(req: &RepoRequest<'_>) -> Result<Uri, Response<body::Body>> {
+fn whole_list_uri(req: &RepoRequest<'_>) -> Result<Uri, Box<Response<body::Body>>> {
     let origin = &req.target.origin;
     Uri::builder()
         .scheme(origin.scheme.clone())
@@ -258,10 +258,10 @@ fn whole_list_uri(req: &RepoRequest<'_>) -> Result<Uri, Response<body::Body>> {
         .path_and_query(req.parts.uri.path())
         .build()
         .map_err(|e| {
-            crate::http::error::error_response(
+            Box::new(crate::http::error::error_response(
                 StatusCode::BAD_REQUEST,
                 &format!("bad request target: {e}"),
-            )
+            ))
         })
 }
 
