@@ -546,6 +546,79 @@ if [ "$E2E_PROXY" != tunnel ]; then
     stop_named regcache-rules
 fi
 
+# --------------------------------------------------------- OCI artifacts
+# A Helm chart (an OCI artifact: Helm's config and layer media types) and a
+# cosign-style signature tag (sha256-<hex>.sig) pushed to docker-registry
+# directly with curl, then pulled through regcache with curl: cold (MISS),
+# warm (HIT), the bytes as pushed.
+if [ "$E2E_PROXY" != tunnel ]; then
+    DIRECT=(curl -fsS --noproxy '*' --max-time 30 --cacert "$PKI/ca.pem" --resolve "$HUB:$REGPORT:127.0.0.1")
+    REG=https://$HUB:$REGPORT
+    push_blob() { # push_blob REPO FILE: monolithic upload; prints the digest
+        local d loc sep
+        d=$(sha256_of <"$2")
+        loc=$("${DIRECT[@]}" -X POST -D - -o /dev/null "$REG/v2/$1/blobs/uploads/" |
+            tr -d '\r' | sed -n 's/^[Ll]ocation: *//p' | tail -n1)
+        case $loc in /*) loc=$REG$loc ;; esac
+        case $loc in *\?*) sep='&' ;; *) sep='?' ;; esac
+        "${DIRECT[@]}" -X PUT -H 'Content-Type: application/octet-stream' --data-binary @"$2" \
+            -o /dev/null "$loc${sep}digest=$d" && echo "$d"
+    }
+    A=$W/artifact
+    mkdir -p "$A"
+    printf '{"name":"web","version":"1.2.3","apiVersion":"v2"}' >"$A/config.json"
+    head -c 200000 /dev/urandom >"$A/chart.tgz"
+    printf '{"critical":{"type":"cosign container image signature"}}' >"$A/sig.json"
+    printf '{}' >"$A/empty.json"
+    cfg=$(push_blob charts/web "$A/config.json")
+    chart=$(push_blob charts/web "$A/chart.tgz")
+    sigl=$(push_blob charts/web "$A/sig.json")
+    empty=$(push_blob charts/web "$A/empty.json")
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.cncf.helm.config.v1+json","digest":"%s","size":%s},"layers":[{"mediaType":"application/vnd.cncf.helm.chart.content.v1.tar+gzip","digest":"%s","size":%s}]}' \
+        "$cfg" "$(stat -c %s "$A/config.json")" "$chart" 200000 >"$A/manifest.json"
+    chart_m=$(sha256_of <"$A/manifest.json")
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"%s","size":2},"layers":[{"mediaType":"application/vnd.dev.cosign.simplesigning.v1+json","digest":"%s","size":%s,"annotations":{"dev.cosignproject.cosign/signature":"MEUCIQ"}}]}' \
+        "$empty" "$sigl" "$(stat -c %s "$A/sig.json")" >"$A/sig-manifest.json"
+    sig_tag=sha256-${chart_m#sha256:}.sig
+    put_manifest() { # put_manifest REPO REF FILE
+        "${DIRECT[@]}" -X PUT -H 'Content-Type: application/vnd.oci.image.manifest.v1+json' \
+            --data-binary @"$3" -o /dev/null "$REG/v2/$1/manifests/$2"
+    }
+    if [ -n "$cfg" ] && [ -n "$chart" ] && [ -n "$sigl" ] && [ -n "$empty" ] &&
+        put_manifest charts/web 1.2.3 "$A/manifest.json" && put_manifest charts/web "$sig_tag" "$A/sig-manifest.json"; then
+        pass "a Helm chart and its cosign-style signature tag pushed to docker-registry with curl"
+        VIA=(curl -sS --max-time 30 --proxy "$PROXY" --cacert "$CLIENT_CA"
+            -H 'Accept: application/vnd.oci.image.manifest.v1+json')
+        pull() { # pull WHAT PATH WANT_DIGEST: cold MISS, then warm HIT, both with the pushed bytes
+            local round got cache ok=1 seen=""
+            for round in MISS HIT; do
+                "${VIA[@]}" -D "$A/h" -o "$A/body" "https://$HUB/v2/charts/web/$2"
+                got=$(sha256_of <"$A/body")
+                cache=$(tr -d '\r' <"$A/h" | sed -n 's/^[Xx]-[Cc]ache: *//p')
+                seen="$seen $cache:${got:7:12}"
+                { [ "$got" = "$3" ] && [ "$cache" = "$round" ]; } || ok=0
+            done
+            if [ "$ok" = 1 ]; then
+                pass "$1 pulled through regcache cold (MISS) and warm (HIT), $3"
+            else
+                fail "$1 through regcache:$seen (want MISS then HIT of $3)"
+            fi
+        }
+        pull "the chart's manifest" "manifests/1.2.3" "$chart_m"
+        pull "the chart" "blobs/$chart" "$chart"
+        pull "the signature tag $sig_tag" "manifests/$sig_tag" "$(sha256_of <"$A/sig-manifest.json")"
+        pull "the signature payload" "blobs/$sigl" "$sigl"
+        code=$("${VIA[@]}" -o /dev/null -w '%{http_code}' "https://$HUB/v2/charts/web/referrers/$chart_m")
+        if [ "$code" = 404 ]; then
+            pass "docker-registry 2.8 has no referrers API: its 404 is passed on (clients use the tag schema)"
+        else
+            fail "referrers through regcache against docker-registry 2.8 answered $code"
+        fi
+    else
+        fail "pushing the Helm chart artifact to docker-registry"
+    fi
+fi
+
 # ------------------------------------------------- concurrent first pulls
 # Three clients pull an image nobody pulled before, at the same time.
 note "three concurrent skopeo pulls of e2e-concurrent:1"
