@@ -399,6 +399,121 @@ def peer_endpoint(c, kinds, ns, pod_labels):
     return errors
 
 
+KYVERNO_IMAGE = re.compile(
+    r"^\{\{ regex_replace_all\('((?:[^']|'')*)', element\.image, "
+    r"join\('', \[regcache, '([^']*)'\]\)\) \}\}$")
+KYVERNO_GUARD = re.compile(r"^\{\{ regex_match\('((?:[^']|'')*)', element\.image\) \}\}$")
+POD_FIELDS = ("containers", "initContainers", "ephemeralContainers")
+DIGEST = "sha256:" + "ab" * 32
+
+
+def kyverno_rewrites(pol):
+    """The policy's rewrites per Pod field, [(guard regex or None, regex, the replacement after
+    the regcache host)], and that host: read out of the rendered policy (Go regexes and ${n}
+    replacements made Python's), with the errors found on the way."""
+    errors, rewrites, host = [], {f: [] for f in POD_FIELDS}, None
+    for rule in pol["spec"].get("rules", []):
+        for ctx in rule.get("context", []):
+            if ctx.get("name") == "regcache":
+                host = ctx.get("variable", {}).get("value")
+        for each in rule.get("mutate", {}).get("foreach", []):
+            field = next((f for f in POD_FIELDS if each.get("list", "").startswith(f"request.object.spec.{f} ")), None)
+            patch = each.get("patchStrategicMerge", {}).get("spec", {})
+            items = patch.get(field) if field else None
+            if not field or not items or len(items) != 1 or items[0].get("name") != "{{ element.name }}":
+                errors.append(f"rule {rule.get('name')}: a foreach that does not patch one Pod field by name: {each}")
+                continue
+            m = KYVERNO_IMAGE.match(items[0].get("image", ""))
+            if not m:
+                errors.append(f"rule {rule.get('name')}: an image expression not of the checked form: {items[0].get('image')}")
+                continue
+            guard = None
+            for cond in each.get("preconditions", {}).get("all", []):
+                g = KYVERNO_GUARD.match(cond.get("key", ""))
+                if not g or cond.get("operator") != "Equals" or cond.get("value") is not False:
+                    errors.append(f"rule {rule.get('name')}: a precondition not of the checked form: {cond}")
+                else:
+                    guard = g.group(1).replace("''", "'")
+            repl = re.sub(r"\$\{(\d+)\}", r"\\g<\1>", m.group(2))
+            rewrites[field].append((guard, m.group(1).replace("''", "'"), repl))
+    return errors, rewrites, host
+
+
+def kyverno(path):
+    """deploy/kubernetes/kyverno: one ClusterPolicy whose rewrites, evaluated here on a table
+    of images, give regcache's path-prefix form for docker.io, ghcr.io and quay.io only."""
+    import yaml
+    docs = [d for d in yaml.safe_load_all(open(path, encoding="utf-8")) if d]
+    errors = []
+    pols = [d for d in docs if d.get("kind") == "ClusterPolicy"]
+    if len(pols) != 1 or pols[0].get("apiVersion") != "kyverno.io/v1":
+        fail([f"want one kyverno.io/v1 ClusterPolicy, found {[(d.get('apiVersion'), d.get('kind')) for d in docs]}"])
+    pol = pols[0]
+    spec = pol["spec"]
+    if spec.get("failurePolicy") not in ("Ignore", "Fail"):
+        errors.append(f"failurePolicy {spec.get('failurePolicy')!r}: set Ignore or Fail explicitly")
+    if spec.get("background") is not False:
+        errors.append("background must be false (Pods are mutated at admission only)")
+    for rule in spec.get("rules", []):
+        kinds = [k for a in rule.get("match", {}).get("any", []) for k in a.get("resources", {}).get("kinds", [])]
+        if "Pod" not in kinds or "Pod/ephemeralcontainers" not in kinds:
+            errors.append(f"rule {rule.get('name')}: must match Pod and Pod/ephemeralcontainers, matches {kinds}")
+        excluded = [n for a in rule.get("exclude", {}).get("any", []) for n in a.get("resources", {}).get("namespaces", [])]
+        if "kube-system" not in excluded:
+            errors.append(f"rule {rule.get('name')}: kube-system is not excluded")
+    found, rewrites, host = kyverno_rewrites(pol)
+    errors += found
+    if not host or not re.fullmatch(r"[a-z0-9.-]+(:\d+)?", host):
+        errors.append(f"the regcache context variable is not a host[:port]: {host!r}")
+        fail(errors)
+    for field in POD_FIELDS:
+        if not rewrites[field]:
+            errors.append(f"no rewrite of {field}")
+
+    def rewrite(field, image):
+        out, changed = image, 0
+        for guard, regex, repl in rewrites[field]:
+            if guard and re.search(guard, image):
+                continue
+            new = re.sub(regex, host + repl, image)
+            if new != image:
+                out, changed = new, changed + 1
+        if changed > 1:
+            errors.append(f"{field}: {image} is rewritten by {changed} foreach entries")
+        return out
+
+    h = host
+    table = {
+        "nginx": f"{h}/docker.io/nginx",
+        "nginx:1.27": f"{h}/docker.io/nginx:1.27",
+        "library/nginx:1.27": f"{h}/docker.io/library/nginx:1.27",
+        f"acme/app@{DIGEST}": f"{h}/docker.io/acme/app@{DIGEST}",
+        f"acme/app.v2:1@{DIGEST}": f"{h}/docker.io/acme/app.v2:1@{DIGEST}",
+        "docker.io/library/nginx:1.27": f"{h}/docker.io/library/nginx:1.27",
+        "index.docker.io/x/y": f"{h}/index.docker.io/x/y",
+        "registry-1.docker.io/x/y:2": f"{h}/registry-1.docker.io/x/y:2",
+        "ghcr.io/acme/app:1": f"{h}/ghcr.io/acme/app:1",
+        f"quay.io/org/tool@{DIGEST}": f"{h}/quay.io/org/tool@{DIGEST}",
+        "registry.k8s.io/pause:3.10": "registry.k8s.io/pause:3.10",
+        "gcr.io/distroless/static": "gcr.io/distroless/static",
+        "ghcr.io.evil.example/x": "ghcr.io.evil.example/x",
+        "localhost/x": "localhost/x",
+        "localhost": "localhost",
+        "localhost:5000/x": "localhost:5000/x",
+        "myhost:5000/x": "myhost:5000/x",
+        f"{h}/docker.io/nginx": f"{h}/docker.io/nginx",
+        f"{h}/ghcr.io/acme/app:1": f"{h}/ghcr.io/acme/app:1",
+    }
+    for field in POD_FIELDS:
+        for image, want in table.items():
+            got = rewrite(field, image)
+            if got != want:
+                errors.append(f"{field}: {image} -> {got}, want {want}")
+            elif rewrite(field, got) != got:
+                errors.append(f"{field}: rewriting {got} again changes it (not idempotent)")
+    fail(errors)
+
+
 def main(argv):
     cmd, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
     if cmd == "names-source" and len(args) == 1:
@@ -415,6 +530,8 @@ def main(argv):
         servicemonitor(args[0])
     elif cmd == "many-nodes" and len(args) == 1:
         many_nodes(args[0])
+    elif cmd == "kyverno" and len(args) == 1:
+        kyverno(args[0])
     else:
         print(__doc__, file=sys.stderr)
         sys.exit(2)

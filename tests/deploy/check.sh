@@ -30,6 +30,15 @@
 #     fails on the single-node render, on a PDB that selects other pods, on
 #     AWS_ACCESS_KEY_ID from another key, on a peer port open to any
 #     address, and on a gc CronJob made a dry run.
+#   - deploy/kubernetes/kyverno renders; its ClusterPolicy has an explicit
+#     failurePolicy, background false, matches Pods and their ephemeral
+#     containers, excludes kube-system, and its rewrites (read from the
+#     render and evaluated by check.py kyverno on a table of images) give
+#     regcache's path-prefix form for docker.io (short names and aliases),
+#     ghcr.io and quay.io, keep tags and digests, leave other registries,
+#     localhost and already rewritten images alone, and are idempotent;
+#     negative controls: a short-name pattern that takes registry hosts, and
+#     no failurePolicy.
 # Prints one PASS/FAIL line per check and "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
@@ -206,6 +215,32 @@ PY
             refute "negative control: a peer port open to any address is caught" \
                 "$VENV/bin/python" tests/deploy/check.py many-nodes "$T/bad-peer.yaml"
         fi
+    fi
+fi
+
+# ------------------------------------------------------------ kyverno
+# deploy/kubernetes/kyverno: its ClusterPolicy (a CRD kubernetes-validate has
+# no schema for) is checked by check.py kyverno: its form, and its rewrites
+# evaluated on a table of images (regexes read from the render).
+if command -v kubectl >/dev/null 2>&1 && kubectl kustomize --help >/dev/null 2>&1; then
+    if kubectl kustomize deploy/kubernetes/kyverno >"$T/kyverno.yaml" 2>"$T/out"; then
+        pass "kustomize: deploy/kubernetes/kyverno renders"
+        check "kyverno: the ClusterPolicy rewrites docker.io, ghcr.io and quay.io images to regcache's path prefix, and nothing else" \
+            "$VENV/bin/python" tests/deploy/check.py kyverno "$T/kyverno.yaml"
+        # A Docker Hub short-name pattern that also takes registry names.
+        sed 's/\[^\.\/:@\]+/[^\/:@]+/' "$T/kyverno.yaml" >"$T/bad-kyverno.yaml"
+        if cmp -s "$T/kyverno.yaml" "$T/bad-kyverno.yaml"; then
+            fail "negative control: the Docker Hub short-name pattern was found to break"
+        else
+            refute "negative control: a short-name pattern that rewrites registry.k8s.io images is caught" \
+                "$VENV/bin/python" tests/deploy/check.py kyverno "$T/bad-kyverno.yaml"
+        fi
+        grep -v 'failurePolicy:' "$T/kyverno.yaml" >"$T/bad-kyverno2.yaml"
+        refute "negative control: a policy without an explicit failurePolicy is caught" \
+            "$VENV/bin/python" tests/deploy/check.py kyverno "$T/bad-kyverno2.yaml"
+    else
+        fail "kustomize: deploy/kubernetes/kyverno renders"
+        indent <"$T/out"
     fi
 fi
 
