@@ -252,6 +252,19 @@ pub(crate) async fn from_cache(
     status: CacheStatus,
 ) -> Option<Served> {
     let (state, parts) = (req.state, req.parts);
+    let bytes = read_verified(state, cached).await?;
+    crate::shared::touch(state.shared.as_deref(), &cached.digest);
+    state.cache.count(true);
+    Some(Served::new(
+        manifest_response(parts, &cached.digest, &cached.media_type, bytes),
+        status,
+    ))
+}
+
+/// The bytes of a small cached file (a manifest, a referrers list), checked
+/// against its digest as `verify_reads` says; None if the file vanished
+/// (the entry is forgotten) or no longer matches (the entry is dropped).
+pub(crate) async fn read_verified(state: &super::state::State, cached: &Cached) -> Option<Bytes> {
     let bytes = match tokio::fs::read(&cached.path).await {
         Ok(bytes) => Bytes::from(bytes),
         Err(_) => {
@@ -263,7 +276,7 @@ pub(crate) async fn from_cache(
         if !cached.digest.matches(&bytes) {
             tracing::warn!(
                 digest = %cached.digest,
-                "cached manifest does not match its digest (changed on disk): not served, entry dropped"
+                "cached manifest or list does not match its digest (changed on disk): not served, entry dropped"
             );
             if let Err(e) = state.cache.drop_damaged(cached).await {
                 tracing::warn!(error = %e, "cannot drop a damaged cache entry");
@@ -272,12 +285,7 @@ pub(crate) async fn from_cache(
         }
         cached.mark_verified();
     }
-    crate::shared::touch(state.shared.as_deref(), &cached.digest);
-    state.cache.count(true);
-    Some(Served::new(
-        manifest_response(parts, &cached.digest, &cached.media_type, bytes),
-        status,
-    ))
+    Some(bytes)
 }
 
 fn manifest_response(

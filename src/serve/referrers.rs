@@ -24,7 +24,6 @@ use http_body_util::{BodyExt, Limited};
 use super::manifests::MAX_MANIFEST_BYTES;
 use super::{error_json, passthrough, sharing, CacheStatus, RepoRequest, Served};
 use crate::cache::freshness::{now_ms, TagRecord};
-use crate::cache::read::must_verify;
 use crate::cache::Cached;
 use crate::http::body;
 use crate::registry::digest::Digest;
@@ -204,21 +203,7 @@ async fn store(
 /// says); None if its file vanished or no longer matches.
 async fn from_cache(req: &RepoRequest<'_>, list: &Cached, status: CacheStatus) -> Option<Served> {
     let state = req.state;
-    let bytes = match tokio::fs::read(&list.path).await {
-        Ok(bytes) => Bytes::from(bytes),
-        Err(_) => {
-            let _ = state.cache.forget(&list.digest).await;
-            return None;
-        }
-    };
-    if must_verify(state.config.verify_reads, list.is_verified()) {
-        if !list.digest.matches(&bytes) {
-            tracing::warn!(digest = %list.digest, "cached referrers list does not match its digest: dropped");
-            let _ = state.cache.drop_damaged(list).await;
-            return None;
-        }
-        list.mark_verified();
-    }
+    let bytes = super::manifests::read_verified(state, list).await?;
     state.cache.count(true);
     Some(Served::new(respond(req, bytes), status))
 }
