@@ -2011,6 +2011,62 @@ mod tests {
         assert!(!fill.committing());
     }
 
+    /// Readers racing the end of a download (the bytes arriving, matching and
+    /// being committed while they poll) each get every byte: none ends its
+    /// body early because the download finished between two looks at it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn readers_racing_the_end_of_a_download_get_every_byte() {
+        use http_body_util::{BodyExt, StreamBody};
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), 1 << 30).unwrap();
+        for round in 0..3000u32 {
+            let mut content: Vec<u8> = (0..1500u32).map(|i| (i ^ round) as u8).collect();
+            content.extend_from_slice(&round.to_le_bytes());
+            let len = content.len() as u64;
+            let digest = Digest::of(&content);
+            let fill::Role::Leader(leader) = cache.join_fill(&digest) else {
+                panic!("nobody else fills");
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel::<
+                Result<http_body::Frame<bytes::Bytes>, crate::http::body::BoxError>,
+            >(4);
+            let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|frame| (frame, rx))
+            });
+            let body = StreamBody::new(Box::pin(frames));
+            let room = cache.admit(Some(len)).unwrap();
+            let fill = leader
+                .start(body, Some(len), String::new(), room)
+                .await
+                .unwrap();
+            let file = fill.file().unwrap();
+            let readers: Vec<_> = (0..32)
+                .map(|_| {
+                    let whole = read::growing(fill.clone(), file.clone(), 0, len);
+                    tokio::spawn(async move { whole.collect().await.map(|c| c.to_bytes()) })
+                })
+                .collect();
+            // Two frames: readers wake on the first, and the end (the last
+            // byte released, the digest matched) comes while they read.
+            let half = content.len() / 2;
+            for part in [&content[..half], &content[half..]] {
+                let frame = http_body::Frame::data(bytes::Bytes::copy_from_slice(part));
+                tx.send(Ok(frame)).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            drop(tx);
+            for reader in readers {
+                let got = tokio::time::timeout(Duration::from_secs(10), reader)
+                    .await
+                    .expect("the body ends")
+                    .unwrap()
+                    .expect("no error");
+                assert_eq!(got.len(), content.len(), "round {round}: every byte");
+                assert_eq!(&got[..], &content[..], "round {round}");
+            }
+        }
+    }
+
     /// Starts a fill of 2000 bytes of `byte` and waits until its bytes
     /// matched; with the commit gate held by the caller it stays committing.
     async fn committing_fill(cache: &Arc<Cache>, byte: u8) -> Arc<fill::Fill> {

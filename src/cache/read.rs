@@ -228,27 +228,39 @@ fn body(reader: Reader) -> Body {
     StreamBody::new(frames).boxed()
 }
 
-/// How far the reader may read now, or the failure.
-fn readable(r: &mut Reader) -> Result<Option<u64>, BoxError> {
-    let Some((fill, rx)) = &mut r.growing else {
-        return Ok(Some(r.end));
+/// What a reader of a download in progress may do next, decided from one
+/// look at its progress (two looks could see the download finish in
+/// between and end a body before its last bytes).
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// Read on, up to this offset.
+    ReadTo(u64),
+    /// Every byte this body covers was read, and they matched.
+    End,
+    /// Nothing more may go yet: wait for the next change.
+    Wait,
+    /// The download failed or was abandoned (the reason).
+    Fail(String),
+}
+
+/// The step of a reader at `pos` of a body ending at `end` (`u64::MAX`
+/// when the length is unknown), given the download's `p`.
+fn step(p: &Progress, pos: u64, end: u64) -> Step {
+    // Every byte matched: all of it may go, whether or not the commit that
+    // follows succeeds (the open file stays readable).
+    let matched = || {
+        let limit = end.min(p.written);
+        if pos < limit {
+            Step::ReadTo(limit)
+        } else {
+            Step::End
+        }
     };
-    let p = rx.borrow_and_update();
-    if p.verified {
-        // Every byte matched: all of it may go, whether or not the commit
-        // that follows succeeds (the open file stays readable).
-        return Ok(Some(r.end.min(p.written)));
-    }
     match &p.phase {
-        Phase::Done => Ok(Some(r.end.min(p.written))),
-        Phase::Failed(reason) => Err(Box::new(FillFailed {
-            digest: fill.digest.to_string(),
-            reason: reason.to_string(),
-        })),
-        Phase::Abandoned => Err(Box::new(FillFailed {
-            digest: fill.digest.to_string(),
-            reason: "abandoned".into(),
-        })),
+        _ if p.verified => matched(),
+        Phase::Done => matched(),
+        Phase::Failed(reason) => Step::Fail(reason.to_string()),
+        Phase::Abandoned => Step::Fail("abandoned".into()),
         Phase::Connecting | Phase::Streaming => {
             // Hold back the final byte of a known length, and of the range
             // being read, until the whole download is verified.
@@ -256,7 +268,12 @@ fn readable(r: &mut Reader) -> Result<Option<u64>, BoxError> {
                 Some(total) => p.written.min(total.saturating_sub(1)),
                 None => p.written,
             };
-            Ok(Some(r.end.saturating_sub(1).min(limit)))
+            let limit = end.saturating_sub(1).min(limit);
+            if pos < limit {
+                Step::ReadTo(limit)
+            } else {
+                Step::Wait
+            }
         }
     }
 }
@@ -266,42 +283,45 @@ async fn next_chunk(r: &mut Reader) -> Result<Option<Bytes>, BoxError> {
         if r.pos >= r.end {
             return Ok(None);
         }
-        let limit = readable(r)?.unwrap_or(r.pos);
-        if r.pos < limit {
-            let len = usize::try_from(limit - r.pos).unwrap_or(usize::MAX);
-            let bytes = chunks::read(&r.file, r.pos, len).await?;
-            if bytes.is_empty() {
-                if let Some(check) = &r.check {
-                    return Err(check.damaged(format!("the file ends at byte {}", r.pos)));
-                }
-                return Err("cached file is shorter than its entry".into());
-            }
-            r.pos += bytes.len() as u64;
-            if let Some(check) = &mut r.check {
-                check.feed(&bytes, r.pos >= r.end)?;
-            }
-            return Ok(Some(bytes));
-        }
-        // Nothing new to read yet.
-        match &mut r.growing {
+        let limit = match &mut r.growing {
+            None => r.end,
             Some((fill, rx)) => {
-                let finished = {
-                    let p = rx.borrow();
-                    p.verified || p.phase == Phase::Done
-                };
-                if finished {
-                    // Verified and everything read (unknown length): finished.
-                    return Ok(None);
-                }
-                if rx.changed().await.is_err() {
-                    return Err(Box::new(FillFailed {
-                        digest: fill.digest.to_string(),
-                        reason: "download ended".into(),
-                    }));
+                // Marks this version seen: a change after it wakes `changed`.
+                let next = step(&rx.borrow_and_update(), r.pos, r.end);
+                match next {
+                    Step::ReadTo(limit) => limit,
+                    Step::End => return Ok(None),
+                    Step::Wait => {
+                        if rx.changed().await.is_err() {
+                            return Err(Box::new(FillFailed {
+                                digest: fill.digest.to_string(),
+                                reason: "download ended".into(),
+                            }));
+                        }
+                        continue;
+                    }
+                    Step::Fail(reason) => {
+                        return Err(Box::new(FillFailed {
+                            digest: fill.digest.to_string(),
+                            reason,
+                        }))
+                    }
                 }
             }
-            None => return Ok(None),
+        };
+        let len = usize::try_from(limit - r.pos).unwrap_or(usize::MAX);
+        let bytes = chunks::read(&r.file, r.pos, len).await?;
+        if bytes.is_empty() {
+            if let Some(check) = &r.check {
+                return Err(check.damaged(format!("the file ends at byte {}", r.pos)));
+            }
+            return Err("cached file is shorter than its entry".into());
         }
+        r.pos += bytes.len() as u64;
+        if let Some(check) = &mut r.check {
+            check.feed(&bytes, r.pos >= r.end)?;
+        }
+        return Ok(Some(bytes));
     }
 }
 
@@ -310,6 +330,68 @@ mod tests {
     use super::*;
     use crate::registry::digest::Digest;
     use VerifyReads::{Always, First, Never};
+
+    #[test]
+    fn a_reader_steps_from_one_look_at_the_download() {
+        use super::Step::{End, Fail, ReadTo, Wait};
+        let at = |phase: Phase, written, total, verified| Progress {
+            phase,
+            written,
+            total,
+            verified,
+            failure: None,
+        };
+        let streaming = |written, total| at(Phase::Streaming, written, total, false);
+        let matched = |written, total| at(Phase::Streaming, written, total, true);
+        let failed = Phase::Failed(Arc::from("upstream_error"));
+        let unknown = u64::MAX;
+        // (progress, pos, end) -> step
+        let table = [
+            // Nothing written yet, or only up to the reader: wait.
+            (streaming(0, Some(10)), 0, 10, Wait),
+            (streaming(6, Some(10)), 6, 10, Wait),
+            (streaming(6, Some(10)), 2, 10, ReadTo(6)),
+            // All written but not yet matched: the last byte waits.
+            (streaming(10, Some(10)), 0, 10, ReadTo(9)),
+            (streaming(10, Some(10)), 9, 10, Wait),
+            // Matched: the rest goes, then the body ends.
+            (matched(10, Some(10)), 9, 10, ReadTo(10)),
+            (matched(10, Some(10)), 0, 10, ReadTo(10)),
+            (matched(10, Some(10)), 10, 10, End),
+            (at(Phase::Done, 10, Some(10), true), 0, 10, ReadTo(10)),
+            // A range holds back its own last byte, then ends at its end.
+            (streaming(10, Some(10)), 0, 4, ReadTo(3)),
+            (streaming(10, Some(10)), 3, 4, Wait),
+            (matched(10, Some(10)), 3, 4, ReadTo(4)),
+            // Unknown length: what is written goes; the end, once matched.
+            (streaming(7, None), 0, unknown, ReadTo(7)),
+            (streaming(7, None), 7, unknown, Wait),
+            (matched(7, None), 7, unknown, End),
+            // Failures end the body with an error, unless the bytes had
+            // matched (a failed commit: the open file is still right).
+            (
+                at(failed.clone(), 4, Some(10), false),
+                0,
+                10,
+                Fail("upstream_error".into()),
+            ),
+            (at(failed, 10, Some(10), true), 5, 10, ReadTo(10)),
+            (
+                at(Phase::Abandoned, 0, None, false),
+                0,
+                unknown,
+                Fail("abandoned".into()),
+            ),
+            (at(Phase::Connecting, 0, None, false), 0, unknown, Wait),
+        ];
+        for (progress, pos, end, want) in table {
+            assert_eq!(
+                step(&progress, pos, end),
+                want,
+                "{progress:?} pos={pos} end={end}"
+            );
+        }
+    }
 
     #[test]
     fn which_reads_are_verified() {

@@ -222,9 +222,19 @@ pub struct LoggedBody {
 
 impl LoggedBody {
     /// Wraps `inner`; the line is written when the result ends or is dropped.
-    pub fn new(inner: Body, mut log: RequestLog, length: Option<u64>) -> Self {
-        log.complete = inner.is_end_stream();
-        Self { inner, log, length }
+    pub fn new(inner: Body, log: RequestLog, length: Option<u64>) -> Self {
+        let mut body = Self { inner, log, length };
+        if body.inner.is_end_stream() {
+            body.ended();
+        }
+        body
+    }
+
+    /// The body ended: complete when it carried the announced length (a
+    /// body that ends short of it is a cut response: hyper aborts it).
+    fn ended(&mut self) {
+        self.log.complete = self.log.method == Method::HEAD
+            || self.length.is_none_or(|length| length == self.log.bytes);
     }
 }
 
@@ -244,10 +254,10 @@ impl HttpBody for LoggedBody {
                     this.log.bytes += data.len() as u64;
                 }
                 if this.inner.is_end_stream() || this.length == Some(this.log.bytes) {
-                    this.log.complete = true;
+                    this.ended();
                 }
             }
-            Poll::Ready(None) => this.log.complete = true,
+            Poll::Ready(None) => this.ended(),
             _ => {}
         }
         polled
@@ -259,5 +269,44 @@ impl HttpBody for LoggedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    /// Reads `body` (announcing `length`) to its end; whether the line
+    /// says complete.
+    async fn logged_complete(method: Method, body: Body, length: Option<u64>) -> bool {
+        let client = SocketAddr::from(([127, 0, 0, 1], 1));
+        let log = RequestLog::start(client, "r.example".into(), method, "/v2/".into());
+        let mut logged = LoggedBody::new(body, log, length);
+        while let Some(frame) = logged.frame().await {
+            assert!(frame.is_ok());
+        }
+        logged.log.emit = false;
+        logged.log.complete
+    }
+
+    #[tokio::test]
+    async fn a_body_is_complete_only_with_its_announced_length() {
+        let full = || {
+            Full::new(Bytes::from_static(b"abc"))
+                .map_err(|e| match e {})
+                .boxed()
+        };
+        let table = [
+            (Method::GET, Some(3), true),
+            (Method::GET, None, true),
+            // Ends after 3 of 10 announced bytes: cut, whatever the body says.
+            (Method::GET, Some(10), false),
+            (Method::HEAD, Some(10), true),
+        ];
+        for (method, length, want) in table {
+            let got = logged_complete(method.clone(), full(), length).await;
+            assert_eq!(got, want, "{method} announcing {length:?}");
+        }
     }
 }
