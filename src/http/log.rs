@@ -231,10 +231,15 @@ impl LoggedBody {
     }
 
     /// The body ended: complete when it carried the announced length (a
-    /// body that ends short of it is a cut response: hyper aborts it).
+    /// body that ends short of it is a cut response: hyper aborts it). A
+    /// HEAD, 204 or 304 announces a length it never carries.
     fn ended(&mut self) {
-        self.log.complete = self.log.method == Method::HEAD
-            || self.length.is_none_or(|length| length == self.log.bytes);
+        let bodiless = self.log.method == Method::HEAD
+            || matches!(
+                self.log.status,
+                StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED
+            );
+        self.log.complete = bodiless || self.length.is_none_or(|length| length == self.log.bytes);
     }
 }
 
@@ -279,9 +284,15 @@ mod tests {
 
     /// Reads `body` (announcing `length`) to its end; whether the line
     /// says complete.
-    async fn logged_complete(method: Method, body: Body, length: Option<u64>) -> bool {
+    async fn logged_complete(
+        method: Method,
+        status: StatusCode,
+        body: Body,
+        length: Option<u64>,
+    ) -> bool {
         let client = SocketAddr::from(([127, 0, 0, 1], 1));
-        let log = RequestLog::start(client, "r.example".into(), method, "/v2/".into());
+        let mut log = RequestLog::start(client, "r.example".into(), method, "/v2/".into());
+        log.status = status;
         let mut logged = LoggedBody::new(body, log, length);
         while let Some(frame) = logged.frame().await {
             assert!(frame.is_ok());
@@ -297,16 +308,29 @@ mod tests {
                 .map_err(|e| match e {})
                 .boxed()
         };
+        let empty = || http_body_util::Empty::new().map_err(|e| match e {}).boxed();
+        let ok = StatusCode::OK;
+        // (method, status, body, announced length) -> complete
         let table = [
-            (Method::GET, Some(3), true),
-            (Method::GET, None, true),
+            (Method::GET, ok, full(), Some(3), true),
+            (Method::GET, ok, full(), None, true),
             // Ends after 3 of 10 announced bytes: cut, whatever the body says.
-            (Method::GET, Some(10), false),
-            (Method::HEAD, Some(10), true),
+            (Method::GET, ok, full(), Some(10), false),
+            (Method::GET, ok, empty(), Some(10), false),
+            // Lengths these never carry.
+            (Method::HEAD, ok, empty(), Some(10), true),
+            (
+                Method::GET,
+                StatusCode::NOT_MODIFIED,
+                empty(),
+                Some(10),
+                true,
+            ),
+            (Method::GET, StatusCode::NO_CONTENT, empty(), Some(10), true),
         ];
-        for (method, length, want) in table {
-            let got = logged_complete(method.clone(), full(), length).await;
-            assert_eq!(got, want, "{method} announcing {length:?}");
+        for (method, status, body, length, want) in table {
+            let got = logged_complete(method.clone(), status, body, length).await;
+            assert_eq!(got, want, "{method} {status} announcing {length:?}");
         }
     }
 }
